@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The one command that runs every shardmq test, installing what the tests need by itself.
+#
+#   tools/test.sh
+#
+# Steps: install missing tools -> cargo fmt --check -> clippy (warnings are errors) -> the
+# malformed corpus matches its generator -> a short fuzz run of the MQTT decoder -> cargo test
+# for the whole workspace (last, so that its summary closes the output).
+#
+# Environment:
+#   SHARDMQ_FUZZ_SECONDS  length of the fuzz run (default 60; 0 skips it)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+fuzz_seconds="${SHARDMQ_FUZZ_SECONDS:-60}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "checking tools"
+command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)"; exit 1; }
+command -v python3 >/dev/null || {
+    echo "python3 missing: installing it with apt-get"
+    apt-get update -qq && apt-get install -y -qq python3
+}
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+if [ "$fuzz_seconds" != 0 ] && ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "cargo-fuzz missing: installing it from crates.io"
+    cargo install cargo-fuzz --locked
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "malformed corpus matches tools/gen_malformed_corpus.py"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+cp -r tests/corpus/malformed "$scratch/committed"
+python3 tools/gen_malformed_corpus.py >/dev/null
+if ! diff -r "$scratch/committed" tests/corpus/malformed; then
+    echo "tests/corpus/malformed differs from what the generator writes: regenerate and commit"
+    exit 1
+fi
+
+if [ "$fuzz_seconds" != 0 ]; then
+    step "fuzzing the MQTT decoder for ${fuzz_seconds}s"
+    # Seeds: the malformed corpus, once per version and sending side (the first byte of a
+    # fuzz input selects them; see net/fuzz/fuzz_targets/decode.rs).
+    seeds="$scratch/seeds"
+    mkdir -p "$seeds" "$scratch/fuzz-corpus"
+    python3 - "$seeds" <<'PY'
+import pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for path in pathlib.Path("tests/corpus/malformed").glob("*.txt"):
+    hex_line = next(l for l in path.read_text().splitlines() if l.startswith("hex: "))
+    data = bytes.fromhex(hex_line[5:])
+    for selector in (0x00, 0x01, 0x02, 0x81, 0x82):
+        (out / f"{path.stem}-{selector:02x}").write_bytes(bytes([selector]) + data)
+PY
+    # cargo-fuzz needs nightly flags (-Zsanitizer); RUSTC_BOOTSTRAP lets the stable toolchain
+    # accept them.
+    # With pipefail, the pipeline fails when cargo fuzz does; tail keeps the log short.
+    if ! (cd net && RUSTC_BOOTSTRAP=1 cargo fuzz run decode "$scratch/fuzz-corpus" "$seeds" -- \
+            -max_total_time="$fuzz_seconds" -max_len=4096 -print_final_stats=1) 2>&1 | tail -n 25
+    then
+        echo "the fuzz run failed: a crash is saved under net/fuzz/artifacts/decode/"
+        exit 1
+    fi
+fi
+
+step "cargo test --workspace"
+cargo test --workspace
