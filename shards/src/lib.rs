@@ -8,4 +8,12 @@
 //! is shared or locked: no `Arc`, `Mutex` or atomics (the `Bytes` buffers it passes on are
 //! reference-counted by the `bytes` crate, which is how one payload serves every subscriber).
 
+pub mod limits;
+pub mod message;
+pub mod retained;
+pub mod shard;
 pub mod trie;
+
+pub use limits::Limits;
+pub use message::{ConnectionId, Message, ShardIndex, ShardMessage};
+pub use shard::{Input, Output, Shard, ShardConfig, owner_shard};

@@ -1,0 +1,64 @@
+//! What moves between shards and into sessions.
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use shardmq_net::mqtt::{PublishProperties, QoS};
+
+/// The index of a shard within its node.
+pub type ShardIndex = u16;
+
+/// A connection, named by the reactor; opaque to the shard.
+pub type ConnectionId = u64;
+
+/// An application message as the broker holds it: one per publish, cloned cheaply (its
+/// buffers are reference-counted) for every shard and session it goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: ByteString,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// The 5.0 properties passed through to subscribers unchanged: payload format indicator,
+    /// content type, response topic, correlation data and user properties (in order). Topic
+    /// alias, subscription identifiers and message expiry are per delivery and not kept here.
+    pub properties: PublishProperties,
+    /// When the message expires (MQTT 5.0 §3.3.2.3.3), in the shard clock's milliseconds.
+    pub expires_at_ms: Option<u64>,
+    /// The client identifier of the publisher, for No Local subscriptions.
+    pub publisher: Option<ByteString>,
+}
+
+impl Message {
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| now_ms >= at)
+    }
+
+    /// The Message Expiry Interval to send: the time left, rounded up to whole seconds.
+    pub fn remaining_expiry_seconds(&self, now_ms: u64) -> Option<u32> {
+        self.expires_at_ms
+            .map(|at| (at.saturating_sub(now_ms).div_ceil(1000)).min(u64::from(u32::MAX)) as u32)
+    }
+}
+
+/// A message between shards of one node. Sent in batches through the reactor's queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardMessage {
+    /// Shard `shard` gained its first (`added`) or lost its last subscriber of `filter`; for a
+    /// shared subscription, of that group's `filter`.
+    Route {
+        shard: ShardIndex,
+        filter: ByteString,
+        group: Option<ByteString>,
+        added: bool,
+    },
+    /// Deliver `message` to this shard's matching plain subscriptions (`plain`) and to one
+    /// member of each listed shared group `(group, filter)`, chosen by the publishing shard.
+    Deliver {
+        message: Message,
+        plain: bool,
+        groups: Vec<(ByteString, ByteString)>,
+    },
+    /// Store (or, with an empty payload, clear) a retained message. Every shard keeps the whole
+    /// retained set, so a subscribe never waits on another shard.
+    Retain { message: Message },
+}

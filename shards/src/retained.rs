@@ -1,0 +1,55 @@
+//! The retained messages of the node: topic -> last retained message. Every shard keeps the
+//! whole set (the payloads are shared buffers), so a subscribe reads it without asking another
+//! shard.
+//!
+//! Matching a wildcard filter scans every retained topic; an exact filter is one lookup.
+
+use bytestring::ByteString;
+use hashbrown::HashMap;
+use shardmq_net::mqtt::topic;
+
+use crate::message::Message;
+
+#[derive(Debug, Default)]
+pub struct Retained {
+    messages: HashMap<ByteString, Message>,
+}
+
+impl Retained {
+    /// Stores the message, or with an empty payload removes the topic's retained message
+    /// [MQTT-3.3.1-6].
+    pub fn store(&mut self, message: Message) {
+        if message.payload.is_empty() {
+            self.messages.remove(&message.topic);
+        } else {
+            self.messages.insert(message.topic.clone(), message);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// The unexpired retained messages whose topic `filter` matches; for a shared filter, none.
+    pub fn matching<'a>(
+        &'a self,
+        filter: &'a str,
+        now_ms: u64,
+    ) -> impl Iterator<Item = &'a Message> + 'a {
+        let exact = (!topic::has_wildcard(filter))
+            .then(|| self.messages.get(filter))
+            .flatten();
+        let scan = topic::has_wildcard(filter)
+            .then(|| self.messages.values())
+            .into_iter()
+            .flatten();
+        exact
+            .into_iter()
+            .chain(scan.filter(move |message| topic::matches(filter, &message.topic)))
+            .filter(move |message| !message.is_expired(now_ms))
+    }
+}

@@ -1,0 +1,1744 @@
+//! One shard: the connections, sessions, subscriptions and routes of one core, as a state
+//! machine. `handle(now_ms, input)` changes the state and queues outputs; `take_outputs`
+//! hands them to the reactor, with each connection's packets of the batch in one buffer.
+//!
+//! Invariants: a session lives on the shard its client identifier hashes to
+//! ([`owner_shard`]); a connection belongs to at most one session and a session to at most one
+//! connection; a filter is in the trie exactly while some session here holds it, and the node
+//! route table (every shard's copy) names this shard for it exactly then.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use hashbrown::{HashMap, HashSet};
+use shardmq_net::mqtt::{
+    self, AckProperties, ConnAck, ConnAckProperties, Connect, DecodeError, DecodeOptions,
+    Disconnect, ErrorResponse, Packet, ProtocolVersion, PubAck, Publish, PublishProperties, QoS,
+    ReasonCode, RetainHandling, Sender, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
+    Unsubscribe, topic,
+};
+use tracing::{debug, info, warn};
+
+use crate::limits::Limits;
+use crate::message::{ConnectionId, Message, ShardIndex, ShardMessage};
+use crate::retained::Retained;
+use crate::trie::{Change, Trie};
+
+/// The shard that owns the session of `client_id`: FNV-1a of the identifier, so that every
+/// shard (and every restart) computes the same owner.
+pub fn owner_shard(client_id: &str, shard_count: u16) -> ShardIndex {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in client_id.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(shard_count.max(1))) as ShardIndex
+}
+
+/// What the reactor tells the shard.
+// Inputs and outputs live for one batch and are never stored in bulk, so the size of a
+// delivered message inline costs less than boxing it (an allocation per message).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Input {
+    /// A connection was accepted by this shard, or handed to it by another shard.
+    Opened { connection: ConnectionId },
+    /// Bytes arrived on a connection.
+    Received {
+        connection: ConnectionId,
+        bytes: Bytes,
+    },
+    /// The peer closed the connection, or it failed.
+    Closed { connection: ConnectionId },
+    /// A batch of messages from other shards.
+    Shard(ShardMessage),
+    /// Time passed: deadlines (keep alive, will delay, session expiry) are checked.
+    Tick,
+    /// The server is shutting down: every client gets DISCONNECT 0x8B (5.0) and is closed.
+    Shutdown,
+}
+
+/// What the shard asks the reactor to do.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// Send these bytes on the connection, after anything sent before.
+    Send {
+        connection: ConnectionId,
+        bytes: Bytes,
+    },
+    /// Close the connection once everything queued for it is sent.
+    Close { connection: ConnectionId },
+    /// Move the connection to `shard`, which owns its client identifier, and give that shard
+    /// `bytes` (everything received so far) as the connection's first input. This shard has
+    /// already forgotten the connection.
+    HandOff {
+        connection: ConnectionId,
+        shard: ShardIndex,
+        bytes: Bytes,
+    },
+    /// Deliver a message to another shard.
+    ToShard {
+        shard: ShardIndex,
+        message: ShardMessage,
+    },
+}
+
+/// Settings of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub index: ShardIndex,
+    pub shard_count: u16,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Subscriber {
+    session: SessionIndex,
+    options: SubscriptionOptions,
+    identifier: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SharedMember {
+    group: ByteString,
+    subscriber: Subscriber,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SharedRoute {
+    group: ByteString,
+    filter: ByteString,
+    shard: ShardIndex,
+}
+
+type SessionIndex = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    KeepAlive(ConnectionId),
+    WillDelay(SessionIndex, u64),
+    SessionExpiry(SessionIndex, u64),
+}
+
+#[derive(Debug)]
+struct Connection {
+    session: Option<SessionIndex>,
+    version: ProtocolVersion,
+    /// Bytes of a packet not complete yet; empty (and unallocated) between packets.
+    pending: BytesMut,
+    /// Packets encoded in this batch, sent by `take_outputs`.
+    outgoing: BytesMut,
+    keep_alive_ms: u64,
+    last_received_ms: u64,
+    /// The client's Maximum Packet Size: larger messages are not sent to it.
+    client_packet_size_max: u32,
+    topic_aliases: Vec<Option<ByteString>>,
+    problem_information: bool,
+    closing: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InflightState {
+    /// PUBLISH sent, PUBACK (QoS 1) or PUBREC (QoS 2) awaited.
+    Published,
+    /// PUBREL sent, PUBCOMP awaited.
+    Released,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    packet_id: u16,
+    message: Message,
+    subscription_identifiers: Vec<u32>,
+    state: InflightState,
+}
+
+#[derive(Debug)]
+struct Queued {
+    message: Message,
+    subscription_identifiers: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct StoredWill {
+    message: Message,
+    delay_seconds: u32,
+}
+
+#[derive(Debug)]
+struct Session {
+    client_id: ByteString,
+    connection: Option<ConnectionId>,
+    version: ProtocolVersion,
+    /// Each held filter (with its `$share/{group}/` prefix) and its options and identifier.
+    subscriptions: HashMap<ByteString, (SubscriptionOptions, Option<u32>)>,
+    expiry_seconds: u32,
+    /// Bumped at every connect, so that timers set for an earlier connection are ignored.
+    generation: u64,
+    next_packet_id: u16,
+    inflight: VecDeque<Inflight>,
+    queue: VecDeque<Queued>,
+    /// The client's Receive Maximum, capped by the limit.
+    send_window: u16,
+    /// QoS 2 packet identifiers received and forwarded, awaiting PUBREL.
+    awaiting_release: HashSet<u16>,
+    will: Option<StoredWill>,
+    dropped_messages: u64,
+}
+
+impl Session {
+    fn allocate_packet_id(&mut self) -> u16 {
+        loop {
+            self.next_packet_id = self.next_packet_id.wrapping_add(1).max(1);
+            let candidate = self.next_packet_id;
+            if !self
+                .inflight
+                .iter()
+                .any(|entry| entry.packet_id == candidate)
+            {
+                return candidate;
+            }
+        }
+    }
+}
+
+/// One shard's broker state.
+#[derive(Debug)]
+pub struct Shard {
+    config: ShardConfig,
+    now_ms: u64,
+    connections: HashMap<ConnectionId, Connection>,
+    sessions: Vec<Option<Session>>,
+    free_sessions: Vec<SessionIndex>,
+    client_ids: HashMap<ByteString, SessionIndex>,
+    subscriptions: Trie<Subscriber>,
+    shared: Trie<SharedMember>,
+    routes: Trie<ShardIndex>,
+    shared_routes: Trie<SharedRoute>,
+    retained: Retained,
+    timers: BinaryHeap<Reverse<(u64, Timer)>>,
+    outputs: Vec<Output>,
+    dirty: Vec<ConnectionId>,
+    round_robin: u64,
+    assigned_ids: u64,
+    /// Scratch space for one delivery, kept to avoid an allocation per message.
+    matched: Vec<Subscriber>,
+}
+
+const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
+
+impl Shard {
+    pub fn new(config: ShardConfig) -> Self {
+        assert!(
+            config.index < config.shard_count,
+            "shard index out of range"
+        );
+        Self {
+            config,
+            now_ms: 0,
+            connections: HashMap::new(),
+            sessions: Vec::new(),
+            free_sessions: Vec::new(),
+            client_ids: HashMap::new(),
+            subscriptions: Trie::new(),
+            shared: Trie::new(),
+            routes: Trie::new(),
+            shared_routes: Trie::new(),
+            retained: Retained::default(),
+            timers: BinaryHeap::new(),
+            outputs: Vec::new(),
+            dirty: Vec::new(),
+            round_robin: 0,
+            assigned_ids: 0,
+            matched: Vec::new(),
+        }
+    }
+
+    pub fn index(&self) -> ShardIndex {
+        self.config.index
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.client_ids.len()
+    }
+
+    /// The earliest deadline, for the reactor's timer.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Applies one input at time `now_ms` (milliseconds on a monotonic clock).
+    pub fn handle(&mut self, now_ms: u64, input: Input) {
+        debug_assert!(now_ms >= self.now_ms, "the clock went backwards");
+        self.now_ms = now_ms;
+        match input {
+            Input::Opened { connection } => self.open(connection),
+            Input::Received { connection, bytes } => self.receive(connection, bytes),
+            Input::Closed { connection } => self.connection_lost(connection, "closed by the peer"),
+            Input::Shard(message) => self.shard_message(message),
+            Input::Tick => self.fire_timers(),
+            Input::Shutdown => self.shutdown(),
+        }
+    }
+
+    /// The outputs of everything handled since the last call; each connection's packets come
+    /// as one `Send`, before its `Close`.
+    pub fn take_outputs(&mut self, outputs: &mut Vec<Output>) {
+        for connection_id in self.dirty.drain(..) {
+            if let Some(connection) = self.connections.get_mut(&connection_id)
+                && !connection.outgoing.is_empty()
+            {
+                outputs.push(Output::Send {
+                    connection: connection_id,
+                    bytes: connection.outgoing.split().freeze(),
+                });
+            }
+        }
+        // Closes go after the sends of the same batch, and closed connections are forgotten.
+        for output in self.outputs.drain(..) {
+            if let Output::Close { connection } = output {
+                if let Some(closed) = self.connections.remove(&connection)
+                    && !closed.outgoing.is_empty()
+                {
+                    outputs.push(Output::Send {
+                        connection,
+                        bytes: closed.outgoing.freeze(),
+                    });
+                }
+            }
+            outputs.push(output);
+        }
+    }
+
+    fn open(&mut self, connection: ConnectionId) {
+        if self.connections.len() >= self.config.limits.connections_per_shard_max {
+            warn!(
+                connection,
+                limit = self.config.limits.connections_per_shard_max,
+                "connection refused: the shard is at its connection limit"
+            );
+            self.outputs.push(Output::Close { connection });
+            return;
+        }
+        self.connections.insert(
+            connection,
+            Connection {
+                session: None,
+                version: ProtocolVersion::V5,
+                pending: BytesMut::new(),
+                outgoing: BytesMut::new(),
+                keep_alive_ms: 0,
+                last_received_ms: self.now_ms,
+                client_packet_size_max: mqtt::PACKET_SIZE_MAX,
+                topic_aliases: Vec::new(),
+                problem_information: true,
+                closing: false,
+            },
+        );
+    }
+
+    fn receive(&mut self, connection_id: ConnectionId, bytes: Bytes) {
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        if connection.closing {
+            return;
+        }
+        connection.last_received_ms = self.now_ms;
+        // Without a partial packet the received buffer is decoded in place, so payloads are
+        // slices of it; otherwise the bytes join the partial packet first.
+        let mut buffer = if connection.pending.is_empty() {
+            bytes
+        } else {
+            connection.pending.extend_from_slice(&bytes);
+            connection.pending.split().freeze()
+        };
+        let connect_bytes = buffer.clone();
+        loop {
+            let Some(connection) = self.connections.get_mut(&connection_id) else {
+                return;
+            };
+            if connection.closing {
+                return;
+            }
+            let connected = connection.session.map(|_| connection.version);
+            let options = DecodeOptions {
+                version: connection.version,
+                max_packet_size: self.config.limits.packet_size_max,
+                sender: Sender::Client,
+            };
+            match mqtt::decode(&buffer, &options) {
+                Ok(Some((packet, used))) => {
+                    buffer = buffer.slice(used..);
+                    if connected.is_none() {
+                        // Everything received so far, CONNECT first, in case the session lives
+                        // on another shard.
+                        self.first_packet(connection_id, packet, connect_bytes.clone());
+                        if !self.connections.contains_key(&connection_id) {
+                            return;
+                        }
+                    } else {
+                        self.packet(connection_id, packet);
+                    }
+                }
+                Ok(None) => {
+                    if !buffer.is_empty() {
+                        connection.pending.extend_from_slice(&buffer);
+                    }
+                    return;
+                }
+                Err(error) => {
+                    self.protocol_error(connection_id, connected, &error);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn protocol_error(
+        &mut self,
+        connection_id: ConnectionId,
+        connected: Option<ProtocolVersion>,
+        error: &DecodeError,
+    ) {
+        info!(connection = connection_id, %error, "closing the connection: the client broke the protocol");
+        match error.response(connected) {
+            ErrorResponse::ConnackV5(reason) => {
+                self.send_connack_refusal(connection_id, ProtocolVersion::V5, reason)
+            }
+            ErrorResponse::ConnackV3(code) => {
+                let reason = ReasonCode::from_connack_return_code(code)
+                    .unwrap_or(ReasonCode::UNSPECIFIED_ERROR);
+                self.send_connack_refusal(connection_id, ProtocolVersion::V3_1_1, reason)
+            }
+            ErrorResponse::Disconnect(reason) => {
+                self.send(connection_id, &Packet::Disconnect(Disconnect::new(reason)))
+            }
+            ErrorResponse::Close => {}
+        }
+        self.drop_connection(connection_id, true);
+    }
+
+    /// Ends a connection with a reason: DISCONNECT for 5.0 clients, a plain close for 3.x.
+    fn disconnect(&mut self, connection_id: ConnectionId, reason: ReasonCode, publish_will: bool) {
+        if let Some(connection) = self.connections.get(&connection_id)
+            && connection.version.is_v5()
+            && connection.session.is_some()
+        {
+            self.send(connection_id, &Packet::Disconnect(Disconnect::new(reason)));
+        }
+        self.drop_connection(connection_id, publish_will);
+    }
+
+    /// Queues the close and detaches the session (publishing its will if `publish_will`).
+    fn drop_connection(&mut self, connection_id: ConnectionId, publish_will: bool) {
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        if connection.closing {
+            return;
+        }
+        connection.closing = true;
+        let session = connection.session.take();
+        self.outputs.push(Output::Close {
+            connection: connection_id,
+        });
+        if let Some(session) = session {
+            self.detach(session, publish_will);
+        }
+    }
+
+    fn connection_lost(&mut self, connection_id: ConnectionId, why: &str) {
+        if let Some(connection) = self.connections.remove(&connection_id) {
+            if connection.closing {
+                return;
+            }
+            debug!(connection = connection_id, why, "connection lost");
+            if let Some(session) = connection.session {
+                self.detach(session, true);
+            }
+        }
+    }
+
+    /// The session's connection is gone: publish or schedule the will, and end or keep the
+    /// session according to its expiry interval.
+    fn detach(&mut self, index: SessionIndex, publish_will: bool) {
+        let now_ms = self.now_ms;
+        let session = self.session_mut(index);
+        session.connection = None;
+        let generation = session.generation;
+        let expiry_seconds = session.expiry_seconds;
+        let will = session.will.take();
+        if let Some(will) = will.filter(|_| publish_will) {
+            let delay = will.delay_seconds.min(expiry_seconds);
+            if delay == 0 {
+                self.publish(will.message);
+            } else {
+                self.session_mut(index).will = Some(will);
+                self.timers.push(Reverse((
+                    now_ms + u64::from(delay) * 1000,
+                    Timer::WillDelay(index, generation),
+                )));
+            }
+        }
+        if expiry_seconds == 0 {
+            self.end_session(index);
+        } else if expiry_seconds != u32::MAX {
+            self.timers.push(Reverse((
+                now_ms + u64::from(expiry_seconds) * 1000,
+                Timer::SessionExpiry(index, generation),
+            )));
+        }
+    }
+
+    fn session(&self, index: SessionIndex) -> &Session {
+        self.sessions[index as usize]
+            .as_ref()
+            .expect("a live session index")
+    }
+
+    fn session_mut(&mut self, index: SessionIndex) -> &mut Session {
+        self.sessions[index as usize]
+            .as_mut()
+            .expect("a live session index")
+    }
+
+    /// Removes a session and its subscriptions. A delayed will still pending is published now
+    /// (MQTT 5.0 §3.1.3.2.2: at the latest when the session ends).
+    fn end_session(&mut self, index: SessionIndex) {
+        let session = self.sessions[index as usize]
+            .take()
+            .expect("a live session index");
+        debug!(client_id = %session.client_id, "session ended");
+        self.client_ids.remove(&session.client_id);
+        self.free_sessions.push(index);
+        for (filter, _) in &session.subscriptions {
+            self.remove_subscription(index, filter);
+        }
+        if let Some(will) = session.will {
+            self.publish(will.message);
+        }
+    }
+
+    fn encode_into(connection: &mut Connection, packet: &Packet) {
+        mqtt::encode(packet, connection.version, &mut connection.outgoing);
+    }
+
+    /// Queues `packet` on the connection for this batch's send.
+    fn send(&mut self, connection_id: ConnectionId, packet: &Packet) {
+        if let Some(connection) = self.connections.get_mut(&connection_id) {
+            if connection.outgoing.is_empty() {
+                self.dirty.push(connection_id);
+            }
+            Self::encode_into(connection, packet);
+        }
+    }
+
+    fn send_connack_refusal(
+        &mut self,
+        connection_id: ConnectionId,
+        version: ProtocolVersion,
+        reason: ReasonCode,
+    ) {
+        if let Some(connection) = self.connections.get_mut(&connection_id) {
+            connection.version = version;
+        }
+        let connack = ConnAck {
+            session_present: false,
+            reason,
+            properties: ConnAckProperties::default(),
+        };
+        self.send(connection_id, &Packet::ConnAck(Box::new(connack)));
+    }
+}
+
+// CONNECT and sessions.
+impl Shard {
+    fn first_packet(&mut self, connection_id: ConnectionId, packet: Packet, received: Bytes) {
+        let Packet::Connect(connect) = packet else {
+            info!(
+                connection = connection_id,
+                packet = packet.name(),
+                "closing the connection: the first packet is not CONNECT [MQTT-3.1.0-1]"
+            );
+            self.drop_connection(connection_id, false);
+            return;
+        };
+        let version = connect.protocol;
+        let limits = &self.config.limits;
+        let refuse = |reason| Some(reason);
+        let refusal = if connect.client_id.len() > limits.client_id_length_max
+            || (version == ProtocolVersion::V3_1
+                && (connect.client_id.is_empty() || connect.client_id.len() > 23))
+            || (connect.client_id.is_empty() && !connect.clean_start && !version.is_v5())
+        {
+            // 3.1 requires 1 to 23 characters; 3.1.1 refuses an empty identifier with clean
+            // session 0 [MQTT-3.1.3-8]; every version is held to the configured length.
+            refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
+        } else if connect.properties.authentication_method.is_some() {
+            // No authentication method is configured, so none is supported (§4.12).
+            refuse(ReasonCode::BAD_AUTHENTICATION_METHOD)
+        } else if connect
+            .will
+            .as_ref()
+            .is_some_and(|will| will.qos > limits.qos_max)
+        {
+            refuse(ReasonCode::QOS_NOT_SUPPORTED)
+        } else if connect
+            .will
+            .as_ref()
+            .is_some_and(|will| will.retain && !limits.retain_available)
+        {
+            refuse(ReasonCode::RETAIN_NOT_SUPPORTED)
+        } else if connect
+            .will
+            .as_ref()
+            .is_some_and(|will| topic_levels(&will.topic) > limits.topic_levels_max)
+        {
+            refuse(ReasonCode::TOPIC_NAME_INVALID)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            info!(connection = connection_id, client_id = %connect.client_id, %reason, "CONNECT refused");
+            self.send_connack_refusal(connection_id, version, reason);
+            self.drop_connection(connection_id, false);
+            return;
+        }
+        let (client_id, assigned) = if connect.client_id.is_empty() {
+            (self.assign_client_id(), true)
+        } else {
+            (connect.client_id.clone(), false)
+        };
+        let owner = owner_shard(&client_id, self.config.shard_count);
+        if owner != self.config.index {
+            // The session belongs to another shard: pass the socket and its bytes on.
+            self.connections.remove(&connection_id);
+            self.outputs.push(Output::HandOff {
+                connection: connection_id,
+                shard: owner,
+                bytes: received,
+            });
+            return;
+        }
+        self.accept(connection_id, *connect, client_id, assigned);
+    }
+
+    /// An identifier for a client that sent none, chosen so that it hashes to this shard.
+    fn assign_client_id(&mut self) -> ByteString {
+        loop {
+            self.assigned_ids += 1;
+            let candidate = format!(
+                "shardmq-{}-{:x}-{:x}",
+                self.config.index, self.now_ms, self.assigned_ids
+            );
+            if owner_shard(&candidate, self.config.shard_count) == self.config.index
+                && !self.client_ids.contains_key(candidate.as_str())
+            {
+                return ByteString::from(candidate);
+            }
+        }
+    }
+
+    fn accept(
+        &mut self,
+        connection_id: ConnectionId,
+        connect: Connect,
+        client_id: ByteString,
+        assigned: bool,
+    ) {
+        let limits = self.config.limits.clone();
+        let version = connect.protocol;
+        let v5 = version.is_v5();
+        let now_ms = self.now_ms;
+
+        // Session expiry: 5.0 says it in CONNECT; 3.1.1 clean session 0 keeps the session until
+        // the configured maximum, clean session 1 ends it with the connection.
+        let expiry_seconds = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        }
+        .min(limits.session_expiry_seconds_max);
+
+        // Take over a live connection of the same client identifier [MQTT-3.1.4-3].
+        let existing = self.client_ids.get(&client_id).copied();
+        if let Some(index) = existing
+            && let Some(old_connection) = self.session(index).connection
+        {
+            // The old connection's will is published unless the new one resumes the session
+            // and the will is delayed (MQTT 5.0 §3.1.3.2.2).
+            let keep_will = !connect.clean_start
+                && self
+                    .session(index)
+                    .will
+                    .as_ref()
+                    .is_some_and(|will| will.delay_seconds > 0);
+            info!(%client_id, old = old_connection, new = connection_id, "session taken over by a new connection");
+            if let Some(connection) = self.connections.get(&old_connection)
+                && connection.version.is_v5()
+            {
+                self.send(
+                    old_connection,
+                    &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
+                );
+            }
+            // Detach without ending the session: the new connection continues or replaces it.
+            if let Some(connection) = self.connections.get_mut(&old_connection) {
+                connection.closing = true;
+                connection.session = None;
+            }
+            self.outputs.push(Output::Close {
+                connection: old_connection,
+            });
+            let session = self.session_mut(index);
+            session.connection = None;
+            // A delayed will that is not sent now is dropped: its client is back.
+            if let Some(will) = session.will.take()
+                && !keep_will
+            {
+                self.publish(will.message);
+            }
+        }
+
+        let existing = self.client_ids.get(&client_id).copied();
+        let session_present = match existing {
+            Some(index) if connect.clean_start => {
+                self.end_session(index);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let index = match self.client_ids.get(&client_id) {
+            Some(&index) => index,
+            None => {
+                let session = Session {
+                    client_id: client_id.clone(),
+                    connection: None,
+                    version,
+                    subscriptions: HashMap::new(),
+                    expiry_seconds,
+                    generation: 0,
+                    next_packet_id: 0,
+                    inflight: VecDeque::new(),
+                    queue: VecDeque::new(),
+                    send_window: limits.inflight_per_session_max,
+                    awaiting_release: HashSet::new(),
+                    will: None,
+                    dropped_messages: 0,
+                };
+                let index = match self.free_sessions.pop() {
+                    Some(index) => {
+                        self.sessions[index as usize] = Some(session);
+                        index
+                    }
+                    None => {
+                        self.sessions.push(Some(session));
+                        (self.sessions.len() - 1) as SessionIndex
+                    }
+                };
+                self.client_ids.insert(client_id.clone(), index);
+                index
+            }
+        };
+
+        let client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+        let will = connect.will.map(|will| StoredWill {
+            delay_seconds: will.properties.will_delay_interval.unwrap_or(0),
+            message: Message {
+                topic: will.topic,
+                payload: will.payload,
+                qos: will.qos,
+                retain: will.retain,
+                expires_at_ms: None,
+                publisher: Some(client_id.clone()),
+                properties: PublishProperties {
+                    payload_format_indicator: will.properties.payload_format_indicator,
+                    // Counted from the moment the will is published; set then.
+                    message_expiry_interval: will.properties.message_expiry_interval,
+                    content_type: will.properties.content_type,
+                    response_topic: will.properties.response_topic,
+                    correlation_data: will.properties.correlation_data,
+                    user_properties: will.properties.user_properties,
+                    ..PublishProperties::default()
+                },
+            },
+        });
+        let session = self.session_mut(index);
+        session.connection = Some(connection_id);
+        session.version = version;
+        session.expiry_seconds = expiry_seconds;
+        session.generation += 1;
+        session.send_window = client_receive_maximum
+            .min(limits.inflight_per_session_max)
+            .max(1);
+        session.will = will;
+        if !session_present {
+            session.awaiting_release.clear();
+        }
+
+        // Keep alive: the client's value, capped by the server's (5.0 tells the client).
+        let mut keep_alive = connect.keep_alive_seconds;
+        let mut server_keep_alive = None;
+        if limits.keep_alive_seconds_max != 0
+            && (keep_alive == 0 || keep_alive > limits.keep_alive_seconds_max)
+        {
+            keep_alive = limits.keep_alive_seconds_max;
+            server_keep_alive = Some(keep_alive);
+        }
+        let connection = self
+            .connections
+            .get_mut(&connection_id)
+            .expect("the connecting connection");
+        connection.session = Some(index);
+        connection.version = version;
+        connection.keep_alive_ms = u64::from(keep_alive) * 1000;
+        connection.client_packet_size_max = connect
+            .properties
+            .maximum_packet_size
+            .unwrap_or(mqtt::PACKET_SIZE_MAX);
+        connection.problem_information = connect
+            .properties
+            .request_problem_information
+            .unwrap_or(true);
+        if v5 {
+            connection.topic_aliases = vec![None; usize::from(limits.topic_alias_max)];
+        }
+        if keep_alive > 0 {
+            // The client must send something within one and a half keep alives [MQTT-3.1.2-22].
+            self.timers.push(Reverse((
+                now_ms + u64::from(keep_alive) * 1500,
+                Timer::KeepAlive(connection_id),
+            )));
+        }
+
+        let mut properties = ConnAckProperties::default();
+        if v5 {
+            properties.receive_maximum =
+                (limits.receive_maximum != u16::MAX).then_some(limits.receive_maximum);
+            properties.maximum_packet_size = Some(limits.packet_size_max);
+            properties.topic_alias_maximum =
+                (limits.topic_alias_max > 0).then_some(limits.topic_alias_max);
+            properties.maximum_qos =
+                (limits.qos_max != QoS::ExactlyOnce).then_some(limits.qos_max as u8);
+            properties.retain_available = (!limits.retain_available).then_some(false);
+            properties.server_keep_alive = server_keep_alive;
+            properties.assigned_client_identifier = assigned.then(|| client_id.clone());
+            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
+            properties.session_expiry_interval =
+                (asked != expiry_seconds).then_some(expiry_seconds);
+        }
+        debug!(connection = connection_id, %client_id, ?version, session_present, "client connected");
+        self.send(
+            connection_id,
+            &Packet::ConnAck(Box::new(ConnAck {
+                session_present,
+                reason: ReasonCode::SUCCESS,
+                properties,
+            })),
+        );
+        if session_present {
+            self.resend_inflight(index);
+        }
+        self.drain_queue(index);
+    }
+
+    /// On resume, unacknowledged PUBLISH packets go again with DUP set, and PUBRELs again, in
+    /// their original order [MQTT-4.4.0-1].
+    fn resend_inflight(&mut self, index: SessionIndex) {
+        let now_ms = self.now_ms;
+        let Some(connection_id) = self.session(index).connection else {
+            return;
+        };
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        let session = self.sessions[index as usize]
+            .as_mut()
+            .expect("live session");
+        let was_empty = connection.outgoing.is_empty();
+        for entry in &session.inflight {
+            let packet = match entry.state {
+                InflightState::Published => Packet::Publish(publish_packet(
+                    &entry.message,
+                    entry.message.qos,
+                    entry.packet_id,
+                    true,
+                    &entry.subscription_identifiers,
+                    now_ms,
+                )),
+                InflightState::Released => Packet::PubRel(PubAck::new(entry.packet_id)),
+            };
+            Self::encode_into(connection, &packet);
+        }
+        if was_empty && !connection.outgoing.is_empty() {
+            self.dirty.push(connection_id);
+        }
+    }
+}
+
+fn topic_levels(topic: &str) -> usize {
+    topic.bytes().filter(|&byte| byte == b'/').count() + 1
+}
+
+/// A PUBLISH of `message` for one subscriber.
+fn publish_packet(
+    message: &Message,
+    qos: QoS,
+    packet_id: u16,
+    dup: bool,
+    subscription_identifiers: &[u32],
+    now_ms: u64,
+) -> Publish {
+    let mut properties = message.properties.clone();
+    properties.message_expiry_interval = message.remaining_expiry_seconds(now_ms);
+    properties.subscription_identifiers = subscription_identifiers.to_vec();
+    Publish {
+        dup,
+        qos,
+        retain: message.retain,
+        topic: message.topic.clone(),
+        packet_id,
+        properties,
+        payload: message.payload.clone(),
+    }
+}
+
+// Packets from a connected client.
+impl Shard {
+    fn packet(&mut self, connection_id: ConnectionId, packet: Packet) {
+        let Some(index) = self.connections.get(&connection_id).and_then(|c| c.session) else {
+            return;
+        };
+        match packet {
+            Packet::Publish(publish) => self.client_publish(connection_id, index, publish),
+            Packet::PubAck(ack) => self.acknowledged(
+                connection_id,
+                index,
+                ack.packet_id,
+                InflightState::Published,
+                QoS::AtLeastOnce,
+            ),
+            Packet::PubRec(ack) => self.received(connection_id, index, ack),
+            Packet::PubRel(ack) => self.released(connection_id, index, ack.packet_id),
+            Packet::PubComp(ack) => self.acknowledged(
+                connection_id,
+                index,
+                ack.packet_id,
+                InflightState::Released,
+                QoS::ExactlyOnce,
+            ),
+            Packet::Subscribe(subscribe) => self.subscribe(connection_id, index, subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.unsubscribe(connection_id, index, unsubscribe),
+            Packet::PingReq => self.send(connection_id, &Packet::PingResp),
+            Packet::Disconnect(disconnect) => {
+                self.client_disconnect(connection_id, index, disconnect)
+            }
+            Packet::Connect(_) => {
+                info!(
+                    connection = connection_id,
+                    "closing the connection: a second CONNECT [MQTT-3.1.0-2]"
+                );
+                self.disconnect(connection_id, ReasonCode::PROTOCOL_ERROR, true);
+            }
+            Packet::Auth(_) => {
+                // Only a client that chose an authentication method in CONNECT may send AUTH,
+                // and no method is supported.
+                info!(
+                    connection = connection_id,
+                    "closing the connection: AUTH without an authentication method"
+                );
+                self.disconnect(connection_id, ReasonCode::PROTOCOL_ERROR, true);
+            }
+            // The decoder refuses server-only packets from clients.
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                unreachable!("the decoder accepts only client packets here")
+            }
+        }
+    }
+
+    fn client_publish(
+        &mut self,
+        connection_id: ConnectionId,
+        index: SessionIndex,
+        mut publish: Publish,
+    ) {
+        let limits = &self.config.limits;
+        let connection = self
+            .connections
+            .get_mut(&connection_id)
+            .expect("live connection");
+        let version = connection.version;
+        // Topic alias (5.0): set the mapping, or use it when the topic is empty.
+        if let Some(alias) = publish.properties.topic_alias.take() {
+            let Some(slot) = connection.topic_aliases.get_mut(usize::from(alias) - 1) else {
+                info!(
+                    connection = connection_id,
+                    alias, "closing the connection: topic alias above the maximum"
+                );
+                self.disconnect(connection_id, ReasonCode::TOPIC_ALIAS_INVALID, true);
+                return;
+            };
+            if publish.topic.is_empty() {
+                match slot {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => {
+                        info!(
+                            connection = connection_id,
+                            alias, "closing the connection: unknown topic alias"
+                        );
+                        self.disconnect(connection_id, ReasonCode::PROTOCOL_ERROR, true);
+                        return;
+                    }
+                }
+            } else {
+                *slot = Some(publish.topic.clone());
+            }
+        }
+        let refusal = if publish.qos > limits.qos_max {
+            Some(ReasonCode::QOS_NOT_SUPPORTED)
+        } else if publish.retain && !limits.retain_available {
+            Some(ReasonCode::RETAIN_NOT_SUPPORTED)
+        } else if topic_levels(&publish.topic) > limits.topic_levels_max {
+            Some(ReasonCode::TOPIC_NAME_INVALID)
+        } else if publish.qos == QoS::ExactlyOnce
+            && !self
+                .session(index)
+                .awaiting_release
+                .contains(&publish.packet_id)
+            && self.session(index).awaiting_release.len() >= usize::from(limits.receive_maximum)
+        {
+            Some(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            info!(connection = connection_id, %reason, topic = %publish.topic, "closing the connection: PUBLISH refused");
+            self.disconnect(connection_id, reason, true);
+            return;
+        }
+        // QoS 2 is delivered once, on first receipt; a resent PUBLISH with the same packet
+        // identifier before PUBREL is only acknowledged again (method B of MQTT 5.0 §4.3.3).
+        let duplicate = publish.qos == QoS::ExactlyOnce
+            && !self
+                .session_mut(index)
+                .awaiting_release
+                .insert(publish.packet_id);
+        let mut matched = true;
+        if !duplicate {
+            let expires_at_ms = publish
+                .properties
+                .message_expiry_interval
+                .map(|seconds| self.now_ms + u64::from(seconds) * 1000);
+            let mut properties = publish.properties;
+            properties.message_expiry_interval = None;
+            let message = Message {
+                topic: publish.topic,
+                payload: publish.payload,
+                qos: publish.qos,
+                retain: publish.retain,
+                properties,
+                expires_at_ms,
+                publisher: Some(self.session(index).client_id.clone()),
+            };
+            matched = self.publish(message);
+        }
+        let no_subscribers = version.is_v5() && !matched;
+        let ack = PubAck {
+            packet_id: publish.packet_id,
+            reason: if no_subscribers {
+                ReasonCode::NO_MATCHING_SUBSCRIBERS
+            } else {
+                ReasonCode::SUCCESS
+            },
+            properties: AckProperties::default(),
+        };
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(connection_id, &Packet::PubAck(ack)),
+            QoS::ExactlyOnce => self.send(connection_id, &Packet::PubRec(ack)),
+        }
+    }
+
+    /// PUBREL from the client: the QoS 2 exchange ends; the identifier may be reused.
+    fn released(&mut self, connection_id: ConnectionId, index: SessionIndex, packet_id: u16) {
+        let known = self.session_mut(index).awaiting_release.remove(&packet_id);
+        let reason = if known {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        self.send(
+            connection_id,
+            &Packet::PubComp(PubAck {
+                reason,
+                ..PubAck::new(packet_id)
+            }),
+        );
+    }
+
+    /// PUBREC from the client for a QoS 2 message we sent: answer PUBREL.
+    fn received(&mut self, connection_id: ConnectionId, index: SessionIndex, ack: PubAck) {
+        let session = self.session_mut(index);
+        let position = session.inflight.iter().position(|entry| {
+            entry.packet_id == ack.packet_id
+                && entry.state == InflightState::Published
+                && entry.message.qos == QoS::ExactlyOnce
+        });
+        match position {
+            Some(position) if ack.reason.is_error() => {
+                // The client refused the message: the exchange ends here (MQTT 5.0 §4.3.3).
+                session.inflight.remove(position);
+                self.drain_queue(index);
+            }
+            Some(position) => {
+                session.inflight[position].state = InflightState::Released;
+                self.send(connection_id, &Packet::PubRel(PubAck::new(ack.packet_id)));
+            }
+            None => {
+                let reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                self.send(
+                    connection_id,
+                    &Packet::PubRel(PubAck {
+                        reason,
+                        ..PubAck::new(ack.packet_id)
+                    }),
+                );
+            }
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2): the message is delivered; its window slot frees.
+    fn acknowledged(
+        &mut self,
+        connection_id: ConnectionId,
+        index: SessionIndex,
+        packet_id: u16,
+        state: InflightState,
+        qos: QoS,
+    ) {
+        let session = self.session_mut(index);
+        match session.inflight.iter().position(|entry| {
+            entry.packet_id == packet_id && entry.state == state && entry.message.qos == qos
+        }) {
+            Some(position) => {
+                session.inflight.remove(position);
+                self.drain_queue(index);
+            }
+            None => debug!(
+                connection = connection_id,
+                packet_id, "acknowledgement for an unknown packet identifier ignored"
+            ),
+        }
+    }
+
+    fn client_disconnect(
+        &mut self,
+        connection_id: ConnectionId,
+        index: SessionIndex,
+        disconnect: Disconnect,
+    ) {
+        let expiry_max = self.config.limits.session_expiry_seconds_max;
+        let session = self.session_mut(index);
+        if let Some(expiry) = disconnect.properties.session_expiry_interval {
+            // A session that was to end with the connection cannot be extended now [MQTT-3.14.2-2].
+            if session.expiry_seconds == 0 && expiry != 0 {
+                info!(
+                    connection = connection_id,
+                    "closing the connection: DISCONNECT sets a session expiry after CONNECT set none"
+                );
+                self.disconnect(connection_id, ReasonCode::PROTOCOL_ERROR, true);
+                return;
+            }
+            session.expiry_seconds = expiry.min(expiry_max);
+        }
+        // A normal DISCONNECT discards the will, except 0x04 (MQTT 5.0 §3.14.2.1).
+        let publish_will = disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE;
+        debug!(connection = connection_id, client_id = %session.client_id, reason = %disconnect.reason, "client disconnected");
+        self.drop_connection(connection_id, publish_will);
+    }
+}
+
+// Subscriptions and routes.
+impl Shard {
+    fn subscribe(
+        &mut self,
+        connection_id: ConnectionId,
+        index: SessionIndex,
+        subscribe: Subscribe,
+    ) {
+        let limits = self.config.limits.clone();
+        let identifier = subscribe.properties.subscription_identifier;
+        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let mut retained_for = Vec::new();
+        let v5 = self.session(index).version.is_v5();
+        for (filter, mut options) in subscribe.filters {
+            let plain = match topic::split_shared(&filter) {
+                Some(Ok((_, inner))) => inner,
+                _ => &filter[..],
+            };
+            let session = self.session(index);
+            let is_new = !session.subscriptions.contains_key(&filter);
+            if topic_levels(plain) > limits.topic_levels_max {
+                reasons.push(if v5 {
+                    ReasonCode::TOPIC_FILTER_INVALID
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                });
+                continue;
+            }
+            if is_new && session.subscriptions.len() >= limits.subscriptions_per_session_max {
+                info!(client_id = %session.client_id, %filter, "subscription refused: the session holds the maximum number of subscriptions");
+                reasons.push(if v5 {
+                    ReasonCode::QUOTA_EXCEEDED
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                });
+                continue;
+            }
+            options.qos = options.qos.min(limits.qos_max);
+            // A new subscription with the same filter replaces the old one [MQTT-3.8.4-3].
+            if !is_new {
+                self.remove_subscription(index, &filter);
+            }
+            self.add_subscription(index, &filter, options, identifier);
+            self.session_mut(index)
+                .subscriptions
+                .insert(filter.clone(), (options, identifier));
+            reasons.push(ReasonCode(options.qos as u8));
+            let shared = topic::split_shared(&filter).is_some();
+            // Retained messages are not sent for shared subscriptions (MQTT 5.0 §4.8.2).
+            let send_retained = !shared
+                && match options.retain_handling {
+                    RetainHandling::SendOnSubscribe => true,
+                    RetainHandling::SendIfNew => is_new,
+                    RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                retained_for.push((filter, options));
+            }
+        }
+        self.send(
+            connection_id,
+            &Packet::SubAck(SubAck {
+                packet_id: subscribe.packet_id,
+                properties: AckProperties::default(),
+                reasons,
+            }),
+        );
+        // Retained messages follow the SUBACK [MQTT-3.8.4-4 in spirit: after the subscription
+        // exists], with the retain flag set [MQTT-3.3.1-9].
+        let now_ms = self.now_ms;
+        for (filter, options) in retained_for {
+            let messages: Vec<Message> = self.retained.matching(&filter, now_ms).cloned().collect();
+            for mut message in messages {
+                message.retain = true;
+                let qos = message.qos.min(options.qos);
+                self.deliver_to_session(index, message, qos, identifier.into_iter().collect());
+            }
+        }
+    }
+
+    fn unsubscribe(
+        &mut self,
+        connection_id: ConnectionId,
+        index: SessionIndex,
+        unsubscribe: Unsubscribe,
+    ) {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in &unsubscribe.filters {
+            if self
+                .session_mut(index)
+                .subscriptions
+                .remove(filter)
+                .is_some()
+            {
+                self.remove_subscription(index, filter);
+                reasons.push(ReasonCode::SUCCESS);
+            } else {
+                reasons.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        self.send(
+            connection_id,
+            &Packet::UnsubAck(UnsubAck {
+                packet_id: unsubscribe.packet_id,
+                properties: AckProperties::default(),
+                reasons,
+            }),
+        );
+    }
+
+    fn add_subscription(
+        &mut self,
+        index: SessionIndex,
+        filter: &ByteString,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+    ) {
+        let subscriber = Subscriber {
+            session: index,
+            options,
+            identifier,
+        };
+        let (change, group, plain) = match topic::split_shared(filter) {
+            Some(Ok((group, inner))) => {
+                let member = SharedMember {
+                    group: ByteString::from(group),
+                    subscriber,
+                };
+                let first = !self
+                    .shared
+                    .get(inner)
+                    .iter()
+                    .any(|m| m.group == member.group);
+                self.shared.insert(inner, member);
+                (
+                    if first {
+                        Change::FilterAdded
+                    } else {
+                        Change::Unchanged
+                    },
+                    Some(ByteString::from(group)),
+                    ByteString::from(inner),
+                )
+            }
+            _ => (
+                self.subscriptions.insert(filter, subscriber),
+                None,
+                filter.clone(),
+            ),
+        };
+        if change == Change::FilterAdded {
+            self.broadcast_route(plain, group, true);
+        }
+    }
+
+    fn remove_subscription(&mut self, index: SessionIndex, filter: &ByteString) {
+        match topic::split_shared(filter) {
+            Some(Ok((group, inner))) => {
+                self.shared.remove(inner, |member| {
+                    member.group == group && member.subscriber.session == index
+                });
+                let group_left = !self
+                    .shared
+                    .get(inner)
+                    .iter()
+                    .any(|member| member.group == group);
+                if group_left {
+                    self.broadcast_route(
+                        ByteString::from(inner),
+                        Some(ByteString::from(group)),
+                        false,
+                    );
+                }
+            }
+            _ => {
+                if self
+                    .subscriptions
+                    .remove(filter, |subscriber| subscriber.session == index)
+                    == Change::FilterRemoved
+                {
+                    self.broadcast_route(filter.clone(), None, false);
+                }
+            }
+        }
+    }
+
+    /// Tells every shard (this one directly) that this shard gained or lost `filter`.
+    fn broadcast_route(&mut self, filter: ByteString, group: Option<ByteString>, added: bool) {
+        let shard = self.config.index;
+        for target in 0..self.config.shard_count {
+            let message = ShardMessage::Route {
+                shard,
+                filter: filter.clone(),
+                group: group.clone(),
+                added,
+            };
+            if target == shard {
+                self.shard_message(message);
+            } else {
+                self.outputs.push(Output::ToShard {
+                    shard: target,
+                    message,
+                });
+            }
+        }
+    }
+
+    fn shard_message(&mut self, message: ShardMessage) {
+        match message {
+            ShardMessage::Route {
+                shard,
+                filter,
+                group: None,
+                added: true,
+            } => {
+                self.routes.insert(&filter, shard);
+            }
+            ShardMessage::Route {
+                shard,
+                filter,
+                group: None,
+                added: false,
+            } => {
+                self.routes.remove(&filter, |&s| s == shard);
+            }
+            ShardMessage::Route {
+                shard,
+                filter,
+                group: Some(group),
+                added: true,
+            } => {
+                self.shared_routes.insert(
+                    &filter.clone(),
+                    SharedRoute {
+                        group,
+                        filter,
+                        shard,
+                    },
+                );
+            }
+            ShardMessage::Route {
+                shard,
+                filter,
+                group: Some(group),
+                added: false,
+            } => {
+                self.shared_routes.remove(&filter, |route| {
+                    route.shard == shard && route.group == group
+                });
+            }
+            ShardMessage::Deliver {
+                message,
+                plain,
+                groups,
+            } => self.deliver_local(message, plain, &groups),
+            ShardMessage::Retain { message } => {
+                self.retained.store(message);
+            }
+        }
+    }
+}
+
+// Publishing and delivery.
+impl Shard {
+    /// Routes a message to every shard with a matching subscription; returns whether any
+    /// subscription matched.
+    fn publish(&mut self, message: Message) -> bool {
+        if message.retain {
+            for target in 0..self.config.shard_count {
+                if target != self.config.index {
+                    self.outputs.push(Output::ToShard {
+                        shard: target,
+                        message: ShardMessage::Retain {
+                            message: message.clone(),
+                        },
+                    });
+                }
+            }
+            self.retained.store(message.clone());
+        }
+        let shard_count = usize::from(self.config.shard_count);
+        let mut plain = vec![false; shard_count];
+        self.routes.for_each_match(&message.topic, |shards| {
+            for &shard in shards {
+                plain[usize::from(shard)] = true;
+            }
+        });
+        // One member shard per shared group and filter, taken in turn.
+        let mut groups: Vec<Vec<(ByteString, ByteString)>> = vec![Vec::new(); shard_count];
+        let round_robin = &mut self.round_robin;
+        self.shared_routes.for_each_match(&message.topic, |routes| {
+            let mut seen: Vec<&ByteString> = Vec::new();
+            for route in routes {
+                if seen.contains(&&route.group) {
+                    continue;
+                }
+                seen.push(&route.group);
+                let members: Vec<&SharedRoute> =
+                    routes.iter().filter(|r| r.group == route.group).collect();
+                *round_robin += 1;
+                let chosen = members[(*round_robin % members.len() as u64) as usize];
+                groups[usize::from(chosen.shard)]
+                    .push((chosen.group.clone(), chosen.filter.clone()));
+            }
+        });
+        let mut matched = false;
+        for (target, groups) in groups.into_iter().enumerate() {
+            if !plain[target] && groups.is_empty() {
+                continue;
+            }
+            matched = true;
+            let target = target as ShardIndex;
+            if target == self.config.index {
+                self.deliver_local(message.clone(), plain[usize::from(target)], &groups);
+            } else {
+                self.outputs.push(Output::ToShard {
+                    shard: target,
+                    message: ShardMessage::Deliver {
+                        message: message.clone(),
+                        plain: plain[usize::from(target)],
+                        groups,
+                    },
+                });
+            }
+        }
+        matched
+    }
+
+    /// Delivers to this shard's sessions: every matching plain subscription, and one member of
+    /// each listed shared group. A session with several matching subscriptions gets one copy at
+    /// the highest of their QoS, with all their subscription identifiers [MQTT-3.3.4-2],
+    /// [MQTT-3.3.4-3].
+    fn deliver_local(
+        &mut self,
+        message: Message,
+        plain: bool,
+        groups: &[(ByteString, ByteString)],
+    ) {
+        if message.is_expired(self.now_ms) {
+            return;
+        }
+        let mut matched = std::mem::take(&mut self.matched);
+        matched.clear();
+        if plain {
+            self.subscriptions
+                .for_each_match(&message.topic, |subscribers| {
+                    matched.extend_from_slice(subscribers)
+                });
+        }
+        let mut shared_targets = Vec::new();
+        for (group, filter) in groups {
+            let members: Vec<Subscriber> = self
+                .shared
+                .get(filter)
+                .iter()
+                .filter(|member| {
+                    member.group == *group
+                        && self.session(member.subscriber.session).connection.is_some()
+                })
+                .map(|member| member.subscriber)
+                .collect();
+            // Prefer connected members; with none connected, any member's session queues it.
+            let members = if members.is_empty() {
+                self.shared
+                    .get(filter)
+                    .iter()
+                    .filter(|member| member.group == *group)
+                    .map(|member| member.subscriber)
+                    .collect()
+            } else {
+                members
+            };
+            if !members.is_empty() {
+                self.round_robin += 1;
+                shared_targets.push(members[(self.round_robin % members.len() as u64) as usize]);
+            }
+        }
+        // No Local: not back to the publisher's own session.
+        matched.retain(|subscriber| {
+            !(subscriber.options.no_local
+                && message.publisher.as_ref() == Some(&self.session(subscriber.session).client_id))
+        });
+        matched.sort_unstable_by_key(|subscriber| subscriber.session);
+        let mut start = 0;
+        while start < matched.len() {
+            let session = matched[start].session;
+            let end = start
+                + matched[start..]
+                    .iter()
+                    .take_while(|s| s.session == session)
+                    .count();
+            let group = &matched[start..end];
+            let qos = group
+                .iter()
+                .map(|s| s.options.qos)
+                .max()
+                .expect("a non-empty group")
+                .min(message.qos);
+            let retain = message.retain && group.iter().any(|s| s.options.retain_as_published);
+            let identifiers: Vec<u32> = group.iter().filter_map(|s| s.identifier).collect();
+            let mut copy = message.clone();
+            copy.retain = retain;
+            self.deliver_to_session(session, copy, qos, identifiers);
+            start = end;
+        }
+        for subscriber in shared_targets {
+            let mut copy = message.clone();
+            copy.retain = message.retain && subscriber.options.retain_as_published;
+            let qos = subscriber.options.qos.min(message.qos);
+            self.deliver_to_session(
+                subscriber.session,
+                copy,
+                qos,
+                subscriber.identifier.into_iter().collect(),
+            );
+        }
+        self.matched = matched;
+    }
+
+    /// Sends the message to the session's connection now if its window allows, else queues it
+    /// (QoS 0 is not queued for a session without a connection).
+    fn deliver_to_session(
+        &mut self,
+        index: SessionIndex,
+        mut message: Message,
+        qos: QoS,
+        subscription_identifiers: Vec<u32>,
+    ) {
+        message.qos = qos;
+        let limit = self.config.limits.queued_messages_per_session_max;
+        let session = self.session_mut(index);
+        if session.connection.is_none() && qos == QoS::AtMostOnce {
+            return;
+        }
+        if session.queue.len() >= limit {
+            session.queue.pop_front();
+            session.dropped_messages += 1;
+            if session.dropped_messages.is_power_of_two() {
+                warn!(client_id = %session.client_id, dropped = session.dropped_messages, limit, "session queue full: dropping its oldest messages");
+            }
+        }
+        session.queue.push_back(Queued {
+            message,
+            subscription_identifiers,
+        });
+        self.drain_queue(index);
+    }
+
+    /// Sends queued messages while the connection's window has room.
+    fn drain_queue(&mut self, index: SessionIndex) {
+        let now_ms = self.now_ms;
+        let Some(connection_id) = self.session(index).connection else {
+            return;
+        };
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        if connection.closing {
+            return;
+        }
+        let session = self.sessions[index as usize]
+            .as_mut()
+            .expect("live session");
+        let was_empty = connection.outgoing.is_empty();
+        while let Some(front) = session.queue.front() {
+            let needs_slot = front.message.qos != QoS::AtMostOnce;
+            if needs_slot && session.inflight.len() >= usize::from(session.send_window) {
+                break;
+            }
+            let Queued {
+                message,
+                subscription_identifiers,
+            } = session.queue.pop_front().expect("a front");
+            if message.is_expired(now_ms) {
+                continue;
+            }
+            let packet_id = if needs_slot {
+                session.allocate_packet_id()
+            } else {
+                0
+            };
+            let packet = Packet::Publish(publish_packet(
+                &message,
+                message.qos,
+                packet_id,
+                false,
+                &subscription_identifiers,
+                now_ms,
+            ));
+            // A message larger than the client's Maximum Packet Size is not sent to it
+            // [MQTT-3.1.2-25]; for QoS 1 and 2 it counts as delivered.
+            if packet.encoded_len(connection.version) > connection.client_packet_size_max as usize {
+                debug!(client_id = %session.client_id, topic = %message.topic, "message larger than the client's maximum packet size: not sent");
+                continue;
+            }
+            Self::encode_into(connection, &packet);
+            if needs_slot {
+                session.inflight.push_back(Inflight {
+                    packet_id,
+                    message,
+                    subscription_identifiers,
+                    state: InflightState::Published,
+                });
+            }
+        }
+        if was_empty && !connection.outgoing.is_empty() {
+            self.dirty.push(connection_id);
+        }
+    }
+}
+
+// Time and shutdown.
+impl Shard {
+    fn fire_timers(&mut self) {
+        while let Some(&Reverse((at, timer))) = self.timers.peek() {
+            if at > self.now_ms {
+                return;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::KeepAlive(connection_id) => {
+                    let Some(connection) = self.connections.get(&connection_id) else {
+                        continue;
+                    };
+                    if connection.closing || connection.keep_alive_ms == 0 {
+                        continue;
+                    }
+                    let deadline = connection.last_received_ms + connection.keep_alive_ms * 3 / 2;
+                    if deadline <= self.now_ms {
+                        info!(
+                            connection = connection_id,
+                            "closing the connection: keep alive timeout"
+                        );
+                        self.disconnect(connection_id, ReasonCode::KEEP_ALIVE_TIMEOUT, true);
+                    } else {
+                        self.timers.push(Reverse((deadline, timer)));
+                    }
+                }
+                Timer::WillDelay(index, generation) => {
+                    let live = self
+                        .sessions
+                        .get(index as usize)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|s| s.generation == generation && s.connection.is_none());
+                    if live && let Some(will) = self.session_mut(index).will.take() {
+                        self.publish(will.message);
+                    }
+                }
+                Timer::SessionExpiry(index, generation) => {
+                    let live = self
+                        .sessions
+                        .get(index as usize)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|s| s.generation == generation && s.connection.is_none());
+                    if live {
+                        self.end_session(index);
+                    }
+                }
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let connections: Vec<ConnectionId> = self.connections.keys().copied().collect();
+        for connection_id in connections {
+            self.disconnect(connection_id, SERVER_SHUTTING_DOWN, false);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "shard_tests.rs"]
+mod tests;
