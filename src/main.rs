@@ -1,21 +1,272 @@
 //! The shardmq node binary: command line, configuration and start-up wiring.
 //!
-//! At this stage it only parses its command line: `--help` and `--version`. Serving MQTT is the
-//! single-node broker's work (see ARCHITECTURE.md, "Status").
+//! `shardmq serve` starts one reactor thread per shard; each drives a `Shard` (the sans-IO
+//! broker core) through the `ShardHandler` glue below. SIGINT and SIGTERM stop the reactors,
+//! which send every client DISCONNECT 0x8B (5.0) and flush before exiting.
 
-use clap::Parser;
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
+use shardmq_shards::{Input, Output, Shard, ShardConfig, ShardMessage};
+use tracing::{error, info};
+
+use config::Config;
 
 /// shardmq: a clustered, thread-per-core MQTT 3.1 / 3.1.1 / 5.0 broker.
 #[derive(Debug, Parser)]
 #[command(name = "shardmq", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    eprintln!(
-        "shardmq {}: the broker cannot serve yet; this build provides the MQTT codec only. \
-         Run `shardmq --help` for the command line.",
-        env!("CARGO_PKG_VERSION")
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a broker. Without --config it uses the embedded defaults (listen on 0.0.0.0:1883).
+    Serve {
+        /// Address to accept MQTT on (repeatable); replaces `server.listen`.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Vec<std::net::SocketAddr>,
+        /// Data-plane shards; default: one per available core.
+        #[arg(long, value_name = "N")]
+        shards: Option<u16>,
+        /// A TOML file overriding any key of the embedded defaults.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+}
+
+/// Drives one shard from a reactor.
+struct ShardHandler {
+    shard: Shard,
+    outputs: Vec<Output>,
+}
+
+impl Handler for ShardHandler {
+    type Message = ShardMessage;
+
+    fn event(&mut self, now_ms: u64, event: Event<ShardMessage>) {
+        let input = match event {
+            Event::Opened(connection) => Input::Opened { connection },
+            Event::Received(connection, bytes) => Input::Received { connection, bytes },
+            Event::Closed(connection) => Input::Closed { connection },
+            Event::Message(message) => Input::Shard(message),
+            Event::Tick => Input::Tick,
+            Event::Shutdown => Input::Shutdown,
+        };
+        self.shard.handle(now_ms, input);
+    }
+
+    fn flush(&mut self, actions: &mut Actions<ShardMessage>) {
+        self.shard.take_outputs(&mut self.outputs);
+        for output in self.outputs.drain(..) {
+            match output {
+                Output::Send { connection, bytes } => actions.send(connection, bytes),
+                Output::Close { connection } => actions.close(connection),
+                Output::HandOff {
+                    connection,
+                    shard,
+                    bytes,
+                } => actions.hand_off(connection, shard, bytes),
+                Output::ToShard { shard, message } => actions.post(shard, message),
+            }
+        }
+    }
+
+    fn next_deadline_ms(&self) -> Option<u64> {
+        self.shard.next_deadline_ms()
+    }
+}
+
+fn serve(config: Config) -> Result<(), String> {
+    reactor::check_kernel()?;
+    let shard_count = match config.server.shards {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(usize::from(u16::MAX)) as u16,
+        n => n,
+    };
+    let mailboxes: Arc<Mailboxes<ShardMessage>> =
+        Mailboxes::new(shard_count, config.reactor.mailbox_capacity)
+            .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
+    let cores = core_ids(config.server.pin_cores);
+    let epoch = Instant::now();
+    // Each reactor is built on its own thread: its ring accepts submissions only from the
+    // thread that created it (IORING_SETUP_SINGLE_ISSUER). Start-up errors (an address in use,
+    // an old kernel) come back before the node reports that it serves.
+    let (ready_sender, ready) = std::sync::mpsc::channel::<(u16, Result<(), String>)>();
+    let mut threads = Vec::new();
+    for index in 0..shard_count {
+        let reactor_config = ReactorConfig {
+            index,
+            listen: config.server.listen.clone(),
+            backlog: config.server.backlog,
+            ring_entries: config.reactor.ring_entries,
+            buffer_count: config.reactor.buffer_count,
+            buffer_size: config.reactor.buffer_size,
+            core: cores.get(usize::from(index) % cores.len().max(1)).copied(),
+            epoch,
+            shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
+        };
+        let handler = ShardHandler {
+            shard: Shard::new(ShardConfig {
+                index,
+                shard_count,
+                limits: config.limits(),
+            }),
+            outputs: Vec::new(),
+        };
+        let mailboxes = mailboxes.clone();
+        let ready_sender = ready_sender.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("shard-{index}"))
+            .spawn(
+                move || match Reactor::new(reactor_config, mailboxes, handler) {
+                    Ok(reactor) => {
+                        let _ = ready_sender.send((index, Ok(())));
+                        reactor.run()
+                    }
+                    Err(e) => {
+                        let _ = ready_sender.send((index, Err(e.to_string())));
+                        Ok(())
+                    }
+                },
+            )
+            .map_err(|e| format!("cannot start shard thread {index}: {e}"))?;
+        threads.push(thread);
+    }
+    drop(ready_sender);
+    let mut startup_error = None;
+    for _ in 0..shard_count {
+        match ready.recv() {
+            Ok((_, Ok(()))) => {}
+            Ok((index, Err(e))) => startup_error = Some(format!("shard {index}: {e}")),
+            Err(_) => startup_error = Some("a shard thread ended during start-up".into()),
+        }
+    }
+    if let Some(message) = startup_error {
+        mailboxes.stop();
+        for thread in threads {
+            let _ = thread.join();
+        }
+        return Err(message);
+    }
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let stopper = mailboxes.clone();
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            info!(signal, "stopping: disconnecting clients");
+            stopper.stop();
+        }
+    });
+    let listen: Vec<String> = config
+        .server
+        .listen
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        shards = shard_count,
+        listen = listen.join(","),
+        "shardmq serving MQTT"
     );
-    std::process::exit(2);
+    let mut failed = false;
+    for (index, thread) in threads.into_iter().enumerate() {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(shard = index, error = %e, "shard stopped with an error");
+                failed = true;
+                mailboxes.stop();
+            }
+            Err(_) => {
+                error!(shard = index, "shard thread panicked");
+                failed = true;
+                mailboxes.stop();
+            }
+        }
+    }
+    info!("shardmq stopped");
+    if failed {
+        Err("a shard failed; see the log above".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn core_ids(pin: bool) -> Vec<usize> {
+    if !pin {
+        return Vec::new();
+    }
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|core| core.id)
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::DefaultConfig => {
+            print!("{}", config::DEFAULT_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::Serve {
+            listen,
+            shards,
+            config,
+        } => {
+            let mut loaded = match Config::load(config.as_deref()) {
+                Ok(loaded) => loaded,
+                Err(message) => {
+                    eprintln!("shardmq: {message}");
+                    return ExitCode::from(2);
+                }
+            };
+            if !listen.is_empty() {
+                loaded.server.listen = listen;
+            }
+            if let Some(shards) = shards {
+                loaded.server.shards = shards;
+            }
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .or_else(|_| tracing_subscriber::EnvFilter::try_new(&loaded.server.log));
+            let filter = match filter {
+                Ok(filter) => filter,
+                Err(error) => {
+                    eprintln!("shardmq: `server.log` is not a valid log filter: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_target(false)
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+            match serve(loaded) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    error!("{message}");
+                    eprintln!("shardmq: {message}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }

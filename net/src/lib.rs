@@ -7,3 +7,5 @@
 //! `shardmq-shards` can depend on them without linking io_uring.
 
 pub mod mqtt;
+#[cfg(feature = "reactor")]
+pub mod reactor;

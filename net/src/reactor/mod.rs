@@ -1,0 +1,857 @@
+//! The per-core io_uring reactor: one thread, one ring, one handler (a shard, an echo server,
+//! a load generator).
+//!
+//! Owns: the sockets of its connections, its listening sockets (one per address, bound with
+//! SO_REUSEPORT so the kernel spreads accepts over reactors), its provided buffer ring, and its
+//! end of the cross-reactor mailboxes.
+//! Never: interprets the bytes it moves (the handler does), blocks anywhere but in the ring's
+//! wait, or lets one connection's error touch another.
+//!
+//! One loop iteration: reap every completion (accepts, receives, sends), drain a bounded batch
+//! of mailbox messages, fire the handler's timer if due, let the handler flush the outputs of
+//! the whole batch (sends become one `send` per connection, cross-reactor messages one queue
+//! push each and one wakeup per target reactor), then submit and wait for the next completion
+//! or deadline.
+
+mod buffers;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use crossbeam_queue::ArrayQueue;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use tracing::{debug, info, warn};
+
+use buffers::{BUFFER_GROUP, BufferRing};
+
+/// A connection's name: reactor index, slot and generation, so that a completion for a slot's
+/// earlier occupant is recognised and ignored.
+pub type ConnectionId = u64;
+
+fn connection_id(reactor: u16, slot: u32, generation: u32) -> ConnectionId {
+    (u64::from(reactor) << 48) | (u64::from(generation & 0xFFFF) << 32) | u64::from(slot)
+}
+
+fn slot_of(id: ConnectionId) -> u32 {
+    id as u32
+}
+
+/// What happened, told to the handler.
+#[derive(Debug)]
+pub enum Event<M> {
+    Opened(ConnectionId),
+    Received(ConnectionId, Bytes),
+    Closed(ConnectionId),
+    Message(M),
+    /// The handler's deadline has passed.
+    Tick,
+    /// The process is stopping: say goodbye to every connection and close it.
+    Shutdown,
+}
+
+/// What the handler asks for at the end of a batch.
+#[derive(Debug)]
+pub struct Actions<M> {
+    sends: Vec<(ConnectionId, Bytes)>,
+    closes: Vec<ConnectionId>,
+    hand_offs: Vec<(ConnectionId, u16, Bytes)>,
+    posts: Vec<(u16, M)>,
+}
+
+impl<M> Actions<M> {
+    fn new() -> Self {
+        Self {
+            sends: Vec::new(),
+            closes: Vec::new(),
+            hand_offs: Vec::new(),
+            posts: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, connection: ConnectionId, bytes: Bytes) {
+        self.sends.push((connection, bytes));
+    }
+
+    /// Closes the connection after the bytes queued for it are sent.
+    pub fn close(&mut self, connection: ConnectionId) {
+        self.closes.push(connection);
+    }
+
+    /// Moves the connection to reactor `target`, whose handler sees it open and receive `bytes`
+    /// (followed by anything that arrives meanwhile).
+    pub fn hand_off(&mut self, connection: ConnectionId, target: u16, bytes: Bytes) {
+        self.hand_offs.push((connection, target, bytes));
+    }
+
+    pub fn post(&mut self, target: u16, message: M) {
+        self.posts.push((target, message));
+    }
+}
+
+/// The code a reactor drives.
+pub trait Handler {
+    type Message: Send + 'static;
+    fn event(&mut self, now_ms: u64, event: Event<Self::Message>);
+    /// Moves everything the handled events produced into `actions`.
+    fn flush(&mut self, actions: &mut Actions<Self::Message>);
+    /// When the handler next wants `Event::Tick`, in milliseconds since the epoch.
+    fn next_deadline_ms(&self) -> Option<u64>;
+}
+
+enum Envelope<M> {
+    Message(M),
+    Connection { fd: OwnedFd, bytes: Bytes },
+}
+
+/// The queues and wakeups between the reactors of one process.
+pub struct Mailboxes<M> {
+    queues: Vec<ArrayQueue<Envelope<M>>>,
+    wakers: Vec<OwnedFd>,
+    stop: AtomicBool,
+}
+
+impl<M> std::fmt::Debug for Mailboxes<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailboxes")
+            .field("reactors", &self.queues.len())
+            .finish()
+    }
+}
+
+impl<M> Mailboxes<M> {
+    /// Mailboxes for `count` reactors, each holding up to `capacity` messages.
+    pub fn new(count: u16, capacity: usize) -> io::Result<Arc<Self>> {
+        let mut wakers = Vec::new();
+        for _ in 0..count {
+            // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor we own.
+            wakers.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        Ok(Arc::new(Self {
+            queues: (0..count).map(|_| ArrayQueue::new(capacity)).collect(),
+            wakers,
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    fn wake(&self, target: u16) {
+        let one: u64 = 1;
+        // SAFETY: writes eight bytes from a valid u64 to an eventfd we own; failure (EAGAIN at
+        // counter overflow) still leaves the reactor awake.
+        unsafe {
+            libc::write(
+                self.wakers[usize::from(target)].as_raw_fd(),
+                (&one as *const u64).cast(),
+                8,
+            )
+        };
+    }
+
+    /// Asks every reactor to shut down.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        for target in 0..self.wakers.len() {
+            self.wake(target as u16);
+        }
+    }
+}
+
+/// Settings of one reactor.
+#[derive(Debug, Clone)]
+pub struct ReactorConfig {
+    pub index: u16,
+    pub listen: Vec<SocketAddr>,
+    pub backlog: i32,
+    pub ring_entries: u32,
+    /// Receive buffers shared by all connections of the reactor (a power of two).
+    pub buffer_count: u16,
+    pub buffer_size: usize,
+    /// The core to pin the thread to, if any.
+    pub core: Option<usize>,
+    /// The instant all reactors of the process count milliseconds from.
+    pub epoch: Instant,
+    /// How long a shutdown may take to flush before connections are cut.
+    pub shutdown_grace: Duration,
+}
+
+/// The oldest kernel with everything the reactor uses (multishot receive).
+pub const KERNEL_MINIMUM: (u32, u32) = (6, 0);
+
+/// Fails with a clear message on a kernel older than [`KERNEL_MINIMUM`] or without io_uring.
+pub fn check_kernel() -> Result<(), String> {
+    // SAFETY: uname writes into the zeroed struct we pass.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return Err("uname failed: cannot tell the kernel version".into());
+    }
+    // SAFETY: uname NUL-terminates `release`.
+    let release = unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version < KERNEL_MINIMUM {
+        return Err(format!(
+            "Linux {release} is too old: shardmq needs Linux {}.{} or later (io_uring multishot receive and provided buffer rings)",
+            KERNEL_MINIMUM.0, KERNEL_MINIMUM.1
+        ));
+    }
+    let ring = IoUring::new(8).map_err(|error| format!("io_uring is not available ({error}); is it disabled by sysctl kernel.io_uring_disabled?"))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|error| format!("probing io_uring failed: {error}"))?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::Send::CODE, "send"),
+        (opcode::Read::CODE, "read"),
+        (opcode::AsyncCancel::CODE, "cancel"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!(
+                "the kernel's io_uring lacks the {name} operation: shardmq needs Linux {}.{} or later",
+                KERNEL_MINIMUM.0, KERNEL_MINIMUM.1
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ConnectionState {
+    Open,
+    /// Close once sends are done and the receive has ended; tell the handler `Closed` if the
+    /// handler did not ask for it.
+    Closing {
+        tell_handler: bool,
+    },
+    HandingOff {
+        target: u16,
+        bytes: BytesMut,
+    },
+}
+
+#[derive(Debug)]
+struct Connection {
+    fd: RawFd,
+    generation: u32,
+    receiving: bool,
+    send_queue: VecDeque<Bytes>,
+    send_offset: usize,
+    sending: bool,
+    state: ConnectionState,
+}
+
+// user_data: kind in the top byte, then generation (16 bits) and slot (32 bits).
+const KIND_ACCEPT: u64 = 1;
+const KIND_RECV: u64 = 2;
+const KIND_SEND: u64 = 3;
+const KIND_WAKE: u64 = 4;
+const KIND_CANCEL: u64 = 5;
+
+fn user_data(kind: u64, slot: u32, generation: u32) -> u64 {
+    (kind << 56) | (u64::from(generation & 0xFFFF) << 32) | u64::from(slot)
+}
+
+/// One reactor. Field order matters: the ring is dropped before the buffers it uses.
+pub struct Reactor<H: Handler> {
+    ring: IoUring,
+    buffers: BufferRing,
+    config: ReactorConfig,
+    mailboxes: Arc<Mailboxes<H::Message>>,
+    handler: H,
+    listeners: Vec<OwnedFd>,
+    connections: Vec<Option<Connection>>,
+    free_slots: Vec<u32>,
+    generations: Vec<u32>,
+    wake_buffer: Box<u64>,
+    /// Messages for reactors whose queue was full, retried each iteration: never dropped.
+    overflow: VecDeque<(u16, Envelope<H::Message>)>,
+    accept_paused_until: Option<Instant>,
+}
+
+impl<H: Handler> std::fmt::Debug for Reactor<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reactor")
+            .field("index", &self.config.index)
+            .finish()
+    }
+}
+
+fn listener(address: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&address.into()).map_err(|error| {
+        io::Error::new(error.kind(), format!("cannot listen on {address}: {error}"))
+    })?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+impl<H: Handler> Reactor<H> {
+    pub fn new(
+        config: ReactorConfig,
+        mailboxes: Arc<Mailboxes<H::Message>>,
+        handler: H,
+    ) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .build(config.ring_entries)?;
+        let buffers = BufferRing::new(&ring.submitter(), config.buffer_count, config.buffer_size)?;
+        let listeners = config
+            .listen
+            .iter()
+            .map(|&address| listener(address, config.backlog))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            ring,
+            buffers,
+            config,
+            mailboxes,
+            handler,
+            listeners,
+            connections: Vec::new(),
+            free_slots: Vec::new(),
+            generations: Vec::new(),
+            wake_buffer: Box::new(0),
+            overflow: VecDeque::new(),
+            accept_paused_until: None,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.config.epoch.elapsed().as_millis() as u64
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        // SAFETY: every entry's buffers live in `self` (the wake buffer, the buffer ring, the
+        // front of a connection's send queue) until its completion is reaped.
+        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.ring
+                .submit()
+                .expect("submitting to a full submission queue");
+        }
+    }
+
+    fn arm_accept(&mut self, listener: usize) {
+        let fd = self.listeners[listener].as_raw_fd();
+        self.push(
+            opcode::AcceptMulti::new(types::Fd(fd))
+                .build()
+                .user_data(user_data(KIND_ACCEPT, listener as u32, 0)),
+        );
+    }
+
+    fn arm_wake(&mut self) {
+        let fd = self.mailboxes.wakers[usize::from(self.config.index)].as_raw_fd();
+        let buffer = (&mut *self.wake_buffer as *mut u64).cast::<u8>();
+        self.push(
+            opcode::Read::new(types::Fd(fd), buffer, 8)
+                .build()
+                .user_data(user_data(KIND_WAKE, 0, 0)),
+        );
+    }
+
+    fn arm_recv(&mut self, slot: u32) {
+        let connection = self.connections[slot as usize]
+            .as_mut()
+            .expect("a live slot");
+        connection.receiving = true;
+        let entry = opcode::RecvMulti::new(types::Fd(connection.fd), BUFFER_GROUP)
+            .build()
+            .user_data(user_data(KIND_RECV, slot, connection.generation));
+        self.push(entry);
+    }
+
+    fn add_connection(&mut self, fd: RawFd) -> ConnectionId {
+        let _ = socket2::SockRef::from(&unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+            .set_tcp_nodelay(true);
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                self.connections.push(None);
+                self.generations.push(0);
+                (self.connections.len() - 1) as u32
+            }
+        };
+        let generation = self.generations[slot as usize];
+        self.connections[slot as usize] = Some(Connection {
+            fd,
+            generation,
+            receiving: false,
+            send_queue: VecDeque::new(),
+            send_offset: 0,
+            sending: false,
+            state: ConnectionState::Open,
+        });
+        self.arm_recv(slot);
+        connection_id(self.config.index, slot, generation)
+    }
+
+    fn live(&self, slot: u32, generation: u32) -> bool {
+        self.connections
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.generation & 0xFFFF == generation & 0xFFFF)
+    }
+
+    fn lookup(&mut self, id: ConnectionId) -> Option<(u32, &mut Connection)> {
+        let slot = slot_of(id);
+        let generation = ((id >> 32) & 0xFFFF) as u32;
+        if (id >> 48) as u16 != self.config.index || !self.live(slot, generation) {
+            return None;
+        }
+        Some((
+            slot,
+            self.connections[slot as usize].as_mut().expect("live"),
+        ))
+    }
+
+    /// Runs until the mailboxes say stop and the connections are flushed.
+    pub fn run(mut self) -> io::Result<()> {
+        if let Some(core) = self.config.core
+            && !core_affinity::set_for_current(core_affinity::CoreId { id: core })
+        {
+            warn!(
+                reactor = self.config.index,
+                core, "could not pin the reactor thread to its core"
+            );
+        }
+        for listener in 0..self.listeners.len() {
+            self.arm_accept(listener);
+        }
+        self.arm_wake();
+        let mut actions = Actions::new();
+        let mut completions = Vec::with_capacity(1024);
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            completions.clear();
+            completions.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
+            );
+            let now_ms = self.now_ms();
+            let mut returned_buffers = false;
+            for &(data, result, flags) in &completions {
+                returned_buffers |= self.complete(now_ms, data, result, flags);
+            }
+            if returned_buffers {
+                self.buffers.commit();
+            }
+            self.drain_mailbox(now_ms);
+            if self
+                .accept_paused_until
+                .is_some_and(|until| Instant::now() >= until)
+            {
+                self.accept_paused_until = None;
+                for listener in 0..self.listeners.len() {
+                    self.arm_accept(listener);
+                }
+            }
+            if stopping_since.is_none() && self.mailboxes.stop.load(Ordering::Acquire) {
+                stopping_since = Some(Instant::now());
+                info!(reactor = self.config.index, "shutting down");
+                self.listeners.clear();
+                self.handler.event(now_ms, Event::Shutdown);
+            }
+            if self
+                .handler
+                .next_deadline_ms()
+                .is_some_and(|deadline| deadline <= now_ms)
+            {
+                self.handler.event(now_ms, Event::Tick);
+            }
+            self.handler.flush(&mut actions);
+            self.apply(&mut actions);
+            if let Some(since) = stopping_since {
+                let open = self.connections.iter().flatten().count();
+                if open == 0 || since.elapsed() >= self.config.shutdown_grace {
+                    if open > 0 {
+                        warn!(
+                            reactor = self.config.index,
+                            open, "shutdown grace period over: cutting the remaining connections"
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+            let timeout = self.wait_timeout(stopping_since.is_some());
+            let timespec = types::Timespec::from(timeout);
+            let args = types::SubmitArgs::new().timespec(&timespec);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                    ) => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn wait_timeout(&self, stopping: bool) -> Duration {
+        if !self.overflow.is_empty() || stopping {
+            return Duration::from_millis(1);
+        }
+        let now_ms = self.now_ms();
+        let mut timeout = Duration::from_secs(1);
+        if let Some(deadline) = self.handler.next_deadline_ms() {
+            timeout = timeout.min(Duration::from_millis(
+                deadline.saturating_sub(now_ms).max(1),
+            ));
+        }
+        if let Some(until) = self.accept_paused_until {
+            timeout = timeout.min(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            );
+        }
+        timeout
+    }
+
+    /// Handles one completion; returns whether a receive buffer went back to the ring.
+    fn complete(&mut self, now_ms: u64, data: u64, result: i32, flags: u32) -> bool {
+        let kind = data >> 56;
+        let slot = data as u32;
+        let generation = ((data >> 32) & 0xFFFF) as u32;
+        match kind {
+            KIND_ACCEPT => {
+                if result >= 0 {
+                    let id = self.add_connection(result);
+                    self.handler.event(now_ms, Event::Opened(id));
+                } else if matches!(
+                    -result,
+                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+                ) {
+                    if self.accept_paused_until.is_none() {
+                        warn!(reactor = self.config.index, error = %io::Error::from_raw_os_error(-result), "accept failed: pausing accepts for 100 ms (raise the open-file limit for more connections)");
+                    }
+                    self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
+                    return false;
+                }
+                if !cqueue::more(flags)
+                    && (slot as usize) < self.listeners.len()
+                    && self.accept_paused_until.is_none()
+                {
+                    self.arm_accept(slot as usize);
+                }
+                false
+            }
+            KIND_RECV => self.complete_recv(now_ms, slot, generation, result, flags),
+            KIND_SEND => {
+                self.complete_send(now_ms, slot, generation, result);
+                false
+            }
+            KIND_WAKE => {
+                self.arm_wake();
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn complete_recv(
+        &mut self,
+        now_ms: u64,
+        slot: u32,
+        generation: u32,
+        result: i32,
+        flags: u32,
+    ) -> bool {
+        let mut returned = false;
+        let data = match cqueue::buffer_select(flags) {
+            Some(id) => {
+                let bytes = (result > 0)
+                    .then(|| Bytes::copy_from_slice(self.buffers.get(id, result as usize)));
+                self.buffers.push(id);
+                returned = true;
+                bytes
+            }
+            None => None,
+        };
+        if !self.live(slot, generation) {
+            return returned;
+        }
+        let more = cqueue::more(flags);
+        let id = connection_id(self.config.index, slot, generation);
+        let connection = self.connections[slot as usize].as_mut().expect("live");
+        if !more {
+            connection.receiving = false;
+        }
+        match (&mut connection.state, data) {
+            (ConnectionState::HandingOff { bytes, .. }, Some(data)) => {
+                bytes.extend_from_slice(&data)
+            }
+            (ConnectionState::Open, Some(data)) => {
+                self.handler.event(now_ms, Event::Received(id, data))
+            }
+            (_, Some(_)) => {}
+            (_, None) => {
+                if result == -libc::ENOBUFS && connection.state == ConnectionState::Open {
+                    // Every buffer was in use: receive again now that some are back.
+                    debug!(
+                        reactor = self.config.index,
+                        "receive buffers exhausted; re-arming"
+                    );
+                } else if connection.state == ConnectionState::Open {
+                    // End of stream or an error: the connection is over.
+                    connection.state = ConnectionState::Closing { tell_handler: true };
+                }
+            }
+        }
+        let connection = self.connections[slot as usize].as_mut().expect("live");
+        if !connection.receiving && connection.state == ConnectionState::Open {
+            self.arm_recv(slot);
+        } else if !connection.receiving {
+            self.finish(now_ms, slot);
+        }
+        returned
+    }
+
+    fn complete_send(&mut self, now_ms: u64, slot: u32, generation: u32, result: i32) {
+        if !self.live(slot, generation) {
+            return;
+        }
+        let connection = self.connections[slot as usize].as_mut().expect("live");
+        connection.sending = false;
+        if result < 0 {
+            // The peer is gone; what was queued cannot be delivered.
+            connection.send_queue.clear();
+            if connection.state == ConnectionState::Open {
+                connection.state = ConnectionState::Closing { tell_handler: true };
+            }
+            self.shut(slot);
+            self.finish(now_ms, slot);
+            return;
+        }
+        connection.send_offset += result as usize;
+        if connection
+            .send_queue
+            .front()
+            .is_some_and(|front| connection.send_offset >= front.len())
+        {
+            connection.send_queue.pop_front();
+            connection.send_offset = 0;
+        }
+        self.start_send(slot);
+        let connection = self.connections[slot as usize].as_ref().expect("live");
+        if !connection.sending && matches!(connection.state, ConnectionState::Closing { .. }) {
+            self.shut(slot);
+            self.finish(now_ms, slot);
+        }
+    }
+
+    fn start_send(&mut self, slot: u32) {
+        let connection = self.connections[slot as usize].as_mut().expect("live");
+        if connection.sending {
+            return;
+        }
+        // Merge small queued buffers into one send.
+        if connection.send_queue.len() > 1 {
+            let mut merged = BytesMut::with_capacity(
+                connection.send_queue.iter().map(Bytes::len).sum::<usize>()
+                    - connection.send_offset,
+            );
+            for (index, bytes) in connection.send_queue.drain(..).enumerate() {
+                merged.extend_from_slice(if index == 0 {
+                    &bytes[connection.send_offset..]
+                } else {
+                    &bytes[..]
+                });
+            }
+            connection.send_offset = 0;
+            connection.send_queue.push_back(merged.freeze());
+        }
+        let Some(front) = connection.send_queue.front() else {
+            return;
+        };
+        let pointer = front[connection.send_offset..].as_ptr();
+        let length = (front.len() - connection.send_offset) as u32;
+        connection.sending = true;
+        let entry = opcode::Send::new(types::Fd(connection.fd), pointer, length)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data(KIND_SEND, slot, connection.generation));
+        self.push(entry);
+    }
+
+    /// Shuts the socket down so that its pending receive ends.
+    fn shut(&mut self, slot: u32) {
+        let connection = self.connections[slot as usize].as_ref().expect("live");
+        // SAFETY: shutdown on a descriptor we own; errors (already shut) are harmless.
+        unsafe { libc::shutdown(connection.fd, libc::SHUT_RDWR) };
+    }
+
+    /// Frees the slot once nothing is in flight: closes the socket, or passes it on.
+    fn finish(&mut self, now_ms: u64, slot: u32) {
+        let connection = self.connections[slot as usize].as_ref().expect("live");
+        if connection.receiving || connection.sending {
+            return;
+        }
+        let connection = self.connections[slot as usize].take().expect("live");
+        let id = connection_id(self.config.index, slot, connection.generation);
+        self.generations[slot as usize] = connection.generation.wrapping_add(1);
+        self.free_slots.push(slot);
+        // SAFETY: the descriptor is ours and nothing in the ring refers to it any more.
+        let fd = unsafe { OwnedFd::from_raw_fd(connection.fd) };
+        match connection.state {
+            ConnectionState::HandingOff { target, bytes } => {
+                self.post(
+                    target,
+                    Envelope::Connection {
+                        fd,
+                        bytes: bytes.freeze(),
+                    },
+                );
+            }
+            ConnectionState::Closing { tell_handler } => {
+                drop(fd);
+                if tell_handler {
+                    self.handler.event(now_ms, Event::Closed(id));
+                }
+            }
+            ConnectionState::Open => unreachable!("finish is called on closing connections only"),
+        }
+    }
+
+    fn post(&mut self, target: u16, envelope: Envelope<H::Message>) {
+        if !self.overflow.is_empty() {
+            self.overflow.push_back((target, envelope));
+            return;
+        }
+        if let Err(envelope) = self.mailboxes.queues[usize::from(target)].push(envelope) {
+            self.overflow.push_back((target, envelope));
+        }
+    }
+
+    fn drain_mailbox(&mut self, now_ms: u64) {
+        // A bounded batch per iteration, so completions are not starved.
+        for _ in 0..4096 {
+            let Some(envelope) = self.mailboxes.queues[usize::from(self.config.index)].pop() else {
+                break;
+            };
+            match envelope {
+                Envelope::Message(message) => self.handler.event(now_ms, Event::Message(message)),
+                Envelope::Connection { fd, bytes } => {
+                    let id = self.add_connection(fd.into_raw_fd());
+                    self.handler.event(now_ms, Event::Opened(id));
+                    if !bytes.is_empty() {
+                        self.handler.event(now_ms, Event::Received(id, bytes));
+                    }
+                }
+            }
+        }
+        // Retry what did not fit before, in order.
+        let mut woken = Vec::new();
+        while let Some((target, envelope)) = self.overflow.pop_front() {
+            match self.mailboxes.queues[usize::from(target)].push(envelope) {
+                Ok(()) => {
+                    if !woken.contains(&target) {
+                        woken.push(target);
+                    }
+                }
+                Err(envelope) => {
+                    self.overflow.push_front((target, envelope));
+                    break;
+                }
+            }
+        }
+        for target in woken {
+            self.mailboxes.wake(target);
+        }
+    }
+
+    fn apply(&mut self, actions: &mut Actions<H::Message>) {
+        let mut sent_to = Vec::new();
+        for (id, bytes) in actions.sends.drain(..) {
+            if let Some((slot, connection)) = self.lookup(id)
+                && !matches!(connection.state, ConnectionState::HandingOff { .. })
+            {
+                connection.send_queue.push_back(bytes);
+                if !sent_to.contains(&slot) {
+                    sent_to.push(slot);
+                }
+            }
+        }
+        for slot in sent_to {
+            self.start_send(slot);
+        }
+        let now_ms = self.now_ms();
+        for id in actions.closes.drain(..) {
+            if let Some((slot, connection)) = self.lookup(id)
+                && connection.state == ConnectionState::Open
+            {
+                connection.state = ConnectionState::Closing {
+                    tell_handler: false,
+                };
+                if !connection.sending {
+                    self.shut(slot);
+                    self.finish(now_ms, slot);
+                }
+            }
+        }
+        for (id, target, bytes) in actions.hand_offs.drain(..) {
+            if let Some((slot, connection)) = self.lookup(id) {
+                connection.state = ConnectionState::HandingOff {
+                    target,
+                    bytes: BytesMut::from(&bytes[..]),
+                };
+                let receive = user_data(KIND_RECV, slot, connection.generation);
+                if connection.receiving {
+                    self.push(
+                        opcode::AsyncCancel::new(receive)
+                            .build()
+                            .user_data(user_data(KIND_CANCEL, slot, 0)),
+                    );
+                }
+                self.finish(now_ms, slot);
+            }
+        }
+        let mut targets = Vec::new();
+        for (target, message) in actions.posts.drain(..) {
+            self.post(target, Envelope::Message(message));
+            if !targets.contains(&target) {
+                targets.push(target);
+            }
+        }
+        // Hand-offs posted above also need their target awake.
+        for target in 0..self.mailboxes.queues.len() as u16 {
+            if target != self.config.index
+                && !self.mailboxes.queues[usize::from(target)].is_empty()
+                && !targets.contains(&target)
+            {
+                targets.push(target);
+            }
+        }
+        for target in targets {
+            self.mailboxes.wake(target);
+        }
+    }
+}
