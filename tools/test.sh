@@ -3,7 +3,8 @@
 #
 #   tools/test.sh
 #
-# Steps: install missing tools -> cargo fmt --check -> clippy (warnings are errors) -> the
+# Steps: install missing tools (rustfmt, clippy, cargo-fuzz, mosquitto-clients, paho-mqtt)
+# -> cargo fmt --check -> clippy (warnings are errors) -> the
 # malformed corpus matches its generator -> a short fuzz run of the MQTT decoder -> cargo test
 # for the whole workspace (last, so that its summary closes the output).
 #
@@ -24,6 +25,17 @@ command -v python3 >/dev/null || {
 }
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+# Real clients the integration tests drive the broker with.
+if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null; then
+    echo "mosquitto-clients missing: installing it with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq mosquitto-clients
+fi
+if ! python3 -c "import paho.mqtt, sys; sys.exit(0 if int(paho.mqtt.__version__.split('.')[0]) >= 2 else 1)" 2>/dev/null; then
+    echo "paho-mqtt 2 missing: installing it from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt>=2,<3" \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "paho-mqtt>=2,<3"
+fi
 if [ "$fuzz_seconds" != 0 ] && ! cargo fuzz --version >/dev/null 2>&1; then
     echo "cargo-fuzz missing: installing it from crates.io"
     cargo install cargo-fuzz --locked
@@ -33,7 +45,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 step "malformed corpus matches tools/gen_malformed_corpus.py"
 scratch="$(mktemp -d)"

@@ -222,7 +222,11 @@ pub struct Shard {
     timers: BinaryHeap<Reverse<(u64, Timer)>>,
     outputs: Vec<Output>,
     dirty: Vec<ConnectionId>,
-    round_robin: u64,
+    /// Turn counters for shared subscriptions: which member shard (on the publishing shard)
+    /// and which member session (on the member shard). Kept apart so that one never steps the
+    /// other.
+    shared_shard_turn: u64,
+    shared_member_turn: u64,
     assigned_ids: u64,
     /// Scratch space for one delivery, kept to avoid an allocation per message.
     matched: Vec<Subscriber>,
@@ -251,7 +255,8 @@ impl Shard {
             timers: BinaryHeap::new(),
             outputs: Vec::new(),
             dirty: Vec::new(),
-            round_robin: 0,
+            shared_shard_turn: 0,
+            shared_member_turn: 0,
             assigned_ids: 0,
             matched: Vec::new(),
         }
@@ -1458,7 +1463,7 @@ impl Shard {
         });
         // One member shard per shared group and filter, taken in turn.
         let mut groups: Vec<Vec<(ByteString, ByteString)>> = vec![Vec::new(); shard_count];
-        let round_robin = &mut self.round_robin;
+        let turn = &mut self.shared_shard_turn;
         self.shared_routes.for_each_match(&message.topic, |routes| {
             let mut seen: Vec<&ByteString> = Vec::new();
             for route in routes {
@@ -1468,8 +1473,8 @@ impl Shard {
                 seen.push(&route.group);
                 let members: Vec<&SharedRoute> =
                     routes.iter().filter(|r| r.group == route.group).collect();
-                *round_robin += 1;
-                let chosen = members[(*round_robin % members.len() as u64) as usize];
+                *turn += 1;
+                let chosen = members[(*turn % members.len() as u64) as usize];
                 groups[usize::from(chosen.shard)]
                     .push((chosen.group.clone(), chosen.filter.clone()));
             }
@@ -1542,8 +1547,9 @@ impl Shard {
                 members
             };
             if !members.is_empty() {
-                self.round_robin += 1;
-                shared_targets.push(members[(self.round_robin % members.len() as u64) as usize]);
+                self.shared_member_turn += 1;
+                shared_targets
+                    .push(members[(self.shared_member_turn % members.len() as u64) as usize]);
             }
         }
         // No Local: not back to the publisher's own session.

@@ -1,0 +1,93 @@
+//! The command line and configuration: bad input is a clear error that names the key, before
+//! anything listens; SIGTERM stops a serving broker cleanly.
+
+mod support;
+
+use std::process::Command;
+
+use support::Broker;
+
+fn shardmq(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn unknown_configuration_key_is_named() {
+    let path = std::env::temp_dir().join(format!("shardmq-bad-{}.toml", std::process::id()));
+    std::fs::write(&path, "[limits]\npacket_size_maximum = 10\n").unwrap();
+    let output = shardmq(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:1",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("limits.packet_size_maximum"), "{stderr}");
+}
+
+#[test]
+fn out_of_range_value_is_named() {
+    let path = std::env::temp_dir().join(format!("shardmq-range-{}.toml", std::process::id()));
+    std::fs::write(&path, "[reactor]\nbuffer_count = 1000\n").unwrap();
+    let output = shardmq(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("reactor.buffer_count"));
+}
+
+#[test]
+fn bad_flag_and_bad_address_are_refused() {
+    let output = shardmq(&["serve", "--no-such-flag"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--no-such-flag"));
+    let output = shardmq(&["serve", "--listen", "localhost"]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn address_in_use_fails_at_start_up() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = shardmq(&[
+        "serve",
+        "--shards",
+        "1",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("127.0.0.1:{port}")));
+}
+
+#[test]
+fn default_config_prints_the_embedded_defaults() {
+    let output = shardmq(&["default-config"]);
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("listen = [\"0.0.0.0:1883\"]"));
+}
+
+#[test]
+fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
+    use std::io::{Read, Write};
+    let mut broker = Broker::start(2);
+    let mut client = support::raw(broker.port);
+    client
+        .write_all(&[
+            0x10, 0x0f, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00,
+            0x02, b's', b'd',
+        ])
+        .unwrap();
+    let mut connack = [0u8; 64];
+    let read = client.read(&mut connack).unwrap();
+    assert_eq!(connack[0], 0x20, "{:02x?}", &connack[..read]);
+    let status = broker.stop().expect("the broker stops within 10 s");
+    assert!(status.success(), "exit status {status:?}");
+    let (bytes, closed) =
+        support::read_until_closed(&mut client, std::time::Duration::from_secs(2));
+    assert_eq!(bytes, [0xE0, 0x01, 0x8B], "DISCONNECT Server shutting down");
+    assert!(closed);
+}

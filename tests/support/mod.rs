@@ -1,0 +1,329 @@
+//! Shared by the integration tests: a real `shardmq` process on a loopback port, and real
+//! clients (rumqttc here; mosquitto and paho from their own tests) to drive it.
+#![allow(dead_code)] // each test binary uses a part of this module
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A broker process, stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct Broker {
+    pub port: u16,
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+/// A free loopback port: bind port 0, read the port, release it.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Broker {
+    /// Starts `shardmq serve` with `shards` shards and extra TOML configuration.
+    pub fn start_with(shards: u16, config: &str) -> Self {
+        let port = free_port();
+        let directory =
+            std::env::temp_dir().join(format!("shardmq-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let config_path = directory.join("config.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "[server]\npin_cores = false\nshutdown_grace_seconds = 2\nlog = \"info\"\n{config}"
+            ),
+        )
+        .unwrap();
+        let log = directory.join("broker.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--shards",
+                &shards.to_string(),
+                "--config",
+            ])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting shardmq");
+        let broker = Self { port, child, log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(broker.address()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "shardmq did not start listening:\n{}",
+                broker.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        broker
+    }
+
+    pub fn start(shards: u16) -> Self {
+        Self::start_with(shards, "")
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running (it must survive anything a client sends).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Stops the broker with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        None
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.stop();
+        }
+    }
+}
+
+/// A rumqttc 3.1.1 client whose event loop runs on its own thread; incoming events arrive on
+/// `events`. The loop ends at the first connection error (no automatic reconnect).
+pub struct V4 {
+    pub client: rumqttc::Client,
+    pub events: mpsc::Receiver<rumqttc::Event>,
+    pub ended: mpsc::Receiver<String>,
+}
+
+pub fn v4(port: u16, id: &str, configure: impl FnOnce(&mut rumqttc::MqttOptions)) -> V4 {
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    configure(&mut options);
+    let (client, mut connection) = rumqttc::Client::new(options, 1000);
+    let (sender, events) = mpsc::channel();
+    let (end_sender, ended) = mpsc::channel();
+    std::thread::spawn(move || {
+        for notification in connection.iter() {
+            match notification {
+                Ok(event) => {
+                    if sender.send(event).is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let _ = end_sender.send(error.to_string());
+                    return;
+                }
+            }
+        }
+    });
+    let client = V4 {
+        client,
+        events,
+        ended,
+    };
+    client
+        .wait_for(Duration::from_secs(5), |event| {
+            matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))
+        })
+        .expect("CONNACK");
+    client
+}
+
+impl V4 {
+    /// The first event within `timeout` for which `pick` holds.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pick: impl FnMut(&rumqttc::Event) -> bool,
+    ) -> Option<rumqttc::Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.events.recv_timeout(left) {
+                Ok(event) if pick(&event) => return Some(event),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The PUBLISH packets received within `timeout`, stopping early at `count`.
+    pub fn publishes(&self, count: usize, timeout: Duration) -> Vec<rumqttc::Publish> {
+        let mut found = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while found.len() < count {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.events.recv_timeout(left) {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish))) => {
+                    found.push(publish)
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        found
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub fn subscribe(&self, filter: &str, qos: rumqttc::QoS) {
+        self.client.subscribe(filter, qos).unwrap();
+        self.wait_for(Duration::from_secs(5), |event| {
+            matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))
+        })
+        .expect("SUBACK");
+    }
+}
+
+/// A rumqttc 5.0 client, as [`V4`].
+pub struct V5 {
+    pub client: rumqttc::v5::Client,
+    pub events: mpsc::Receiver<rumqttc::v5::Event>,
+}
+
+pub fn v5(port: u16, id: &str, configure: impl FnOnce(&mut rumqttc::v5::MqttOptions)) -> V5 {
+    let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    configure(&mut options);
+    let (client, mut connection) = rumqttc::v5::Client::new(options, 1000);
+    let (sender, events) = mpsc::channel();
+    std::thread::spawn(move || {
+        for notification in connection.iter() {
+            match notification {
+                Ok(event) => {
+                    if sender.send(event).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let client = V5 { client, events };
+    client
+        .wait_for(Duration::from_secs(5), |event| {
+            matches!(
+                event,
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_))
+            )
+        })
+        .expect("CONNACK");
+    client
+}
+
+impl V5 {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pick: impl FnMut(&rumqttc::v5::Event) -> bool,
+    ) -> Option<rumqttc::v5::Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.events.recv_timeout(left) {
+                Ok(event) if pick(&event) => return Some(event),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn publishes(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<rumqttc::v5::mqttbytes::v5::Publish> {
+        let mut found = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while found.len() < count {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.events.recv_timeout(left) {
+                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(
+                    publish,
+                ))) => found.push(publish),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        found
+    }
+
+    pub fn subscribe(&self, filter: &str, qos: rumqttc::v5::mqttbytes::QoS) {
+        self.client.subscribe(filter, qos).unwrap();
+        self.wait_for(Duration::from_secs(5), |event| {
+            matches!(
+                event,
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::SubAck(_))
+            )
+        })
+        .expect("SUBACK");
+    }
+}
+
+/// A raw TCP client for byte-level tests.
+pub fn raw(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Reads until the peer closes the connection or `timeout` passes; returns the bytes and
+/// whether the connection was closed.
+pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
+    let deadline = Instant::now() + timeout;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let left = match deadline.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => left,
+            _ => return (received, false),
+        };
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buffer) {
+            Ok(0) => return (received, true),
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (received, true);
+            }
+            Err(_) => return (received, false),
+        }
+    }
+}
+
+pub fn write_all(stream: &mut TcpStream, bytes: &[u8]) {
+    // The broker may close first; a failed write is then expected.
+    let _ = stream.write_all(bytes);
+}
