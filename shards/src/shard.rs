@@ -423,23 +423,62 @@ impl Shard {
                     .unwrap_or(ReasonCode::UNSPECIFIED_ERROR);
                 self.send_connack_refusal(connection_id, ProtocolVersion::V3_1_1, reason)
             }
-            ErrorResponse::Disconnect(reason) => {
-                self.send(connection_id, &Packet::Disconnect(Disconnect::new(reason)))
-            }
+            ErrorResponse::Disconnect(reason) => self.send_disconnect(
+                connection_id,
+                reason,
+                Some(&format!("[{}] {}", error.rule, error.message)),
+            ),
             ErrorResponse::Close => {}
         }
         self.drop_connection(connection_id, true);
     }
 
-    /// Ends a connection with a reason: DISCONNECT for 5.0 clients, a plain close for 3.x.
-    fn disconnect(&mut self, connection_id: ConnectionId, reason: ReasonCode, publish_will: bool) {
+    /// Ends a connection with a reason: DISCONNECT for 5.0 clients (with `why` as its reason
+    /// string), a plain close for 3.x; `why` also goes to the log.
+    fn disconnect(
+        &mut self,
+        connection_id: ConnectionId,
+        reason: ReasonCode,
+        why: &str,
+        publish_will: bool,
+    ) {
+        if reason == SERVER_SHUTTING_DOWN {
+            debug!(connection = connection_id, %reason, why, "closing the connection");
+        } else {
+            info!(connection = connection_id, %reason, why, "closing the connection");
+        }
         if let Some(connection) = self.connections.get(&connection_id)
-            && connection.version.is_v5()
             && connection.session.is_some()
         {
-            self.send(connection_id, &Packet::Disconnect(Disconnect::new(reason)));
+            // Takeover and shutdown are routine: their reason code says enough.
+            let explain =
+                reason != SERVER_SHUTTING_DOWN && reason != ReasonCode::SESSION_TAKEN_OVER;
+            self.send_disconnect(connection_id, reason, explain.then_some(why));
         }
         self.drop_connection(connection_id, publish_will);
+    }
+
+    /// Sends a 5.0 DISCONNECT, with a reason string unless it would make the packet larger than
+    /// the client accepts [MQTT-3.1.2-25]. Nothing for 3.x, which has no server DISCONNECT.
+    fn send_disconnect(
+        &mut self,
+        connection_id: ConnectionId,
+        reason: ReasonCode,
+        why: Option<&str>,
+    ) {
+        let Some(connection) = self.connections.get(&connection_id) else {
+            return;
+        };
+        if !connection.version.is_v5() {
+            return;
+        }
+        let mut disconnect = Disconnect::new(reason);
+        disconnect.properties.reason_string = why.map(|why| ByteString::from(why.to_owned()));
+        let mut packet = Packet::Disconnect(disconnect);
+        if packet.encoded_len(ProtocolVersion::V5) > connection.client_packet_size_max as usize {
+            packet = Packet::Disconnect(Disconnect::new(reason));
+        }
+        self.send(connection_id, &packet);
     }
 
     /// Queues the close and detaches the session (publishing its will if `publish_will`).
@@ -839,6 +878,11 @@ impl Shard {
             properties.retain_available = (!limits.retain_available).then_some(false);
             properties.server_keep_alive = server_keep_alive;
             properties.assigned_client_identifier = assigned.then(|| client_id.clone());
+            // A basis for response topics, private to the client (MQTT 5.0 §4.10).
+            if connect.properties.request_response_information == Some(true) {
+                properties.response_information =
+                    Some(ByteString::from(format!("reply/{client_id}")));
+            }
             let asked = connect.properties.session_expiry_interval.unwrap_or(0);
             properties.session_expiry_interval =
                 (asked != expiry_seconds).then_some(expiry_seconds);
@@ -950,20 +994,22 @@ impl Shard {
                 self.client_disconnect(connection_id, index, disconnect)
             }
             Packet::Connect(_) => {
-                info!(
-                    connection = connection_id,
-                    "closing the connection: a second CONNECT [MQTT-3.1.0-2]"
+                self.disconnect(
+                    connection_id,
+                    ReasonCode::PROTOCOL_ERROR,
+                    "a second CONNECT [MQTT-3.1.0-2]",
+                    true,
                 );
-                self.disconnect(connection_id, ReasonCode::PROTOCOL_ERROR, true);
             }
             Packet::Auth(_) => {
                 // Only a client that chose an authentication method in CONNECT may send AUTH,
                 // and no method is supported.
-                info!(
-                    connection = connection_id,
-                    "closing the connection: AUTH without an authentication method"
+                self.disconnect(
+                    connection_id,
+                    ReasonCode::PROTOCOL_ERROR,
+                    "AUTH without an authentication method",
+                    true,
                 );
-                self.disconnect(connection_id, ReasonCode::PROTOCOL_ERROR, true);
             }
             // The decoder refuses server-only packets from clients.
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
@@ -987,22 +1033,24 @@ impl Shard {
         // Topic alias (5.0): set the mapping, or use it when the topic is empty.
         if let Some(alias) = publish.properties.topic_alias.take() {
             let Some(slot) = connection.topic_aliases.get_mut(usize::from(alias) - 1) else {
-                info!(
-                    connection = connection_id,
-                    alias, "closing the connection: topic alias above the maximum"
+                self.disconnect(
+                    connection_id,
+                    ReasonCode::TOPIC_ALIAS_INVALID,
+                    &format!("topic alias above the maximum ({alias})"),
+                    true,
                 );
-                self.disconnect(connection_id, ReasonCode::TOPIC_ALIAS_INVALID, true);
                 return;
             };
             if publish.topic.is_empty() {
                 match slot {
                     Some(topic) => publish.topic = topic.clone(),
                     None => {
-                        info!(
-                            connection = connection_id,
-                            alias, "closing the connection: unknown topic alias"
+                        self.disconnect(
+                            connection_id,
+                            ReasonCode::PROTOCOL_ERROR,
+                            &format!("unknown topic alias ({alias})"),
+                            true,
                         );
-                        self.disconnect(connection_id, ReasonCode::PROTOCOL_ERROR, true);
                         return;
                     }
                 }
@@ -1028,8 +1076,12 @@ impl Shard {
             None
         };
         if let Some(reason) = refusal {
-            info!(connection = connection_id, %reason, topic = %publish.topic, "closing the connection: PUBLISH refused");
-            self.disconnect(connection_id, reason, true);
+            self.disconnect(
+                connection_id,
+                reason,
+                &format!("PUBLISH to {} refused", publish.topic),
+                true,
+            );
             return;
         }
         // QoS 2 is delivered once, on first receipt; a resent PUBLISH with the same packet
@@ -1158,11 +1210,12 @@ impl Shard {
         if let Some(expiry) = disconnect.properties.session_expiry_interval {
             // A session that was to end with the connection cannot be extended now [MQTT-3.14.2-2].
             if session.expiry_seconds == 0 && expiry != 0 {
-                info!(
-                    connection = connection_id,
-                    "closing the connection: DISCONNECT sets a session expiry after CONNECT set none"
+                self.disconnect(
+                    connection_id,
+                    ReasonCode::PROTOCOL_ERROR,
+                    "DISCONNECT sets a session expiry after CONNECT set none",
+                    true,
                 );
-                self.disconnect(connection_id, ReasonCode::PROTOCOL_ERROR, true);
                 return;
             }
             session.expiry_seconds = expiry.min(expiry_max);
@@ -1704,11 +1757,12 @@ impl Shard {
                     }
                     let deadline = connection.last_received_ms + connection.keep_alive_ms * 3 / 2;
                     if deadline <= self.now_ms {
-                        info!(
-                            connection = connection_id,
-                            "closing the connection: keep alive timeout"
+                        self.disconnect(
+                            connection_id,
+                            ReasonCode::KEEP_ALIVE_TIMEOUT,
+                            "keep alive timeout",
+                            true,
                         );
-                        self.disconnect(connection_id, ReasonCode::KEEP_ALIVE_TIMEOUT, true);
                     } else {
                         self.timers.push(Reverse((deadline, timer)));
                     }
@@ -1740,7 +1794,12 @@ impl Shard {
     fn shutdown(&mut self) {
         let connections: Vec<ConnectionId> = self.connections.keys().copied().collect();
         for connection_id in connections {
-            self.disconnect(connection_id, SERVER_SHUTTING_DOWN, false);
+            self.disconnect(
+                connection_id,
+                SERVER_SHUTTING_DOWN,
+                "server shutting down",
+                false,
+            );
         }
     }
 }

@@ -552,3 +552,225 @@ fn empty_client_id_is_assigned_on_v5_and_refused_for_a_persistent_v311_session()
     assert_eq!(connack.reason, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
     assert!(node.closed.contains(&2));
 }
+
+fn v5_persistent(client_id: &'static str, expiry: u32) -> Connect {
+    Connect {
+        properties: ConnectProperties {
+            session_expiry_interval: Some(expiry),
+            ..ConnectProperties::default()
+        },
+        ..connect(V5, client_id, false)
+    }
+}
+
+#[test]
+fn session_expiry_keeps_the_session_until_the_interval_passes() {
+    let mut node = Node::new(1, Limits::default());
+    node.connect(1, 0, v5_persistent("expiring", 2));
+    node.send(1, &subscribe(1, "e", QoS::AtLeastOnce));
+    node.lose(1);
+    node.advance(1_000);
+    assert!(
+        node.connect(2, 0, v5_persistent("expiring", 2))
+            .session_present
+    );
+    node.lose(2);
+    node.advance(2_500);
+    assert!(
+        !node
+            .connect(3, 0, v5_persistent("expiring", 2))
+            .session_present,
+        "expired after 2 s"
+    );
+    assert_eq!(node.shards[0].session_count(), 1);
+}
+
+#[test]
+fn message_expiry_drops_stale_messages_and_counts_down() {
+    let mut node = Node::new(1, Limits::default());
+    node.connect(1, 0, v5_persistent("offline", 60));
+    node.send(1, &subscribe(1, "x/+", QoS::AtLeastOnce));
+    node.lose(1);
+    node.connect(2, 0, connect(V5, "sender", true));
+    let expiring = |topic: &'static str, seconds| {
+        let Packet::Publish(mut publish) = publish(topic, QoS::AtLeastOnce, 1, b"m") else {
+            unreachable!()
+        };
+        publish.properties.message_expiry_interval = Some(seconds);
+        Packet::Publish(publish)
+    };
+    node.send(2, &expiring("x/short", 1));
+    node.send(2, &expiring("x/long", 10));
+    node.advance(3_000);
+    node.connect(3, 0, v5_persistent("offline", 60));
+    let got = node.take(3);
+    let publishes: Vec<&Publish> = got
+        .iter()
+        .filter_map(|p| {
+            if let Packet::Publish(p) = p {
+                Some(p)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(publishes.len(), 1, "the 1 s message expired: {got:?}");
+    assert_eq!(&publishes[0].topic[..], "x/long");
+    assert_eq!(
+        publishes[0].properties.message_expiry_interval,
+        Some(7),
+        "10 s less the 3 s spent queued"
+    );
+}
+
+#[test]
+fn messages_larger_than_the_clients_maximum_packet_size_are_not_sent() {
+    let mut node = Node::new(1, Limits::default());
+    node.connect(
+        1,
+        0,
+        Connect {
+            properties: ConnectProperties {
+                maximum_packet_size: Some(40),
+                ..ConnectProperties::default()
+            },
+            ..connect(V5, "small", true)
+        },
+    );
+    node.send(1, &subscribe(1, "s", QoS::AtLeastOnce));
+    node.take(1);
+    node.connect(2, 0, connect(V5, "big-sender", true));
+    node.send(2, &publish("s", QoS::AtLeastOnce, 1, &[7; 100]));
+    node.send(2, &publish("s", QoS::AtLeastOnce, 2, b"fits"));
+    assert_eq!(payloads(&node.take(1)), [(&b"fits"[..], QoS::AtLeastOnce)]);
+}
+
+#[test]
+fn authentication_method_is_refused_as_unsupported() {
+    let mut node = Node::new(1, Limits::default());
+    let connack = node.connect(
+        1,
+        0,
+        Connect {
+            properties: ConnectProperties {
+                authentication_method: Some(ByteString::from_static("SCRAM-SHA-1")),
+                ..ConnectProperties::default()
+            },
+            ..connect(V5, "authenticator", true)
+        },
+    );
+    assert_eq!(connack.reason, ReasonCode::BAD_AUTHENTICATION_METHOD);
+    assert!(node.closed.contains(&1));
+}
+
+#[test]
+fn full_queue_drops_the_oldest_message() {
+    let limits = Limits {
+        queued_messages_per_session_max: 3,
+        ..Limits::default()
+    };
+    let mut node = Node::new(1, limits);
+    node.connect(1, 0, connect(V311, "slow", false));
+    node.send(1, &subscribe(1, "q", QoS::AtLeastOnce));
+    node.lose(1);
+    node.connect(2, 0, connect(V311, "fast", true));
+    for payload in [b"1", b"2", b"3", b"4", b"5"] {
+        node.send(2, &publish("q", QoS::AtLeastOnce, 1, payload));
+    }
+    node.connect(3, 0, connect(V311, "slow", false));
+    let packets = node.take(3);
+    let got: Vec<&[u8]> = payloads(&packets)
+        .into_iter()
+        .map(|(payload, _)| payload)
+        .collect();
+    assert_eq!(got, [&b"3"[..], b"4", b"5"]);
+}
+
+#[test]
+fn subscription_limit_and_topic_levels_are_enforced_with_reason_codes() {
+    let limits = Limits {
+        subscriptions_per_session_max: 2,
+        topic_levels_max: 3,
+        ..Limits::default()
+    };
+    let mut node = Node::new(1, limits);
+    node.connect(1, 0, connect(V5, "greedy", true));
+    node.send(
+        1,
+        &Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            properties: SubscribeProperties::default(),
+            filters: ["a", "b", "c", "a/b/c/d"]
+                .iter()
+                .map(|f| {
+                    (
+                        ByteString::from_static(f),
+                        SubscriptionOptions::new(QoS::AtLeastOnce),
+                    )
+                })
+                .collect(),
+        }),
+    );
+    let Some(Packet::SubAck(ack)) = node.take(1).into_iter().next() else {
+        panic!("SUBACK")
+    };
+    assert_eq!(
+        ack.reasons,
+        [
+            ReasonCode::GRANTED_QOS_1,
+            ReasonCode::GRANTED_QOS_1,
+            ReasonCode::QUOTA_EXCEEDED,
+            ReasonCode::TOPIC_FILTER_INVALID
+        ]
+    );
+    node.send(1, &publish("a/b/c/d", QoS::AtMostOnce, 0, b"deep"));
+    let got = node.take(1);
+    let [Packet::Disconnect(disconnect)] = got.as_slice() else {
+        panic!("{got:?}")
+    };
+    assert_eq!(disconnect.reason, ReasonCode::TOPIC_NAME_INVALID);
+    assert!(
+        disconnect
+            .properties
+            .reason_string
+            .as_deref()
+            .is_some_and(|why| why.contains("a/b/c/d"))
+    );
+}
+
+#[test]
+fn protocol_errors_name_the_rule_and_response_information_is_given_on_request() {
+    let mut node = Node::new(1, Limits::default());
+    let connack = node.connect(
+        1,
+        0,
+        Connect {
+            properties: ConnectProperties {
+                request_response_information: Some(true),
+                ..ConnectProperties::default()
+            },
+            ..connect(V5, "asker", true)
+        },
+    );
+    assert_eq!(
+        connack.properties.response_information.as_deref(),
+        Some("reply/asker")
+    );
+    // PUBLISH QoS 1 with packet identifier 0.
+    node.run(
+        0,
+        Input::Received {
+            connection: 1,
+            bytes: Bytes::from_static(b"\x32\x06\x00\x01t\x00\x00\x00"),
+        },
+    );
+    let got = node.take(1);
+    let [Packet::Disconnect(disconnect)] = got.as_slice() else {
+        panic!("{got:?}")
+    };
+    assert_eq!(disconnect.reason, ReasonCode::PROTOCOL_ERROR);
+    assert_eq!(
+        disconnect.properties.reason_string.as_deref(),
+        Some("[MQTT-2.2.1-3] Packet Identifier of 0")
+    );
+}
