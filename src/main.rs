@@ -61,6 +61,8 @@ impl Handler for ShardHandler {
             Event::Message(message) => Input::Shard(message),
             Event::Tick => Input::Tick,
             Event::Shutdown => Input::Shutdown,
+            // The broker opens no outbound connections.
+            Event::Connected(..) | Event::ConnectFailed(..) => return,
         };
         self.shard.handle(now_ms, input);
     }
@@ -81,8 +83,8 @@ impl Handler for ShardHandler {
         }
     }
 
-    fn next_deadline_ms(&self) -> Option<u64> {
-        self.shard.next_deadline_ms()
+    fn next_deadline_us(&self) -> Option<u64> {
+        self.shard.next_deadline_ms().map(|ms| ms * 1000)
     }
 }
 
@@ -133,7 +135,7 @@ fn serve(config: Config) -> Result<(), String> {
                 move || match Reactor::new(reactor_config, mailboxes, handler) {
                     Ok(reactor) => {
                         let _ = ready_sender.send((index, Ok(())));
-                        reactor.run()
+                        reactor.run().map(drop)
                     }
                     Err(e) => {
                         let _ = ready_sender.send((index, Err(e.to_string())));

@@ -1,8 +1,10 @@
-//! shardmq-bench: benchmarks of shardmq's parts (`benches/`), and later the load generator.
+//! shardmq-bench: the load generator (`src/main.rs`, on shardmq's io_uring reactor) and the
+//! microbenchmarks (`benches/`).
 //!
-//! Owns: sample packets shared by the microbenchmarks, so that every benchmark measures the
-//! same inputs.
-//! Never: depends on the broker binary (`src/`); it measures through `shardmq-net` and, later,
-//! over sockets.
+//! Owns: the generator's per-reactor client state machines and statistics (`generator`), and
+//! sample packets shared by the microbenchmarks (`samples`).
+//! Never: depends on the broker binary (`src/`); it measures through `shardmq-net` and over
+//! sockets.
 
+pub mod generator;
 pub mod samples;

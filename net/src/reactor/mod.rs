@@ -46,6 +46,10 @@ fn slot_of(id: ConnectionId) -> u32 {
 #[derive(Debug)]
 pub enum Event<M> {
     Opened(ConnectionId),
+    /// An outbound connection asked for with [`Actions::connect`] is established.
+    Connected(ConnectionId, u64),
+    /// An outbound connection failed; the tag says which.
+    ConnectFailed(u64, io::Error),
     Received(ConnectionId, Bytes),
     Closed(ConnectionId),
     Message(M),
@@ -62,6 +66,7 @@ pub struct Actions<M> {
     closes: Vec<ConnectionId>,
     hand_offs: Vec<(ConnectionId, u16, Bytes)>,
     posts: Vec<(u16, M)>,
+    connects: Vec<(SocketAddr, Option<std::net::IpAddr>, u64)>,
 }
 
 impl<M> Actions<M> {
@@ -71,6 +76,7 @@ impl<M> Actions<M> {
             closes: Vec::new(),
             hand_offs: Vec::new(),
             posts: Vec::new(),
+            connects: Vec::new(),
         }
     }
 
@@ -92,6 +98,14 @@ impl<M> Actions<M> {
     pub fn post(&mut self, target: u16, message: M) {
         self.posts.push((target, message));
     }
+
+    /// Opens a TCP connection to `address`, from `source` if given (bound with
+    /// IP_BIND_ADDRESS_NO_PORT, so that the port is chosen per destination and many source
+    /// addresses multiply the connections one host can open). The handler then sees
+    /// `Connected(id, tag)` or `ConnectFailed(tag, error)`.
+    pub fn connect(&mut self, address: SocketAddr, source: Option<std::net::IpAddr>, tag: u64) {
+        self.connects.push((address, source, tag));
+    }
 }
 
 /// The code a reactor drives.
@@ -100,8 +114,8 @@ pub trait Handler {
     fn event(&mut self, now_ms: u64, event: Event<Self::Message>);
     /// Moves everything the handled events produced into `actions`.
     fn flush(&mut self, actions: &mut Actions<Self::Message>);
-    /// When the handler next wants `Event::Tick`, in milliseconds since the epoch.
-    fn next_deadline_ms(&self) -> Option<u64>;
+    /// When the handler next wants `Event::Tick`, in microseconds since the epoch.
+    fn next_deadline_us(&self) -> Option<u64>;
 }
 
 enum Envelope<M> {
@@ -155,6 +169,17 @@ impl<M> Mailboxes<M> {
                 8,
             )
         };
+    }
+
+    /// Sends `message` to reactor `target` from outside any reactor (a control thread). Waits
+    /// while the target's queue is full.
+    pub fn post(&self, target: u16, message: M) {
+        let mut envelope = Envelope::Message(message);
+        while let Err(back) = self.queues[usize::from(target)].push(envelope) {
+            envelope = back;
+            std::thread::yield_now();
+        }
+        self.wake(target);
     }
 
     /// Asks every reactor to shut down.
@@ -234,6 +259,11 @@ pub fn check_kernel() -> Result<(), String> {
 
 #[derive(Debug, PartialEq, Eq)]
 enum ConnectionState {
+    /// An outbound connect is in flight; the address must live until it completes.
+    Connecting {
+        tag: u64,
+        address: Box<socket2::SockAddr>,
+    },
     Open,
     /// Close once sends are done and the receive has ended; tell the handler `Closed` if the
     /// handler did not ask for it.
@@ -263,6 +293,7 @@ const KIND_RECV: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_WAKE: u64 = 4;
 const KIND_CANCEL: u64 = 5;
+const KIND_CONNECT: u64 = 6;
 
 fn user_data(kind: u64, slot: u32, generation: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0xFFFF) << 32) | u64::from(slot)
@@ -347,6 +378,10 @@ impl<H: Handler> Reactor<H> {
         self.config.epoch.elapsed().as_millis() as u64
     }
 
+    fn now_us(&self) -> u64 {
+        self.config.epoch.elapsed().as_micros() as u64
+    }
+
     fn push(&mut self, entry: squeue::Entry) {
         // SAFETY: every entry's buffers live in `self` (the wake buffer, the buffer ring, the
         // front of a connection's send queue) until its completion is reaped.
@@ -388,6 +423,17 @@ impl<H: Handler> Reactor<H> {
     }
 
     fn add_connection(&mut self, fd: RawFd) -> ConnectionId {
+        let slot = self.allocate_slot(fd, ConnectionState::Open);
+        self.arm_recv(slot);
+        let generation = self.connections[slot as usize]
+            .as_ref()
+            .expect("live")
+            .generation;
+        connection_id(self.config.index, slot, generation)
+    }
+
+    fn allocate_slot(&mut self, fd: RawFd, state: ConnectionState) -> u32 {
+        // SAFETY: `fd` is an open socket owned by the reactor for the duration of this call.
         let _ = socket2::SockRef::from(&unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
             .set_tcp_nodelay(true);
         let slot = match self.free_slots.pop() {
@@ -406,10 +452,86 @@ impl<H: Handler> Reactor<H> {
             send_queue: VecDeque::new(),
             send_offset: 0,
             sending: false,
-            state: ConnectionState::Open,
+            state,
         });
+        slot
+    }
+
+    fn start_connect(
+        &mut self,
+        address: SocketAddr,
+        source: Option<std::net::IpAddr>,
+        tag: u64,
+    ) -> io::Result<()> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        if let Some(source) = source {
+            if source.is_ipv4() {
+                let one: libc::c_int = 1;
+                // SAFETY: setsockopt with a valid int option value on our socket.
+                let result = unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        libc::IPPROTO_IP,
+                        libc::IP_BIND_ADDRESS_NO_PORT,
+                        (&one as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if result != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            socket.bind(&SocketAddr::new(source, 0).into())?;
+        }
+        let fd = socket.into_raw_fd();
+        let address = Box::new(socket2::SockAddr::from(address));
+        let (pointer, length) = (address.as_ptr(), address.len());
+        let slot = self.allocate_slot(fd, ConnectionState::Connecting { tag, address });
+        let generation = self.connections[slot as usize]
+            .as_ref()
+            .expect("live")
+            .generation;
+        // The connection's `sending` flag stands for the connect in flight.
+        self.connections[slot as usize]
+            .as_mut()
+            .expect("live")
+            .sending = true;
+        self.push(
+            opcode::Connect::new(types::Fd(fd), pointer.cast(), length)
+                .build()
+                .user_data(user_data(KIND_CONNECT, slot, generation)),
+        );
+        Ok(())
+    }
+
+    fn complete_connect(&mut self, now_ms: u64, slot: u32, generation: u32, result: i32) {
+        if !self.live(slot, generation) {
+            return;
+        }
+        let connection = self.connections[slot as usize].as_mut().expect("live");
+        connection.sending = false;
+        let ConnectionState::Connecting { tag, .. } = connection.state else {
+            return;
+        };
+        if result < 0 {
+            connection.state = ConnectionState::Closing {
+                tell_handler: false,
+            };
+            self.finish(now_ms, slot);
+            self.handler.event(
+                now_ms,
+                Event::ConnectFailed(tag, io::Error::from_raw_os_error(-result)),
+            );
+            return;
+        }
+        connection.state = ConnectionState::Open;
+        let id = connection_id(self.config.index, slot, connection.generation);
         self.arm_recv(slot);
-        connection_id(self.config.index, slot, generation)
+        self.handler.event(now_ms, Event::Connected(id, tag));
     }
 
     fn live(&self, slot: u32, generation: u32) -> bool {
@@ -431,8 +553,8 @@ impl<H: Handler> Reactor<H> {
         ))
     }
 
-    /// Runs until the mailboxes say stop and the connections are flushed.
-    pub fn run(mut self) -> io::Result<()> {
+    /// Runs until the mailboxes say stop and the connections are flushed; returns the handler.
+    pub fn run(mut self) -> io::Result<H> {
         if let Some(core) = self.config.core
             && !core_affinity::set_for_current(core_affinity::CoreId { id: core })
         {
@@ -481,8 +603,8 @@ impl<H: Handler> Reactor<H> {
             }
             if self
                 .handler
-                .next_deadline_ms()
-                .is_some_and(|deadline| deadline <= now_ms)
+                .next_deadline_us()
+                .is_some_and(|deadline| deadline <= self.now_us())
             {
                 self.handler.event(now_ms, Event::Tick);
             }
@@ -497,7 +619,7 @@ impl<H: Handler> Reactor<H> {
                             open, "shutdown grace period over: cutting the remaining connections"
                         );
                     }
-                    return Ok(());
+                    return Ok(self.handler);
                 }
             }
             let timeout = self.wait_timeout(stopping_since.is_some());
@@ -519,11 +641,11 @@ impl<H: Handler> Reactor<H> {
         if !self.overflow.is_empty() || stopping {
             return Duration::from_millis(1);
         }
-        let now_ms = self.now_ms();
+        let now_us = self.now_us();
         let mut timeout = Duration::from_secs(1);
-        if let Some(deadline) = self.handler.next_deadline_ms() {
-            timeout = timeout.min(Duration::from_millis(
-                deadline.saturating_sub(now_ms).max(1),
+        if let Some(deadline) = self.handler.next_deadline_us() {
+            timeout = timeout.min(Duration::from_micros(
+                deadline.saturating_sub(now_us).max(1),
             ));
         }
         if let Some(until) = self.accept_paused_until {
@@ -571,6 +693,10 @@ impl<H: Handler> Reactor<H> {
             }
             KIND_WAKE => {
                 self.arm_wake();
+                false
+            }
+            KIND_CONNECT => {
+                self.complete_connect(now_ms, slot, generation, result);
                 false
             }
             _ => false,
@@ -737,7 +863,9 @@ impl<H: Handler> Reactor<H> {
                     self.handler.event(now_ms, Event::Closed(id));
                 }
             }
-            ConnectionState::Open => unreachable!("finish is called on closing connections only"),
+            ConnectionState::Open | ConnectionState::Connecting { .. } => {
+                unreachable!("finish is called on closing connections only")
+            }
         }
     }
 
@@ -832,6 +960,11 @@ impl<H: Handler> Reactor<H> {
                     );
                 }
                 self.finish(now_ms, slot);
+            }
+        }
+        for (address, source, tag) in actions.connects.drain(..) {
+            if let Err(error) = self.start_connect(address, source, tag) {
+                self.handler.event(now_ms, Event::ConnectFailed(tag, error));
             }
         }
         let mut targets = Vec::new();
