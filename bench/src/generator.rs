@@ -157,7 +157,11 @@ pub struct Results {
     pub sent: HashMap<u32, u64>,
     /// Streams by (subscriber index, publisher index).
     pub streams: HashMap<(u32, u32), Stream>,
+    /// Messages whose intended send time falls in the measured window.
     pub received_in_window: u64,
+    /// Messages that arrived during the measured window, whenever they were sent: the
+    /// delivered rate, which an overloaded broker cannot inflate.
+    pub arrived_in_window: u64,
 }
 
 pub struct Generator {
@@ -242,6 +246,7 @@ impl Generator {
                 sent: HashMap::new(),
                 streams: HashMap::new(),
                 received_in_window: 0,
+                arrived_in_window: 0,
             },
             shared,
             outbox: Vec::new(),
@@ -436,6 +441,9 @@ impl Generator {
             .or_default()
             .record(sequence);
         self.local_counts.1 += 1;
+        if now_ns >= self.measure_from_ns && now_ns < self.measure_until_ns {
+            self.results.arrived_in_window += 1;
+        }
         if intended >= self.measure_from_ns && intended < self.measure_until_ns {
             let latency = (now_ns.saturating_sub(intended) / 1000).clamp(1, LATENCY_MAX_US);
             let _ = self.results.end_to_end.record(latency);

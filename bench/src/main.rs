@@ -124,6 +124,9 @@ struct Summary {
     lost: u64,
     duplicated: u64,
     reordered: u64,
+    /// Deliveries per second the schedule asked for (publish rate times fan-out).
+    offered_per_second: f64,
+    /// Deliveries that arrived per second during the measured window.
     messages_per_second: f64,
     latency_us: Percentiles,
     acknowledgement_us: Option<Percentiles>,
@@ -221,6 +224,7 @@ fn merge(into: &mut Results, from: Results) {
         entry.reordered += stream.reordered;
     }
     into.received_in_window += from.received_in_window;
+    into.arrived_in_window += from.arrived_in_window;
 }
 
 /// The percentile distribution in HdrHistogram's text format (.hgrm), values in microseconds.
@@ -435,7 +439,13 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         lost,
         duplicated,
         reordered,
-        messages_per_second: results.received_in_window as f64 / options.duration as f64,
+        offered_per_second: f64::from(publishers) * options.rate * f64::from(subscribers.max(1))
+            / if scenario == Scenario::Pairs {
+                f64::from(subscribers.max(1))
+            } else {
+                1.0
+            },
+        messages_per_second: results.arrived_in_window as f64 / options.duration as f64,
         latency_us: percentiles(&results.end_to_end),
         acknowledgement_us: (options.qos > 0).then(|| percentiles(&results.acknowledgement)),
         connect_us: percentiles(&results.connect),
