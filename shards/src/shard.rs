@@ -185,7 +185,8 @@ struct Session {
     send_window: u16,
     /// QoS 2 packet identifiers received and forwarded, awaiting PUBREL.
     awaiting_release: HashSet<u16>,
-    will: Option<StoredWill>,
+    /// Boxed: most sessions have no will, and a message inline would double every session.
+    will: Option<Box<StoredWill>>,
     dropped_messages: u64,
 }
 
@@ -300,9 +301,12 @@ impl Shard {
             if let Some(connection) = self.connections.get_mut(&connection_id)
                 && !connection.outgoing.is_empty()
             {
+                // Take the whole buffer, not a split of it: a split would leave the connection
+                // holding the rest of the allocation while it idles.
+                let bytes = std::mem::take(&mut connection.outgoing).freeze();
                 outputs.push(Output::Send {
                     connection: connection_id,
-                    bytes: connection.outgoing.split().freeze(),
+                    bytes,
                 });
             }
         }
@@ -797,26 +801,28 @@ impl Shard {
         };
 
         let client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
-        let will = connect.will.map(|will| StoredWill {
-            delay_seconds: will.properties.will_delay_interval.unwrap_or(0),
-            message: Message {
-                topic: will.topic,
-                payload: will.payload,
-                qos: will.qos,
-                retain: will.retain,
-                expires_at_ms: None,
-                publisher: Some(client_id.clone()),
-                properties: PublishProperties {
-                    payload_format_indicator: will.properties.payload_format_indicator,
-                    // Counted from the moment the will is published; set then.
-                    message_expiry_interval: will.properties.message_expiry_interval,
-                    content_type: will.properties.content_type,
-                    response_topic: will.properties.response_topic,
-                    correlation_data: will.properties.correlation_data,
-                    user_properties: will.properties.user_properties,
-                    ..PublishProperties::default()
+        let will = connect.will.map(|will| {
+            Box::new(StoredWill {
+                delay_seconds: will.properties.will_delay_interval.unwrap_or(0),
+                message: Message {
+                    topic: will.topic,
+                    payload: will.payload,
+                    qos: will.qos,
+                    retain: will.retain,
+                    expires_at_ms: None,
+                    publisher: Some(client_id.clone()),
+                    properties: PublishProperties {
+                        payload_format_indicator: will.properties.payload_format_indicator,
+                        // Counted from the moment the will is published; set then.
+                        message_expiry_interval: will.properties.message_expiry_interval,
+                        content_type: will.properties.content_type,
+                        response_topic: will.properties.response_topic,
+                        correlation_data: will.properties.correlation_data,
+                        user_properties: will.properties.user_properties,
+                        ..PublishProperties::default()
+                    },
                 },
-            },
+            })
         });
         let session = self.session_mut(index);
         session.connection = Some(connection_id);
