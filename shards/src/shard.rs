@@ -231,6 +231,8 @@ pub struct Shard {
     assigned_ids: u64,
     /// Scratch space for one delivery, kept to avoid an allocation per message.
     matched: Vec<Subscriber>,
+    /// Scratch space for routing one message: which shards have plain subscribers.
+    plain_targets: Vec<bool>,
 }
 
 const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
@@ -260,6 +262,7 @@ impl Shard {
             shared_member_turn: 0,
             assigned_ids: 0,
             matched: Vec::new(),
+            plain_targets: Vec::new(),
         }
     }
 
@@ -369,7 +372,9 @@ impl Shard {
             connection.pending.extend_from_slice(&bytes);
             connection.pending.split().freeze()
         };
-        let connect_bytes = buffer.clone();
+        // Before CONNECT, everything received so far goes along if the session lives on another
+        // shard; after it, nothing needs keeping (and cloning costs an atomic increment).
+        let connect_bytes = connection.session.is_none().then(|| buffer.clone());
         loop {
             let Some(connection) = self.connections.get_mut(&connection_id) else {
                 return;
@@ -389,7 +394,8 @@ impl Shard {
                     if connected.is_none() {
                         // Everything received so far, CONNECT first, in case the session lives
                         // on another shard.
-                        self.first_packet(connection_id, packet, connect_bytes.clone());
+                        let received = connect_bytes.clone().unwrap_or_default();
+                        self.first_packet(connection_id, packet, received);
                         if !self.connections.contains_key(&connection_id) {
                             return;
                         }
@@ -1513,51 +1519,66 @@ impl Shard {
             }
             self.retained.store(message.clone());
         }
+        // Which shards have matching plain subscriptions: a scratch vector kept between
+        // messages, so routing allocates nothing unless shared subscriptions match.
         let shard_count = usize::from(self.config.shard_count);
-        let mut plain = vec![false; shard_count];
+        let mut plain = std::mem::take(&mut self.plain_targets);
+        plain.clear();
+        plain.resize(shard_count, false);
         self.routes.for_each_match(&message.topic, |shards| {
             for &shard in shards {
                 plain[usize::from(shard)] = true;
             }
         });
         // One member shard per shared group and filter, taken in turn.
-        let mut groups: Vec<Vec<(ByteString, ByteString)>> = vec![Vec::new(); shard_count];
-        let turn = &mut self.shared_shard_turn;
-        self.shared_routes.for_each_match(&message.topic, |routes| {
-            let mut seen: Vec<&ByteString> = Vec::new();
-            for route in routes {
-                if seen.contains(&&route.group) {
-                    continue;
+        let mut chosen_groups: Vec<(ShardIndex, ByteString, ByteString)> = Vec::new();
+        if self.shared_routes.filter_count() > 0 {
+            let turn = &mut self.shared_shard_turn;
+            self.shared_routes.for_each_match(&message.topic, |routes| {
+                for (position, route) in routes.iter().enumerate() {
+                    // Each group once per filter: at its first route.
+                    if routes[..position]
+                        .iter()
+                        .any(|earlier| earlier.group == route.group)
+                    {
+                        continue;
+                    }
+                    let members = routes.iter().filter(|r| r.group == route.group).count() as u64;
+                    *turn += 1;
+                    let chosen = routes
+                        .iter()
+                        .filter(|r| r.group == route.group)
+                        .nth((*turn % members) as usize)
+                        .expect("a member");
+                    chosen_groups.push((chosen.shard, chosen.group.clone(), chosen.filter.clone()));
                 }
-                seen.push(&route.group);
-                let members: Vec<&SharedRoute> =
-                    routes.iter().filter(|r| r.group == route.group).collect();
-                *turn += 1;
-                let chosen = members[(*turn % members.len() as u64) as usize];
-                groups[usize::from(chosen.shard)]
-                    .push((chosen.group.clone(), chosen.filter.clone()));
-            }
-        });
+            });
+        }
         let mut matched = false;
-        for (target, groups) in groups.into_iter().enumerate() {
-            if !plain[target] && groups.is_empty() {
+        for (target, &has_plain) in plain.iter().enumerate() {
+            let groups: Vec<(ByteString, ByteString)> = chosen_groups
+                .iter()
+                .filter(|(shard, _, _)| usize::from(*shard) == target)
+                .map(|(_, group, filter)| (group.clone(), filter.clone()))
+                .collect();
+            if !has_plain && groups.is_empty() {
                 continue;
             }
             matched = true;
-            let target = target as ShardIndex;
-            if target == self.config.index {
-                self.deliver_local(message.clone(), plain[usize::from(target)], &groups);
+            if target == usize::from(self.config.index) {
+                self.deliver_local(message.clone(), has_plain, &groups);
             } else {
                 self.outputs.push(Output::ToShard {
-                    shard: target,
+                    shard: target as ShardIndex,
                     message: ShardMessage::Deliver {
                         message: message.clone(),
-                        plain: plain[usize::from(target)],
+                        plain: has_plain,
                         groups,
                     },
                 });
             }
         }
+        self.plain_targets = plain;
         matched
     }
 
