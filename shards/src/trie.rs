@@ -5,69 +5,79 @@
 //! Invariants: a node exists only while some filter passes through it (removal prunes empty
 //! branches); `filter_count` is the number of filters with at least one subscriber.
 //!
-//! Layout, chosen for millions of filters: nodes live in one `Vec` (an arena indexed by `u32`,
-//! with a free list); the edges of literal levels live in one hash map keyed by (parent node,
-//! level), so a node holds no map of its own; `+` and `#` children are direct indexes on the
-//! node. Matching walks the topic's levels once, following at each node the literal edge, the
-//! `+` child and the `#` child.
+//! Layout, chosen for millions of filters (TARGETS.md: <= 200 bytes per filter):
+//! - nodes live in one `Vec` (an arena indexed by `u32`, with a free list), 20 bytes each;
+//! - the literal edges of all nodes live in one `hashbrown::HashTable` of 16-byte entries
+//!   (parent, child, and the level as offset and length into one byte arena), so neither a node
+//!   nor an edge owns an allocation; the arena is compacted when half of it is garbage;
+//! - `+` and `#` children are direct indexes on the node;
+//! - subscriber lists exist only on nodes that have subscribers, and hold a single subscriber
+//!   inline (the common case) before growing into a `Vec`.
+//!
+//! Matching walks the topic's levels once, following at each node the literal edge, the `+`
+//! child and the `#` child.
 
-use hashbrown::{Equivalent, HashMap};
+use std::hash::{BuildHasher, Hasher};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 /// The index of a node in the arena; 0 is the root, and as a child index it means "none".
 type NodeIndex = u32;
 const ROOT: NodeIndex = 0;
 const NONE: NodeIndex = 0;
 
-#[derive(Debug)]
-struct Node<T> {
+#[derive(Debug, Clone, Copy)]
+struct Node {
     parent: NodeIndex,
     plus: NodeIndex,
     hash: NodeIndex,
     /// Literal children, counted so that pruning knows when a node is empty.
     literal_children: u32,
-    subscribers: Vec<T>,
+    /// 1 + the index of this node's subscriber list, or 0 for none.
+    list: u32,
 }
 
-impl<T> Node<T> {
+impl Node {
     fn new(parent: NodeIndex) -> Self {
         Self {
             parent,
             plus: NONE,
             hash: NONE,
             literal_children: 0,
-            subscribers: Vec::new(),
+            list: 0,
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.plus == NONE
-            && self.hash == NONE
-            && self.literal_children == 0
-            && self.subscribers.is_empty()
+        self.plus == NONE && self.hash == NONE && self.literal_children == 0 && self.list == 0
     }
 }
 
-#[derive(Debug, PartialEq, Eq, Hash)]
+/// A literal edge: `child` is reached from `parent` by the level stored at
+/// `levels[start..start + length]`.
+#[derive(Debug, Clone, Copy)]
 struct Edge {
     parent: NodeIndex,
-    level: Box<str>,
+    child: NodeIndex,
+    start: u32,
+    length: u32,
 }
 
-/// An edge looked up without allocating its level.
-#[derive(Hash)]
-struct EdgeRef<'a> {
-    parent: NodeIndex,
-    level: &'a str,
+/// The subscribers of one filter: one inline, more in a `Vec`.
+#[derive(Debug)]
+enum Subscribers<T> {
+    One(T),
+    Many(Vec<T>),
 }
 
-impl Equivalent<Edge> for EdgeRef<'_> {
-    fn equivalent(&self, key: &Edge) -> bool {
-        self.parent == key.parent && self.level == &*key.level
+impl<T> Subscribers<T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            Subscribers::One(value) => std::slice::from_ref(value),
+            Subscribers::Many(values) => values,
+        }
     }
 }
-
-// `EdgeRef` must hash exactly as `Edge` does: derive(Hash) on both hashes the fields in order,
-// and `Box<str>` hashes as `str`.
 
 /// What `insert` and `remove` report about a filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +95,15 @@ pub enum Change {
 /// Topic filter -> subscribers of type `T`.
 #[derive(Debug)]
 pub struct Trie<T> {
-    nodes: Vec<Node<T>>,
-    free: Vec<NodeIndex>,
-    edges: HashMap<Edge, NodeIndex>,
+    nodes: Vec<Node>,
+    free_nodes: Vec<NodeIndex>,
+    edges: HashTable<Edge>,
+    levels: Vec<u8>,
+    /// Bytes of `levels` no edge refers to any more.
+    levels_garbage: usize,
+    hasher: DefaultHashBuilder,
+    lists: Vec<Option<Subscribers<T>>>,
+    free_lists: Vec<u32>,
     filter_count: usize,
 }
 
@@ -97,12 +113,28 @@ impl<T> Default for Trie<T> {
     }
 }
 
+fn edge_hash(hasher: &DefaultHashBuilder, parent: NodeIndex, level: &[u8]) -> u64 {
+    let mut state = hasher.build_hasher();
+    state.write_u32(parent);
+    state.write(level);
+    state.finish()
+}
+
+fn edge_level<'a>(levels: &'a [u8], edge: &Edge) -> &'a [u8] {
+    &levels[edge.start as usize..(edge.start + edge.length) as usize]
+}
+
 impl<T> Trie<T> {
     pub fn new() -> Self {
         Self {
             nodes: vec![Node::new(ROOT)],
-            free: Vec::new(),
-            edges: HashMap::new(),
+            free_nodes: Vec::new(),
+            edges: HashTable::new(),
+            levels: Vec::new(),
+            levels_garbage: 0,
+            hasher: DefaultHashBuilder::default(),
+            lists: Vec::new(),
+            free_lists: Vec::new(),
             filter_count: 0,
         }
     }
@@ -114,11 +146,11 @@ impl<T> Trie<T> {
 
     /// Nodes in use, for memory accounting.
     pub fn node_count(&self) -> usize {
-        self.nodes.len() - self.free.len()
+        self.nodes.len() - self.free_nodes.len()
     }
 
     fn allocate(&mut self, parent: NodeIndex) -> NodeIndex {
-        match self.free.pop() {
+        match self.free_nodes.pop() {
             Some(index) => {
                 self.nodes[index as usize] = Node::new(parent);
                 index
@@ -130,6 +162,66 @@ impl<T> Trie<T> {
                 index
             }
         }
+    }
+
+    fn literal_child(&self, parent: NodeIndex, level: &str) -> NodeIndex {
+        let hash = edge_hash(&self.hasher, parent, level.as_bytes());
+        self.edges
+            .find(hash, |edge| {
+                edge.parent == parent && edge_level(&self.levels, edge) == level.as_bytes()
+            })
+            .map_or(NONE, |edge| edge.child)
+    }
+
+    fn add_literal_child(&mut self, parent: NodeIndex, level: &str) -> NodeIndex {
+        let child = self.allocate(parent);
+        let start = u32::try_from(self.levels.len()).expect("trie level arena overflow");
+        self.levels.extend_from_slice(level.as_bytes());
+        let edge = Edge {
+            parent,
+            child,
+            start,
+            length: level.len() as u32,
+        };
+        let Trie {
+            edges,
+            levels,
+            hasher,
+            ..
+        } = self;
+        let hash = edge_hash(hasher, parent, level.as_bytes());
+        edges.insert_unique(hash, edge, |edge| {
+            edge_hash(hasher, edge.parent, edge_level(levels, edge))
+        });
+        self.nodes[parent as usize].literal_children += 1;
+        child
+    }
+
+    fn remove_literal_child(&mut self, parent: NodeIndex, level: &str) {
+        let hash = edge_hash(&self.hasher, parent, level.as_bytes());
+        let levels = &self.levels;
+        if let Ok(entry) = self.edges.find_entry(hash, |edge| {
+            edge.parent == parent && edge_level(levels, edge) == level.as_bytes()
+        }) {
+            let (edge, _) = entry.remove();
+            self.levels_garbage += edge.length as usize;
+            self.nodes[parent as usize].literal_children -= 1;
+        }
+        if self.levels_garbage > 4096 && self.levels_garbage * 2 > self.levels.len() {
+            self.compact_levels();
+        }
+    }
+
+    /// Rewrites the level arena with only the levels edges still use.
+    fn compact_levels(&mut self) {
+        let mut compacted = Vec::with_capacity(self.levels.len() - self.levels_garbage);
+        for edge in self.edges.iter_mut() {
+            let start = compacted.len() as u32;
+            compacted.extend_from_slice(edge_level(&self.levels, edge));
+            edge.start = start;
+        }
+        self.levels = compacted;
+        self.levels_garbage = 0;
     }
 
     /// The node of `filter`, created along with its path if missing.
@@ -151,27 +243,10 @@ impl<T> Trie<T> {
                     }
                     self.nodes[node as usize].hash
                 }
-                _ => {
-                    let key = EdgeRef {
-                        parent: node,
-                        level,
-                    };
-                    match self.edges.get(&key) {
-                        Some(&child) => child,
-                        None => {
-                            let child = self.allocate(node);
-                            self.edges.insert(
-                                Edge {
-                                    parent: node,
-                                    level: level.into(),
-                                },
-                                child,
-                            );
-                            self.nodes[node as usize].literal_children += 1;
-                            child
-                        }
-                    }
-                }
+                _ => match self.literal_child(node, level) {
+                    NONE => self.add_literal_child(node, level),
+                    child => child,
+                },
             };
         }
         node
@@ -184,14 +259,7 @@ impl<T> Trie<T> {
             node = match level {
                 "+" => self.nodes[node as usize].plus,
                 "#" => self.nodes[node as usize].hash,
-                _ => self
-                    .edges
-                    .get(&EdgeRef {
-                        parent: node,
-                        level,
-                    })
-                    .copied()
-                    .unwrap_or(NONE),
+                _ => self.literal_child(node, level),
             };
             if node == NONE {
                 return None;
@@ -200,31 +268,55 @@ impl<T> Trie<T> {
         Some(node)
     }
 
+    fn subscribers_of(&self, node: NodeIndex) -> &[T] {
+        match self.nodes[node as usize].list {
+            0 => &[],
+            list => self.lists[list as usize - 1]
+                .as_ref()
+                .expect("a live list")
+                .as_slice(),
+        }
+    }
+
     /// Adds `value` as a subscriber of `filter` (a valid, non-shared filter).
     pub fn insert(&mut self, filter: &str, value: T) -> Change {
         let node = self.node_for(filter);
-        let subscribers = &mut self.nodes[node as usize].subscribers;
-        subscribers.push(value);
-        if subscribers.len() == 1 {
-            self.filter_count += 1;
-            Change::FilterAdded
-        } else {
-            Change::Unchanged
+        match self.nodes[node as usize].list {
+            0 => {
+                let list = match self.free_lists.pop() {
+                    Some(list) => {
+                        self.lists[list as usize] = Some(Subscribers::One(value));
+                        list
+                    }
+                    None => {
+                        self.lists.push(Some(Subscribers::One(value)));
+                        u32::try_from(self.lists.len() - 1).expect("trie list index overflow")
+                    }
+                };
+                self.nodes[node as usize].list = list + 1;
+                self.filter_count += 1;
+                Change::FilterAdded
+            }
+            list => {
+                let slot = &mut self.lists[list as usize - 1];
+                *slot = Some(match slot.take().expect("a live list") {
+                    Subscribers::One(first) => Subscribers::Many(vec![first, value]),
+                    Subscribers::Many(mut values) => {
+                        values.push(value);
+                        Subscribers::Many(values)
+                    }
+                });
+                Change::Unchanged
+            }
         }
     }
 
     /// The subscribers of exactly `filter`.
     pub fn get(&self, filter: &str) -> &[T] {
         match self.find(filter) {
-            Some(node) => &self.nodes[node as usize].subscribers,
+            Some(node) => self.subscribers_of(node),
             None => &[],
         }
-    }
-
-    /// The subscribers of exactly `filter`, to change in place.
-    pub fn get_mut(&mut self, filter: &str) -> Option<&mut Vec<T>> {
-        let node = self.find(filter)?;
-        Some(&mut self.nodes[node as usize].subscribers)
     }
 
     /// Removes the first subscriber of `filter` for which `is_it` holds, pruning the branch if
@@ -233,14 +325,36 @@ impl<T> Trie<T> {
         let Some(node) = self.find(filter) else {
             return Change::NotFound;
         };
-        let subscribers = &mut self.nodes[node as usize].subscribers;
-        let Some(position) = subscribers.iter().position(is_it) else {
+        let list = self.nodes[node as usize].list;
+        if list == 0 {
             return Change::NotFound;
+        }
+        let slot = &mut self.lists[list as usize - 1];
+        let remaining = match slot.take().expect("a live list") {
+            Subscribers::One(value) if is_it(&value) => None,
+            Subscribers::One(value) => {
+                *slot = Some(Subscribers::One(value));
+                return Change::NotFound;
+            }
+            Subscribers::Many(mut values) => {
+                let Some(position) = values.iter().position(is_it) else {
+                    *slot = Some(Subscribers::Many(values));
+                    return Change::NotFound;
+                };
+                values.swap_remove(position);
+                Some(if values.len() == 1 {
+                    Subscribers::One(values.pop().expect("one left"))
+                } else {
+                    Subscribers::Many(values)
+                })
+            }
         };
-        subscribers.swap_remove(position);
-        if !subscribers.is_empty() {
+        if let Some(remaining) = remaining {
+            *slot = Some(remaining);
             return Change::Unchanged;
         }
+        self.free_lists.push(list - 1);
+        self.nodes[node as usize].list = 0;
         self.filter_count -= 1;
         self.prune(node, filter);
         Change::FilterRemoved
@@ -255,13 +369,9 @@ impl<T> Trie<T> {
             match level {
                 "+" => self.nodes[parent as usize].plus = NONE,
                 "#" => self.nodes[parent as usize].hash = NONE,
-                _ => {
-                    self.edges.remove(&EdgeRef { parent, level });
-                    self.nodes[parent as usize].literal_children -= 1;
-                }
+                _ => self.remove_literal_child(parent, level),
             }
-            self.nodes[node as usize].subscribers = Vec::new();
-            self.free.push(node);
+            self.free_nodes.push(node);
             node = parent;
         }
     }
@@ -274,6 +384,13 @@ impl<T> Trie<T> {
         self.visit_node(ROOT, topic, dollar, &mut visit);
     }
 
+    fn visit_subscribers(&self, node: NodeIndex, visit: &mut impl FnMut(&[T])) {
+        let subscribers = self.subscribers_of(node);
+        if !subscribers.is_empty() {
+            visit(subscribers);
+        }
+    }
+
     fn visit_node(
         &self,
         node: NodeIndex,
@@ -281,22 +398,17 @@ impl<T> Trie<T> {
         root_dollar: bool,
         visit: &mut impl FnMut(&[T]),
     ) {
-        let current = &self.nodes[node as usize];
+        let current = self.nodes[node as usize];
         // `#` matches the remaining levels, none included ("a/#" matches "a").
         if current.hash != NONE && !root_dollar {
-            let subscribers = &self.nodes[current.hash as usize].subscribers;
-            if !subscribers.is_empty() {
-                visit(subscribers);
-            }
+            self.visit_subscribers(current.hash, visit);
         }
         let (level, next) = match rest.split_once('/') {
             Some((level, next)) => (level, Some(next)),
             None => (rest, None),
         };
-        if let Some(&child) = self.edges.get(&EdgeRef {
-            parent: node,
-            level,
-        }) {
+        let child = self.literal_child(node, level);
+        if child != NONE {
             self.visit_child(child, next, visit);
         }
         if current.plus != NONE && !root_dollar {
@@ -308,17 +420,11 @@ impl<T> Trie<T> {
         match next {
             Some(rest) => self.visit_node(child, rest, false, visit),
             None => {
-                let subscribers = &self.nodes[child as usize].subscribers;
-                if !subscribers.is_empty() {
-                    visit(subscribers);
-                }
+                self.visit_subscribers(child, visit);
                 // "a/#" also matches "a": the `#` child of the last level.
                 let hash = self.nodes[child as usize].hash;
                 if hash != NONE {
-                    let subscribers = &self.nodes[hash as usize].subscribers;
-                    if !subscribers.is_empty() {
-                        visit(subscribers);
-                    }
+                    self.visit_subscribers(hash, visit);
                 }
             }
         }
@@ -376,7 +482,37 @@ mod tests {
         assert_eq!(trie.filter_count(), 0);
         assert_eq!(trie.node_count(), 1, "only the root is left");
         assert!(trie.edges.is_empty());
+        assert_eq!(trie.lists.iter().flatten().count(), 0);
         assert_eq!(trie.remove("a/+/c", |_| true), Change::NotFound);
+    }
+
+    #[test]
+    fn level_arena_compaction_keeps_every_edge_usable() {
+        let mut trie = Trie::new();
+        for index in 0..5_000u32 {
+            trie.insert(&format!("building/{index}/floor/+"), index);
+        }
+        // Remove most: their levels become garbage and the arena is compacted on the way.
+        for index in 100..5_000u32 {
+            assert_eq!(
+                trie.remove(&format!("building/{index}/floor/+"), |&v| v == index),
+                Change::FilterRemoved
+            );
+        }
+        assert!(
+            trie.levels.len() < 4096,
+            "the arena was compacted: {} bytes",
+            trie.levels.len()
+        );
+        for index in 0..100u32 {
+            assert_eq!(
+                matched(&trie, &format!("building/{index}/floor/3")),
+                vec![index]
+            );
+        }
+        assert!(matched(&trie, "building/4000/floor/3").is_empty());
+        trie.insert("building/7/floor/#", 7000);
+        assert_eq!(matched(&trie, "building/7/floor"), vec![7000]);
     }
 
     #[derive(Debug, Clone)]
