@@ -8,6 +8,17 @@ use std::time::Duration;
 use rumqttc::QoS;
 use support::{Broker, v4};
 
+/// Waits until the broker has acknowledged `count` QoS 1 publishes: they are stored by then.
+fn wait_for_acks(client: &support::V4, count: usize) {
+    for _ in 0..count {
+        client
+            .wait_for(Duration::from_secs(5), |event| {
+                matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))
+            })
+            .expect("PUBACK");
+    }
+}
+
 #[test]
 fn retained_messages_are_stored_replaced_and_cleared() {
     let broker = Broker::start(2);
@@ -28,7 +39,7 @@ fn retained_messages_are_stored_replaced_and_cleared() {
         .client
         .publish("status/c", QoS::AtLeastOnce, false, "not retained")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_acks(&publisher, 4);
     for (index, id) in ["late-1", "late-2-other-shard"].iter().enumerate() {
         let late = v4(broker.port, id, |_| {});
         late.subscribe("status/+", QoS::AtMostOnce);
@@ -57,7 +68,7 @@ fn retained_messages_are_stored_replaced_and_cleared() {
         .client
         .publish("status/a", QoS::AtLeastOnce, true, "")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_acks(&publisher, 1);
     let after = v4(broker.port, "after-clear", |_| {});
     after.subscribe("status/#", QoS::AtLeastOnce);
     let got: Vec<String> = after

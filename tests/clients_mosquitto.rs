@@ -47,8 +47,9 @@ fn subscribe(broker: &Broker, version: &str, args: &[&str]) -> std::process::Chi
         .stderr(Stdio::piped())
         .spawn()
         .expect("mosquitto_sub is installed (the test command installs mosquitto-clients)");
-    // Let the subscription reach the broker before anything is published.
-    std::thread::sleep(Duration::from_millis(300));
+    // Let the subscription reach the broker before anything is published. mosquitto_sub gives
+    // no signal for it, so this waits generously: a loaded CI machine is slow to start a process.
+    std::thread::sleep(Duration::from_millis(1000));
     child
 }
 
