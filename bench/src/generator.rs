@@ -7,7 +7,8 @@
 //! broker shows up as latency instead of being hidden), or allocates per idle client beyond its
 //! small record.
 //!
-//! Each payload starts with the intended send time (nanoseconds since the run's epoch), the
+//! Each payload starts with the intended send time (CLOCK_MONOTONIC nanoseconds, the same in
+//! every process on the host, so worker processes can measure each other's messages), the
 //! publisher's index and a sequence number; latency is measured from the intended send time,
 //! not from when the send happened, so coordinated omission cannot hide a stall.
 
@@ -67,7 +68,19 @@ pub struct RunPlan {
     pub connect_rate_per_second: u32,
     pub keep_alive_seconds: u16,
     pub client_prefix: String,
+    /// The reactor's epoch (deadlines are counted from it).
     pub epoch: Instant,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the host.
+pub fn monotonic_ns() -> u64 {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut time) };
+    time.tv_sec as u64 * 1_000_000_000 + time.tv_nsec as u64
 }
 
 /// Progress and results shared with the main thread.
@@ -172,7 +185,7 @@ pub struct Generator {
     /// Publishers by their next intended send time (ns).
     schedule: BinaryHeap<Reverse<(u64, usize)>>,
     interval_ns: u64,
-    /// When publishing starts and stops, and the measured window (ns since the epoch).
+    /// When publishing starts and stops, and the measured window (monotonic ns).
     publish_from_ns: Option<u64>,
     measure_from_ns: u64,
     measure_until_ns: u64,
@@ -268,7 +281,7 @@ impl Generator {
     }
 
     fn now_ns(&self) -> u64 {
-        self.plan.epoch.elapsed().as_nanos() as u64
+        monotonic_ns()
     }
 
     fn send(&mut self, client: usize, packet: &Packet) {
@@ -621,10 +634,12 @@ impl Handler for Generator {
 
     fn next_deadline_us(&self) -> Option<u64> {
         let now_us = self.plan.epoch.elapsed().as_micros() as u64;
+        // Publish times are monotonic ns; deadlines count from the reactor's epoch.
+        let now_ns = monotonic_ns();
         let next_publish = self
             .schedule
             .peek()
-            .map(|Reverse((due, _))| due.div_ceil(1000));
+            .map(|Reverse((due, _))| now_us + due.saturating_sub(now_ns).div_ceil(1000));
         let connects = (!self.waiting.is_empty()).then_some(now_us + 1000);
         // At least every 250 ms, for progress reports.
         [next_publish, connects, Some(now_us + 250_000)]

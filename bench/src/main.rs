@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shardmq_bench::generator::{
     self, ClientPlan, Control, Generator, Results, Role, RunPlan, Shared,
 };
@@ -105,6 +105,13 @@ struct Options {
     /// Write the end-to-end latency percentile distribution (.hgrm) to this file.
     #[arg(long)]
     hgrm: Option<PathBuf>,
+    /// Worker processes; 0 = as many as the open-file limit requires (one process holds at
+    /// most that limit's worth of sockets).
+    #[arg(long, default_value_t = 0)]
+    processes: u32,
+    /// Internal: run as worker I of K, driven over stdin/stdout by the parent process.
+    #[arg(long, hide = true, num_args = 2, value_names = ["I", "K"])]
+    worker: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,6 +121,7 @@ struct Summary {
     clients: u32,
     publishers: u32,
     subscribers: u32,
+    processes: u32,
     qos: u8,
     mqtt: String,
     payload_bytes: usize,
@@ -255,6 +263,425 @@ fn hgrm(histogram: &Histogram<u64>) -> String {
     text
 }
 
+/// A worker's results, sent to the parent as one JSON line: histograms as (value, count).
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    end_to_end: Vec<(u64, u64)>,
+    acknowledgement: Vec<(u64, u64)>,
+    connect: Vec<(u64, u64)>,
+    sent: Vec<(u32, u64)>,
+    streams: Vec<(u32, u32, u64, u64, u64)>,
+    received_in_window: u64,
+    arrived_in_window: u64,
+    failed: u64,
+}
+
+fn histogram_counts(histogram: &Histogram<u64>) -> Vec<(u64, u64)> {
+    histogram
+        .iter_recorded()
+        .map(|value| (value.value_iterated_to(), value.count_at_value()))
+        .collect()
+}
+
+fn histogram_from(counts: &[(u64, u64)]) -> Histogram<u64> {
+    let mut histogram = generator::histogram();
+    for &(value, count) in counts {
+        let _ = histogram.record_n(value, count);
+    }
+    histogram
+}
+
+impl Report {
+    fn new(results: &Results, failed: u64) -> Self {
+        Self {
+            end_to_end: histogram_counts(&results.end_to_end),
+            acknowledgement: histogram_counts(&results.acknowledgement),
+            connect: histogram_counts(&results.connect),
+            sent: results.sent.iter().map(|(&k, &v)| (k, v)).collect(),
+            streams: results
+                .streams
+                .iter()
+                .map(|(&(s, p), st)| (s, p, st.unique, st.duplicated, st.reordered))
+                .collect(),
+            received_in_window: results.received_in_window,
+            arrived_in_window: results.arrived_in_window,
+            failed,
+        }
+    }
+
+    fn into_results(self) -> (Results, u64) {
+        let mut streams = std::collections::HashMap::new();
+        for (subscriber, publisher, unique, duplicated, reordered) in self.streams {
+            let stream: &mut generator::Stream =
+                streams.entry((subscriber, publisher)).or_default();
+            stream.unique = unique;
+            stream.duplicated = duplicated;
+            stream.reordered = reordered;
+        }
+        let results = Results {
+            end_to_end: histogram_from(&self.end_to_end),
+            acknowledgement: histogram_from(&self.acknowledgement),
+            connect: histogram_from(&self.connect),
+            sent: self.sent.into_iter().collect(),
+            streams,
+            received_in_window: self.received_in_window,
+            arrived_in_window: self.arrived_in_window,
+        };
+        (results, self.failed)
+    }
+}
+
+/// The generator reactors of one process.
+struct Runner {
+    mailboxes: Arc<Mailboxes<Control>>,
+    shared: Arc<Mutex<Shared>>,
+    handles: Vec<std::thread::JoinHandle<Result<Results, String>>>,
+    threads: u16,
+    clients: u64,
+}
+
+impl Runner {
+    fn start(clients: Vec<ClientPlan>, run_plan: RunPlan, threads: u16) -> Result<Self, String> {
+        let mailboxes: Arc<Mailboxes<Control>> =
+            Mailboxes::new(threads, 1024).map_err(|e| e.to_string())?;
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let count = clients.len() as u64;
+        let mut per_thread: Vec<Vec<ClientPlan>> = vec![Vec::new(); usize::from(threads)];
+        for (position, client) in clients.into_iter().enumerate() {
+            per_thread[position % usize::from(threads)].push(client);
+        }
+        let mut handles = Vec::new();
+        for (index, clients) in per_thread.into_iter().enumerate() {
+            let config = ReactorConfig {
+                index: index as u16,
+                listen: Vec::new(),
+                backlog: 1,
+                ring_entries: 4096,
+                buffer_count: 4096,
+                buffer_size: 16384,
+                core: None,
+                epoch: run_plan.epoch,
+                shutdown_grace: Duration::from_millis(500),
+            };
+            let (mailboxes, shared, run_plan) =
+                (mailboxes.clone(), shared.clone(), run_plan.clone());
+            handles.push(std::thread::spawn(move || -> Result<Results, String> {
+                let generator = Generator::new(run_plan, clients, shared);
+                let reactor =
+                    Reactor::new(config, mailboxes, generator).map_err(|e| e.to_string())?;
+                Ok(reactor.run().map_err(|e| e.to_string())?.into_results())
+            }));
+        }
+        Ok(Self {
+            mailboxes,
+            shared,
+            handles,
+            threads,
+            clients: count,
+        })
+    }
+
+    /// Waits until every client is ready or failed, or a minute passes; returns (ready, failed).
+    fn wait_connected(&self) -> (u64, u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let state = self.shared.lock().expect("shared");
+            if state.ready + state.failed >= self.clients || Instant::now() >= deadline {
+                return (state.ready, state.failed);
+            }
+        }
+    }
+
+    fn begin(&self, start_ns: u64, measure_from_ns: u64, measure_until_ns: u64) {
+        for target in 0..self.threads {
+            self.mailboxes.post(
+                target,
+                Control::Start {
+                    start_ns,
+                    measure_from_ns,
+                    measure_until_ns,
+                },
+            );
+        }
+    }
+
+    /// (ready, sent, received) so far, and the latencies since the last call.
+    fn progress(&self) -> (u64, u64, u64, Option<Histogram<u64>>) {
+        let mut state = self.shared.lock().expect("shared");
+        (
+            state.ready,
+            state.sent,
+            state.received,
+            state.interval.take(),
+        )
+    }
+
+    fn finish(self) -> Result<(Results, u64), String> {
+        self.shared.lock().expect("shared").stopping = true;
+        self.mailboxes.stop();
+        let mut results: Option<Results> = None;
+        for handle in self.handles {
+            let part = handle
+                .join()
+                .map_err(|_| "a generator thread panicked".to_string())??;
+            match &mut results {
+                None => results = Some(part),
+                Some(results) => merge(results, part),
+            }
+        }
+        let failed = self.shared.lock().expect("shared").failed;
+        Ok((results.expect("at least one thread"), failed))
+    }
+}
+
+/// When a run ends: the measured window is over and nothing arrived for a second, or five
+/// seconds after the window.
+struct Ending {
+    end_ns: u64,
+    quiet_since: Option<Instant>,
+}
+
+impl Ending {
+    fn done(&mut self, moved: bool) -> bool {
+        let now = generator::monotonic_ns();
+        if now < self.end_ns {
+            return false;
+        }
+        if moved {
+            self.quiet_since = None;
+        }
+        let quiet =
+            self.quiet_since.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(1);
+        quiet || now >= self.end_ns + 5_000_000_000
+    }
+}
+
+fn print_progress(
+    started: Instant,
+    ready: u64,
+    sent: u64,
+    received: u64,
+    interval: Option<&Histogram<u64>>,
+) {
+    let (p50, p99) = interval.filter(|h| !h.is_empty()).map_or((0, 0), |h| {
+        (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+    });
+    eprintln!(
+        "{:>6.1} s  connected {:>7}  out {:>9}/s  in {:>9}/s  p50 {:>7} us  p99 {:>7} us",
+        started.elapsed().as_secs_f64(),
+        ready,
+        sent,
+        received,
+        p50,
+        p99
+    );
+}
+
+fn window(options: &Options) -> (u64, u64, u64) {
+    let start_ns = generator::monotonic_ns() + 200_000_000;
+    let measure_from_ns = start_ns + options.warmup * 1_000_000_000;
+    (
+        start_ns,
+        measure_from_ns,
+        measure_from_ns + options.duration * 1_000_000_000,
+    )
+}
+
+/// The soft open-file limit of this process.
+fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    limit.rlim_cur
+}
+
+/// How many processes the run needs: what was asked, or enough that each holds its clients
+/// within the open-file limit (less a margin for the process's own descriptors).
+fn processes_needed(requested: u32, clients: u64, open_files: u64) -> u32 {
+    if requested > 0 {
+        return requested;
+    }
+    let per_process = open_files.saturating_sub(128).max(1);
+    clients.div_ceil(per_process).max(1) as u32
+}
+
+/// Worker I of K: drive every K-th client, report over stdout, obey stdin.
+fn worker(clients: Vec<ClientPlan>, run_plan: RunPlan, threads: u16) -> Result<bool, String> {
+    use std::io::{BufRead, Write};
+    let runner = Runner::start(clients, run_plan, threads)?;
+    let (ready, failed) = runner.wait_connected();
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "ready {ready} {failed}").map_err(|e| e.to_string())?;
+    stdout.flush().map_err(|e| e.to_string())?;
+    let (sender, commands) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        match commands.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) if line.starts_with("start ") => {
+                let numbers: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                if let [start, from, until] = numbers[..] {
+                    runner.begin(start, from, until);
+                }
+            }
+            Ok(line) if line == "stop" => break,
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // The parent is gone: stop.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let (ready, sent, received, _) = runner.progress();
+        writeln!(stdout, "progress {ready} {sent} {received}").map_err(|e| e.to_string())?;
+        stdout.flush().map_err(|e| e.to_string())?;
+    }
+    let (results, failed) = runner.finish()?;
+    let report = serde_json::to_string(&Report::new(&results, failed)).expect("serializable");
+    writeln!(stdout, "report {report}").map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
+/// Runs `processes` workers of this same program and merges what they report.
+fn parent(
+    processes: u32,
+    options: &Options,
+    scenario_name: &str,
+) -> Result<(Results, u64), String> {
+    use std::io::{BufRead, Write};
+    let executable = std::env::current_exe().map_err(|e| e.to_string())?;
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let (sender, lines) = std::sync::mpsc::channel::<(u32, String)>();
+    let mut stdins = Vec::new();
+    let mut children = Vec::new();
+    for index in 0..processes {
+        let mut child = std::process::Command::new(&executable)
+            .args(&arguments)
+            .args(["--worker", &index.to_string(), &processes.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start worker {index}: {e}"))?;
+        stdins.push(child.stdin.take().expect("piped stdin"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let sender = sender.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if sender.send((index, line)).is_err() {
+                    return;
+                }
+            }
+        });
+        children.push(child);
+    }
+    drop(sender);
+    eprintln!("{scenario_name}: {processes} worker processes");
+    let started = Instant::now();
+    let receive = |timeout: Duration| {
+        lines
+            .recv_timeout(timeout)
+            .map_err(|_| "a worker stopped answering".to_string())
+    };
+    let (mut ready, mut failed) = (0, 0);
+    for _ in 0..processes {
+        loop {
+            let (_, line) = receive(Duration::from_secs(120))?;
+            if let Some(rest) = line.strip_prefix("ready ") {
+                let numbers: Vec<u64> = rest
+                    .split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                ready += numbers.first().copied().unwrap_or(0);
+                failed += numbers.get(1).copied().unwrap_or(0);
+                break;
+            }
+        }
+    }
+    eprintln!(
+        "connected {ready} ({failed} failed) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let (start_ns, measure_from_ns, measure_until_ns) = window(options);
+    for stdin in &mut stdins {
+        writeln!(
+            stdin,
+            "start {start_ns} {measure_from_ns} {measure_until_ns}"
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    let mut latest = vec![(0u64, 0u64, 0u64); processes as usize];
+    let mut shown = (0u64, 0u64);
+    let mut ending = Ending {
+        end_ns: measure_until_ns,
+        quiet_since: None,
+    };
+    let mut last_print = Instant::now();
+    loop {
+        let (index, line) = receive(Duration::from_secs(10))?;
+        if let Some(rest) = line.strip_prefix("progress ") {
+            let numbers: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            if let [r, s, c] = numbers[..] {
+                latest[index as usize] = (r, s, c);
+            }
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            let total = latest
+                .iter()
+                .fold((0, 0, 0), |acc, l| (acc.0 + l.0, acc.1 + l.1, acc.2 + l.2));
+            print_progress(started, total.0, total.1 - shown.0, total.2 - shown.1, None);
+            let moved = total.2 != shown.1;
+            shown = (total.1, total.2);
+            if ending.done(moved) {
+                break;
+            }
+        }
+    }
+    for stdin in &mut stdins {
+        let _ = writeln!(stdin, "stop");
+    }
+    let mut merged: Option<Results> = None;
+    let mut failures = 0;
+    let mut reports = 0;
+    while reports < processes {
+        let (_, line) = receive(Duration::from_secs(30))?;
+        if let Some(json) = line.strip_prefix("report ") {
+            let report: Report =
+                serde_json::from_str(json).map_err(|e| format!("a worker's report: {e}"))?;
+            let (results, failed) = report.into_results();
+            failures += failed;
+            reports += 1;
+            match &mut merged {
+                None => merged = Some(results),
+                Some(merged) => merge(merged, results),
+            }
+        }
+    }
+    for mut child in children {
+        let _ = child.wait();
+    }
+    Ok((merged.expect("at least one worker"), failures))
+}
+
 fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
     reactor::check_kernel()?;
     let version = match options.mqtt.as_str() {
@@ -271,7 +698,6 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
     }
     let threads = options.threads.max(1);
     let (clients, streams) = plan(scenario, &options);
-    let total_clients = clients.len() as u64;
     let publishers = clients
         .iter()
         .filter(|c| matches!(c.role, Role::Publisher { .. }))
@@ -280,7 +706,7 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         .iter()
         .filter(|c| matches!(c.role, Role::Subscriber { .. }))
         .count() as u32;
-    let epoch = Instant::now();
+    let processes = processes_needed(options.processes, clients.len() as u64, open_file_limit());
     let run_plan = RunPlan {
         hosts: options.hosts.clone(),
         sources: options.sources.clone(),
@@ -288,126 +714,56 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         qos,
         payload_bytes: options.size,
         rate_per_publisher: options.rate,
-        connect_rate_per_second: (options.connect_rate / u32::from(threads)).max(1),
+        connect_rate_per_second: (options.connect_rate / (u32::from(threads) * processes)).max(1),
         keep_alive_seconds: options.keep_alive,
         client_prefix: format!("bench-{}-", std::process::id()),
-        epoch,
+        epoch: Instant::now(),
     };
-    let mailboxes: Arc<Mailboxes<Control>> =
-        Mailboxes::new(threads, 1024).map_err(|e| e.to_string())?;
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let mut per_thread: Vec<Vec<ClientPlan>> = vec![Vec::new(); usize::from(threads)];
-    for (position, client) in clients.into_iter().enumerate() {
-        per_thread[position % usize::from(threads)].push(client);
+    if let Some(worker_of) = &options.worker {
+        let (index, count) = (worker_of[0], worker_of[1].max(1));
+        let mine = clients
+            .into_iter()
+            .filter(|client| client.index % count == index)
+            .collect();
+        return worker(mine, run_plan, threads);
     }
-    let mut handles = Vec::new();
-    for (index, clients) in per_thread.into_iter().enumerate() {
-        let config = ReactorConfig {
-            index: index as u16,
-            listen: Vec::new(),
-            backlog: 1,
-            ring_entries: 4096,
-            buffer_count: 4096,
-            buffer_size: 16384,
-            core: None,
-            epoch,
-            shutdown_grace: Duration::from_millis(500),
-        };
-        let (mailboxes, shared, run_plan) = (mailboxes.clone(), shared.clone(), run_plan.clone());
-        handles.push(std::thread::spawn(move || -> Result<Results, String> {
-            let generator = Generator::new(run_plan, clients, shared);
-            let reactor = Reactor::new(config, mailboxes, generator).map_err(|e| e.to_string())?;
-            Ok(reactor.run().map_err(|e| e.to_string())?.into_results())
-        }));
-    }
-
-    // Connect phase: until every client is ready or failed, or a minute passes.
-    let connect_deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let state = shared.lock().expect("shared");
-        if state.ready + state.failed >= total_clients || Instant::now() >= connect_deadline {
-            eprintln!(
-                "connected {} of {total_clients} ({} failed) in {:.1} s",
-                state.ready,
-                state.failed,
-                epoch.elapsed().as_secs_f64()
-            );
-            break;
-        }
-    }
-    let now_ns = epoch.elapsed().as_nanos() as u64;
-    let start_ns = now_ns + 100_000_000;
-    let measure_from_ns = start_ns + options.warmup * 1_000_000_000;
-    let measure_until_ns = measure_from_ns + options.duration * 1_000_000_000;
-    if scenario != Scenario::Conn {
-        for target in 0..threads {
-            mailboxes.post(
-                target,
-                Control::Start {
-                    start_ns,
-                    measure_from_ns,
-                    measure_until_ns,
-                },
-            );
-        }
-    }
-    // Progress, once a second, until the measured window ends; then drain until nothing more
-    // arrives (at most 5 s).
-    let end = Duration::from_nanos(measure_until_ns);
-    let mut last = (0u64, 0u64);
-    let mut quiet_since: Option<Instant> = None;
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let mut state = shared.lock().expect("shared");
-        let interval = state.interval.take();
-        let (p50, p99) = interval
-            .as_ref()
-            .filter(|h| !h.is_empty())
-            .map_or((0, 0), |h| {
-                (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
-            });
+    let (results, failures) = if processes > 1 {
+        parent(processes, &options, &format!("{scenario:?}"))?
+    } else {
+        let started = Instant::now();
+        let runner = Runner::start(clients, run_plan, threads)?;
+        let (ready, failed) = runner.wait_connected();
         eprintln!(
-            "{:>6.1} s  connected {:>7}  out {:>9}/s  in {:>9}/s  p50 {:>7} us  p99 {:>7} us",
-            epoch.elapsed().as_secs_f64(),
-            state.ready,
-            state.sent - last.0,
-            state.received - last.1,
-            p50,
-            p99
+            "connected {ready} ({failed} failed) in {:.1} s",
+            started.elapsed().as_secs_f64()
         );
-        let moved = state.received != last.1;
-        last = (state.sent, state.received);
-        drop(state);
-        if epoch.elapsed() >= end {
-            if moved {
-                quiet_since = None;
-            } else {
-                let since = *quiet_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= Duration::from_secs(1)
-                    || epoch.elapsed() >= end + Duration::from_secs(5)
-                {
-                    break;
-                }
-            }
-            if epoch.elapsed() >= end + Duration::from_secs(5) {
+        let (start_ns, measure_from_ns, measure_until_ns) = window(&options);
+        if scenario != Scenario::Conn {
+            runner.begin(start_ns, measure_from_ns, measure_until_ns);
+        }
+        let mut ending = Ending {
+            end_ns: measure_until_ns,
+            quiet_since: None,
+        };
+        let mut shown = (0u64, 0u64);
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let (ready, sent, received, interval) = runner.progress();
+            print_progress(
+                started,
+                ready,
+                sent - shown.0,
+                received - shown.1,
+                interval.as_ref(),
+            );
+            let moved = received != shown.1;
+            shown = (sent, received);
+            if ending.done(moved) {
                 break;
             }
         }
-    }
-    shared.lock().expect("shared").stopping = true;
-    mailboxes.stop();
-    let mut results: Option<Results> = None;
-    for handle in handles {
-        let part = handle
-            .join()
-            .map_err(|_| "a generator thread panicked".to_string())??;
-        match &mut results {
-            None => results = Some(part),
-            Some(results) => merge(results, part),
-        }
-    }
-    let results = results.expect("at least one thread");
+        runner.finish()?
+    };
     let sent: u64 = results.sent.values().sum();
     let (mut lost, mut duplicated, mut reordered, mut received) = (0, 0, 0, 0);
     for (subscriber, publisher) in &streams {
@@ -422,13 +778,13 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         reordered += stream.reordered;
         received += stream.unique + stream.duplicated;
     }
-    let failures = shared.lock().expect("shared").failed;
     let summary = Summary {
         label: options.label.clone(),
         scenario,
         clients: options.clients,
         publishers,
         subscribers,
+        processes,
         qos: options.qos,
         mqtt: options.mqtt.clone(),
         payload_bytes: options.size,
@@ -451,31 +807,83 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         connect_us: percentiles(&results.connect),
         connect_failures: failures,
     };
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&summary).expect("serializable")
-    );
+    let json = serde_json::to_string_pretty(&summary).expect("serializable");
+    println!("{json}");
     if let Some(path) = &options.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&summary).expect("serializable"),
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if let Some(path) = &options.hgrm {
         std::fs::write(path, hgrm(&results.end_to_end))
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    // QoS 1 may duplicate by design; QoS 2 may not; neither may lose.
-    let healthy =
-        failures == 0 && (options.qos == 0 || lost == 0) && !(options.qos == 2 && duplicated > 0);
     if options.qos > 0 && lost > 0 {
         eprintln!("ERROR: {lost} QoS {} messages were lost", options.qos);
     }
     if options.qos == 2 && duplicated > 0 {
         eprintln!("ERROR: {duplicated} QoS 2 messages arrived twice");
     }
-    Ok(healthy)
+    if failures > 0 {
+        eprintln!("ERROR: {failures} clients failed to connect or were disconnected");
+    }
+    // QoS 1 may duplicate by design; QoS 2 may not; neither may lose.
+    Ok(failures == 0 && (options.qos == 0 || lost == 0) && !(options.qos == 2 && duplicated > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_follow_the_open_file_limit() {
+        assert_eq!(processes_needed(0, 10, 20_000), 1);
+        assert_eq!(processes_needed(0, 19_872, 20_000), 1);
+        assert_eq!(processes_needed(0, 19_873, 20_000), 2);
+        assert_eq!(processes_needed(0, 100_000, 20_000), 6);
+        assert_eq!(processes_needed(3, 10, 20_000), 3, "an explicit count wins");
+    }
+
+    #[test]
+    fn reports_round_trip_histograms_and_streams() {
+        let mut results = Results {
+            end_to_end: generator::histogram(),
+            acknowledgement: generator::histogram(),
+            connect: generator::histogram(),
+            sent: [(1, 10)].into_iter().collect(),
+            streams: Default::default(),
+            received_in_window: 7,
+            arrived_in_window: 8,
+        };
+        for value in [5, 5, 900, 12_345] {
+            results.end_to_end.record(value).unwrap();
+        }
+        let mut stream = generator::Stream::default();
+        for sequence in [0, 1, 1, 3] {
+            stream.record(sequence);
+        }
+        results.streams.insert((2, 1), stream);
+        let json = serde_json::to_string(&Report::new(&results, 4)).unwrap();
+        let (back, failed) = serde_json::from_str::<Report>(&json)
+            .unwrap()
+            .into_results();
+        assert_eq!(failed, 4);
+        assert_eq!(back.end_to_end.len(), 4);
+        assert_eq!(
+            back.end_to_end.value_at_quantile(0.5),
+            results.end_to_end.value_at_quantile(0.5)
+        );
+        assert_eq!(back.end_to_end.max(), results.end_to_end.max());
+        let stream = &back.streams[&(2, 1)];
+        assert_eq!((stream.unique, stream.duplicated), (3, 1));
+        // Merging two workers adds their counts.
+        let mut merged = back;
+        let (other, _) = serde_json::from_str::<Report>(&json)
+            .unwrap()
+            .into_results();
+        merge(&mut merged, other);
+        assert_eq!(merged.end_to_end.len(), 8);
+        assert_eq!(merged.sent[&1], 20);
+        assert_eq!(merged.streams[&(2, 1)].unique, 6);
+    }
 }
 
 fn main() -> ExitCode {
