@@ -829,6 +829,19 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
     Ok(failures == 0 && (options.qos == 0 || lost == 0) && !(options.qos == 2 && duplicated > 0))
 }
 
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Run { scenario, options } = cli.command;
+    match run(scenario, options) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(message) => {
+            eprintln!("shardmq-bench: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,18 +896,5 @@ mod tests {
         assert_eq!(merged.end_to_end.len(), 8);
         assert_eq!(merged.sent[&1], 20);
         assert_eq!(merged.streams[&(2, 1)].unique, 6);
-    }
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let Command::Run { scenario, options } = cli.command;
-    match run(scenario, options) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(message) => {
-            eprintln!("shardmq-bench: {message}");
-            ExitCode::from(2)
-        }
     }
 }
