@@ -132,7 +132,18 @@ for broker in brokers:
     lines.append(f"| {broker} | {med(r, 'messages_per_second'):.0f} | {med(r, 'offered_per_second'):.0f} | {p50:.0f} | {med(r, 'latency_us', 'p90'):.0f} | {p99:.0f} | {med(r, 'latency_us', 'p999'):.0f} | {med(r, 'latency_us', 'max'):.0f} | {med(r, 'lost'):.0f} | {med(r, 'duplicated'):.0f} | {ratio(med(r, 'messages_per_second'), brate)} | {ratio(p99, bp99)} |")
 open(out, "w").write("\n".join(lines) + "\n")
 PY
+# The chart of run 1 of every broker, beside the report.
+chart="${out%.md}"
+first_runs=()
+for broker in "${brokers[@]}"; do first_runs+=("$work/$broker-1.json"); done
+target/release/shardmq-bench compare "${first_runs[@]}" --output "$chart" > /dev/null 2>"$work/compare.err" || true
 {
+    echo
+    if [ -f "$chart.svg" ]; then
+        echo "Latency by percentile, run 1 of each broker: ![chart]($(basename "$chart").png) ([SVG]($(basename "$chart").svg))"
+    else
+        echo "(no chart: $(cat "$work/compare.err"))"
+    fi
     echo
     echo "Generator commands (run 1; ports as in the script):"
     echo

@@ -3,7 +3,8 @@
 #
 #   tools/test.sh
 #
-# Steps: install missing tools (rustfmt, clippy, cargo-fuzz, mosquitto-clients, paho-mqtt)
+# Steps: install missing tools (rustfmt, clippy, cargo-fuzz, mosquitto-clients, paho-mqtt,
+# fonts-dejavu-core)
 # -> cargo fmt --check -> clippy (warnings are errors) -> the
 # malformed corpus matches its generator -> a short fuzz run of the MQTT decoder -> cargo test
 # for the whole workspace (last, so that its summary closes the output).
@@ -35,6 +36,12 @@ if ! python3 -c "import paho.mqtt, sys; sys.exit(0 if int(paho.mqtt.__version__.
     echo "paho-mqtt 2 missing: installing it from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt>=2,<3" \
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "paho-mqtt>=2,<3"
+fi
+# The font shardmq-bench compare draws its chart's text with.
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+    echo "fonts-dejavu-core missing: installing it with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq fonts-dejavu-core
 fi
 if [ "$fuzz_seconds" != 0 ] && ! cargo fuzz --version >/dev/null 2>&1; then
     echo "cargo-fuzz missing: installing it from crates.io"

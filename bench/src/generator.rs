@@ -42,8 +42,10 @@ pub fn histogram() -> Histogram<u64> {
 pub enum Role {
     /// Publishes to `topic` at the plan's rate.
     Publisher { index: u32, topic: String },
-    /// Subscribes to `filter` and measures what arrives.
-    Subscriber { filter: String },
+    /// Subscribes to `filter` and measures what arrives. Streams are counted under `tally`:
+    /// the subscriber's own index, or one shared index for all members of a shared group (a
+    /// group receives each message once, whichever member gets it).
+    Subscriber { filter: String, tally: u32 },
     /// Connects and holds the connection.
     Idle,
 }
@@ -68,8 +70,52 @@ pub struct RunPlan {
     pub connect_rate_per_second: u32,
     pub keep_alive_seconds: u16,
     pub client_prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub clean_start: bool,
+    /// MQTT 5 Session Expiry Interval, seconds.
+    pub session_expiry_seconds: Option<u32>,
     /// The reactor's epoch (deadlines are counted from it).
     pub epoch: Instant,
+}
+
+/// Takes every send whose intended time has come (`<= now_ns`), in time order, and schedules
+/// each publisher's next send one interval after its last intended time: a loop that falls
+/// behind sends the missed messages at once, with their original intended times, so the
+/// schedule never slips and the delay shows in the measured latency. Sends at or after
+/// `until_ns` are dropped from the schedule.
+pub fn take_due(
+    schedule: &mut BinaryHeap<Reverse<(u64, usize)>>,
+    now_ns: u64,
+    until_ns: u64,
+    interval_ns: u64,
+) -> Vec<(u64, usize)> {
+    let mut due = Vec::new();
+    while let Some(&Reverse((at, client))) = schedule.peek() {
+        if at >= until_ns {
+            schedule.pop();
+            continue;
+        }
+        if at > now_ns {
+            break;
+        }
+        schedule.pop();
+        due.push((at, client));
+        schedule.push(Reverse((at.saturating_add(interval_ns), client)));
+    }
+    due
+}
+
+/// The client identifier of client `index`.
+pub fn client_id(prefix: &str, index: u32) -> String {
+    format!("{prefix}{index}")
+}
+
+/// A topic pattern with `%i` (the client's index) and `%c` (its client identifier) filled in.
+pub fn expand_topic(pattern: &str, prefix: &str, index: u32) -> String {
+    pattern
+        .replace("%i", &index.to_string())
+        .replace("%c", &client_id(prefix, index))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the host.
@@ -321,13 +367,23 @@ impl Generator {
         state.state = State::AwaitingConnack;
         let connect = Connect {
             protocol: self.plan.version,
-            clean_start: true,
+            clean_start: self.plan.clean_start,
             keep_alive_seconds: self.plan.keep_alive_seconds,
-            properties: ConnectProperties::default(),
-            client_id: ByteString::from(format!("{}{}", self.plan.client_prefix, state.plan.index)),
+            properties: ConnectProperties {
+                session_expiry_interval: self
+                    .plan
+                    .session_expiry_seconds
+                    .filter(|_| self.plan.version.is_v5()),
+                ..ConnectProperties::default()
+            },
+            client_id: ByteString::from(client_id(&self.plan.client_prefix, state.plan.index)),
             will: None,
-            username: None,
-            password: None,
+            username: self.plan.username.clone().map(ByteString::from),
+            password: self
+                .plan
+                .password
+                .clone()
+                .map(|p| Bytes::from(p.into_bytes())),
         };
         self.send(client, &Packet::Connect(Box::new(connect)));
         self.shared.lock().expect("shared").connected += 1;
@@ -387,7 +443,7 @@ impl Generator {
                     .results
                     .connect
                     .record(((now_ns - started) / 1000).clamp(1, LATENCY_MAX_US));
-                if let Role::Subscriber { filter } = &self.clients[client].plan.role {
+                if let Role::Subscriber { filter, .. } = &self.clients[client].plan.role {
                     let subscribe = Subscribe {
                         packet_id: 1,
                         properties: SubscribeProperties::default(),
@@ -447,10 +503,12 @@ impl Generator {
         let intended = u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes"));
         let publisher = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
         let sequence = u64::from_be_bytes(payload[12..20].try_into().expect("8 bytes"));
-        let subscriber = self.clients[client].plan.index;
+        let Role::Subscriber { tally, .. } = self.clients[client].plan.role else {
+            return;
+        };
         self.results
             .streams
-            .entry((subscriber, publisher))
+            .entry((tally, publisher))
             .or_default()
             .record(sequence);
         self.local_counts.1 += 1;
@@ -468,22 +526,18 @@ impl Generator {
     /// Sends every publish whose intended time has come (several if the loop fell behind: the
     /// schedule does not slip).
     fn publish_due(&mut self) {
-        let Some(_) = self.publish_from_ns else {
+        if self.publish_from_ns.is_none() {
             return;
-        };
+        }
         let now_ns = self.now_ns();
-        while let Some(&Reverse((due, client))) = self.schedule.peek() {
-            if due > now_ns || due >= self.publish_until_ns {
-                if due >= self.publish_until_ns {
-                    self.schedule.pop();
-                    continue;
-                }
-                return;
-            }
-            self.schedule.pop();
-            self.publish_one(client, due);
-            self.schedule
-                .push(Reverse((due + self.interval_ns, client)));
+        let due = take_due(
+            &mut self.schedule,
+            now_ns,
+            self.publish_until_ns,
+            self.interval_ns,
+        );
+        for (intended_ns, client) in due {
+            self.publish_one(client, intended_ns);
         }
     }
 
@@ -652,6 +706,44 @@ impl Handler for Generator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_loop_schedule_does_not_slip_when_the_loop_is_late() {
+        // Two publishers every 1000 ns, the second offset by 500 ns.
+        let mut schedule: BinaryHeap<Reverse<(u64, usize)>> =
+            [Reverse((0, 0)), Reverse((500, 1))].into_iter().collect();
+        assert_eq!(take_due(&mut schedule, 0, 10_000, 1000), [(0, 0)]);
+        // The loop wakes 3.2 intervals late: everything missed goes now, at its intended time.
+        assert_eq!(
+            take_due(&mut schedule, 3_200, 10_000, 1000),
+            [
+                (500, 1),
+                (1000, 0),
+                (1500, 1),
+                (2000, 0),
+                (2500, 1),
+                (3000, 0)
+            ]
+        );
+        assert_eq!(
+            take_due(&mut schedule, 3_200, 10_000, 1000),
+            [],
+            "nothing twice"
+        );
+        // Past the end of the window the schedule empties.
+        let rest = take_due(&mut schedule, 20_000, 4_000, 1000);
+        assert_eq!(rest, [(3500, 1)]);
+        assert!(schedule.is_empty());
+    }
+
+    #[test]
+    fn topic_patterns_and_client_ids() {
+        assert_eq!(
+            expand_topic("t/%i/x/%c", "bench-7-", 42),
+            "t/42/x/bench-7-42"
+        );
+        assert_eq!(client_id("bench-7-", 3), "bench-7-3");
+    }
 
     #[test]
     fn streams_count_loss_duplicates_and_reordering() {

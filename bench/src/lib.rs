@@ -6,5 +6,6 @@
 //! Never: depends on the broker binary (`src/`); it measures through `shardmq-net` and over
 //! sockets.
 
+pub mod compare;
 pub mod generator;
 pub mod samples;

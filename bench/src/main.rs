@@ -41,6 +41,33 @@ enum Command {
         #[command(flatten)]
         options: Options,
     },
+    /// Connect N clients and hold them (the `conn` scenario).
+    Conn {
+        #[command(flatten)]
+        options: Options,
+    },
+    /// N publishers on `--topic` (default `bench/pub/%i`), at `--rate` each.
+    Pub {
+        #[command(flatten)]
+        options: Options,
+    },
+    /// N subscribers of `--topic` (default `bench/#`), measuring what shardmq-bench publishers
+    /// send (latency works across processes on one host).
+    Sub {
+        #[command(flatten)]
+        options: Options,
+    },
+    /// Compare runs: a Markdown table with ratios against the first, and a latency-by-
+    /// percentile chart (SVG, and PNG when a TrueType font is found).
+    Compare {
+        /// JSON summaries written with --json; a .hgrm beside each (same name) gives the
+        /// full percentile curve.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write the chart: PREFIX.svg and PREFIX.png.
+        #[arg(long, default_value = "comparison")]
+        output: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -54,6 +81,15 @@ enum Scenario {
     FanOut,
     /// N clients that connect and hold their connections.
     Conn,
+    /// `--peers` publishers into a shared subscription group of N members: each message to
+    /// exactly one member.
+    Shared,
+    /// `--peers` publishers on `bench/wild/{i}/data`, N subscribers of `bench/wild/+/data`.
+    Wildcard,
+    /// Publishers only (the `pub` subcommand).
+    Pub,
+    /// Subscribers only (the `sub` subcommand).
+    Sub,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -88,9 +124,23 @@ struct Options {
     /// New connections per second.
     #[arg(long, default_value_t = 5000)]
     connect_rate: u32,
-    /// Source addresses to connect from (comma-separated or repeated), e.g. 127.0.0.2,127.0.0.3.
-    #[arg(long = "source", value_delimiter = ',')]
-    sources: Vec<IpAddr>,
+    /// Source addresses to connect from: a list (127.0.0.2,127.0.0.3) or an IPv4 range
+    /// (127.0.0.2-127.0.0.9), comma-separated or repeated.
+    #[arg(long = "source", value_delimiter = ',', value_parser = parse_sources)]
+    sources: Vec<Vec<IpAddr>>,
+    /// Topic for `pub` and `sub`; `%i` is the client's index, `%c` its client identifier.
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long)]
+    password: Option<String>,
+    /// Clean start (5.0) / clean session (3.1.1).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    clean_start: bool,
+    /// MQTT 5 Session Expiry Interval in seconds.
+    #[arg(long)]
+    session_expiry: Option<u32>,
     /// Reactor threads.
     #[arg(long, default_value_t = 1)]
     threads: u16,
@@ -163,6 +213,32 @@ fn percentiles(histogram: &Histogram<u64>) -> Percentiles {
     }
 }
 
+/// One source address, or an IPv4 range `A-B` (inclusive, at most 65,536 addresses).
+fn parse_sources(text: &str) -> Result<Vec<IpAddr>, String> {
+    match text.split_once('-') {
+        None => text
+            .parse::<IpAddr>()
+            .map(|a| vec![a])
+            .map_err(|e| format!("{text}: {e}")),
+        Some((first, last)) => {
+            let first: std::net::Ipv4Addr = first.parse().map_err(|e| format!("{first}: {e}"))?;
+            let last: std::net::Ipv4Addr = last.parse().map_err(|e| format!("{last}: {e}"))?;
+            let (first, last) = (u32::from(first), u32::from(last));
+            if last < first || last - first >= 65_536 {
+                return Err(format!(
+                    "{text}: expected a range of 1 to 65,536 addresses, low to high"
+                ));
+            }
+            Ok((first..=last)
+                .map(|a| IpAddr::from(std::net::Ipv4Addr::from(a)))
+                .collect())
+        }
+    }
+}
+
+/// The tally under which all members of the shared group count what they receive.
+const SHARED_GROUP_TALLY: u32 = u32::MAX;
+
 /// The clients of a scenario, and the (subscriber, publisher) streams that must arrive.
 fn plan(scenario: Scenario, options: &Options) -> (Vec<ClientPlan>, Vec<(u32, u32)>) {
     let mut clients = Vec::new();
@@ -173,8 +249,12 @@ fn plan(scenario: Scenario, options: &Options) -> (Vec<ClientPlan>, Vec<(u32, u3
     };
     let subscriber = |index: u32, filter: String| ClientPlan {
         index,
-        role: Role::Subscriber { filter },
+        role: Role::Subscriber {
+            filter,
+            tally: index,
+        },
     };
+    let prefix = client_prefix();
     match scenario {
         Scenario::Pairs => {
             for pair in 0..options.clients {
@@ -211,6 +291,53 @@ fn plan(scenario: Scenario, options: &Options) -> (Vec<ClientPlan>, Vec<(u32, u3
                 index,
                 role: Role::Idle,
             }));
+        }
+        Scenario::Shared => {
+            for index in 0..options.peers {
+                clients.push(publisher(index, format!("bench/shared/{index}")));
+                streams.push((SHARED_GROUP_TALLY, index));
+            }
+            for index in 0..options.clients {
+                let role = Role::Subscriber {
+                    filter: "$share/bench/bench/shared/#".into(),
+                    tally: SHARED_GROUP_TALLY,
+                };
+                clients.push(ClientPlan {
+                    index: options.peers + index,
+                    role,
+                });
+            }
+        }
+        Scenario::Wildcard => {
+            for index in 0..options.peers {
+                clients.push(publisher(index, format!("bench/wild/{index}/data")));
+            }
+            for index in 0..options.clients {
+                let subscriber_index = options.peers + index;
+                clients.push(subscriber(subscriber_index, "bench/wild/+/data".into()));
+                streams.extend((0..options.peers).map(|p| (subscriber_index, p)));
+            }
+        }
+        Scenario::Pub => {
+            let pattern = options
+                .topic
+                .clone()
+                .unwrap_or_else(|| "bench/pub/%i".into());
+            for index in 0..options.clients {
+                clients.push(publisher(
+                    index,
+                    generator::expand_topic(&pattern, &prefix, index),
+                ));
+            }
+        }
+        Scenario::Sub => {
+            let pattern = options.topic.clone().unwrap_or_else(|| "bench/#".into());
+            for index in 0..options.clients {
+                clients.push(subscriber(
+                    index,
+                    generator::expand_topic(&pattern, &prefix, index),
+                ));
+            }
         }
     }
     // Subscribers first, so that they are subscribed before publishing starts.
@@ -488,6 +615,28 @@ fn window(options: &Options) -> (u64, u64, u64) {
     )
 }
 
+/// Client identifiers are `bench-{parent pid}-{index}`: unique per run, the same in workers.
+fn client_prefix() -> String {
+    let pid = std::env::var("SHARDMQ_BENCH_PARENT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(std::process::id);
+    format!("bench-{pid}-")
+}
+
+/// `compare`: prints the table and writes the chart.
+fn compare(paths: &[PathBuf], output: &std::path::Path) -> Result<bool, String> {
+    let runs = paths
+        .iter()
+        .map(|path| shardmq_bench::compare::load(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    print!("{}", shardmq_bench::compare::table(&runs));
+    for file in shardmq_bench::compare::chart(&runs, output)? {
+        eprintln!("wrote {}", file.display());
+    }
+    Ok(true)
+}
+
 /// The soft open-file limit of this process.
 fn open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
@@ -571,6 +720,7 @@ fn parent(
         let mut child = std::process::Command::new(&executable)
             .args(&arguments)
             .args(["--worker", &index.to_string(), &processes.to_string()])
+            .env("SHARDMQ_BENCH_PARENT", std::process::id().to_string())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -709,14 +859,18 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
     let processes = processes_needed(options.processes, clients.len() as u64, open_file_limit());
     let run_plan = RunPlan {
         hosts: options.hosts.clone(),
-        sources: options.sources.clone(),
+        sources: options.sources.iter().flatten().copied().collect(),
         version,
         qos,
         payload_bytes: options.size,
         rate_per_publisher: options.rate,
         connect_rate_per_second: (options.connect_rate / (u32::from(threads) * processes)).max(1),
         keep_alive_seconds: options.keep_alive,
-        client_prefix: format!("bench-{}-", std::process::id()),
+        client_prefix: client_prefix(),
+        username: options.username.clone(),
+        password: options.password.clone(),
+        clean_start: options.clean_start,
+        session_expiry_seconds: options.session_expiry,
         epoch: Instant::now(),
     };
     if let Some(worker_of) = &options.worker {
@@ -766,6 +920,14 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
     };
     let sent: u64 = results.sent.values().sum();
     let (mut lost, mut duplicated, mut reordered, mut received) = (0, 0, 0, 0);
+    if streams.is_empty() {
+        // `sub` (and `conn`): nothing is expected, so count whatever arrived.
+        for stream in results.streams.values() {
+            duplicated += stream.duplicated;
+            reordered += stream.reordered;
+            received += stream.unique + stream.duplicated;
+        }
+    }
     for (subscriber, publisher) in &streams {
         let published = results.sent.get(publisher).copied().unwrap_or(0);
         let stream = results
@@ -830,9 +992,14 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let Command::Run { scenario, options } = cli.command;
-    match run(scenario, options) {
+    let outcome = match Cli::parse().command {
+        Command::Run { scenario, options } => run(scenario, options),
+        Command::Conn { options } => run(Scenario::Conn, options),
+        Command::Pub { options } => run(Scenario::Pub, options),
+        Command::Sub { options } => run(Scenario::Sub, options),
+        Command::Compare { runs, output } => compare(&runs, &output),
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(message) => {
@@ -845,6 +1012,20 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_ranges() {
+        assert_eq!(parse_sources("127.0.0.9").unwrap().len(), 1);
+        let range = parse_sources("127.0.0.2-127.0.1.1").unwrap();
+        assert_eq!(range.len(), 256);
+        assert_eq!(range[0].to_string(), "127.0.0.2");
+        assert_eq!(range[255].to_string(), "127.0.1.1");
+        assert!(parse_sources("127.0.0.9-127.0.0.2").is_err());
+        assert!(
+            parse_sources("10.0.0.0-10.2.0.0").is_err(),
+            "more than 65,536"
+        );
+    }
 
     #[test]
     fn processes_follow_the_open_file_limit() {
