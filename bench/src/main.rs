@@ -615,6 +615,20 @@ fn window(options: &Options) -> (u64, u64, u64) {
     )
 }
 
+/// Deliveries per second the schedule asks for: each publish reaches one subscriber in `pairs`
+/// and `shared` (a group takes each message once), every subscriber in `fan-in`, `fan-out` and
+/// `wildcard`, and none that this run measures in `pub`, `sub` and `conn`.
+fn offered_per_second(scenario: Scenario, publishers: u32, subscribers: u32, rate: f64) -> f64 {
+    let publishes = f64::from(publishers) * rate;
+    match scenario {
+        Scenario::Pairs | Scenario::Shared => publishes,
+        Scenario::FanIn | Scenario::FanOut | Scenario::Wildcard => {
+            publishes * f64::from(subscribers)
+        }
+        Scenario::Pub | Scenario::Sub | Scenario::Conn => 0.0,
+    }
+}
+
 /// Client identifiers are `bench-{parent pid}-{index}`: unique per run, the same in workers.
 fn client_prefix() -> String {
     let pid = std::env::var("SHARDMQ_BENCH_PARENT")
@@ -957,12 +971,7 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         lost,
         duplicated,
         reordered,
-        offered_per_second: f64::from(publishers) * options.rate * f64::from(subscribers.max(1))
-            / if scenario == Scenario::Pairs {
-                f64::from(subscribers.max(1))
-            } else {
-                1.0
-            },
+        offered_per_second: offered_per_second(scenario, publishers, subscribers, options.rate),
         messages_per_second: results.arrived_in_window as f64 / options.duration as f64,
         latency_us: percentiles(&results.end_to_end),
         acknowledgement_us: (options.qos > 0).then(|| percentiles(&results.acknowledgement)),
@@ -1012,6 +1021,20 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offered_rate_per_scenario() {
+        assert_eq!(offered_per_second(Scenario::Pairs, 50, 50, 200.0), 10_000.0);
+        assert_eq!(
+            offered_per_second(Scenario::Shared, 10, 10, 1000.0),
+            10_000.0
+        );
+        assert_eq!(offered_per_second(Scenario::FanIn, 100, 1, 200.0), 20_000.0);
+        assert_eq!(
+            offered_per_second(Scenario::Wildcard, 10, 20, 1000.0),
+            200_000.0
+        );
+    }
 
     #[test]
     fn source_ranges() {
