@@ -87,8 +87,8 @@ done
 
 out="tuning/results/$(date +%F)-$name.md"
 mkdir -p tuning/results
-python3 - "$work" "$runs" "$out" "$name" "${brokers[@]}" <<'PY'
-import json, statistics, sys, platform, subprocess, datetime
+BENCH_ARGS="${bench_args[*]}" python3 - "$work" "$runs" "$out" "$name" "${brokers[@]}" <<'PY'
+import json, os, statistics, sys, platform, subprocess, datetime
 work, runs, out, name, brokers = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
 rows = {}
 for broker in brokers:
@@ -115,7 +115,7 @@ lines.append(f"# {name}: shardmq, Mosquitto and rumqttd, {datetime.date.today()}
 lines.append(f"- Machine: {cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} vCPU, Linux {platform.release()}; shared and noisy")
 lines.append(f"- Each broker pinned to core 0, the load generator to core 1; shardmq with `--shards 1`")
 lines.append(f"- Medians over {runs} runs per broker; brokers run one after another in each round")
-lines.append(f"- Reproduce: `tools/compare_brokers.sh {name} {runs} -- {' '.join(sys.argv[0:0])}...` (the exact generator commands are below)")
+lines.append(f"- Reproduce: `tools/compare_brokers.sh {name} {runs} -- {os.environ.get('BENCH_ARGS', '')}` (the exact generator commands are below)")
 if "rumqttd" not in brokers:
     lines.append("- rumqttd: not measured (not installed on this machine; see the closing note of the run)")
 lines.append("")
