@@ -27,6 +27,7 @@ pub struct Server {
     pub pin_cores: bool,
     pub backlog: i32,
     pub shutdown_grace_seconds: u64,
+    pub data_dir: String,
     pub log: String,
 }
 

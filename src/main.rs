@@ -6,7 +6,7 @@
 
 mod config;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
 use shardmq_shards::{Input, Output, Shard, ShardConfig, ShardMessage};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use config::Config;
 
@@ -39,6 +39,10 @@ enum Command {
         /// A TOML file overriding any key of the embedded defaults.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Keep persistent sessions and retained messages here across restarts; replaces
+        /// `server.data_dir`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// Print the embedded default configuration.
     DefaultConfig,
@@ -88,6 +92,48 @@ impl Handler for ShardHandler {
     }
 }
 
+/// The snapshot files of a data directory, created if missing: `shard-N.snapshot`.
+fn read_snapshots(directory: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, String> {
+    std::fs::create_dir_all(directory)
+        .map_err(|e| format!("data directory {}: {e}", directory.display()))?;
+    // Fail now, not at shutdown, if the directory cannot be written.
+    let probe = directory.join(".write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            format!(
+                "data directory {} is not writable: {e}",
+                directory.display()
+            )
+        })?;
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(directory).map_err(|e| format!("{}: {e}", directory.display()))?
+    {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("shard-") && name.ends_with(".snapshot") {
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            files.push((path, bytes));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Writes shard `index`'s snapshot atomically: a temporary file, fsync, rename, fsync of the
+/// directory.
+fn write_snapshot(directory: &Path, index: u16, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = directory.join(format!("shard-{index}.snapshot"));
+    let temporary = directory.join(format!("shard-{index}.snapshot.tmp"));
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, &path)?;
+    std::fs::File::open(directory)?.sync_all()
+}
+
 fn serve(config: Config) -> Result<(), String> {
     reactor::check_kernel()?;
     let shard_count = match config.server.shards {
@@ -101,6 +147,12 @@ fn serve(config: Config) -> Result<(), String> {
         Mailboxes::new(shard_count, config.reactor.mailbox_capacity)
             .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
     let cores = core_ids(config.server.pin_cores);
+    let data_dir =
+        (!config.server.data_dir.is_empty()).then(|| PathBuf::from(&config.server.data_dir));
+    let snapshots = Arc::new(match &data_dir {
+        Some(directory) => read_snapshots(directory)?,
+        None => Vec::new(),
+    });
     let epoch = Instant::now();
     // Each reactor is built on its own thread: its ring accepts submissions only from the
     // thread that created it (IORING_SETUP_SINGLE_ISSUER). Start-up errors (an address in use,
@@ -119,7 +171,7 @@ fn serve(config: Config) -> Result<(), String> {
             epoch,
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
         };
-        let handler = ShardHandler {
+        let mut handler = ShardHandler {
             shard: Shard::new(ShardConfig {
                 index,
                 shard_count,
@@ -127,15 +179,37 @@ fn serve(config: Config) -> Result<(), String> {
             }),
             outputs: Vec::new(),
         };
+        for (path, bytes) in snapshots.iter() {
+            match handler.shard.restore(bytes) {
+                Ok((sessions, retained, warning)) => {
+                    if sessions > 0 || (index == 0 && retained > 0) {
+                        info!(shard = index, file = %path.display(), sessions, retained, "restored from the snapshot");
+                    }
+                    if let Some(warning) = warning {
+                        warn!(shard = index, file = %path.display(), "{warning}");
+                    }
+                }
+                Err(error) => {
+                    warn!(shard = index, file = %path.display(), %error, "snapshot skipped")
+                }
+            }
+        }
         let mailboxes = mailboxes.clone();
         let ready_sender = ready_sender.clone();
+        let data_dir = data_dir.clone();
         let thread = std::thread::Builder::new()
             .name(format!("shard-{index}"))
             .spawn(
                 move || match Reactor::new(reactor_config, mailboxes, handler) {
                     Ok(reactor) => {
                         let _ = ready_sender.send((index, Ok(())));
-                        reactor.run().map(drop)
+                        let handler = reactor.run()?;
+                        if let Some(directory) = data_dir {
+                            let bytes = handler.shard.snapshot();
+                            write_snapshot(&directory, index, &bytes)?;
+                            info!(shard = index, bytes = bytes.len(), "snapshot written");
+                        }
+                        Ok::<(), std::io::Error>(())
                     }
                     Err(e) => {
                         let _ = ready_sender.send((index, Err(e.to_string())));
@@ -202,6 +276,22 @@ fn serve(config: Config) -> Result<(), String> {
             }
         }
     }
+    if let (Some(directory), false) = (&data_dir, failed) {
+        // Snapshots of shards that no longer exist (a larger shard count before) were read at
+        // start and their sessions now live in the current files.
+        for (path, _) in snapshots.iter() {
+            let index: Option<u16> = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
+                n.strip_prefix("shard-")?
+                    .strip_suffix(".snapshot")?
+                    .parse()
+                    .ok()
+            });
+            if index.is_some_and(|index| index >= shard_count) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        info!(directory = %directory.display(), "state saved");
+    }
     info!("shardmq stopped");
     if failed {
         Err("a shard failed; see the log above".into())
@@ -232,6 +322,7 @@ fn main() -> ExitCode {
             listen,
             shards,
             config,
+            data_dir,
         } => {
             let mut loaded = match Config::load(config.as_deref()) {
                 Ok(loaded) => loaded,
@@ -245,6 +336,9 @@ fn main() -> ExitCode {
             }
             if let Some(shards) = shards {
                 loaded.server.shards = shards;
+            }
+            if let Some(data_dir) = data_dir {
+                loaded.server.data_dir = data_dir.to_string_lossy().into_owned();
             }
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .or_else(|_| tracing_subscriber::EnvFilter::try_new(&loaded.server.log));

@@ -12,6 +12,7 @@ pub mod limits;
 pub mod message;
 pub mod retained;
 pub mod shard;
+pub mod snapshot;
 pub mod trie;
 
 pub use limits::Limits;

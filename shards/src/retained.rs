@@ -26,6 +26,11 @@ impl Retained {
         }
     }
 
+    /// Every retained message, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Message> {
+        self.messages.values()
+    }
+
     pub fn len(&self) -> usize {
         self.messages.len()
     }

@@ -774,3 +774,66 @@ fn protocol_errors_name_the_rule_and_response_information_is_given_on_request() 
         Some("[MQTT-2.2.1-3] Packet Identifier of 0")
     );
 }
+
+#[test]
+fn snapshot_restores_sessions_queues_and_retained_under_a_new_shard_count() {
+    let mut node = Node::new(2, Limits::default());
+    node.connect(1, 0, v5_persistent("keeper", 3600));
+    node.send(1, &subscribe(1, "keep/#", QoS::AtLeastOnce));
+    node.lose(1);
+    node.connect(2, 0, connect(V5, "writer", true));
+    let Packet::Publish(mut retained) = publish("keep/state", QoS::AtLeastOnce, 1, b"retained")
+    else {
+        unreachable!()
+    };
+    retained.retain = true;
+    node.send(2, &Packet::Publish(retained));
+    node.send(2, &publish("keep/q", QoS::AtLeastOnce, 2, b"queued"));
+    node.run(0, Input::Shutdown);
+    node.run(1, Input::Shutdown);
+    let files: Vec<Vec<u8>> = node.shards.iter().map(Shard::snapshot).collect();
+
+    let mut restarted = Node::new(3, Limits::default());
+    let (mut sessions, mut retained) = (0, 0);
+    for shard in &mut restarted.shards {
+        for file in &files {
+            let (s, r, warning) = shard.restore(file).unwrap();
+            assert_eq!(warning, None);
+            sessions += s;
+            retained += r;
+        }
+    }
+    assert_eq!(sessions, 1, "the persistent session, on its new owner only");
+    assert_eq!(
+        retained, 3,
+        "each of 3 shards loads the one retained message"
+    );
+    // Route deltas from the restore reach every shard.
+    for shard in 0..3 {
+        restarted.run(shard, Input::Tick);
+    }
+    let connack = restarted.connect(10, 1, v5_persistent("keeper", 3600));
+    assert!(connack.session_present);
+    let got = restarted.take(10);
+    assert_eq!(
+        payloads(&got),
+        [
+            (&b"retained"[..], QoS::AtLeastOnce),
+            (b"queued", QoS::AtLeastOnce)
+        ],
+        "{got:?}"
+    );
+    restarted.connect(11, 2, connect(V5, "late", true));
+    restarted.send(11, &subscribe(1, "keep/state", QoS::AtMostOnce));
+    assert_eq!(
+        payloads(&restarted.take(11)),
+        [(&b"retained"[..], QoS::AtMostOnce)]
+    );
+    // And the restored subscription routes new messages across shards.
+    restarted.connect(12, 0, connect(V5, "writer2", true));
+    restarted.send(12, &publish("keep/new", QoS::AtLeastOnce, 1, b"after"));
+    assert_eq!(
+        payloads(&restarted.take(10)),
+        [(&b"after"[..], QoS::AtLeastOnce)]
+    );
+}
