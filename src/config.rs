@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use shardmq_net::mqtt::QoS;
-use shardmq_shards::Limits;
+use shardmq_shards::{Limits, SharedStrategy};
 
 /// The embedded defaults.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -28,6 +28,7 @@ pub struct Server {
     pub backlog: i32,
     pub shutdown_grace_seconds: u64,
     pub data_dir: String,
+    pub shared_subscription_strategy: String,
     pub log: String,
 }
 
@@ -158,6 +159,16 @@ impl Config {
         Ok(())
     }
 
+    pub fn shared_strategy(&self) -> Result<SharedStrategy, String> {
+        match self.server.shared_subscription_strategy.as_str() {
+            "round-robin" => Ok(SharedStrategy::RoundRobin),
+            "client-id-hash" => Ok(SharedStrategy::ClientIdHash),
+            other => Err(format!(
+                "`server.shared_subscription_strategy` is {other:?}: expected \"round-robin\" or \"client-id-hash\""
+            )),
+        }
+    }
+
     pub fn limits(&self) -> Limits {
         let l = &self.limits;
         Limits {
@@ -199,6 +210,15 @@ mod tests {
         let error = Config::from_overrides("[server]\nlisten = [\"not an address\"]\n", "f.toml")
             .unwrap_err();
         assert!(error.contains("listen"), "{error}");
+        let error = Config::from_overrides(
+            "[server]\nshared_subscription_strategy = \"random\"\n",
+            "f.toml",
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("server.shared_subscription_strategy"),
+            "{error}"
+        );
         let config = Config::from_overrides("[server]\nshards = 3\n", "f.toml").unwrap();
         assert_eq!(config.server.shards, 3);
     }

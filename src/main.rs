@@ -176,6 +176,7 @@ fn serve(config: Config) -> Result<(), String> {
                 index,
                 shard_count,
                 limits: config.limits(),
+                shared_strategy: config.shared_strategy()?,
             }),
             outputs: Vec::new(),
         };

@@ -17,4 +17,4 @@ pub mod trie;
 
 pub use limits::Limits;
 pub use message::{ConnectionId, Message, ShardIndex, ShardMessage};
-pub use shard::{Input, Output, Shard, ShardConfig, owner_shard};
+pub use shard::{Input, Output, Shard, ShardConfig, SharedStrategy, owner_shard};

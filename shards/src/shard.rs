@@ -92,6 +92,37 @@ pub struct ShardConfig {
     pub index: ShardIndex,
     pub shard_count: u16,
     pub limits: Limits,
+    pub shared_strategy: SharedStrategy,
+}
+
+/// How a shared subscription group picks the member for a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SharedStrategy {
+    /// Members in turn.
+    #[default]
+    RoundRobin,
+    /// By a hash of the publisher's client identifier: one publisher's messages go to one
+    /// member (while the group's membership stays the same), so they stay in order.
+    ClientIdHash,
+}
+
+/// The member of `count` that gets a message: the next in turn, or by the publisher's hash.
+fn pick_member(
+    strategy: SharedStrategy,
+    turn: &mut u64,
+    publisher: Option<&ByteString>,
+    count: usize,
+) -> usize {
+    match strategy {
+        SharedStrategy::RoundRobin => {
+            *turn += 1;
+            (*turn % count as u64) as usize
+        }
+        SharedStrategy::ClientIdHash => {
+            let hash = owner_shard(publisher.map_or("", |p| &p[..]), u16::MAX);
+            usize::from(hash) % count
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1534,6 +1565,8 @@ impl Shard {
         let mut chosen_groups: Vec<(ShardIndex, ByteString, ByteString)> = Vec::new();
         if self.shared_routes.filter_count() > 0 {
             let turn = &mut self.shared_shard_turn;
+            let strategy = self.config.shared_strategy;
+            let publisher = message.publisher.as_ref();
             self.shared_routes.for_each_match(&message.topic, |routes| {
                 for (position, route) in routes.iter().enumerate() {
                     // Each group once per filter: at its first route.
@@ -1543,13 +1576,11 @@ impl Shard {
                     {
                         continue;
                     }
-                    let members = routes.iter().filter(|r| r.group == route.group).count() as u64;
-                    *turn += 1;
-                    let chosen = routes
-                        .iter()
-                        .filter(|r| r.group == route.group)
-                        .nth((*turn % members) as usize)
-                        .expect("a member");
+                    // Member shards in index order, so a hash picks the same one every time.
+                    let mut members: Vec<&SharedRoute> =
+                        routes.iter().filter(|r| r.group == route.group).collect();
+                    members.sort_unstable_by_key(|r| r.shard);
+                    let chosen = members[pick_member(strategy, turn, publisher, members.len())];
                     chosen_groups.push((chosen.shard, chosen.group.clone(), chosen.filter.clone()));
                 }
             });
@@ -1627,9 +1658,15 @@ impl Shard {
                 members
             };
             if !members.is_empty() {
-                self.shared_member_turn += 1;
-                shared_targets
-                    .push(members[(self.shared_member_turn % members.len() as u64) as usize]);
+                let mut members = members;
+                members.sort_unstable_by_key(|member| member.session);
+                let choice = pick_member(
+                    self.config.shared_strategy,
+                    &mut self.shared_member_turn,
+                    message.publisher.as_ref(),
+                    members.len(),
+                );
+                shared_targets.push(members[choice]);
             }
         }
         // No Local: not back to the publisher's own session.

@@ -26,12 +26,17 @@ struct Node {
 
 impl Node {
     fn new(shard_count: u16, limits: Limits) -> Self {
+        Self::with_strategy(shard_count, limits, SharedStrategy::RoundRobin)
+    }
+
+    fn with_strategy(shard_count: u16, limits: Limits, shared_strategy: SharedStrategy) -> Self {
         let shards = (0..shard_count)
             .map(|index| {
                 Shard::new(ShardConfig {
                     index,
                     shard_count,
                     limits: limits.clone(),
+                    shared_strategy,
                 })
             })
             .collect();
@@ -836,4 +841,112 @@ fn snapshot_restores_sessions_queues_and_retained_under_a_new_shard_count() {
         payloads(&restarted.take(10)),
         [(&b"after"[..], QoS::AtLeastOnce)]
     );
+}
+
+#[test]
+fn client_id_hash_sends_each_publishers_messages_to_one_member() {
+    let mut node = Node::with_strategy(3, Limits::default(), SharedStrategy::ClientIdHash);
+    for (index, member) in ["h-a", "h-b", "h-c", "h-d"].iter().enumerate() {
+        let id = index as ConnectionId + 1;
+        node.connect(id, 0, connect(V5, member, true));
+        node.send(id, &subscribe(1, "$share/g/work/#", QoS::AtLeastOnce));
+        node.take(id);
+    }
+    let mut chosen = Vec::new();
+    for (publisher_id, publisher) in [(20, "producer-a"), (21, "producer-b"), (22, "producer-c")] {
+        node.connect(publisher_id, 0, connect(V5, publisher, true));
+        for _ in 0..20 {
+            node.send(publisher_id, &publish("work/x", QoS::AtMostOnce, 0, b"w"));
+        }
+        let counts: Vec<usize> = (1..=4).map(|id| payloads(&node.take(id)).len()).collect();
+        assert_eq!(counts.iter().sum::<usize>(), 20);
+        assert_eq!(
+            counts.iter().filter(|&&c| c > 0).count(),
+            1,
+            "{publisher}: one member gets all: {counts:?}"
+        );
+        chosen.push(counts.iter().position(|&c| c > 0));
+    }
+    // The same publisher is sent to the same member again.
+    node.send(20, &publish("work/x", QoS::AtMostOnce, 0, b"again"));
+    let again: Vec<usize> = (1..=4).map(|id| payloads(&node.take(id)).len()).collect();
+    assert_eq!(again.iter().position(|&c| c > 0), chosen[0]);
+}
+
+#[test]
+fn server_keep_alive_caps_the_clients_value() {
+    let limits = Limits {
+        keep_alive_seconds_max: 30,
+        ..Limits::default()
+    };
+    let mut node = Node::new(1, limits);
+    let connack = node.connect(
+        1,
+        0,
+        Connect {
+            keep_alive_seconds: 0,
+            ..connect(V5, "forever", true)
+        },
+    );
+    assert_eq!(
+        connack.properties.server_keep_alive,
+        Some(30),
+        "0 (no keep alive) is capped"
+    );
+    let connack = node.connect(
+        2,
+        0,
+        Connect {
+            keep_alive_seconds: 10,
+            ..connect(V5, "modest", true)
+        },
+    );
+    assert_eq!(
+        connack.properties.server_keep_alive, None,
+        "within the cap: the client's own value"
+    );
+    // The capped connection is held to 30 s: closed after 45 s of silence.
+    node.advance(44_000);
+    assert!(!node.closed.contains(&1));
+    node.advance(2_000);
+    assert!(node.closed.contains(&1));
+}
+
+#[test]
+fn maximum_qos_is_granted_and_enforced() {
+    let limits = Limits {
+        qos_max: QoS::AtLeastOnce,
+        ..Limits::default()
+    };
+    let mut node = Node::new(1, limits);
+    let connack = node.connect(1, 0, connect(V5, "limited", true));
+    assert_eq!(connack.properties.maximum_qos, Some(1));
+    node.send(1, &subscribe(1, "q", QoS::ExactlyOnce));
+    assert!(
+        matches!(node.take(1).as_slice(), [Packet::SubAck(ack)] if ack.reasons == [ReasonCode::GRANTED_QOS_1])
+    );
+    node.send(1, &publish("q", QoS::ExactlyOnce, 1, b"too high"));
+    let got = node.take(1);
+    assert!(
+        matches!(got.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::QOS_NOT_SUPPORTED),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn retained_messages_expire() {
+    let mut node = Node::new(1, Limits::default());
+    node.connect(1, 0, connect(V5, "ephemeral", true));
+    let Packet::Publish(mut retained) = publish("r/e", QoS::AtMostOnce, 0, b"soon gone") else {
+        unreachable!()
+    };
+    retained.retain = true;
+    retained.properties.message_expiry_interval = Some(1);
+    node.send(1, &Packet::Publish(retained));
+    node.send(1, &subscribe(1, "r/#", QoS::AtMostOnce));
+    assert_eq!(payloads(&node.take(1)).len(), 1, "still there at once");
+    node.advance(1_500);
+    node.connect(2, 0, connect(V5, "later", true));
+    node.send(2, &subscribe(1, "r/#", QoS::AtMostOnce));
+    assert!(payloads(&node.take(2)).is_empty(), "expired after 1 s");
 }
