@@ -156,6 +156,7 @@ impl Config {
             self.limits.queued_messages_per_session_max > 0,
             "`limits.queued_messages_per_session_max` must be positive",
         )?;
+        self.shared_strategy()?;
         Ok(())
     }
 
