@@ -29,6 +29,32 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message a decoded PUBLISH carries. Its Message Expiry Interval becomes an absolute
+    /// deadline counted from `now_ms`; topic alias and subscription identifiers are per
+    /// delivery and are dropped.
+    pub fn from_publish(
+        publish: shardmq_net::mqtt::Publish,
+        now_ms: u64,
+        publisher: Option<ByteString>,
+    ) -> Self {
+        let mut properties = publish.properties;
+        let expires_at_ms = properties
+            .message_expiry_interval
+            .take()
+            .map(|seconds| now_ms + u64::from(seconds) * 1000);
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        Self {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties,
+            expires_at_ms,
+            publisher,
+        }
+    }
+
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at_ms.is_some_and(|at| now_ms >= at)
     }

@@ -222,6 +222,30 @@ struct Session {
 }
 
 impl Session {
+    /// A session without a connection, subscriptions or messages.
+    fn new(
+        client_id: ByteString,
+        version: ProtocolVersion,
+        expiry_seconds: u32,
+        send_window: u16,
+    ) -> Self {
+        Self {
+            client_id,
+            connection: None,
+            version,
+            subscriptions: HashMap::new(),
+            expiry_seconds,
+            generation: 0,
+            next_packet_id: 0,
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            send_window,
+            awaiting_release: HashSet::new(),
+            will: None,
+            dropped_messages: 0,
+        }
+    }
+
     fn allocate_packet_id(&mut self) -> u16 {
         loop {
             self.next_packet_id = self.next_packet_id.wrapping_add(1).max(1);
@@ -583,6 +607,23 @@ impl Shard {
         }
     }
 
+    /// Stores a new session in a free slot and indexes its client identifier.
+    fn insert_session(&mut self, session: Session) -> SessionIndex {
+        let client_id = session.client_id.clone();
+        let index = match self.free_sessions.pop() {
+            Some(index) => {
+                self.sessions[index as usize] = Some(session);
+                index
+            }
+            None => {
+                self.sessions.push(Some(session));
+                SessionIndex::try_from(self.sessions.len() - 1).expect("session index overflow")
+            }
+        };
+        self.client_ids.insert(client_id, index);
+        index
+    }
+
     fn session(&self, index: SessionIndex) -> &Session {
         self.sessions[index as usize]
             .as_ref()
@@ -807,33 +848,13 @@ impl Shard {
         let index = match self.client_ids.get(&client_id) {
             Some(&index) => index,
             None => {
-                let session = Session {
-                    client_id: client_id.clone(),
-                    connection: None,
+                let session = Session::new(
+                    client_id.clone(),
                     version,
-                    subscriptions: HashMap::new(),
                     expiry_seconds,
-                    generation: 0,
-                    next_packet_id: 0,
-                    inflight: VecDeque::new(),
-                    queue: VecDeque::new(),
-                    send_window: limits.inflight_per_session_max,
-                    awaiting_release: HashSet::new(),
-                    will: None,
-                    dropped_messages: 0,
-                };
-                let index = match self.free_sessions.pop() {
-                    Some(index) => {
-                        self.sessions[index as usize] = Some(session);
-                        index
-                    }
-                    None => {
-                        self.sessions.push(Some(session));
-                        (self.sessions.len() - 1) as SessionIndex
-                    }
-                };
-                self.client_ids.insert(client_id.clone(), index);
-                index
+                    limits.inflight_per_session_max,
+                );
+                self.insert_session(session)
             }
         };
 
@@ -1129,33 +1150,18 @@ impl Shard {
         }
         // QoS 2 is delivered once, on first receipt; a resent PUBLISH with the same packet
         // identifier before PUBREL is only acknowledged again (method B of MQTT 5.0 §4.3.3).
-        let duplicate = publish.qos == QoS::ExactlyOnce
-            && !self
-                .session_mut(index)
-                .awaiting_release
-                .insert(publish.packet_id);
+        let (qos, packet_id) = (publish.qos, publish.packet_id);
+        let duplicate =
+            qos == QoS::ExactlyOnce && !self.session_mut(index).awaiting_release.insert(packet_id);
         let mut matched = true;
         if !duplicate {
-            let expires_at_ms = publish
-                .properties
-                .message_expiry_interval
-                .map(|seconds| self.now_ms + u64::from(seconds) * 1000);
-            let mut properties = publish.properties;
-            properties.message_expiry_interval = None;
-            let message = Message {
-                topic: publish.topic,
-                payload: publish.payload,
-                qos: publish.qos,
-                retain: publish.retain,
-                properties,
-                expires_at_ms,
-                publisher: Some(self.session(index).client_id.clone()),
-            };
+            let publisher = Some(self.session(index).client_id.clone());
+            let message = Message::from_publish(publish, self.now_ms, publisher);
             matched = self.publish(message);
         }
         let no_subscribers = version.is_v5() && !matched;
         let ack = PubAck {
-            packet_id: publish.packet_id,
+            packet_id,
             reason: if no_subscribers {
                 ReasonCode::NO_MATCHING_SUBSCRIBERS
             } else {
@@ -1163,7 +1169,7 @@ impl Shard {
             },
             properties: AckProperties::default(),
         };
-        match publish.qos {
+        match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(connection_id, &Packet::PubAck(ack)),
             QoS::ExactlyOnce => self.send(connection_id, &Packet::PubRec(ack)),
@@ -1953,57 +1959,41 @@ impl Shard {
     }
 
     fn restore_session(&mut self, saved: crate::snapshot::SavedSession) {
-        let session = Session {
-            client_id: saved.client_id.clone(),
-            connection: None,
-            version: saved.version,
-            subscriptions: HashMap::new(),
-            expiry_seconds: saved.expiry_seconds,
-            generation: 0,
-            next_packet_id: saved
-                .inflight
-                .iter()
-                .map(|entry| entry.packet_id)
-                .max()
-                .unwrap_or(0),
-            inflight: saved
-                .inflight
-                .into_iter()
-                .map(|entry| Inflight {
-                    packet_id: entry.packet_id,
-                    message: entry.delivery.message,
-                    subscription_identifiers: entry.delivery.subscription_identifiers,
-                    state: if entry.released {
-                        InflightState::Released
-                    } else {
-                        InflightState::Published
-                    },
-                })
-                .collect(),
-            queue: saved
-                .queue
-                .into_iter()
-                .map(|d| Queued {
-                    message: d.message,
-                    subscription_identifiers: d.subscription_identifiers,
-                })
-                .collect(),
-            send_window: self.config.limits.inflight_per_session_max,
-            awaiting_release: HashSet::new(),
-            will: None,
-            dropped_messages: 0,
-        };
-        let index = match self.free_sessions.pop() {
-            Some(index) => {
-                self.sessions[index as usize] = Some(session);
-                index
-            }
-            None => {
-                self.sessions.push(Some(session));
-                (self.sessions.len() - 1) as SessionIndex
-            }
-        };
-        self.client_ids.insert(saved.client_id, index);
+        let mut session = Session::new(
+            saved.client_id,
+            saved.version,
+            saved.expiry_seconds,
+            self.config.limits.inflight_per_session_max,
+        );
+        session.next_packet_id = saved
+            .inflight
+            .iter()
+            .map(|entry| entry.packet_id)
+            .max()
+            .unwrap_or(0);
+        session.inflight = saved
+            .inflight
+            .into_iter()
+            .map(|entry| Inflight {
+                packet_id: entry.packet_id,
+                message: entry.delivery.message,
+                subscription_identifiers: entry.delivery.subscription_identifiers,
+                state: if entry.released {
+                    InflightState::Released
+                } else {
+                    InflightState::Published
+                },
+            })
+            .collect();
+        session.queue = saved
+            .queue
+            .into_iter()
+            .map(|d| Queued {
+                message: d.message,
+                subscription_identifiers: d.subscription_identifiers,
+            })
+            .collect();
+        let index = self.insert_session(session);
         for (filter, options, identifier) in saved.subscriptions {
             self.add_subscription(index, &filter, options, identifier);
             self.session_mut(index)

@@ -193,21 +193,9 @@ impl Reader<'_> {
         let (Packet::Publish(publish), _) = mqtt::decode(&encoded, &options).ok()?? else {
             return None;
         };
-        let mut properties = publish.properties;
-        let expires_at_ms = properties
-            .message_expiry_interval
-            .take()
-            .map(|seconds| now_ms + u64::from(seconds) * 1000);
-        Some(Message {
-            topic: publish.topic,
-            payload: publish.payload,
-            qos: publish.qos,
-            retain: publish.retain,
-            properties,
-            expires_at_ms,
-            publisher: None,
-        })
+        Some(Message::from_publish(publish, now_ms, None))
     }
+
     fn delivery(&mut self, now_ms: u64) -> Option<SavedDelivery> {
         let message = self.message(now_ms)?;
         let count = self.u16()?;
