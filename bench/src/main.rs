@@ -115,6 +115,9 @@ struct Options {
     /// Messages per second per publisher.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    /// Messages per second of all publishers together; replaces --rate (divided evenly).
+    #[arg(long)]
+    total_rate: Option<f64>,
     /// Measured seconds.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -866,6 +869,10 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         .iter()
         .filter(|c| matches!(c.role, Role::Publisher { .. }))
         .count() as u32;
+    let mut options = options;
+    if let Some(total) = options.total_rate {
+        options.rate = total / f64::from(publishers.max(1));
+    }
     let subscribers = clients
         .iter()
         .filter(|c| matches!(c.role, Role::Subscriber { .. }))
