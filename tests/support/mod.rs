@@ -113,6 +113,44 @@ impl Drop for Broker {
     }
 }
 
+/// The first event on `events` within `timeout` for which `pick` holds.
+fn wait_for_event<E>(
+    events: &mpsc::Receiver<E>,
+    timeout: Duration,
+    mut pick: impl FnMut(&E) -> bool,
+) -> Option<E> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match events.recv_timeout(left) {
+            Ok(event) if pick(&event) => return Some(event),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Up to `count` items that `extract` finds among the events of the next `timeout`.
+fn collect_events<E, T>(
+    events: &mpsc::Receiver<E>,
+    count: usize,
+    timeout: Duration,
+    mut extract: impl FnMut(E) -> Option<T>,
+) -> Vec<T> {
+    let mut found = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while found.len() < count {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        match events.recv_timeout(left) {
+            Ok(event) => found.extend(extract(event)),
+            Err(_) => break,
+        }
+    }
+    found
+}
+
 /// A rumqttc 3.1.1 client whose event loop runs on its own thread; incoming events arrive on
 /// `events`. The loop ends at the first connection error (no automatic reconnect).
 pub struct V4 {
@@ -161,36 +199,17 @@ impl V4 {
     pub fn wait_for(
         &self,
         timeout: Duration,
-        mut pick: impl FnMut(&rumqttc::Event) -> bool,
+        pick: impl FnMut(&rumqttc::Event) -> bool,
     ) -> Option<rumqttc::Event> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match self.events.recv_timeout(left) {
-                Ok(event) if pick(&event) => return Some(event),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
+        wait_for_event(&self.events, timeout, pick)
     }
 
     /// The PUBLISH packets received within `timeout`, stopping early at `count`.
     pub fn publishes(&self, count: usize, timeout: Duration) -> Vec<rumqttc::Publish> {
-        let mut found = Vec::new();
-        let deadline = Instant::now() + timeout;
-        while found.len() < count {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            match self.events.recv_timeout(left) {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish))) => {
-                    found.push(publish)
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        found
+        collect_events(&self.events, count, timeout, |event| match event {
+            rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) => Some(publish),
+            _ => None,
+        })
     }
 
     /// Subscribes and waits for the SUBACK.
@@ -243,17 +262,9 @@ impl V5 {
     pub fn wait_for(
         &self,
         timeout: Duration,
-        mut pick: impl FnMut(&rumqttc::v5::Event) -> bool,
+        pick: impl FnMut(&rumqttc::v5::Event) -> bool,
     ) -> Option<rumqttc::v5::Event> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match self.events.recv_timeout(left) {
-                Ok(event) if pick(&event) => return Some(event),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
+        wait_for_event(&self.events, timeout, pick)
     }
 
     pub fn publishes(
@@ -261,21 +272,12 @@ impl V5 {
         count: usize,
         timeout: Duration,
     ) -> Vec<rumqttc::v5::mqttbytes::v5::Publish> {
-        let mut found = Vec::new();
-        let deadline = Instant::now() + timeout;
-        while found.len() < count {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            match self.events.recv_timeout(left) {
-                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(
-                    publish,
-                ))) => found.push(publish),
-                Ok(_) => {}
-                Err(_) => break,
+        collect_events(&self.events, count, timeout, |event| match event {
+            rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(publish)) => {
+                Some(publish)
             }
-        }
-        found
+            _ => None,
+        })
     }
 
     pub fn subscribe(&self, filter: &str, qos: rumqttc::v5::mqttbytes::QoS) {
