@@ -1027,6 +1027,28 @@ fn publish_packet(
     }
 }
 
+/// As [`publish_packet`], taking the message: for QoS 0, which keeps nothing after sending, the
+/// topic, payload and properties move instead of being cloned.
+fn publish_packet_owned(
+    message: Message,
+    subscription_identifiers: Vec<u32>,
+    now_ms: u64,
+) -> Publish {
+    let message_expiry_interval = message.remaining_expiry_seconds(now_ms);
+    let mut properties = message.properties;
+    properties.message_expiry_interval = message_expiry_interval;
+    properties.subscription_identifiers = subscription_identifiers;
+    Publish {
+        dup: false,
+        qos: message.qos,
+        retain: message.retain,
+        topic: message.topic,
+        packet_id: 0,
+        properties,
+        payload: message.payload,
+    }
+}
+
 // Packets from a connected client.
 impl Shard {
     fn packet(&mut self, connection_id: ConnectionId, packet: Packet) {
@@ -1591,7 +1613,17 @@ impl Shard {
                 }
             });
         }
-        let mut matched = false;
+        // The last target takes the message itself; the others get clones (each clone is a few
+        // reference-count increments and a copy of the properties).
+        let has_groups = |target: usize| {
+            chosen_groups
+                .iter()
+                .any(|(shard, _, _)| usize::from(*shard) == target)
+        };
+        let last_target = (0..shard_count)
+            .rev()
+            .find(|&target| plain[target] || has_groups(target));
+        let mut message = Some(message);
         for (target, &has_plain) in plain.iter().enumerate() {
             let groups: Vec<(ByteString, ByteString)> = chosen_groups
                 .iter()
@@ -1601,20 +1633,29 @@ impl Shard {
             if !has_plain && groups.is_empty() {
                 continue;
             }
-            matched = true;
+            let copy = if Some(target) == last_target {
+                message
+                    .take()
+                    .expect("the message moves to the last target only")
+            } else {
+                message
+                    .clone()
+                    .expect("the message is still here before the last target")
+            };
             if target == usize::from(self.config.index) {
-                self.deliver_local(message.clone(), has_plain, &groups);
+                self.deliver_local(copy, has_plain, &groups);
             } else {
                 self.outputs.push(Output::ToShard {
                     shard: target as ShardIndex,
                     message: ShardMessage::Deliver {
-                        message: message.clone(),
+                        message: copy,
                         plain: has_plain,
                         groups,
                     },
                 });
             }
         }
+        let matched = last_target.is_some();
         self.plain_targets = plain;
         matched
     }
@@ -1681,6 +1722,28 @@ impl Shard {
                 && message.publisher.as_ref() == Some(&self.session(subscriber.session).client_id))
         });
         matched.sort_unstable_by_key(|subscriber| subscriber.session);
+        let (message_qos, message_retain) = (message.qos, message.retain);
+        // The last delivery takes the message itself; the others get clones.
+        let deliveries = matched
+            .windows(2)
+            .filter(|pair| pair[0].session != pair[1].session)
+            .count()
+            + usize::from(!matched.is_empty())
+            + shared_targets.len();
+        let mut delivered = 0;
+        let mut message = Some(message);
+        let mut take = |message: &mut Option<Message>| {
+            delivered += 1;
+            if delivered == deliveries {
+                message
+                    .take()
+                    .expect("the message moves to the last delivery only")
+            } else {
+                message
+                    .clone()
+                    .expect("the message is still here before the last delivery")
+            }
+        };
         let mut start = 0;
         while start < matched.len() {
             let session = matched[start].session;
@@ -1695,18 +1758,18 @@ impl Shard {
                 .map(|s| s.options.qos)
                 .max()
                 .expect("a non-empty group")
-                .min(message.qos);
-            let retain = message.retain && group.iter().any(|s| s.options.retain_as_published);
+                .min(message_qos);
+            let retain = message_retain && group.iter().any(|s| s.options.retain_as_published);
             let identifiers: Vec<u32> = group.iter().filter_map(|s| s.identifier).collect();
-            let mut copy = message.clone();
+            let mut copy = take(&mut message);
             copy.retain = retain;
             self.deliver_to_session(session, copy, qos, identifiers);
             start = end;
         }
         for subscriber in shared_targets {
-            let mut copy = message.clone();
-            copy.retain = message.retain && subscriber.options.retain_as_published;
-            let qos = subscriber.options.qos.min(message.qos);
+            let mut copy = take(&mut message);
+            copy.retain = message_retain && subscriber.options.retain_as_published;
+            let qos = subscriber.options.qos.min(message_qos);
             self.deliver_to_session(
                 subscriber.session,
                 copy,
@@ -1779,22 +1842,38 @@ impl Shard {
             } else {
                 0
             };
-            let packet = Packet::Publish(publish_packet(
-                &message,
-                message.qos,
-                packet_id,
-                false,
-                &subscription_identifiers,
-                now_ms,
-            ));
+            // QoS 1 and 2 keep the message for acknowledgement and resending; QoS 0 gives it up.
+            let (packet, kept) = if needs_slot {
+                let packet = publish_packet(
+                    &message,
+                    message.qos,
+                    packet_id,
+                    false,
+                    &subscription_identifiers,
+                    now_ms,
+                );
+                (
+                    Packet::Publish(packet),
+                    Some((message, subscription_identifiers)),
+                )
+            } else {
+                (
+                    Packet::Publish(publish_packet_owned(
+                        message,
+                        subscription_identifiers,
+                        now_ms,
+                    )),
+                    None,
+                )
+            };
             // A message larger than the client's Maximum Packet Size is not sent to it
             // [MQTT-3.1.2-25]; for QoS 1 and 2 it counts as delivered.
             if packet.encoded_len(connection.version) > connection.client_packet_size_max as usize {
-                debug!(client_id = %session.client_id, topic = %message.topic, "message larger than the client's maximum packet size: not sent");
+                debug!(client_id = %session.client_id, "message larger than the client's maximum packet size: not sent");
                 continue;
             }
             Self::encode_into(connection, &packet);
-            if needs_slot {
+            if let Some((message, subscription_identifiers)) = kept {
                 session.inflight.push_back(Inflight {
                     packet_id,
                     message,
