@@ -166,6 +166,7 @@ struct Connection {
     last_received_ms: u64,
     /// The client's Maximum Packet Size: larger messages are not sent to it.
     client_packet_size_max: u32,
+    /// Topic aliases the client set (5.0), grown on first use up to the announced maximum.
     topic_aliases: Vec<Option<ByteString>>,
     problem_information: bool,
     closing: bool,
@@ -919,9 +920,6 @@ impl Shard {
             .properties
             .request_problem_information
             .unwrap_or(true);
-        if v5 {
-            connection.topic_aliases = vec![None; usize::from(limits.topic_alias_max)];
-        }
         if keep_alive > 0 {
             // The client must send something within one and a half keep alives [MQTT-3.1.2-22].
             self.timers.push(Reverse((
@@ -1116,9 +1114,11 @@ impl Shard {
             .get_mut(&connection_id)
             .expect("live connection");
         let version = connection.version;
-        // Topic alias (5.0): set the mapping, or use it when the topic is empty.
+        // Topic alias (5.0): set the mapping, or use it when the topic is empty. The table
+        // grows on first use, so a client that never sets an alias holds none.
         if let Some(alias) = publish.properties.topic_alias.take() {
-            let Some(slot) = connection.topic_aliases.get_mut(usize::from(alias) - 1) else {
+            let slot = usize::from(alias) - 1;
+            if alias > limits.topic_alias_max {
                 self.disconnect(
                     connection_id,
                     ReasonCode::TOPIC_ALIAS_INVALID,
@@ -1126,9 +1126,9 @@ impl Shard {
                     true,
                 );
                 return;
-            };
+            }
             if publish.topic.is_empty() {
-                match slot {
+                match connection.topic_aliases.get(slot).and_then(Option::as_ref) {
                     Some(topic) => publish.topic = topic.clone(),
                     None => {
                         self.disconnect(
@@ -1141,7 +1141,10 @@ impl Shard {
                     }
                 }
             } else {
-                *slot = Some(publish.topic.clone());
+                if connection.topic_aliases.len() <= slot {
+                    connection.topic_aliases.resize(slot + 1, None);
+                }
+                connection.topic_aliases[slot] = Some(publish.topic.clone());
             }
         }
         let refusal = if publish.qos > limits.qos_max {

@@ -281,10 +281,68 @@ struct Connection {
     fd: RawFd,
     generation: u32,
     receiving: bool,
-    send_queue: VecDeque<Bytes>,
+    send_queue: SendQueue,
     send_offset: usize,
     sending: bool,
     state: ConnectionState,
+}
+
+/// Bytes waiting to be sent on one connection, in order. The usual case, one buffer, is held
+/// inline, so an idle connection keeps no allocation for sending; a backlog spills into a queue
+/// that is freed again once it drains.
+#[derive(Debug, Default)]
+struct SendQueue {
+    front: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl SendQueue {
+    fn push_back(&mut self, bytes: Bytes) {
+        if self.front.is_none() {
+            self.front = Some(bytes);
+        } else {
+            self.rest.push_back(bytes);
+        }
+    }
+
+    fn front(&self) -> Option<&Bytes> {
+        self.front.as_ref()
+    }
+
+    fn pop_front(&mut self) {
+        self.front = self.rest.pop_front();
+        if self.rest.is_empty() && self.rest.capacity() > 0 {
+            self.rest = VecDeque::new();
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.front.is_some()) + self.rest.len()
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Joins everything queued into one buffer, leaving out the first `offset` bytes of the
+    /// front (already sent).
+    fn merge(&mut self, offset: usize) {
+        let total = self
+            .front
+            .iter()
+            .chain(self.rest.iter())
+            .map(Bytes::len)
+            .sum::<usize>()
+            - offset;
+        let mut merged = BytesMut::with_capacity(total);
+        if let Some(front) = self.front.take() {
+            merged.extend_from_slice(&front[offset..]);
+        }
+        for bytes in std::mem::take(&mut self.rest) {
+            merged.extend_from_slice(&bytes);
+        }
+        self.front = Some(merged.freeze());
+    }
 }
 
 // user_data: kind in the top byte, then generation (16 bits) and slot (32 bits).
@@ -449,7 +507,7 @@ impl<H: Handler> Reactor<H> {
             fd,
             generation,
             receiving: false,
-            send_queue: VecDeque::new(),
+            send_queue: SendQueue::default(),
             send_offset: 0,
             sending: false,
             state,
@@ -801,19 +859,8 @@ impl<H: Handler> Reactor<H> {
         }
         // Merge small queued buffers into one send.
         if connection.send_queue.len() > 1 {
-            let mut merged = BytesMut::with_capacity(
-                connection.send_queue.iter().map(Bytes::len).sum::<usize>()
-                    - connection.send_offset,
-            );
-            for (index, bytes) in connection.send_queue.drain(..).enumerate() {
-                merged.extend_from_slice(if index == 0 {
-                    &bytes[connection.send_offset..]
-                } else {
-                    &bytes[..]
-                });
-            }
+            connection.send_queue.merge(connection.send_offset);
             connection.send_offset = 0;
-            connection.send_queue.push_back(merged.freeze());
         }
         let Some(front) = connection.send_queue.front() else {
             return;
@@ -986,5 +1033,38 @@ impl<H: Handler> Reactor<H> {
         for target in targets {
             self.mailboxes.wake(target);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_queue_keeps_order_merges_after_a_partial_send_and_frees_its_spill() {
+        let mut queue = SendQueue::default();
+        assert_eq!(queue.len(), 0);
+        queue.push_back(Bytes::from_static(b"hello "));
+        queue.push_back(Bytes::from_static(b"brave "));
+        queue.push_back(Bytes::from_static(b"world"));
+        assert_eq!(queue.len(), 3);
+        // Three bytes of the front were already sent.
+        queue.merge(3);
+        assert_eq!(queue.len(), 1);
+        assert_eq!(queue.front().map(|b| &b[..]), Some(&b"lo brave world"[..]));
+        assert_eq!(
+            queue.rest.capacity(),
+            0,
+            "the spill queue is freed by the merge"
+        );
+        queue.push_back(Bytes::from_static(b"a"));
+        queue.push_back(Bytes::from_static(b"b"));
+        queue.pop_front();
+        assert_eq!(queue.front().map(|b| &b[..]), Some(&b"a"[..]));
+        queue.pop_front();
+        assert_eq!(queue.front().map(|b| &b[..]), Some(&b"b"[..]));
+        assert_eq!(queue.rest.capacity(), 0, "drained: no allocation kept");
+        queue.pop_front();
+        assert!(queue.front().is_none());
     }
 }
