@@ -372,6 +372,11 @@ pub struct Reactor<H: Handler> {
     /// Messages for reactors whose queue was full, retried each iteration: never dropped.
     overflow: VecDeque<(u16, Envelope<H::Message>)>,
     accept_paused_until: Option<Instant>,
+    /// Reactors this batch put something in the mailbox of; each is woken once, at the end of
+    /// the batch.
+    to_wake: Vec<u16>,
+    /// Connections this batch queued bytes for (reused between batches).
+    to_send: Vec<u32>,
 }
 
 impl<H: Handler> std::fmt::Debug for Reactor<H> {
@@ -429,6 +434,8 @@ impl<H: Handler> Reactor<H> {
             wake_buffer: Box::new(0),
             overflow: VecDeque::new(),
             accept_paused_until: None,
+            to_wake: Vec::new(),
+            to_send: Vec::new(),
         })
     }
 
@@ -921,8 +928,15 @@ impl<H: Handler> Reactor<H> {
             self.overflow.push_back((target, envelope));
             return;
         }
-        if let Err(envelope) = self.mailboxes.queues[usize::from(target)].push(envelope) {
-            self.overflow.push_back((target, envelope));
+        match self.mailboxes.queues[usize::from(target)].push(envelope) {
+            Ok(()) => self.mark_for_wake(target),
+            Err(envelope) => self.overflow.push_back((target, envelope)),
+        }
+    }
+
+    fn mark_for_wake(&mut self, target: u16) {
+        if !self.to_wake.contains(&target) {
+            self.to_wake.push(target);
         }
     }
 
@@ -944,40 +958,34 @@ impl<H: Handler> Reactor<H> {
             }
         }
         // Retry what did not fit before, in order.
-        let mut woken = Vec::new();
         while let Some((target, envelope)) = self.overflow.pop_front() {
             match self.mailboxes.queues[usize::from(target)].push(envelope) {
-                Ok(()) => {
-                    if !woken.contains(&target) {
-                        woken.push(target);
-                    }
-                }
+                Ok(()) => self.mark_for_wake(target),
                 Err(envelope) => {
                     self.overflow.push_front((target, envelope));
                     break;
                 }
             }
         }
-        for target in woken {
-            self.mailboxes.wake(target);
-        }
     }
 
     fn apply(&mut self, actions: &mut Actions<H::Message>) {
-        let mut sent_to = Vec::new();
+        let mut to_send = std::mem::take(&mut self.to_send);
         for (id, bytes) in actions.sends.drain(..) {
             if let Some((slot, connection)) = self.lookup(id)
                 && !matches!(connection.state, ConnectionState::HandingOff { .. })
             {
-                connection.send_queue.push_back(bytes);
-                if !sent_to.contains(&slot) {
-                    sent_to.push(slot);
+                // A connection's first buffer of the batch lists it; later ones join its queue.
+                if connection.send_queue.len() == 0 {
+                    to_send.push(slot);
                 }
+                connection.send_queue.push_back(bytes);
             }
         }
-        for slot in sent_to {
+        for slot in to_send.drain(..) {
             self.start_send(slot);
         }
+        self.to_send = to_send;
         let now_ms = self.now_ms();
         for id in actions.closes.drain(..) {
             if let Some((slot, connection)) = self.lookup(id)
@@ -1014,23 +1022,11 @@ impl<H: Handler> Reactor<H> {
                 self.handler.event(now_ms, Event::ConnectFailed(tag, error));
             }
         }
-        let mut targets = Vec::new();
         for (target, message) in actions.posts.drain(..) {
             self.post(target, Envelope::Message(message));
-            if !targets.contains(&target) {
-                targets.push(target);
-            }
         }
-        // Hand-offs posted above also need their target awake.
-        for target in 0..self.mailboxes.queues.len() as u16 {
-            if target != self.config.index
-                && !self.mailboxes.queues[usize::from(target)].is_empty()
-                && !targets.contains(&target)
-            {
-                targets.push(target);
-            }
-        }
-        for target in targets {
+        // One wakeup per reactor that got messages or connections in this batch.
+        for target in self.to_wake.drain(..) {
             self.mailboxes.wake(target);
         }
     }
