@@ -180,13 +180,21 @@ fn publish(topic: &'static str, qos: QoS, packet_id: u16, payload: &'static [u8]
     })
 }
 
-fn payloads(packets: &[Packet]) -> Vec<(&[u8], QoS)> {
+/// The PUBLISH packets among `packets`.
+fn publishes_in(packets: &[Packet]) -> Vec<&Publish> {
     packets
         .iter()
         .filter_map(|packet| match packet {
-            Packet::Publish(publish) => Some((&publish.payload[..], publish.qos)),
+            Packet::Publish(publish) => Some(publish),
             _ => None,
         })
+        .collect()
+}
+
+fn payloads(packets: &[Packet]) -> Vec<(&[u8], QoS)> {
+    publishes_in(packets)
+        .into_iter()
+        .map(|publish| (&publish.payload[..], publish.qos))
         .collect()
 }
 
@@ -253,16 +261,7 @@ fn persistent_session_queues_while_offline_and_resends_unacknowledged_with_dup()
     let connack = node.connect(3, 1, connect(V311, "keeper", false));
     assert!(connack.session_present);
     let resumed = node.take(3);
-    let publishes: Vec<&Publish> = resumed
-        .iter()
-        .filter_map(|p| {
-            if let Packet::Publish(p) = p {
-                Some(p)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let publishes: Vec<&Publish> = publishes_in(&resumed);
     assert_eq!(publishes.len(), 2, "{resumed:?}");
     assert!(publishes[0].dup && &publishes[0].payload[..] == b"first");
     assert!(!publishes[1].dup && &publishes[1].payload[..] == b"second");
@@ -433,16 +432,7 @@ fn overlapping_subscriptions_give_one_copy_at_the_highest_qos_with_all_identifie
     node.take(1);
     node.send(1, &publish("a/b", QoS::ExactlyOnce, 7, b"m"));
     let got = node.take(1);
-    let publishes: Vec<&Publish> = got
-        .iter()
-        .filter_map(|p| {
-            if let Packet::Publish(p) = p {
-                Some(p)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let publishes: Vec<&Publish> = publishes_in(&got);
     assert_eq!(publishes.len(), 1);
     assert_eq!(publishes[0].qos, QoS::AtLeastOnce);
     let mut identifiers = publishes[0].properties.subscription_identifiers.clone();
@@ -609,16 +599,7 @@ fn message_expiry_drops_stale_messages_and_counts_down() {
     node.advance(3_000);
     node.connect(3, 0, v5_persistent("offline", 60));
     let got = node.take(3);
-    let publishes: Vec<&Publish> = got
-        .iter()
-        .filter_map(|p| {
-            if let Packet::Publish(p) = p {
-                Some(p)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let publishes: Vec<&Publish> = publishes_in(&got);
     assert_eq!(publishes.len(), 1, "the 1 s message expired: {got:?}");
     assert_eq!(&publishes[0].topic[..], "x/long");
     assert_eq!(
