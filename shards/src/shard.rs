@@ -1794,10 +1794,55 @@ impl Shard {
     ) {
         message.qos = qos;
         let limit = self.config.limits.queued_messages_per_session_max;
-        let session = self.session_mut(index);
-        if session.connection.is_none() && qos == QoS::AtMostOnce {
+        let now_ms = self.now_ms;
+        let Shard {
+            sessions,
+            connections,
+            dirty,
+            ..
+        } = self;
+        let session = sessions[index as usize]
+            .as_mut()
+            .expect("a live session index");
+        let Some(connection_id) = session.connection else {
+            // QoS 0 is not kept for a session without a connection.
+            if qos == QoS::AtMostOnce {
+                return;
+            }
+            return Self::enqueue(session, message, subscription_identifiers, limit);
+        };
+        // Live delivery: with nothing waiting and room in the window, straight to the
+        // connection, without passing through (and allocating) the session's queue.
+        let window_open =
+            qos == QoS::AtMostOnce || session.inflight.len() < usize::from(session.send_window);
+        if session.queue.is_empty()
+            && window_open
+            && let Some(connection) = connections.get_mut(&connection_id).filter(|c| !c.closing)
+        {
+            let was_empty = connection.outgoing.is_empty();
+            Self::transmit(
+                connection,
+                session,
+                message,
+                subscription_identifiers,
+                now_ms,
+            );
+            if was_empty && !connection.outgoing.is_empty() {
+                dirty.push(connection_id);
+            }
             return;
         }
+        Self::enqueue(session, message, subscription_identifiers, limit);
+        self.drain_queue(index);
+    }
+
+    /// Queues a message for the session, dropping the oldest when the queue is full.
+    fn enqueue(
+        session: &mut Session,
+        message: Message,
+        subscription_identifiers: Vec<u32>,
+        limit: usize,
+    ) {
         if session.queue.len() >= limit {
             session.queue.pop_front();
             session.dropped_messages += 1;
@@ -1809,7 +1854,6 @@ impl Shard {
             message,
             subscription_identifiers,
         });
-        self.drain_queue(index);
     }
 
     /// Sends queued messages while the connection's window has room.
@@ -1837,56 +1881,77 @@ impl Shard {
                 message,
                 subscription_identifiers,
             } = session.queue.pop_front().expect("a front");
-            if message.is_expired(now_ms) {
-                continue;
-            }
-            let packet_id = if needs_slot {
-                session.allocate_packet_id()
-            } else {
-                0
-            };
-            // QoS 1 and 2 keep the message for acknowledgement and resending; QoS 0 gives it up.
-            let (packet, kept) = if needs_slot {
-                let packet = publish_packet(
-                    &message,
-                    message.qos,
-                    packet_id,
-                    false,
-                    &subscription_identifiers,
-                    now_ms,
-                );
-                (
-                    Packet::Publish(packet),
-                    Some((message, subscription_identifiers)),
-                )
-            } else {
-                (
-                    Packet::Publish(publish_packet_owned(
-                        message,
-                        subscription_identifiers,
-                        now_ms,
-                    )),
-                    None,
-                )
-            };
-            // A message larger than the client's Maximum Packet Size is not sent to it
-            // [MQTT-3.1.2-25]; for QoS 1 and 2 it counts as delivered.
-            if packet.encoded_len(connection.version) > connection.client_packet_size_max as usize {
-                debug!(client_id = %session.client_id, "message larger than the client's maximum packet size: not sent");
-                continue;
-            }
-            Self::encode_into(connection, &packet);
-            if let Some((message, subscription_identifiers)) = kept {
-                session.inflight.push_back(Inflight {
-                    packet_id,
-                    message,
-                    subscription_identifiers,
-                    state: InflightState::Published,
-                });
-            }
+            Self::transmit(
+                connection,
+                session,
+                message,
+                subscription_identifiers,
+                now_ms,
+            );
+        }
+        // A backlog has drained: give its memory back (live delivery does not use the queue).
+        if session.queue.is_empty() && session.queue.capacity() > 0 {
+            session.queue = VecDeque::new();
         }
         if was_empty && !connection.outgoing.is_empty() {
             self.dirty.push(connection_id);
+        }
+    }
+    /// Encodes one message for the session's connection, holding a window slot for QoS 1/2.
+    /// Expired messages are dropped, and so are messages larger than the client accepts
+    /// [MQTT-3.1.2-25] (for QoS 1 and 2 that counts as delivered).
+    fn transmit(
+        connection: &mut Connection,
+        session: &mut Session,
+        message: Message,
+        subscription_identifiers: Vec<u32>,
+        now_ms: u64,
+    ) {
+        if message.is_expired(now_ms) {
+            return;
+        }
+        let needs_slot = message.qos != QoS::AtMostOnce;
+        let packet_id = if needs_slot {
+            session.allocate_packet_id()
+        } else {
+            0
+        };
+        // QoS 1 and 2 keep the message for acknowledgement and resending; QoS 0 gives it up.
+        let (packet, kept) = if needs_slot {
+            let packet = publish_packet(
+                &message,
+                message.qos,
+                packet_id,
+                false,
+                &subscription_identifiers,
+                now_ms,
+            );
+            (
+                Packet::Publish(packet),
+                Some((message, subscription_identifiers)),
+            )
+        } else {
+            (
+                Packet::Publish(publish_packet_owned(
+                    message,
+                    subscription_identifiers,
+                    now_ms,
+                )),
+                None,
+            )
+        };
+        if packet.encoded_len(connection.version) > connection.client_packet_size_max as usize {
+            debug!(client_id = %session.client_id, "message larger than the client's maximum packet size: not sent");
+            return;
+        }
+        Self::encode_into(connection, &packet);
+        if let Some((message, subscription_identifiers)) = kept {
+            session.inflight.push_back(Inflight {
+                packet_id,
+                message,
+                subscription_identifiers,
+                state: InflightState::Published,
+            });
         }
     }
 }
