@@ -31,14 +31,6 @@ impl Retained {
         self.messages.values()
     }
 
-    pub fn len(&self) -> usize {
-        self.messages.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-    }
-
     /// The unexpired retained messages whose topic `filter` matches; for a shared filter, none.
     pub fn matching<'a>(
         &'a self,

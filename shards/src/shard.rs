@@ -322,14 +322,6 @@ impl Shard {
         }
     }
 
-    pub fn index(&self) -> ShardIndex {
-        self.config.index
-    }
-
-    pub fn connection_count(&self) -> usize {
-        self.connections.len()
-    }
-
     pub fn session_count(&self) -> usize {
         self.client_ids.len()
     }
