@@ -1,11 +1,13 @@
 //! shardmq-net: everything shardmq puts on the wire, and (later) the I/O that moves it.
 //!
-//! Owns: the MQTT codec ([`mqtt`]): pure functions from bytes to packets and back.
-//! Planned and not built yet: `frame` (cluster frames, rkyv with a checked header), `reactor`
-//! (the per-core io_uring loop) and `ingress` (TLS, WebSocket and PROXY protocol adapters).
+//! Owns: the MQTT codec ([`mqtt`]): pure functions from bytes to packets and back; the cluster
+//! frames ([`frame`]): a checked header and an rkyv body; and, behind the `reactor` feature,
+//! the per-core io_uring loop. Planned and not built yet: `ingress` (TLS, WebSocket and PROXY
+//! protocol adapters).
 //! Never: the codec and frame modules perform I/O, read a clock or spawn a thread, so that
 //! `shardmq-shards` can depend on them without linking io_uring.
 
+pub mod frame;
 pub mod mqtt;
 #[cfg(feature = "reactor")]
 pub mod reactor;

@@ -1,0 +1,561 @@
+//! Cluster frames: what nodes say to each other on their links.
+//!
+//! Owns: the frame format (a fixed 32-byte header checked before anything else, then an rkyv
+//! body), the bodies ([`Body`]) and the link handshake's proof of the cluster secret.
+//! Never: performs I/O or reads a clock. A peer's bytes never panic a node: every failure is a
+//! [`FrameError`] that ends that link and nothing else.
+//!
+//! Header, little-endian:
+//!
+//! | bytes  | field |
+//! |--------|-------|
+//! | 0..4   | magic `SMQC` |
+//! | 4..6   | protocol version of the sender |
+//! | 6      | body kind (the [`Body`] variant, for logs and quick refusal) |
+//! | 7      | reserved, zero |
+//! | 8..16  | cluster identifier: FNV-1a of the cluster name |
+//! | 16..20 | body length |
+//! | 20..24 | CRC-32 of the body |
+//! | 24..28 | CRC-32 of bytes 0..24 |
+//! | 28..32 | reserved, zero (keeps the header a multiple of rkyv's 16-byte alignment) |
+//!
+//! The body is validated by rkyv's bytecheck once, where it enters ([`Decoder::next`]), and
+//! deserialized into the owned types below. A receive buffer is not aligned for rkyv, so the
+//! body is first copied into an aligned buffer; bodies are small next to the work they cause.
+
+use bytes::{Buf, BufMut, BytesMut};
+use hmac::{Hmac, Mac};
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+use sha2::Sha256;
+
+/// The frame protocol this build speaks. A node accepts a peer whose version is within one of
+/// its own, so that a rolling upgrade can run a cluster of two adjacent versions; the link then
+/// speaks the lower of the two.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+pub const MAGIC: [u8; 4] = *b"SMQC";
+pub const HEADER_LEN: usize = 32;
+
+/// A node's identifier within its cluster, from its configuration.
+pub type NodeId = u32;
+
+/// The cluster identifier carried by every frame: FNV-1a of the cluster name.
+pub fn cluster_id(name: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in name.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// Whether a peer speaking `version` may join a cluster with this build.
+pub fn version_compatible(version: u16) -> bool {
+    version.abs_diff(PROTOCOL_VERSION) <= 1
+}
+
+fn proof_mac(secret: &str, cluster: &str, nonce: &[u8; 16], node: NodeId) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC accepts a key of any length");
+    mac.update(cluster.as_bytes());
+    mac.update(nonce);
+    mac.update(&node.to_le_bytes());
+    mac
+}
+
+/// The proof that `node` knows the cluster secret, answering the peer's `nonce`:
+/// HMAC-SHA-256 over the cluster name, the nonce and the node identifier.
+pub fn proof(secret: &str, cluster: &str, nonce: &[u8; 16], node: NodeId) -> [u8; 32] {
+    proof_mac(secret, cluster, nonce, node)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks `candidate` against [`proof`] in constant time.
+pub fn proof_valid(
+    secret: &str,
+    cluster: &str,
+    nonce: &[u8; 16],
+    node: NodeId,
+    candidate: &[u8; 32],
+) -> bool {
+    proof_mac(secret, cluster, nonce, node)
+        .verify_slice(candidate)
+        .is_ok()
+}
+
+/// A node's role (DESIGN §4).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Holds the authoritative route table and streams it to edges.
+    Core,
+    /// Serves clients and replicates the route table from a core.
+    Edge,
+}
+
+/// What a link carries; said in its first frame.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Route deltas, the route log and heartbeats: one link per node and core.
+    Control,
+    /// Forwarded messages, from one shard of the sender.
+    Data,
+}
+
+/// A route: a topic filter and, for a shared subscription, its group.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub filter: String,
+    pub group: Option<String>,
+}
+
+/// One change of one origin's routes, numbered per origin from 1.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RouteDelta {
+    pub sequence: u64,
+    pub route: Route,
+    pub added: bool,
+}
+
+/// A cluster member as the cores know it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub node: NodeId,
+    pub role: Role,
+    /// Where its cluster port listens.
+    pub cluster_address: String,
+    /// Where it serves MQTT, for status.
+    pub mqtt_address: String,
+}
+
+/// One entry of a core's ordered route log.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum LogEntry {
+    /// A node joined (or came back).
+    Joined(Member),
+    /// A node's link to the core broke; it is shown down, its routes stay for the grace period.
+    Down(NodeId),
+    /// A node is back up within its grace period.
+    Up(NodeId),
+    /// A node left, or stayed down past the grace period: its routes are withdrawn.
+    Removed(NodeId),
+    /// A route of `origin` was added or removed.
+    Route {
+        origin: NodeId,
+        route: Route,
+        added: bool,
+    },
+    /// `origin` resent its whole route set (after a reconnect or a gap): it replaces what the
+    /// cluster held for it.
+    Replace { origin: NodeId, routes: Vec<Route> },
+}
+
+/// A published message crossing to another node.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    /// Milliseconds left before the message expires (clocks of two nodes are not compared).
+    pub expiry_ms: Option<u64>,
+    pub publisher: Option<String>,
+    pub payload_format_indicator: Option<u8>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Vec<u8>>,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+}
+
+/// A forwarded message and whom it is for on the receiving node.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    pub message: WireMessage,
+    /// Deliver to every matching plain subscription there.
+    pub plain: bool,
+    /// Deliver to one member there of each listed shared group: `(group, filter)`.
+    pub groups: Vec<(String, String)>,
+    /// Store it as retained on every shard there (a retained publish goes to every node).
+    pub store_retained: bool,
+}
+
+/// A frame body.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// The first frame of the connecting side.
+    Hello {
+        node: NodeId,
+        role: Role,
+        purpose: Purpose,
+        member: Member,
+        nonce: [u8; 16],
+    },
+    /// The accepting side's answer: its identity, its proof for the connector's nonce, and its
+    /// own nonce.
+    Welcome {
+        node: NodeId,
+        role: Role,
+        proof: [u8; 32],
+        nonce: [u8; 16],
+    },
+    /// The connector's proof for the acceptor's nonce; the link is up once it checks.
+    Proof { proof: [u8; 32] },
+    /// Why the link is refused, just before it closes.
+    Refused { reason: String },
+    /// Sent on an idle control link, so that silence means failure.
+    Heartbeat,
+    /// To a core: the sender's whole route set, as of its route `sequence`.
+    RouteSync { sequence: u64, routes: Vec<Route> },
+    /// To a core: changes of the sender's routes, in order.
+    RouteDeltas { deltas: Vec<RouteDelta> },
+    /// To a core: stream your log to me from entry `next` of log `epoch` (0: from a snapshot).
+    Follow { epoch: u64, next: u64 },
+    /// From a core: the whole state its log has built, as of entry `next - 1`.
+    LogSnapshot {
+        epoch: u64,
+        next: u64,
+        members: Vec<Member>,
+        down: Vec<NodeId>,
+        routes: Vec<(NodeId, Route)>,
+    },
+    /// From a core: log entries `first`, `first + 1`, ...
+    LogEntries {
+        epoch: u64,
+        first: u64,
+        entries: Vec<LogEntry>,
+    },
+    /// Messages, numbered per link from `first`.
+    Forward {
+        first: u64,
+        messages: Vec<Forwarded>,
+    },
+    /// Every forwarded message up to `through` has been handed to the receiving node's shards.
+    ForwardAck { through: u64 },
+    /// The sender is leaving the cluster: forget it and its routes now.
+    Leave,
+}
+
+impl Body {
+    /// The kind byte of the header.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Body::Hello { .. } => 1,
+            Body::Welcome { .. } => 2,
+            Body::Proof { .. } => 3,
+            Body::Refused { .. } => 4,
+            Body::Heartbeat => 5,
+            Body::RouteSync { .. } => 6,
+            Body::RouteDeltas { .. } => 7,
+            Body::Follow { .. } => 8,
+            Body::LogSnapshot { .. } => 9,
+            Body::LogEntries { .. } => 10,
+            Body::Forward { .. } => 11,
+            Body::ForwardAck { .. } => 12,
+            Body::Leave => 13,
+        }
+    }
+}
+
+/// Why a frame was refused. The link ends; nothing else does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    BadMagic,
+    HeaderChecksum,
+    /// The peer speaks a protocol version too far from ours.
+    Version(u16),
+    /// The peer belongs to another cluster.
+    Cluster(u64),
+    TooLong(usize),
+    BodyChecksum,
+    /// The body does not validate as the kind its header names.
+    Body(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::BadMagic => write!(f, "not a shardmq cluster frame (bad magic)"),
+            FrameError::HeaderChecksum => write!(f, "frame header checksum mismatch"),
+            FrameError::Version(v) => write!(
+                f,
+                "protocol version {v} is not compatible with ours ({PROTOCOL_VERSION})"
+            ),
+            FrameError::Cluster(id) => {
+                write!(f, "frame of another cluster (identifier {id:016x})")
+            }
+            FrameError::TooLong(n) => write!(f, "frame body of {n} bytes is above the limit"),
+            FrameError::BodyChecksum => write!(f, "frame body checksum mismatch"),
+            FrameError::Body(e) => write!(f, "frame body does not validate: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Appends the frame of `body` to `out`.
+pub fn encode(body: &Body, cluster: u64, out: &mut BytesMut) {
+    let bytes = rkyv::to_bytes::<rancor::Error>(body).expect("frame bodies always serialize");
+    let mut header = [0u8; HEADER_LEN];
+    header[0..4].copy_from_slice(&MAGIC);
+    header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    header[6] = body.kind();
+    header[8..16].copy_from_slice(&cluster.to_le_bytes());
+    header[16..20].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+    header[20..24].copy_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+    let header_crc = crc32fast::hash(&header[0..24]);
+    header[24..28].copy_from_slice(&header_crc.to_le_bytes());
+    out.reserve(HEADER_LEN + bytes.len());
+    out.put_slice(&header);
+    out.put_slice(&bytes);
+}
+
+/// Splits a link's byte stream into checked frames.
+#[derive(Debug)]
+pub struct Decoder {
+    cluster: u64,
+    body_len_max: usize,
+    buffer: BytesMut,
+    /// The peer's protocol version, from its first frame.
+    pub peer_version: Option<u16>,
+}
+
+impl Decoder {
+    pub fn new(cluster: u64, body_len_max: usize) -> Self {
+        Self {
+            cluster,
+            body_len_max,
+            buffer: BytesMut::new(),
+            peer_version: None,
+        }
+    }
+
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, `Ok(None)` if more bytes are needed. After an error the link
+    /// must be closed: the stream has lost its framing.
+    pub fn next(&mut self) -> Result<Option<Body>, FrameError> {
+        if self.buffer.len() < HEADER_LEN {
+            // A wrong magic is refused as soon as it can be seen, so that a stranger (an MQTT
+            // client on the wrong port) is told at once.
+            let seen = self.buffer.len().min(4);
+            if self.buffer[..seen] != MAGIC[..seen] {
+                return Err(FrameError::BadMagic);
+            }
+            return Ok(None);
+        }
+        let header = &self.buffer[..HEADER_LEN];
+        if header[0..4] != MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        if crc32fast::hash(&header[0..24]) != word(24) {
+            return Err(FrameError::HeaderChecksum);
+        }
+        let version = u16::from_le_bytes([header[4], header[5]]);
+        if !version_compatible(version) {
+            return Err(FrameError::Version(version));
+        }
+        let cluster = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        if cluster != self.cluster {
+            return Err(FrameError::Cluster(cluster));
+        }
+        let body_len = word(16) as usize;
+        if body_len > self.body_len_max {
+            return Err(FrameError::TooLong(body_len));
+        }
+        if self.buffer.len() < HEADER_LEN + body_len {
+            return Ok(None);
+        }
+        let body_crc = word(20);
+        let kind = header[6];
+        self.peer_version = Some(version);
+        self.buffer.advance(HEADER_LEN);
+        let raw = self.buffer.split_to(body_len);
+        if crc32fast::hash(&raw) != body_crc {
+            return Err(FrameError::BodyChecksum);
+        }
+        let mut aligned = AlignedVec::<16>::with_capacity(body_len);
+        aligned.extend_from_slice(&raw);
+        let body = rkyv::from_bytes::<Body, rancor::Error>(&aligned)
+            .map_err(|e| FrameError::Body(e.to_string()))?;
+        if body.kind() != kind {
+            return Err(FrameError::Body(format!(
+                "header says kind {kind}, body is kind {}",
+                body.kind()
+            )));
+        }
+        Ok(Some(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Body> {
+        let route = Route {
+            filter: "a/+/c".into(),
+            group: Some("g".into()),
+        };
+        let message = WireMessage {
+            topic: "a/b/c".into(),
+            payload: vec![1, 2, 3],
+            qos: 1,
+            retain: false,
+            expiry_ms: Some(5000),
+            publisher: Some("client".into()),
+            payload_format_indicator: Some(1),
+            response_topic: Some("reply".into()),
+            correlation_data: Some(vec![9]),
+            user_properties: vec![("k".into(), "v".into())],
+            content_type: Some("text/plain".into()),
+        };
+        vec![
+            Body::Heartbeat,
+            Body::RouteDeltas {
+                deltas: vec![RouteDelta {
+                    sequence: 7,
+                    route: route.clone(),
+                    added: true,
+                }],
+            },
+            Body::LogEntries {
+                epoch: 3,
+                first: 10,
+                entries: vec![
+                    LogEntry::Down(4),
+                    LogEntry::Replace {
+                        origin: 2,
+                        routes: vec![route],
+                    },
+                ],
+            },
+            Body::Forward {
+                first: 1,
+                messages: vec![Forwarded {
+                    message,
+                    plain: true,
+                    groups: vec![("g".into(), "a/#".into())],
+                    store_retained: false,
+                }],
+            },
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip_whole_and_byte_by_byte() {
+        let cluster = cluster_id("test");
+        let mut stream = BytesMut::new();
+        for body in sample() {
+            encode(&body, cluster, &mut stream);
+        }
+        let mut whole = Decoder::new(cluster, 1 << 20);
+        whole.extend(&stream);
+        let mut decoded = Vec::new();
+        while let Some(body) = whole.next().unwrap() {
+            decoded.push(body);
+        }
+        assert_eq!(decoded, sample());
+
+        let mut trickle = Decoder::new(cluster, 1 << 20);
+        let mut decoded = Vec::new();
+        for byte in stream.iter() {
+            trickle.extend(&[*byte]);
+            while let Some(body) = trickle.next().unwrap() {
+                decoded.push(body);
+            }
+        }
+        assert_eq!(decoded, sample());
+        assert_eq!(trickle.peer_version, Some(PROTOCOL_VERSION));
+    }
+
+    #[test]
+    fn damaged_frames_are_refused() {
+        let cluster = cluster_id("test");
+        let mut frame = BytesMut::new();
+        encode(&Body::Heartbeat, cluster, &mut frame);
+        let refused = |bytes: &[u8], cluster: u64, max: usize| {
+            let mut decoder = Decoder::new(cluster, max);
+            decoder.extend(bytes);
+            decoder.next().unwrap_err()
+        };
+        assert_eq!(
+            refused(b"\x10\x0c\x00\x04MQTT", cluster, 1024),
+            FrameError::BadMagic
+        );
+        assert_eq!(
+            refused(&frame, cluster_id("other"), 1024),
+            FrameError::Cluster(cluster)
+        );
+        let mut bad = frame.to_vec();
+        bad[5] ^= 1;
+        assert_eq!(refused(&bad, cluster, 1024), FrameError::HeaderChecksum);
+        let mut body_flip = BytesMut::new();
+        encode(
+            &Body::Refused {
+                reason: "x".into(),
+            },
+            cluster,
+            &mut body_flip,
+        );
+        let last = body_flip.len() - 1;
+        body_flip[last] ^= 0xFF;
+        assert_eq!(refused(&body_flip, cluster, 1024), FrameError::BodyChecksum);
+        let mut long = BytesMut::new();
+        encode(
+            &Body::Refused {
+                reason: "y".repeat(100),
+            },
+            cluster,
+            &mut long,
+        );
+        assert!(matches!(
+            refused(&long, cluster, 16),
+            FrameError::TooLong(_)
+        ));
+        // A version two steps away, with a correct header checksum.
+        let mut far = frame.to_vec();
+        far[4..6].copy_from_slice(&(PROTOCOL_VERSION + 2).to_le_bytes());
+        let crc = crc32fast::hash(&far[0..24]);
+        far[24..28].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            refused(&far, cluster, 1024),
+            FrameError::Version(PROTOCOL_VERSION + 2)
+        );
+        // A body of garbage with correct checksums fails validation, not the process.
+        let mut garbage = frame.to_vec();
+        let junk = [0xFFu8; 24];
+        garbage[16..20].copy_from_slice(&(junk.len() as u32).to_le_bytes());
+        garbage[20..24].copy_from_slice(&crc32fast::hash(&junk).to_le_bytes());
+        let crc = crc32fast::hash(&garbage[0..24]);
+        garbage[24..28].copy_from_slice(&crc.to_le_bytes());
+        garbage.truncate(HEADER_LEN);
+        garbage.extend_from_slice(&junk);
+        assert!(matches!(
+            refused(&garbage, cluster, 1024),
+            FrameError::Body(_)
+        ));
+    }
+
+    #[test]
+    fn adjacent_versions_are_compatible() {
+        assert!(version_compatible(PROTOCOL_VERSION));
+        assert!(version_compatible(PROTOCOL_VERSION + 1));
+        assert!(!version_compatible(PROTOCOL_VERSION + 2));
+    }
+
+    #[test]
+    fn proofs_need_the_secret() {
+        let nonce = [7u8; 16];
+        let good = proof("s3cret", "c", &nonce, 1);
+        assert!(proof_valid("s3cret", "c", &nonce, 1, &good));
+        assert!(!proof_valid("wrong", "c", &nonce, 1, &good));
+        assert!(!proof_valid("s3cret", "c", &nonce, 2, &good));
+        assert!(!proof_valid("s3cret", "c", &[8u8; 16], 1, &good));
+    }
+}
