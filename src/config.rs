@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use serde::Deserialize;
+use shardmq_net::frame::{Member, Role};
 use shardmq_net::mqtt::QoS;
+use shardmq_shards::cluster::{ClusterSettings, LinkSettings};
 use shardmq_shards::{Limits, SharedStrategy};
 
 /// The embedded defaults.
@@ -17,6 +19,34 @@ pub struct Config {
     pub server: Server,
     pub reactor: Reactor,
     pub limits: LimitsConfig,
+    pub cluster: ClusterConfig,
+    pub admin: Admin,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    pub name: String,
+    pub secret: String,
+    pub node_id: u32,
+    pub role: String,
+    pub listen: SocketAddr,
+    pub advertise: String,
+    pub seeds: Vec<SocketAddr>,
+    pub heartbeat_ms: u64,
+    pub link_timeout_ms: u64,
+    pub reconnect_ms: u64,
+    pub down_grace_seconds: u64,
+    pub log_entries_max: usize,
+    pub forward_queue_max: usize,
+    pub frame_size_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,9 +121,12 @@ impl Config {
             .parse()
             .map_err(|error| format!("{source}: {error}"))?;
         merge(&mut table, overrides, "")?;
-        let config: Config = toml::Value::Table(table)
+        let mut config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|error| format!("{source}: {error}"))?;
+        if let Ok(secret) = std::env::var("SHARDMQ_CLUSTER_SECRET") {
+            config.cluster.secret = secret;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -157,7 +190,113 @@ impl Config {
             "`limits.queued_messages_per_session_max` must be positive",
         )?;
         self.shared_strategy()?;
+        self.admin_listen()?;
+        if self.cluster.enabled {
+            self.cluster_settings()?;
+        }
         Ok(())
+    }
+
+    /// The admin endpoint's address, if it is on.
+    pub fn admin_listen(&self) -> Result<Option<SocketAddr>, String> {
+        if self.admin.listen.is_empty() {
+            return Ok(None);
+        }
+        self.admin
+            .listen
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("`admin.listen` is {:?}: {e}", self.admin.listen))
+    }
+
+    /// The cluster settings for the shards, checked; `server.listen` gives the MQTT address
+    /// other nodes show in their status.
+    pub fn cluster_settings(&self) -> Result<ClusterSettings, String> {
+        let c = &self.cluster;
+        let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
+        check(
+            c.node_id > 0,
+            "`cluster.node_id` must be set (1 or more) when the cluster is enabled",
+        )?;
+        check(!c.name.is_empty(), "`cluster.name` must not be empty")?;
+        check(
+            c.secret.len() >= 16,
+            "`cluster.secret` (or SHARDMQ_CLUSTER_SECRET) must be at least 16 characters when the cluster is enabled",
+        )?;
+        let role = match c.role.as_str() {
+            "core" => Role::Core,
+            "edge" => Role::Edge,
+            other => {
+                return Err(format!(
+                    "`cluster.role` is {other:?}: expected \"core\" or \"edge\""
+                ));
+            }
+        };
+        check(
+            role == Role::Core || !c.seeds.is_empty(),
+            "`cluster.seeds` must name at least one core when `cluster.role` is \"edge\"",
+        )?;
+        let advertise: SocketAddr = if c.advertise.is_empty() {
+            c.listen
+        } else {
+            c.advertise
+                .parse()
+                .map_err(|e| format!("`cluster.advertise` is {:?}: {e}", c.advertise))?
+        };
+        check(
+            !advertise.ip().is_unspecified(),
+            "`cluster.advertise` must be set when `cluster.listen` is an unspecified address (0.0.0.0): other nodes dial it",
+        )?;
+        check(
+            c.heartbeat_ms > 0,
+            "`cluster.heartbeat_ms` must be positive",
+        )?;
+        check(
+            c.link_timeout_ms > c.heartbeat_ms,
+            "`cluster.link_timeout_ms` must be longer than `cluster.heartbeat_ms`",
+        )?;
+        check(
+            c.reconnect_ms > 0,
+            "`cluster.reconnect_ms` must be positive",
+        )?;
+        check(
+            c.log_entries_max > 0,
+            "`cluster.log_entries_max` must be positive",
+        )?;
+        check(
+            c.forward_queue_max > 0,
+            "`cluster.forward_queue_max` must be positive",
+        )?;
+        check(
+            c.frame_size_max >= 4096,
+            "`cluster.frame_size_max` must be at least 4096 bytes",
+        )?;
+        let mqtt_address = self
+            .server
+            .listen
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        Ok(ClusterSettings {
+            link: LinkSettings {
+                member: Member {
+                    node: c.node_id,
+                    role,
+                    cluster_address: advertise.to_string(),
+                    mqtt_address,
+                },
+                cluster_name: c.name.clone(),
+                cluster_secret: c.secret.clone(),
+                body_len_max: c.frame_size_max,
+            },
+            seeds: c.seeds.clone(),
+            heartbeat_ms: c.heartbeat_ms,
+            link_timeout_ms: c.link_timeout_ms,
+            reconnect_ms: c.reconnect_ms,
+            down_grace_ms: c.down_grace_seconds * 1000,
+            log_entries_max: c.log_entries_max,
+            forward_queue_max: c.forward_queue_max,
+        })
     }
 
     pub fn shared_strategy(&self) -> Result<SharedStrategy, String> {
@@ -222,5 +361,40 @@ mod tests {
         );
         let config = Config::from_overrides("[server]\nshards = 3\n", "f.toml").unwrap();
         assert_eq!(config.server.shards, 3);
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_only_when_enabled() {
+        // A valid enabled cluster, with one key replaced by `extra` ("key = value").
+        let cluster = |extra: &str| {
+            let key = extra.split(" = ").next().unwrap_or("");
+            let lines: String = [
+                "enabled = true",
+                "node_id = 1",
+                "secret = \"0123456789abcdef\"",
+                "listen = \"127.0.0.1:7001\"",
+            ]
+            .iter()
+            .filter(|line| key.is_empty() || !line.starts_with(key))
+            .map(|line| format!("{line}\n"))
+            .collect();
+            Config::from_overrides(&format!("[cluster]\n{lines}{extra}\n"), "f.toml")
+        };
+        let settings = cluster("").unwrap().cluster_settings().unwrap();
+        assert_eq!(settings.link.member.cluster_address, "127.0.0.1:7001");
+        assert!(Config::from_overrides("[cluster]\nnode_id = 0\n", "f.toml").is_ok());
+        for (extra, key) in [
+            ("role = \"edge\"", "cluster.seeds"),
+            ("role = \"leader\"", "cluster.role"),
+            ("secret = \"short\"", "cluster.secret"),
+            ("listen = \"0.0.0.0:7001\"", "cluster.advertise"),
+            ("heartbeat_ms = 5000", "cluster.link_timeout_ms"),
+        ] {
+            let error = cluster(extra).unwrap_err();
+            assert!(error.contains(key), "{extra}: {error}");
+        }
+        let error =
+            Config::from_overrides("[admin]\nlisten = \"nowhere\"\n", "f.toml").unwrap_err();
+        assert!(error.contains("admin.listen"), "{error}");
     }
 }

@@ -4,6 +4,7 @@
 //! broker core) through the `ShardHandler` glue below. SIGINT and SIGTERM stop the reactors,
 //! which send every client DISCONNECT 0x8B (5.0) and flush before exiting.
 
+mod admin;
 mod config;
 
 use std::path::{Path, PathBuf};
@@ -11,9 +12,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use admin::{Control, NodeMessage};
 use clap::{Parser, Subcommand};
 use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
-use shardmq_shards::{Input, Output, Shard, ShardConfig, ShardMessage};
+use shardmq_shards::cluster::NodeShard;
+use shardmq_shards::{Input, Output, Shard, ShardConfig};
 use tracing::{error, info, warn};
 
 use config::Config;
@@ -46,33 +49,91 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Manage a running node through its admin endpoint.
+    Ctl {
+        /// The node's admin endpoint (`admin.listen`).
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8883")]
+        admin: String,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
 }
 
-/// Drives one shard from a reactor.
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// The cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Members, their state and routes, the core followed and the replication lag.
+    Status,
+    /// Join the cluster through the core whose cluster port is ADDR.
+    Join {
+        #[arg(value_name = "ADDR:PORT")]
+        address: std::net::SocketAddr,
+    },
+    /// Leave the cluster: the cores withdraw this node's routes at once.
+    Leave,
+}
+
+/// Drives one shard (and its cluster links) from a reactor.
 struct ShardHandler {
-    shard: Shard,
+    node: NodeShard,
     outputs: Vec<Output>,
 }
 
-impl Handler for ShardHandler {
-    type Message = ShardMessage;
+impl ShardHandler {
+    fn control(&mut self, now_ms: u64, control: Control) {
+        match control {
+            Control::Status(reply) => {
+                let _ = reply.send(
+                    self.node
+                        .status(now_ms)
+                        .map(|status| admin::status_json(&status)),
+                );
+            }
+            Control::Join(address, reply) => {
+                let _ = reply.send(self.node.join(now_ms, address));
+            }
+            Control::Leave(reply) => {
+                let _ = reply.send(self.node.leave(now_ms));
+            }
+        }
+    }
+}
 
-    fn event(&mut self, now_ms: u64, event: Event<ShardMessage>) {
+impl Handler for ShardHandler {
+    type Message = NodeMessage;
+
+    fn event(&mut self, now_ms: u64, event: Event<NodeMessage>) {
         let input = match event {
             Event::Opened(connection) => Input::Opened { connection },
+            Event::OpenedSide(connection) => {
+                return self.node.cluster_accepted(now_ms, connection);
+            }
+            Event::Connected(connection, tag) => {
+                return self.node.connected(now_ms, connection, tag);
+            }
+            Event::ConnectFailed(tag, error) => {
+                return self.node.connect_failed(now_ms, tag, &error.to_string());
+            }
             Event::Received(connection, bytes) => Input::Received { connection, bytes },
             Event::Closed(connection) => Input::Closed { connection },
-            Event::Message(message) => Input::Shard(message),
+            Event::Message(NodeMessage::Shard(message)) => Input::Shard(message),
+            Event::Message(NodeMessage::Control(control)) => {
+                return self.control(now_ms, control);
+            }
             Event::Tick => Input::Tick,
             Event::Shutdown => Input::Shutdown,
-            // The broker opens no outbound connections.
-            Event::Connected(..) | Event::ConnectFailed(..) => return,
         };
-        self.shard.handle(now_ms, input);
+        self.node.handle(now_ms, input);
     }
 
-    fn flush(&mut self, actions: &mut Actions<ShardMessage>) {
-        self.shard.take_outputs(&mut self.outputs);
+    fn flush(&mut self, actions: &mut Actions<NodeMessage>) {
+        self.node.take_outputs(&mut self.outputs);
         for output in self.outputs.drain(..) {
             match output {
                 Output::Send { connection, bytes } => actions.send(connection, bytes),
@@ -82,13 +143,19 @@ impl Handler for ShardHandler {
                     shard,
                     bytes,
                 } => actions.hand_off(connection, shard, bytes),
-                Output::ToShard { shard, message } => actions.post(shard, message),
+                Output::ToShard { shard, message } => {
+                    actions.post(shard, NodeMessage::Shard(message))
+                }
+                Output::Connect { address, tag } => actions.connect(address, None, tag),
+                Output::ToNode { .. } | Output::NodeRoute { .. } => {
+                    unreachable!("the node shard carries out cluster outputs itself")
+                }
             }
         }
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        self.shard.next_deadline_ms().map(|ms| ms * 1000)
+        self.node.next_deadline_ms().map(|ms| ms * 1000)
     }
 }
 
@@ -143,7 +210,13 @@ fn serve(config: Config) -> Result<(), String> {
             .min(usize::from(u16::MAX)) as u16,
         n => n,
     };
-    let mailboxes: Arc<Mailboxes<ShardMessage>> =
+    let cluster = if config.cluster.enabled {
+        Some(config.cluster_settings()?)
+    } else {
+        None
+    };
+    let admin_listen = config.admin_listen()?;
+    let mailboxes: Arc<Mailboxes<NodeMessage>> =
         Mailboxes::new(shard_count, config.reactor.mailbox_capacity)
             .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
     let cores = core_ids(config.server.pin_cores);
@@ -163,6 +236,12 @@ fn serve(config: Config) -> Result<(), String> {
         let reactor_config = ReactorConfig {
             index,
             listen: config.server.listen.clone(),
+            // Shard 0 serves the cluster port: it holds the agent, and inbound links land
+            // where the route log and the per-sender delivery numbers live.
+            side_listen: match (&cluster, index) {
+                (Some(_), 0) => Some(config.cluster.listen),
+                _ => None,
+            },
             backlog: config.server.backlog,
             ring_entries: config.reactor.ring_entries,
             buffer_count: config.reactor.buffer_count,
@@ -171,17 +250,14 @@ fn serve(config: Config) -> Result<(), String> {
             epoch,
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
         };
-        let mut handler = ShardHandler {
-            shard: Shard::new(ShardConfig {
-                index,
-                shard_count,
-                limits: config.limits(),
-                shared_strategy: config.shared_strategy()?,
-            }),
-            outputs: Vec::new(),
-        };
+        let mut shard = Shard::new(ShardConfig {
+            index,
+            shard_count,
+            limits: config.limits(),
+            shared_strategy: config.shared_strategy()?,
+        });
         for (path, bytes) in snapshots.iter() {
-            match handler.shard.restore(bytes) {
+            match shard.restore(bytes) {
                 Ok((sessions, retained, warning)) => {
                     if sessions > 0 || (index == 0 && retained > 0) {
                         info!(shard = index, file = %path.display(), sessions, retained, "restored from the snapshot");
@@ -195,6 +271,21 @@ fn serve(config: Config) -> Result<(), String> {
                 }
             }
         }
+        let node = match &cluster {
+            None => NodeShard::standalone(shard, index, shard_count),
+            Some(settings) => NodeShard::clustered(
+                shard,
+                index,
+                shard_count,
+                settings.clone(),
+                random_seed(index),
+                epoch.elapsed().as_millis() as u64,
+            ),
+        };
+        let handler = ShardHandler {
+            node,
+            outputs: Vec::new(),
+        };
         let mailboxes = mailboxes.clone();
         let ready_sender = ready_sender.clone();
         let data_dir = data_dir.clone();
@@ -206,7 +297,7 @@ fn serve(config: Config) -> Result<(), String> {
                         let _ = ready_sender.send((index, Ok(())));
                         let handler = reactor.run()?;
                         if let Some(directory) = data_dir {
-                            let bytes = handler.shard.snapshot();
+                            let bytes = handler.node.shard.snapshot();
                             write_snapshot(&directory, index, &bytes)?;
                             info!(shard = index, bytes = bytes.len(), "snapshot written");
                         }
@@ -229,6 +320,12 @@ fn serve(config: Config) -> Result<(), String> {
             Ok((index, Err(e))) => startup_error = Some(format!("shard {index}: {e}")),
             Err(_) => startup_error = Some("a shard thread ended during start-up".into()),
         }
+    }
+    if startup_error.is_none()
+        && let Some(address) = admin_listen
+        && let Err(message) = admin::start(address, mailboxes.clone())
+    {
+        startup_error = Some(message);
     }
     if let Some(message) = startup_error {
         mailboxes.stop();
@@ -261,6 +358,17 @@ fn serve(config: Config) -> Result<(), String> {
         listen = listen.join(","),
         "shardmq serving MQTT"
     );
+    if let Some(settings) = &cluster {
+        info!(
+            cluster = config.cluster.name,
+            node = settings.link.member.node,
+            role = config.cluster.role,
+            cluster_listen = %config.cluster.listen,
+            advertise = settings.link.member.cluster_address,
+            seeds = ?settings.seeds,
+            "cluster member"
+        );
+    }
     let mut failed = false;
     for (index, thread) in threads.into_iter().enumerate() {
         match thread.join() {
@@ -301,6 +409,13 @@ fn serve(config: Config) -> Result<(), String> {
     }
 }
 
+/// A seed for a shard's cluster epoch and link nonces: the standard library's randomly keyed
+/// hasher (seeded from the OS), so nonces differ across starts and nodes.
+fn random_seed(index: u16) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one((index, Instant::now()))
+}
+
 fn core_ids(pin: bool) -> Vec<usize> {
     if !pin {
         return Vec::new();
@@ -318,6 +433,29 @@ fn main() -> ExitCode {
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
+        }
+        Command::Ctl { admin, command } => {
+            let (method, path) = match &command {
+                CtlCommand::Cluster(ClusterCommand::Status) => {
+                    ("GET", "/api/v1/cluster/status".to_string())
+                }
+                CtlCommand::Cluster(ClusterCommand::Join { address }) => {
+                    ("POST", format!("/api/v1/cluster/join?address={address}"))
+                }
+                CtlCommand::Cluster(ClusterCommand::Leave) => {
+                    ("POST", "/api/v1/cluster/leave".to_string())
+                }
+            };
+            match admin::ctl(&admin, method, &path) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("shardmq ctl: {message}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Serve {
             listen,

@@ -485,6 +485,7 @@ impl Runner {
             let config = ReactorConfig {
                 index: index as u16,
                 listen: Vec::new(),
+                side_listen: None,
                 backlog: 1,
                 ring_entries: 4096,
                 buffer_count: 4096,

@@ -8,6 +8,7 @@
 //! is shared or locked: no `Arc`, `Mutex` or atomics (the `Bytes` buffers it passes on are
 //! reference-counted by the `bytes` crate, which is how one payload serves every subscriber).
 
+pub mod cluster;
 pub mod limits;
 pub mod message;
 pub mod retained;
@@ -16,5 +17,5 @@ pub mod snapshot;
 pub mod trie;
 
 pub use limits::Limits;
-pub use message::{ConnectionId, Message, ShardIndex, ShardMessage};
+pub use message::{ConnectionId, Forwarded, Message, NodeId, ShardIndex, ShardMessage};
 pub use shard::{Input, Output, Shard, ShardConfig, SharedStrategy, owner_shard};

@@ -7,6 +7,9 @@ use shardmq_net::mqtt::{PublishProperties, QoS};
 /// The index of a shard within its node.
 pub type ShardIndex = u16;
 
+/// A node of the cluster (the frame module's identifier).
+pub use shardmq_net::frame::NodeId;
+
 /// A connection, named by the reactor; opaque to the shard.
 pub type ConnectionId = u64;
 
@@ -84,7 +87,29 @@ pub enum ShardMessage {
         plain: bool,
         groups: Vec<(ByteString, ByteString)>,
     },
+    /// Node `node` of the cluster gained its first (`added`) or lost its last subscriber of
+    /// `filter` (with `group`, of that shared group's `filter`). From the cluster agent.
+    RemoteRoute {
+        node: NodeId,
+        filter: ByteString,
+        group: Option<ByteString>,
+        added: bool,
+    },
+    /// The other members of the cluster now, with their cluster addresses. From the cluster
+    /// agent.
+    ClusterNodes(Vec<(NodeId, std::net::SocketAddr)>),
     /// Store (or, with an empty payload, clear) a retained message. Every shard keeps the whole
     /// retained set, so a subscribe never waits on another shard.
     Retain { message: Message },
+}
+
+/// A message forwarded to another node, and whom it is for there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    pub message: Message,
+    /// Deliver to every matching plain subscription on that node.
+    pub plain: bool,
+    /// Deliver to one member on that node of each shared group: `(group, filter)`. The
+    /// publishing node picked that node for the group.
+    pub groups: Vec<(ByteString, ByteString)>,
 }

@@ -22,7 +22,7 @@ use shardmq_net::mqtt::{
 use tracing::{debug, info, warn};
 
 use crate::limits::Limits;
-use crate::message::{ConnectionId, Message, ShardIndex, ShardMessage};
+use crate::message::{ConnectionId, Forwarded, Message, NodeId, ShardIndex, ShardMessage};
 use crate::retained::Retained;
 use crate::trie::{Change, Trie};
 
@@ -54,6 +54,8 @@ pub enum Input {
     Closed { connection: ConnectionId },
     /// A batch of messages from other shards.
     Shard(ShardMessage),
+    /// A message forwarded by another node of the cluster: delivered here, never forwarded on.
+    FromNode(Forwarded),
     /// Time passed: deadlines (keep alive, will delay, session expiry) are checked.
     Tick,
     /// The server is shutting down: every client gets DISCONNECT 0x8B (5.0) and is closed.
@@ -83,6 +85,22 @@ pub enum Output {
     ToShard {
         shard: ShardIndex,
         message: ShardMessage,
+    },
+    /// Forward a message to another node of the cluster.
+    ToNode { node: NodeId, forwarded: Forwarded },
+    /// Open a TCP connection (a cluster link); the reactor answers with the connection or the
+    /// failure, named by `tag`. Emitted by the cluster layer, never by the shard itself.
+    Connect {
+        address: std::net::SocketAddr,
+        tag: u64,
+    },
+    /// This node gained its first (`added`) or lost its last shard holding `filter` (for a
+    /// shared subscription, `group`'s `filter`): a route delta for the cluster. Only shard 0
+    /// emits these, so each change is told once.
+    NodeRoute {
+        filter: ByteString,
+        group: Option<ByteString>,
+        added: bool,
     },
 }
 
@@ -138,11 +156,18 @@ struct SharedMember {
     subscriber: Subscriber,
 }
 
+/// Where a route leads: a shard of this node, or another node of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Shard(ShardIndex),
+    Node(NodeId),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SharedRoute {
     group: ByteString,
     filter: ByteString,
-    shard: ShardIndex,
+    target: Target,
 }
 
 type SessionIndex = u32;
@@ -273,8 +298,12 @@ pub struct Shard {
     client_ids: HashMap<ByteString, SessionIndex>,
     subscriptions: Trie<Subscriber>,
     shared: Trie<SharedMember>,
-    routes: Trie<ShardIndex>,
+    /// The node route table (which shards of this node hold a filter) and the cluster route
+    /// table (which other nodes do), in one trie so that a publish matches once.
+    routes: Trie<Target>,
     shared_routes: Trie<SharedRoute>,
+    /// The other nodes of the cluster that are members now: a retained message goes to each.
+    cluster_nodes: Vec<NodeId>,
     retained: Retained,
     timers: BinaryHeap<Reverse<(u64, Timer)>>,
     outputs: Vec<Output>,
@@ -310,6 +339,7 @@ impl Shard {
             shared: Trie::new(),
             routes: Trie::new(),
             shared_routes: Trie::new(),
+            cluster_nodes: Vec::new(),
             retained: Retained::default(),
             timers: BinaryHeap::new(),
             outputs: Vec::new(),
@@ -340,6 +370,12 @@ impl Shard {
             Input::Received { connection, bytes } => self.receive(connection, bytes),
             Input::Closed { connection } => self.connection_lost(connection, "closed by the peer"),
             Input::Shard(message) => self.shard_message(message),
+            Input::FromNode(forwarded) => {
+                self.route(
+                    forwarded.message,
+                    Some((forwarded.plain, &forwarded.groups)),
+                );
+            }
             Input::Tick => self.fire_timers(),
             Input::Shutdown => self.shutdown(),
         }
@@ -1505,43 +1541,21 @@ impl Shard {
             ShardMessage::Route {
                 shard,
                 filter,
-                group: None,
-                added: true,
+                group,
+                added,
             } => {
-                self.routes.insert(&filter, shard);
+                self.change_route(Target::Shard(shard), filter, group, added);
             }
-            ShardMessage::Route {
-                shard,
+            ShardMessage::RemoteRoute {
+                node,
                 filter,
-                group: None,
-                added: false,
+                group,
+                added,
             } => {
-                self.routes.remove(&filter, |&s| s == shard);
+                self.change_route(Target::Node(node), filter, group, added);
             }
-            ShardMessage::Route {
-                shard,
-                filter,
-                group: Some(group),
-                added: true,
-            } => {
-                self.shared_routes.insert(
-                    &filter.clone(),
-                    SharedRoute {
-                        group,
-                        filter,
-                        shard,
-                    },
-                );
-            }
-            ShardMessage::Route {
-                shard,
-                filter,
-                group: Some(group),
-                added: false,
-            } => {
-                self.shared_routes.remove(&filter, |route| {
-                    route.shard == shard && route.group == group
-                });
+            ShardMessage::ClusterNodes(nodes) => {
+                self.cluster_nodes = nodes.into_iter().map(|(node, _)| node).collect();
             }
             ShardMessage::Deliver {
                 message,
@@ -1553,13 +1567,92 @@ impl Shard {
             }
         }
     }
+
+    /// Adds or removes one route of the node or cluster table. Shard 0 tells the cluster when
+    /// the node's count of shards for the route goes 0 -> 1 or 1 -> 0.
+    fn change_route(
+        &mut self,
+        target: Target,
+        filter: ByteString,
+        group: Option<ByteString>,
+        added: bool,
+    ) {
+        let shard_count = match &group {
+            None => {
+                if added {
+                    if !self.routes.get(&filter).contains(&target) {
+                        self.routes.insert(&filter, target);
+                    }
+                } else {
+                    self.routes.remove(&filter, |t| *t == target);
+                }
+                self.routes
+                    .get(&filter)
+                    .iter()
+                    .filter(|t| matches!(t, Target::Shard(_)))
+                    .count()
+            }
+            Some(group) => {
+                let present = self
+                    .shared_routes
+                    .get(&filter)
+                    .iter()
+                    .any(|r| r.target == target && r.group == *group);
+                if added && !present {
+                    self.shared_routes.insert(
+                        &filter.clone(),
+                        SharedRoute {
+                            group: group.clone(),
+                            filter: filter.clone(),
+                            target,
+                        },
+                    );
+                } else if !added {
+                    self.shared_routes
+                        .remove(&filter, |r| r.target == target && r.group == *group);
+                }
+                self.shared_routes
+                    .get(&filter)
+                    .iter()
+                    .filter(|r| r.group == *group && matches!(r.target, Target::Shard(_)))
+                    .count()
+            }
+        };
+        let node_level_change = if added {
+            shard_count == 1
+        } else {
+            shard_count == 0
+        };
+        if self.config.index == 0 && matches!(target, Target::Shard(_)) && node_level_change {
+            self.outputs.push(Output::NodeRoute {
+                filter,
+                group,
+                added,
+            });
+        }
+    }
 }
 
 // Publishing and delivery.
 impl Shard {
-    /// Routes a message to every shard with a matching subscription; returns whether any
-    /// subscription matched.
+    /// Routes a message published by a client of this node; returns whether any subscription
+    /// (here or on another node) matched.
     fn publish(&mut self, message: Message) -> bool {
+        self.route(message, None)
+    }
+
+    /// Routes a message to every shard of this node with a matching subscription and, for a
+    /// message published here (`from_node` is None), to every other node with one. A message
+    /// from another node carries what it is for here: plain subscriptions, and the shared
+    /// groups whose member that node picked to be on this node.
+    fn route(
+        &mut self,
+        message: Message,
+        from_node: Option<(bool, &[(ByteString, ByteString)])>,
+    ) -> bool {
+        let local_origin = from_node.is_none();
+        // A retained message is stored by every shard of every node. A message from another
+        // node was sent here for that alone when it matched nothing here.
         if message.retain {
             for target in 0..self.config.shard_count {
                 if target != self.config.index {
@@ -1574,57 +1667,129 @@ impl Shard {
             self.retained.store(message.clone());
         }
         // Which shards have matching plain subscriptions: a scratch vector kept between
-        // messages, so routing allocates nothing unless shared subscriptions match.
+        // messages, so routing allocates nothing unless shared subscriptions or other nodes
+        // match.
         let shard_count = usize::from(self.config.shard_count);
         let mut plain = std::mem::take(&mut self.plain_targets);
         plain.clear();
         plain.resize(shard_count, false);
-        self.routes.for_each_match(&message.topic, |shards| {
-            for &shard in shards {
-                plain[usize::from(shard)] = true;
-            }
-        });
-        // One member shard per shared group and filter, taken in turn.
-        let mut chosen_groups: Vec<(ShardIndex, ByteString, ByteString)> = Vec::new();
-        if self.shared_routes.filter_count() > 0 {
-            let turn = &mut self.shared_shard_turn;
-            let strategy = self.config.shared_strategy;
-            let publisher = message.publisher.as_ref();
-            self.shared_routes.for_each_match(&message.topic, |routes| {
-                for (position, route) in routes.iter().enumerate() {
-                    // Each group once per filter: at its first route.
-                    if routes[..position]
-                        .iter()
-                        .any(|earlier| earlier.group == route.group)
-                    {
-                        continue;
+        let mut plain_nodes: Vec<NodeId> = Vec::new();
+        if from_node.is_none_or(|(plain, _)| plain) {
+            self.routes.for_each_match(&message.topic, |targets| {
+                for &target in targets {
+                    match target {
+                        Target::Shard(shard) => plain[usize::from(shard)] = true,
+                        Target::Node(node) if local_origin => {
+                            if !plain_nodes.contains(&node) {
+                                plain_nodes.push(node);
+                            }
+                        }
+                        Target::Node(_) => {}
                     }
-                    // Member shards in index order, so a hash picks the same one every time.
-                    let mut members: Vec<&SharedRoute> =
-                        routes.iter().filter(|r| r.group == route.group).collect();
-                    members.sort_unstable_by_key(|r| r.shard);
-                    let chosen = members[pick_member(strategy, turn, publisher, members.len())];
-                    chosen_groups.push((chosen.shard, chosen.group.clone(), chosen.filter.clone()));
                 }
             });
         }
-        // The last target takes the message itself; the others get clones (each clone is a few
+        // One member per shared group and filter, cluster-wide: a shard of this node or
+        // another node, taken in turn.
+        let mut chosen_groups: Vec<(Target, ByteString, ByteString)> = Vec::new();
+        let turn = &mut self.shared_shard_turn;
+        let strategy = self.config.shared_strategy;
+        let publisher = message.publisher.as_ref();
+        let mut choose = |routes: &[SharedRoute], group: &ByteString, remote_allowed: bool| {
+            // Members in target order, so a hash picks the same one every time.
+            let mut members: Vec<&SharedRoute> = routes
+                .iter()
+                .filter(|r| {
+                    r.group == *group && (remote_allowed || matches!(r.target, Target::Shard(_)))
+                })
+                .collect();
+            if members.is_empty() {
+                return None;
+            }
+            members.sort_unstable_by_key(|r| r.target);
+            let chosen = members[pick_member(strategy, turn, publisher, members.len())];
+            Some((chosen.target, chosen.group.clone(), chosen.filter.clone()))
+        };
+        match from_node {
+            None if self.shared_routes.filter_count() > 0 => {
+                self.shared_routes.for_each_match(&message.topic, |routes| {
+                    for (position, route) in routes.iter().enumerate() {
+                        // Each group once per filter: at its first route.
+                        if routes[..position]
+                            .iter()
+                            .any(|earlier| earlier.group == route.group)
+                        {
+                            continue;
+                        }
+                        chosen_groups.extend(choose(routes, &route.group, true));
+                    }
+                });
+            }
+            None => {}
+            Some((_, groups)) => {
+                for (group, filter) in groups {
+                    let routes = self.shared_routes.get(filter);
+                    match choose(routes, group, false) {
+                        Some(chosen) => chosen_groups.push(chosen),
+                        None => {
+                            debug!(%group, %filter, "forwarded for a shared group that has no member here now")
+                        }
+                    }
+                }
+            }
+        }
+        let groups_for = |target: Target| -> Vec<(ByteString, ByteString)> {
+            chosen_groups
+                .iter()
+                .filter(|(t, _, _)| *t == target)
+                .map(|(_, group, filter)| (group.clone(), filter.clone()))
+                .collect()
+        };
+        // Other nodes: one forward each, for its plain subscriptions, its chosen groups and
+        // (retained messages go to every node) its retained store.
+        let mut matched = !plain_nodes.is_empty();
+        if local_origin {
+            let mut nodes = plain_nodes.clone();
+            for (target, _, _) in &chosen_groups {
+                if let Target::Node(node) = *target
+                    && !nodes.contains(&node)
+                {
+                    nodes.push(node);
+                }
+            }
+            if message.retain {
+                for &node in &self.cluster_nodes {
+                    if !nodes.contains(&node) {
+                        nodes.push(node);
+                    }
+                }
+            }
+            for node in nodes {
+                let groups = groups_for(Target::Node(node));
+                matched |= !groups.is_empty();
+                self.outputs.push(Output::ToNode {
+                    node,
+                    forwarded: Forwarded {
+                        message: message.clone(),
+                        plain: plain_nodes.contains(&node),
+                        groups,
+                    },
+                });
+            }
+        }
+        // The last shard takes the message itself; the others get clones (each clone is a few
         // reference-count increments and a copy of the properties).
         let has_groups = |target: usize| {
             chosen_groups
                 .iter()
-                .any(|(shard, _, _)| usize::from(*shard) == target)
+                .any(|(t, _, _)| *t == Target::Shard(target as ShardIndex))
         };
         let last_target = (0..shard_count)
             .rev()
             .find(|&target| plain[target] || has_groups(target));
         let mut message = Some(message);
         for (target, &has_plain) in plain.iter().enumerate() {
-            let groups: Vec<(ByteString, ByteString)> = chosen_groups
-                .iter()
-                .filter(|(shard, _, _)| usize::from(*shard) == target)
-                .map(|(_, group, filter)| (group.clone(), filter.clone()))
-                .collect();
+            let groups = groups_for(Target::Shard(target as ShardIndex));
             if !has_plain && groups.is_empty() {
                 continue;
             }
@@ -1650,7 +1815,7 @@ impl Shard {
                 });
             }
         }
-        let matched = last_target.is_some();
+        matched |= last_target.is_some();
         self.plain_targets = plain;
         matched
     }

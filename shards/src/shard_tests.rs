@@ -75,6 +75,8 @@ impl Node {
                     Output::ToShard { shard, message } => {
                         work.push_back((usize::from(shard), Input::Shard(message)))
                     }
+                    // A node on its own: no cluster to tell or forward to.
+                    Output::ToNode { .. } | Output::NodeRoute { .. } | Output::Connect { .. } => {}
                 }
             }
         }

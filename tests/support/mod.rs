@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 /// A broker process, stopped with SIGTERM (then SIGKILL) when dropped.
 pub struct Broker {
     pub port: u16,
+    /// The admin endpoint's port, unless the test's configuration set its own `[admin]`.
+    pub admin_port: u16,
     child: Child,
     log: std::path::PathBuf,
 }
@@ -32,10 +34,17 @@ impl Broker {
             std::env::temp_dir().join(format!("shardmq-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&directory).unwrap();
         let config_path = directory.join("config.toml");
+        // Each broker of a test run gets its own admin port (the default one is shared).
+        let admin_port = free_port();
+        let admin = if config.contains("[admin]") {
+            String::new()
+        } else {
+            format!("\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n")
+        };
         std::fs::write(
             &config_path,
             format!(
-                "[server]\npin_cores = false\nshutdown_grace_seconds = 2\nlog = \"info\"\n{config}"
+                "[server]\npin_cores = false\nshutdown_grace_seconds = 2\nlog = \"info\"\n{config}{admin}"
             ),
         )
         .unwrap();
@@ -54,7 +63,12 @@ impl Broker {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting shardmq");
-        let broker = Self { port, child, log };
+        let broker = Self {
+            port,
+            admin_port,
+            child,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(broker.address()).is_err() {
             assert!(

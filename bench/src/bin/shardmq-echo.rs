@@ -65,6 +65,7 @@ fn reactor_config(listen: Vec<SocketAddr>) -> ReactorConfig {
     ReactorConfig {
         index: 0,
         listen,
+        side_listen: None,
         backlog: 1024,
         ring_entries: 4096,
         buffer_count: 4096,

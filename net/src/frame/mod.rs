@@ -19,7 +19,7 @@
 //! | 24..28 | CRC-32 of bytes 0..24 |
 //! | 28..32 | reserved, zero (keeps the header a multiple of rkyv's 16-byte alignment) |
 //!
-//! The body is validated by rkyv's bytecheck once, where it enters ([`Decoder::next`]), and
+//! The body is validated by rkyv's bytecheck once, where it enters ([`Decoder::next_frame`]), and
 //! deserialized into the owned types below. A receive buffer is not aligned for rkyv, so the
 //! body is first copied into an aligned buffer; bodies are small next to the work they cause.
 
@@ -173,13 +173,16 @@ pub struct WireMessage {
 /// A forwarded message and whom it is for on the receiving node.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Forwarded {
+    /// Numbered per sending shard and receiving node, rising; a message resent after a
+    /// reconnect keeps its number, so the receiver delivers it once.
+    pub sequence: u64,
     pub message: WireMessage,
     /// Deliver to every matching plain subscription there.
     pub plain: bool,
-    /// Deliver to one member there of each listed shared group: `(group, filter)`.
+    /// Deliver to one member there of each listed shared group: `(group, filter)`. A retained
+    /// message goes to every node, to be stored, even if these say there is no one to deliver
+    /// it to.
     pub groups: Vec<(String, String)>,
-    /// Store it as retained on every shard there (a retained publish goes to every node).
-    pub store_retained: bool,
 }
 
 /// A frame body.
@@ -192,6 +195,10 @@ pub enum Body {
         purpose: Purpose,
         member: Member,
         nonce: [u8; 16],
+        /// For a data link: which shard of the sender it comes from, and the sender's start
+        /// (its forward numbering restarts with a new epoch).
+        shard: u16,
+        epoch: u64,
     },
     /// The accepting side's answer: its identity, its proof for the connector's nonce, and its
     /// own nonce.
@@ -205,8 +212,9 @@ pub enum Body {
     Proof { proof: [u8; 32] },
     /// Why the link is refused, just before it closes.
     Refused { reason: String },
-    /// Sent on an idle control link, so that silence means failure.
-    Heartbeat,
+    /// Sent on a control link every heartbeat interval, so that silence means failure. From an
+    /// edge, `applied` says how far it has applied the core's log (replication lag).
+    Heartbeat { applied: u64 },
     /// To a core: the sender's whole route set, as of its route `sequence`.
     RouteSync { sequence: u64, routes: Vec<Route> },
     /// To a core: changes of the sender's routes, in order.
@@ -227,12 +235,10 @@ pub enum Body {
         first: u64,
         entries: Vec<LogEntry>,
     },
-    /// Messages, numbered per link from `first`.
-    Forward {
-        first: u64,
-        messages: Vec<Forwarded>,
-    },
-    /// Every forwarded message up to `through` has been handed to the receiving node's shards.
+    /// Messages from one shard of the sender, in order.
+    Forward { messages: Vec<Forwarded> },
+    /// Every forwarded message numbered up to `through` has been handed to the receiving
+    /// node's shards.
     ForwardAck { through: u64 },
     /// The sender is leaving the cluster: forget it and its routes now.
     Leave,
@@ -246,7 +252,7 @@ impl Body {
             Body::Welcome { .. } => 2,
             Body::Proof { .. } => 3,
             Body::Refused { .. } => 4,
-            Body::Heartbeat => 5,
+            Body::Heartbeat { .. } => 5,
             Body::RouteSync { .. } => 6,
             Body::RouteDeltas { .. } => 7,
             Body::Follow { .. } => 8,
@@ -338,7 +344,7 @@ impl Decoder {
 
     /// The next whole frame, `Ok(None)` if more bytes are needed. After an error the link
     /// must be closed: the stream has lost its framing.
-    pub fn next(&mut self) -> Result<Option<Body>, FrameError> {
+    pub fn next_frame(&mut self) -> Result<Option<Body>, FrameError> {
         if self.buffer.len() < HEADER_LEN {
             // A wrong magic is refused as soon as it can be seen, so that a stranger (an MQTT
             // client on the wrong port) is told at once.
@@ -416,7 +422,7 @@ mod tests {
             content_type: Some("text/plain".into()),
         };
         vec![
-            Body::Heartbeat,
+            Body::Heartbeat { applied: 3 },
             Body::RouteDeltas {
                 deltas: vec![RouteDelta {
                     sequence: 7,
@@ -436,12 +442,11 @@ mod tests {
                 ],
             },
             Body::Forward {
-                first: 1,
                 messages: vec![Forwarded {
+                    sequence: 1,
                     message,
                     plain: true,
                     groups: vec![("g".into(), "a/#".into())],
-                    store_retained: false,
                 }],
             },
         ]
@@ -457,7 +462,7 @@ mod tests {
         let mut whole = Decoder::new(cluster, 1 << 20);
         whole.extend(&stream);
         let mut decoded = Vec::new();
-        while let Some(body) = whole.next().unwrap() {
+        while let Some(body) = whole.next_frame().unwrap() {
             decoded.push(body);
         }
         assert_eq!(decoded, sample());
@@ -466,7 +471,7 @@ mod tests {
         let mut decoded = Vec::new();
         for byte in stream.iter() {
             trickle.extend(&[*byte]);
-            while let Some(body) = trickle.next().unwrap() {
+            while let Some(body) = trickle.next_frame().unwrap() {
                 decoded.push(body);
             }
         }
@@ -478,11 +483,11 @@ mod tests {
     fn damaged_frames_are_refused() {
         let cluster = cluster_id("test");
         let mut frame = BytesMut::new();
-        encode(&Body::Heartbeat, cluster, &mut frame);
+        encode(&Body::Heartbeat { applied: 0 }, cluster, &mut frame);
         let refused = |bytes: &[u8], cluster: u64, max: usize| {
             let mut decoder = Decoder::new(cluster, max);
             decoder.extend(bytes);
-            decoder.next().unwrap_err()
+            decoder.next_frame().unwrap_err()
         };
         assert_eq!(
             refused(b"\x10\x0c\x00\x04MQTT", cluster, 1024),
@@ -497,9 +502,7 @@ mod tests {
         assert_eq!(refused(&bad, cluster, 1024), FrameError::HeaderChecksum);
         let mut body_flip = BytesMut::new();
         encode(
-            &Body::Refused {
-                reason: "x".into(),
-            },
+            &Body::Refused { reason: "x".into() },
             cluster,
             &mut body_flip,
         );

@@ -45,7 +45,11 @@ fn slot_of(id: ConnectionId) -> u32 {
 /// What happened, told to the handler.
 #[derive(Debug)]
 pub enum Event<M> {
+    /// A connection accepted on a main listener, or handed over by another reactor.
     Opened(ConnectionId),
+    /// A connection accepted on the side listener ([`ReactorConfig::side_listen`]; for the
+    /// broker, its cluster port).
+    OpenedSide(ConnectionId),
     /// An outbound connection asked for with [`Actions::connect`] is established.
     Connected(ConnectionId, u64),
     /// An outbound connection failed; the tag says which.
@@ -196,6 +200,9 @@ impl<M> Mailboxes<M> {
 pub struct ReactorConfig {
     pub index: u16,
     pub listen: Vec<SocketAddr>,
+    /// One more listener whose connections the handler tells apart (`Event::OpenedSide`).
+    /// Bound without SO_REUSEPORT sharing in mind: give it to one reactor.
+    pub side_listen: Option<SocketAddr>,
     pub backlog: i32,
     pub ring_entries: u32,
     /// Receive buffers shared by all connections of the reactor (a power of two).
@@ -419,6 +426,7 @@ impl<H: Handler> Reactor<H> {
         let listeners = config
             .listen
             .iter()
+            .chain(config.side_listen.iter())
             .map(|&address| listener(address, config.backlog))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
@@ -732,7 +740,11 @@ impl<H: Handler> Reactor<H> {
             KIND_ACCEPT => {
                 if result >= 0 {
                     let id = self.add_connection(result);
-                    self.handler.event(now_ms, Event::Opened(id));
+                    if (slot as usize) < self.config.listen.len() {
+                        self.handler.event(now_ms, Event::Opened(id));
+                    } else {
+                        self.handler.event(now_ms, Event::OpenedSide(id));
+                    }
                 } else if matches!(
                     -result,
                     libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM

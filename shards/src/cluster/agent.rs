@@ -1,0 +1,790 @@
+//! The cluster agent: route replication and membership, on shard 0 of every node.
+//!
+//! Owns, on every node: this node's route set and its route sequence (each change numbered
+//! from 1), a control link to every core it knows (the seeds and the cores that dialled it),
+//! and the [`View`] the shards' cluster route tables are kept equal to.
+//! Owns, on a core: the ordered route log (entries numbered within an epoch that is new at
+//! every start), what each origin has told it, and the edges that follow the log.
+//!
+//! How routes move: a node sends its whole route set (`RouteSync`) when a control link to a
+//! core comes up, then each change (`RouteDeltas`) as the batch that made it flushes. A core
+//! appends what it hears to its log, applies it to its own view, and streams new entries to
+//! its followers. An edge follows one core: it asks for the log from where it is
+//! (`Follow`); a core that no longer holds that point, or a follower that sees a gap, goes
+//! through a snapshot and then the tail.
+//!
+//! Failure detection: every control link carries a heartbeat; a link silent for the timeout
+//! is closed. When a core loses its last link to an origin, it logs the origin `Down` (shown
+//! in status, routes kept) and `Removed` (routes withdrawn) once the grace period passes
+//! without it coming back. Links run from every node to the cores only, never N x N.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::SocketAddr;
+
+use hashbrown::HashMap;
+use shardmq_net::frame::{Body, LogEntry, Member, NodeId, Role, Route, RouteDelta};
+use tracing::{info, warn};
+
+use super::view::{Change, View};
+use super::{ClusterSettings, Io, TAG_SEED};
+use crate::message::ConnectionId;
+
+/// A core address this node keeps a control link to.
+#[derive(Debug)]
+struct Seed {
+    address: SocketAddr,
+    connection: Option<ConnectionId>,
+    connecting: bool,
+    retry_at_ms: u64,
+    /// The node found there, once a handshake has said.
+    node: Option<NodeId>,
+    /// The address is this node itself (a core listing every core): never dialled again.
+    is_self: bool,
+}
+
+/// What a core knows of one origin.
+#[derive(Debug)]
+struct Origin {
+    member: Member,
+    sequence: u64,
+    links: usize,
+    down_since_ms: Option<u64>,
+}
+
+/// An edge (or core) following this core's log.
+#[derive(Debug)]
+struct Follower {
+    node: NodeId,
+    /// The next entry to send.
+    next: u64,
+    /// How far the follower says it has applied.
+    applied: u64,
+}
+
+#[derive(Debug)]
+struct Log {
+    epoch: u64,
+    /// The number of `entries[0]`.
+    base: u64,
+    /// Each entry with the time it was appended, for the replication lag.
+    entries: VecDeque<(u64, LogEntry)>,
+}
+
+impl Log {
+    fn next(&self) -> u64 {
+        self.base + self.entries.len() as u64
+    }
+}
+
+/// Status of the cluster as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub node: NodeId,
+    pub role: Role,
+    pub members: Vec<MemberStatus>,
+    pub seeds: Vec<(SocketAddr, &'static str)>,
+    /// An edge's core and how far it has applied that core's log.
+    pub following: Option<(NodeId, u64)>,
+    /// A core's log: epoch and next entry number.
+    pub log: Option<(u64, u64)>,
+    pub followers: Vec<FollowerStatus>,
+    pub route_count: usize,
+    pub own_route_count: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub member: Member,
+    /// "self", "up" or "down".
+    pub state: &'static str,
+    pub route_count: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowerStatus {
+    pub node: NodeId,
+    pub applied: u64,
+    /// Entries appended that the follower has not applied.
+    pub behind_entries: u64,
+    /// How long ago the oldest entry it has not applied was appended.
+    pub lag_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    node: NodeId,
+    role: Role,
+    /// This node's routes and the number of their last change.
+    routes: BTreeSet<Route>,
+    sequence: u64,
+    /// Changes since the last flush, numbered.
+    pending: Vec<RouteDelta>,
+    seeds: Vec<Seed>,
+    /// Control links that finished their handshake: to cores we dialled, and (on a core) from
+    /// nodes that dialled us.
+    up_links: HashMap<ConnectionId, (NodeId, Role)>,
+    // The core's side.
+    log: Option<Log>,
+    origins: HashMap<NodeId, Origin>,
+    followers: HashMap<ConnectionId, Follower>,
+    // The follower's side: the view, and (on an edge) which link it follows and where.
+    view: View,
+    following: Option<(ConnectionId, u64, u64)>,
+    /// Shard-facing changes not yet told to the shards.
+    pub changes: Vec<Change>,
+    leaving: bool,
+}
+
+impl Agent {
+    pub fn new(settings: &ClusterSettings, epoch: u64, now_ms: u64) -> Self {
+        let member = settings.link.member.clone();
+        let mut agent = Self {
+            node: member.node,
+            role: member.role,
+            routes: BTreeSet::new(),
+            sequence: 0,
+            pending: Vec::new(),
+            seeds: Vec::new(),
+            up_links: HashMap::new(),
+            log: None,
+            origins: HashMap::new(),
+            followers: HashMap::new(),
+            view: View::default(),
+            following: None,
+            changes: Vec::new(),
+            leaving: false,
+        };
+        for &address in &settings.seeds {
+            agent.add_seed(address);
+        }
+        agent.view.members.insert(member.node, member.clone());
+        if member.role == Role::Core {
+            agent.log = Some(Log {
+                epoch,
+                base: 1,
+                entries: VecDeque::new(),
+            });
+            agent.append(LogEntry::Joined(member), settings, now_ms);
+        }
+        agent
+    }
+
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// Dial `address` as a core from now on (`ctl cluster join`).
+    pub fn add_seed(&mut self, address: SocketAddr) {
+        if !self.seeds.iter().any(|s| s.address == address) {
+            self.seeds.push(Seed {
+                address,
+                connection: None,
+                connecting: false,
+                retry_at_ms: 0,
+                node: None,
+                is_self: false,
+            });
+            self.leaving = false;
+        }
+    }
+
+    /// This node's route set changed (from shard 0's node route table).
+    pub fn node_route(
+        &mut self,
+        route: Route,
+        added: bool,
+        settings: &ClusterSettings,
+        now_ms: u64,
+    ) {
+        let changed = if added {
+            self.routes.insert(route.clone())
+        } else {
+            self.routes.remove(&route)
+        };
+        if !changed {
+            return;
+        }
+        self.sequence += 1;
+        if self.log.is_some() {
+            self.append(
+                LogEntry::Route {
+                    origin: self.node,
+                    route: route.clone(),
+                    added,
+                },
+                settings,
+                now_ms,
+            );
+        }
+        self.pending.push(RouteDelta {
+            sequence: self.sequence,
+            route,
+            added,
+        });
+    }
+
+    /// Appends to this core's log and applies the entry to its own view.
+    fn append(&mut self, entry: LogEntry, settings: &ClusterSettings, now_ms: u64) {
+        let log = self.log.as_mut().expect("only a core appends");
+        self.view.apply(&entry, &mut self.changes);
+        log.entries.push_back((now_ms, entry));
+        while log.entries.len() > settings.log_entries_max {
+            log.entries.pop_front();
+            log.base += 1;
+        }
+    }
+
+    /// Dials the seeds that are due.
+    pub fn tick(&mut self, io: &mut Io) {
+        let now_ms = io.now_ms;
+        if !self.leaving {
+            for (index, seed) in self.seeds.iter_mut().enumerate() {
+                if seed.connection.is_none()
+                    && !seed.connecting
+                    && !seed.is_self
+                    && now_ms >= seed.retry_at_ms
+                {
+                    seed.connecting = true;
+                    io.connect(seed.address, TAG_SEED | index as u64);
+                }
+            }
+        }
+        // Origins down past the grace period are removed, and their routes withdrawn.
+        if self.log.is_some() {
+            let expired: Vec<NodeId> = self
+                .origins
+                .iter()
+                .filter(|(_, o)| {
+                    o.down_since_ms
+                        .is_some_and(|since| now_ms >= since + io.settings.down_grace_ms)
+                })
+                .map(|(node, _)| *node)
+                .collect();
+            for node in expired {
+                warn!(
+                    node,
+                    grace_ms = io.settings.down_grace_ms,
+                    "node stayed down past the grace period: its routes are withdrawn"
+                );
+                self.origins.remove(&node);
+                self.append(LogEntry::Removed(node), &io.settings, now_ms);
+            }
+        }
+    }
+
+    /// The earliest time `tick` has work.
+    pub fn next_deadline_ms(&self, settings: &ClusterSettings) -> Option<u64> {
+        let seeds = self
+            .seeds
+            .iter()
+            .filter(|s| s.connection.is_none() && !s.connecting && !s.is_self && !self.leaving)
+            .map(|s| s.retry_at_ms);
+        let grace = self
+            .origins
+            .values()
+            .filter_map(|o| o.down_since_ms.map(|since| since + settings.down_grace_ms));
+        seeds.chain(grace).min()
+    }
+
+    /// An outbound connection to seed `index` is open (its handshake starts) or failed.
+    pub fn seed_connected(
+        &mut self,
+        index: usize,
+        connection: Option<ConnectionId>,
+        now_ms: u64,
+        reconnect_ms: u64,
+    ) {
+        let Some(seed) = self.seeds.get_mut(index) else {
+            return;
+        };
+        seed.connecting = false;
+        seed.connection = connection;
+        if connection.is_none() {
+            seed.retry_at_ms = now_ms + reconnect_ms;
+        }
+    }
+
+    /// Whether `connection` is a control link of ours (dialled to a seed).
+    pub fn is_seed_link(&self, connection: ConnectionId) -> bool {
+        self.seeds.iter().any(|s| s.connection == Some(connection))
+    }
+
+    /// A control link finished its handshake.
+    pub fn link_up(&mut self, connection: ConnectionId, io: &mut Io) {
+        let link = io.links.get(&connection).expect("the link is up");
+        let peer = link.up_peer().expect("the handshake is over").clone();
+        let outbound = self.is_seed_link(connection);
+        if outbound {
+            let seed = self
+                .seeds
+                .iter_mut()
+                .find(|s| s.connection == Some(connection))
+                .expect("a seed link");
+            seed.node = Some(peer.node);
+            if peer.node == self.node {
+                seed.is_self = true;
+                io.close(connection);
+                return;
+            }
+            if peer.role != Role::Core {
+                warn!(address = %seed.address, node = peer.node, "seed is not a core node: not used");
+                seed.is_self = true;
+                io.close(connection);
+                return;
+            }
+            if self.up_links.values().any(|&(n, _)| n == peer.node)
+                && self.seeds.iter().any(|s| {
+                    s.node == Some(peer.node)
+                        && s.connection != Some(connection)
+                        && s.connection.is_some()
+                })
+            {
+                // Two seed addresses lead to one core: one link is enough.
+                let seed = self
+                    .seeds
+                    .iter_mut()
+                    .find(|s| s.connection == Some(connection))
+                    .expect("a seed link");
+                seed.is_self = true;
+                io.close(connection);
+                return;
+            }
+            info!(node = peer.node, "control link to core up");
+            self.up_links.insert(connection, (peer.node, peer.role));
+            io.send(
+                connection,
+                &Body::RouteSync {
+                    sequence: self.sequence,
+                    routes: self.routes.iter().cloned().collect(),
+                },
+            );
+            if self.role == Role::Edge && self.following.is_none() {
+                self.follow(connection, io);
+            }
+        } else {
+            if self.log.is_none() {
+                io.refuse(connection, "this node is an edge: dial a core");
+                return;
+            }
+            let member = peer
+                .member
+                .clone()
+                .expect("an inbound link's Hello names its member");
+            info!(node = peer.node, role = ?peer.role, address = %member.cluster_address, "node joined through a control link");
+            self.up_links.insert(connection, (peer.node, peer.role));
+            let now_ms = io.now_ms;
+            match self.origins.get_mut(&peer.node) {
+                Some(origin) if origin.member == member => {
+                    origin.links += 1;
+                    if origin.down_since_ms.take().is_some() {
+                        info!(node = peer.node, "node is back within its grace period");
+                        self.append(LogEntry::Up(peer.node), &io.settings, now_ms);
+                    }
+                }
+                _ => {
+                    self.origins.insert(
+                        peer.node,
+                        Origin {
+                            member: member.clone(),
+                            sequence: 0,
+                            links: 1,
+                            down_since_ms: None,
+                        },
+                    );
+                    self.append(LogEntry::Joined(member.clone()), &io.settings, now_ms);
+                }
+            }
+            // Cores link both ways: a core that dials us is dialled back, so that our routes
+            // reach it too.
+            if peer.role == Role::Core
+                && let Ok(address) = member.cluster_address.parse::<SocketAddr>()
+                && !self.seeds.iter().any(|s| s.node == Some(peer.node))
+            {
+                self.add_seed(address);
+            }
+        }
+    }
+
+    fn follow(&mut self, connection: ConnectionId, io: &mut Io) {
+        self.following = Some((connection, 0, 0));
+        io.send(connection, &Body::Follow { epoch: 0, next: 0 });
+    }
+
+    /// A frame on an up control link.
+    pub fn receive(
+        &mut self,
+        connection: ConnectionId,
+        body: Body,
+        io: &mut Io,
+    ) -> Result<(), String> {
+        let &(node, _) = self
+            .up_links
+            .get(&connection)
+            .ok_or("not an up control link")?;
+        let now_ms = io.now_ms;
+        match body {
+            Body::Heartbeat { applied } => {
+                if let Some(follower) = self.followers.get_mut(&connection) {
+                    follower.applied = applied;
+                }
+            }
+            Body::RouteSync { sequence, routes } => {
+                let origin = self
+                    .origins
+                    .get_mut(&node)
+                    .ok_or("RouteSync to a node that is not a core")?;
+                origin.sequence = sequence;
+                self.append(
+                    LogEntry::Replace {
+                        origin: node,
+                        routes,
+                    },
+                    &io.settings,
+                    now_ms,
+                );
+            }
+            Body::RouteDeltas { deltas } => {
+                for delta in deltas {
+                    let origin = self
+                        .origins
+                        .get_mut(&node)
+                        .ok_or("RouteDeltas to a node that is not a core")?;
+                    if delta.sequence != origin.sequence + 1 {
+                        return Err(format!(
+                            "route delta {} from node {node} after {}: a gap",
+                            delta.sequence, origin.sequence
+                        ));
+                    }
+                    origin.sequence = delta.sequence;
+                    self.append(
+                        LogEntry::Route {
+                            origin: node,
+                            route: delta.route,
+                            added: delta.added,
+                        },
+                        &io.settings,
+                        now_ms,
+                    );
+                }
+            }
+            Body::Follow { epoch, next } => {
+                let log = self.log.as_ref().ok_or("Follow sent to an edge")?;
+                let follower = Follower {
+                    node,
+                    next,
+                    applied: 0,
+                };
+                let start = if epoch == log.epoch && next >= log.base && next <= log.next() {
+                    next
+                } else {
+                    let (members, down, routes) = self.view.parts();
+                    io.send(
+                        connection,
+                        &Body::LogSnapshot {
+                            epoch: log.epoch,
+                            next: log.next(),
+                            members,
+                            down,
+                            routes,
+                        },
+                    );
+                    log.next()
+                };
+                self.followers.insert(
+                    connection,
+                    Follower {
+                        next: start,
+                        ..follower
+                    },
+                );
+            }
+            Body::LogSnapshot {
+                epoch,
+                next,
+                members,
+                down,
+                routes,
+            } => {
+                let Some((following, _, _)) = self.following else {
+                    return Ok(());
+                };
+                if following != connection {
+                    return Ok(());
+                }
+                info!(
+                    core = node,
+                    entries = next - 1,
+                    "route table replaced by a snapshot of the core's log"
+                );
+                let mut view = View::from_parts(members, down, routes);
+                // This node's own routes are its own to tell; the core's copy may lag.
+                view.routes.remove(&self.node);
+                view.members.insert(self.node, self.member_of(io));
+                self.view.replace(view, &mut self.changes);
+                self.following = Some((connection, epoch, next));
+                // Tell the core at once how far we are: its replication lag stays exact.
+                io.send(connection, &Body::Heartbeat { applied: next });
+            }
+            Body::LogEntries {
+                epoch,
+                first,
+                entries,
+            } => {
+                let Some((following, follow_epoch, follow_next)) = self.following else {
+                    return Ok(());
+                };
+                if following != connection {
+                    return Ok(());
+                }
+                if epoch != follow_epoch || first != follow_next {
+                    warn!(
+                        core = node,
+                        first,
+                        expected = follow_next,
+                        "gap in the route log: asking for a snapshot"
+                    );
+                    self.follow(connection, io);
+                    return Ok(());
+                }
+                let count = entries.len() as u64;
+                for entry in entries {
+                    let own = match &entry {
+                        LogEntry::Route { origin, .. } | LogEntry::Replace { origin, .. } => {
+                            *origin == self.node
+                        }
+                        LogEntry::Removed(n) => *n == self.node,
+                        _ => false,
+                    };
+                    if !own {
+                        self.view.apply(&entry, &mut self.changes);
+                    }
+                }
+                self.following = Some((connection, epoch, first + count));
+                io.send(
+                    connection,
+                    &Body::Heartbeat {
+                        applied: first + count,
+                    },
+                );
+            }
+            Body::Leave => {
+                info!(node, "node left the cluster");
+                if self.log.is_some() && self.origins.remove(&node).is_some() {
+                    self.append(LogEntry::Removed(node), &io.settings, now_ms);
+                }
+                io.close(connection);
+                self.link_closed(connection, io);
+            }
+            other => {
+                return Err(format!(
+                    "unexpected frame kind {} on a control link",
+                    other.kind()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn member_of(&self, io: &Io) -> Member {
+        io.settings.link.member.clone()
+    }
+
+    /// A control link closed (or failed its handshake).
+    pub fn link_closed(&mut self, connection: ConnectionId, io: &mut Io) {
+        let now_ms = io.now_ms;
+        for seed in &mut self.seeds {
+            if seed.connection == Some(connection) {
+                seed.connection = None;
+                seed.retry_at_ms = now_ms + io.settings.reconnect_ms;
+            }
+        }
+        self.followers.remove(&connection);
+        let Some((node, _)) = self.up_links.remove(&connection) else {
+            return;
+        };
+        if self.following.is_some_and(|(c, _, _)| c == connection) {
+            self.following = None;
+            warn!(core = node, "lost the core this edge follows");
+            let other = self
+                .up_links
+                .iter()
+                .find(|(_, (_, role))| *role == Role::Core)
+                .map(|(c, _)| *c);
+            if let Some(other) = other {
+                self.follow(other, io);
+            }
+        }
+        if self.log.is_some()
+            && let Some(origin) = self.origins.get_mut(&node)
+        {
+            origin.links = origin.links.saturating_sub(1);
+            if origin.links == 0 && origin.down_since_ms.is_none() {
+                warn!(
+                    node,
+                    grace_ms = io.settings.down_grace_ms,
+                    "node is down: routes kept for the grace period"
+                );
+                origin.down_since_ms = Some(now_ms);
+                self.append(LogEntry::Down(node), &io.settings, now_ms);
+            }
+        }
+    }
+
+    /// Sends what the batch produced: route deltas to every core, new log entries to
+    /// followers, and heartbeats where a link has been quiet.
+    pub fn flush(&mut self, io: &mut Io) {
+        let cores: Vec<ConnectionId> = self
+            .up_links
+            .iter()
+            .filter(|(c, (_, role))| *role == Role::Core && self.is_seed_link(**c))
+            .map(|(c, _)| *c)
+            .collect();
+        if !self.pending.is_empty() {
+            let deltas = std::mem::take(&mut self.pending);
+            for &connection in &cores {
+                io.send(
+                    connection,
+                    &Body::RouteDeltas {
+                        deltas: deltas.clone(),
+                    },
+                );
+            }
+        }
+        if let Some(log) = &self.log {
+            let next = log.next();
+            for (&connection, follower) in &mut self.followers {
+                if follower.next >= next {
+                    continue;
+                }
+                if follower.next < log.base {
+                    // The log no longer holds where the follower is: a gap it will see and
+                    // answer with a new Follow.
+                    follower.next = log.base;
+                }
+                let skip = (follower.next - log.base) as usize;
+                let entries: Vec<LogEntry> = log
+                    .entries
+                    .iter()
+                    .skip(skip)
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                io.send(
+                    connection,
+                    &Body::LogEntries {
+                        epoch: log.epoch,
+                        first: follower.next,
+                        entries,
+                    },
+                );
+                follower.next = next;
+            }
+        }
+    }
+
+    /// The next log entry this node needs from the core it follows, for heartbeats.
+    pub fn applied(&self) -> u64 {
+        self.following.map_or(0, |(_, _, next)| next)
+    }
+
+    /// Leaves the cluster: tells every core, closes the control links and forgets the other
+    /// nodes' routes. A later `add_seed` joins again.
+    pub fn leave(&mut self, io: &mut Io) {
+        info!("leaving the cluster");
+        self.leaving = true;
+        let links: Vec<ConnectionId> = self.up_links.keys().copied().collect();
+        for connection in links {
+            if self.is_seed_link(connection) {
+                io.send(connection, &Body::Leave);
+            }
+            io.close(connection);
+            self.link_closed(connection, io);
+        }
+        self.seeds.clear();
+        self.following = None;
+        let mut alone = View::default();
+        alone.members.insert(self.node, self.member_of(io));
+        self.origins.clear();
+        self.view.replace(alone, &mut self.changes);
+    }
+
+    pub fn status(&self, now_ms: u64) -> Status {
+        let members = self
+            .view
+            .members
+            .values()
+            .map(|member| MemberStatus {
+                member: member.clone(),
+                state: if member.node == self.node {
+                    "self"
+                } else if self.view.down.contains(&member.node) {
+                    "down"
+                } else {
+                    "up"
+                },
+                route_count: if member.node == self.node {
+                    self.routes.len()
+                } else {
+                    self.view.routes.get(&member.node).map_or(0, BTreeSet::len)
+                },
+            })
+            .collect();
+        let seeds = self
+            .seeds
+            .iter()
+            .map(|s| {
+                let state = if s.is_self {
+                    "self or duplicate"
+                } else if s.connection.is_some_and(|c| self.up_links.contains_key(&c)) {
+                    "up"
+                } else if s.connection.is_some() || s.connecting {
+                    "connecting"
+                } else {
+                    "down"
+                };
+                (s.address, state)
+            })
+            .collect();
+        let following = self.following.and_then(|(c, _, next)| {
+            self.up_links
+                .get(&c)
+                .map(|&(node, _)| (node, next.saturating_sub(1)))
+        });
+        let followers = match &self.log {
+            None => Vec::new(),
+            Some(log) => self
+                .followers
+                .values()
+                .map(|f| {
+                    // `applied` is the next entry the follower needs.
+                    let needed = f.applied.max(log.base);
+                    let behind = log.next().saturating_sub(needed);
+                    let lag_ms = log
+                        .entries
+                        .get((needed - log.base) as usize)
+                        .map_or(0, |(at, _)| now_ms.saturating_sub(*at));
+                    FollowerStatus {
+                        node: f.node,
+                        applied: needed - 1,
+                        behind_entries: behind,
+                        lag_ms,
+                    }
+                })
+                .collect(),
+        };
+        Status {
+            node: self.node,
+            role: self.role,
+            members,
+            seeds,
+            following,
+            log: self.log.as_ref().map(|l| (l.epoch, l.next())),
+            followers,
+            route_count: self.view.route_count(),
+            own_route_count: self.routes.len(),
+        }
+    }
+
+    pub fn is_control_link(&self, connection: ConnectionId) -> bool {
+        self.up_links.contains_key(&connection) || self.is_seed_link(connection)
+    }
+}

@@ -1,0 +1,302 @@
+//! Forwarding: published messages crossing from one shard of this node to other nodes, and
+//! arriving from them.
+//!
+//! Owns: one outbound data link per other node from this shard (the pool is one link per
+//! shard and peer node, so a shard never hops to another core to forward), the messages sent
+//! and not yet acknowledged, and (on the shard that accepts cluster links) the highest message
+//! number delivered from each sending shard of each node.
+//! Invariants: messages to one node leave in the order the shard routed them; a QoS 1 or 2
+//! message stays queued until the receiver acknowledges it, and is resent over a new link
+//! with its number unchanged; the receiver delivers each number once per sender epoch. QoS 0
+//! messages are sent once and never resent.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use hashbrown::HashMap;
+use shardmq_net::frame::{self, Body, NodeId};
+use shardmq_net::mqtt::{PublishProperties, QoS};
+use tracing::{debug, warn};
+
+use crate::message::{ConnectionId, Forwarded, Message};
+
+/// A message as it crosses the wire. Expiry travels as time left, since two nodes' clocks are
+/// not comparable.
+pub fn to_wire(forwarded: &Forwarded, sequence: u64, now_ms: u64) -> frame::Forwarded {
+    let message = &forwarded.message;
+    let properties = &message.properties;
+    frame::Forwarded {
+        sequence,
+        message: frame::WireMessage {
+            topic: message.topic.to_string(),
+            payload: message.payload.to_vec(),
+            qos: message.qos as u8,
+            retain: message.retain,
+            expiry_ms: message.expires_at_ms.map(|at| at.saturating_sub(now_ms)),
+            publisher: message.publisher.as_ref().map(|p| p.to_string()),
+            payload_format_indicator: properties.payload_format_indicator,
+            response_topic: properties.response_topic.as_ref().map(|t| t.to_string()),
+            correlation_data: properties.correlation_data.as_ref().map(|d| d.to_vec()),
+            user_properties: properties
+                .user_properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            content_type: properties.content_type.as_ref().map(|t| t.to_string()),
+        },
+        plain: forwarded.plain,
+        groups: forwarded
+            .groups
+            .iter()
+            .map(|(g, f)| (g.to_string(), f.to_string()))
+            .collect(),
+    }
+}
+
+/// The message a wire message carries, or why it is not one (a peer's bytes are checked like
+/// a client's: a bad QoS ends the link, not the node).
+pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Forwarded, String> {
+    let m = wire.message;
+    let qos = QoS::from_bits(m.qos).ok_or_else(|| format!("forwarded QoS {} is invalid", m.qos))?;
+    Ok(Forwarded {
+        message: Message {
+            topic: ByteString::from(m.topic),
+            payload: Bytes::from(m.payload),
+            qos,
+            retain: m.retain,
+            properties: PublishProperties {
+                payload_format_indicator: m.payload_format_indicator,
+                response_topic: m.response_topic.map(ByteString::from),
+                correlation_data: m.correlation_data.map(Bytes::from),
+                user_properties: m
+                    .user_properties
+                    .into_iter()
+                    .map(|(k, v)| (ByteString::from(k), ByteString::from(v)))
+                    .collect(),
+                content_type: m.content_type.map(ByteString::from),
+                ..PublishProperties::default()
+            },
+            expires_at_ms: m.expiry_ms.map(|left| now_ms + left),
+            publisher: m.publisher.map(ByteString::from),
+        },
+        plain: wire.plain,
+        groups: wire
+            .groups
+            .into_iter()
+            .map(|(g, f)| (ByteString::from(g), ByteString::from(f)))
+            .collect(),
+    })
+}
+
+/// What this shard sends to one other node.
+#[derive(Debug, Default)]
+pub struct Peer {
+    pub address: Option<SocketAddr>,
+    /// The data link, once connected (it may still be in its handshake).
+    pub connection: Option<ConnectionId>,
+    pub connecting: bool,
+    pub retry_at_ms: u64,
+    next_sequence: u64,
+    /// QoS 1 and 2 messages sent or to send, not acknowledged yet.
+    unacked: VecDeque<frame::Forwarded>,
+    /// Messages not written to the link yet (QoS 0 ones live only here).
+    unsent: Vec<frame::Forwarded>,
+    pub dropped: u64,
+}
+
+impl Peer {
+    /// Queues a message for the node; returns whether an old one had to make room.
+    pub fn push(&mut self, forwarded: &Forwarded, now_ms: u64, queue_max: usize) -> bool {
+        self.next_sequence += 1;
+        let wire = to_wire(forwarded, self.next_sequence, now_ms);
+        let mut dropped = false;
+        if forwarded.message.qos != QoS::AtMostOnce {
+            if self.unacked.len() >= queue_max {
+                self.unacked.pop_front();
+                self.dropped += 1;
+                dropped = true;
+            }
+            self.unacked.push_back(wire.clone());
+        }
+        if self.unsent.len() >= queue_max {
+            self.unsent.remove(0);
+            if !dropped {
+                self.dropped += 1;
+                dropped = true;
+            }
+        }
+        self.unsent.push(wire);
+        dropped
+    }
+
+    /// The frame of everything not yet written, if any.
+    pub fn take_frame(&mut self) -> Option<Body> {
+        (!self.unsent.is_empty()).then(|| Body::Forward {
+            messages: std::mem::take(&mut self.unsent),
+        })
+    }
+
+    /// A new link: everything unacknowledged goes again, in order; QoS 0 messages that were
+    /// written to the old link are gone with it.
+    pub fn relink(&mut self) {
+        let written_first = self.unsent.first().map(|f| f.sequence);
+        let mut again: Vec<frame::Forwarded> = self
+            .unacked
+            .iter()
+            .filter(|f| written_first.is_none_or(|first| f.sequence < first))
+            .cloned()
+            .collect();
+        again.append(&mut self.unsent);
+        self.unsent = again;
+    }
+
+    pub fn acknowledged(&mut self, through: u64) {
+        while self.unacked.front().is_some_and(|f| f.sequence <= through) {
+            self.unacked.pop_front();
+        }
+    }
+
+    /// Whether anything waits for a link.
+    pub fn has_waiting(&self) -> bool {
+        !self.unsent.is_empty() || !self.unacked.is_empty()
+    }
+
+    pub fn unacked_count(&self) -> usize {
+        self.unacked.len()
+    }
+}
+
+/// The receiving side: the highest message number delivered per sending shard, and the
+/// sender's epoch it counts in.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    through: HashMap<(NodeId, u16), (u64, u64)>,
+}
+
+impl Delivered {
+    /// Whether message `sequence` from `(node, shard)` in `epoch` is new; records it if so.
+    pub fn first_time(&mut self, node: NodeId, shard: u16, epoch: u64, sequence: u64) -> bool {
+        let entry = self.through.entry((node, shard)).or_insert((epoch, 0));
+        if entry.0 != epoch {
+            debug!(
+                node,
+                shard, "the sending shard restarted: its numbering starts over"
+            );
+            *entry = (epoch, 0);
+        }
+        if sequence <= entry.1 {
+            return false;
+        }
+        entry.1 = sequence;
+        true
+    }
+
+    pub fn through(&self, node: NodeId, shard: u16) -> u64 {
+        self.through.get(&(node, shard)).map_or(0, |&(_, t)| t)
+    }
+
+    /// Forgets a node that left the cluster.
+    pub fn forget(&mut self, node: NodeId) {
+        self.through.retain(|&(n, _), _| n != node);
+    }
+}
+
+/// Logs a queue overflow once per many, so that a dead peer does not flood the log.
+pub fn report_dropped(node: NodeId, peer: &Peer) {
+    if peer.dropped.is_power_of_two() {
+        warn!(
+            node,
+            dropped = peer.dropped,
+            "forward queue to the node is full: oldest messages dropped"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(qos: QoS, n: u8) -> Forwarded {
+        Forwarded {
+            message: Message {
+                topic: ByteString::from("t"),
+                payload: Bytes::from(vec![n]),
+                qos,
+                retain: false,
+                properties: PublishProperties {
+                    user_properties: vec![(ByteString::from("k"), ByteString::from("v"))],
+                    ..Default::default()
+                },
+                expires_at_ms: Some(10_000),
+                publisher: Some(ByteString::from("p")),
+            },
+            plain: true,
+            groups: vec![(ByteString::from("g"), ByteString::from("t"))],
+        }
+    }
+
+    #[test]
+    fn wire_round_trip_keeps_the_message_and_the_time_left() {
+        let original = forwarded(QoS::ExactlyOnce, 1);
+        let wire = to_wire(&original, 5, 4_000);
+        assert_eq!(wire.message.expiry_ms, Some(6_000));
+        let back = from_wire(wire, 100).unwrap();
+        assert_eq!(back.message.expires_at_ms, Some(6_100));
+        assert_eq!(back.message.payload, original.message.payload);
+        assert_eq!(back.message.properties, original.message.properties);
+        assert_eq!(back.groups, original.groups);
+        let mut bad = to_wire(&original, 1, 0);
+        bad.message.qos = 3;
+        assert!(from_wire(bad, 0).is_err());
+    }
+
+    #[test]
+    fn unacknowledged_qos1_is_resent_on_a_new_link_and_qos0_is_not() {
+        let mut peer = Peer::default();
+        peer.push(&forwarded(QoS::AtLeastOnce, 1), 0, 100);
+        peer.push(&forwarded(QoS::AtMostOnce, 2), 0, 100);
+        peer.push(&forwarded(QoS::AtLeastOnce, 3), 0, 100);
+        let Some(Body::Forward { messages }) = peer.take_frame() else {
+            panic!("a frame")
+        };
+        assert_eq!(
+            messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        peer.acknowledged(1);
+        peer.push(&forwarded(QoS::AtLeastOnce, 4), 0, 100);
+        peer.relink();
+        let Some(Body::Forward { messages }) = peer.take_frame() else {
+            panic!("a frame")
+        };
+        assert_eq!(
+            messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        assert!(peer.take_frame().is_none());
+    }
+
+    #[test]
+    fn the_receiver_delivers_each_number_once_per_epoch() {
+        let mut delivered = Delivered::default();
+        assert!(delivered.first_time(1, 0, 7, 1));
+        assert!(!delivered.first_time(1, 0, 7, 1));
+        assert!(delivered.first_time(1, 0, 7, 2));
+        assert!(delivered.first_time(1, 1, 7, 1));
+        // The sender restarted: a new epoch counts from the start.
+        assert!(delivered.first_time(1, 0, 8, 1));
+        assert_eq!(delivered.through(1, 0), 1);
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest() {
+        let mut peer = Peer::default();
+        for n in 0..5 {
+            peer.push(&forwarded(QoS::AtLeastOnce, n), 0, 3);
+        }
+        assert_eq!(peer.unacked_count(), 3);
+        assert_eq!(peer.dropped, 2);
+    }
+}

@@ -1,0 +1,731 @@
+//! A shard as a member of a cluster: the [`Shard`] plus the cluster links of its reactor.
+//!
+//! Owns: every cluster link of this reactor (outbound data links to other nodes on every
+//! shard; on shard 0 also the control links, the inbound links (only reactor 0 listens on the
+//! cluster port) and the [`Agent`]), and the wiring between them and the shard: the shard's
+//! `ToNode` outputs become forwarded frames, its `NodeRoute` outputs route deltas, and the
+//! agent's view changes the shards' cluster route tables.
+//! Never: does I/O. Like the shard, a `NodeShard` takes `(now, input)` and returns outputs, so
+//! the same code runs under the reactor and in the cluster simulation (`tests/sim/`).
+
+pub mod agent;
+pub mod forward;
+pub mod link;
+pub mod view;
+
+use std::net::SocketAddr;
+
+use bytestring::ByteString;
+use hashbrown::HashMap;
+use shardmq_net::frame::{Body, NodeId, Purpose, Route};
+use tracing::{debug, info, warn};
+
+pub use agent::{Agent, Status};
+pub use link::{Link, LinkSettings};
+use view::Change;
+
+use crate::message::{ConnectionId, ShardIndex, ShardMessage};
+use crate::shard::{Input, Output, Shard};
+
+/// Outbound connection tags: the kind in the high bits, the seed index or node below.
+pub const TAG_SEED: u64 = 1 << 40;
+pub const TAG_DATA: u64 = 2 << 40;
+const TAG_KIND: u64 = 0xFF << 40;
+
+/// The cluster settings of a node.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub link: LinkSettings,
+    /// Cluster addresses of core nodes to dial.
+    pub seeds: Vec<SocketAddr>,
+    /// A control or data link sends a heartbeat when it has been quiet this long.
+    pub heartbeat_ms: u64,
+    /// A link silent this long is closed (and redialled, if it is ours).
+    pub link_timeout_ms: u64,
+    pub reconnect_ms: u64,
+    /// How long a core keeps the routes of a node that is down before withdrawing them.
+    pub down_grace_ms: u64,
+    /// Entries a core's route log keeps for followers that fall behind; older ones are
+    /// served as a snapshot.
+    pub log_entries_max: usize,
+    /// Messages per shard and peer node waiting to be sent or acknowledged.
+    pub forward_queue_max: usize,
+}
+
+/// The links of one shard and what they need to act: the settings, the clock of the current
+/// call, and the outputs for the reactor.
+#[derive(Debug)]
+pub struct Io {
+    pub links: HashMap<ConnectionId, Link>,
+    pub outputs: Vec<Output>,
+    pub settings: ClusterSettings,
+    pub now_ms: u64,
+}
+
+impl Io {
+    pub fn send(&mut self, connection: ConnectionId, body: &Body) {
+        if let Some(link) = self.links.get_mut(&connection) {
+            link.send(&self.settings.link, body, self.now_ms);
+        }
+    }
+
+    pub fn connect(&mut self, address: SocketAddr, tag: u64) {
+        self.outputs.push(Output::Connect { address, tag });
+    }
+
+    /// Closes the link once what is queued for it is sent.
+    pub fn close(&mut self, connection: ConnectionId) {
+        if let Some(mut link) = self.links.remove(&connection) {
+            if let Some(bytes) = link.take_outgoing() {
+                self.outputs.push(Output::Send { connection, bytes });
+            }
+            self.outputs.push(Output::Close { connection });
+        }
+    }
+
+    pub fn refuse(&mut self, connection: ConnectionId, reason: &str) {
+        warn!(connection, reason, "cluster link refused");
+        self.send(
+            connection,
+            &Body::Refused {
+                reason: reason.into(),
+            },
+        );
+        self.close(connection);
+    }
+}
+
+/// The cluster side of one shard.
+#[derive(Debug)]
+struct Cluster {
+    io: Io,
+    /// Numbers this shard's forwards; new at every start.
+    epoch: u64,
+    random: u64,
+    agent: Option<Agent>,
+    peers: HashMap<NodeId, forward::Peer>,
+    /// Data links this shard dialled, by connection.
+    data_out: HashMap<ConnectionId, NodeId>,
+    delivered: forward::Delivered,
+}
+
+impl Cluster {
+    fn nonce(&mut self) -> [u8; 16] {
+        let mut nonce = [0u8; 16];
+        for half in nonce.chunks_mut(8) {
+            half.copy_from_slice(&splitmix(&mut self.random).to_le_bytes());
+        }
+        nonce
+    }
+}
+
+/// splitmix64: nonces and epochs from one seed, so that a simulation replays exactly.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A shard and, in a cluster, its links.
+#[derive(Debug)]
+pub struct NodeShard {
+    pub shard: Shard,
+    index: ShardIndex,
+    shard_count: u16,
+    cluster: Option<Cluster>,
+    now_ms: u64,
+    scratch: Vec<Output>,
+}
+
+impl NodeShard {
+    /// A shard of a node on its own (no cluster configured).
+    pub fn standalone(shard: Shard, index: ShardIndex, shard_count: u16) -> Self {
+        Self {
+            shard,
+            index,
+            shard_count,
+            cluster: None,
+            now_ms: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// A shard of a cluster member. `seed` makes this start's epoch and nonces (the glue
+    /// passes real randomness, the simulation its seeded generator).
+    pub fn clustered(
+        shard: Shard,
+        index: ShardIndex,
+        shard_count: u16,
+        settings: ClusterSettings,
+        seed: u64,
+        now_ms: u64,
+    ) -> Self {
+        let mut random = seed;
+        let epoch = splitmix(&mut random);
+        let agent = (index == 0).then(|| Agent::new(&settings, epoch, now_ms));
+        Self {
+            shard,
+            index,
+            shard_count,
+            cluster: Some(Cluster {
+                io: Io {
+                    links: HashMap::new(),
+                    outputs: Vec::new(),
+                    settings,
+                    now_ms,
+                },
+                epoch,
+                random,
+                agent,
+                peers: HashMap::new(),
+                data_out: HashMap::new(),
+                delivered: forward::Delivered::default(),
+            }),
+            now_ms,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn is_clustered(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    fn is_link(&self, connection: ConnectionId) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| c.io.links.contains_key(&connection))
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: Input) {
+        self.now_ms = now_ms;
+        match input {
+            Input::Received { connection, bytes } if self.is_link(connection) => {
+                self.link_received(connection, &bytes);
+            }
+            Input::Closed { connection } if self.is_link(connection) => {
+                self.link_closed(connection, "closed by the peer");
+            }
+            Input::Shard(ShardMessage::ClusterNodes(nodes)) if self.cluster.is_some() => {
+                self.members_changed(&nodes);
+                self.shard
+                    .handle(now_ms, Input::Shard(ShardMessage::ClusterNodes(nodes)));
+            }
+            Input::Tick => {
+                self.shard.handle(now_ms, Input::Tick);
+                self.cluster_tick();
+            }
+            Input::Shutdown => {
+                self.shard.handle(now_ms, Input::Shutdown);
+                if let Some(cluster) = &mut self.cluster {
+                    let links: Vec<ConnectionId> = cluster.io.links.keys().copied().collect();
+                    cluster.io.now_ms = now_ms;
+                    let io = &mut cluster.io;
+                    for connection in links {
+                        io.close(connection);
+                    }
+                }
+            }
+            input => self.shard.handle(now_ms, input),
+        }
+    }
+
+    /// The cluster listener (reactor 0) accepted a connection.
+    pub fn cluster_accepted(&mut self, now_ms: u64, connection: ConnectionId) {
+        self.now_ms = now_ms;
+        let Some(cluster) = &mut self.cluster else {
+            self.scratch.push(Output::Close { connection });
+            return;
+        };
+        let nonce = cluster.nonce();
+        cluster.io.links.insert(
+            connection,
+            Link::accepted(connection, &cluster.io.settings.link, nonce, now_ms),
+        );
+    }
+
+    /// An outbound connection asked for with `Output::Connect` is open.
+    pub fn connected(&mut self, now_ms: u64, connection: ConnectionId, tag: u64) {
+        self.now_ms = now_ms;
+        let index = self.index;
+        let Some(cluster) = &mut self.cluster else {
+            self.scratch.push(Output::Close { connection });
+            return;
+        };
+        let nonce = cluster.nonce();
+        let purpose = if tag & TAG_KIND == TAG_SEED {
+            Purpose::Control
+        } else {
+            Purpose::Data
+        };
+        let link = Link::connecting(
+            connection,
+            &cluster.io.settings.link,
+            purpose,
+            index,
+            cluster.epoch,
+            nonce,
+            now_ms,
+        );
+        cluster.io.links.insert(connection, link);
+        match tag & TAG_KIND {
+            TAG_SEED => {
+                let reconnect_ms = cluster.io.settings.reconnect_ms;
+                if let Some(agent) = &mut cluster.agent {
+                    agent.seed_connected(
+                        (tag & !TAG_KIND) as usize,
+                        Some(connection),
+                        now_ms,
+                        reconnect_ms,
+                    );
+                }
+            }
+            _ => {
+                let node = (tag & !TAG_KIND) as NodeId;
+                let peer = cluster.peers.entry(node).or_default();
+                peer.connecting = false;
+                peer.connection = Some(connection);
+                cluster.data_out.insert(connection, node);
+            }
+        }
+    }
+
+    /// An outbound connection failed.
+    pub fn connect_failed(&mut self, now_ms: u64, tag: u64, error: &str) {
+        self.now_ms = now_ms;
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let reconnect_ms = cluster.io.settings.reconnect_ms;
+        match tag & TAG_KIND {
+            TAG_SEED => {
+                debug!(error, "cannot reach a seed core; retrying");
+                if let Some(agent) = &mut cluster.agent {
+                    agent.seed_connected((tag & !TAG_KIND) as usize, None, now_ms, reconnect_ms);
+                }
+            }
+            _ => {
+                let node = (tag & !TAG_KIND) as NodeId;
+                debug!(
+                    node,
+                    error, "cannot reach the node for forwarding; retrying"
+                );
+                let peer = cluster.peers.entry(node).or_default();
+                peer.connecting = false;
+                peer.retry_at_ms = now_ms + reconnect_ms;
+            }
+        }
+    }
+
+    fn link_received(&mut self, connection: ConnectionId, bytes: &[u8]) {
+        let now_ms = self.now_ms;
+        let cluster = self.cluster.as_mut().expect("a link means a cluster");
+        let link = cluster.io.links.get_mut(&connection).expect("a known link");
+        let was_up = link.is_up();
+        let mut bodies = Vec::new();
+        let result = link.receive(&cluster.io.settings.link, bytes, now_ms, &mut bodies);
+        if let Err(reason) = result {
+            let node = link.peer.as_ref().map_or(0, |p| p.node);
+            warn!(connection, node, %reason, "cluster link closed");
+            self.link_closed(connection, "refused");
+            return;
+        }
+        let peer = link.up_peer().cloned();
+        let Some(peer) = peer else {
+            return;
+        };
+        let outbound_data = cluster.data_out.contains_key(&connection);
+        if !was_up {
+            debug!(connection, node = peer.node, purpose = ?peer.purpose, "cluster link up");
+            match peer.purpose {
+                Purpose::Control => {
+                    let Some(agent) = &mut cluster.agent else {
+                        cluster.io.now_ms = now_ms;
+                        let io = &mut cluster.io;
+                        io.refuse(connection, "control links go to shard 0");
+                        return;
+                    };
+                    cluster.io.now_ms = now_ms;
+                    let io = &mut cluster.io;
+                    agent.link_up(connection, io);
+                }
+                Purpose::Data if outbound_data => {
+                    if let Some(p) = cluster.peers.get_mut(&peer.node) {
+                        p.relink();
+                    }
+                }
+                Purpose::Data => {}
+            }
+        }
+        let mut through = None;
+        for body in bodies {
+            let result = match (peer.purpose, body) {
+                (Purpose::Control, body) => match &mut cluster.agent {
+                    Some(agent) => {
+                        cluster.io.now_ms = now_ms;
+                        let io = &mut cluster.io;
+                        agent.receive(connection, body, io)
+                    }
+                    None => Err("a control frame on a shard without the agent".into()),
+                },
+                (Purpose::Data, Body::Heartbeat { .. }) => Ok(()),
+                (Purpose::Data, Body::ForwardAck { through }) if outbound_data => {
+                    if let Some(p) = cluster.peers.get_mut(&peer.node) {
+                        p.acknowledged(through);
+                    }
+                    Ok(())
+                }
+                (Purpose::Data, Body::Forward { messages }) if !outbound_data => {
+                    let mut result = Ok(());
+                    for wire in messages {
+                        let sequence = wire.sequence;
+                        if !cluster
+                            .delivered
+                            .first_time(peer.node, peer.shard, peer.epoch, sequence)
+                        {
+                            continue;
+                        }
+                        match forward::from_wire(wire, now_ms) {
+                            Ok(forwarded) => self.shard.handle(now_ms, Input::FromNode(forwarded)),
+                            Err(error) => {
+                                result = Err(error);
+                                break;
+                            }
+                        }
+                    }
+                    through = Some(cluster.delivered.through(peer.node, peer.shard));
+                    result
+                }
+                (_, body) => Err(format!(
+                    "unexpected frame kind {} on a data link",
+                    body.kind()
+                )),
+            };
+            if let Err(reason) = result {
+                warn!(connection, node = peer.node, %reason, "cluster link closed");
+                self.link_closed(connection, "protocol error");
+                return;
+            }
+            if !cluster.io.links.contains_key(&connection) {
+                return;
+            }
+        }
+        if let Some(through) = through {
+            let cluster = self.cluster.as_mut().expect("a cluster");
+            cluster.io.now_ms = now_ms;
+            let io = &mut cluster.io;
+            io.send(connection, &Body::ForwardAck { through });
+        }
+    }
+
+    fn link_closed(&mut self, connection: ConnectionId, why: &str) {
+        let now_ms = self.now_ms;
+        let cluster = self.cluster.as_mut().expect("a link means a cluster");
+        debug!(connection, why, "cluster link gone");
+        cluster.io.now_ms = now_ms;
+        let io = &mut cluster.io;
+        io.close(connection);
+        if let Some(agent) = &mut cluster.agent {
+            agent.link_closed(connection, io);
+        }
+        if let Some(node) = cluster.data_out.remove(&connection)
+            && let Some(peer) = cluster.peers.get_mut(&node)
+        {
+            peer.connection = None;
+            peer.retry_at_ms = now_ms + cluster.io.settings.reconnect_ms;
+        }
+    }
+
+    /// The member list changed: forwarding follows the new addresses, and forgets nodes that
+    /// left.
+    fn members_changed(&mut self, nodes: &[(NodeId, SocketAddr)]) {
+        let now_ms = self.now_ms;
+        let cluster = self.cluster.as_mut().expect("checked by the caller");
+        let gone: Vec<NodeId> = cluster
+            .peers
+            .keys()
+            .filter(|node| !nodes.iter().any(|(n, _)| n == *node))
+            .copied()
+            .collect();
+        for node in gone {
+            if let Some(peer) = cluster.peers.remove(&node) {
+                if peer.unacked_count() > 0 {
+                    warn!(
+                        node,
+                        unacked = peer.unacked_count(),
+                        "node left the cluster with forwarded messages unacknowledged"
+                    );
+                }
+                if let Some(connection) = peer.connection {
+                    cluster.data_out.remove(&connection);
+                    cluster.io.now_ms = now_ms;
+                    let io = &mut cluster.io;
+                    io.close(connection);
+                }
+            }
+            cluster.delivered.forget(node);
+        }
+        for &(node, address) in nodes {
+            cluster.peers.entry(node).or_default().address = Some(address);
+        }
+    }
+
+    fn cluster_tick(&mut self) {
+        let now_ms = self.now_ms;
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        // Links silent past the timeout are dead.
+        let timeout_ms = cluster.io.settings.link_timeout_ms;
+        let dead: Vec<ConnectionId> = cluster
+            .io
+            .links
+            .values()
+            .filter(|l| now_ms >= l.last_received_ms + timeout_ms)
+            .map(|l| l.connection)
+            .collect();
+        for connection in dead {
+            warn!(
+                connection,
+                timeout_ms, "cluster link silent past the timeout: closed"
+            );
+            self.link_closed(connection, "timeout");
+        }
+        let cluster = self.cluster.as_mut().expect("a cluster");
+        if let Some(agent) = &mut cluster.agent {
+            cluster.io.now_ms = now_ms;
+            let io = &mut cluster.io;
+            agent.tick(io);
+        }
+        Self::dial_peers(cluster, now_ms);
+    }
+
+    /// Dials the nodes that have messages waiting and no link.
+    fn dial_peers(cluster: &mut Cluster, now_ms: u64) {
+        for (&node, peer) in &mut cluster.peers {
+            if peer.connection.is_none()
+                && !peer.connecting
+                && now_ms >= peer.retry_at_ms
+                && peer.has_waiting()
+                && let Some(address) = peer.address
+            {
+                peer.connecting = true;
+                cluster.io.connect(address, TAG_DATA | u64::from(node));
+            }
+        }
+    }
+
+    /// When the cluster side next needs a tick.
+    fn cluster_deadline_ms(&self) -> Option<u64> {
+        let cluster = self.cluster.as_ref()?;
+        let settings = &cluster.io.settings;
+        let links = cluster.io.links.values().map(|l| {
+            (l.last_sent_ms + settings.heartbeat_ms)
+                .min(l.last_received_ms + settings.link_timeout_ms)
+        });
+        let agent = cluster
+            .agent
+            .as_ref()
+            .and_then(|a| a.next_deadline_ms(settings));
+        let peers = cluster
+            .peers
+            .values()
+            .filter(|p| p.connection.is_none() && !p.connecting && p.has_waiting())
+            .map(|p| p.retry_at_ms);
+        links.chain(agent).chain(peers).min()
+    }
+
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        match (self.shard.next_deadline_ms(), self.cluster_deadline_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Everything the batch produced: the shard's outputs with cluster work taken out of them
+    /// and carried out, then the links' bytes.
+    pub fn take_outputs(&mut self, outputs: &mut Vec<Output>) {
+        let now_ms = self.now_ms;
+        outputs.append(&mut self.scratch);
+        if self.cluster.is_none() {
+            // Alone, shard 0's node route changes have no one to go to (and with no other
+            // node in the route table, nothing is forwarded).
+            self.shard.take_outputs(outputs);
+            if self.index == 0 {
+                outputs.retain(|output| !matches!(output, Output::NodeRoute { .. }));
+            }
+            return;
+        }
+        let mut shard_outputs = Vec::new();
+        loop {
+            self.shard.take_outputs(&mut shard_outputs);
+            let cluster = self.cluster.as_mut().expect("checked above");
+            for output in shard_outputs.drain(..) {
+                match output {
+                    Output::ToNode { node, forwarded } => {
+                        let queue_max = cluster.io.settings.forward_queue_max;
+                        let peer = cluster.peers.entry(node).or_default();
+                        if peer.push(&forwarded, now_ms, queue_max) {
+                            forward::report_dropped(node, peer);
+                        }
+                    }
+                    Output::NodeRoute {
+                        filter,
+                        group,
+                        added,
+                    } => {
+                        let agent = cluster
+                            .agent
+                            .as_mut()
+                            .expect("only shard 0 emits node routes, and it has the agent");
+                        let route = Route {
+                            filter: filter.to_string(),
+                            group: group.map(|g| g.to_string()),
+                        };
+                        agent.node_route(route, added, &cluster.io.settings, now_ms);
+                    }
+                    other => outputs.push(other),
+                }
+            }
+            let to_self = self.agent_changes(outputs);
+            if to_self.is_empty() {
+                break;
+            }
+            for message in to_self {
+                self.handle(now_ms, Input::Shard(message));
+            }
+        }
+        let cluster = self.cluster.as_mut().expect("checked above");
+        cluster.io.now_ms = now_ms;
+        let io = &mut cluster.io;
+        let applied = match &mut cluster.agent {
+            Some(agent) => {
+                agent.flush(io);
+                agent.applied()
+            }
+            None => 0,
+        };
+        // Forwarded messages: one frame per peer node with everything of the batch.
+        for peer in cluster.peers.values_mut() {
+            if let Some(connection) = peer.connection
+                && io.links.get(&connection).is_some_and(Link::is_up)
+                && let Some(frame) = peer.take_frame()
+            {
+                io.send(connection, &frame);
+            }
+        }
+        // Heartbeats on quiet links that are up.
+        let quiet: Vec<ConnectionId> = io
+            .links
+            .values()
+            .filter(|l| l.is_up() && now_ms >= l.last_sent_ms + io.settings.heartbeat_ms)
+            .map(|l| l.connection)
+            .collect();
+        for connection in quiet {
+            io.send(connection, &Body::Heartbeat { applied });
+        }
+        Self::dial_peers(cluster, now_ms);
+        outputs.append(&mut cluster.io.outputs);
+        for link in cluster.io.links.values_mut() {
+            if let Some(bytes) = link.take_outgoing() {
+                outputs.push(Output::Send {
+                    connection: link.connection,
+                    bytes,
+                });
+            }
+        }
+    }
+
+    /// Turns the agent's view changes into messages for every shard; returns this shard's.
+    fn agent_changes(&mut self, outputs: &mut Vec<Output>) -> Vec<ShardMessage> {
+        let mut to_self = Vec::new();
+        let Some(cluster) = &mut self.cluster else {
+            return to_self;
+        };
+        let Some(agent) = &mut cluster.agent else {
+            return to_self;
+        };
+        let node = cluster.io.settings.link.node();
+        for change in std::mem::take(&mut agent.changes) {
+            let message = match change {
+                Change::Route { node, route, added } => ShardMessage::RemoteRoute {
+                    node,
+                    filter: ByteString::from(route.filter),
+                    group: route.group.map(ByteString::from),
+                    added,
+                },
+                Change::Members => ShardMessage::ClusterNodes(
+                    agent
+                        .view()
+                        .members
+                        .values()
+                        .filter(|m| m.node != node)
+                        .filter_map(|m| match m.cluster_address.parse() {
+                            Ok(address) => Some((m.node, address)),
+                            Err(_) => {
+                                warn!(node = m.node, address = %m.cluster_address, "member's cluster address does not parse");
+                                None
+                            }
+                        })
+                        .collect(),
+                ),
+            };
+            for target in 0..self.shard_count {
+                if target == self.index {
+                    to_self.push(message.clone());
+                } else {
+                    outputs.push(Output::ToShard {
+                        shard: target,
+                        message: message.clone(),
+                    });
+                }
+            }
+        }
+        to_self
+    }
+
+    /// Dials `address` as a core (`ctl cluster join`). Shard 0 only.
+    pub fn join(&mut self, now_ms: u64, address: SocketAddr) -> Result<(), String> {
+        self.now_ms = now_ms;
+        let agent = self.agent_mut()?;
+        info!(%address, "joining the cluster through a core");
+        agent.add_seed(address);
+        self.cluster_tick();
+        Ok(())
+    }
+
+    /// Leaves the cluster (`ctl cluster leave`). Shard 0 only.
+    pub fn leave(&mut self, now_ms: u64) -> Result<(), String> {
+        self.now_ms = now_ms;
+        self.agent_mut()?;
+        let cluster = self.cluster.as_mut().expect("checked");
+        let agent = cluster.agent.as_mut().expect("checked");
+        cluster.io.now_ms = now_ms;
+        let io = &mut cluster.io;
+        agent.leave(io);
+        Ok(())
+    }
+
+    /// The cluster as this node sees it. Shard 0 only.
+    pub fn status(&self, now_ms: u64) -> Result<Status, String> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .ok_or("this node is not in a cluster (no [cluster] configured)")?;
+        let agent = cluster
+            .agent
+            .as_ref()
+            .ok_or("cluster status lives on shard 0")?;
+        Ok(agent.status(now_ms))
+    }
+
+    fn agent_mut(&mut self) -> Result<&mut Agent, String> {
+        self.cluster
+            .as_mut()
+            .ok_or("this node is not in a cluster (no [cluster] configured)")?
+            .agent
+            .as_mut()
+            .ok_or_else(|| "the cluster agent lives on shard 0".to_string())
+    }
+}
