@@ -29,13 +29,16 @@ pub fn free_port() -> u16 {
 impl Broker {
     /// Starts `shardmq serve` with `shards` shards and extra TOML configuration.
     pub fn start_with(shards: u16, config: &str) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), free_port(), shards, config)
+    }
+
+    /// Starts a broker on the given MQTT and admin ports (a restart keeps its ports).
+    pub fn start_on(port: u16, admin_port: u16, shards: u16, config: &str) -> Self {
         let directory =
             std::env::temp_dir().join(format!("shardmq-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&directory).unwrap();
         let config_path = directory.join("config.toml");
         // Each broker of a test run gets its own admin port (the default one is shared).
-        let admin_port = free_port();
         let admin = if config.contains("[admin]") {
             String::new()
         } else {
@@ -96,6 +99,26 @@ impl Broker {
     /// Whether the process is still running (it must survive anything a client sends).
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Kills the broker with SIGKILL: no goodbye to anyone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `shardmq ctl --admin ... <args>`: the JSON answer, or the error text.
+    pub fn ctl(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let output = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .args(["ctl", "--admin", &format!("127.0.0.1:{}", self.admin_port)])
+            .args(args)
+            .output()
+            .unwrap();
+        if output.status.success() {
+            Ok(serde_json::from_slice(&output.stdout).expect("ctl prints JSON"))
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
     }
 
     /// Stops the broker with SIGTERM and returns its exit status.
@@ -342,4 +365,150 @@ pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>,
 pub fn write_all(stream: &mut TcpStream, bytes: &[u8]) {
     // The broker may close first; a failed write is then expected.
     let _ = stream.write_all(bytes);
+}
+
+/// The secret of the test clusters.
+pub const CLUSTER_SECRET: &str = "test-cluster-secret-0123";
+
+/// A cluster node started by a test: its broker process and where its cluster port listens.
+pub struct ClusterNode {
+    pub broker: Broker,
+    pub id: u32,
+    pub cluster_address: SocketAddr,
+    config: String,
+}
+
+/// A local cluster: nodes 1..=cores are cores, the rest edges. Node i's cluster port listens on
+/// 127.0.0.(10 + i), its MQTT and admin ports on 127.0.0.1. Links time out fast (heartbeat
+/// 100 ms, timeout 600 ms) and a node that is down loses its routes after 2 s.
+pub struct TestCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+impl TestCluster {
+    pub fn start(cores: usize, edges: usize) -> Self {
+        Self::start_with(cores, edges, |_| String::new())
+    }
+
+    /// `extra(id)` adds TOML keys to node `id`'s `[cluster]` table.
+    pub fn start_with(cores: usize, edges: usize, extra: impl Fn(u32) -> String) -> Self {
+        let addresses: Vec<SocketAddr> = (1..=cores + edges)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::new(127, 0, 0, 10 + i as u8);
+                let port = TcpListener::bind((ip, 0))
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                SocketAddr::from((ip, port))
+            })
+            .collect();
+        let seeds: Vec<String> = addresses[..cores]
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        let nodes = addresses
+            .iter()
+            .enumerate()
+            .map(|(position, &address)| {
+                let id = position as u32 + 1;
+                let role = if position < cores { "core" } else { "edge" };
+                let config = format!(
+                    "[cluster]\nenabled = true\nsecret = \"{CLUSTER_SECRET}\"\nnode_id = {id}\nrole = \"{role}\"\nlisten = \"{address}\"\nseeds = [{}]\nheartbeat_ms = 100\nlink_timeout_ms = 600\nreconnect_ms = 100\ndown_grace_seconds = 2\n{}\n",
+                    seeds.join(", "),
+                    extra(id)
+                );
+                ClusterNode {
+                    broker: Broker::start_with(2, &config),
+                    id,
+                    cluster_address: address,
+                    config,
+                }
+            })
+            .collect();
+        let cluster = Self { nodes };
+        cluster.wait_all_members(Duration::from_secs(10));
+        cluster
+    }
+
+    pub fn node(&self, id: u32) -> &ClusterNode {
+        &self.nodes[id as usize - 1]
+    }
+
+    pub fn node_mut(&mut self, id: u32) -> &mut ClusterNode {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// Node `id`'s cluster status.
+    pub fn status(&self, id: u32) -> serde_json::Value {
+        self.node(id)
+            .broker
+            .ctl(&["cluster", "status"])
+            .unwrap_or_else(|e| panic!("status of node {id}: {e}"))
+    }
+
+    /// Waits until `check` holds for node `id`'s status; panics with the last status if not.
+    pub fn wait_status(
+        &self,
+        id: u32,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status(id);
+            if check(&status) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id}: {what} within {timeout:?}; status:\n{status:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every running node sees every node of the cluster as a member.
+    pub fn wait_all_members(&self, timeout: Duration) {
+        let count = self.nodes.len();
+        for node in &self.nodes {
+            self.wait_status(node.id, timeout, "all nodes are members", |s| {
+                s["members"].as_array().unwrap().len() == count
+            });
+        }
+    }
+
+    /// Waits until node `at` knows at least `routes` routes of node `of`.
+    pub fn wait_routes(&self, at: u32, of: u32, routes: u64) {
+        self.wait_status(
+            at,
+            Duration::from_secs(10),
+            &format!("{routes} routes of node {of} known"),
+            |s| {
+                s["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["node"] == of && m["route_count"].as_u64() >= Some(routes))
+            },
+        );
+    }
+
+    /// Node `of`'s state ("up", "down", "self") as node `at` sees it, or None if not a member.
+    pub fn member_state(&self, at: u32, of: u32) -> Option<String> {
+        self.status(at)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["node"] == of)
+            .map(|m| m["state"].as_str().unwrap().to_string())
+    }
+
+    /// Restarts node `id` (after a kill) with its ports and configuration.
+    pub fn restart(&mut self, id: u32) {
+        let node = self.node_mut(id);
+        let (port, admin_port) = (node.broker.port, node.broker.admin_port);
+        node.broker = Broker::start_on(port, admin_port, 2, &node.config.clone());
+    }
 }

@@ -157,6 +157,10 @@ impl Agent {
         for &address in &settings.seeds {
             agent.add_seed(address);
         }
+        // A core listing every core lists itself: never dial it.
+        for seed in &mut agent.seeds {
+            seed.is_self = seed.address.to_string() == member.cluster_address;
+        }
         agent.view.members.insert(member.node, member.clone());
         if member.role == Role::Core {
             agent.log = Some(Log {

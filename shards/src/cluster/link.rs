@@ -152,12 +152,14 @@ impl Link {
         (!self.outgoing.is_empty()).then(|| self.outgoing.split().freeze())
     }
 
-    /// Checks the peer's proof that it knows the secret, against our nonce.
+    /// Checks the peer's proof that it knows the secret, against our nonce. A wrong one is
+    /// answered with `Refused`, so that both sides' logs show it.
     fn check_proof(
-        &self,
+        &mut self,
         settings: &LinkSettings,
         node: NodeId,
         proof: &[u8; 32],
+        now_ms: u64,
     ) -> Result<(), String> {
         if frame::proof_valid(
             &settings.cluster_secret,
@@ -166,12 +168,18 @@ impl Link {
             node,
             proof,
         ) {
-            Ok(())
-        } else {
-            Err(format!(
-                "node {node} did not prove the cluster secret (a wrong secret?)"
-            ))
+            return Ok(());
         }
+        self.send(
+            settings,
+            &Body::Refused {
+                reason: "wrong cluster secret".into(),
+            },
+            now_ms,
+        );
+        Err(format!(
+            "node {node} did not prove the cluster secret (a wrong secret?)"
+        ))
     }
 
     /// Takes received bytes; returns the frames for the layer above, which begin once the
@@ -258,7 +266,7 @@ impl Link {
                         nonce,
                     },
                 ) => {
-                    self.check_proof(settings, node, &proof)?;
+                    self.check_proof(settings, node, &proof, now_ms)?;
                     let answer = frame::proof(
                         &settings.cluster_secret,
                         &settings.cluster_name,
@@ -273,16 +281,7 @@ impl Link {
                 }
                 (State::AwaitProof, Body::Proof { proof }) => {
                     let node = self.peer.as_ref().expect("set by Hello").node;
-                    if let Err(error) = self.check_proof(settings, node, &proof) {
-                        self.send(
-                            settings,
-                            &Body::Refused {
-                                reason: "wrong cluster secret".into(),
-                            },
-                            now_ms,
-                        );
-                        return Err(error);
-                    }
+                    self.check_proof(settings, node, &proof, now_ms)?;
                     self.state = State::Up;
                 }
                 (State::Up, body) => bodies.push(body),
