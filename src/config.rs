@@ -284,10 +284,14 @@ impl Config {
                     role,
                     cluster_address: advertise.to_string(),
                     mqtt_address,
+                    // Set per start by NodeShard::clustered.
+                    epoch: 0,
                 },
                 cluster_name: c.name.clone(),
                 cluster_secret: c.secret.clone(),
                 body_len_max: c.frame_size_max,
+                // Set per start by NodeShard::clustered.
+                epoch: 0,
             },
             seeds: c.seeds.clone(),
             heartbeat_ms: c.heartbeat_ms,

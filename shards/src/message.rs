@@ -95,12 +95,23 @@ pub enum ShardMessage {
         group: Option<ByteString>,
         added: bool,
     },
-    /// The other members of the cluster now, with their cluster addresses. From the cluster
-    /// agent.
-    ClusterNodes(Vec<(NodeId, std::net::SocketAddr)>),
+    /// The other members of the cluster now. From the cluster agent.
+    ClusterNodes(Vec<ClusterNode>),
     /// Store (or, with an empty payload, clear) a retained message. Every shard keeps the whole
     /// retained set, so a subscribe never waits on another shard.
     Retain { message: Message },
+}
+
+/// Another member of the cluster, as the agent's view has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub node: NodeId,
+    /// Its cluster port.
+    pub address: std::net::SocketAddr,
+    /// Its start (a restart makes a new one).
+    pub epoch: u64,
+    /// False while the cores see it down (within its grace period).
+    pub up: bool,
 }
 
 /// A message forwarded to another node, and whom it is for there.

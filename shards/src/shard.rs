@@ -1555,7 +1555,7 @@ impl Shard {
                 self.change_route(Target::Node(node), filter, group, added);
             }
             ShardMessage::ClusterNodes(nodes) => {
-                self.cluster_nodes = nodes.into_iter().map(|(node, _)| node).collect();
+                self.cluster_nodes = nodes.into_iter().map(|n| n.node).collect();
             }
             ShardMessage::Deliver {
                 message,

@@ -129,6 +129,8 @@ pub struct Member {
     pub cluster_address: String,
     /// Where it serves MQTT, for status.
     pub mqtt_address: String,
+    /// Its start: new at every start, so that a restarted node is told from the run before.
+    pub epoch: u64,
 }
 
 /// One entry of a core's ordered route log.
@@ -207,6 +209,9 @@ pub enum Body {
         role: Role,
         proof: [u8; 32],
         nonce: [u8; 16],
+        /// The acceptor's start (new at every start): a sender that sees it change knows that
+        /// what it queued for the node's previous run has no one left to go to.
+        epoch: u64,
     },
     /// The connector's proof for the acceptor's nonce; the link is up once it checks.
     Proof { proof: [u8; 32] },

@@ -21,8 +21,8 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
-use hashbrown::HashMap;
 use shardmq_net::frame::{Body, LogEntry, Member, NodeId, Role, Route, RouteDelta};
+use std::collections::BTreeMap;
 use tracing::{info, warn};
 
 use super::view::{Change, View};
@@ -55,6 +55,8 @@ struct Origin {
 #[derive(Debug)]
 struct Follower {
     node: NodeId,
+    /// It needs a snapshot first (sent once this core is warm).
+    snapshot_due: bool,
     /// The next entry to send.
     next: u64,
     /// How far the follower says it has applied.
@@ -122,16 +124,21 @@ pub struct Agent {
     seeds: Vec<Seed>,
     /// Control links that finished their handshake: to cores we dialled, and (on a core) from
     /// nodes that dialled us.
-    up_links: HashMap<ConnectionId, (NodeId, Role)>,
+    up_links: BTreeMap<ConnectionId, (NodeId, Role)>,
     // The core's side.
     log: Option<Log>,
-    origins: HashMap<NodeId, Origin>,
-    followers: HashMap<ConnectionId, Follower>,
+    origins: BTreeMap<NodeId, Origin>,
+    followers: BTreeMap<ConnectionId, Follower>,
     // The follower's side: the view, and (on an edge) which link it follows and where.
     view: View,
     following: Option<(ConnectionId, u64, u64)>,
     /// Shard-facing changes not yet told to the shards.
     pub changes: Vec<Change>,
+    /// A core serves snapshots from this time on: a core that has just started has heard
+    /// from no one yet, and a follower that took its nearly empty view for the cluster's
+    /// would drop every other node's routes. By then every live node has dialled it (they
+    /// redial every `reconnect_ms`) and sent its routes.
+    warm_at_ms: u64,
     leaving: bool,
 }
 
@@ -145,14 +152,15 @@ impl Agent {
             sequence: 0,
             pending: Vec::new(),
             seeds: Vec::new(),
-            up_links: HashMap::new(),
+            up_links: BTreeMap::new(),
             log: None,
-            origins: HashMap::new(),
-            followers: HashMap::new(),
+            origins: BTreeMap::new(),
+            followers: BTreeMap::new(),
             view: View::default(),
             following: None,
             changes: Vec::new(),
             leaving: false,
+            warm_at_ms: now_ms + 2 * settings.reconnect_ms + settings.heartbeat_ms,
         };
         for &address in &settings.seeds {
             agent.add_seed(address);
@@ -175,6 +183,11 @@ impl Agent {
 
     pub fn view(&self) -> &View {
         &self.view
+    }
+
+    /// This node's own routes, as it tells the cores.
+    pub fn routes(&self) -> &BTreeSet<Route> {
+        &self.routes
     }
 
     /// Dial `address` as a core from now on (`ctl cluster join`).
@@ -287,7 +300,12 @@ impl Agent {
             .origins
             .values()
             .filter_map(|o| o.down_since_ms.map(|since| since + settings.down_grace_ms));
-        seeds.chain(grace).min()
+        let warm = self
+            .followers
+            .values()
+            .any(|f| f.snapshot_due)
+            .then_some(self.warm_at_ms);
+        seeds.chain(grace).chain(warm).min()
     }
 
     /// An outbound connection to seed `index` is open (its handshake starts) or failed.
@@ -473,32 +491,14 @@ impl Agent {
             }
             Body::Follow { epoch, next } => {
                 let log = self.log.as_ref().ok_or("Follow sent to an edge")?;
-                let follower = Follower {
-                    node,
-                    next,
-                    applied: 0,
-                };
-                let start = if epoch == log.epoch && next >= log.base && next <= log.next() {
-                    next
-                } else {
-                    let (members, down, routes) = self.view.parts();
-                    io.send(
-                        connection,
-                        &Body::LogSnapshot {
-                            epoch: log.epoch,
-                            next: log.next(),
-                            members,
-                            down,
-                            routes,
-                        },
-                    );
-                    log.next()
-                };
+                let resumable = epoch == log.epoch && next >= log.base && next <= log.next();
                 self.followers.insert(
                     connection,
                     Follower {
-                        next: start,
-                        ..follower
+                        node,
+                        snapshot_due: !resumable,
+                        next,
+                        applied: 0,
                     },
                 );
             }
@@ -596,6 +596,9 @@ impl Agent {
     /// A control link closed (or failed its handshake).
     pub fn link_closed(&mut self, connection: ConnectionId, io: &mut Io) {
         let now_ms = io.now_ms;
+        // Only links the origin dialled count towards it being up: our own link to a core
+        // says nothing of whether that core reaches us.
+        let inbound = !self.is_seed_link(connection);
         for seed in &mut self.seeds {
             if seed.connection == Some(connection) {
                 seed.connection = None;
@@ -619,6 +622,7 @@ impl Agent {
             }
         }
         if self.log.is_some()
+            && inbound
             && let Some(origin) = self.origins.get_mut(&node)
         {
             origin.links = origin.links.saturating_sub(1);
@@ -656,7 +660,26 @@ impl Agent {
         }
         if let Some(log) = &self.log {
             let next = log.next();
+            let warm = io.now_ms >= self.warm_at_ms;
             for (&connection, follower) in &mut self.followers {
+                if follower.snapshot_due {
+                    if !warm {
+                        continue;
+                    }
+                    let (members, down, routes) = self.view.parts();
+                    io.send(
+                        connection,
+                        &Body::LogSnapshot {
+                            epoch: log.epoch,
+                            next,
+                            members,
+                            down,
+                            routes,
+                        },
+                    );
+                    follower.snapshot_due = false;
+                    follower.next = next;
+                }
                 if follower.next >= next {
                     continue;
                 }

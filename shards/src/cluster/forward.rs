@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use bytestring::ByteString;
-use hashbrown::HashMap;
 use shardmq_net::frame::{self, Body, NodeId};
 use shardmq_net::mqtt::{PublishProperties, QoS};
+use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, warn};
 
 use crate::message::{ConnectionId, Forwarded, Message};
@@ -98,6 +98,12 @@ pub struct Peer {
     pub connection: Option<ConnectionId>,
     pub connecting: bool,
     pub retry_at_ms: u64,
+    /// The numbering's epoch, sent in the data link's Hello.
+    pub epoch: u64,
+    /// Since when the node is missing from the member list.
+    pub gone_since_ms: Option<u64>,
+    /// The run of the node the last link reached (its Welcome's epoch).
+    remote_epoch: Option<u64>,
     next_sequence: u64,
     /// QoS 1 and 2 messages sent or to send, not acknowledged yet.
     unacked: VecDeque<frame::Forwarded>,
@@ -107,6 +113,13 @@ pub struct Peer {
 }
 
 impl Peer {
+    pub fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            ..Self::default()
+        }
+    }
+
     /// Queues a message for the node; returns whether an old one had to make room.
     pub fn push(&mut self, forwarded: &Forwarded, now_ms: u64, queue_max: usize) -> bool {
         self.next_sequence += 1;
@@ -138,9 +151,39 @@ impl Peer {
         })
     }
 
-    /// A new link: everything unacknowledged goes again, in order; QoS 0 messages that were
-    /// written to the old link are gone with it.
-    pub fn relink(&mut self) {
+    /// The node's run is `epoch` (from the member list, or a new link's Welcome). If it
+    /// restarted since the run this peer last knew, what waits was matched against the
+    /// subscriptions of the previous run, which are gone: it is dropped, so that a new
+    /// subscriber there never receives messages published before it subscribed. Returns how
+    /// many were dropped.
+    pub fn node_started(&mut self, epoch: u64) -> usize {
+        let restarted = self.remote_epoch.is_some_and(|known| known != epoch);
+        self.remote_epoch = Some(epoch);
+        if !restarted {
+            return 0;
+        }
+        let stale: BTreeSet<u64> = self
+            .unacked
+            .iter()
+            .chain(&self.unsent)
+            .map(|f| f.sequence)
+            .collect();
+        self.unacked.clear();
+        self.unsent.clear();
+        stale.len()
+    }
+
+    /// A new link to the node's run `remote_epoch`: everything unacknowledged goes again, in
+    /// order; QoS 0 messages that were written to the old link are gone with it (and
+    /// everything, if the node restarted: [`Peer::node_started`]). Returns how many messages
+    /// were dropped for a restart.
+    pub fn relink(&mut self, remote_epoch: Option<u64>) -> usize {
+        if let Some(epoch) = remote_epoch {
+            let stale = self.node_started(epoch);
+            if stale > 0 {
+                return stale;
+            }
+        }
         let written_first = self.unsent.first().map(|f| f.sequence);
         let mut again: Vec<frame::Forwarded> = self
             .unacked
@@ -150,6 +193,7 @@ impl Peer {
             .collect();
         again.append(&mut self.unsent);
         self.unsent = again;
+        0
     }
 
     pub fn acknowledged(&mut self, through: u64) {
@@ -172,7 +216,7 @@ impl Peer {
 /// sender's epoch it counts in.
 #[derive(Debug, Default)]
 pub struct Delivered {
-    through: HashMap<(NodeId, u16), (u64, u64)>,
+    through: BTreeMap<(NodeId, u16), (u64, u64)>,
 }
 
 impl Delivered {
@@ -267,7 +311,7 @@ mod tests {
         );
         peer.acknowledged(1);
         peer.push(&forwarded(QoS::AtLeastOnce, 4), 0, 100);
-        peer.relink();
+        assert_eq!(peer.relink(Some(7)), 0);
         let Some(Body::Forward { messages }) = peer.take_frame() else {
             panic!("a frame")
         };
@@ -276,6 +320,14 @@ mod tests {
             [3, 4]
         );
         assert!(peer.take_frame().is_none());
+        // The same run again: the unacknowledged messages go once more.
+        assert_eq!(peer.relink(Some(7)), 0);
+        assert!(peer.take_frame().is_some());
+        // The node restarted: what was queued for its previous run is dropped.
+        peer.push(&forwarded(QoS::AtLeastOnce, 5), 0, 100);
+        assert_eq!(peer.relink(Some(8)), 3);
+        assert!(peer.take_frame().is_none());
+        assert!(!peer.has_waiting());
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct LinkSettings {
     pub cluster_name: String,
     pub cluster_secret: String,
     pub body_len_max: usize,
+    /// This node's start, told to nodes that dial it (new at every start).
+    pub epoch: u64,
 }
 
 impl LinkSettings {
@@ -54,6 +56,8 @@ pub struct Peer {
     pub purpose: Purpose,
     pub shard: u16,
     pub epoch: u64,
+    /// On a link we dialled: the acceptor's start, from its Welcome.
+    pub remote_epoch: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -100,6 +104,7 @@ impl Link {
             purpose,
             shard,
             epoch,
+            remote_epoch: None,
         });
         link
     }
@@ -244,6 +249,7 @@ impl Link {
                         purpose,
                         shard,
                         epoch,
+                        remote_epoch: None,
                     });
                     self.send(
                         settings,
@@ -252,6 +258,7 @@ impl Link {
                             role: settings.role(),
                             proof,
                             nonce: self.nonce,
+                            epoch: settings.epoch,
                         },
                         now_ms,
                     );
@@ -264,6 +271,7 @@ impl Link {
                         role,
                         proof,
                         nonce,
+                        epoch,
                     },
                 ) => {
                     self.check_proof(settings, node, &proof, now_ms)?;
@@ -277,6 +285,7 @@ impl Link {
                     let peer = self.peer.as_mut().expect("set when connecting");
                     peer.node = node;
                     peer.role = role;
+                    peer.remote_epoch = Some(epoch);
                     self.state = State::Up;
                 }
                 (State::AwaitProof, Body::Proof { proof }) => {
@@ -307,10 +316,12 @@ mod tests {
                 role: Role::Core,
                 cluster_address: format!("127.0.0.{node}:7000"),
                 mqtt_address: format!("127.0.0.{node}:1883"),
+                epoch: u64::from(node),
             },
             cluster_name: "c".into(),
             cluster_secret: secret.into(),
             body_len_max: 1 << 20,
+            epoch: u64::from(node),
         }
     }
 

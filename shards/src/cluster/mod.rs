@@ -5,7 +5,8 @@
 //! cluster port) and the [`Agent`]), and the wiring between them and the shard: the shard's
 //! `ToNode` outputs become forwarded frames, its `NodeRoute` outputs route deltas, and the
 //! agent's view changes the shards' cluster route tables.
-//! Never: does I/O. Like the shard, a `NodeShard` takes `(now, input)` and returns outputs, so
+//! Never: does I/O, or iterates in an order that is not a function of its inputs (maps here
+//! are B-trees, so a seeded simulation replays exactly). Like the shard, a `NodeShard` takes `(now, input)` and returns outputs, so
 //! the same code runs under the reactor and in the cluster simulation (`tests/sim/`).
 
 pub mod agent;
@@ -16,15 +17,15 @@ pub mod view;
 use std::net::SocketAddr;
 
 use bytestring::ByteString;
-use hashbrown::HashMap;
 use shardmq_net::frame::{Body, NodeId, Purpose, Route};
+use std::collections::BTreeMap;
 use tracing::{debug, info, warn};
 
 pub use agent::{Agent, Status};
 pub use link::{Link, LinkSettings};
 use view::Change;
 
-use crate::message::{ConnectionId, ShardIndex, ShardMessage};
+use crate::message::{ClusterNode, ConnectionId, ShardIndex, ShardMessage};
 use crate::shard::{Input, Output, Shard};
 
 /// Outbound connection tags: the kind in the high bits, the seed index or node below.
@@ -56,7 +57,7 @@ pub struct ClusterSettings {
 /// call, and the outputs for the reactor.
 #[derive(Debug)]
 pub struct Io {
-    pub links: HashMap<ConnectionId, Link>,
+    pub links: BTreeMap<ConnectionId, Link>,
     pub outputs: Vec<Output>,
     pub settings: ClusterSettings,
     pub now_ms: u64,
@@ -99,17 +100,27 @@ impl Io {
 #[derive(Debug)]
 struct Cluster {
     io: Io,
-    /// Numbers this shard's forwards; new at every start.
+    /// Identifies this start in control-link Hellos (data links carry their peer's epoch).
     epoch: u64,
     random: u64,
     agent: Option<Agent>,
-    peers: HashMap<NodeId, forward::Peer>,
+    peers: BTreeMap<NodeId, forward::Peer>,
     /// Data links this shard dialled, by connection.
-    data_out: HashMap<ConnectionId, NodeId>,
+    data_out: BTreeMap<ConnectionId, NodeId>,
     delivered: forward::Delivered,
 }
 
 impl Cluster {
+    /// What this shard sends to `node`, created with a numbering epoch of its own: a peer
+    /// forgotten and made again (the node left and came back) numbers from 1 in a new epoch,
+    /// so the receiver never takes its messages for ones it has already delivered.
+    fn peer(&mut self, node: NodeId) -> &mut forward::Peer {
+        let random = &mut self.random;
+        self.peers
+            .entry(node)
+            .or_insert_with(|| forward::Peer::new(splitmix(random)))
+    }
+
     fn nonce(&mut self) -> [u8; 16] {
         let mut nonce = [0u8; 16];
         for half in nonce.chunks_mut(8) {
@@ -158,12 +169,14 @@ impl NodeShard {
         shard: Shard,
         index: ShardIndex,
         shard_count: u16,
-        settings: ClusterSettings,
+        mut settings: ClusterSettings,
         seed: u64,
         now_ms: u64,
     ) -> Self {
         let mut random = seed;
         let epoch = splitmix(&mut random);
+        settings.link.epoch = epoch;
+        settings.link.member.epoch = epoch;
         let agent = (index == 0).then(|| Agent::new(&settings, epoch, now_ms));
         Self {
             shard,
@@ -171,7 +184,7 @@ impl NodeShard {
             shard_count,
             cluster: Some(Cluster {
                 io: Io {
-                    links: HashMap::new(),
+                    links: BTreeMap::new(),
                     outputs: Vec::new(),
                     settings,
                     now_ms,
@@ -179,13 +192,18 @@ impl NodeShard {
                 epoch,
                 random,
                 agent,
-                peers: HashMap::new(),
-                data_out: HashMap::new(),
+                peers: BTreeMap::new(),
+                data_out: BTreeMap::new(),
                 delivered: forward::Delivered::default(),
             }),
             now_ms,
             scratch: Vec::new(),
         }
+    }
+
+    /// The cluster agent (shard 0 of a cluster member only), for status and for checkers.
+    pub fn agent(&self) -> Option<&Agent> {
+        self.cluster.as_ref()?.agent.as_ref()
     }
 
     pub fn is_clustered(&self) -> bool {
@@ -254,39 +272,43 @@ impl NodeShard {
             return;
         };
         let nonce = cluster.nonce();
-        let purpose = if tag & TAG_KIND == TAG_SEED {
-            Purpose::Control
+        let (purpose, epoch) = if tag & TAG_KIND == TAG_SEED {
+            (Purpose::Control, cluster.epoch)
         } else {
-            Purpose::Data
+            let node = (tag & !TAG_KIND) as NodeId;
+            let Some(peer) = cluster
+                .peers
+                .get_mut(&node)
+                .filter(|p| p.connection.is_none())
+            else {
+                // The node left while we dialled it, or a link to it is already open.
+                cluster.io.outputs.push(Output::Close { connection });
+                return;
+            };
+            peer.connecting = false;
+            peer.connection = Some(connection);
+            cluster.data_out.insert(connection, node);
+            (Purpose::Data, peer.epoch)
         };
         let link = Link::connecting(
             connection,
             &cluster.io.settings.link,
             purpose,
             index,
-            cluster.epoch,
+            epoch,
             nonce,
             now_ms,
         );
         cluster.io.links.insert(connection, link);
-        match tag & TAG_KIND {
-            TAG_SEED => {
-                let reconnect_ms = cluster.io.settings.reconnect_ms;
-                if let Some(agent) = &mut cluster.agent {
-                    agent.seed_connected(
-                        (tag & !TAG_KIND) as usize,
-                        Some(connection),
-                        now_ms,
-                        reconnect_ms,
-                    );
-                }
-            }
-            _ => {
-                let node = (tag & !TAG_KIND) as NodeId;
-                let peer = cluster.peers.entry(node).or_default();
-                peer.connecting = false;
-                peer.connection = Some(connection);
-                cluster.data_out.insert(connection, node);
+        if purpose == Purpose::Control {
+            let reconnect_ms = cluster.io.settings.reconnect_ms;
+            if let Some(agent) = &mut cluster.agent {
+                agent.seed_connected(
+                    (tag & !TAG_KIND) as usize,
+                    Some(connection),
+                    now_ms,
+                    reconnect_ms,
+                );
             }
         }
     }
@@ -311,9 +333,10 @@ impl NodeShard {
                     node,
                     error, "cannot reach the node for forwarding; retrying"
                 );
-                let peer = cluster.peers.entry(node).or_default();
-                peer.connecting = false;
-                peer.retry_at_ms = now_ms + reconnect_ms;
+                if let Some(peer) = cluster.peers.get_mut(&node) {
+                    peer.connecting = false;
+                    peer.retry_at_ms = now_ms + reconnect_ms;
+                }
             }
         }
     }
@@ -351,8 +374,26 @@ impl NodeShard {
                     agent.link_up(connection, io);
                 }
                 Purpose::Data if outbound_data => {
-                    if let Some(p) = cluster.peers.get_mut(&peer.node) {
-                        p.relink();
+                    let dialled = cluster.data_out[&connection];
+                    if peer.node != dialled {
+                        warn!(
+                            connection,
+                            dialled,
+                            answered = peer.node,
+                            "a data link reached another node than the one dialled: closed"
+                        );
+                        self.link_closed(connection, "wrong node");
+                        return;
+                    }
+                    if let Some(p) = cluster.peers.get_mut(&dialled) {
+                        let stale = p.relink(peer.remote_epoch);
+                        if stale > 0 {
+                            warn!(
+                                node = dialled,
+                                dropped = stale,
+                                "the node restarted: forwarded messages queued for its previous run are dropped"
+                            );
+                        }
                     }
                 }
                 Purpose::Data => {}
@@ -371,7 +412,9 @@ impl NodeShard {
                 },
                 (Purpose::Data, Body::Heartbeat { .. }) => Ok(()),
                 (Purpose::Data, Body::ForwardAck { through }) if outbound_data => {
-                    if let Some(p) = cluster.peers.get_mut(&peer.node) {
+                    if let Some(p) = cluster.peers.get_mut(&peer.node)
+                        && p.connection == Some(connection)
+                    {
                         p.acknowledged(through);
                     }
                     Ok(())
@@ -384,6 +427,12 @@ impl NodeShard {
                             .delivered
                             .first_time(peer.node, peer.shard, peer.epoch, sequence)
                         {
+                            debug!(
+                                node = peer.node,
+                                shard = peer.shard,
+                                sequence,
+                                "forwarded message already delivered: skipped"
+                            );
                             continue;
                         }
                         match forward::from_wire(wire, now_ms) {
@@ -437,37 +486,61 @@ impl NodeShard {
         }
     }
 
-    /// The member list changed: forwarding follows the new addresses, and forgets nodes that
-    /// left.
-    fn members_changed(&mut self, nodes: &[(NodeId, SocketAddr)]) {
+    /// The member list changed: forwarding follows the new addresses. A node that is no longer
+    /// listed keeps its queue for the grace period (a view can lose a member for a moment,
+    /// such as a snapshot of a core that has only just heard from it again) and is forgotten
+    /// only if it stays away.
+    fn members_changed(&mut self, nodes: &[ClusterNode]) {
         let now_ms = self.now_ms;
         let cluster = self.cluster.as_mut().expect("checked by the caller");
+        for (node, peer) in cluster.peers.iter_mut() {
+            let listed = nodes.iter().any(|n| n.node == *node);
+            if !listed && peer.gone_since_ms.is_none() {
+                peer.gone_since_ms = Some(now_ms);
+            } else if listed {
+                peer.gone_since_ms = None;
+            }
+        }
+        for listed in nodes {
+            let peer = cluster.peer(listed.node);
+            peer.address = Some(listed.address);
+            let stale = peer.node_started(listed.epoch);
+            if stale > 0 {
+                warn!(
+                    node = listed.node,
+                    dropped = stale,
+                    "the node restarted: forwarded messages queued for its previous run are dropped"
+                );
+            }
+        }
+    }
+
+    /// Forgets the peers that stayed unlisted past the grace period.
+    fn forget_gone_peers(cluster: &mut Cluster, now_ms: u64) {
+        let grace_ms = cluster.io.settings.down_grace_ms;
         let gone: Vec<NodeId> = cluster
             .peers
-            .keys()
-            .filter(|node| !nodes.iter().any(|(n, _)| n == *node))
-            .copied()
+            .iter()
+            .filter(|(_, p)| {
+                p.gone_since_ms
+                    .is_some_and(|since| now_ms >= since + grace_ms)
+            })
+            .map(|(node, _)| *node)
             .collect();
         for node in gone {
-            if let Some(peer) = cluster.peers.remove(&node) {
-                if peer.unacked_count() > 0 {
-                    warn!(
-                        node,
-                        unacked = peer.unacked_count(),
-                        "node left the cluster with forwarded messages unacknowledged"
-                    );
-                }
-                if let Some(connection) = peer.connection {
-                    cluster.data_out.remove(&connection);
-                    cluster.io.now_ms = now_ms;
-                    let io = &mut cluster.io;
-                    io.close(connection);
-                }
+            let peer = cluster.peers.remove(&node).expect("listed above");
+            if peer.unacked_count() > 0 {
+                warn!(
+                    node,
+                    unacked = peer.unacked_count(),
+                    "node left the cluster with forwarded messages unacknowledged: dropped"
+                );
+            }
+            if let Some(connection) = peer.connection {
+                cluster.data_out.remove(&connection);
+                cluster.io.close(connection);
             }
             cluster.delivered.forget(node);
-        }
-        for &(node, address) in nodes {
-            cluster.peers.entry(node).or_default().address = Some(address);
         }
     }
 
@@ -499,6 +572,7 @@ impl NodeShard {
             agent.tick(io);
         }
         Self::dial_peers(cluster, now_ms);
+        Self::forget_gone_peers(cluster, now_ms);
     }
 
     /// Dials the nodes that have messages waiting and no link.
@@ -511,6 +585,7 @@ impl NodeShard {
                 && let Some(address) = peer.address
             {
                 peer.connecting = true;
+                debug!(node, %address, "dialling the node for forwarding");
                 cluster.io.connect(address, TAG_DATA | u64::from(node));
             }
         }
@@ -520,9 +595,14 @@ impl NodeShard {
     fn cluster_deadline_ms(&self) -> Option<u64> {
         let cluster = self.cluster.as_ref()?;
         let settings = &cluster.io.settings;
+        // A link due a heartbeat (up links only send them) or due to time out.
         let links = cluster.io.links.values().map(|l| {
-            (l.last_sent_ms + settings.heartbeat_ms)
-                .min(l.last_received_ms + settings.link_timeout_ms)
+            let timeout = l.last_received_ms + settings.link_timeout_ms;
+            if l.is_up() {
+                timeout.min(l.last_sent_ms + settings.heartbeat_ms)
+            } else {
+                timeout
+            }
         });
         let agent = cluster
             .agent
@@ -531,9 +611,15 @@ impl NodeShard {
         let peers = cluster
             .peers
             .values()
-            .filter(|p| p.connection.is_none() && !p.connecting && p.has_waiting())
+            .filter(|p| {
+                p.connection.is_none() && !p.connecting && p.has_waiting() && p.address.is_some()
+            })
             .map(|p| p.retry_at_ms);
-        links.chain(agent).chain(peers).min()
+        let gone = cluster
+            .peers
+            .values()
+            .filter_map(|p| p.gone_since_ms.map(|since| since + settings.down_grace_ms));
+        links.chain(agent).chain(peers).chain(gone).min()
     }
 
     pub fn next_deadline_ms(&self) -> Option<u64> {
@@ -565,7 +651,7 @@ impl NodeShard {
                 match output {
                     Output::ToNode { node, forwarded } => {
                         let queue_max = cluster.io.settings.forward_queue_max;
-                        let peer = cluster.peers.entry(node).or_default();
+                        let peer = cluster.peer(node);
                         if peer.push(&forwarded, now_ms, queue_max) {
                             forward::report_dropped(node, peer);
                         }
@@ -649,6 +735,8 @@ impl NodeShard {
         let node = cluster.io.settings.link.node();
         for change in std::mem::take(&mut agent.changes) {
             let message = match change {
+                // A core's log holds its own routes too; its shards know them already.
+                Change::Route { node: origin, .. } if origin == node => continue,
                 Change::Route { node, route, added } => ShardMessage::RemoteRoute {
                     node,
                     filter: ByteString::from(route.filter),
@@ -662,7 +750,12 @@ impl NodeShard {
                         .values()
                         .filter(|m| m.node != node)
                         .filter_map(|m| match m.cluster_address.parse() {
-                            Ok(address) => Some((m.node, address)),
+                            Ok(address) => Some(ClusterNode {
+                                node: m.node,
+                                address,
+                                epoch: m.epoch,
+                                up: !agent.view().down.contains(&m.node),
+                            }),
                             Err(_) => {
                                 warn!(node = m.node, address = %m.cluster_address, "member's cluster address does not parse");
                                 None

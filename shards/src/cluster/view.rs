@@ -44,10 +44,14 @@ impl View {
                 }
             }
             LogEntry::Down(node) => {
-                self.down.insert(*node);
+                if self.down.insert(*node) {
+                    changes.push(Change::Members);
+                }
             }
             LogEntry::Up(node) => {
-                self.down.remove(node);
+                if self.down.remove(node) {
+                    changes.push(Change::Members);
+                }
             }
             LogEntry::Removed(node) => {
                 self.replace_routes(*node, BTreeSet::new(), changes);
@@ -96,7 +100,7 @@ impl View {
             let routes = other.routes.get(&origin).cloned().unwrap_or_default();
             self.replace_routes(origin, routes, changes);
         }
-        if self.members != other.members {
+        if self.members != other.members || self.down != other.down {
             changes.push(Change::Members);
         }
         self.members = other.members;
@@ -164,6 +168,7 @@ mod tests {
             role: Role::Edge,
             cluster_address: format!("127.0.0.1:{}", 7000 + node),
             mqtt_address: String::new(),
+            epoch: 0,
         }
     }
 
@@ -197,7 +202,10 @@ mod tests {
         assert_eq!(changes.len(), 3, "{changes:?}");
         changes.clear();
         view.apply(&LogEntry::Down(2), &mut changes);
-        assert!(changes.is_empty() && view.down.contains(&2) && view.route_count() == 2);
+        // Down keeps the routes; the member list (which is up) changed.
+        assert_eq!(changes, [Change::Members]);
+        assert!(view.down.contains(&2) && view.route_count() == 2);
+        changes.clear();
         let (members, down, routes) = view.parts();
         let mut copy = View::from_parts(members, down, routes);
         assert_eq!(copy, view);
