@@ -41,6 +41,14 @@ pub struct ClusterConfig {
     pub log_entries_max: usize,
     pub forward_queue_max: usize,
     pub frame_size_max: usize,
+    pub takeover_timeout_ms: u64,
+}
+
+impl ClusterConfig {
+    /// This node's identifier in the cluster, or 0 on a node on its own.
+    pub fn node_id_if_enabled(&self) -> u32 {
+        if self.enabled { self.node_id } else { 0 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -270,6 +278,10 @@ impl Config {
         check(
             c.frame_size_max >= 4096,
             "`cluster.frame_size_max` must be at least 4096 bytes",
+        )?;
+        check(
+            (1..=600_000).contains(&c.takeover_timeout_ms),
+            "`cluster.takeover_timeout_ms` must be from 1 to 600000",
         )?;
         let mqtt_address = self
             .server

@@ -147,7 +147,7 @@ impl Handler for ShardHandler {
                     actions.post(shard, NodeMessage::Shard(message))
                 }
                 Output::Connect { address, tag } => actions.connect(address, None, tag),
-                Output::ToNode { .. } | Output::NodeRoute { .. } => {
+                Output::ToNode { .. } | Output::SessionToNode { .. } | Output::NodeRoute { .. } => {
                     unreachable!("the node shard carries out cluster outputs itself")
                 }
             }
@@ -253,6 +253,8 @@ fn serve(config: Config) -> Result<(), String> {
         let mut shard = Shard::new(ShardConfig {
             index,
             shard_count,
+            node: config.cluster.node_id_if_enabled(),
+            takeover_timeout_ms: config.cluster.takeover_timeout_ms,
             limits: config.limits(),
             shared_strategy: config.shared_strategy()?,
         });

@@ -97,9 +97,36 @@ pub enum ShardMessage {
     },
     /// The other members of the cluster now. From the cluster agent.
     ClusterNodes(Vec<ClusterNode>),
+    /// A session moving between nodes, from node `node` (see [`SessionTransfer`]).
+    Session {
+        node: NodeId,
+        transfer: SessionTransfer,
+    },
     /// Store (or, with an empty payload, clear) a retained message. Every shard keeps the whole
     /// retained set, so a subscribe never waits on another shard.
     Retain { message: Message },
+}
+
+/// A session moving from one node to another (takeover across nodes). Both travel on the data
+/// links, numbered and acknowledged like QoS 1 messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionTransfer {
+    /// Shard `shard` of the sending node is accepting a connection for `client_id`: close
+    /// yours (0x8E) and hand the session over. Claim numbers are per claiming shard.
+    Claim {
+        client_id: ByteString,
+        shard: ShardIndex,
+        claim: u64,
+        clean_start: bool,
+    },
+    /// The answer to claim `claim` of shard `shard`: the session as a snapshot record, if
+    /// this node had one.
+    Handover {
+        client_id: ByteString,
+        shard: ShardIndex,
+        claim: u64,
+        session: Option<Bytes>,
+    },
 }
 
 /// Another member of the cluster, as the agent's view has it.

@@ -22,9 +22,13 @@ use shardmq_net::mqtt::{
 use tracing::{debug, info, warn};
 
 use crate::limits::Limits;
-use crate::message::{ConnectionId, Forwarded, Message, NodeId, ShardIndex, ShardMessage};
+use crate::message::{
+    ConnectionId, Forwarded, Message, NodeId, SessionTransfer, ShardIndex, ShardMessage,
+};
 use crate::retained::Retained;
 use crate::trie::{Change, Trie};
+
+mod takeover;
 
 /// The shard that owns the session of `client_id`: FNV-1a of the identifier, so that every
 /// shard (and every restart) computes the same owner.
@@ -88,6 +92,11 @@ pub enum Output {
     },
     /// Forward a message to another node of the cluster.
     ToNode { node: NodeId, forwarded: Forwarded },
+    /// Send a session claim or handover to another node of the cluster.
+    SessionToNode {
+        node: NodeId,
+        transfer: SessionTransfer,
+    },
     /// Open a TCP connection (a cluster link); the reactor answers with the connection or the
     /// failure, named by `tag`. Emitted by the cluster layer, never by the shard itself.
     Connect {
@@ -109,6 +118,11 @@ pub enum Output {
 pub struct ShardConfig {
     pub index: ShardIndex,
     pub shard_count: u16,
+    /// This node's identifier in its cluster (0 alone): part of assigned client identifiers,
+    /// and the tie-break of concurrent takeovers across nodes.
+    pub node: NodeId,
+    /// How long a CONNECT waits for the other nodes to hand over its client's session.
+    pub takeover_timeout_ms: u64,
     pub limits: Limits,
     pub shared_strategy: SharedStrategy,
 }
@@ -175,6 +189,8 @@ type SessionIndex = u32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     KeepAlive(ConnectionId),
+    /// A session claim across nodes waited long enough (its number).
+    Claim(u64),
     WillDelay(SessionIndex, u64),
     SessionExpiry(SessionIndex, u64),
 }
@@ -194,6 +210,9 @@ struct Connection {
     /// Topic aliases the client set (5.0), grown on first use up to the announced maximum.
     topic_aliases: Vec<Option<ByteString>>,
     problem_information: bool,
+    /// CONNECT is waiting for the other nodes to hand over the session: what arrives
+    /// meanwhile is kept in `pending` and read once the connection is accepted.
+    claiming: bool,
     closing: bool,
 }
 
@@ -304,6 +323,13 @@ pub struct Shard {
     shared_routes: Trie<SharedRoute>,
     /// The other nodes of the cluster that are members now: a retained message goes to each.
     cluster_nodes: Vec<NodeId>,
+    /// Those of them that are up: a CONNECT claims its client's session from each.
+    cluster_nodes_up: Vec<NodeId>,
+    /// CONNECTs waiting for other nodes to hand over their session, by client identifier,
+    /// and the client identifier of each claim number.
+    claims: HashMap<ByteString, takeover::PendingClaim>,
+    claim_clients: HashMap<u64, ByteString>,
+    next_claim: u64,
     retained: Retained,
     timers: BinaryHeap<Reverse<(u64, Timer)>>,
     outputs: Vec<Output>,
@@ -340,6 +366,10 @@ impl Shard {
             routes: Trie::new(),
             shared_routes: Trie::new(),
             cluster_nodes: Vec::new(),
+            cluster_nodes_up: Vec::new(),
+            claims: HashMap::new(),
+            claim_clients: HashMap::new(),
+            next_claim: 0,
             retained: Retained::default(),
             timers: BinaryHeap::new(),
             outputs: Vec::new(),
@@ -435,6 +465,7 @@ impl Shard {
                 client_packet_size_max: mqtt::PACKET_SIZE_MAX,
                 topic_aliases: Vec::new(),
                 problem_information: true,
+                claiming: false,
                 closing: false,
             },
         );
@@ -448,6 +479,10 @@ impl Shard {
             return;
         }
         connection.last_received_ms = self.now_ms;
+        if connection.claiming {
+            connection.pending.extend_from_slice(&bytes);
+            return;
+        }
         // Without a partial packet the received buffer is decoded in place, so payloads are
         // slices of it; otherwise the bytes join the partial packet first.
         let mut buffer = if connection.pending.is_empty() {
@@ -480,7 +515,12 @@ impl Shard {
                         // on another shard.
                         let received = connect_bytes.clone().unwrap_or_default();
                         self.first_packet(connection_id, packet, received);
-                        if !self.connections.contains_key(&connection_id) {
+                        let Some(connection) = self.connections.get_mut(&connection_id) else {
+                            return;
+                        };
+                        if connection.claiming {
+                            // Read once the session is here.
+                            connection.pending.extend_from_slice(&buffer);
                             return;
                         }
                     } else {
@@ -783,6 +823,11 @@ impl Shard {
             });
             return;
         }
+        if !assigned && !self.cluster_nodes_up.is_empty() {
+            // The session may live on another node, or the client be connected there.
+            self.claim(connection_id, connect, client_id);
+            return;
+        }
         self.accept(connection_id, *connect, client_id, assigned);
     }
 
@@ -790,9 +835,10 @@ impl Shard {
     fn assign_client_id(&mut self) -> ByteString {
         loop {
             self.assigned_ids += 1;
+            // The node is part of it, so that no two nodes of a cluster assign the same one.
             let candidate = format!(
-                "shardmq-{}-{:x}-{:x}",
-                self.config.index, self.now_ms, self.assigned_ids
+                "shardmq-{}-{}-{:x}-{:x}",
+                self.config.node, self.config.index, self.now_ms, self.assigned_ids
             );
             if owner_shard(&candidate, self.config.shard_count) == self.config.index
                 && !self.client_ids.contains_key(candidate.as_str())
@@ -826,43 +872,8 @@ impl Shard {
         .min(limits.session_expiry_seconds_max);
 
         // Take over a live connection of the same client identifier [MQTT-3.1.4-3].
-        let existing = self.client_ids.get(&client_id).copied();
-        if let Some(index) = existing
-            && let Some(old_connection) = self.session(index).connection
-        {
-            // The old connection's will is published unless the new one resumes the session
-            // and the will is delayed (MQTT 5.0 §3.1.3.2.2).
-            let keep_will = !connect.clean_start
-                && self
-                    .session(index)
-                    .will
-                    .as_ref()
-                    .is_some_and(|will| will.delay_seconds > 0);
-            info!(%client_id, old = old_connection, new = connection_id, "session taken over by a new connection");
-            if let Some(connection) = self.connections.get(&old_connection)
-                && connection.version.is_v5()
-            {
-                self.send(
-                    old_connection,
-                    &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
-                );
-            }
-            // Detach without ending the session: the new connection continues or replaces it.
-            if let Some(connection) = self.connections.get_mut(&old_connection) {
-                connection.closing = true;
-                connection.session = None;
-            }
-            self.outputs.push(Output::Close {
-                connection: old_connection,
-            });
-            let session = self.session_mut(index);
-            session.connection = None;
-            // A delayed will that is not sent now is dropped: its client is back.
-            if let Some(will) = session.will.take()
-                && !keep_will
-            {
-                self.publish(will.message);
-            }
+        if let Some(index) = self.client_ids.get(&client_id).copied() {
+            self.take_over(index, connect.clean_start);
         }
 
         let existing = self.client_ids.get(&client_id).copied();
@@ -990,6 +1001,47 @@ impl Shard {
             self.resend_inflight(index);
         }
         self.drain_queue(index);
+    }
+
+    /// A new connection (here or on another node) takes session `index` over: the old
+    /// connection, if any, gets DISCONNECT 0x8E (5.0) and is closed, and the session stays,
+    /// without a connection, for the new one to continue or replace. The old connection's
+    /// will is published unless the new one resumes the session (`clean_start` false) and
+    /// the will is delayed (MQTT 5.0 §3.1.3.2.2); a delayed will not sent now is dropped, as
+    /// its client is back.
+    fn take_over(&mut self, index: SessionIndex, clean_start: bool) {
+        let Some(old_connection) = self.session(index).connection else {
+            return;
+        };
+        let keep_will = !clean_start
+            && self
+                .session(index)
+                .will
+                .as_ref()
+                .is_some_and(|will| will.delay_seconds > 0);
+        info!(client_id = %self.session(index).client_id, old = old_connection, "session taken over by a new connection");
+        if let Some(connection) = self.connections.get(&old_connection)
+            && connection.version.is_v5()
+        {
+            self.send(
+                old_connection,
+                &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
+            );
+        }
+        if let Some(connection) = self.connections.get_mut(&old_connection) {
+            connection.closing = true;
+            connection.session = None;
+        }
+        self.outputs.push(Output::Close {
+            connection: old_connection,
+        });
+        let session = self.session_mut(index);
+        session.connection = None;
+        if let Some(will) = session.will.take()
+            && !keep_will
+        {
+            self.publish(will.message);
+        }
     }
 
     /// On resume, unacknowledged PUBLISH packets go again with DUP set, and PUBRELs again, in
@@ -1555,8 +1607,11 @@ impl Shard {
                 self.change_route(Target::Node(node), filter, group, added);
             }
             ShardMessage::ClusterNodes(nodes) => {
-                self.cluster_nodes = nodes.into_iter().map(|n| n.node).collect();
+                self.cluster_nodes = nodes.iter().map(|n| n.node).collect();
+                self.cluster_nodes_up = nodes.iter().filter(|n| n.up).map(|n| n.node).collect();
+                self.stop_waiting_for_gone_nodes();
             }
+            ShardMessage::Session { node, transfer } => self.session_transfer(node, transfer),
             ShardMessage::Deliver {
                 message,
                 plain,
@@ -2141,6 +2196,7 @@ impl Shard {
                         self.timers.push(Reverse((deadline, timer)));
                     }
                 }
+                Timer::Claim(claim) => self.claim_timed_out(claim),
                 Timer::WillDelay(index, generation) => {
                     let live = self
                         .sessions
@@ -2188,7 +2244,7 @@ impl Shard {
     /// (expiry above 0; by now none has a connection), and, on shard 0 only, the retained
     /// messages (every shard holds the whole set, so one copy is enough).
     pub fn snapshot(&self) -> Vec<u8> {
-        use crate::snapshot::{Record, SavedDelivery, SavedInflight, SavedSession};
+        use crate::snapshot::Record;
         let mut records = Vec::new();
         for session in self
             .sessions
@@ -2196,41 +2252,47 @@ impl Shard {
             .flatten()
             .filter(|s| s.expiry_seconds > 0)
         {
-            records.push(Record::Session(SavedSession {
-                client_id: session.client_id.clone(),
-                version: session.version,
-                expiry_seconds: session.expiry_seconds,
-                subscriptions: session
-                    .subscriptions
-                    .iter()
-                    .map(|(filter, &(options, identifier))| (filter.clone(), options, identifier))
-                    .collect(),
-                inflight: session
-                    .inflight
-                    .iter()
-                    .map(|entry| SavedInflight {
-                        packet_id: entry.packet_id,
-                        released: entry.state == InflightState::Released,
-                        delivery: SavedDelivery {
-                            message: entry.message.clone(),
-                            subscription_identifiers: entry.subscription_identifiers.clone(),
-                        },
-                    })
-                    .collect(),
-                queue: session
-                    .queue
-                    .iter()
-                    .map(|queued| SavedDelivery {
-                        message: queued.message.clone(),
-                        subscription_identifiers: queued.subscription_identifiers.clone(),
-                    })
-                    .collect(),
-            }));
+            records.push(Record::Session(Self::saved_session(session)));
         }
         if self.config.index == 0 {
             records.extend(self.retained.iter().cloned().map(Record::Retained));
         }
         crate::snapshot::encode(&records, self.now_ms)
+    }
+
+    /// A session's durable state: what a snapshot keeps and a takeover across nodes moves.
+    fn saved_session(session: &Session) -> crate::snapshot::SavedSession {
+        use crate::snapshot::{SavedDelivery, SavedInflight, SavedSession};
+        SavedSession {
+            client_id: session.client_id.clone(),
+            version: session.version,
+            expiry_seconds: session.expiry_seconds,
+            subscriptions: session
+                .subscriptions
+                .iter()
+                .map(|(filter, &(options, identifier))| (filter.clone(), options, identifier))
+                .collect(),
+            inflight: session
+                .inflight
+                .iter()
+                .map(|entry| SavedInflight {
+                    packet_id: entry.packet_id,
+                    released: entry.state == InflightState::Released,
+                    delivery: SavedDelivery {
+                        message: entry.message.clone(),
+                        subscription_identifiers: entry.subscription_identifiers.clone(),
+                    },
+                })
+                .collect(),
+            queue: session
+                .queue
+                .iter()
+                .map(|queued| SavedDelivery {
+                    message: queued.message.clone(),
+                    subscription_identifiers: queued.subscription_identifiers.clone(),
+                })
+                .collect(),
+        }
     }
 
     /// Loads one snapshot file (of any shard, from any earlier shard count): the sessions whose

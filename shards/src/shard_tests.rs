@@ -35,6 +35,8 @@ impl Node {
                 Shard::new(ShardConfig {
                     index,
                     shard_count,
+                    node: 0,
+                    takeover_timeout_ms: 5_000,
                     limits: limits.clone(),
                     shared_strategy,
                 })
@@ -76,7 +78,10 @@ impl Node {
                         work.push_back((usize::from(shard), Input::Shard(message)))
                     }
                     // A node on its own: no cluster to tell or forward to.
-                    Output::ToNode { .. } | Output::NodeRoute { .. } | Output::Connect { .. } => {}
+                    Output::ToNode { .. }
+                    | Output::SessionToNode { .. }
+                    | Output::NodeRoute { .. }
+                    | Output::Connect { .. } => {}
                 }
             }
         }

@@ -268,6 +268,8 @@ impl Sim {
                 let shard = Shard::new(ShardConfig {
                     index,
                     shard_count: SHARDS,
+                    node: id,
+                    takeover_timeout_ms: 2_000,
                     limits: Limits::default(),
                     shared_strategy: SharedStrategy::RoundRobin,
                 });
@@ -529,7 +531,7 @@ impl Sim {
                     }
                 }
             }
-            Output::ToNode { .. } | Output::NodeRoute { .. } => {
+            Output::ToNode { .. } | Output::SessionToNode { .. } | Output::NodeRoute { .. } => {
                 panic!("the node shard carries out cluster outputs itself")
             }
         }

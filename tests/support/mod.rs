@@ -263,6 +263,10 @@ impl V4 {
 pub struct V5 {
     pub client: rumqttc::v5::Client,
     pub events: mpsc::Receiver<rumqttc::v5::Event>,
+    /// The broker's CONNACK.
+    pub connack: rumqttc::v5::mqttbytes::v5::ConnAck,
+    /// The error that ended the event loop (rumqttc reports a server DISCONNECT as one).
+    pub ended: mpsc::Receiver<rumqttc::v5::ConnectionError>,
 }
 
 pub fn v5(port: u16, id: &str, configure: impl FnOnce(&mut rumqttc::v5::MqttOptions)) -> V5 {
@@ -271,6 +275,7 @@ pub fn v5(port: u16, id: &str, configure: impl FnOnce(&mut rumqttc::v5::MqttOpti
     configure(&mut options);
     let (client, mut connection) = rumqttc::v5::Client::new(options, 1000);
     let (sender, events) = mpsc::channel();
+    let (end_sender, ended) = mpsc::channel();
     std::thread::spawn(move || {
         for notification in connection.iter() {
             match notification {
@@ -279,20 +284,29 @@ pub fn v5(port: u16, id: &str, configure: impl FnOnce(&mut rumqttc::v5::MqttOpti
                         return;
                     }
                 }
-                Err(_) => return,
+                Err(error) => {
+                    let _ = end_sender.send(error);
+                    return;
+                }
             }
         }
     });
-    let client = V5 { client, events };
-    client
-        .wait_for(Duration::from_secs(5), |event| {
+    let Some(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(connack))) =
+        wait_for_event(&events, Duration::from_secs(10), |event| {
             matches!(
                 event,
                 rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_))
             )
         })
-        .expect("CONNACK");
-    client
+    else {
+        panic!("no CONNACK for {id}");
+    };
+    V5 {
+        client,
+        events,
+        connack,
+        ended,
+    }
 }
 
 impl V5 {
@@ -315,6 +329,11 @@ impl V5 {
             }
             _ => None,
         })
+    }
+
+    /// Whether the connection ended (the broker closed it) within `timeout`.
+    pub fn ended_within(&self, timeout: Duration) -> bool {
+        self.ended.recv_timeout(timeout).is_ok()
     }
 
     pub fn subscribe(&self, filter: &str, qos: rumqttc::v5::mqttbytes::QoS) {

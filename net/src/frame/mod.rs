@@ -172,19 +172,47 @@ pub struct WireMessage {
     pub content_type: Option<String>,
 }
 
-/// A forwarded message and whom it is for on the receiving node.
+/// One item of a data link, numbered: every item but a QoS 0 message is kept by the sender
+/// until acknowledged and resent on a new link, and the receiver takes each number once.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Forwarded {
-    /// Numbered per sending shard and receiving node, rising; a message resent after a
-    /// reconnect keeps its number, so the receiver delivers it once.
+    /// Numbered per sending shard and receiving node, rising; an item resent after a
+    /// reconnect keeps its number, so the receiver acts on it once.
     pub sequence: u64,
-    pub message: WireMessage,
-    /// Deliver to every matching plain subscription there.
-    pub plain: bool,
-    /// Deliver to one member there of each listed shared group: `(group, filter)`. A retained
-    /// message goes to every node, to be stored, even if these say there is no one to deliver
-    /// it to.
-    pub groups: Vec<(String, String)>,
+    pub item: Item,
+}
+
+/// What a data link carries.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A published message and whom it is for on the receiving node.
+    Publish {
+        message: WireMessage,
+        /// Deliver to every matching plain subscription there.
+        plain: bool,
+        /// Deliver to one member there of each listed shared group: `(group, filter)`. A
+        /// retained message goes to every node, to be stored, even if these say there is no
+        /// one to deliver it to.
+        groups: Vec<(String, String)>,
+    },
+    /// The sender's shard `shard` is accepting a connection for `client_id`: the receiver
+    /// closes its connection of that client (0x8E) and answers with `Handover`.
+    Claim {
+        client_id: String,
+        shard: u16,
+        /// Names the claim in its answer.
+        claim: u64,
+        /// The new connection starts clean: the old session is ended, not sent.
+        clean_start: bool,
+    },
+    /// The answer to a claim, for the claimant's shard `shard`: the session, if the sender
+    /// had one (a snapshot record: subscriptions, in-flight and queued messages).
+    Handover {
+        client_id: String,
+        shard: u16,
+        claim: u64,
+        session: Option<Vec<u8>>,
+    },
 }
 
 /// A frame body.
@@ -447,12 +475,34 @@ mod tests {
                 ],
             },
             Body::Forward {
-                messages: vec![Forwarded {
-                    sequence: 1,
-                    message,
-                    plain: true,
-                    groups: vec![("g".into(), "a/#".into())],
-                }],
+                messages: vec![
+                    Forwarded {
+                        sequence: 1,
+                        item: Item::Publish {
+                            message,
+                            plain: true,
+                            groups: vec![("g".into(), "a/#".into())],
+                        },
+                    },
+                    Forwarded {
+                        sequence: 2,
+                        item: Item::Claim {
+                            client_id: "c".into(),
+                            shard: 1,
+                            claim: 9,
+                            clean_start: false,
+                        },
+                    },
+                    Forwarded {
+                        sequence: 3,
+                        item: Item::Handover {
+                            client_id: "c".into(),
+                            shard: 1,
+                            claim: 9,
+                            session: Some(vec![1, 2, 3]),
+                        },
+                    },
+                ],
             },
         ]
     }

@@ -20,7 +20,7 @@ use shardmq_net::mqtt::{PublishProperties, QoS};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, warn};
 
-use crate::message::{ConnectionId, Forwarded, Message};
+use crate::message::{ConnectionId, Forwarded, Message, SessionTransfer};
 
 /// A message as it crosses the wire. Expiry travels as time left, since two nodes' clocks are
 /// not comparable.
@@ -29,36 +29,112 @@ pub fn to_wire(forwarded: &Forwarded, sequence: u64, now_ms: u64) -> frame::Forw
     let properties = &message.properties;
     frame::Forwarded {
         sequence,
-        message: frame::WireMessage {
-            topic: message.topic.to_string(),
-            payload: message.payload.to_vec(),
-            qos: message.qos as u8,
-            retain: message.retain,
-            expiry_ms: message.expires_at_ms.map(|at| at.saturating_sub(now_ms)),
-            publisher: message.publisher.as_ref().map(|p| p.to_string()),
-            payload_format_indicator: properties.payload_format_indicator,
-            response_topic: properties.response_topic.as_ref().map(|t| t.to_string()),
-            correlation_data: properties.correlation_data.as_ref().map(|d| d.to_vec()),
-            user_properties: properties
-                .user_properties
+        item: frame::Item::Publish {
+            message: frame::WireMessage {
+                topic: message.topic.to_string(),
+                payload: message.payload.to_vec(),
+                qos: message.qos as u8,
+                retain: message.retain,
+                expiry_ms: message.expires_at_ms.map(|at| at.saturating_sub(now_ms)),
+                publisher: message.publisher.as_ref().map(|p| p.to_string()),
+                payload_format_indicator: properties.payload_format_indicator,
+                response_topic: properties.response_topic.as_ref().map(|t| t.to_string()),
+                correlation_data: properties.correlation_data.as_ref().map(|d| d.to_vec()),
+                user_properties: properties
+                    .user_properties
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                content_type: properties.content_type.as_ref().map(|t| t.to_string()),
+            },
+            plain: forwarded.plain,
+            groups: forwarded
+                .groups
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(g, f)| (g.to_string(), f.to_string()))
                 .collect(),
-            content_type: properties.content_type.as_ref().map(|t| t.to_string()),
         },
-        plain: forwarded.plain,
-        groups: forwarded
-            .groups
-            .iter()
-            .map(|(g, f)| (g.to_string(), f.to_string()))
-            .collect(),
     }
 }
 
-/// The message a wire message carries, or why it is not one (a peer's bytes are checked like
-/// a client's: a bad QoS ends the link, not the node).
-pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Forwarded, String> {
-    let m = wire.message;
+/// A session transfer as it crosses the wire.
+pub fn transfer_to_wire(transfer: &SessionTransfer, sequence: u64) -> frame::Forwarded {
+    let item = match transfer {
+        SessionTransfer::Claim {
+            client_id,
+            shard,
+            claim,
+            clean_start,
+        } => frame::Item::Claim {
+            client_id: client_id.to_string(),
+            shard: *shard,
+            claim: *claim,
+            clean_start: *clean_start,
+        },
+        SessionTransfer::Handover {
+            client_id,
+            shard,
+            claim,
+            session,
+        } => frame::Item::Handover {
+            client_id: client_id.to_string(),
+            shard: *shard,
+            claim: *claim,
+            session: session.as_ref().map(|s| s.to_vec()),
+        },
+    };
+    frame::Forwarded { sequence, item }
+}
+
+/// What one received item is for this node. Lives for one item: the message inline costs
+/// less than boxing it (an allocation per forwarded message).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Received {
+    Publish(Forwarded),
+    Session(SessionTransfer),
+}
+
+/// The item a wire item carries, or why it is not one (a peer's bytes are checked like a
+/// client's: a bad QoS ends the link, not the node).
+pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String> {
+    match wire.item {
+        frame::Item::Publish {
+            message,
+            plain,
+            groups,
+        } => publish_from_wire(message, plain, groups, now_ms).map(Received::Publish),
+        frame::Item::Claim {
+            client_id,
+            shard,
+            claim,
+            clean_start,
+        } => Ok(Received::Session(SessionTransfer::Claim {
+            client_id: ByteString::from(client_id),
+            shard,
+            claim,
+            clean_start,
+        })),
+        frame::Item::Handover {
+            client_id,
+            shard,
+            claim,
+            session,
+        } => Ok(Received::Session(SessionTransfer::Handover {
+            client_id: ByteString::from(client_id),
+            shard,
+            claim,
+            session: session.map(Bytes::from),
+        })),
+    }
+}
+
+fn publish_from_wire(
+    m: frame::WireMessage,
+    plain: bool,
+    groups: Vec<(String, String)>,
+    now_ms: u64,
+) -> Result<Forwarded, String> {
     let qos = QoS::from_bits(m.qos).ok_or_else(|| format!("forwarded QoS {} is invalid", m.qos))?;
     Ok(Forwarded {
         message: Message {
@@ -81,9 +157,8 @@ pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Forwarded, Strin
             expires_at_ms: m.expiry_ms.map(|left| now_ms + left),
             publisher: m.publisher.map(ByteString::from),
         },
-        plain: wire.plain,
-        groups: wire
-            .groups
+        plain,
+        groups: groups
             .into_iter()
             .map(|(g, f)| (ByteString::from(g), ByteString::from(f)))
             .collect(),
@@ -124,8 +199,19 @@ impl Peer {
     pub fn push(&mut self, forwarded: &Forwarded, now_ms: u64, queue_max: usize) -> bool {
         self.next_sequence += 1;
         let wire = to_wire(forwarded, self.next_sequence, now_ms);
+        self.enqueue(wire, forwarded.message.qos != QoS::AtMostOnce, queue_max)
+    }
+
+    /// Queues a session transfer for the node, kept until acknowledged like a QoS 1 message.
+    pub fn push_transfer(&mut self, transfer: &SessionTransfer, queue_max: usize) -> bool {
+        self.next_sequence += 1;
+        let wire = transfer_to_wire(transfer, self.next_sequence);
+        self.enqueue(wire, true, queue_max)
+    }
+
+    fn enqueue(&mut self, wire: frame::Forwarded, reliable: bool, queue_max: usize) -> bool {
         let mut dropped = false;
-        if forwarded.message.qos != QoS::AtMostOnce {
+        if reliable {
             if self.unacked.len() >= queue_max {
                 self.unacked.pop_front();
                 self.dropped += 1;
@@ -285,15 +371,32 @@ mod tests {
     fn wire_round_trip_keeps_the_message_and_the_time_left() {
         let original = forwarded(QoS::ExactlyOnce, 1);
         let wire = to_wire(&original, 5, 4_000);
-        assert_eq!(wire.message.expiry_ms, Some(6_000));
-        let back = from_wire(wire, 100).unwrap();
+        let frame::Item::Publish { message, .. } = &wire.item else {
+            panic!("a publish")
+        };
+        assert_eq!(message.expiry_ms, Some(6_000));
+        let Received::Publish(back) = from_wire(wire, 100).unwrap() else {
+            panic!("a publish")
+        };
         assert_eq!(back.message.expires_at_ms, Some(6_100));
         assert_eq!(back.message.payload, original.message.payload);
         assert_eq!(back.message.properties, original.message.properties);
         assert_eq!(back.groups, original.groups);
         let mut bad = to_wire(&original, 1, 0);
-        bad.message.qos = 3;
+        if let frame::Item::Publish { message, .. } = &mut bad.item {
+            message.qos = 3;
+        }
         assert!(from_wire(bad, 0).is_err());
+        let handover = SessionTransfer::Handover {
+            client_id: ByteString::from("c"),
+            shard: 1,
+            claim: 4,
+            session: Some(Bytes::from_static(b"record")),
+        };
+        let Received::Session(back) = from_wire(transfer_to_wire(&handover, 2), 0).unwrap() else {
+            panic!("a session transfer")
+        };
+        assert_eq!(back, handover);
     }
 
     #[test]

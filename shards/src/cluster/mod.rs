@@ -25,8 +25,8 @@ pub use agent::{Agent, Status};
 pub use link::{Link, LinkSettings};
 use view::Change;
 
-use crate::message::{ClusterNode, ConnectionId, ShardIndex, ShardMessage};
-use crate::shard::{Input, Output, Shard};
+use crate::message::{ClusterNode, ConnectionId, SessionTransfer, ShardIndex, ShardMessage};
+use crate::shard::{Input, Output, Shard, owner_shard};
 
 /// Outbound connection tags: the kind in the high bits, the seed index or node below.
 pub const TAG_SEED: u64 = 1 << 40;
@@ -436,7 +436,33 @@ impl NodeShard {
                             continue;
                         }
                         match forward::from_wire(wire, now_ms) {
-                            Ok(forwarded) => self.shard.handle(now_ms, Input::FromNode(forwarded)),
+                            Ok(forward::Received::Publish(forwarded)) => {
+                                self.shard.handle(now_ms, Input::FromNode(forwarded))
+                            }
+                            Ok(forward::Received::Session(transfer)) => {
+                                // A claim goes to the shard that owns the client identifier
+                                // here, an answer to the shard that claimed.
+                                let shard = match &transfer {
+                                    SessionTransfer::Claim { client_id, .. } => {
+                                        owner_shard(client_id, self.shard_count)
+                                    }
+                                    SessionTransfer::Handover { shard, .. } => *shard,
+                                };
+                                let message = ShardMessage::Session {
+                                    node: peer.node,
+                                    transfer,
+                                };
+                                if shard == self.index {
+                                    self.shard.handle(now_ms, Input::Shard(message));
+                                } else if shard < self.shard_count {
+                                    cluster.io.outputs.push(Output::ToShard { shard, message });
+                                } else {
+                                    result = Err(format!(
+                                        "a session answer for shard {shard}, which this node does not have"
+                                    ));
+                                    break;
+                                }
+                            }
                             Err(error) => {
                                 result = Err(error);
                                 break;
@@ -653,6 +679,13 @@ impl NodeShard {
                         let queue_max = cluster.io.settings.forward_queue_max;
                         let peer = cluster.peer(node);
                         if peer.push(&forwarded, now_ms, queue_max) {
+                            forward::report_dropped(node, peer);
+                        }
+                    }
+                    Output::SessionToNode { node, transfer } => {
+                        let queue_max = cluster.io.settings.forward_queue_max;
+                        let peer = cluster.peer(node);
+                        if peer.push_transfer(&transfer, queue_max) {
                             forward::report_dropped(node, peer);
                         }
                     }

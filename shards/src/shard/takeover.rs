@@ -1,0 +1,273 @@
+//! Session takeover across the nodes of a cluster.
+//!
+//! Owns: the CONNECTs of this shard that wait for the other nodes to hand over their client's
+//! session, and the answers to other nodes' claims.
+//!
+//! How: a CONNECT for a client identifier (not one this node assigned) on a node with other
+//! members that are up becomes a *claim*: a `Claim` to each of them, and the connection waits
+//! (what the client sends meanwhile is kept and read after CONNACK). A node that receives a
+//! claim takes its session over as a local CONNECT would (its connection gets DISCONNECT 0x8E
+//! and is closed, the will follows the MQTT 5.0 rules), removes the session and answers with
+//! `Handover`, carrying the session (subscriptions, in-flight and queued messages) unless the
+//! new connection starts clean. Once every node has answered, or `takeover_timeout_ms` has
+//! passed, or the nodes still awaited are down, the claimant installs the session it was
+//! given and accepts the connection: the old connection is closed before the new one is
+//! acknowledged.
+//!
+//! Concurrent CONNECTs of one identifier on two nodes: each claims from the other. The node
+//! with the lower identifier wins the tie: it answers the other's claim only after its own
+//! has completed (so it accepts its client, then hands the session on), while the node with
+//! the higher identifier answers at once. Every claim thus completes, and the claims line up
+//! one after another as if the connects had not overlapped: exactly one owner remains, the
+//! last in that order, and the others' clients get 0x8E.
+//!
+//! Never: waits without a bound (the claim timer), or drops a session it was handed: an answer
+//! that comes after its claim timed out is kept as an offline session if no session of that
+//! client is here.
+
+use super::*;
+use crate::snapshot::{self, Record, SavedSession};
+
+/// A CONNECT waiting for the other nodes to hand over (or disclaim) its client's session.
+#[derive(Debug)]
+pub(super) struct PendingClaim {
+    claim: u64,
+    connection: ConnectionId,
+    connect: Box<Connect>,
+    /// Nodes that have not answered yet.
+    waiting: Vec<NodeId>,
+    /// The session a node handed over.
+    session: Option<SavedSession>,
+    /// Claims of other nodes for this client that wait for this one to complete:
+    /// (node, its shard, its claim number, clean start).
+    deferred: Vec<(NodeId, ShardIndex, u64, bool)>,
+}
+
+impl Shard {
+    /// Starts the claim of `client_id`'s session for `connection_id` from every other node.
+    pub(super) fn claim(
+        &mut self,
+        connection_id: ConnectionId,
+        connect: Box<Connect>,
+        client_id: ByteString,
+    ) {
+        if let Some(earlier) = self.claims.get_mut(&client_id) {
+            // The client connected again before its first claim completed: the newer
+            // connection waits in its place, and the older one is closed (it never had a
+            // CONNACK, so it was never connected).
+            let older = std::mem::replace(&mut earlier.connection, connection_id);
+            earlier.connect = connect;
+            debug!(%client_id, older, newer = connection_id, "a second CONNECT during a takeover: the first connection is closed");
+            self.drop_connection(older, false);
+            self.mark_claiming(connection_id);
+            return;
+        }
+        self.next_claim += 1;
+        let claim = self.next_claim;
+        let waiting = self.cluster_nodes_up.clone();
+        for &node in &waiting {
+            self.outputs.push(Output::SessionToNode {
+                node,
+                transfer: SessionTransfer::Claim {
+                    client_id: client_id.clone(),
+                    shard: self.config.index,
+                    claim,
+                    clean_start: connect.clean_start,
+                },
+            });
+        }
+        debug!(%client_id, claim, nodes = ?waiting, "claiming the session from the other nodes");
+        self.timers.push(Reverse((
+            self.now_ms + self.config.takeover_timeout_ms,
+            Timer::Claim(claim),
+        )));
+        self.claim_clients.insert(claim, client_id.clone());
+        self.claims.insert(
+            client_id,
+            PendingClaim {
+                claim,
+                connection: connection_id,
+                connect,
+                waiting,
+                session: None,
+                deferred: Vec::new(),
+            },
+        );
+        self.mark_claiming(connection_id);
+    }
+
+    fn mark_claiming(&mut self, connection_id: ConnectionId) {
+        if let Some(connection) = self.connections.get_mut(&connection_id) {
+            connection.claiming = true;
+        }
+    }
+
+    /// A claim or an answer from node `from`.
+    pub(super) fn session_transfer(&mut self, from: NodeId, transfer: SessionTransfer) {
+        match transfer {
+            SessionTransfer::Claim {
+                client_id,
+                shard,
+                claim,
+                clean_start,
+            } => {
+                if let Some(own) = self.claims.get_mut(&client_id)
+                    && self.config.node < from
+                {
+                    // Both nodes are claiming: ours goes first (see the module comment).
+                    own.deferred.push((from, shard, claim, clean_start));
+                    return;
+                }
+                self.answer_claim(from, shard, claim, client_id, clean_start);
+            }
+            SessionTransfer::Handover {
+                client_id,
+                claim,
+                session,
+                ..
+            } => self.handed_over(from, client_id, claim, session),
+        }
+    }
+
+    /// Gives `client_id`'s session (if here) to node `to`'s claim, closing its connection.
+    fn answer_claim(
+        &mut self,
+        to: NodeId,
+        shard: ShardIndex,
+        claim: u64,
+        client_id: ByteString,
+        clean_start: bool,
+    ) {
+        let session = self.client_ids.get(&client_id).copied().map(|index| {
+            info!(%client_id, node = to, "session taken over by a connection on another node");
+            self.take_over(index, clean_start);
+            let moved = (!clean_start && self.session(index).expiry_seconds > 0).then(|| {
+                let saved = Self::saved_session(self.session(index));
+                Bytes::from(snapshot::encode(&[Record::Session(saved)], self.now_ms))
+            });
+            self.end_session(index);
+            moved
+        });
+        self.outputs.push(Output::SessionToNode {
+            node: to,
+            transfer: SessionTransfer::Handover {
+                client_id,
+                shard,
+                claim,
+                session: session.flatten(),
+            },
+        });
+    }
+
+    fn handed_over(
+        &mut self,
+        from: NodeId,
+        client_id: ByteString,
+        claim: u64,
+        session: Option<Bytes>,
+    ) {
+        let saved = session.and_then(|bytes| match snapshot::decode(&bytes, self.now_ms) {
+            Ok((records, _)) => records.into_iter().find_map(|record| match record {
+                Record::Session(saved) if saved.client_id == client_id => Some(saved),
+                _ => None,
+            }),
+            Err(error) => {
+                warn!(%client_id, node = from, %error, "a handed-over session does not decode: dropped");
+                None
+            }
+        });
+        let Some(pending) = self
+            .claims
+            .get_mut(&client_id)
+            .filter(|pending| pending.claim == claim)
+        else {
+            // The claim timed out (or was answered by another route) before this answer.
+            if let Some(saved) = saved {
+                self.keep_late_session(from, saved);
+            }
+            return;
+        };
+        pending.waiting.retain(|&node| node != from);
+        if let Some(saved) = saved {
+            if pending.session.is_some() {
+                warn!(%client_id, node = from, "two nodes handed over a session of one client: the first is kept");
+            } else {
+                debug!(%client_id, node = from, "session handed over");
+                pending.session = Some(saved);
+            }
+        }
+        if pending.waiting.is_empty() {
+            self.complete_claim(&client_id);
+        }
+    }
+
+    /// A session that arrived after its claim completed: kept, offline, unless the client
+    /// has a session here by now (which is newer).
+    fn keep_late_session(&mut self, from: NodeId, saved: SavedSession) {
+        if self.client_ids.contains_key(&saved.client_id) {
+            warn!(client_id = %saved.client_id, node = from, "a session handed over after its takeover timed out, while the client has a newer one here: dropped");
+            return;
+        }
+        warn!(client_id = %saved.client_id, node = from, "a session handed over after its takeover timed out: kept offline");
+        self.restore_session(saved);
+    }
+
+    pub(super) fn claim_timed_out(&mut self, claim: u64) {
+        let Some(client_id) = self.claim_clients.get(&claim).cloned() else {
+            return;
+        };
+        if let Some(pending) = self.claims.get(&client_id) {
+            warn!(%client_id, silent = ?pending.waiting, timeout_ms = self.config.takeover_timeout_ms, "nodes did not answer a session claim in time: connecting without them");
+        }
+        self.complete_claim(&client_id);
+    }
+
+    /// Nodes that went down or left are not waited for.
+    pub(super) fn stop_waiting_for_gone_nodes(&mut self) {
+        let up = &self.cluster_nodes_up;
+        let mut complete = Vec::new();
+        for (client_id, pending) in &mut self.claims {
+            pending.waiting.retain(|node| up.contains(node));
+            if pending.waiting.is_empty() {
+                complete.push(client_id.clone());
+            }
+        }
+        for client_id in complete {
+            self.complete_claim(&client_id);
+        }
+    }
+
+    /// Installs the session handed over (if any), accepts the waiting connection (if it is
+    /// still there) and reads what it sent meanwhile, then answers the claims that waited.
+    fn complete_claim(&mut self, client_id: &ByteString) {
+        let Some(pending) = self.claims.remove(client_id) else {
+            return;
+        };
+        self.claim_clients.remove(&pending.claim);
+        if let Some(saved) = pending.session {
+            if self.client_ids.contains_key(client_id) {
+                warn!(%client_id, "a session was handed over while one is here too: the one here is kept");
+            } else {
+                // Offline until accepted; its expiry timer is of no account once it is.
+                self.restore_session(saved);
+            }
+        }
+        let connection_id = pending.connection;
+        let rest = match self.connections.get_mut(&connection_id) {
+            Some(connection) if !connection.closing => {
+                connection.claiming = false;
+                Some(connection.pending.split().freeze())
+            }
+            _ => None,
+        };
+        if let Some(rest) = rest {
+            self.accept(connection_id, *pending.connect, client_id.clone(), false);
+            if !rest.is_empty() {
+                self.receive(connection_id, rest);
+            }
+        }
+        for (node, shard, claim, clean_start) in pending.deferred {
+            self.answer_claim(node, shard, claim, client_id.clone(), clean_start);
+        }
+    }
+}
