@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Cluster benchmarks on one machine: what a hop between nodes adds, and how fast a new route
+# spreads. Results go to stdout; copy them under tuning/results/ with the date and machine.
+#
+#   tools/bench_cluster.sh RUNS RATE [QOS]
+#
+# Starts a 2-node cluster (1 core + 1 edge, one shard each) with tools/cluster.sh, then, RUNS
+# times, alternately:
+#   local  shardmq-bench pairs against node 1 only: publisher and subscriber on one node;
+#   cross  the same against both nodes with an odd pair count (51), so that every pair's
+#          publisher and subscriber land on different nodes (clients alternate over --host
+#          by index, and subscriber i has index 51 + i).
+# Each run offers RATE messages/s in total, 64 B, QoS QOS (default 1), for 10 s; the medians of
+# delivered rate, p50 and p99 end-to-end latency are printed per mode.
+# Then route propagation: tools/route_propagation.py subscribes on node 2 and publishes on node
+# 1 every 100 us until the first message arrives, 200 times at a steady pace.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+runs=${1:?runs}
+rate=${2:?total rate}
+qos=${3:-1}
+base=${SHARDMQ_BENCH_BASE_PORT:-19000}
+export SHARDMQ_CLUSTER_DIR=${SHARDMQ_CLUSTER_DIR:-/tmp/shardmq-bench-cluster}
+
+cargo build --release -p shardmq -p shardmq-bench --quiet
+bench="$top/target/release/shardmq-bench"
+"$top/tools/cluster.sh" down >/dev/null 2>&1 || true
+"$top/tools/cluster.sh" up --cores 1 --edges 1 --base-port "$base" --shards 1 >/dev/null
+trap '"$top/tools/cluster.sh" down >/dev/null 2>&1 || true' EXIT
+node1="127.0.0.1:$((base + 1))"
+node2="127.0.0.1:$((base + 2))"
+sleep 2
+
+out=$(mktemp -d)
+for run in $(seq 1 "$runs"); do
+    for mode in local cross; do
+        if [ "$mode" = local ]; then hosts=(--host "$node1"); else hosts=(--host "$node1" --host "$node2"); fi
+        taskset -c 1 "$bench" run pairs "${hosts[@]}" -c 51 --total-rate "$rate" --qos "$qos" \
+            --duration 10 --json "$out/$mode-$run.json" >/dev/null 2>"$out/$mode-$run.log" || {
+            echo "run $run ($mode) failed:"; tail -5 "$out/$mode-$run.log"; }
+    done
+done
+python3 - "$out" "$runs" <<'PY'
+import json, statistics, sys
+out, runs = sys.argv[1], int(sys.argv[2])
+print(f"{'mode':6} {'msg/s':>10} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'lost':>5}")
+for mode in ("local", "cross"):
+    rows = []
+    for run in range(1, runs + 1):
+        try:
+            rows.append(json.load(open(f"{out}/{mode}-{run}.json")))
+        except OSError:
+            pass
+    if not rows:
+        print(f"{mode:6} no result"); continue
+    med = lambda f: statistics.median(f(r) for r in rows)
+    print(f"{mode:6} {med(lambda r: r['messages_per_second']):>10.0f} "
+          f"{med(lambda r: r['latency_us']['p50']):>8.0f} {med(lambda r: r['latency_us']['p99']):>8.0f} "
+          f"{med(lambda r: r['latency_us']['p999']):>9.0f} {sum(r['lost'] for r in rows):>5}")
+PY
+python3 "$top/tools/route_propagation.py" "$node2" "$node1" 200
