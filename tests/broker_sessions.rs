@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use rumqttc::QoS;
-use support::{Broker, raw, read_until_closed, v4, v5};
+use support::{Broker, raw, raw_v5_subscribed, read_until_closed, v4, v5};
 
 #[test]
 fn v311_persistent_session_gets_what_was_published_while_offline() {
@@ -68,28 +68,7 @@ fn v311_clean_session_forgets_subscriptions() {
 fn v5_takeover_disconnects_the_old_connection_with_0x8e_and_keeps_the_session() {
     let broker = Broker::start(2);
     // The old connection is raw so that its DISCONNECT can be read byte by byte.
-    let mut old = raw(broker.port);
-    // CONNECT v5, clean start 0, session expiry 60 s, client id "taken".
-    old.write_all(&[
-        0x10, 0x17, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x00, 0x00, 0x3c, 0x05, 0x11, 0x00,
-        0x00, 0x00, 0x3c, 0x00, 0x05, b't', b'a', b'k', b'e', b'n',
-    ])
-    .unwrap();
-    let mut connack = [0u8; 32];
-    use std::io::Read;
-    let read = old.read(&mut connack).unwrap();
-    assert!(
-        read >= 5 && connack[0] == 0x20 && connack[3] == 0x00,
-        "CONNACK success: {:02x?}",
-        &connack[..read]
-    );
-    // SUBSCRIBE "take/t" QoS 1.
-    old.write_all(&[
-        0x82, 0x0c, 0x00, 0x01, 0x00, 0x00, 0x06, b't', b'a', b'k', b'e', b'/', b't', 0x01,
-    ])
-    .unwrap();
-    let read = old.read(&mut connack).unwrap();
-    assert_eq!(connack[0], 0x90, "SUBACK: {:02x?}", &connack[..read]);
+    let mut old = raw_v5_subscribed(broker.port, "taken", 60, "take/t");
     let new = v5(broker.port, "taken", |o| {
         o.set_clean_start(false);
         o.set_session_expiry_interval(Some(60));

@@ -7,21 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use std::io::{Read, Write};
-
 use rumqttc::v5::mqttbytes::QoS;
-use support::{TestCluster, V5, raw, read_until_closed, v5};
-
-/// A raw 5.0 CONNECT: clean start 0, session expiry 300 s, keep alive 60 s.
-fn connect_v5_persistent(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x00, 0x00, 0x3c];
-    body.extend_from_slice(&[0x05, 0x11, 0x00, 0x00, 0x01, 0x2c]);
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut packet = vec![0x10, body.len() as u8];
-    packet.extend(body);
-    packet
-}
+use support::{TestCluster, V5, raw_v5_subscribed, read_until_closed, v5};
 
 fn payloads(publishes: &[rumqttc::v5::mqttbytes::v5::Publish]) -> Vec<String> {
     publishes
@@ -119,22 +106,7 @@ fn a_persistent_session_moves_to_another_node_with_its_queued_messages() {
 fn a_live_connection_is_taken_over_by_a_connect_on_another_node() {
     let cluster = TestCluster::start(1, 2);
     // The old connection is raw, so that its DISCONNECT can be read byte by byte.
-    let mut old = raw(cluster.node(2).broker.port);
-    old.write_all(&connect_v5_persistent("twin")).unwrap();
-    let mut buffer = [0u8; 64];
-    let read = old.read(&mut buffer).unwrap();
-    assert!(
-        read >= 5 && buffer[0] == 0x20 && buffer[3] == 0x00,
-        "CONNACK success: {:02x?}",
-        &buffer[..read]
-    );
-    // SUBSCRIBE "twin/t" QoS 1.
-    old.write_all(&[
-        0x82, 0x0c, 0x00, 0x01, 0x00, 0x00, 0x06, b't', b'w', b'i', b'n', b'/', b't', 0x01,
-    ])
-    .unwrap();
-    let read = old.read(&mut buffer).unwrap();
-    assert_eq!(buffer[0], 0x90, "SUBACK: {:02x?}", &buffer[..read]);
+    let mut old = raw_v5_subscribed(cluster.node(2).broker.port, "twin", 300, "twin/t");
     cluster.wait_routes(1, 2, 1);
 
     let new = persistent(cluster.node(3).broker.port, "twin");

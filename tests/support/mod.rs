@@ -381,6 +381,43 @@ pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>,
     }
 }
 
+/// A raw 5.0 client with a persistent session: CONNECT (clean start 0, session expiry
+/// `expiry_seconds`, keep alive 60 s) and SUBSCRIBE `filter` at QoS 1, each checked for
+/// success; the stream is then free for byte-level reads (a DISCONNECT, say).
+pub fn raw_v5_subscribed(
+    port: u16,
+    client_id: &str,
+    expiry_seconds: u32,
+    filter: &str,
+) -> TcpStream {
+    let mut stream = raw(port);
+    let mut body = vec![
+        0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x00, 0x00, 0x3c, 0x05, 0x11,
+    ];
+    body.extend_from_slice(&expiry_seconds.to_be_bytes());
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut connect = vec![0x10, body.len() as u8];
+    connect.extend(body);
+    stream.write_all(&connect).unwrap();
+    let mut buffer = [0u8; 64];
+    let read = stream.read(&mut buffer).unwrap();
+    assert!(
+        read >= 5 && buffer[0] == 0x20 && buffer[3] == 0x00,
+        "CONNACK success: {:02x?}",
+        &buffer[..read]
+    );
+    // SUBSCRIBE, packet identifier 1, no properties, QoS 1.
+    let mut subscribe = vec![0x82, (6 + filter.len()) as u8, 0x00, 0x01, 0x00];
+    subscribe.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(filter.as_bytes());
+    subscribe.push(0x01);
+    stream.write_all(&subscribe).unwrap();
+    let read = stream.read(&mut buffer).unwrap();
+    assert_eq!(buffer[0], 0x90, "SUBACK: {:02x?}", &buffer[..read]);
+    stream
+}
+
 pub fn write_all(stream: &mut TcpStream, bytes: &[u8]) {
     // The broker may close first; a failed write is then expected.
     let _ = stream.write_all(bytes);
