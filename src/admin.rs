@@ -2,7 +2,8 @@
 //!
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
 //! axum (DESIGN §6): `GET /health`, `GET /api/v1/cluster/status`,
-//! `POST /api/v1/cluster/join?address=ADDR` and `POST /api/v1/cluster/leave`.
+//! `POST /api/v1/cluster/join?address=ADDR`, `POST /api/v1/cluster/leave` and
+//! `POST /api/v1/cluster/settings?key=K&value=V`.
 //! Never: touches a shard's state. It asks shard 0 through its mailbox and waits for the
 //! answer, so the data plane stays lock-free.
 
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 use shardmq_net::frame::Role;
 use shardmq_net::reactor::Mailboxes;
 use shardmq_shards::cluster::Status;
+use shardmq_shards::cluster::consensus::check_setting;
 use tokio::sync::oneshot;
 use tracing::info;
 
@@ -28,6 +30,7 @@ pub enum Control {
     Status(oneshot::Sender<Result<Value, String>>),
     Join(SocketAddr, oneshot::Sender<Result<(), String>>),
     Leave(oneshot::Sender<Result<(), String>>),
+    Set(String, String, oneshot::Sender<Result<(), String>>),
 }
 
 /// What travels through the shards' mailboxes: shard traffic, or an admin request.
@@ -80,6 +83,16 @@ pub fn status_json(status: &Status) -> Value {
             "behind_entries": f.behind_entries,
             "lag_ms": f.lag_ms,
         })).collect::<Vec<_>>(),
+        "raft": status.consensus.as_ref().map(|c| json!({
+            "state": c.state,
+            "leader": c.leader,
+            "term": c.term,
+            "commit": c.commit,
+            "applied": c.applied,
+            "voters": c.voters,
+            "founders": c.founders,
+        })),
+        "settings": status.settings.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect::<serde_json::Map<String, Value>>(),
     })
 }
 
@@ -137,6 +150,24 @@ async fn join(State(mailboxes): State<Shared>, Query(query): Query<JoinQuery>) -
     }
 }
 
+#[derive(serde::Deserialize)]
+struct SetQuery {
+    key: String,
+    value: String,
+}
+
+async fn set(State(mailboxes): State<Shared>, Query(query): Query<SetQuery>) -> Response {
+    if let Err(message) = check_setting(&query.key, &query.value) {
+        return error_response((StatusCode::BAD_REQUEST, message));
+    }
+    let SetQuery { key, value } = query;
+    let (k, v) = (key.clone(), value.clone());
+    match ask(&mailboxes, |reply| Control::Set(k, v, reply)).await {
+        Ok(()) => Json(json!({ "proposed": { key: value } })).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
 async fn leave(State(mailboxes): State<Shared>) -> Response {
     match ask(&mailboxes, Control::Leave).await {
         Ok(()) => Json(json!({ "left": true })).into_response(),
@@ -167,6 +198,7 @@ pub fn start(address: SocketAddr, mailboxes: Shared) -> Result<(), String> {
                     .route("/api/v1/cluster/status", get(status))
                     .route("/api/v1/cluster/join", post(join))
                     .route("/api/v1/cluster/leave", post(leave))
+                    .route("/api/v1/cluster/settings", post(set))
                     .with_state(mailboxes);
                 info!(%address, "admin endpoint serving");
                 if let Err(e) = axum::serve(listener, app).await {

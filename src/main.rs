@@ -77,6 +77,9 @@ enum ClusterCommand {
     },
     /// Leave the cluster: the cores withdraw this node's routes at once.
     Leave,
+    /// Set a cluster-wide setting through the cores' Raft group (ask a core): one of
+    /// down_grace_seconds, forward_queue_max, takeover_timeout_ms.
+    Set { key: String, value: String },
 }
 
 /// Drives one shard (and its cluster links) from a reactor.
@@ -100,6 +103,9 @@ impl ShardHandler {
             }
             Control::Leave(reply) => {
                 let _ = reply.send(self.node.leave(now_ms));
+            }
+            Control::Set(key, value, reply) => {
+                let _ = reply.send(self.node.set_setting(now_ms, &key, &value));
             }
         }
     }
@@ -447,6 +453,10 @@ fn main() -> ExitCode {
                 CtlCommand::Cluster(ClusterCommand::Leave) => {
                     ("POST", "/api/v1/cluster/leave".to_string())
                 }
+                CtlCommand::Cluster(ClusterCommand::Set { key, value }) => (
+                    "POST",
+                    format!("/api/v1/cluster/settings?key={key}&value={value}"),
+                ),
             };
             match admin::ctl(&admin, method, &path) {
                 Ok(text) => {

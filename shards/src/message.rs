@@ -97,6 +97,9 @@ pub enum ShardMessage {
     },
     /// The other members of the cluster now. From the cluster agent.
     ClusterNodes(Vec<ClusterNode>),
+    /// The cluster-wide settings the cores' Raft group committed (name, value). From the
+    /// cluster agent; the cluster side of each shard takes them.
+    ClusterSettings(Vec<(String, String)>),
     /// A session moving between nodes, from node `node` (see [`SessionTransfer`]).
     Session {
         node: NodeId,

@@ -349,6 +349,11 @@ pub struct Shard {
 const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
 
 impl Shard {
+    /// A session claim waits this long for other nodes (a cluster-wide setting can change it).
+    pub fn set_takeover_timeout_ms(&mut self, timeout_ms: u64) {
+        self.config.takeover_timeout_ms = timeout_ms;
+    }
+
     pub fn new(config: ShardConfig) -> Self {
         assert!(
             config.index < config.shard_count,
@@ -1606,6 +1611,8 @@ impl Shard {
             } => {
                 self.change_route(Target::Node(node), filter, group, added);
             }
+            // Taken by the cluster side (`NodeShard`); a shard on its own has none.
+            ShardMessage::ClusterSettings(_) => {}
             ShardMessage::ClusterNodes(nodes) => {
                 self.cluster_nodes = nodes.iter().map(|n| n.node).collect();
                 self.cluster_nodes_up = nodes.iter().filter(|n| n.up).map(|n| n.node).collect();

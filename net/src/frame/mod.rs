@@ -153,6 +153,8 @@ pub enum LogEntry {
     /// `origin` resent its whole route set (after a reconnect or a gap): it replaces what the
     /// cluster held for it.
     Replace { origin: NodeId, routes: Vec<Route> },
+    /// A cluster-wide setting, committed by the cores' Raft group.
+    Setting { key: String, value: String },
 }
 
 /// A published message crossing to another node.
@@ -261,6 +263,7 @@ pub enum Body {
         members: Vec<Member>,
         down: Vec<NodeId>,
         routes: Vec<(NodeId, Route)>,
+        settings: Vec<(String, String)>,
     },
     /// From a core: log entries `first`, `first + 1`, ...
     LogEntries {
@@ -275,6 +278,17 @@ pub enum Body {
     ForwardAck { through: u64 },
     /// The sender is leaving the cluster: forget it and its routes now.
     Leave,
+    /// Core to core: a Raft message of the cores' group (raft-rs's protobuf encoding).
+    Raft { message: Vec<u8> },
+    /// Core to core, when a control link comes up and whenever it changes: the sender's Raft
+    /// identifier (its node, with an incarnation new at every start), whether it is in the
+    /// cores' Raft group yet, and (before it is) the voters it would found the group with.
+    /// Cores found a group only when all of them name the same voters.
+    GroupState {
+        initialized: bool,
+        id: u64,
+        founders: Vec<u64>,
+    },
 }
 
 impl Body {
@@ -294,6 +308,8 @@ impl Body {
             Body::Forward { .. } => 11,
             Body::ForwardAck { .. } => 12,
             Body::Leave => 13,
+            Body::Raft { .. } => 14,
+            Body::GroupState { .. } => 15,
         }
     }
 }
@@ -349,6 +365,21 @@ pub fn encode(body: &Body, cluster: u64, out: &mut BytesMut) {
     out.reserve(HEADER_LEN + bytes.len());
     out.put_slice(&header);
     out.put_slice(&bytes);
+}
+
+/// Log entries as bytes outside a frame: the cores' Raft group stores its commands (one entry)
+/// and its snapshots (the registry as entries) this way.
+pub fn encode_entries(entries: &[LogEntry]) -> Vec<u8> {
+    rkyv::to_bytes::<rancor::Error>(&entries.to_vec())
+        .expect("log entries always serialize")
+        .into_vec()
+}
+
+/// The entries of [`encode_entries`], validated.
+pub fn decode_entries(bytes: &[u8]) -> Result<Vec<LogEntry>, String> {
+    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<Vec<LogEntry>, rancor::Error>(&aligned).map_err(|e| e.to_string())
 }
 
 /// Splits a link's byte stream into checked frames.
@@ -472,7 +503,19 @@ mod tests {
                         origin: 2,
                         routes: vec![route],
                     },
+                    LogEntry::Setting {
+                        key: "forward_queue_max".into(),
+                        value: "10".into(),
+                    },
                 ],
+            },
+            Body::Raft {
+                message: vec![8, 3, 16, 1],
+            },
+            Body::GroupState {
+                initialized: false,
+                id: 1 << 63 | 2,
+                founders: vec![1 << 63 | 1, 1 << 63 | 2],
             },
             Body::Forward {
                 messages: vec![
@@ -505,6 +548,19 @@ mod tests {
                 ],
             },
         ]
+    }
+
+    #[test]
+    fn entries_round_trip_and_garbage_is_refused() {
+        let entries = vec![
+            LogEntry::Down(4),
+            LogEntry::Setting {
+                key: "k".into(),
+                value: "v".into(),
+            },
+        ];
+        assert_eq!(decode_entries(&encode_entries(&entries)).unwrap(), entries);
+        assert!(decode_entries(&[0xFF; 7]).is_err());
     }
 
     #[test]

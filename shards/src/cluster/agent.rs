@@ -23,8 +23,9 @@ use std::net::SocketAddr;
 
 use shardmq_net::frame::{Body, LogEntry, Member, NodeId, Role, Route, RouteDelta};
 use std::collections::BTreeMap;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::consensus::{Committed, Consensus, ConsensusStatus, Heard, check_setting};
 use super::view::{Change, View};
 use super::{ClusterSettings, Io, TAG_SEED};
 use crate::message::ConnectionId;
@@ -40,6 +41,9 @@ struct Seed {
     node: Option<NodeId>,
     /// The address is this node itself (a core listing every core): never dialled again.
     is_self: bool,
+    /// From the configuration or `ctl cluster join` (not learnt from the member list or from
+    /// a core that dialled us): a core founds the Raft group with the cores of these.
+    configured: bool,
 }
 
 /// What a core knows of one origin.
@@ -48,7 +52,10 @@ struct Origin {
     member: Member,
     sequence: u64,
     links: usize,
-    down_since_ms: Option<u64>,
+    /// Its routes, held back from the log until the Raft group has committed this run of the
+    /// node as a member: a node that hears of a restarted node's new routes must already know
+    /// of the restart, or it would drop what it queued for them with the previous run's queue.
+    held: Option<BTreeSet<Route>>,
 }
 
 /// An edge (or core) following this core's log.
@@ -92,6 +99,10 @@ pub struct Status {
     pub followers: Vec<FollowerStatus>,
     pub route_count: usize,
     pub own_route_count: usize,
+    /// A core's view of the cores' Raft group.
+    pub consensus: Option<ConsensusStatus>,
+    /// Cluster-wide settings as committed (on an edge: as its core's log said).
+    pub settings: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +151,16 @@ pub struct Agent {
     /// redial every `reconnect_ms`) and sent its routes.
     warm_at_ms: u64,
     leaving: bool,
+    // A core's share of the Raft group, and what its leader acts on.
+    consensus: Option<Consensus>,
+    /// Since when (as the leader saw it) each member has had no link to this core.
+    absent_since: BTreeMap<NodeId, u64>,
+    /// Nodes that said they leave: removed without waiting for the grace period.
+    left: BTreeSet<NodeId>,
+    /// What the leader proposed and when, so that it proposes again only if nothing came of it.
+    proposed: BTreeMap<String, u64>,
+    /// The group state last told to the other cores.
+    told: Option<Heard>,
 }
 
 impl Agent {
@@ -161,9 +182,25 @@ impl Agent {
             changes: Vec::new(),
             leaving: false,
             warm_at_ms: now_ms + 2 * settings.reconnect_ms + settings.heartbeat_ms,
+            consensus: (member.role == Role::Core).then(|| {
+                // A Raft tick is a heartbeat; an election needs a link timeout of silence.
+                let election_tick = (settings.link_timeout_ms / settings.heartbeat_ms.max(1))
+                    .clamp(3, 100) as usize;
+                Consensus::new(
+                    member.node,
+                    epoch ^ 0x005E_ED0F_C0DE,
+                    settings.heartbeat_ms,
+                    election_tick,
+                    now_ms,
+                )
+            }),
+            absent_since: BTreeMap::new(),
+            left: BTreeSet::new(),
+            proposed: BTreeMap::new(),
+            told: None,
         };
         for &address in &settings.seeds {
-            agent.add_seed(address);
+            agent.add_seed(address, true);
         }
         // A core listing every core lists itself: never dial it.
         for seed in &mut agent.seeds {
@@ -176,7 +213,6 @@ impl Agent {
                 base: 1,
                 entries: VecDeque::new(),
             });
-            agent.append(LogEntry::Joined(member), settings, now_ms);
         }
         agent
     }
@@ -190,9 +226,12 @@ impl Agent {
         &self.routes
     }
 
-    /// Dial `address` as a core from now on (`ctl cluster join`).
-    pub fn add_seed(&mut self, address: SocketAddr) {
-        if !self.seeds.iter().any(|s| s.address == address) {
+    /// Dial `address` as a core from now on: `configured` for the configuration's seeds and
+    /// `ctl cluster join`, not for cores learnt from the member list or that dialled us.
+    pub fn add_seed(&mut self, address: SocketAddr, configured: bool) {
+        if let Some(seed) = self.seeds.iter_mut().find(|s| s.address == address) {
+            seed.configured |= configured;
+        } else {
             self.seeds.push(Seed {
                 address,
                 connection: None,
@@ -200,8 +239,14 @@ impl Agent {
                 retry_at_ms: 0,
                 node: None,
                 is_self: false,
+                configured,
             });
+        }
+        if configured {
             self.leaving = false;
+            if let Some(consensus) = &mut self.consensus {
+                consensus.hold = false;
+            }
         }
     }
 
@@ -240,10 +285,15 @@ impl Agent {
         });
     }
 
-    /// Appends to this core's log and applies the entry to its own view.
+    /// Appends to this core's log and applies the entry to its own view (except the group's
+    /// word that this node itself is down or removed: a node always counts itself in).
     fn append(&mut self, entry: LogEntry, settings: &ClusterSettings, now_ms: u64) {
         let log = self.log.as_mut().expect("only a core appends");
-        self.view.apply(&entry, &mut self.changes);
+        let about_self =
+            matches!(entry, LogEntry::Down(n) | LogEntry::Removed(n) if n == self.node);
+        if !about_self {
+            self.view.apply(&entry, &mut self.changes);
+        }
         log.entries.push_back((now_ms, entry));
         while log.entries.len() > settings.log_entries_max {
             log.entries.pop_front();
@@ -266,26 +316,8 @@ impl Agent {
                 }
             }
         }
-        // Origins down past the grace period are removed, and their routes withdrawn.
-        if self.log.is_some() {
-            let expired: Vec<NodeId> = self
-                .origins
-                .iter()
-                .filter(|(_, o)| {
-                    o.down_since_ms
-                        .is_some_and(|since| now_ms >= since + io.settings.down_grace_ms)
-                })
-                .map(|(node, _)| *node)
-                .collect();
-            for node in expired {
-                warn!(
-                    node,
-                    grace_ms = io.settings.down_grace_ms,
-                    "node stayed down past the grace period: its routes are withdrawn"
-                );
-                self.origins.remove(&node);
-                self.append(LogEntry::Removed(node), &io.settings, now_ms);
-            }
+        if let Some(consensus) = &mut self.consensus {
+            consensus.tick(now_ms);
         }
     }
 
@@ -297,15 +329,19 @@ impl Agent {
             .filter(|s| s.connection.is_none() && !s.connecting && !s.is_self && !self.leaving)
             .map(|s| s.retry_at_ms);
         let grace = self
-            .origins
+            .absent_since
             .values()
-            .filter_map(|o| o.down_since_ms.map(|since| since + settings.down_grace_ms));
+            .map(|since| since + settings.down_grace_ms);
         let warm = self
             .followers
             .values()
             .any(|f| f.snapshot_due)
             .then_some(self.warm_at_ms);
-        seeds.chain(grace).chain(warm).min()
+        let raft = self
+            .consensus
+            .as_ref()
+            .and_then(Consensus::next_deadline_ms);
+        seeds.chain(grace).chain(warm).chain(raft).min()
     }
 
     /// An outbound connection to seed `index` is open (its handshake starts) or failed.
@@ -373,6 +409,9 @@ impl Agent {
             }
             info!(node = peer.node, "control link to core up");
             self.up_links.insert(connection, (peer.node, peer.role));
+            if let Some(consensus) = &self.consensus {
+                io.send(connection, &group_state(consensus.group_state()));
+            }
             io.send(
                 connection,
                 &Body::RouteSync {
@@ -394,26 +433,27 @@ impl Agent {
                 .expect("an inbound link's Hello names its member");
             info!(node = peer.node, role = ?peer.role, address = %member.cluster_address, "node joined through a control link");
             self.up_links.insert(connection, (peer.node, peer.role));
-            let now_ms = io.now_ms;
+            // Membership is the Raft group's to decide: the leader sees this link and
+            // proposes the node joined (or up again).
+            self.left.remove(&peer.node);
             match self.origins.get_mut(&peer.node) {
-                Some(origin) if origin.member == member => {
+                Some(origin) if origin.member == member => origin.links += 1,
+                Some(origin) => {
+                    origin.member = member.clone();
+                    origin.sequence = 0;
                     origin.links += 1;
-                    if origin.down_since_ms.take().is_some() {
-                        info!(node = peer.node, "node is back within its grace period");
-                        self.append(LogEntry::Up(peer.node), &io.settings, now_ms);
-                    }
+                    origin.held = None;
                 }
-                _ => {
+                None => {
                     self.origins.insert(
                         peer.node,
                         Origin {
                             member: member.clone(),
                             sequence: 0,
                             links: 1,
-                            down_since_ms: None,
+                            held: None,
                         },
                     );
-                    self.append(LogEntry::Joined(member.clone()), &io.settings, now_ms);
                 }
             }
             // Cores link both ways: a core that dials us is dialled back, so that our routes
@@ -422,7 +462,7 @@ impl Agent {
                 && let Ok(address) = member.cluster_address.parse::<SocketAddr>()
                 && !self.seeds.iter().any(|s| s.node == Some(peer.node))
             {
-                self.add_seed(address);
+                self.add_seed(address, false);
             }
         }
     }
@@ -451,11 +491,17 @@ impl Agent {
                 }
             }
             Body::RouteSync { sequence, routes } => {
+                let admitted = self.admitted(node);
                 let origin = self
                     .origins
                     .get_mut(&node)
                     .ok_or("RouteSync to a node that is not a core")?;
                 origin.sequence = sequence;
+                if !admitted {
+                    origin.held = Some(routes.into_iter().collect());
+                    return Ok(());
+                }
+                origin.held = None;
                 self.append(
                     LogEntry::Replace {
                         origin: node,
@@ -478,6 +524,14 @@ impl Agent {
                         ));
                     }
                     origin.sequence = delta.sequence;
+                    if let Some(held) = &mut origin.held {
+                        if delta.added {
+                            held.insert(delta.route);
+                        } else {
+                            held.remove(&delta.route);
+                        }
+                        continue;
+                    }
                     self.append(
                         LogEntry::Route {
                             origin: node,
@@ -508,6 +562,7 @@ impl Agent {
                 members,
                 down,
                 routes,
+                settings,
             } => {
                 let Some((following, _, _)) = self.following else {
                     return Ok(());
@@ -520,7 +575,7 @@ impl Agent {
                     entries = next - 1,
                     "route table replaced by a snapshot of the core's log"
                 );
-                let mut view = View::from_parts(members, down, routes);
+                let mut view = View::from_parts((members, down, routes, settings));
                 // This node's own routes are its own to tell; the core's copy may lag.
                 view.routes.remove(&self.node);
                 view.members.insert(self.node, self.member_of(io));
@@ -573,11 +628,31 @@ impl Agent {
             }
             Body::Leave => {
                 info!(node, "node left the cluster");
-                if self.log.is_some() && self.origins.remove(&node).is_some() {
-                    self.append(LogEntry::Removed(node), &io.settings, now_ms);
-                }
+                self.left.insert(node);
                 io.close(connection);
                 self.link_closed(connection, io);
+            }
+            Body::Raft { message } => {
+                let consensus = self.consensus.as_mut().ok_or("a Raft message to an edge")?;
+                consensus.step(node, &message, now_ms)?;
+            }
+            Body::GroupState {
+                initialized,
+                id,
+                founders,
+            } => {
+                let consensus = self
+                    .consensus
+                    .as_mut()
+                    .ok_or("a Raft group state to an edge")?;
+                consensus.heard(
+                    node,
+                    Heard {
+                        initialized,
+                        id,
+                        founders,
+                    },
+                )?;
             }
             other => {
                 return Err(format!(
@@ -587,6 +662,16 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Whether the Raft group has committed the run of `node` this core is linked to.
+    fn admitted(&self, node: NodeId) -> bool {
+        let Some(consensus) = &self.consensus else {
+            return true;
+        };
+        self.origins
+            .get(&node)
+            .is_some_and(|o| consensus.registry.members.get(&node) == Some(&o.member))
     }
 
     fn member_of(&self, io: &Io) -> Member {
@@ -626,14 +711,11 @@ impl Agent {
             && let Some(origin) = self.origins.get_mut(&node)
         {
             origin.links = origin.links.saturating_sub(1);
-            if origin.links == 0 && origin.down_since_ms.is_none() {
+            if origin.links == 0 {
                 warn!(
                     node,
-                    grace_ms = io.settings.down_grace_ms,
-                    "node is down: routes kept for the grace period"
+                    "lost the last link from the node (the Raft leader decides when it is down)"
                 );
-                origin.down_since_ms = Some(now_ms);
-                self.append(LogEntry::Down(node), &io.settings, now_ms);
             }
         }
     }
@@ -641,6 +723,8 @@ impl Agent {
     /// Sends what the batch produced: route deltas to every core, new log entries to
     /// followers, and heartbeats where a link has been quiet.
     pub fn flush(&mut self, io: &mut Io) {
+        self.learn_cores();
+        self.consensus_round(io);
         let cores: Vec<ConnectionId> = self
             .up_links
             .iter()
@@ -666,7 +750,7 @@ impl Agent {
                     if !warm {
                         continue;
                     }
-                    let (members, down, routes) = self.view.parts();
+                    let (members, down, routes, settings) = self.view.parts();
                     io.send(
                         connection,
                         &Body::LogSnapshot {
@@ -675,6 +759,7 @@ impl Agent {
                             members,
                             down,
                             routes,
+                            settings,
                         },
                     );
                     follower.snapshot_due = false;
@@ -708,6 +793,263 @@ impl Agent {
         }
     }
 
+    /// Every node keeps a control link to every core of the member list, not only to its
+    /// seeds: the Raft leader sees every node directly, and an edge can follow any core.
+    fn learn_cores(&mut self) {
+        let unknown: Vec<SocketAddr> = self
+            .view
+            .members
+            .values()
+            .filter(|m| m.role == Role::Core && m.node != self.node)
+            .filter(|m| !self.seeds.iter().any(|s| s.node == Some(m.node)))
+            .filter_map(|m| m.cluster_address.parse().ok())
+            .collect();
+        for address in unknown {
+            if !self.leaving {
+                self.add_seed(address, false);
+            }
+        }
+    }
+
+    /// The voters this core would found the Raft group with: itself and the cores of its
+    /// configured seeds, once every one of those has answered; none before.
+    fn founders(&self) -> Vec<NodeId> {
+        let configured = self.seeds.iter().filter(|s| s.configured);
+        let mut founders = vec![self.node];
+        // Addresses of this node itself, of an edge, or a second address of a core: skipped.
+        for seed in configured.filter(|s| !s.is_self) {
+            match seed.node {
+                Some(node)
+                    if seed
+                        .connection
+                        .is_some_and(|c| self.up_links.get(&c) == Some(&(node, Role::Core))) =>
+                {
+                    founders.push(node)
+                }
+                _ => return Vec::new(),
+            }
+        }
+        founders.sort_unstable();
+        founders.dedup();
+        founders
+    }
+
+    /// One round of the Raft group: founding, the leader's decisions, raft-rs's ready cycle,
+    /// the committed entries into the route log, and the messages out.
+    fn consensus_round(&mut self, io: &mut Io) {
+        if self.consensus.is_none() {
+            return;
+        }
+        let founders = self.founders();
+        let consensus = self.consensus.as_mut().expect("checked");
+        consensus.set_founders(&founders);
+        if !consensus.group_exists() {
+            consensus.try_found();
+        }
+        let state = consensus.group_state();
+        if self.told.as_ref() != Some(&state) {
+            self.told = Some(state.clone());
+            for (&connection, &(_, role)) in &self.up_links {
+                if role == Role::Core && self.is_seed_link(connection) {
+                    io.send(connection, &group_state(state.clone()));
+                }
+            }
+        }
+        self.consensus.as_mut().expect("checked").process();
+        self.mirror(io);
+        self.govern(io);
+        let consensus = self.consensus.as_mut().expect("checked");
+        consensus.process();
+        self.mirror(io);
+        let outbox = self.consensus.as_mut().expect("checked").take_outbox();
+        for (to, message) in outbox {
+            let link = self.up_links.iter().find(|&(c, &(node, _))| {
+                node == to && self.seeds.iter().any(|s| s.connection == Some(*c))
+            });
+            match link {
+                Some((&connection, _)) => io.send(connection, &Body::Raft { message }),
+                None => debug!(to, "no control link to the core: Raft message dropped"),
+            }
+        }
+    }
+
+    /// Mirrors what the Raft group committed into this core's route log, in commit order.
+    fn mirror(&mut self, io: &mut Io) {
+        let now_ms = io.now_ms;
+        let committed = std::mem::take(&mut self.consensus.as_mut().expect("a core").committed);
+        for item in committed {
+            let entries = match item {
+                Committed::Entry(entry) => vec![entry],
+                Committed::Snapshot => {
+                    // The registry was replaced: the difference, as entries.
+                    let registry = &self.consensus.as_ref().expect("a core").registry;
+                    // Members linked to this core stay: the leader sees them too and has
+                    // them joined again (a new group starts from an empty registry).
+                    let gone = self
+                        .view
+                        .members
+                        .keys()
+                        .filter(|n| **n != self.node && !registry.members.contains_key(n))
+                        .filter(|n| self.origins.get(n).is_none_or(|o| o.links == 0))
+                        .map(|n| LogEntry::Removed(*n));
+                    let up = self
+                        .view
+                        .down
+                        .iter()
+                        .filter(|n| !registry.down.contains(n))
+                        .map(|n| LogEntry::Up(*n));
+                    let entries = registry
+                        .entries()
+                        .into_iter()
+                        .filter(|e| !matches!(e, LogEntry::Removed(_)));
+                    gone.chain(up).chain(entries).collect()
+                }
+            };
+            for entry in entries {
+                match entry {
+                    LogEntry::Removed(node) if node != self.node => {
+                        // A node that is linked to this core again keeps its routes: they
+                        // come back right after its removal.
+                        let linked = self.origins.get(&node).is_some_and(|o| o.links > 0);
+                        let routes = self.view.routes.get(&node).cloned().unwrap_or_default();
+                        info!(
+                            node,
+                            "node removed from the cluster: its routes are withdrawn"
+                        );
+                        self.append(LogEntry::Removed(node), &io.settings, now_ms);
+                        if linked {
+                            // Back in the log once the leader has it joined again.
+                            let origin = self.origins.get_mut(&node).expect("linked");
+                            origin.held.get_or_insert(routes);
+                        } else {
+                            self.origins.remove(&node);
+                        }
+                    }
+                    LogEntry::Joined(member) => {
+                        let node = member.node;
+                        self.append(LogEntry::Joined(member.clone()), &io.settings, now_ms);
+                        if let Some(origin) = self.origins.get_mut(&node)
+                            && origin.member == member
+                            && let Some(routes) = origin.held.take()
+                        {
+                            self.append(
+                                LogEntry::Replace {
+                                    origin: node,
+                                    routes: routes.into_iter().collect(),
+                                },
+                                &io.settings,
+                                now_ms,
+                            );
+                        }
+                    }
+                    LogEntry::Down(node) => {
+                        warn!(
+                            node,
+                            "node is down: its routes are kept for the grace period"
+                        );
+                        self.append(LogEntry::Down(node), &io.settings, now_ms);
+                    }
+                    entry => self.append(entry, &io.settings, now_ms),
+                }
+            }
+        }
+    }
+
+    /// The Raft leader's decisions, from the links every node keeps to every core: who joined,
+    /// who is down, who is back, who is removed (after the grace period, or at once when it
+    /// said it leaves), and which cores vote. Each is proposed again only if it has not been
+    /// committed within an election timeout.
+    fn govern(&mut self, io: &mut Io) {
+        let now_ms = io.now_ms;
+        let consensus = self.consensus.as_ref().expect("a core");
+        if !consensus.is_leader() {
+            self.absent_since.clear();
+            self.proposed.clear();
+            return;
+        }
+        let registry = &consensus.registry;
+        let mut wanted = Vec::new();
+        let me = io.settings.link.member.clone();
+        if registry.members.get(&self.node) != Some(&me) {
+            wanted.push(LogEntry::Joined(me));
+        } else if registry.down.contains(&self.node) {
+            wanted.push(LogEntry::Up(self.node));
+        }
+        for (&node, origin) in &self.origins {
+            if origin.links == 0 || self.left.contains(&node) {
+                continue;
+            }
+            if registry.members.get(&node) != Some(&origin.member) {
+                wanted.push(LogEntry::Joined(origin.member.clone()));
+            } else if registry.down.contains(&node) {
+                wanted.push(LogEntry::Up(node));
+            }
+        }
+        for &node in registry.members.keys() {
+            let linked = self.origins.get(&node).is_some_and(|o| o.links > 0);
+            if node == self.node || (linked && !self.left.contains(&node)) {
+                self.absent_since.remove(&node);
+                continue;
+            }
+            let since = *self.absent_since.entry(node).or_insert(now_ms);
+            if self.left.contains(&node) || now_ms >= since + io.settings.down_grace_ms {
+                wanted.push(LogEntry::Removed(node));
+            } else if !registry.down.contains(&node) {
+                wanted.push(LogEntry::Down(node));
+            }
+        }
+        self.absent_since
+            .retain(|node, _| registry.members.contains_key(node));
+        // One voter change at a time.
+        let voter_change = consensus.voter_change();
+        let retry_ms = io.settings.link_timeout_ms * 2;
+        self.proposed.retain(|_, at| now_ms < *at + retry_ms);
+        let consensus = self.consensus.as_mut().expect("a core");
+        for entry in wanted {
+            let key = format!("{entry:?}");
+            if self.proposed.contains_key(&key) {
+                continue;
+            }
+            debug!(?entry, "the Raft leader proposes");
+            if let Err(error) = consensus.propose(&entry) {
+                debug!(%error, "proposal not taken");
+            }
+            self.proposed.insert(key, now_ms);
+        }
+        if let Some((id, add)) = voter_change {
+            let key = format!("voter {id} {add}");
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.proposed.entry(key) {
+                info!(
+                    node = id as NodeId,
+                    incarnation = id >> 32,
+                    add,
+                    "the Raft leader changes the cores' voters"
+                );
+                if let Err(error) = consensus.propose_voter(id, add) {
+                    debug!(%error, "voter change not taken");
+                }
+                slot.insert(now_ms);
+            }
+        }
+    }
+
+    /// Proposes a cluster-wide setting (`ctl cluster set`). A core only; a follower forwards
+    /// the proposal to the leader.
+    pub fn propose_setting(&mut self, key: &str, value: &str) -> Result<(), String> {
+        check_setting(key, value)?;
+        let consensus = self
+            .consensus
+            .as_mut()
+            .ok_or("cluster-wide settings are set on a core node")?;
+        if consensus.leader().is_none() {
+            return Err("the cores' Raft group has no leader now: try again".into());
+        }
+        consensus.propose(&LogEntry::Setting {
+            key: key.into(),
+            value: value.into(),
+        })
+    }
+
     /// The next log entry this node needs from the core it follows, for heartbeats.
     pub fn applied(&self) -> u64 {
         self.following.map_or(0, |(_, _, next)| next)
@@ -728,6 +1070,12 @@ impl Agent {
         }
         self.seeds.clear();
         self.following = None;
+        if let Some(consensus) = &mut self.consensus {
+            consensus.reset();
+        }
+        self.told = None;
+        self.absent_since.clear();
+        self.proposed.clear();
         let mut alone = View::default();
         alone.members.insert(self.node, self.member_of(io));
         self.origins.clear();
@@ -808,10 +1156,25 @@ impl Agent {
             followers,
             route_count: self.view.route_count(),
             own_route_count: self.routes.len(),
+            consensus: self.consensus.as_ref().map(Consensus::status),
+            settings: self
+                .view
+                .settings
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 
     pub fn is_control_link(&self, connection: ConnectionId) -> bool {
         self.up_links.contains_key(&connection) || self.is_seed_link(connection)
+    }
+}
+
+fn group_state(heard: Heard) -> Body {
+    Body::GroupState {
+        initialized: heard.initialized,
+        id: heard.id,
+        founders: heard.founders,
     }
 }

@@ -10,6 +10,7 @@
 //! the same code runs under the reactor and in the cluster simulation (`tests/sim/`).
 
 pub mod agent;
+pub mod consensus;
 pub mod forward;
 pub mod link;
 pub mod view;
@@ -229,6 +230,9 @@ impl NodeShard {
                 self.members_changed(&nodes);
                 self.shard
                     .handle(now_ms, Input::Shard(ShardMessage::ClusterNodes(nodes)));
+            }
+            Input::Shard(ShardMessage::ClusterSettings(settings)) if self.cluster.is_some() => {
+                self.settings_changed(&settings);
             }
             Input::Tick => {
                 self.shard.handle(now_ms, Input::Tick);
@@ -541,6 +545,29 @@ impl NodeShard {
         }
     }
 
+    /// Cluster-wide settings from the Raft group replace this node's configured values.
+    fn settings_changed(&mut self, settings: &[(String, String)]) {
+        let cluster = self.cluster.as_mut().expect("checked by the caller");
+        for (key, value) in settings {
+            let Ok(number) = consensus::check_setting(key, value) else {
+                warn!(
+                    key,
+                    value, "cluster-wide setting not understood by this node: ignored"
+                );
+                continue;
+            };
+            match key.as_str() {
+                "down_grace_seconds" => cluster.io.settings.down_grace_ms = number * 1000,
+                "forward_queue_max" => cluster.io.settings.forward_queue_max = number as usize,
+                "takeover_timeout_ms" => self.shard.set_takeover_timeout_ms(number),
+                _ => continue,
+            }
+            if self.index == 0 {
+                info!(key, value, "cluster-wide setting applied");
+            }
+        }
+    }
+
     /// Forgets the peers that stayed unlisted past the grace period.
     fn forget_gone_peers(cluster: &mut Cluster, now_ms: u64) {
         let grace_ms = cluster.io.settings.down_grace_ms;
@@ -776,6 +803,14 @@ impl NodeShard {
                     group: route.group.map(ByteString::from),
                     added,
                 },
+                Change::Settings => ShardMessage::ClusterSettings(
+                    agent
+                        .view()
+                        .settings
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                ),
                 Change::Members => ShardMessage::ClusterNodes(
                     agent
                         .view()
@@ -816,7 +851,7 @@ impl NodeShard {
         self.now_ms = now_ms;
         let agent = self.agent_mut()?;
         info!(%address, "joining the cluster through a core");
-        agent.add_seed(address);
+        agent.add_seed(address, true);
         self.cluster_tick();
         Ok(())
     }
@@ -830,6 +865,15 @@ impl NodeShard {
         cluster.io.now_ms = now_ms;
         let io = &mut cluster.io;
         agent.leave(io);
+        Ok(())
+    }
+
+    /// Proposes a cluster-wide setting to the cores' Raft group (`ctl cluster set`). Shard 0
+    /// of a core only.
+    pub fn set_setting(&mut self, now_ms: u64, key: &str, value: &str) -> Result<(), String> {
+        self.now_ms = now_ms;
+        self.agent_mut()?.propose_setting(key, value)?;
+        self.cluster_tick();
         Ok(())
     }
 

@@ -19,6 +19,8 @@ pub enum Change {
     },
     /// The member list changed.
     Members,
+    /// A cluster-wide setting changed.
+    Settings,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -26,7 +28,17 @@ pub struct View {
     pub members: BTreeMap<NodeId, Member>,
     pub down: BTreeSet<NodeId>,
     pub routes: BTreeMap<NodeId, BTreeSet<Route>>,
+    /// Cluster-wide settings the cores' Raft group committed.
+    pub settings: BTreeMap<String, String>,
 }
+
+/// A view as the parts of a snapshot body.
+pub type Parts = (
+    Vec<Member>,
+    Vec<NodeId>,
+    Vec<(NodeId, Route)>,
+    Vec<(String, String)>,
+);
 
 impl View {
     pub fn route_count(&self) -> usize {
@@ -85,6 +97,12 @@ impl View {
             LogEntry::Replace { origin, routes } => {
                 self.replace_routes(*origin, routes.iter().cloned().collect(), changes);
             }
+            LogEntry::Setting { key, value } => {
+                if self.settings.get(key) != Some(value) {
+                    self.settings.insert(key.clone(), value.clone());
+                    changes.push(Change::Settings);
+                }
+            }
         }
     }
 
@@ -103,8 +121,12 @@ impl View {
         if self.members != other.members || self.down != other.down {
             changes.push(Change::Members);
         }
+        if self.settings != other.settings {
+            changes.push(Change::Settings);
+        }
         self.members = other.members;
         self.down = other.down;
+        self.settings = other.settings;
     }
 
     fn replace_routes(&mut self, origin: NodeId, new: BTreeSet<Route>, changes: &mut Vec<Change>) {
@@ -129,7 +151,7 @@ impl View {
     }
 
     /// The view as a snapshot body's parts.
-    pub fn parts(&self) -> (Vec<Member>, Vec<NodeId>, Vec<(NodeId, Route)>) {
+    pub fn parts(&self) -> Parts {
         (
             self.members.values().cloned().collect(),
             self.down.iter().copied().collect(),
@@ -137,18 +159,19 @@ impl View {
                 .iter()
                 .flat_map(|(node, routes)| routes.iter().map(|r| (*node, r.clone())))
                 .collect(),
+            self.settings
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         )
     }
 
-    pub fn from_parts(
-        members: Vec<Member>,
-        down: Vec<NodeId>,
-        routes: Vec<(NodeId, Route)>,
-    ) -> Self {
+    pub fn from_parts((members, down, routes, settings): Parts) -> Self {
         let mut view = View {
             members: members.into_iter().map(|m| (m.node, m)).collect(),
             down: down.into_iter().collect(),
             routes: BTreeMap::new(),
+            settings: settings.into_iter().collect(),
         };
         for (node, route) in routes {
             view.routes.entry(node).or_default().insert(route);
@@ -206,8 +229,16 @@ mod tests {
         assert_eq!(changes, [Change::Members]);
         assert!(view.down.contains(&2) && view.route_count() == 2);
         changes.clear();
-        let (members, down, routes) = view.parts();
-        let mut copy = View::from_parts(members, down, routes);
+        view.apply(
+            &LogEntry::Setting {
+                key: "forward_queue_max".into(),
+                value: "5".into(),
+            },
+            &mut changes,
+        );
+        assert_eq!(changes, [Change::Settings]);
+        changes.clear();
+        let mut copy = View::from_parts(view.parts());
         assert_eq!(copy, view);
 
         let mut target = view.clone();
