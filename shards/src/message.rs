@@ -121,6 +121,8 @@ pub enum SessionTransfer {
         shard: ShardIndex,
         claim: u64,
         clean_start: bool,
+        /// The receiver's claim (for this client) the sender answered before it claimed.
+        after: Option<u64>,
     },
     /// The answer to claim `claim` of shard `shard`: the session as a snapshot record, if
     /// this node had one.

@@ -330,6 +330,9 @@ pub struct Shard {
     claims: HashMap<ByteString, takeover::PendingClaim>,
     claim_clients: HashMap<u64, ByteString>,
     next_claim: u64,
+    /// Other nodes' claims this shard answered with no claim of its own pending, by client:
+    /// (node, its claim, when). A claim this shard starts soon after names them (`after`).
+    answered: HashMap<ByteString, Vec<(NodeId, u64, u64)>>,
     retained: Retained,
     timers: BinaryHeap<Reverse<(u64, Timer)>>,
     outputs: Vec<Output>,
@@ -375,6 +378,7 @@ impl Shard {
             claims: HashMap::new(),
             claim_clients: HashMap::new(),
             next_claim: 0,
+            answered: HashMap::new(),
             retained: Retained::default(),
             timers: BinaryHeap::new(),
             outputs: Vec::new(),

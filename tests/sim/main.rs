@@ -9,7 +9,10 @@
 //! - no acknowledged QoS 1 message is lost: a PUBLISH the broker acknowledged as matched is
 //!   received by its subscriber, unless the publisher's or the subscriber's node crashed
 //!   meanwhile;
-//! - per-publisher order holds at every subscriber.
+//! - per-publisher order holds at every subscriber;
+//! - one owner per client identifier: once the network has healed, pairs of clients connect
+//!   with one identifier on two nodes at once, and exactly one connection of each pair
+//!   remains (the other is taken over).
 //!
 //! `SIM_SEEDS=n` runs n seeds (default 24); `SIM_SEED=s` replays seed s alone. A failure
 //! prints its seed, and the seed replays it exactly.
@@ -140,6 +143,13 @@ struct Client {
     pending: HashMap<u16, (u64, usize)>,
     next_packet_id: u16,
     next_sequence: u64,
+    /// A contestant for a client identifier (see `Sim::contest`): it neither publishes nor
+    /// subscribes.
+    contestant: bool,
+    /// It got its CONNACK.
+    connected: bool,
+    /// Its connection is open (`alive` also ends when a publisher stops publishing).
+    open: bool,
 }
 
 /// A fault's end.
@@ -169,6 +179,8 @@ struct Sim {
     cut: BTreeSet<(usize, usize)>,
     clients: Vec<Client>,
     acked: Vec<Acked>,
+    /// Pairs of clients that connected with one client identifier on two nodes at once.
+    contests: Vec<(usize, usize)>,
     scheduled_ticks: HashMap<(usize, usize), u64>,
     /// Chance, per million, that a chunk of bytes on a cluster link resets the connection.
     reset_per_million: u64,
@@ -238,6 +250,7 @@ impl Sim {
             cut: BTreeSet::new(),
             clients: Vec::new(),
             acked: Vec::new(),
+            contests: Vec::new(),
             scheduled_ticks: HashMap::new(),
             reset_per_million,
             faults: Vec::new(),
@@ -310,6 +323,7 @@ impl Sim {
         for client in &mut self.clients {
             if client.node == node {
                 client.alive = false;
+                client.open = false;
             }
         }
     }
@@ -539,6 +553,27 @@ impl Sim {
 
     fn add_client(&mut self, node: usize, subscriber: bool) {
         let index = self.clients.len();
+        self.add_client_as(node, subscriber, format!("sim-client-{index}"));
+    }
+
+    /// Clients of one identifier connect on two different nodes at the same moment, `count`
+    /// times.
+    fn contest(&mut self, count: usize) {
+        for round in 0..count {
+            let a = self.rng.below(self.nodes.len() as u64) as usize;
+            let b =
+                (a + 1 + self.rng.below(self.nodes.len() as u64 - 1) as usize) % self.nodes.len();
+            let first = self.clients.len();
+            self.add_client_as(a, false, format!("contested-{round}"));
+            self.add_client_as(b, false, format!("contested-{round}"));
+            self.clients[first].contestant = true;
+            self.clients[first + 1].contestant = true;
+            self.contests.push((first, first + 1));
+        }
+    }
+
+    fn add_client_as(&mut self, node: usize, subscriber: bool, client_id: String) {
+        let index = self.clients.len();
         self.clients.push(Client {
             node,
             connection: None,
@@ -549,6 +584,9 @@ impl Sim {
             pending: HashMap::new(),
             next_packet_id: 0,
             next_sequence: 0,
+            contestant: false,
+            connected: false,
+            open: true,
         });
         // The kernel spreads accepts over shards: any shard may get it.
         let accepting = self.rng.below(u64::from(SHARDS)) as usize;
@@ -573,7 +611,6 @@ impl Sim {
                 },
             },
         );
-        let client_id = format!("sim-client-{index}");
         let _ = owner_shard(&client_id, SHARDS);
         let connect = Packet::Connect(Box::new(Connect {
             protocol: ProtocolVersion::V5,
@@ -607,7 +644,10 @@ impl Sim {
             match packet {
                 Packet::ConnAck(connack) => {
                     assert_eq!(connack.reason, ReasonCode::SUCCESS, "CONNACK");
-                    if self.clients[index].subscriber {
+                    self.clients[index].connected = true;
+                    if self.clients[index].contestant {
+                        // It only holds its identifier.
+                    } else if self.clients[index].subscriber {
                         let subscribe = Packet::Subscribe(Subscribe {
                             packet_id: 1,
                             properties: SubscribeProperties::default(),
@@ -623,6 +663,13 @@ impl Sim {
                     }
                 }
                 Packet::SubAck(_) => {}
+                Packet::Disconnect(disconnect) if self.clients[index].contestant => {
+                    assert_eq!(
+                        disconnect.reason,
+                        ReasonCode::SESSION_TAKEN_OVER,
+                        "client {index} disconnected"
+                    );
+                }
                 Packet::Publish(publish) => {
                     let text = String::from_utf8_lossy(&publish.payload).into_owned();
                     let (publisher, sequence) = text
@@ -732,7 +779,10 @@ impl Sim {
                         s.handle(now, Input::Closed { connection: to })
                     }),
                     // A client whose connection is gone stops (its node crashed).
-                    End::Client(index) => self.clients[index].alive = false,
+                    End::Client(index) => {
+                        self.clients[index].alive = false;
+                        self.clients[index].open = false;
+                    }
                 }
             }
             Event::Connected {
@@ -972,6 +1022,20 @@ impl Sim {
         if checked == 0 {
             return Err("no acknowledged message could be checked: the run proved nothing".into());
         }
+        // One owner per client identifier.
+        for &(a, b) in &self.contests {
+            let (first, second) = (&self.clients[a], &self.clients[b]);
+            let owners = usize::from(first.open) + usize::from(second.open);
+            if owners != 1 || !(first.connected || second.connected) {
+                return Err(format!(
+                    "clients {a} (node {}) and {b} (node {}) share an identifier: {owners} connections remain (connected: {}, {})",
+                    first.node + 1,
+                    second.node + 1,
+                    first.connected,
+                    second.connected
+                ));
+            }
+        }
         // Per-publisher order, no duplicates.
         for (index, client) in self.clients.iter().enumerate() {
             let mut last: HashMap<usize, u64> = HashMap::new();
@@ -998,6 +1062,11 @@ fn simulate(seed: u64) -> Result<String, String> {
     sim.reset_per_million = 0;
     // Stop publishing a while before the end so that what is in flight lands.
     let publish_end = sim.now_ms + HEAL_MS / 2;
+    // Contests once membership has settled after the heal (a node that is shown down is not
+    // asked for its session, so during faults two owners can remain: a known limit).
+    let contest_at = sim.now_ms + HEAL_MS / 3;
+    sim.run_until(contest_at, false);
+    sim.contest(3);
     sim.run_until(publish_end, false);
     for client in &mut sim.clients {
         if !client.subscriber {

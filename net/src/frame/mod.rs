@@ -206,6 +206,9 @@ pub enum Item {
         claim: u64,
         /// The new connection starts clean: the old session is ended, not sent.
         clean_start: bool,
+        /// The receiver's own claim for this client that the sender has already answered:
+        /// this claim comes after it, so the receiver answers once its claim completes.
+        after: Option<u64>,
     },
     /// The answer to a claim, for the claimant's shard `shard`: the session, if the sender
     /// had one (a snapshot record: subscriptions, in-flight and queued messages).
@@ -534,6 +537,7 @@ mod tests {
                             shard: 1,
                             claim: 9,
                             clean_start: false,
+                            after: Some(4),
                         },
                     },
                     Forwarded {

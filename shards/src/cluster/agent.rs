@@ -161,6 +161,12 @@ pub struct Agent {
     proposed: BTreeMap<String, u64>,
     /// The group state last told to the other cores.
     told: Option<Heard>,
+    /// A core leaving a group with other voters waits, until this time at most, for the
+    /// leader to remove its voter, so that the cores left keep their quorum.
+    departing_until_ms: Option<u64>,
+    /// After `ctl cluster join` on a core that founded a group alone: it drops that group for
+    /// the one it joins, once it hears of it.
+    merging: bool,
 }
 
 impl Agent {
@@ -198,6 +204,8 @@ impl Agent {
             left: BTreeSet::new(),
             proposed: BTreeMap::new(),
             told: None,
+            departing_until_ms: None,
+            merging: false,
         };
         for &address in &settings.seeds {
             agent.add_seed(address, true);
@@ -248,6 +256,17 @@ impl Agent {
                 consensus.hold = false;
             }
         }
+    }
+
+    /// `ctl cluster join`: dial `address` as a core from now on. A core that founded a group
+    /// alone (a cluster of one) drops it for the group it finds there; a core whose group
+    /// has other voters keeps its own (two multi-core clusters are not merged).
+    pub fn join(&mut self, address: SocketAddr) {
+        self.add_seed(address, true);
+        self.merging = self
+            .consensus
+            .as_ref()
+            .is_some_and(|c| c.is_initialized() && !c.has_other_voters());
     }
 
     /// This node's route set changed (from shard 0's node route table).
@@ -304,6 +323,9 @@ impl Agent {
     /// Dials the seeds that are due.
     pub fn tick(&mut self, io: &mut Io) {
         let now_ms = io.now_ms;
+        if self.departure_due(now_ms) {
+            self.finish_leave(io);
+        }
         if !self.leaving {
             for (index, seed) in self.seeds.iter_mut().enumerate() {
                 if seed.connection.is_none()
@@ -629,8 +651,16 @@ impl Agent {
             Body::Leave => {
                 info!(node, "node left the cluster");
                 self.left.insert(node);
-                io.close(connection);
-                self.link_closed(connection, io);
+                // A core that leaves keeps its links until the leader has removed its voter
+                // (it closes them itself); an edge goes at once.
+                let from_core = self
+                    .up_links
+                    .get(&connection)
+                    .is_some_and(|&(_, r)| r == Role::Core);
+                if !from_core {
+                    io.close(connection);
+                    self.link_closed(connection, io);
+                }
             }
             Body::Raft { message } => {
                 let consensus = self.consensus.as_mut().ok_or("a Raft message to an edge")?;
@@ -840,12 +870,24 @@ impl Agent {
         if self.consensus.is_none() {
             return;
         }
+        if self.departure_due(io.now_ms) {
+            self.finish_leave(io);
+            return;
+        }
         let founders = self.founders();
         let consensus = self.consensus.as_mut().expect("checked");
-        consensus.set_founders(&founders);
-        if !consensus.group_exists() {
-            consensus.try_found();
+        if self.merging && consensus.other_group_runs() {
+            self.merging = false;
+            if consensus.is_initialized() {
+                info!(
+                    "joining another cluster's Raft group: this core's own group of one is dropped"
+                );
+                consensus.reset();
+                consensus.hold = false;
+            }
         }
+        consensus.set_founders(&founders);
+        consensus.try_found();
         let state = consensus.group_state();
         if self.told.as_ref() != Some(&state) {
             self.told = Some(state.clone());
@@ -1056,9 +1098,45 @@ impl Agent {
     }
 
     /// Leaves the cluster: tells every core, closes the control links and forgets the other
-    /// nodes' routes. A later `add_seed` joins again.
+    /// nodes' routes. A later `add_seed` joins again. A core that votes in a group with other
+    /// voters first waits (a few link timeouts at most) for the leader to remove its voter:
+    /// leaving at once could take the quorum away from the cores that stay.
     pub fn leave(&mut self, io: &mut Io) {
+        if self.departing_until_ms.is_some() {
+            return;
+        }
+        let cores: Vec<ConnectionId> = self
+            .up_links
+            .iter()
+            .filter(|&(c, &(_, role))| role == Role::Core && self.is_seed_link(*c))
+            .map(|(c, _)| *c)
+            .collect();
+        if let Some(consensus) = &mut self.consensus
+            && consensus.is_voter()
+            && consensus.has_other_voters()
+        {
+            info!("leaving the cluster: waiting for the Raft leader to remove this core's voter");
+            consensus.transfer_leadership();
+            for connection in cores {
+                io.send(connection, &Body::Leave);
+            }
+            self.departing_until_ms = Some(io.now_ms + 4 * io.settings.link_timeout_ms);
+            return;
+        }
+        self.finish_leave(io);
+    }
+
+    /// Whether a departing core may go now: its voter is removed, or it waited long enough.
+    fn departure_due(&self, now_ms: u64) -> bool {
+        self.departing_until_ms.is_some_and(|until| {
+            now_ms >= until || self.consensus.as_ref().is_none_or(|c| !c.is_voter())
+        })
+    }
+
+    fn finish_leave(&mut self, io: &mut Io) {
         info!("leaving the cluster");
+        self.departing_until_ms = None;
+        self.merging = false;
         self.leaving = true;
         let links: Vec<ConnectionId> = self.up_links.keys().copied().collect();
         for connection in links {

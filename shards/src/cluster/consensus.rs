@@ -30,7 +30,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+};
 use raft::storage::MemStorage;
 use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage, StorageError};
 use shardmq_net::frame::{LogEntry, Member, NodeId, Role, decode_entries, encode_entries};
@@ -354,7 +356,9 @@ impl Consensus {
     /// What this core tells other cores of itself (`GroupState`).
     pub fn group_state(&self) -> Heard {
         Heard {
-            initialized: self.is_initialized(),
+            // A core made by a leader's first message has no configuration until the
+            // leader's snapshot arrives: it is not in a group yet for the others.
+            initialized: !self.voters().is_empty(),
             id: self.id,
             founders: self.founders.clone(),
         }
@@ -376,6 +380,10 @@ impl Consensus {
     /// configured seeds; empty while some are not reached), as Raft identifiers once each
     /// has told its own.
     pub fn set_founders(&mut self, nodes: &[NodeId]) {
+        if self.raw.is_some() {
+            // Kept as founded (or as joined), so that the others can tell this group apart.
+            return;
+        }
         let mut founders = Vec::with_capacity(nodes.len());
         for &node in nodes {
             let id = if node == self.node {
@@ -408,9 +416,15 @@ impl Consensus {
             .all(|&id| {
                 node_of(id)
                     .and_then(|n| self.heard.get(&n))
-                    .is_some_and(|h| !h.initialized && h.id == id && h.founders == self.founders)
+                    .is_some_and(|h| h.id == id && h.founders == self.founders)
             });
-        if !agreed {
+        // A founder that already founded with these voters counts (founders start in any
+        // order); a group founded otherwise means this core waits to be added to it.
+        let other_group = self
+            .heard
+            .values()
+            .any(|h| h.initialized && h.founders != self.founders);
+        if !agreed || other_group {
             return false;
         }
         let registry = encode_entries(&Registry::default().entries());
@@ -446,11 +460,6 @@ impl Consensus {
         }
     }
 
-    /// Whether some core we heard from is in a group (so this one should wait to be added).
-    pub fn group_exists(&self) -> bool {
-        self.heard.values().any(|h| h.initialized)
-    }
-
     /// A Raft message from core `from`.
     pub fn step(&mut self, from: NodeId, bytes: &[u8], now_ms: u64) -> Result<(), String> {
         let message = Message::parse_from_bytes(bytes).map_err(|e| e.to_string())?;
@@ -470,7 +479,15 @@ impl Consensus {
             return Ok(());
         }
         if self.raw.is_none() {
-            if self.hold {
+            // A founder whose peers founded first: found too, with the same configuration.
+            self.try_found();
+        }
+        if self.raw.is_none() {
+            let from_leader = matches!(
+                message.get_msg_type(),
+                MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+            );
+            if self.hold || !from_leader {
                 return Ok(());
             }
             // The leader added this core (or it restarted): start empty, the leader sends
@@ -535,9 +552,13 @@ impl Consensus {
 
     /// Whether a majority of the voters are incarnations that are provably gone: their cores
     /// told us a newer identifier (they restarted, and their state went with them). Such a
-    /// group can never elect a leader again. A core not heard from counts as alive.
+    /// group can never elect a leader again. A core not heard from counts as alive. A core
+    /// that never received the leader's configuration has nothing to keep.
     fn voters_lost(&self) -> bool {
         let voters = self.voters();
+        if voters.is_empty() {
+            return true;
+        }
         let alive = voters
             .iter()
             .filter(|&&v| {
@@ -547,7 +568,7 @@ impl Consensus {
                         .is_none_or(|h| h.id == v)
             })
             .count();
-        !voters.is_empty() && alive * 2 <= voters.len()
+        alive * 2 <= voters.len()
     }
 
     pub fn next_deadline_ms(&self) -> Option<u64> {
@@ -597,6 +618,37 @@ impl Consensus {
         change.node_id = id;
         raw.propose_conf_change(Vec::new(), change)
             .map_err(|e| format!("the Raft group did not take the change: {e}"))
+    }
+
+    /// Whether this core votes in a group that has other voters too.
+    pub fn has_other_voters(&self) -> bool {
+        self.voters().iter().any(|&v| v != self.id)
+    }
+
+    /// Whether this core's incarnation votes in the group.
+    pub fn is_voter(&self) -> bool {
+        self.voters().contains(&self.id)
+    }
+
+    /// Hands the leadership to another voter (before this core leaves).
+    pub fn transfer_leadership(&mut self) {
+        let other = self.voters().into_iter().find(|&v| v != self.id);
+        if let (Some(raw), Some(to)) = (&mut self.raw, other) {
+            if raw.raft.state == StateRole::Leader {
+                info!(
+                    to = node_of(to),
+                    "handing the Raft leadership over before leaving"
+                );
+                raw.transfer_leader(to);
+            }
+        }
+    }
+
+    /// A group other than this core's runs among the cores it heard from.
+    pub fn other_group_runs(&self) -> bool {
+        self.heard
+            .values()
+            .any(|h| h.initialized && h.founders != self.founders)
     }
 
     /// Leaves the group: forgets it and waits for a `join` before founding or joining again.

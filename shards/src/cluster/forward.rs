@@ -65,11 +65,13 @@ pub fn transfer_to_wire(transfer: &SessionTransfer, sequence: u64) -> frame::For
             shard,
             claim,
             clean_start,
+            after,
         } => frame::Item::Claim {
             client_id: client_id.to_string(),
             shard: *shard,
             claim: *claim,
             clean_start: *clean_start,
+            after: *after,
         },
         SessionTransfer::Handover {
             client_id,
@@ -109,11 +111,13 @@ pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String
             shard,
             claim,
             clean_start,
+            after,
         } => Ok(Received::Session(SessionTransfer::Claim {
             client_id: ByteString::from(client_id),
             shard,
             claim,
             clean_start,
+            after,
         })),
         frame::Item::Handover {
             client_id,

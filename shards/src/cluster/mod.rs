@@ -851,7 +851,7 @@ impl NodeShard {
         self.now_ms = now_ms;
         let agent = self.agent_mut()?;
         info!(%address, "joining the cluster through a core");
-        agent.add_seed(address, true);
+        agent.join(address);
         self.cluster_tick();
         Ok(())
     }

@@ -20,6 +20,11 @@
 //! the higher identifier answers at once. Every claim thus completes, and the claims line up
 //! one after another as if the connects had not overlapped: exactly one owner remains, the
 //! last in that order, and the others' clients get 0x8E.
+//! The tie rule needs the lower node to have its claim pending when the other's arrives. If
+//! the other's claim came first (answered at once: nothing here yet), the lower node's own
+//! claim, started within `takeover_timeout_ms`, says so (`after`): the receiver then answers
+//! it only once its own claim has completed, whatever the identifiers, so the later claim is
+//! also the last owner (found by the simulation's one-owner checker).
 //!
 //! Never: waits without a bound (the claim timer), or drops a session it was handed: an answer
 //! that comes after its claim timed out is kept as an offline session if no session of that
@@ -65,7 +70,15 @@ impl Shard {
         self.next_claim += 1;
         let claim = self.next_claim;
         let waiting = self.cluster_nodes_up.clone();
+        let recent_ms = self.now_ms.saturating_sub(self.config.takeover_timeout_ms);
+        let answered = self.answered.remove(&client_id).unwrap_or_default();
         for &node in &waiting {
+            // The latest claim of that node this shard answered lately.
+            let after = answered
+                .iter()
+                .filter(|&&(n, _, at)| n == node && at >= recent_ms)
+                .map(|&(_, claim, _)| claim)
+                .max();
             self.outputs.push(Output::SessionToNode {
                 node,
                 transfer: SessionTransfer::Claim {
@@ -73,6 +86,7 @@ impl Shard {
                     shard: self.config.index,
                     claim,
                     clean_start: connect.clean_start,
+                    after,
                 },
             });
         }
@@ -110,13 +124,17 @@ impl Shard {
                 shard,
                 claim,
                 clean_start,
+                after,
             } => {
                 if let Some(own) = self.claims.get_mut(&client_id)
-                    && self.config.node < from
+                    && (self.config.node < from || after == Some(own.claim))
                 {
                     // Both nodes are claiming: ours goes first (see the module comment).
                     own.deferred.push((from, shard, claim, clean_start));
                     return;
+                }
+                if !self.claims.contains_key(&client_id) {
+                    self.remember_answered(&client_id, from, claim);
                 }
                 self.answer_claim(from, shard, claim, client_id, clean_start);
             }
@@ -127,6 +145,22 @@ impl Shard {
                 ..
             } => self.handed_over(from, client_id, claim, session),
         }
+    }
+
+    /// Notes a claim answered while no claim of this shard was pending for the client; old
+    /// notes go when the map grows (they matter for `takeover_timeout_ms` only).
+    fn remember_answered(&mut self, client_id: &ByteString, from: NodeId, claim: u64) {
+        let now_ms = self.now_ms;
+        let recent_ms = now_ms.saturating_sub(self.config.takeover_timeout_ms);
+        if self.answered.len() >= 1024 {
+            self.answered.retain(|_, notes| {
+                notes.retain(|&(_, _, at)| at >= recent_ms);
+                !notes.is_empty()
+            });
+        }
+        let notes = self.answered.entry(client_id.clone()).or_default();
+        notes.retain(|&(node, _, at)| node != from && at >= recent_ms);
+        notes.push((from, claim, now_ms));
     }
 
     /// Gives `client_id`'s session (if here) to node `to`'s claim, closing its connection.
