@@ -7,44 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::TestCluster;
-
-fn raft(status: &Value) -> &Value {
-    &status["raft"]
-}
-
-fn voters(status: &Value) -> Vec<u64> {
-    let mut voters: Vec<u64> = raft(status)["voters"]
-        .as_array()
-        .map(|v| v.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default();
-    voters.sort_unstable();
-    voters
-}
-
-/// Waits until every core in `cores` agrees on one leader among them and on the voters.
-fn wait_leader(cluster: &TestCluster, cores: &[u32]) -> u32 {
-    let expected: Vec<u64> = cores.iter().map(|&c| u64::from(c)).collect();
-    for &core in cores {
-        cluster.wait_status(
-            core,
-            Duration::from_secs(15),
-            "a leader and all voters",
-            |s| raft(s)["leader"].as_u64().is_some() && voters(s) == expected,
-        );
-    }
-    let leaders: Vec<u64> = cores
-        .iter()
-        .map(|&c| raft(&cluster.status(c))["leader"].as_u64().unwrap())
-        .collect();
-    assert!(
-        leaders.iter().all(|&l| l == leaders[0]),
-        "the cores name one leader: {leaders:?}"
-    );
-    let leader = leaders[0] as u32;
-    assert_eq!(raft(&cluster.status(leader))["state"], "leader");
-    leader
-}
+use support::{TestCluster, raft};
 
 fn setting(status: &Value, key: &str) -> Option<String> {
     status["settings"][key].as_str().map(str::to_string)
@@ -53,7 +16,7 @@ fn setting(status: &Value, key: &str) -> Option<String> {
 #[test]
 fn three_cores_elect_one_leader_and_settings_survive_its_loss() {
     let mut cluster = TestCluster::start(3, 1);
-    let leader = wait_leader(&cluster, &[1, 2, 3]);
+    let leader = cluster.wait_leader(&[1, 2, 3]);
     // An edge takes no part in the vote.
     assert!(raft(&cluster.status(4)).is_null());
 
@@ -94,19 +57,14 @@ fn three_cores_elect_one_leader_and_settings_survive_its_loss() {
     // The leader dies: the two other cores elect a new one, which still holds the setting,
     // marks the old leader down and, after the grace period, removes it and its voter.
     cluster.node_mut(leader).broker.kill();
-    let rest: Vec<u32> = [1, 2, 3].into_iter().filter(|&c| c != leader).collect();
+    let rest = cluster.wait_new_leader(3, leader);
     for &core in &rest {
-        cluster.wait_status(core, Duration::from_secs(20), "a new leader", |s| {
-            raft(s)["leader"]
-                .as_u64()
-                .is_some_and(|l| l != u64::from(leader))
-        });
         assert_eq!(
             setting(&cluster.status(core), "takeover_timeout_ms").as_deref(),
             Some("1500")
         );
     }
-    let new_leader = wait_leader(&cluster, &rest);
+    let new_leader = cluster.wait_leader(&rest);
     assert_ne!(new_leader, leader);
     cluster
         .node(new_leader)
@@ -119,7 +77,7 @@ fn three_cores_elect_one_leader_and_settings_survive_its_loss() {
 
     // It comes back as a new voter (a new incarnation) and the group is whole again.
     cluster.restart(leader);
-    wait_leader(&cluster, &[1, 2, 3]);
+    cluster.wait_leader(&[1, 2, 3]);
     cluster.wait_status(leader, Duration::from_secs(10), "the settings", |s| {
         setting(s, "forward_queue_max").as_deref() == Some("5000")
             && setting(s, "takeover_timeout_ms").as_deref() == Some("1500")
@@ -129,7 +87,7 @@ fn three_cores_elect_one_leader_and_settings_survive_its_loss() {
 #[test]
 fn a_single_core_founds_its_group_alone() {
     let cluster = TestCluster::start(1, 1);
-    assert_eq!(wait_leader(&cluster, &[1]), 1);
+    assert_eq!(cluster.wait_leader(&[1]), 1);
     let status = cluster.status(1);
     assert!(raft(&status)["term"].as_u64().unwrap() >= 1);
     assert!(raft(&status)["commit"].as_u64().unwrap() >= 2);

@@ -7,14 +7,7 @@ mod support;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use support::{TestCluster, v5};
-
-fn payloads(publishes: &[rumqttc::v5::mqttbytes::v5::Publish]) -> Vec<String> {
-    publishes
-        .iter()
-        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
-        .collect()
-}
+use support::{TestCluster, payloads, v5};
 
 #[test]
 fn every_qos_crosses_nodes_in_order_exactly_once() {

@@ -7,27 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::QoS;
-use support::{Broker, CLUSTER_SECRET, TestCluster, V5, v5};
-
-fn payloads(publishes: &[rumqttc::v5::mqttbytes::v5::Publish]) -> Vec<String> {
-    publishes
-        .iter()
-        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
-        .collect()
-}
-
-/// Publishes `count` QoS 1 messages tagged `tag` and checks `subscriber` gets them all, once.
-fn round_trip(publisher: &V5, subscriber: &V5, topic: &str, tag: &str, count: usize) {
-    let expected: Vec<String> = (0..count).map(|i| format!("{tag}-{i}")).collect();
-    for payload in &expected {
-        publisher
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
-            .unwrap();
-    }
-    let got = subscriber.publishes(count, Duration::from_secs(5));
-    assert_eq!(payloads(&got), expected, "{tag}");
-}
+use support::{Broker, CLUSTER_SECRET, TestCluster, payloads, round_trip, v5};
 
 #[test]
 fn a_node_with_the_wrong_secret_is_refused_and_logged() {

@@ -8,14 +8,7 @@ mod support;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use support::{TestCluster, V5, raw_v5_subscribed, read_until_closed, v5};
-
-fn payloads(publishes: &[rumqttc::v5::mqttbytes::v5::Publish]) -> Vec<String> {
-    publishes
-        .iter()
-        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
-        .collect()
-}
+use support::{TestCluster, V5, payloads, raw_v5_subscribed, read_until_closed, v5};
 
 /// A client that resumes its session (clean start 0, session kept for 300 s).
 fn persistent(port: u16, id: &str) -> V5 {

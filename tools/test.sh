@@ -37,6 +37,12 @@ if ! python3 -c "import paho.mqtt, sys; sys.exit(0 if int(paho.mqtt.__version__.
     python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt>=2,<3" \
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "paho-mqtt>=2,<3"
 fi
+# The partition tests cut links between network namespaces with `ip` (iproute2).
+if ! command -v ip >/dev/null; then
+    echo "iproute2 missing: installing it with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq iproute2
+fi
 # The font shardmq-bench compare draws its chart's text with.
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
     echo "fonts-dejavu-core missing: installing it with apt-get"

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 /// A broker process, stopped with SIGTERM (then SIGKILL) when dropped.
 pub struct Broker {
+    /// Where its MQTT and admin ports listen (127.0.0.1, or an address in a network
+    /// namespace).
+    pub host: std::net::IpAddr,
     pub port: u16,
     /// The admin endpoint's port, unless the test's configuration set its own `[admin]`.
     pub admin_port: u16,
@@ -34,15 +37,34 @@ impl Broker {
 
     /// Starts a broker on the given MQTT and admin ports (a restart keeps its ports).
     pub fn start_on(port: u16, admin_port: u16, shards: u16, config: &str) -> Self {
+        Self::start_at(
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            None,
+            port,
+            admin_port,
+            shards,
+            config,
+        )
+    }
+
+    /// Starts a broker listening on `host`, inside network namespace `netns` if given.
+    pub fn start_at(
+        host: std::net::IpAddr,
+        netns: Option<&str>,
+        port: u16,
+        admin_port: u16,
+        shards: u16,
+        config: &str,
+    ) -> Self {
         let directory =
-            std::env::temp_dir().join(format!("shardmq-test-{}-{port}", std::process::id()));
+            std::env::temp_dir().join(format!("shardmq-test-{}-{host}-{port}", std::process::id()));
         std::fs::create_dir_all(&directory).unwrap();
         let config_path = directory.join("config.toml");
         // Each broker of a test run gets its own admin port (the default one is shared).
         let admin = if config.contains("[admin]") {
             String::new()
         } else {
-            format!("\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n")
+            format!("\n[admin]\nlisten = \"{host}:{admin_port}\"\n")
         };
         std::fs::write(
             &config_path,
@@ -52,11 +74,23 @@ impl Broker {
         )
         .unwrap();
         let log = directory.join("broker.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        // `ip netns exec` enters the namespace and then execs the broker: the child is the
+        // broker itself, so kill and wait work as without it.
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns])
+                    .arg(env!("CARGO_BIN_EXE_shardmq"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_shardmq")),
+        };
+        let child = command
             .args([
                 "serve",
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                &SocketAddr::new(host, port).to_string(),
                 "--shards",
                 &shards.to_string(),
                 "--config",
@@ -67,6 +101,7 @@ impl Broker {
             .spawn()
             .expect("starting shardmq");
         let broker = Self {
+            host,
             port,
             admin_port,
             child,
@@ -89,7 +124,7 @@ impl Broker {
     }
 
     pub fn address(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::new(self.host, self.port)
     }
 
     pub fn log_text(&self) -> String {
@@ -110,7 +145,11 @@ impl Broker {
     /// `shardmq ctl --admin ... <args>`: the JSON answer, or the error text.
     pub fn ctl(&self, args: &[&str]) -> Result<serde_json::Value, String> {
         let output = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args(["ctl", "--admin", &format!("127.0.0.1:{}", self.admin_port)])
+            .args([
+                "ctl",
+                "--admin",
+                &SocketAddr::new(self.host, self.admin_port).to_string(),
+            ])
             .args(args)
             .output()
             .unwrap();
@@ -270,7 +309,17 @@ pub struct V5 {
 }
 
 pub fn v5(port: u16, id: &str, configure: impl FnOnce(&mut rumqttc::v5::MqttOptions)) -> V5 {
-    let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+    v5_at("127.0.0.1", port, id, configure)
+}
+
+/// A 5.0 client of the broker at `host:port`.
+pub fn v5_at(
+    host: &str,
+    port: u16,
+    id: &str,
+    configure: impl FnOnce(&mut rumqttc::v5::MqttOptions),
+) -> V5 {
+    let mut options = rumqttc::v5::MqttOptions::new(id, host, port);
     options.set_keep_alive(Duration::from_secs(30));
     configure(&mut options);
     let (client, mut connection) = rumqttc::v5::Client::new(options, 1000);
@@ -432,6 +481,8 @@ pub struct ClusterNode {
     pub id: u32,
     pub cluster_address: SocketAddr,
     config: String,
+    /// The network namespace it runs in, if any.
+    netns: Option<String>,
 }
 
 /// A local cluster: nodes 1..=cores are cores, the rest edges. Node i's cluster port listens on
@@ -448,8 +499,26 @@ impl TestCluster {
 
     /// `extra(id)` adds TOML keys to node `id`'s `[cluster]` table.
     pub fn start_with(cores: usize, edges: usize, extra: impl Fn(u32) -> String) -> Self {
+        Self::start_on(cores, edges, None, extra)
+    }
+
+    /// A cluster whose node i runs in namespace i of `namespaces`, on its address there
+    /// (MQTT on port 1883, admin on 8883, cluster on 7883), so that a test can cut it off.
+    pub fn start_isolated(cores: usize, edges: usize, namespaces: &Namespaces) -> Self {
+        Self::start_on(cores, edges, Some(namespaces), |_| String::new())
+    }
+
+    fn start_on(
+        cores: usize,
+        edges: usize,
+        namespaces: Option<&Namespaces>,
+        extra: impl Fn(u32) -> String,
+    ) -> Self {
         let addresses: Vec<SocketAddr> = (1..=cores + edges)
             .map(|i| {
+                if let Some(namespaces) = namespaces {
+                    return SocketAddr::new(namespaces.address(i), 7883);
+                }
                 let ip = std::net::Ipv4Addr::new(127, 0, 0, 10 + i as u8);
                 let port = TcpListener::bind((ip, 0))
                     .unwrap()
@@ -474,11 +543,19 @@ impl TestCluster {
                     seeds.join(", "),
                     extra(id)
                 );
+                let netns = namespaces.map(|n| n.name(position + 1));
+                let broker = match &netns {
+                    Some(netns) => {
+                        Broker::start_at(address.ip(), Some(netns), 1883, 8883, 2, &config)
+                    }
+                    None => Broker::start_with(2, &config),
+                };
                 ClusterNode {
-                    broker: Broker::start_with(2, &config),
+                    broker,
                     id,
                     cluster_address: address,
                     config,
+                    netns,
                 }
             })
             .collect();
@@ -561,10 +638,186 @@ impl TestCluster {
             .map(|m| m["state"].as_str().unwrap().to_string())
     }
 
+    /// Waits until every core in `cores` agrees on one leader among them and on the voters.
+    pub fn wait_leader(&self, cores: &[u32]) -> u32 {
+        let expected: Vec<u64> = cores.iter().map(|&c| u64::from(c)).collect();
+        for &core in cores {
+            self.wait_status(
+                core,
+                Duration::from_secs(15),
+                "a leader and all voters",
+                |s| raft(s)["leader"].as_u64().is_some() && voters(s) == expected,
+            );
+        }
+        let leaders: Vec<u64> = cores
+            .iter()
+            .map(|&c| raft(&self.status(c))["leader"].as_u64().unwrap())
+            .collect();
+        assert!(
+            leaders.iter().all(|&l| l == leaders[0]),
+            "the cores name one leader: {leaders:?}"
+        );
+        let leader = leaders[0] as u32;
+        assert_eq!(raft(&self.status(leader))["state"], "leader");
+        leader
+    }
+
+    /// Waits until the cores of 1..=`cores` other than `old` name a leader other than `old`;
+    /// returns those cores.
+    pub fn wait_new_leader(&self, cores: u32, old: u32) -> Vec<u32> {
+        let rest: Vec<u32> = (1..=cores).filter(|&c| c != old).collect();
+        for &core in &rest {
+            self.wait_status(core, Duration::from_secs(20), "a new leader", |s| {
+                raft(s)["leader"]
+                    .as_u64()
+                    .is_some_and(|l| l != u64::from(old))
+            });
+        }
+        rest
+    }
+
     /// Restarts node `id` (after a kill) with its ports and configuration.
     pub fn restart(&mut self, id: u32) {
         let node = self.node_mut(id);
-        let (port, admin_port) = (node.broker.port, node.broker.admin_port);
-        node.broker = Broker::start_on(port, admin_port, 2, &node.config.clone());
+        let (host, port, admin_port) = (node.broker.host, node.broker.port, node.broker.admin_port);
+        let config = node.config.clone();
+        node.broker = Broker::start_at(host, node.netns.as_deref(), port, admin_port, 2, &config);
     }
+}
+
+/// Network namespaces for partition tests: a bridge in the test's namespace and, per node, a
+/// namespace joined to it by a veth pair, with address 10.213.K.i (K from the process id, so
+/// that concurrent runs do not collide). `cut(i)` takes node i's link down (it can reach no
+/// one, and no one it); `heal(i)` brings it back. Everything is deleted on drop.
+pub struct Namespaces {
+    prefix: String,
+    subnet: u8,
+    count: usize,
+}
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("the ip command (iproute2; tools/test.sh installs it)");
+    assert!(
+        output.status.success(),
+        "ip {}: {} (partition tests need root and network namespaces)",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Namespaces {
+    pub fn create(count: usize) -> Self {
+        let pid = std::process::id();
+        let namespaces = Self {
+            prefix: format!("smq{}", pid % 100_000),
+            subnet: (pid % 200) as u8 + 20,
+            count: 0,
+        };
+        let bridge = format!("{}br", namespaces.prefix);
+        let mut namespaces = namespaces;
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.213.{}.254/24", namespaces.subnet),
+            "dev",
+            &bridge,
+        ]);
+        ip(&["link", "set", &bridge, "up"]);
+        for i in 1..=count {
+            let name = namespaces.name(i);
+            let (host, inner) = (
+                format!("{}h{i}", namespaces.prefix),
+                format!("{}c{i}", namespaces.prefix),
+            );
+            ip(&["netns", "add", &name]);
+            namespaces.count = i;
+            ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner]);
+            ip(&["link", "set", &inner, "netns", &name]);
+            ip(&["link", "set", &host, "master", &bridge, "up"]);
+            let address = format!("{}/24", namespaces.address(i));
+            ip(&["-n", &name, "addr", "add", &address, "dev", &inner]);
+            ip(&["-n", &name, "link", "set", &inner, "up"]);
+            ip(&["-n", &name, "link", "set", "lo", "up"]);
+        }
+        namespaces
+    }
+
+    pub fn name(&self, i: usize) -> String {
+        format!("{}n{i}", self.prefix)
+    }
+
+    pub fn address(&self, i: usize) -> std::net::IpAddr {
+        std::net::IpAddr::from([10, 213, self.subnet, i as u8])
+    }
+
+    pub fn cut(&self, i: usize) {
+        ip(&["link", "set", &format!("{}h{i}", self.prefix), "down"]);
+    }
+
+    pub fn heal(&self, i: usize) {
+        ip(&["link", "set", &format!("{}h{i}", self.prefix), "up"]);
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for i in 1..=self.count {
+            // Deleting one end of a veth pair deletes both, even while a process still
+            // holds the namespace.
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("{}h{i}", self.prefix)])
+                .output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name(i)])
+                .output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}br", self.prefix)])
+            .output();
+    }
+}
+
+/// The payloads of `publishes`, as text.
+pub fn payloads(publishes: &[rumqttc::v5::mqttbytes::v5::Publish]) -> Vec<String> {
+    publishes
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect()
+}
+
+/// Publishes `count` QoS 1 messages tagged `tag` and checks `subscriber` gets them all, once.
+pub fn round_trip(publisher: &V5, subscriber: &V5, topic: &str, tag: &str, count: usize) {
+    let expected: Vec<String> = (0..count).map(|i| format!("{tag}-{i}")).collect();
+    for payload in &expected {
+        publisher
+            .client
+            .publish(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .unwrap();
+    }
+    let got = subscriber.publishes(count, Duration::from_secs(5));
+    assert_eq!(payloads(&got), expected, "{tag}");
+}
+
+/// The Raft part of a core's status.
+pub fn raft(status: &serde_json::Value) -> &serde_json::Value {
+    &status["raft"]
+}
+
+/// The nodes of the voters a core's status lists, sorted.
+pub fn voters(status: &serde_json::Value) -> Vec<u64> {
+    let mut voters: Vec<u64> = raft(status)["voters"]
+        .as_array()
+        .map(|v| v.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default();
+    voters.sort_unstable();
+    voters
 }
