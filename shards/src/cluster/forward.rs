@@ -213,18 +213,26 @@ impl Peer {
         self.enqueue(wire, true, queue_max)
     }
 
+    /// A full queue drops its oldest published message, never a session claim or handover
+    /// (a dropped handover would lose a session; there are few of them, so they may go past
+    /// the limit).
     fn enqueue(&mut self, wire: frame::Forwarded, reliable: bool, queue_max: usize) -> bool {
+        let is_publish = |w: &frame::Forwarded| matches!(w.item, frame::Item::Publish { .. });
         let mut dropped = false;
         if reliable {
-            if self.unacked.len() >= queue_max {
-                self.unacked.pop_front();
+            if self.unacked.len() >= queue_max
+                && let Some(oldest) = self.unacked.iter().position(is_publish)
+            {
+                self.unacked.remove(oldest);
                 self.dropped += 1;
                 dropped = true;
             }
             self.unacked.push_back(wire.clone());
         }
-        if self.unsent.len() >= queue_max {
-            self.unsent.remove(0);
+        if self.unsent.len() >= queue_max
+            && let Some(oldest) = self.unsent.iter().position(is_publish)
+        {
+            self.unsent.remove(oldest);
             if !dropped {
                 self.dropped += 1;
                 dropped = true;
@@ -457,5 +465,31 @@ mod tests {
         }
         assert_eq!(peer.unacked_count(), 3);
         assert_eq!(peer.dropped, 2);
+    }
+
+    #[test]
+    fn a_full_queue_keeps_session_transfers() {
+        let mut peer = Peer::default();
+        let claim = SessionTransfer::Claim {
+            client_id: ByteString::from("c"),
+            shard: 0,
+            claim: 1,
+            clean_start: false,
+            after: None,
+        };
+        peer.push_transfer(&claim, 2);
+        for n in 0..4 {
+            peer.push(&forwarded(QoS::AtLeastOnce, n), 0, 2);
+        }
+        let Some(Body::Forward { messages }) = peer.take_frame() else {
+            panic!("a frame");
+        };
+        assert!(
+            matches!(messages[0].item, frame::Item::Claim { .. }),
+            "the claim survives: {messages:?}"
+        );
+        assert_eq!(messages.len(), 2);
+        assert_eq!(peer.unacked_count(), 2);
+        assert_eq!(peer.dropped, 3);
     }
 }
