@@ -14,6 +14,9 @@
 # delivered rate, p50 and p99 end-to-end latency are printed per mode.
 # Then route propagation: tools/route_propagation.py subscribes on node 2 and publishes on node
 # 1 every 100 us until the first message arrives, 200 times at a steady pace.
+# Then the connect rate: 19,000 clients (one process's open files) from 16 source addresses
+# connect to node 1 of the cluster (every CONNECT claims the session from node 2 first) and to
+# a standalone broker with the same shard count, RUNS times each.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 runs=${1:?runs}
@@ -59,3 +62,22 @@ for mode in ("local", "cross"):
           f"{med(lambda r: r['latency_us']['p999']):>9.0f} {sum(r['lost'] for r in rows):>5}")
 PY
 python3 "$top/tools/route_propagation.py" "$node2" "$node1" 200
+
+echo
+echo "connect rate, 19,000 clients (the generator reports to 0.1 s):"
+standalone_port=$((base + 50))
+standalone_config=$(mktemp)
+printf '[admin]\nlisten = ""\n' >"$standalone_config"
+"$top/target/release/shardmq" serve --shards 1 --listen "127.0.0.1:$standalone_port" \
+    --config "$standalone_config" >/dev/null 2>&1 &
+standalone=$!
+trap 'kill $standalone 2>/dev/null || true; "$top/tools/cluster.sh" down >/dev/null 2>&1 || true' EXIT
+sleep 1
+for run in $(seq 1 "$runs"); do
+    for target in cluster standalone; do
+        if [ "$target" = cluster ]; then host=$node1; else host="127.0.0.1:$standalone_port"; fi
+        line=$(taskset -c 1 "$bench" conn -c 19000 --connect-rate 200000 --duration 1 --warmup 0 \
+            --host "$host" --source 127.0.0.2-127.0.0.17 2>&1 | grep -o 'connected [0-9]* ([0-9]* failed) in [0-9.]* s' || echo "no result")
+        echo "  run $run $target: $line"
+    done
+done

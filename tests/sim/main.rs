@@ -10,6 +10,8 @@
 //!   received by its subscriber, unless the publisher's or the subscriber's node crashed
 //!   meanwhile;
 //! - per-publisher order holds at every subscriber;
+//! - Raft election safety: no two cores lead one configuration in one term (sampled every
+//!   20 ms), and after the heal every core follows one leader whose voters are all the cores;
 //! - one owner per client identifier: once the network has healed, pairs of clients connect
 //!   with one identifier on two nodes at once, and exactly one connection of each pair
 //!   remains (the other is taken over).
@@ -181,6 +183,9 @@ struct Sim {
     acked: Vec<Acked>,
     /// Pairs of clients that connected with one client identifier on two nodes at once.
     contests: Vec<(usize, usize)>,
+    /// Leaders seen, by (term, voters' Raft identifiers): more than one is a broken election.
+    leaders: BTreeMap<(u64, Vec<u64>), BTreeSet<NodeId>>,
+    next_sample_ms: u64,
     scheduled_ticks: HashMap<(usize, usize), u64>,
     /// Chance, per million, that a chunk of bytes on a cluster link resets the connection.
     reset_per_million: u64,
@@ -251,6 +256,8 @@ impl Sim {
             clients: Vec::new(),
             acked: Vec::new(),
             contests: Vec::new(),
+            leaders: BTreeMap::new(),
+            next_sample_ms: 0,
             scheduled_ticks: HashMap::new(),
             reset_per_million,
             faults: Vec::new(),
@@ -876,6 +883,10 @@ impl Sim {
             let event = self.payloads.remove(&id).expect("an event for every entry");
             self.events_processed += 1;
             self.step(event);
+            if self.now_ms >= self.next_sample_ms {
+                self.next_sample_ms = self.now_ms + 20;
+                self.sample_leaders();
+            }
         }
         self.now_ms = until_ms;
         // Whatever is still pending ends now: partitions heal, crashed nodes restart.
@@ -952,8 +963,61 @@ impl Sim {
         }
     }
 
+    /// Notes which cores lead, in which term and configuration.
+    fn sample_leaders(&mut self) {
+        for node in &self.nodes {
+            let Some(status) = node
+                .shards
+                .as_ref()
+                .and_then(|s| s[0].agent())
+                .and_then(|a| a.consensus())
+            else {
+                continue;
+            };
+            if status.state == "leader" {
+                self.leaders
+                    .entry((status.term, status.voter_ids.clone()))
+                    .or_default()
+                    .insert(node.id);
+            }
+        }
+    }
+
     /// The checkers; `Err` names what broke.
     fn check(&self) -> Result<(), String> {
+        // Election safety while it ran, and one leader of every core at the end.
+        for ((term, voters), leaders) in &self.leaders {
+            if leaders.len() > 1 {
+                return Err(format!(
+                    "cores {leaders:?} all led term {term} of voters {voters:?}"
+                ));
+            }
+        }
+        let cores: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| n.role == Role::Core)
+            .map(|n| n.id)
+            .collect();
+        let mut led_by = BTreeSet::new();
+        for node in self.nodes.iter().filter(|n| n.role == Role::Core) {
+            let status = node.shards.as_ref().expect("running")[0]
+                .agent()
+                .and_then(|a| a.consensus())
+                .expect("a core has a Raft group");
+            let mut voters = status.voters.clone();
+            voters.sort_unstable();
+            if voters != cores {
+                return Err(format!(
+                    "core {} ends with voters {voters:?}, expected {cores:?} ({})",
+                    node.id, status.state
+                ));
+            }
+            led_by.insert(status.leader);
+        }
+        if led_by.len() != 1 || led_by.contains(&None) {
+            return Err(format!("the cores end naming leaders {led_by:?}"));
+        }
         // Membership and routes converge.
         let all: BTreeSet<NodeId> = self.nodes.iter().map(|n| n.id).collect();
         let own: BTreeMap<NodeId, _> = self

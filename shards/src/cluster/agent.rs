@@ -229,6 +229,11 @@ impl Agent {
         &self.view
     }
 
+    /// A core's view of the Raft group (none on an edge), for status and checkers.
+    pub fn consensus(&self) -> Option<ConsensusStatus> {
+        self.consensus.as_ref().map(Consensus::status)
+    }
+
     /// This node's own routes, as it tells the cores.
     pub fn routes(&self) -> &BTreeSet<Route> {
         &self.routes

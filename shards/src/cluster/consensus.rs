@@ -209,6 +209,8 @@ pub struct ConsensusStatus {
     pub founders: Vec<NodeId>,
     /// This core's Raft identifier (incarnation above, node below).
     pub id: u64,
+    /// The voters' Raft identifiers, sorted.
+    pub voter_ids: Vec<u64>,
 }
 
 /// A group without a leader for this many election timeouts is dropped (see the module
@@ -881,6 +883,7 @@ impl Consensus {
             commit,
             applied,
             voters: self.voters().iter().filter_map(|&v| node_of(v)).collect(),
+            voter_ids: self.voters().into_iter().collect(),
             founders: self.founders.iter().filter_map(|&v| node_of(v)).collect(),
             id: self.id,
         }
