@@ -164,6 +164,8 @@ pub struct Agent {
     /// A core leaving a group with other voters waits, until this time at most, for the
     /// leader to remove its voter, so that the cores left keep their quorum.
     departing_until_ms: Option<u64>,
+    /// When to say again why this core is not in a group yet.
+    waiting_logged_ms: u64,
     /// After `ctl cluster join` on a core that founded a group alone: it drops that group for
     /// the one it joins, once it hears of it.
     merging: bool,
@@ -205,6 +207,7 @@ impl Agent {
             proposed: BTreeMap::new(),
             told: None,
             departing_until_ms: None,
+            waiting_logged_ms: now_ms + 2 * settings.link_timeout_ms,
             merging: false,
         };
         for &address in &settings.seeds {
@@ -892,6 +895,27 @@ impl Agent {
             }
         }
         consensus.set_founders(&founders);
+        if !consensus.is_initialized() && !consensus.hold && io.now_ms >= self.waiting_logged_ms {
+            // Say why there is no group yet, every 10 s while it lasts.
+            self.waiting_logged_ms = io.now_ms + 10_000;
+            let unreached: Vec<String> = self
+                .seeds
+                .iter()
+                .filter(|s| s.configured && !s.is_self)
+                .filter(|s| s.connection.is_none_or(|c| !self.up_links.contains_key(&c)))
+                .map(|s| s.address.to_string())
+                .collect();
+            if !unreached.is_empty() {
+                info!(
+                    ?unreached,
+                    "not in the cores' Raft group yet: the first start of a cluster waits for every core of the seed list"
+                );
+            } else if self.up_links.values().any(|&(_, r)| r == Role::Core) {
+                info!(
+                    "not in the cores' Raft group yet: waiting for the other cores to agree on the founders, or for the leader to add this core"
+                );
+            }
+        }
         consensus.try_found();
         let state = consensus.group_state();
         if self.told.as_ref() != Some(&state) {
