@@ -20,13 +20,29 @@ pub struct Broker {
     log: std::path::PathBuf,
 }
 
-/// A free loopback port: bind port 0, read the port, release it.
+/// A free loopback port below the kernel's ephemeral range (32768 and up by default), so that
+/// an outbound connection (a cluster link dialling a node) cannot take it between this check
+/// and the broker's bind. Ports are handed out from a per-process counter, offset by the
+/// process id, and checked by binding.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port_on(std::net::Ipv4Addr::LOCALHOST)
+}
+
+/// [`free_port`] for another loopback address.
+pub fn free_port_on(ip: std::net::Ipv4Addr) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let offset = std::process::id().wrapping_mul(977) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (offset + n) % SPAN) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 impl Broker {
@@ -520,12 +536,7 @@ impl TestCluster {
                     return SocketAddr::new(namespaces.address(i), 7883);
                 }
                 let ip = std::net::Ipv4Addr::new(127, 0, 0, 10 + i as u8);
-                let port = TcpListener::bind((ip, 0))
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port();
-                SocketAddr::from((ip, port))
+                SocketAddr::from((ip, free_port_on(ip)))
             })
             .collect();
         let seeds: Vec<String> = addresses[..cores]

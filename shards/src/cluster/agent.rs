@@ -166,6 +166,11 @@ pub struct Agent {
     departing_until_ms: Option<u64>,
     /// When to say again why this core is not in a group yet.
     waiting_logged_ms: u64,
+    /// The member list changed since the cores were last learnt from it.
+    pub members_dirty: bool,
+    /// The leader's decisions are due: links, commits or the clock moved.
+    govern_due: bool,
+    next_govern_ms: u64,
     /// After `ctl cluster join` on a core that founded a group alone: it drops that group for
     /// the one it joins, once it hears of it.
     merging: bool,
@@ -208,6 +213,9 @@ impl Agent {
             told: None,
             departing_until_ms: None,
             waiting_logged_ms: now_ms + 2 * settings.link_timeout_ms,
+            members_dirty: true,
+            govern_due: true,
+            next_govern_ms: 0,
             merging: false,
         };
         for &address in &settings.seeds {
@@ -399,6 +407,7 @@ impl Agent {
 
     /// A control link finished its handshake.
     pub fn link_up(&mut self, connection: ConnectionId, io: &mut Io) {
+        self.govern_due = true;
         let link = io.links.get(&connection).expect("the link is up");
         let peer = link.up_peer().expect("the handshake is over").clone();
         let outbound = self.is_seed_link(connection);
@@ -657,6 +666,7 @@ impl Agent {
                 );
             }
             Body::Leave => {
+                self.govern_due = true;
                 info!(node, "node left the cluster");
                 self.left.insert(node);
                 // A core that leaves keeps its links until the leader has removed its voter
@@ -718,6 +728,7 @@ impl Agent {
 
     /// A control link closed (or failed its handshake).
     pub fn link_closed(&mut self, connection: ConnectionId, io: &mut Io) {
+        self.govern_due = true;
         let now_ms = io.now_ms;
         // Only links the origin dialled count towards it being up: our own link to a core
         // says nothing of whether that core reaches us.
@@ -834,6 +845,9 @@ impl Agent {
     /// Every node keeps a control link to every core of the member list, not only to its
     /// seeds: the Raft leader sees every node directly, and an edge can follow any core.
     fn learn_cores(&mut self) {
+        if !std::mem::take(&mut self.members_dirty) {
+            return;
+        }
         let unknown: Vec<SocketAddr> = self
             .view
             .members
@@ -928,7 +942,12 @@ impl Agent {
         }
         self.consensus.as_mut().expect("checked").process();
         self.mirror(io);
-        self.govern(io);
+        // The leader's decisions iterate over every node: they run when something they
+        // depend on moved (a link, a commit, a Leave) and once a heartbeat, not every batch.
+        if std::mem::take(&mut self.govern_due) || io.now_ms >= self.next_govern_ms {
+            self.next_govern_ms = io.now_ms + io.settings.heartbeat_ms;
+            self.govern(io);
+        }
         let consensus = self.consensus.as_mut().expect("checked");
         consensus.process();
         self.mirror(io);
@@ -948,6 +967,7 @@ impl Agent {
     fn mirror(&mut self, io: &mut Io) {
         let now_ms = io.now_ms;
         let committed = std::mem::take(&mut self.consensus.as_mut().expect("a core").committed);
+        self.govern_due |= !committed.is_empty();
         for item in committed {
             let entries = match item {
                 Committed::Entry(entry) => vec![entry],

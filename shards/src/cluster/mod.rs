@@ -794,6 +794,9 @@ impl NodeShard {
         };
         let node = cluster.io.settings.link.node();
         for change in std::mem::take(&mut agent.changes) {
+            if change == Change::Members {
+                agent.members_dirty = true;
+            }
             let message = match change {
                 // A core's log holds its own routes too; its shards know them already.
                 Change::Route { node: origin, .. } if origin == node => continue,
