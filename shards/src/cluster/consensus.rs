@@ -660,6 +660,9 @@ impl Consensus {
         self.leaderless_since_ms = None;
         self.leader_heard_ms = None;
         self.registry = Registry::default();
+        // The core's view follows: members it has no link to go now (the ones it has stay,
+        // and the next leader has them join again).
+        self.committed.push(Committed::Snapshot);
         self.founders.clear();
         self.outbox.clear();
         self.hold = true;
