@@ -91,6 +91,7 @@ pub fn status_json(status: &Status) -> Value {
             "applied": c.applied,
             "voters": c.voters,
             "founders": c.founders,
+            "id": format!("{:016x}", c.id),
         })),
         "settings": status.settings.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect::<serde_json::Map<String, Value>>(),
     })

@@ -197,9 +197,29 @@ fn read_snapshots(directory: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, String> {
 /// Writes shard `index`'s snapshot atomically: a temporary file, fsync, rename, fsync of the
 /// directory.
 fn write_snapshot(directory: &Path, index: u16, bytes: &[u8]) -> std::io::Result<()> {
+    write_file(directory, &format!("shard-{index}.snapshot"), bytes)
+}
+
+/// The Raft state a core saves at a clean shutdown (see `Consensus::save`).
+const RAFT_STATE: &str = "raft.state";
+
+/// Reads and removes the Raft state of the last clean shutdown: it is good for one start
+/// only, since a run that crashes writes none and must not find the old one.
+fn take_raft_state(directory: &Path) -> Option<Vec<u8>> {
+    let path = directory.join(RAFT_STATE);
+    let bytes = std::fs::read(&path).ok()?;
+    if let Err(error) = std::fs::remove_file(&path) {
+        warn!(path = %path.display(), %error, "cannot remove the Raft state: not taken up");
+        return None;
+    }
+    Some(bytes)
+}
+
+/// Writes `name` in `directory` atomically (a temporary file, fsync, rename, fsync).
+fn write_file(directory: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let path = directory.join(format!("shard-{index}.snapshot"));
-    let temporary = directory.join(format!("shard-{index}.snapshot.tmp"));
+    let path = directory.join(name);
+    let temporary = directory.join(format!("{name}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -232,6 +252,10 @@ fn serve(config: Config) -> Result<(), String> {
         Some(directory) => read_snapshots(directory)?,
         None => Vec::new(),
     });
+    let mut raft_state = match (&data_dir, &cluster) {
+        (Some(directory), Some(_)) => take_raft_state(directory),
+        _ => None,
+    };
     let epoch = Instant::now();
     // Each reactor is built on its own thread: its ring accepts submissions only from the
     // thread that created it (IORING_SETUP_SINGLE_ISSUER). Start-up errors (an address in use,
@@ -279,7 +303,7 @@ fn serve(config: Config) -> Result<(), String> {
                 }
             }
         }
-        let node = match &cluster {
+        let mut node = match &cluster {
             None => NodeShard::standalone(shard, index, shard_count),
             Some(settings) => NodeShard::clustered(
                 shard,
@@ -290,6 +314,12 @@ fn serve(config: Config) -> Result<(), String> {
                 epoch.elapsed().as_millis() as u64,
             ),
         };
+        if index == 0
+            && let Some(bytes) = raft_state.take()
+            && let Err(error) = node.restore_raft(&bytes)
+        {
+            warn!(%error, "the Raft state of the last shutdown is not taken up: joining as a new voter");
+        }
         let handler = ShardHandler {
             node,
             outputs: Vec::new(),
@@ -308,6 +338,10 @@ fn serve(config: Config) -> Result<(), String> {
                             let bytes = handler.node.shard.snapshot();
                             write_snapshot(&directory, index, &bytes)?;
                             info!(shard = index, bytes = bytes.len(), "snapshot written");
+                            if let Some(state) = handler.node.raft_state() {
+                                write_file(&directory, RAFT_STATE, &state)?;
+                                info!(bytes = state.len(), "Raft state written");
+                            }
                         }
                         Ok::<(), std::io::Error>(())
                     }

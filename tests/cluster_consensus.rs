@@ -92,3 +92,70 @@ fn a_single_core_founds_its_group_alone() {
     assert!(raft(&status)["term"].as_u64().unwrap() >= 1);
     assert!(raft(&status)["commit"].as_u64().unwrap() >= 2);
 }
+
+fn raft_id(cluster: &TestCluster, node: u32) -> String {
+    raft(&cluster.status(node))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_clean_restart_keeps_the_voter_and_the_settings_and_a_crash_does_not() {
+    let root = std::env::temp_dir().join(format!("shardmq-raft-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut cluster = TestCluster::start_persistent(3, 0, &root);
+    cluster.wait_leader(&[1, 2, 3]);
+    cluster
+        .node(1)
+        .broker
+        .ctl(&["cluster", "set", "forward_queue_max", "777"])
+        .expect("a core takes a setting");
+    for node in 1..=3 {
+        cluster.wait_status(node, Duration::from_secs(10), "the setting", |s| {
+            setting(s, "forward_queue_max").as_deref() == Some("777")
+        });
+    }
+
+    // Stopped cleanly (SIGTERM), a core writes its Raft state and takes it up again: the same
+    // voter, no voter change.
+    let before = raft_id(&cluster, 3);
+    let status = cluster.node_mut(3).broker.stop().expect("it stops");
+    assert!(status.success(), "{status:?}");
+    assert!(root.join("node-3").join("raft.state").exists());
+    cluster.restart(3);
+    assert!(
+        !root.join("node-3").join("raft.state").exists(),
+        "the state is good for one start only"
+    );
+    cluster.wait_leader(&[1, 2, 3]);
+    assert_eq!(raft_id(&cluster, 3), before, "the same Raft identity");
+    assert_eq!(
+        setting(&cluster.status(3), "forward_queue_max").as_deref(),
+        Some("777")
+    );
+
+    // Killed, it has no state to take up: it comes back as a new voter.
+    cluster.node_mut(3).broker.kill();
+    cluster.restart(3);
+    cluster.wait_leader(&[1, 2, 3]);
+    assert_ne!(raft_id(&cluster, 3), before, "a new Raft identity");
+
+    // The whole cluster stopped cleanly and started again keeps its settings.
+    for node in 1..=3 {
+        cluster.node_mut(node).broker.stop();
+    }
+    for node in 1..=3 {
+        cluster.restart(node);
+    }
+    cluster.wait_leader(&[1, 2, 3]);
+    for node in 1..=3 {
+        assert_eq!(
+            setting(&cluster.status(node), "forward_queue_max").as_deref(),
+            Some("777"),
+            "node {node}"
+        );
+    }
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&root);
+}

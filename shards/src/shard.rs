@@ -1620,6 +1620,7 @@ impl Shard {
             ShardMessage::ClusterNodes(nodes) => {
                 self.cluster_nodes = nodes.iter().map(|n| n.node).collect();
                 self.cluster_nodes_up = nodes.iter().filter(|n| n.up).map(|n| n.node).collect();
+                debug!(nodes = ?self.cluster_nodes, up = ?self.cluster_nodes_up, "cluster member list");
                 self.stop_waiting_for_gone_nodes();
             }
             ShardMessage::Session { node, transfer } => self.session_transfer(node, transfer),

@@ -1,7 +1,8 @@
 //! The deterministic cluster simulation: whole clusters (cores and edges, two shards each) of
 //! the real `NodeShard` code in one thread, with a simulated network and clock driven by one
 //! seeded generator. Links see delays, resets, partitions between node pairs and node crashes
-//! with restarts; MQTT clients publish and subscribe with QoS 1 across nodes.
+//! with restarts (half of them clean: a core keeps its Raft state, as with `--data-dir`); MQTT
+//! clients publish and subscribe with QoS 1 across nodes.
 //!
 //! Checkers, after the faults stop and the network heals:
 //! - routes converge: every node's view of every other node's routes equals that node's own;
@@ -130,6 +131,8 @@ struct SimNode {
     generation: u64,
     /// When it crashed.
     crashes: Vec<u64>,
+    /// The Raft state a clean stop saved, for the next boot (as `--data-dir` keeps it).
+    saved_raft: Option<Vec<u8>>,
 }
 
 /// A simulated MQTT 5.0 client.
@@ -240,6 +243,7 @@ impl Sim {
                 shards: None,
                 generation: 0,
                 crashes: Vec::new(),
+                saved_raft: None,
             })
             .collect();
         let reset_per_million = rng.below(3_000);
@@ -304,6 +308,12 @@ impl Sim {
             })
             .collect();
         self.nodes[node].shards = Some(shards);
+        if let Some(state) = self.nodes[node].saved_raft.take() {
+            let shards = self.nodes[node].shards.as_mut().expect("booted");
+            shards[0]
+                .restore_raft(&state)
+                .expect("a saved Raft state is taken up");
+        }
         for shard in 0..usize::from(SHARDS) {
             self.run(node, shard, |s, now| s.handle(now, Input::Tick));
         }
@@ -952,15 +962,36 @@ impl Sim {
                     return;
                 }
                 let length = 300 + self.rng.below(1_500);
+                // Half of the stops are clean: a core keeps its Raft state for the next start.
+                let clean = self.rng.below(2) == 0;
                 self.faults.push(format!(
-                    "{}: node {} crashes for {length} ms",
+                    "{}: node {} {} for {length} ms",
                     self.now_ms,
-                    a + 1
+                    a + 1,
+                    if clean { "stops cleanly" } else { "crashes" }
                 ));
+                if clean {
+                    let saved = self.nodes[a].shards.as_ref().expect("running")[0].raft_state();
+                    self.nodes[a].saved_raft = saved;
+                }
                 self.crash(a);
                 healing.push((self.now_ms + length, Heal::Restart(a)));
             }
         }
+    }
+
+    /// Whether every running node sees every node as an up member.
+    fn members_settled(&self) -> bool {
+        let all: BTreeSet<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+        self.nodes.iter().all(|n| {
+            n.shards
+                .as_ref()
+                .and_then(|s| s[0].agent())
+                .is_some_and(|a| {
+                    a.view().down.is_empty()
+                        && a.view().members.keys().copied().collect::<BTreeSet<_>>() == all
+                })
+        })
     }
 
     /// Notes which cores lead, in which term and configuration.
@@ -1008,9 +1039,21 @@ impl Sim {
             let mut voters = status.voters.clone();
             voters.sort_unstable();
             if voters != cores {
+                let all: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter_map(|n| {
+                        let s = n.shards.as_ref()?[0].agent()?.consensus()?;
+                        Some(format!(
+                            "core {}: {} id {:x} leader {:?} term {} voters {:x?}",
+                            n.id, s.state, s.id, s.leader, s.term, s.voter_ids
+                        ))
+                    })
+                    .collect();
                 return Err(format!(
-                    "core {} ends with voters {voters:?}, expected {cores:?} ({})",
-                    node.id, status.state
+                    "core {} ends with voters {voters:?}, expected {cores:?}\n  {}",
+                    node.id,
+                    all.join("\n  ")
                 ));
             }
             led_by.insert(status.leader);
@@ -1126,11 +1169,24 @@ fn simulate(seed: u64) -> Result<String, String> {
     sim.reset_per_million = 0;
     // Stop publishing a while before the end so that what is in flight lands.
     let publish_end = sim.now_ms + HEAL_MS / 2;
-    // Contests once membership has settled after the heal (a node that is shown down is not
-    // asked for its session, so during faults two owners can remain: a known limit).
-    let contest_at = sim.now_ms + HEAL_MS / 3;
-    sim.run_until(contest_at, false);
-    sim.contest(3);
+    // Contests once every node sees every node up (a node shown down is not asked for its
+    // session, so while membership lags two owners can remain: a known limit), for 100 ms so
+    // that the shards have the member list too (it reaches them by mailbox). A run whose
+    // membership has not settled by the end of publishing has no contests.
+    let mut settled_since = None;
+    while sim.now_ms + 100 <= publish_end {
+        if sim.members_settled() {
+            if settled_since.is_some_and(|since| sim.now_ms >= since + 100) {
+                sim.contest(3);
+                break;
+            }
+            settled_since.get_or_insert(sim.now_ms);
+        } else {
+            settled_since = None;
+        }
+        let step = sim.now_ms + 50;
+        sim.run_until(step, false);
+    }
     sim.run_until(publish_end, false);
     for client in &mut sim.clients {
         if !client.subscriber {

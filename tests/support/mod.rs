@@ -124,7 +124,11 @@ impl Broker {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(broker.address()).is_err() {
+        // The admin endpoint comes up just after the MQTT listeners: wait for both.
+        let admin = (!config.contains("[admin]")).then(|| SocketAddr::new(host, admin_port));
+        while TcpStream::connect(broker.address()).is_err()
+            || admin.is_some_and(|a| TcpStream::connect(a).is_err())
+        {
             assert!(
                 Instant::now() < deadline,
                 "shardmq did not start listening:\n{}",
@@ -515,19 +519,25 @@ impl TestCluster {
 
     /// `extra(id)` adds TOML keys to node `id`'s `[cluster]` table.
     pub fn start_with(cores: usize, edges: usize, extra: impl Fn(u32) -> String) -> Self {
-        Self::start_on(cores, edges, None, extra)
+        Self::start_on(cores, edges, None, None, extra)
     }
 
     /// A cluster whose node i runs in namespace i of `namespaces`, on its address there
     /// (MQTT on port 1883, admin on 8883, cluster on 7883), so that a test can cut it off.
     pub fn start_isolated(cores: usize, edges: usize, namespaces: &Namespaces) -> Self {
-        Self::start_on(cores, edges, Some(namespaces), |_| String::new())
+        Self::start_on(cores, edges, Some(namespaces), None, |_| String::new())
+    }
+
+    /// A cluster whose node i keeps its state in `root/node-i` (`server.data_dir`).
+    pub fn start_persistent(cores: usize, edges: usize, root: &std::path::Path) -> Self {
+        Self::start_on(cores, edges, None, Some(root), |_| String::new())
     }
 
     fn start_on(
         cores: usize,
         edges: usize,
         namespaces: Option<&Namespaces>,
+        data_root: Option<&std::path::Path>,
         extra: impl Fn(u32) -> String,
     ) -> Self {
         let addresses: Vec<SocketAddr> = (1..=cores + edges)
@@ -549,10 +559,14 @@ impl TestCluster {
             .map(|(position, &address)| {
                 let id = position as u32 + 1;
                 let role = if position < cores { "core" } else { "edge" };
+                // Keys before `[cluster]` belong to `[server]`, which the broker opens.
+                let server = data_root.map_or(String::new(), |root| {
+                    format!("data_dir = {:?}\n", root.join(format!("node-{id}")))
+                });
+                let extra = extra(id);
                 let config = format!(
-                    "[cluster]\nenabled = true\nsecret = \"{CLUSTER_SECRET}\"\nnode_id = {id}\nrole = \"{role}\"\nlisten = \"{address}\"\nseeds = [{}]\nheartbeat_ms = 100\nlink_timeout_ms = 600\nreconnect_ms = 100\ndown_grace_seconds = 2\n{}\n",
+                    "{server}[cluster]\nenabled = true\nsecret = \"{CLUSTER_SECRET}\"\nnode_id = {id}\nrole = \"{role}\"\nlisten = \"{address}\"\nseeds = [{}]\nheartbeat_ms = 100\nlink_timeout_ms = 600\nreconnect_ms = 100\ndown_grace_seconds = 2\n{extra}\n",
                     seeds.join(", "),
-                    extra(id)
                 );
                 let netns = namespaces.map(|n| n.name(position + 1));
                 let broker = match &netns {

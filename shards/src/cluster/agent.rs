@@ -240,6 +240,19 @@ impl Agent {
         &self.view
     }
 
+    /// The Raft state to keep in the data directory at a clean shutdown (a core in a group).
+    pub fn consensus_state(&self) -> Option<Vec<u8>> {
+        self.consensus.as_ref()?.save()
+    }
+
+    /// Takes up the Raft state of the last clean shutdown.
+    pub fn restore_consensus(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.consensus
+            .as_mut()
+            .ok_or("this node is an edge: it has no Raft state")?
+            .restore(bytes)
+    }
+
     /// A core's view of the Raft group (none on an edge), for status and checkers.
     pub fn consensus(&self) -> Option<ConsensusStatus> {
         self.consensus.as_ref().map(Consensus::status)
@@ -324,8 +337,12 @@ impl Agent {
     /// word that this node itself is down or removed: a node always counts itself in).
     fn append(&mut self, entry: LogEntry, settings: &ClusterSettings, now_ms: u64) {
         let log = self.log.as_mut().expect("only a core appends");
-        let about_self =
-            matches!(entry, LogEntry::Down(n) | LogEntry::Removed(n) if n == self.node);
+        let about_self = match &entry {
+            LogEntry::Down(n) | LogEntry::Removed(n) => *n == self.node,
+            // A committed member record of this node may be of an earlier run.
+            LogEntry::Joined(m) => m.node == self.node,
+            _ => false,
+        };
         if !about_self {
             self.view.apply(&entry, &mut self.changes);
         }

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use protobuf::Message as _;
 use raft::prelude::{
-    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot,
 };
 use raft::storage::MemStorage;
 use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage, StorageError};
@@ -216,6 +216,9 @@ pub struct ConsensusStatus {
 /// A group without a leader for this many election timeouts is dropped (see the module
 /// documentation).
 const LEADERLESS_TIMEOUTS: u64 = 10;
+
+/// The first bytes of a saved Raft state.
+const STATE_MAGIC: &[u8; 8] = b"SMQRAFT1";
 
 /// Raft log entries kept behind the applied one before the log is compacted (a core that
 /// falls further behind gets a snapshot).
@@ -485,11 +488,10 @@ impl Consensus {
             self.try_found();
         }
         if self.raw.is_none() {
-            let from_leader = matches!(
-                message.get_msg_type(),
-                MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
-            );
-            if self.hold || !from_leader {
+            // A message for this incarnation means the group counts it as a voter: start
+            // empty and take part (its vote may be what an election needs); the leader sends
+            // the configuration and the log or a snapshot.
+            if self.hold {
                 return Ok(());
             }
             // The leader added this core (or it restarted): start empty, the leader sends
@@ -527,7 +529,7 @@ impl Consensus {
         if self.raw.is_some() && (self.leader().is_none() || leader_silent) {
             let since = *self.leaderless_since_ms.get_or_insert(now_ms);
             let limit = LEADERLESS_TIMEOUTS * 2 * self.election_tick as u64 * self.tick_ms;
-            let lost = self.voters_lost();
+            let lost = self.voters_lost(now_ms >= since + 2 * election_ms);
             if now_ms >= since + limit || lost {
                 warn!(
                     waited_ms = now_ms - since,
@@ -555,11 +557,12 @@ impl Consensus {
     /// Whether a majority of the voters are incarnations that are provably gone: their cores
     /// told us a newer identifier (they restarted, and their state went with them). Such a
     /// group can never elect a leader again. A core not heard from counts as alive. A core
-    /// that never received the leader's configuration has nothing to keep.
-    fn voters_lost(&self) -> bool {
+    /// that has not received the leader's configuration for two election timeouts
+    /// (`waited`) has nothing to keep.
+    fn voters_lost(&self, waited: bool) -> bool {
         let voters = self.voters();
         if voters.is_empty() {
-            return true;
+            return waited;
         }
         let alive = voters
             .iter()
@@ -651,6 +654,111 @@ impl Consensus {
         self.heard
             .values()
             .any(|h| h.initialized && h.founders != self.founders)
+    }
+
+    /// This core's Raft state at a clean shutdown, for the data directory: its identifier,
+    /// hard state, the registry as of the last applied entry, and the log after it. `None`
+    /// outside a group. Saved only once the core has stopped taking part, so that it holds
+    /// exactly what the core acknowledged.
+    pub fn save(&self) -> Option<Vec<u8>> {
+        let raw = self.raw.as_ref()?;
+        let store = raw.store();
+        if store.conf.voters.is_empty() {
+            return None;
+        }
+        let snapshot = store.snapshot(0, 0).ok()?;
+        let hard = store.mem.rl().hard_state().clone();
+        let first = store.applied + 1;
+        let last = store.mem.last_index().ok()?;
+        let entries = if last >= first {
+            store
+                .mem
+                .entries(first, last + 1, None, GetEntriesContext::empty(false))
+                .ok()?
+        } else {
+            Vec::new()
+        };
+        let mut out = Vec::new();
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&self.id.to_le_bytes());
+        let mut part = |bytes: Vec<u8>| {
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(&bytes);
+        };
+        part(hard.write_to_bytes().ok()?);
+        part(snapshot.write_to_bytes().ok()?);
+        for entry in &entries {
+            part(entry.write_to_bytes().ok()?);
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        Some(out)
+    }
+
+    /// Takes up the state [`Consensus::save`] wrote at the last clean shutdown: the same
+    /// identifier, votes and log, so the core rejoins its group as the voter it was.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let (body, crc) = bytes
+            .split_last_chunk::<4>()
+            .ok_or("the Raft state is truncated")?;
+        if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+            return Err("the Raft state's checksum does not match".into());
+        }
+        let rest = body
+            .strip_prefix(STATE_MAGIC)
+            .ok_or("not a shardmq Raft state")?;
+        let (id, mut rest) = rest.split_first_chunk::<8>().ok_or("truncated")?;
+        let id = u64::from_le_bytes(*id);
+        if node_of(id) != Some(self.node) {
+            return Err(format!(
+                "the Raft state is of node {:?}, this is node {}",
+                node_of(id),
+                self.node
+            ));
+        }
+        let mut parts = Vec::new();
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_first_chunk::<4>().ok_or("truncated")?;
+            let len = u32::from_le_bytes(*len) as usize;
+            if tail.len() < len {
+                return Err("the Raft state is truncated".into());
+            }
+            parts.push(&tail[..len]);
+            rest = &tail[len..];
+        }
+        let [hard, snapshot, entries @ ..] = parts.as_slice() else {
+            return Err("the Raft state misses its hard state or snapshot".into());
+        };
+        let hard = HardState::parse_from_bytes(hard).map_err(|e| e.to_string())?;
+        let snapshot = Snapshot::parse_from_bytes(snapshot).map_err(|e| e.to_string())?;
+        let entries: Vec<Entry> = entries
+            .iter()
+            .map(|e| Entry::parse_from_bytes(e).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let registry = decode_entries(snapshot.get_data())?;
+        let meta = snapshot.get_metadata().clone();
+        let mem = MemStorage::new();
+        mem.wl()
+            .apply_snapshot(snapshot.clone())
+            .map_err(|e| e.to_string())?;
+        mem.wl().append(&entries).map_err(|e| e.to_string())?;
+        mem.wl().set_hardstate(hard);
+        let store = Store {
+            mem,
+            applied: meta.index,
+            applied_term: meta.term,
+            conf: meta.get_conf_state().clone(),
+            registry: snapshot.get_data().to_vec(),
+        };
+        self.id = id;
+        self.registry = Registry::from_entries(&registry);
+        self.make(store)?;
+        self.committed.push(Committed::Snapshot);
+        info!(
+            applied = meta.index,
+            "Raft state of the last clean shutdown taken up"
+        );
+        Ok(())
     }
 
     /// Leaves the group: forgets it and waits for a `join` before founding or joining again.

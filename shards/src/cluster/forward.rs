@@ -260,14 +260,28 @@ impl Peer {
         if !restarted {
             return 0;
         }
+        // Session claims and handovers are about a client identifier, not a subscription of
+        // the previous run: they go to the new run (which answers a claim, and keeps a
+        // handed-over session whose claim it no longer has). Dropping a claim would leave the
+        // claimant waiting out its timeout and then connecting beside another owner.
+        let is_transfer = |f: &&frame::Forwarded| !matches!(f.item, frame::Item::Publish { .. });
+        let mut kept: Vec<frame::Forwarded> =
+            self.unacked.iter().filter(is_transfer).cloned().collect();
+        for item in self.unsent.iter().filter(is_transfer) {
+            if !kept.iter().any(|k| k.sequence == item.sequence) {
+                kept.push(item.clone());
+            }
+        }
+        kept.sort_by_key(|f| f.sequence);
         let stale: BTreeSet<u64> = self
             .unacked
             .iter()
             .chain(&self.unsent)
             .map(|f| f.sequence)
+            .filter(|sequence| !kept.iter().any(|k| k.sequence == *sequence))
             .collect();
-        self.unacked.clear();
-        self.unsent.clear();
+        self.unacked = kept.iter().cloned().collect();
+        self.unsent = kept;
         stale.len()
     }
 

@@ -880,6 +880,16 @@ impl NodeShard {
         Ok(())
     }
 
+    /// The Raft state to save at a clean shutdown (shard 0 of a core in a group).
+    pub fn raft_state(&self) -> Option<Vec<u8>> {
+        self.agent()?.consensus_state()
+    }
+
+    /// Takes up the Raft state saved at the last clean shutdown (shard 0, before it runs).
+    pub fn restore_raft(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.agent_mut()?.restore_consensus(bytes)
+    }
+
     /// The cluster as this node sees it. Shard 0 only.
     pub fn status(&self, now_ms: u64) -> Result<Status, String> {
         let cluster = self

@@ -49,9 +49,12 @@ impl View {
     pub fn apply(&mut self, entry: &LogEntry, changes: &mut Vec<Change>) {
         match entry {
             LogEntry::Joined(member) => {
-                self.down.remove(&member.node);
+                // A member that was down and joins again unchanged is a change too (it is up).
+                let was_down = self.down.remove(&member.node);
                 if self.members.get(&member.node) != Some(member) {
                     self.members.insert(member.node, member.clone());
+                    changes.push(Change::Members);
+                } else if was_down {
                     changes.push(Change::Members);
                 }
             }
@@ -228,6 +231,12 @@ mod tests {
         // Down keeps the routes; the member list (which is up) changed.
         assert_eq!(changes, [Change::Members]);
         assert!(view.down.contains(&2) && view.route_count() == 2);
+        changes.clear();
+        // Joined again unchanged: it is up, and the shards must hear so.
+        view.apply(&LogEntry::Joined(member(2)), &mut changes);
+        assert_eq!(changes, [Change::Members]);
+        assert!(view.down.is_empty());
+        view.apply(&LogEntry::Down(2), &mut changes);
         changes.clear();
         view.apply(
             &LogEntry::Setting {
