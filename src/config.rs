@@ -312,6 +312,9 @@ impl Config {
             down_grace_ms: c.down_grace_seconds * 1000,
             log_entries_max: c.log_entries_max,
             forward_queue_max: c.forward_queue_max,
+            start_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis() as u64),
         })
     }
 

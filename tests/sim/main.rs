@@ -221,6 +221,7 @@ fn settings(id: NodeId, role: Role, address: SocketAddr, seeds: &[SocketAddr]) -
         // Small, so that followers that fall behind go through snapshots.
         log_entries_max: 64,
         forward_queue_max: 100_000,
+        start_ms: 0,
     }
 }
 
@@ -297,14 +298,10 @@ impl Sim {
                     limits: Limits::default(),
                     shared_strategy: SharedStrategy::RoundRobin,
                 });
-                NodeShard::clustered(
-                    shard,
-                    index,
-                    SHARDS,
-                    settings(id, role, address, &seeds),
-                    self.rng.next(),
-                    self.now_ms,
-                )
+                let mut settings = settings(id, role, address, &seeds);
+                // The simulated clock stands in for the wall clock a real start reads.
+                settings.start_ms = self.now_ms + 1;
+                NodeShard::clustered(shard, index, SHARDS, settings, self.rng.next(), self.now_ms)
             })
             .collect();
         self.nodes[node].shards = Some(shards);

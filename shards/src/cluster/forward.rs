@@ -255,6 +255,11 @@ impl Peer {
     /// subscriber there never receives messages published before it subscribed. Returns how
     /// many were dropped.
     pub fn node_started(&mut self, epoch: u64) -> usize {
+        // Epochs grow with the start time: an older one is stale news (a member list from a
+        // core that has not caught up), not a restart.
+        if self.remote_epoch.is_some_and(|known| epoch < known) {
+            return 0;
+        }
         let restarted = self.remote_epoch.is_some_and(|known| known != epoch);
         self.remote_epoch = Some(epoch);
         if !restarted {

@@ -52,6 +52,9 @@ pub struct ClusterSettings {
     pub log_entries_max: usize,
     /// Messages per shard and peer node waiting to be sent or acknowledged.
     pub forward_queue_max: usize,
+    /// When this run started (wall clock, ms): the high bits of its epoch, so that a later
+    /// run's epoch is larger and a peer can tell news of a restart from stale news.
+    pub start_ms: u64,
 }
 
 /// The links of one shard and what they need to act: the settings, the clock of the current
@@ -175,7 +178,7 @@ impl NodeShard {
         now_ms: u64,
     ) -> Self {
         let mut random = seed;
-        let epoch = splitmix(&mut random);
+        let epoch = (settings.start_ms << 16) | (splitmix(&mut random) & 0xFFFF);
         settings.link.epoch = epoch;
         settings.link.member.epoch = epoch;
         let agent = (index == 0).then(|| Agent::new(&settings, epoch, now_ms));
