@@ -333,6 +333,7 @@ pub struct Shard {
     /// Other nodes' claims this shard answered with no claim of its own pending, by client:
     /// (node, its claim, when). A claim this shard starts soon after names them (`after`).
     answered: HashMap<ByteString, Vec<(NodeId, u64, u64)>>,
+    answered_prune_at: usize,
     retained: Retained,
     timers: BinaryHeap<Reverse<(u64, Timer)>>,
     outputs: Vec<Output>,
@@ -379,6 +380,7 @@ impl Shard {
             claim_clients: HashMap::new(),
             next_claim: 0,
             answered: HashMap::new(),
+            answered_prune_at: 1024,
             retained: Retained::default(),
             timers: BinaryHeap::new(),
             outputs: Vec::new(),

@@ -913,7 +913,12 @@ impl Agent {
             self.finish_leave(io);
             return;
         }
-        let founders = self.founders();
+        // Runs after every batch: allocates only while the core is not in a group, or when
+        // what it tells the other cores changed.
+        let founders = match &self.consensus {
+            Some(c) if !c.is_initialized() => self.founders(),
+            _ => Vec::new(),
+        };
         let consensus = self.consensus.as_mut().expect("checked");
         if self.merging && consensus.other_group_runs() {
             self.merging = false;
@@ -925,7 +930,9 @@ impl Agent {
                 consensus.hold = false;
             }
         }
-        consensus.set_founders(&founders);
+        if !consensus.is_initialized() {
+            consensus.set_founders(&founders);
+        }
         if !consensus.is_initialized() && !consensus.hold && io.now_ms >= self.waiting_logged_ms {
             // Say why there is no group yet, every 10 s while it lasts.
             self.waiting_logged_ms = io.now_ms + 10_000;
@@ -948,8 +955,8 @@ impl Agent {
             }
         }
         consensus.try_found();
-        let state = consensus.group_state();
-        if self.told.as_ref() != Some(&state) {
+        if self.told.as_ref().is_none_or(|told| !consensus.tells(told)) {
+            let state = consensus.group_state();
             self.told = Some(state.clone());
             for (&connection, &(_, role)) in &self.up_links {
                 if role == Role::Core && self.is_seed_link(connection) {

@@ -363,10 +363,24 @@ impl Consensus {
         Heard {
             // A core made by a leader's first message has no configuration until the
             // leader's snapshot arrives: it is not in a group yet for the others.
-            initialized: !self.voters().is_empty(),
+            initialized: !self.voters_empty(),
             id: self.id,
             founders: self.founders.clone(),
         }
+    }
+
+    /// Whether `told` is still what this core tells the others (compared without building
+    /// the state anew).
+    pub fn tells(&self, told: &Heard) -> bool {
+        told.id == self.id
+            && told.initialized != self.voters_empty()
+            && told.founders == self.founders
+    }
+
+    fn voters_empty(&self) -> bool {
+        self.raw
+            .as_ref()
+            .is_none_or(|r| r.store().conf.voters.is_empty())
     }
 
     /// A core told us its group state.

@@ -152,11 +152,14 @@ impl Shard {
     fn remember_answered(&mut self, client_id: &ByteString, from: NodeId, claim: u64) {
         let now_ms = self.now_ms;
         let recent_ms = now_ms.saturating_sub(self.config.takeover_timeout_ms);
-        if self.answered.len() >= 1024 {
+        // Pruned when the map has doubled since the last pruning: amortized O(1) per claim,
+        // however fast other nodes' clients connect.
+        if self.answered.len() >= self.answered_prune_at {
             self.answered.retain(|_, notes| {
                 notes.retain(|&(_, _, at)| at >= recent_ms);
                 !notes.is_empty()
             });
+            self.answered_prune_at = (2 * self.answered.len()).max(1024);
         }
         let notes = self.answered.entry(client_id.clone()).or_default();
         notes.retain(|&(node, _, at)| node != from && at >= recent_ms);
