@@ -34,23 +34,18 @@ fn three_cores_elect_one_leader_and_settings_survive_its_loss() {
     }
 
     // Bad input: an unknown key and a value out of range are refused, and nothing changes.
-    let unknown = cluster
-        .node(leader)
-        .broker
-        .ctl(&["cluster", "set", "no_such_setting", "1"])
-        .unwrap_err();
+    let refused = |node: u32, key: &str, value: &str| {
+        cluster
+            .node(node)
+            .broker
+            .ctl(&["cluster", "set", key, value])
+            .unwrap_err()
+    };
+    let unknown = refused(leader, "no_such_setting", "1");
     assert!(unknown.contains("not a cluster-wide setting"), "{unknown}");
-    let out_of_range = cluster
-        .node(leader)
-        .broker
-        .ctl(&["cluster", "set", "forward_queue_max", "0"])
-        .unwrap_err();
+    let out_of_range = refused(leader, "forward_queue_max", "0");
     assert!(out_of_range.contains("from 1 to"), "{out_of_range}");
-    let on_edge = cluster
-        .node(4)
-        .broker
-        .ctl(&["cluster", "set", "forward_queue_max", "500"])
-        .unwrap_err();
+    let on_edge = refused(4, "forward_queue_max", "500");
     assert!(on_edge.contains("core"), "{on_edge}");
     assert_eq!(setting(&cluster.status(leader), "forward_queue_max"), None);
 

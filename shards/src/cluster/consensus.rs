@@ -306,10 +306,6 @@ impl Consensus {
         self.id = (u64::from(incarnation) << 32) | u64::from(self.node);
     }
 
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
     fn config(&self) -> Config {
         Config {
             id: self.id,
