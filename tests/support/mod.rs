@@ -663,28 +663,32 @@ impl TestCluster {
             .map(|m| m["state"].as_str().unwrap().to_string())
     }
 
-    /// Waits until every core in `cores` agrees on one leader among them and on the voters.
+    /// Waits until every core in `cores` names, in one round of status reads, the same leader
+    /// among them (which says it leads) and all of them as voters. Elections can leave a core
+    /// without a leader for a moment, so one round must agree, not each core at some time.
     pub fn wait_leader(&self, cores: &[u32]) -> u32 {
         let expected: Vec<u64> = cores.iter().map(|&c| u64::from(c)).collect();
-        for &core in cores {
-            self.wait_status(
-                core,
-                Duration::from_secs(15),
-                "a leader and all voters",
-                |s| raft(s)["leader"].as_u64().is_some() && voters(s) == expected,
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let statuses: Vec<serde_json::Value> = cores.iter().map(|&c| self.status(c)).collect();
+            let leaders: Vec<Option<u64>> = statuses
+                .iter()
+                .map(|s| raft(s)["leader"].as_u64())
+                .collect();
+            if let Some(Some(leader)) = leaders.first().copied()
+                && leaders.iter().all(|&l| l == Some(leader))
+                && statuses.iter().all(|s| voters(s) == expected)
+                && let Some(position) = cores.iter().position(|&c| u64::from(c) == leader)
+                && raft(&statuses[position])["state"] == "leader"
+            {
+                return leader as u32;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no one leader and all voters among cores {cores:?}: leaders {leaders:?}"
             );
+            std::thread::sleep(Duration::from_millis(50));
         }
-        let leaders: Vec<u64> = cores
-            .iter()
-            .map(|&c| raft(&self.status(c))["leader"].as_u64().unwrap())
-            .collect();
-        assert!(
-            leaders.iter().all(|&l| l == leaders[0]),
-            "the cores name one leader: {leaders:?}"
-        );
-        let leader = leaders[0] as u32;
-        assert_eq!(raft(&self.status(leader))["state"], "leader");
-        leader
     }
 
     /// Waits until the cores of 1..=`cores` other than `old` name a leader other than `old`;
