@@ -1,18 +1,32 @@
 //! The admin HTTP endpoint and `shardmq ctl`, its client.
 //!
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
-//! axum (DESIGN §6): `GET /health`, `GET /api/v1/cluster/status`,
-//! `POST /api/v1/cluster/join?address=ADDR`, `POST /api/v1/cluster/leave` and
-//! `POST /api/v1/cluster/settings?key=K&value=V`.
+//! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
+//! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
+//! `GET /api/v1/cluster/status`, and the state changes `POST /api/v1/cluster/join`
+//! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`) and
+//! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`).
 //! Never: touches a shard's state. It asks shard 0 through its mailbox and waits for the
 //! answer, so the data plane stays lock-free.
+//! Invariants (every request is hostile until checked, in this order): a request other than
+//! a health probe names this endpoint in its Host header (an IP address or `localhost` with
+//! the admin port, or `admin.allowed_hosts`), else 421, so that a web page cannot reach it by
+//! DNS rebinding; it carries the configured token (compared in constant time), else 401, and
+//! with no token configured it is refused (403); a state change is a JSON body with
+//! `Content-Type: application/json` and no query string (a form a browser can send across
+//! sites without a preflight is refused: 415 or 400). Headers must arrive within
+//! `admin.header_read_timeout_ms` (which also closes idle connections), a request is done
+//! within `admin.request_timeout_ms`, a body is at most `admin.body_size_max` bytes, and at
+//! most `admin.connections_max` connections are served at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,7 +36,10 @@ use shardmq_net::reactor::Mailboxes;
 use shardmq_shards::cluster::Status;
 use shardmq_shards::cluster::consensus::check_setting;
 use tokio::sync::oneshot;
-use tracing::info;
+use tracing::{info, warn};
+
+use crate::config::ADMIN_TOKEN_VARIABLE;
+use crate::supervise::Health;
 
 /// A request from the admin thread to shard 0.
 #[derive(Debug)]
@@ -99,13 +116,45 @@ pub fn status_json(status: &Status) -> Value {
 
 type Shared = Arc<Mailboxes<NodeMessage>>;
 
+/// How the endpoint is served and guarded (from `[admin]`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub address: SocketAddr,
+    /// The bearer token; None refuses every call but the health probes.
+    pub token: Option<String>,
+    pub allowed_hosts: Vec<String>,
+    pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
+    pub body_size_max: usize,
+    pub connections_max: usize,
+    /// The node is in a cluster: ready also asks that it be a member.
+    pub clustered: bool,
+}
+
+#[derive(Clone)]
+struct AppState {
+    mailboxes: Shared,
+    health: Arc<Health>,
+    settings: Arc<Settings>,
+}
+
+/// The longest request header section read, in bytes: admin requests are small.
+const HEADER_SIZE_MAX: usize = 16 * 1024;
+
+/// How long a readiness probe waits for shard 0 to say whether the node is a member.
+const READY_ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long an admin call waits for shard 0.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn ask<T>(
     mailboxes: &Shared,
+    timeout: Duration,
     request: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Control,
 ) -> Result<T, (StatusCode, String)> {
     let (sender, receiver) = oneshot::channel();
     mailboxes.post(0, NodeMessage::Control(request(sender)));
-    match tokio::time::timeout(Duration::from_secs(5), receiver).await {
+    match tokio::time::timeout(timeout, receiver).await {
         Ok(Ok(Ok(value))) => Ok(value),
         Ok(Ok(Err(message))) => Err((StatusCode::CONFLICT, message)),
         Ok(Err(_)) => Err((
@@ -114,7 +163,7 @@ async fn ask<T>(
         )),
         Err(_) => Err((
             StatusCode::GATEWAY_TIMEOUT,
-            "shard 0 did not answer within 5 s".into(),
+            format!("shard 0 did not answer within {timeout:?}"),
         )),
     }
 }
@@ -123,120 +172,495 @@ fn error_response((status, message): (StatusCode, String)) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-async fn status(State(mailboxes): State<Shared>) -> Response {
-    match ask(&mailboxes, Control::Status).await {
+/// A JSON body that did not parse (or had another content type), as a JSON error.
+fn rejection_response(rejection: JsonRejection) -> Response {
+    error_response((rejection.status(), rejection.body_text()))
+}
+
+fn is_health_probe(path: &str) -> bool {
+    matches!(
+        path,
+        "/health" | "/api/v1/health/live" | "/api/v1/health/ready"
+    )
+}
+
+/// Whether the Host header names this endpoint: an IP address or `localhost` with the admin
+/// port (no web page can make a browser send those for its own origin), or a value of
+/// `admin.allowed_hosts`. A name without a port stands for port 80.
+fn host_allowed(host: &str, port: u16, allowed: &[String]) -> bool {
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        return true;
+    }
+    let (name, host_port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return false,
+            },
+        };
+        (inside, port)
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
+    };
+    let port_matches = match host_port {
+        None => port == 80,
+        Some(text) => text.parse::<u16>() == Ok(port),
+    };
+    port_matches
+        && (name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost"))
+}
+
+/// Compares a given token with the configured one in time that depends on the lengths only,
+/// never on where they first differ.
+fn token_matches(expected: &str, given: &str) -> bool {
+    let (expected, given) = (expected.as_bytes(), given.as_bytes());
+    let mut difference = u8::from(expected.len() != given.len());
+    for (position, byte) in expected.iter().enumerate() {
+        difference |= byte ^ given.get(position).copied().unwrap_or(!byte);
+    }
+    std::hint::black_box(difference) == 0
+}
+
+/// Why a request is refused before it reaches its handler, if it is.
+fn refusal(
+    settings: &Settings,
+    method: &Method,
+    query: bool,
+    headers: &HeaderMap,
+) -> Option<(StatusCode, String)> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !host_allowed(host, settings.address.port(), &settings.allowed_hosts) {
+        return Some((
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "the Host header {host:?} does not name this endpoint: use its IP address or localhost with port {}, or list the name in admin.allowed_hosts",
+                settings.address.port()
+            ),
+        ));
+    }
+    let Some(token) = &settings.token else {
+        return Some((
+            StatusCode::FORBIDDEN,
+            format!(
+                "the admin API is off until a token is configured: set [admin] token_file (a file holding at least 16 characters) or the {ADMIN_TOKEN_VARIABLE} environment variable, then send it as `Authorization: Bearer TOKEN` (shardmq ctl reads the same places, or --token-file)"
+            ),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !token_matches(token, given.trim()) {
+        return Some((
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token: send `Authorization: Bearer TOKEN`".into(),
+        ));
+    }
+    if method != Method::GET && method != Method::HEAD {
+        if query {
+            return Some((
+                StatusCode::BAD_REQUEST,
+                "a state change takes its parameters in a JSON body, not in the query string"
+                    .into(),
+            ));
+        }
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Some((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "a state change must be a JSON body with `Content-Type: application/json`".into(),
+            ));
+        }
+    }
+    None
+}
+
+/// Runs every request but a health probe through [`refusal`], and every request within the
+/// request timeout.
+async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if !is_health_probe(request.uri().path())
+        && let Some(refused) = refusal(
+            &state.settings,
+            request.method(),
+            request.uri().query().is_some(),
+            request.headers(),
+        )
+    {
+        let unauthorized = refused.0 == StatusCode::UNAUTHORIZED;
+        let mut response = error_response(refused);
+        if unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        return response;
+    }
+    match tokio::time::timeout(state.settings.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error_response((
+            StatusCode::REQUEST_TIMEOUT,
+            "the request was not done within admin.request_timeout_ms".into(),
+        )),
+    }
+}
+
+/// Live: every shard's loop has come round within `admin.stall_timeout_ms`.
+fn live_answer(health: &Health) -> (bool, Value) {
+    let progress = health.progress();
+    let live = progress
+        .iter()
+        .all(|p| p.since_ms <= health.stall_timeout_ms);
+    let body = json!({
+        "live": live,
+        "stall_timeout_ms": health.stall_timeout_ms,
+        "shards": progress.iter().map(|p| json!({
+            "shard": p.shard,
+            "since_progress_ms": p.since_ms,
+        })).collect::<Vec<_>>(),
+    });
+    (live, body)
+}
+
+fn health_status(ok: bool) -> StatusCode {
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn live(State(state): State<AppState>) -> Response {
+    let (live, body) = live_answer(&state.health);
+    (health_status(live), Json(body)).into_response()
+}
+
+/// `/health`, the first probe: plain text, as live.
+async fn health_text(State(state): State<AppState>) -> Response {
+    let (live, _) = live_answer(&state.health);
+    (health_status(live), if live { "ok\n" } else { "stalled\n" }).into_response()
+}
+
+/// Ready: the listeners accept (every shard started, the node not stopping), every shard is
+/// live, and a clustered node is a member: a core knows its Raft group's leader, an edge
+/// follows a core.
+async fn ready(State(state): State<AppState>) -> Response {
+    let not_ready = |reason: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reason": reason })),
+        )
+            .into_response()
+    };
+    if !state.health.serving() {
+        return not_ready("the listeners are not accepting (starting or stopping)".into());
+    }
+    let stalled = state.health.stalled();
+    if !stalled.is_empty() {
+        return not_ready(format!("shards {stalled:?} are stalled"));
+    }
+    if state.settings.clustered {
+        let status = match ask(&state.mailboxes, READY_ASK_TIMEOUT, Control::Status).await {
+            Ok(status) => status,
+            Err((_, message)) => return not_ready(message),
+        };
+        let member = match status["role"].as_str() {
+            Some("core") => status["raft"]["leader"].is_u64(),
+            _ => status["following"].is_object(),
+        };
+        if !member {
+            return not_ready("not a member of the cluster yet".into());
+        }
+    }
+    Json(json!({ "ready": true })).into_response()
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    match ask(&state.mailboxes, ASK_TIMEOUT, Control::Status).await {
         Ok(value) => Json(value).into_response(),
         Err(e) => error_response(e),
     }
 }
 
 #[derive(serde::Deserialize)]
-struct JoinQuery {
+#[serde(deny_unknown_fields)]
+struct JoinBody {
     address: String,
 }
 
-async fn join(State(mailboxes): State<Shared>, Query(query): Query<JoinQuery>) -> Response {
-    let address: SocketAddr = match query.address.parse() {
+async fn join(
+    State(state): State<AppState>,
+    body: Result<Json<JoinBody>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return rejection_response(rejection),
+    };
+    let address: SocketAddr = match body.address.parse() {
         Ok(address) => address,
         Err(e) => {
             return error_response((
                 StatusCode::BAD_REQUEST,
-                format!("address {:?}: {e}", query.address),
+                format!("address {:?}: {e}", body.address),
             ));
         }
     };
-    match ask(&mailboxes, |reply| Control::Join(address, reply)).await {
+    match ask(&state.mailboxes, ASK_TIMEOUT, |reply| {
+        Control::Join(address, reply)
+    })
+    .await
+    {
         Ok(()) => Json(json!({ "joining": address.to_string() })).into_response(),
         Err(e) => error_response(e),
     }
 }
 
 #[derive(serde::Deserialize)]
-struct SetQuery {
+#[serde(deny_unknown_fields)]
+struct SetBody {
     key: String,
     value: String,
 }
 
-async fn set(State(mailboxes): State<Shared>, Query(query): Query<SetQuery>) -> Response {
-    if let Err(message) = check_setting(&query.key, &query.value) {
+async fn set(
+    State(state): State<AppState>,
+    body: Result<Json<SetBody>, JsonRejection>,
+) -> Response {
+    let Json(SetBody { key, value }) = match body {
+        Ok(body) => body,
+        Err(rejection) => return rejection_response(rejection),
+    };
+    if let Err(message) = check_setting(&key, &value) {
         return error_response((StatusCode::BAD_REQUEST, message));
     }
-    let SetQuery { key, value } = query;
     let (k, v) = (key.clone(), value.clone());
-    match ask(&mailboxes, |reply| Control::Set(k, v, reply)).await {
+    match ask(&state.mailboxes, ASK_TIMEOUT, |reply| {
+        Control::Set(k, v, reply)
+    })
+    .await
+    {
         Ok(()) => Json(json!({ "proposed": { key: value } })).into_response(),
         Err(e) => error_response(e),
     }
 }
 
-async fn leave(State(mailboxes): State<Shared>) -> Response {
-    match ask(&mailboxes, Control::Leave).await {
+/// Leave takes no parameters, but still a JSON body (`{}`), like every state change.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaveBody {}
+
+async fn leave(
+    State(state): State<AppState>,
+    body: Result<Json<LeaveBody>, JsonRejection>,
+) -> Response {
+    if let Err(rejection) = body {
+        return rejection_response(rejection);
+    }
+    match ask(&state.mailboxes, ASK_TIMEOUT, Control::Leave).await {
         Ok(()) => Json(json!({ "left": true })).into_response(),
         Err(e) => error_response(e),
     }
 }
 
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health_text))
+        .route("/api/v1/health/live", get(live))
+        .route("/api/v1/health/ready", get(ready))
+        .route("/api/v1/cluster/status", get(status))
+        .route("/api/v1/cluster/join", post(join))
+        .route("/api/v1/cluster/leave", post(leave))
+        .route("/api/v1/cluster/settings", post(set))
+        .layer(DefaultBodyLimit::max(state.settings.body_size_max))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Accepts connections, at most `connections_max` at once, each served by hyper with the
+/// header-read timeout (which also ends idle keep-alive connections).
+async fn serve(listener: tokio::net::TcpListener, app: Router, settings: Arc<Settings>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(settings.connections_max));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors, say: wait rather than spin.
+                warn!(%error, "admin endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let header_read_timeout = settings.header_read_timeout;
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_header_size(HEADER_SIZE_MAX);
+            // A connection that ends badly (a timeout, garbage) concerns that client only.
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
 /// Binds the endpoint now (so that an address in use fails the start) and serves it on a
 /// thread of its own.
-pub fn start(address: SocketAddr, mailboxes: Shared) -> Result<(), String> {
+pub fn start(settings: Settings, mailboxes: Shared, health: Arc<Health>) -> Result<(), String> {
+    let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
         .map_err(|e| format!("cannot listen on {address} (admin.listen): {e}"))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("admin listener: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot build the admin runtime: {e}"))?;
+    if settings.token.is_none() {
+        warn!(
+            "no admin token is configured ([admin] token_file or {ADMIN_TOKEN_VARIABLE}): the admin endpoint answers only the health probes"
+        );
+    }
+    let settings = Arc::new(settings);
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a current-thread runtime builds");
             runtime.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("a bound listener");
-                let app = Router::new()
-                    .route("/health", get(|| async { "ok\n" }))
-                    .route("/api/v1/cluster/status", get(status))
-                    .route("/api/v1/cluster/join", post(join))
-                    .route("/api/v1/cluster/leave", post(leave))
-                    .route("/api/v1/cluster/settings", post(set))
-                    .with_state(mailboxes);
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::error!(%error, "admin endpoint: cannot use its listener");
+                        return;
+                    }
+                };
+                let app = router(AppState {
+                    mailboxes,
+                    health,
+                    settings: settings.clone(),
+                });
                 info!(%address, "admin endpoint serving");
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "admin endpoint stopped");
-                }
+                serve(listener, app, settings).await;
             });
         })
         .map_err(|e| format!("cannot start the admin thread: {e}"))?;
     Ok(())
 }
 
-/// `shardmq ctl`: one request to a node's admin endpoint; prints the JSON answer.
-pub fn ctl(admin: &str, method: &str, path: &str) -> Result<String, String> {
+/// `shardmq ctl`: one request to a node's admin endpoint, with the token if there is one and
+/// a JSON body for a POST; returns the JSON answer, pretty-printed.
+pub fn ctl(
+    admin: &str,
+    token: Option<&str>,
+    path: &str,
+    body: Option<Value>,
+) -> Result<String, String> {
     let url = format!("http://{admin}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .http_status_as_error(false)
         .build()
         .into();
-    let response = match method {
-        "POST" => agent.post(&url).send_empty(),
-        _ => agent.get(&url).call(),
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    let response = match body {
+        Some(body) => {
+            let mut request = agent.post(&url);
+            if let Some(authorization) = &authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.send_json(body)
+        }
+        None => {
+            let mut request = agent.get(&url);
+            if let Some(authorization) = &authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.call()
+        }
     };
     let mut response =
         response.map_err(|e| format!("cannot reach the admin endpoint at {admin}: {e}"))?;
     let status = response.status();
-    let body: Value = response
+    let text = response
         .body_mut()
-        .read_json()
-        .map_err(|e| format!("{url}: the answer is not JSON: {e}"))?;
+        .read_to_string()
+        .map_err(|e| format!("{url}: cannot read the answer: {e}"))?;
+    let body: Value =
+        serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
     if status.is_success() {
-        Ok(serde_json::to_string_pretty(&body).expect("JSON prints"))
+        serde_json::to_string_pretty(&body).map_err(|e| e.to_string())
     } else {
         Err(format!(
             "{}: {}",
             status,
             body.get("error").and_then(Value::as_str).unwrap_or("error")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_that_name_the_endpoint_are_allowed_and_others_not() {
+        let allowed = vec!["admin.example.net:8883".to_string()];
+        for host in [
+            "127.0.0.1:8883",
+            "10.1.2.3:8883",
+            "[::1]:8883",
+            "localhost:8883",
+            "LOCALHOST:8883",
+            "admin.example.net:8883",
+        ] {
+            assert!(host_allowed(host, 8883, &allowed), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example:8883",
+            "127.0.0.1:8884",
+            "127.0.0.1",
+            "localhost",
+            "[::1]",
+            "[::1]x",
+            "[::1:8883",
+            "127.0.0.1:notaport",
+            "admin.example.net:9999",
+        ] {
+            assert!(!host_allowed(host, 8883, &allowed), "{host}");
+        }
+        assert!(host_allowed("127.0.0.1", 80, &[]));
+    }
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        let token = "0123456789abcdef";
+        assert!(token_matches(token, token));
+        assert!(!token_matches(token, "0123456789abcdeF"));
+        assert!(!token_matches(token, "0123456789abcde"));
+        assert!(!token_matches(token, "0123456789abcdef0"));
+        assert!(!token_matches(token, ""));
     }
 }

@@ -3,12 +3,71 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use shardmq_net::frame::{Member, Role};
 use shardmq_net::mqtt::QoS;
 use shardmq_shards::cluster::{ClusterSettings, LinkSettings};
 use shardmq_shards::{Limits, SharedStrategy};
+
+/// The environment variable that holds the admin token (it wins over `admin.token_file`).
+pub const ADMIN_TOKEN_VARIABLE: &str = "SHARDMQ_ADMIN_TOKEN";
+
+/// The shortest admin token accepted, in characters, as for the cluster secret.
+pub const ADMIN_TOKEN_LENGTH_MIN: usize = 16;
+
+/// The admin token as found, with a warning about the file it came from, if any.
+#[derive(Debug, Default)]
+pub struct AdminToken {
+    pub token: Option<String>,
+    pub warning: Option<String>,
+}
+
+/// Checks a token read from `source`: surrounding white space (a file's final newline) is
+/// not part of it, and it must not be empty or short.
+fn checked_token(text: &str, source: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "{source} is empty: the admin token must be set in it"
+        ));
+    }
+    if token.chars().count() < ADMIN_TOKEN_LENGTH_MIN {
+        return Err(format!(
+            "{source} holds a token of fewer than {ADMIN_TOKEN_LENGTH_MIN} characters"
+        ));
+    }
+    Ok(token.to_string())
+}
+
+/// Reads the admin token from a file; see [`Config::admin_token`].
+pub fn read_token_file(path: &Path) -> Result<AdminToken, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let source = format!("the admin token file {}", path.display());
+    let metadata = std::fs::metadata(path).map_err(|e| format!("{source}: {e}"))?;
+    let warning = (metadata.permissions().mode() & 0o007 != 0)
+        .then(|| format!("{source} is readable by every user: chmod 600 it (or 640 for a group)"));
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{source}: {e}"))?;
+    Ok(AdminToken {
+        token: Some(checked_token(&text, &source)?),
+        warning,
+    })
+}
+
+/// The admin token from `SHARDMQ_ADMIN_TOKEN`, else from `token_file` (if not empty).
+pub fn admin_token(token_file: &str) -> Result<AdminToken, String> {
+    if let Ok(text) = std::env::var(ADMIN_TOKEN_VARIABLE) {
+        return Ok(AdminToken {
+            token: Some(checked_token(&text, ADMIN_TOKEN_VARIABLE)?),
+            warning: None,
+        });
+    }
+    if token_file.is_empty() {
+        return Ok(AdminToken::default());
+    }
+    read_token_file(Path::new(token_file))
+}
 
 /// The embedded defaults.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -55,6 +114,13 @@ impl ClusterConfig {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: String,
+    pub token_file: String,
+    pub allowed_hosts: Vec<String>,
+    pub header_read_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub body_size_max: usize,
+    pub connections_max: usize,
+    pub stall_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +134,9 @@ pub struct Server {
     pub data_dir: String,
     pub shared_subscription_strategy: String,
     pub log: String,
+    pub tcp_keepalive_idle_seconds: u64,
+    pub tcp_keepalive_interval_seconds: u64,
+    pub tcp_keepalive_count: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,7 +267,31 @@ impl Config {
             "`limits.queued_messages_per_session_max` must be positive",
         )?;
         self.shared_strategy()?;
+        self.tcp_keepalive()?;
         self.admin_listen()?;
+        let a = &self.admin;
+        check(
+            (100..=600_000).contains(&a.header_read_timeout_ms),
+            "`admin.header_read_timeout_ms` must be from 100 to 600000",
+        )?;
+        check(
+            (100..=600_000).contains(&a.request_timeout_ms),
+            "`admin.request_timeout_ms` must be from 100 to 600000",
+        )?;
+        check(
+            (64..=16 << 20).contains(&a.body_size_max),
+            "`admin.body_size_max` must be from 64 to 16777216 bytes",
+        )?;
+        check(
+            (1..=10_000).contains(&a.connections_max),
+            "`admin.connections_max` must be from 1 to 10000",
+        )?;
+        // A loop waits at most a second when idle; below two seconds an idle shard would
+        // look stalled.
+        check(
+            (2000..=3_600_000).contains(&a.stall_timeout_ms),
+            "`admin.stall_timeout_ms` must be from 2000 to 3600000",
+        )?;
         if self.cluster.enabled {
             self.cluster_settings()?;
         }
@@ -215,6 +308,42 @@ impl Config {
             .parse()
             .map(Some)
             .map_err(|e| format!("`admin.listen` is {:?}: {e}", self.admin.listen))
+    }
+
+    /// TCP keepalive for client connections (idle time, probe interval, probe count), or None
+    /// when `server.tcp_keepalive_idle_seconds` is 0.
+    pub fn tcp_keepalive(&self) -> Result<Option<(Duration, Duration, u32)>, String> {
+        let s = &self.server;
+        if s.tcp_keepalive_idle_seconds == 0 {
+            return Ok(None);
+        }
+        // The kernel's own bounds (TCP_KEEPIDLE, TCP_KEEPINTVL: 32767 s; TCP_KEEPCNT: 127).
+        let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
+        check(
+            s.tcp_keepalive_idle_seconds <= 32767,
+            "`server.tcp_keepalive_idle_seconds` must be from 0 (off) to 32767",
+        )?;
+        check(
+            (1..=32767).contains(&s.tcp_keepalive_interval_seconds),
+            "`server.tcp_keepalive_interval_seconds` must be from 1 to 32767",
+        )?;
+        check(
+            (1..=127).contains(&s.tcp_keepalive_count),
+            "`server.tcp_keepalive_count` must be from 1 to 127",
+        )?;
+        Ok(Some((
+            Duration::from_secs(s.tcp_keepalive_idle_seconds),
+            Duration::from_secs(s.tcp_keepalive_interval_seconds),
+            s.tcp_keepalive_count,
+        )))
+    }
+
+    /// The admin token: `SHARDMQ_ADMIN_TOKEN` if set, else the content of `admin.token_file`,
+    /// else None (the endpoint then refuses every call but the health probes). A token file
+    /// that others may read is accepted with `warning` set; an empty or short token is an
+    /// error.
+    pub fn admin_token(&self) -> Result<AdminToken, String> {
+        admin_token(&self.admin.token_file)
     }
 
     /// The cluster settings for the shards, checked; `server.listen` gives the MQTT address

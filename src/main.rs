@@ -6,6 +6,7 @@
 
 mod admin;
 mod config;
+mod supervise;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,6 +21,7 @@ use shardmq_shards::{Input, Output, Shard, ShardConfig};
 use tracing::{error, info, warn};
 
 use config::Config;
+use supervise::Watched;
 
 /// shardmq: a clustered, thread-per-core MQTT 3.1 / 3.1.1 / 5.0 broker.
 #[derive(Debug, Parser)]
@@ -51,9 +53,17 @@ enum Command {
     DefaultConfig,
     /// Manage a running node through its admin endpoint.
     Ctl {
-        /// The node's admin endpoint (`admin.listen`).
-        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8883")]
-        admin: String,
+        /// The node's admin endpoint; default: `admin.listen` of --config, else
+        /// 127.0.0.1:8883.
+        #[arg(long, value_name = "ADDR:PORT")]
+        admin: Option<String>,
+        /// A file holding the admin token; default: SHARDMQ_ADMIN_TOKEN, else
+        /// `admin.token_file` of --config.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// The node's configuration file, for its admin address and token file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         command: CtlCommand,
     },
@@ -227,6 +237,76 @@ fn write_file(directory: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()>
     std::fs::File::open(directory)?.sync_all()
 }
 
+/// What the main thread hears about while the node starts and serves.
+enum Notice {
+    /// A shard's reactor is built (its listeners accept), or could not be.
+    Ready(u16, Result<(), String>),
+    /// A shard thread ended: cleanly after a stop, or with the error or panic that ended it.
+    Exited(u16, Result<(), String>),
+    /// SIGINT or SIGTERM.
+    Signal(i32),
+}
+
+/// How long the other shards may take to stop after a shard failed or a stop was asked,
+/// beyond the shutdown grace, before the process exits without them (a stalled shard never
+/// stops).
+const STOP_MARGIN: Duration = Duration::from_secs(5);
+
+/// One shard's thread: builds its reactor, runs it until the node stops, then saves its
+/// state. Runs under `catch_unwind`, so that a panic reaches the main thread as a notice.
+fn run_shard(
+    reactor_config: ReactorConfig,
+    mailboxes: Arc<Mailboxes<NodeMessage>>,
+    handler: Watched<ShardHandler>,
+    data_dir: Option<PathBuf>,
+    notices: &std::sync::mpsc::Sender<Notice>,
+) -> Result<(), String> {
+    let index = reactor_config.index;
+    let reactor = match Reactor::new(reactor_config, mailboxes, handler) {
+        Ok(reactor) => reactor,
+        Err(e) => {
+            let _ = notices.send(Notice::Ready(index, Err(e.to_string())));
+            return Ok(());
+        }
+    };
+    let _ = notices.send(Notice::Ready(index, Ok(())));
+    let handler = reactor.run().map_err(|e| e.to_string())?.inner;
+    if let Some(directory) = data_dir {
+        let bytes = handler.node.shard.snapshot();
+        write_snapshot(&directory, index, &bytes)
+            .map_err(|e| format!("cannot write the snapshot: {e}"))?;
+        info!(shard = index, bytes = bytes.len(), "snapshot written");
+        if let Some(state) = handler.node.raft_state() {
+            write_file(&directory, RAFT_STATE, &state)
+                .map_err(|e| format!("cannot write the Raft state: {e}"))?;
+            info!(bytes = state.len(), "Raft state written");
+        }
+    }
+    Ok(())
+}
+
+/// The admin endpoint's settings from `[admin]`, with its token read and checked.
+fn admin_settings(config: &Config, clustered: bool) -> Result<Option<admin::Settings>, String> {
+    let Some(address) = config.admin_listen()? else {
+        return Ok(None);
+    };
+    let token = config.admin_token()?;
+    if let Some(warning) = token.warning {
+        warn!("{warning}");
+    }
+    let a = &config.admin;
+    Ok(Some(admin::Settings {
+        address,
+        token: token.token,
+        allowed_hosts: a.allowed_hosts.clone(),
+        header_read_timeout: Duration::from_millis(a.header_read_timeout_ms),
+        request_timeout: Duration::from_millis(a.request_timeout_ms),
+        body_size_max: a.body_size_max,
+        connections_max: a.connections_max,
+        clustered,
+    }))
+}
+
 fn serve(config: Config) -> Result<(), String> {
     reactor::check_kernel()?;
     let shard_count = match config.server.shards {
@@ -241,7 +321,16 @@ fn serve(config: Config) -> Result<(), String> {
     } else {
         None
     };
-    let admin_listen = config.admin_listen()?;
+    let admin_settings = admin_settings(&config, cluster.is_some())?;
+    let fault = supervise::Fault::from_environment(shard_count)?;
+    let tcp_keepalive =
+        config
+            .tcp_keepalive()?
+            .map(|(idle, interval, count)| reactor::TcpKeepalive {
+                idle,
+                interval,
+                count,
+            });
     let mailboxes: Arc<Mailboxes<NodeMessage>> =
         Mailboxes::new(shard_count, config.reactor.mailbox_capacity)
             .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
@@ -257,10 +346,11 @@ fn serve(config: Config) -> Result<(), String> {
         _ => None,
     };
     let epoch = Instant::now();
+    let health = supervise::Health::new(shard_count, epoch, config.admin.stall_timeout_ms);
     // Each reactor is built on its own thread: its ring accepts submissions only from the
     // thread that created it (IORING_SETUP_SINGLE_ISSUER). Start-up errors (an address in use,
     // an old kernel) come back before the node reports that it serves.
-    let (ready_sender, ready) = std::sync::mpsc::channel::<(u16, Result<(), String>)>();
+    let (notice_sender, notices) = std::sync::mpsc::channel::<Notice>();
     let mut threads = Vec::new();
     for index in 0..shard_count {
         let reactor_config = ReactorConfig {
@@ -279,6 +369,7 @@ fn serve(config: Config) -> Result<(), String> {
             core: cores.get(usize::from(index) % cores.len().max(1)).copied(),
             epoch,
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
+            tcp_keepalive,
         };
         let mut shard = Shard::new(ShardConfig {
             index,
@@ -320,52 +411,50 @@ fn serve(config: Config) -> Result<(), String> {
         {
             warn!(%error, "the Raft state of the last shutdown is not taken up: joining as a new voter");
         }
-        let handler = ShardHandler {
-            node,
-            outputs: Vec::new(),
-        };
+        let handler = Watched::new(
+            ShardHandler {
+                node,
+                outputs: Vec::new(),
+            },
+            index,
+            health.clone(),
+            fault,
+        );
         let mailboxes = mailboxes.clone();
-        let ready_sender = ready_sender.clone();
+        let notices = notice_sender.clone();
         let data_dir = data_dir.clone();
         let thread = std::thread::Builder::new()
             .name(format!("shard-{index}"))
-            .spawn(
-                move || match Reactor::new(reactor_config, mailboxes, handler) {
-                    Ok(reactor) => {
-                        let _ = ready_sender.send((index, Ok(())));
-                        let handler = reactor.run()?;
-                        if let Some(directory) = data_dir {
-                            let bytes = handler.node.shard.snapshot();
-                            write_snapshot(&directory, index, &bytes)?;
-                            info!(shard = index, bytes = bytes.len(), "snapshot written");
-                            if let Some(state) = handler.node.raft_state() {
-                                write_file(&directory, RAFT_STATE, &state)?;
-                                info!(bytes = state.len(), "Raft state written");
-                            }
-                        }
-                        Ok::<(), std::io::Error>(())
-                    }
-                    Err(e) => {
-                        let _ = ready_sender.send((index, Err(e.to_string())));
-                        Ok(())
-                    }
-                },
-            )
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_shard(reactor_config, mailboxes, handler, data_dir, &notices)
+                }))
+                .unwrap_or_else(|payload| {
+                    Err(format!("panicked: {}", supervise::panic_text(&*payload)))
+                });
+                let _ = notices.send(Notice::Exited(index, outcome));
+            })
             .map_err(|e| format!("cannot start shard thread {index}: {e}"))?;
         threads.push(thread);
     }
-    drop(ready_sender);
     let mut startup_error = None;
-    for _ in 0..shard_count {
-        match ready.recv() {
-            Ok((_, Ok(()))) => {}
-            Ok((index, Err(e))) => startup_error = Some(format!("shard {index}: {e}")),
-            Err(_) => startup_error = Some("a shard thread ended during start-up".into()),
+    let mut ready = 0;
+    while ready < shard_count && startup_error.is_none() {
+        match notices.recv() {
+            Ok(Notice::Ready(_, Ok(()))) => ready += 1,
+            Ok(Notice::Ready(index, Err(e))) => startup_error = Some(format!("shard {index}: {e}")),
+            Ok(Notice::Exited(index, outcome)) => {
+                startup_error = Some(format!(
+                    "shard {index} ended during start-up: {}",
+                    outcome.err().unwrap_or_default()
+                ))
+            }
+            Ok(Notice::Signal(_)) | Err(_) => startup_error = Some("start-up interrupted".into()),
         }
     }
     if startup_error.is_none()
-        && let Some(address) = admin_listen
-        && let Err(message) = admin::start(address, mailboxes.clone())
+        && let Some(settings) = admin_settings
+        && let Err(message) = admin::start(settings, mailboxes.clone(), health.clone())
     {
         startup_error = Some(message);
     }
@@ -381,13 +470,14 @@ fn serve(config: Config) -> Result<(), String> {
         signal_hook::consts::SIGTERM,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let stopper = mailboxes.clone();
+    let signal_notices = notice_sender.clone();
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            info!(signal, "stopping: disconnecting clients");
-            stopper.stop();
+            let _ = signal_notices.send(Notice::Signal(signal));
         }
     });
+    drop(notice_sender);
+    health.set_serving(true);
     let listen: Vec<String> = config
         .server
         .listen
@@ -411,23 +501,14 @@ fn serve(config: Config) -> Result<(), String> {
             "cluster member"
         );
     }
-    let mut failed = false;
-    for (index, thread) in threads.into_iter().enumerate() {
-        match thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!(shard = index, error = %e, "shard stopped with an error");
-                failed = true;
-                mailboxes.stop();
-            }
-            Err(_) => {
-                error!(shard = index, "shard thread panicked");
-                failed = true;
-                mailboxes.stop();
-            }
+    let stop_after = Duration::from_secs(config.server.shutdown_grace_seconds) + STOP_MARGIN;
+    let failures = supervise_shards(&notices, shard_count, &mailboxes, &health, stop_after);
+    if failures.is_empty() {
+        for thread in threads {
+            let _ = thread.join();
         }
     }
-    if let (Some(directory), false) = (&data_dir, failed) {
+    if let (Some(directory), true) = (&data_dir, failures.is_empty()) {
         // Snapshots of shards that no longer exist (a larger shard count before) were read at
         // start and their sessions now live in the current files.
         for (path, _) in snapshots.iter() {
@@ -444,11 +525,88 @@ fn serve(config: Config) -> Result<(), String> {
         info!(directory = %directory.display(), "state saved");
     }
     info!("shardmq stopped");
-    if failed {
-        Err("a shard failed; see the log above".into())
-    } else {
+    if failures.is_empty() {
         Ok(())
+    } else {
+        Err(format!(
+            "stopped because a shard failed ({}); see the log above",
+            failures.join("; ")
+        ))
     }
+}
+
+/// Watches the shard threads until every one has ended, and returns what failed. A shard that
+/// ends on its own (a panic, an error) stops the whole node at once, so that a supervisor
+/// restarts it and a load balancer drops it, rather than leave a node with a dead shard
+/// whose clients, sessions and sockets nobody serves. A stop (a signal or a failure) that
+/// the shards do not finish within `stop_after` ends the watch without them. A shard whose
+/// loop stalls is logged once per stall (and `/api/v1/health/live` answers 503 meanwhile).
+fn supervise_shards(
+    notices: &std::sync::mpsc::Receiver<Notice>,
+    shard_count: u16,
+    mailboxes: &Mailboxes<NodeMessage>,
+    health: &supervise::Health,
+    stop_after: Duration,
+) -> Vec<String> {
+    let mut running = shard_count;
+    let mut failures = Vec::new();
+    let mut stop_deadline: Option<Instant> = None;
+    let mut stalled_logged: Vec<u16> = Vec::new();
+    let stop = |deadline: &mut Option<Instant>| {
+        if deadline.is_none() {
+            health.set_serving(false);
+            mailboxes.stop();
+            *deadline = Some(Instant::now() + stop_after);
+        }
+    };
+    while running > 0 {
+        if stop_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            error!(
+                running,
+                "shards did not stop within {stop_after:?}: exiting without them"
+            );
+            failures.push(format!("{running} shard(s) did not stop"));
+            break;
+        }
+        match notices.recv_timeout(Duration::from_secs(1)) {
+            Ok(Notice::Exited(index, outcome)) => {
+                running -= 1;
+                let outcome = match outcome {
+                    Ok(()) if stop_deadline.is_none() => Err("stopped unasked".to_string()),
+                    outcome => outcome,
+                };
+                if let Err(e) = outcome {
+                    error!(
+                        shard = index,
+                        error = %e,
+                        "shard failed: stopping the node (fail fast: a node with a dead shard must be restarted)"
+                    );
+                    failures.push(format!("shard {index}: {e}"));
+                }
+                stop(&mut stop_deadline);
+            }
+            Ok(Notice::Signal(signal)) => {
+                info!(signal, "stopping: disconnecting clients");
+                stop(&mut stop_deadline);
+            }
+            Ok(Notice::Ready(..)) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let stalled = health.stalled();
+                for &shard in &stalled {
+                    if !stalled_logged.contains(&shard) {
+                        error!(
+                            shard,
+                            stall_timeout_ms = health.stall_timeout_ms,
+                            "the shard's loop has stalled: /api/v1/health/live answers 503"
+                        );
+                    }
+                }
+                stalled_logged = stalled;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    failures
 }
 
 /// A seed for a shard's cluster epoch and link nonces: the standard library's randomly keyed
@@ -469,6 +627,57 @@ fn core_ids(pin: bool) -> Vec<usize> {
         .collect()
 }
 
+/// `shardmq ctl`: finds the endpoint and the token (--token-file, else SHARDMQ_ADMIN_TOKEN,
+/// else the configuration's `admin.token_file`), then makes the request; a state change
+/// carries its parameters as a JSON body.
+fn ctl(
+    admin: Option<String>,
+    token_file: Option<PathBuf>,
+    config: Option<PathBuf>,
+    command: &CtlCommand,
+) -> Result<String, String> {
+    let config = config.map(|path| Config::load(Some(&path))).transpose()?;
+    let admin = match (admin, &config) {
+        (Some(admin), _) => admin,
+        (None, Some(config)) => match config.admin_listen()? {
+            // An endpoint on every address is reached on this host's loopback.
+            Some(address) if address.ip().is_unspecified() => {
+                std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), address.port())
+                    .to_string()
+            }
+            Some(address) => address.to_string(),
+            None => {
+                return Err(
+                    "the configuration turns the admin endpoint off (admin.listen = \"\")".into(),
+                );
+            }
+        },
+        (None, None) => "127.0.0.1:8883".into(),
+    };
+    let token = match token_file {
+        Some(path) => config::read_token_file(&path)?,
+        None => config::admin_token(config.as_ref().map_or("", |c| c.admin.token_file.as_str()))?,
+    };
+    if let Some(warning) = &token.warning {
+        eprintln!("shardmq ctl: warning: {warning}");
+    }
+    let (path, body) = match command {
+        CtlCommand::Cluster(ClusterCommand::Status) => ("/api/v1/cluster/status", None),
+        CtlCommand::Cluster(ClusterCommand::Join { address }) => (
+            "/api/v1/cluster/join",
+            Some(serde_json::json!({ "address": address.to_string() })),
+        ),
+        CtlCommand::Cluster(ClusterCommand::Leave) => {
+            ("/api/v1/cluster/leave", Some(serde_json::json!({})))
+        }
+        CtlCommand::Cluster(ClusterCommand::Set { key, value }) => (
+            "/api/v1/cluster/settings",
+            Some(serde_json::json!({ "key": key, "value": value })),
+        ),
+    };
+    admin::ctl(&admin, token.token.as_deref(), path, body)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -476,33 +685,21 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
         }
-        Command::Ctl { admin, command } => {
-            let (method, path) = match &command {
-                CtlCommand::Cluster(ClusterCommand::Status) => {
-                    ("GET", "/api/v1/cluster/status".to_string())
-                }
-                CtlCommand::Cluster(ClusterCommand::Join { address }) => {
-                    ("POST", format!("/api/v1/cluster/join?address={address}"))
-                }
-                CtlCommand::Cluster(ClusterCommand::Leave) => {
-                    ("POST", "/api/v1/cluster/leave".to_string())
-                }
-                CtlCommand::Cluster(ClusterCommand::Set { key, value }) => (
-                    "POST",
-                    format!("/api/v1/cluster/settings?key={key}&value={value}"),
-                ),
-            };
-            match admin::ctl(&admin, method, &path) {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(message) => {
-                    eprintln!("shardmq ctl: {message}");
-                    ExitCode::from(1)
-                }
+        Command::Ctl {
+            admin,
+            token_file,
+            config,
+            command,
+        } => match ctl(admin, token_file, config, &command) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
             }
-        }
+            Err(message) => {
+                eprintln!("shardmq ctl: {message}");
+                ExitCode::from(1)
+            }
+        },
         Command::Serve {
             listen,
             shards,
@@ -540,6 +737,7 @@ fn main() -> ExitCode {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
+            supervise::log_panics();
             match serve(loaded) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => {

@@ -8,7 +8,8 @@
 # Node i (1..C+E; the first C are cores) serves MQTT on 127.0.0.1:P+i, its cluster port on
 # 127.0.0.1:P+100+i and its admin endpoint on 127.0.0.1:P+200+i. Every edge and core lists
 # every core as a seed. Configurations, logs and pids live in $SHARDMQ_CLUSTER_DIR
-# (default /tmp/shardmq-cluster); `down` stops the nodes with SIGTERM.
+# (default /tmp/shardmq-cluster), with the nodes' admin token in admin.token there
+# (shardmq ctl --token-file ...); `down` stops the nodes with SIGTERM.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,7 +17,7 @@ dir=${SHARDMQ_CLUSTER_DIR:-/tmp/shardmq-cluster}
 binary="$top/target/release/shardmq"
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -44,6 +45,7 @@ up() {
     : > "$dir/pids"
     local secret seeds="" total=$((cores + edges))
     secret=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/admin.token")
     for i in $(seq 1 "$cores"); do
         seeds="$seeds\"127.0.0.1:$((base + 100 + i))\", "
     done
@@ -68,6 +70,7 @@ seeds = $seeds
 
 [admin]
 listen = "127.0.0.1:$((base + 200 + i))"
+token_file = "$dir/admin.token"
 EOF
         "$binary" serve --config "$dir/node-$i.toml" 2> "$dir/node-$i.log" &
         echo $! >> "$dir/pids"
@@ -77,7 +80,7 @@ EOF
     # Wait until every node reports every other as a member (or give up after 15 s).
     local deadline=$((SECONDS + 15))
     for i in $(seq 1 "$total"); do
-        until "$binary" ctl --admin "127.0.0.1:$((base + 200 + i))" cluster status 2>/dev/null \
+        until "$binary" ctl --admin "127.0.0.1:$((base + 200 + i))" --token-file "$dir/admin.token" cluster status 2>/dev/null \
             | grep -c '"cluster_address"' | awk -v want="$total" '{ exit !($1 >= want) }'; do
             if [ $SECONDS -ge $deadline ]; then
                 echo "cluster.sh: node $i did not see the whole cluster within 15 s; logs in $dir" >&2
@@ -94,7 +97,7 @@ EOF
 status() {
     [ -f "$dir/ports" ] || { echo "cluster.sh: no cluster is up" >&2; exit 1; }
     read -r base total < "$dir/ports"
-    "$binary" ctl --admin "127.0.0.1:$((base + 201))" cluster status
+    "$binary" ctl --admin "127.0.0.1:$((base + 201))" --token-file "$dir/admin.token" cluster status
 }
 
 down() {
@@ -109,7 +112,7 @@ down() {
         done
         kill -KILL "$pid" 2>/dev/null || true
     done < "$dir/pids"
-    rm -f "$dir/pids" "$dir/ports"
+    rm -f "$dir/pids" "$dir/ports" "$dir/admin.token"
     echo "cluster down"
 }
 

@@ -493,6 +493,7 @@ impl Runner {
                 core: None,
                 epoch: run_plan.epoch,
                 shutdown_grace: Duration::from_millis(500),
+                tcp_keepalive: None,
             };
             let (mailboxes, shared, run_plan) =
                 (mailboxes.clone(), shared.clone(), run_plan.clone());

@@ -45,6 +45,10 @@ pub fn free_port_on(ip: std::net::Ipv4Addr) -> u16 {
     panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
+/// The admin token every test broker is started with (`SHARDMQ_ADMIN_TOKEN`), and that
+/// [`Broker::ctl`] sends.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 impl Broker {
     /// Starts `shardmq serve` with `shards` shards and extra TOML configuration.
     pub fn start_with(shards: u16, config: &str) -> Self {
@@ -71,6 +75,21 @@ impl Broker {
         admin_port: u16,
         shards: u16,
         config: &str,
+    ) -> Self {
+        Self::start_env(host, netns, port, admin_port, shards, config, &[])
+    }
+
+    /// [`Broker::start_at`] with changes to the broker's environment: `(name, Some(value))`
+    /// sets a variable, `(name, None)` removes it. Brokers get `SHARDMQ_ADMIN_TOKEN` =
+    /// [`ADMIN_TOKEN`] unless `env` says otherwise.
+    pub fn start_env(
+        host: std::net::IpAddr,
+        netns: Option<&str>,
+        port: u16,
+        admin_port: u16,
+        shards: u16,
+        config: &str,
+        env: &[(&str, Option<&str>)],
     ) -> Self {
         let directory =
             std::env::temp_dir().join(format!("shardmq-test-{}-{host}-{port}", std::process::id()));
@@ -102,6 +121,13 @@ impl Broker {
             }
             None => Command::new(env!("CARGO_BIN_EXE_shardmq")),
         };
+        command.env("SHARDMQ_ADMIN_TOKEN", ADMIN_TOKEN);
+        for (name, value) in env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
         let child = command
             .args([
                 "serve",
@@ -156,15 +182,34 @@ impl Broker {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Waits up to `timeout` for the process to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The admin endpoint's address.
+    pub fn admin_address(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.admin_port)
+    }
+
     /// Kills the broker with SIGKILL: no goodbye to anyone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// `shardmq ctl --admin ... <args>`: the JSON answer, or the error text.
+    /// `shardmq ctl --admin ... <args>` with [`ADMIN_TOKEN`]: the JSON answer, or the error
+    /// text.
     pub fn ctl(&self, args: &[&str]) -> Result<serde_json::Value, String> {
         let output = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .env("SHARDMQ_ADMIN_TOKEN", ADMIN_TOKEN)
             .args([
                 "ctl",
                 "--admin",
@@ -849,4 +894,38 @@ pub fn voters(status: &serde_json::Value) -> Vec<u64> {
         .unwrap_or_default();
     voters.sort_unstable();
     voters
+}
+
+/// Sends one raw HTTP/1.1 request to `address` and reads until the server closes (send
+/// `Connection: close`); returns the status code (0 if there was no answer) and the body.
+pub fn http_raw(address: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `GET path` on the admin endpoint at `address`, with the bearer token if given.
+pub fn http_get(address: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let authorization = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    http_raw(
+        address,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\n{authorization}Connection: close\r\n\r\n"
+        ),
+    )
 }

@@ -73,6 +73,7 @@ fn reactor_config(listen: Vec<SocketAddr>) -> ReactorConfig {
         core: None,
         epoch: Instant::now(),
         shutdown_grace: Duration::from_millis(200),
+        tcp_keepalive: None,
     }
 }
 

@@ -214,6 +214,18 @@ pub struct ReactorConfig {
     pub epoch: Instant,
     /// How long a shutdown may take to flush before connections are cut.
     pub shutdown_grace: Duration,
+    /// TCP keepalive for connections accepted on `listen` (not the side listener): set on
+    /// the listening sockets, which accepted sockets inherit (Linux copies the options).
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// TCP keepalive: probe after `idle` without traffic, then every `interval`, and drop the
+/// connection after `count` unanswered probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
 }
 
 /// The oldest kernel with everything the reactor uses (multishot receive).
@@ -394,7 +406,11 @@ impl<H: Handler> std::fmt::Debug for Reactor<H> {
     }
 }
 
-fn listener(address: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+fn listener(
+    address: SocketAddr,
+    backlog: i32,
+    keepalive: Option<TcpKeepalive>,
+) -> io::Result<OwnedFd> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(address),
         socket2::Type::STREAM,
@@ -404,6 +420,14 @@ fn listener(address: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
     socket.set_reuse_port(true)?;
     if address.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if let Some(keepalive) = keepalive {
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(keepalive.idle)
+                .with_interval(keepalive.interval)
+                .with_retries(keepalive.count),
+        )?;
     }
     socket.bind(&address.into()).map_err(|error| {
         io::Error::new(error.kind(), format!("cannot listen on {address}: {error}"))
@@ -426,8 +450,13 @@ impl<H: Handler> Reactor<H> {
         let listeners = config
             .listen
             .iter()
-            .chain(config.side_listen.iter())
-            .map(|&address| listener(address, config.backlog))
+            .map(|&address| listener(address, config.backlog, config.tcp_keepalive))
+            .chain(
+                config
+                    .side_listen
+                    .iter()
+                    .map(|&address| listener(address, config.backlog, None)),
+            )
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             ring,
