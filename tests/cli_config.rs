@@ -67,7 +67,63 @@ fn address_in_use_fails_at_start_up() {
 fn default_config_prints_the_embedded_defaults() {
     let output = shardmq(&["default-config"]);
     assert!(output.status.success());
-    assert!(String::from_utf8_lossy(&output.stdout).contains("listen = [\"0.0.0.0:1883\"]"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("listen = [\"0.0.0.0:1883\"]"));
+    for key in [
+        "token_file = \"\"",
+        "allowed_hosts = []",
+        "header_read_timeout_ms",
+        "stall_timeout_ms",
+        "tcp_keepalive_idle_seconds = 60",
+        "SHARDMQ_ADMIN_TOKEN",
+    ] {
+        assert!(
+            text.contains(key),
+            "{key} missing from the default configuration"
+        );
+    }
+}
+
+#[test]
+fn bad_keepalive_and_admin_values_are_named() {
+    for (text, key) in [
+        (
+            "[server]\ntcp_keepalive_count = 0\n",
+            "server.tcp_keepalive_count",
+        ),
+        (
+            "[server]\ntcp_keepalive_interval_seconds = 0\n",
+            "server.tcp_keepalive_interval_seconds",
+        ),
+        (
+            "[admin]\nstall_timeout_ms = 500\n",
+            "admin.stall_timeout_ms",
+        ),
+        (
+            "[admin]\nheader_read_timeout_ms = 0\n",
+            "admin.header_read_timeout_ms",
+        ),
+    ] {
+        let path = std::env::temp_dir().join(format!("shardmq-keys-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let output = shardmq(&["serve", "--config", path.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(2), "{text}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(key),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_fault_injection_switch_is_refused_at_start() {
+    let output = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .env("SHARDMQ_FAULT_INJECT", "explode-shard:0:1s")
+        .args(["serve", "--shards", "1", "--listen", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("SHARDMQ_FAULT_INJECT"));
 }
 
 #[test]
