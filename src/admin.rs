@@ -259,8 +259,10 @@ fn refusal(
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|h| h.trim().split_once(' '))
+        // The scheme's name is case-insensitive (RFC 9110 §11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token);
     if !token_matches(token, given.trim()) {
         return Some((
             StatusCode::UNAUTHORIZED,

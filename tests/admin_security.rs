@@ -89,6 +89,21 @@ fn calls_without_or_with_a_wrong_token_are_refused() {
         Some(&ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1]),
     );
     assert_eq!(status, 401);
+    // The scheme's name is case-insensitive; another scheme is not a bearer token.
+    let (status, body) = http_raw(
+        admin,
+        &format!(
+            "GET /api/v1/cluster/status HTTP/1.1\r\nHost: {admin}\r\nAuthorization: bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = http_raw(
+        admin,
+        &format!(
+            "GET /api/v1/cluster/status HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Basic {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 401);
     // An unknown path is behind the token too.
     let (status, _) = http_get(admin, "/api/v1/nothing", None);
     assert_eq!(status, 401);
