@@ -68,7 +68,7 @@ impl Shard {
         let owner = owner_shard(&client_id, self.config.shard_count);
         if owner != self.config.index {
             // The session belongs to another shard: pass the socket and its bytes on.
-            self.connections.remove(&connection_id);
+            self.remove_connection(connection_id);
             self.outputs.push(Output::HandOff {
                 connection: connection_id,
                 shard: owner,
@@ -176,6 +176,8 @@ impl Shard {
             })
         });
         let session = self.session_mut(index);
+        // Back online: the timers of its time offline no longer apply.
+        let offline_timers = [session.will_timer.take(), session.expiry_timer.take()];
         session.connection = Some(connection_id);
         session.version = version;
         session.expiry_seconds = expiry_seconds;
@@ -184,8 +186,12 @@ impl Shard {
             .min(limits.inflight_per_session_max)
             .max(1);
         session.will = will;
+        session.inflight_resumed_count = session.inflight.len();
         if !session_present {
             session.awaiting_release.clear();
+        }
+        for key in offline_timers {
+            self.timers.cancel(key);
         }
 
         // Keep alive: the client's value, capped by the server's (5.0 tells the client).
@@ -214,10 +220,15 @@ impl Shard {
             .unwrap_or(true);
         if keep_alive > 0 {
             // The client must send something within one and a half keep alives [MQTT-3.1.2-22].
-            self.timers.push(Reverse((
+            assert!(
+                connection.keep_alive_timer.is_none(),
+                "a connection is accepted once"
+            );
+            let key = self.timers.arm(
                 now_ms + u64::from(keep_alive) * 1500,
                 Timer::KeepAlive(connection_id),
-            )));
+            );
+            connection.keep_alive_timer = Some(key);
         }
 
         let mut properties = ConnAckProperties::default();
@@ -281,10 +292,7 @@ impl Shard {
                 &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
             );
         }
-        if let Some(connection) = self.connections.get_mut(&old_connection) {
-            connection.closing = true;
-            connection.session = None;
-        }
+        self.mark_closing(old_connection);
         self.outputs.push(Output::Close {
             connection: old_connection,
         });

@@ -12,6 +12,9 @@ pub(super) struct Connection {
     /// Packets encoded in this batch, sent by `take_outputs`.
     pub(super) outgoing: BytesMut,
     pub(super) keep_alive_ms: u64,
+    /// The armed keep-alive check, while the connection is connected and open with a keep
+    /// alive.
+    pub(super) keep_alive_timer: Option<TimerKey>,
     pub(super) last_received_ms: u64,
     /// The client's Maximum Packet Size: larger messages are not sent to it.
     pub(super) client_packet_size_max: u32,
@@ -43,6 +46,7 @@ impl Shard {
                 pending: BytesMut::new(),
                 outgoing: BytesMut::new(),
                 keep_alive_ms: 0,
+                keep_alive_timer: None,
                 last_received_ms: self.now_ms,
                 client_packet_size_max: mqtt::PACKET_SIZE_MAX,
                 topic_aliases: Vec::new(),
@@ -205,8 +209,7 @@ impl Shard {
         if connection.closing {
             return;
         }
-        connection.closing = true;
-        let session = connection.session.take();
+        let session = self.mark_closing(connection_id);
         self.outputs.push(Output::Close {
             connection: connection_id,
         });
@@ -215,8 +218,24 @@ impl Shard {
         }
     }
 
+    /// The connection reads no more input and keeps no timer; its session (returned) is no
+    /// longer its own. The caller queues the close.
+    pub(super) fn mark_closing(&mut self, connection_id: ConnectionId) -> Option<SessionIndex> {
+        let connection = self.connections.get_mut(&connection_id)?;
+        connection.closing = true;
+        self.timers.cancel(connection.keep_alive_timer.take());
+        connection.session.take()
+    }
+
+    /// Forgets the connection (closed, lost or handed to another shard), with its timer.
+    pub(super) fn remove_connection(&mut self, connection_id: ConnectionId) -> Option<Connection> {
+        let connection = self.connections.remove(&connection_id)?;
+        self.timers.cancel(connection.keep_alive_timer);
+        Some(connection)
+    }
+
     pub(super) fn connection_lost(&mut self, connection_id: ConnectionId, why: &str) {
-        if let Some(connection) = self.connections.remove(&connection_id) {
+        if let Some(connection) = self.remove_connection(connection_id) {
             if connection.closing {
                 return;
             }

@@ -2,13 +2,32 @@
 //! machine. `handle(now_ms, input)` changes the state and queues outputs; `take_outputs`
 //! hands them to the reactor, with each connection's packets of the batch in one buffer.
 //!
-//! Invariants: a session lives on the shard its client identifier hashes to
+//! Rooms: `connection` (bytes in and out, protocol errors, closing), `session` (storage,
+//! detach, end), `connect` (CONNECT, takeover, resume), `client` (a connected client's
+//! packets and QoS flows), `subscribe`, `route` (route tables, messages between shards,
+//! routing a publish), `deliver` (to this shard's sessions), `timers` (the timer store and
+//! what fires), `snapshot`, `takeover` (across nodes), `invariants` (`check_invariants`).
+//!
+//! Invariants (checked by `check_invariants`, which the tests and the simulation call after
+//! every step): a session lives on the shard its client identifier hashes to
 //! ([`owner_shard`]); a connection belongs to at most one session and a session to at most one
 //! connection; a filter is in the trie exactly while some session here holds it, and the node
-//! route table (every shard's copy) names this shard for it exactly then.
+//! route table (every shard's copy) names this shard for it exactly then; in flight stays
+//! within the client's window and queues within their limit; every armed timer has one live
+//! owner, and cancelled timers leave the store.
+//!
+//! Order: the outputs of one input come in an order fixed by the inputs alone, never by a
+//! hasher's seed (maps keyed by client identifiers or topics keep a seeded hash against
+//! flooding, and nothing iterates them into outputs). Sends come per connection in the order
+//! the connections first got a packet in the batch, then the other outputs in the order they
+//! arose, each close after its connection's send. Within that: an ending session's route
+//! changes go by filter (`Session::subscriptions` is a B-tree); retained messages for a new
+//! subscription and in shard 0's snapshot go by topic (`Retained` is a B-tree); a snapshot's
+//! sessions go in slot order; timers due together fire by deadline, then in the order they
+//! were armed; claims completed together (nodes gone) go in the order they started; shutdown
+//! disconnects connections by identifier.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
@@ -32,6 +51,7 @@ mod client;
 mod connect;
 mod connection;
 mod deliver;
+mod invariants;
 mod route;
 mod session;
 mod snapshot;
@@ -43,7 +63,7 @@ use connection::Connection;
 use deliver::publish_packet;
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
-use timers::Timer;
+use timers::{Timer, TimerKey, Timers};
 
 /// The shard that owns the session of `client_id`: FNV-1a of the identifier, so that every
 /// shard (and every restart) computes the same owner.
@@ -211,7 +231,7 @@ pub struct Shard {
     answered: HashMap<ByteString, Vec<(NodeId, u64, u64)>>,
     answered_prune_at: usize,
     retained: Retained,
-    timers: BinaryHeap<Reverse<(u64, Timer)>>,
+    timers: Timers,
     outputs: Vec<Output>,
     dirty: Vec<ConnectionId>,
     /// Turn counters for shared subscriptions: which member shard (on the publishing shard)
@@ -258,7 +278,7 @@ impl Shard {
             answered: HashMap::new(),
             answered_prune_at: 1024,
             retained: Retained::default(),
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
             outputs: Vec::new(),
             dirty: Vec::new(),
             shared_shard_turn: 0,
@@ -275,7 +295,7 @@ impl Shard {
 
     /// The earliest deadline, for the reactor's timer.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        self.timers.next_deadline_ms()
     }
 
     /// Applies one input at time `now_ms` (milliseconds on a monotonic clock).
@@ -315,9 +335,11 @@ impl Shard {
             }
         }
         // Closes go after the sends of the same batch, and closed connections are forgotten.
-        for output in self.outputs.drain(..) {
+        // Taken out while forgetting connections, and put back to keep its allocation.
+        let mut queued = std::mem::take(&mut self.outputs);
+        for output in queued.drain(..) {
             if let Output::Close { connection } = output {
-                if let Some(closed) = self.connections.remove(&connection)
+                if let Some(closed) = self.remove_connection(connection)
                     && !closed.outgoing.is_empty()
                 {
                     outputs.push(Output::Send {
@@ -328,6 +350,7 @@ impl Shard {
             }
             outputs.push(output);
         }
+        self.outputs = queued;
     }
 }
 

@@ -37,15 +37,28 @@ pub(super) struct Session {
     pub(super) connection: Option<ConnectionId>,
     pub(super) version: ProtocolVersion,
     /// Each held filter (with its `$share/{group}/` prefix) and its options and identifier.
-    pub(super) subscriptions: HashMap<ByteString, (SubscriptionOptions, Option<u32>)>,
+    /// Ordered by filter, so that the route changes of an ending session and the
+    /// subscriptions of a saved one come in the same order in every process; a B-tree also
+    /// needs no hash that chosen filters could flood.
+    pub(super) subscriptions: BTreeMap<ByteString, (SubscriptionOptions, Option<u32>)>,
     pub(super) expiry_seconds: u32,
-    /// Bumped at every connect, so that timers set for an earlier connection are ignored.
+    /// Bumped at every connect; a will delay or expiry timer names the generation it was
+    /// armed in, and is cancelled before the next one starts.
     pub(super) generation: u64,
+    /// The armed will delay, while a delayed will waits (only without a connection).
+    pub(super) will_timer: Option<TimerKey>,
+    /// The armed session expiry (only without a connection, and not for a session that
+    /// never expires).
+    pub(super) expiry_timer: Option<TimerKey>,
     pub(super) next_packet_id: u16,
     pub(super) inflight: VecDeque<Inflight>,
     pub(super) queue: VecDeque<Queued>,
     /// The client's Receive Maximum, capped by the limit.
     pub(super) send_window: u16,
+    /// Messages in flight when the session was last resumed or restored. A client that comes
+    /// back with a smaller Receive Maximum gets them all resent, and nothing new goes in flight
+    /// until the window has room, so in flight stays within the larger of the two.
+    pub(super) inflight_resumed_count: usize,
     /// QoS 2 packet identifiers received and forwarded, awaiting PUBREL.
     pub(super) awaiting_release: HashSet<u16>,
     /// Boxed: most sessions have no will, and a message inline would double every session.
@@ -65,13 +78,16 @@ impl Session {
             client_id,
             connection: None,
             version,
-            subscriptions: HashMap::new(),
+            subscriptions: BTreeMap::new(),
             expiry_seconds,
             generation: 0,
+            will_timer: None,
+            expiry_timer: None,
             next_packet_id: 0,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
             send_window,
+            inflight_resumed_count: 0,
             awaiting_release: HashSet::new(),
             will: None,
             dropped_messages: 0,
@@ -100,6 +116,11 @@ impl Shard {
         let now_ms = self.now_ms;
         let session = self.session_mut(index);
         session.connection = None;
+        // Connected sessions hold no timers: `accept` cancelled those of the time offline.
+        assert!(
+            session.will_timer.is_none() && session.expiry_timer.is_none(),
+            "a connected session has no will or expiry timer"
+        );
         let generation = session.generation;
         let expiry_seconds = session.expiry_seconds;
         let will = session.will.take();
@@ -108,20 +129,23 @@ impl Shard {
             if delay == 0 {
                 self.publish(will.message);
             } else {
-                self.session_mut(index).will = Some(will);
-                self.timers.push(Reverse((
+                let key = self.timers.arm(
                     now_ms + u64::from(delay) * 1000,
                     Timer::WillDelay(index, generation),
-                )));
+                );
+                let session = self.session_mut(index);
+                session.will = Some(will);
+                session.will_timer = Some(key);
             }
         }
         if expiry_seconds == 0 {
             self.end_session(index);
         } else if expiry_seconds != u32::MAX {
-            self.timers.push(Reverse((
+            let key = self.timers.arm(
                 now_ms + u64::from(expiry_seconds) * 1000,
                 Timer::SessionExpiry(index, generation),
-            )));
+            );
+            self.session_mut(index).expiry_timer = Some(key);
         }
     }
 
@@ -163,7 +187,9 @@ impl Shard {
         debug!(client_id = %session.client_id, "session ended");
         self.client_ids.remove(&session.client_id);
         self.free_sessions.push(index);
-        for (filter, _) in &session.subscriptions {
+        self.timers.cancel(session.will_timer);
+        self.timers.cancel(session.expiry_timer);
+        for filter in session.subscriptions.keys() {
             self.remove_subscription(index, filter);
         }
         if let Some(will) = session.will {

@@ -115,16 +115,26 @@ impl Shard {
                 },
             })
             .collect();
-        session.queue = saved
-            .queue
-            .into_iter()
-            .map(|d| Queued {
-                message: d.message,
-                subscription_identifiers: d.subscription_identifiers,
-            })
-            .collect();
+        session.inflight_resumed_count = session.inflight.len();
+        // Through the queue's own rule, so that a record from a run (or a node) with a higher
+        // limit keeps the newest messages within this one's.
+        let limit = self.config.limits.queued_messages_per_session_max;
+        for delivery in saved.queue {
+            Self::enqueue(
+                &mut session,
+                delivery.message,
+                delivery.subscription_identifiers,
+                limit,
+            );
+        }
         let index = self.insert_session(session);
         for (filter, options, identifier) in saved.subscriptions {
+            if self.session(index).subscriptions.contains_key(&filter) {
+                // A record names each filter once; a second would leave the trie holding a
+                // subscription the session does not.
+                warn!(%filter, "a saved session names a filter twice: the first is kept");
+                continue;
+            }
             self.add_subscription(index, &filter, options, identifier);
             self.session_mut(index)
                 .subscriptions
@@ -132,10 +142,11 @@ impl Shard {
         }
         // The time offline before the restart is not known: expiry counts from the restart.
         if saved.expiry_seconds != u32::MAX {
-            self.timers.push(Reverse((
+            let key = self.timers.arm(
                 self.now_ms + u64::from(saved.expiry_seconds) * 1000,
                 Timer::SessionExpiry(index, 0),
-            )));
+            );
+            self.session_mut(index).expiry_timer = Some(key);
         }
     }
 }

@@ -21,6 +21,9 @@ struct Node {
     received: HashMap<ConnectionId, Vec<Packet>>,
     versions: HashMap<ConnectionId, ProtocolVersion>,
     closed: Vec<ConnectionId>,
+    /// Every output of every shard, in order, as text: two runs of one script compare equal
+    /// only if the outputs came in the same order.
+    log: Vec<String>,
     now_ms: u64,
 }
 
@@ -48,6 +51,7 @@ impl Node {
             received: HashMap::new(),
             versions: HashMap::new(),
             closed: Vec::new(),
+            log: Vec::new(),
             now_ms: 1_000,
         }
     }
@@ -56,9 +60,14 @@ impl Node {
         let mut work = VecDeque::from([(shard, input)]);
         while let Some((shard, input)) = work.pop_front() {
             self.shards[shard].handle(self.now_ms, input);
+            // The invariants hold between inputs, not only between batches: the reactor hands
+            // a shard several inputs before it takes the outputs.
+            self.shards[shard].check_invariants();
             let mut outputs = Vec::new();
             self.shards[shard].take_outputs(&mut outputs);
+            self.shards[shard].check_invariants();
             for output in outputs {
+                self.log.push(format!("shard {shard}: {output:?}"));
                 match output {
                     Output::Send { connection, bytes } => self.decode_sent(connection, bytes),
                     Output::Close { connection } => {
@@ -218,4 +227,5 @@ fn v5_persistent(client_id: &'static str, expiry: u32) -> Connect {
 }
 
 mod delivery;
+mod rules;
 mod sessions;
