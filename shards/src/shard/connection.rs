@@ -38,6 +38,12 @@ impl Shard {
             self.outputs.push(Output::Close { connection });
             return;
         }
+        // The reactor names each open connection once; a second `Opened` would orphan the
+        // first connection's session and timer.
+        assert!(
+            !self.connections.contains_key(&connection),
+            "connection {connection} opened twice"
+        );
         self.connections.insert(
             connection,
             Connection {

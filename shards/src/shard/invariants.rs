@@ -289,7 +289,12 @@ impl Shard {
                 Some(client_id),
                 "pending claim of {client_id} is not indexed by its number"
             );
-            owners += usize::from(pending.timer().is_some());
+            // Only a firing timeout takes the key, and the claim completes in the same step.
+            assert!(
+                pending.timer().is_some(),
+                "pending claim of {client_id} has no timeout"
+            );
+            owners += 1;
         }
         for (key, timer) in self.timers.iter() {
             match timer {
