@@ -185,3 +185,25 @@ fn check_invariants_catches_a_queue_that_stalls() {
     shard.connections.get_mut(&3).expect("open").session = Some(index);
     shard.check_invariants();
 }
+
+#[test]
+fn an_old_sessions_expiry_does_not_end_the_new_session_in_its_slot() {
+    let mut node = Node::new(1, Limits::default());
+    node.connect(1, 0, v5_persistent("slot", 60));
+    node.lose(1);
+    // A clean start ends that session; the new one takes its slot, at the same generation.
+    let again = Connect {
+        clean_start: true,
+        ..v5_persistent("slot", 600)
+    };
+    assert!(!node.connect(2, 0, again).session_present);
+    node.lose(2);
+    node.advance(61_000);
+    assert_eq!(
+        node.shards[0].session_count(),
+        1,
+        "the first session's expiry went with it"
+    );
+    node.advance(540_000);
+    assert_eq!(node.shards[0].session_count(), 0, "its own expiry ends it");
+}
