@@ -3,16 +3,20 @@
 //! shard.
 //!
 //! Matching a wildcard filter scans every retained topic; an exact filter is one lookup.
+//!
+//! The messages are kept in topic order (a B-tree), so that what reaches a client or a snapshot
+//! comes in the same order in every process, and no hash that chosen topics could flood.
 
 use bytestring::ByteString;
-use hashbrown::HashMap;
+use std::collections::BTreeMap;
+
 use shardmq_net::mqtt::topic;
 
 use crate::message::Message;
 
 #[derive(Debug, Default)]
 pub struct Retained {
-    messages: HashMap<ByteString, Message>,
+    messages: BTreeMap<ByteString, Message>,
 }
 
 impl Retained {
@@ -26,12 +30,13 @@ impl Retained {
         }
     }
 
-    /// Every retained message, in no particular order.
+    /// Every retained message, by topic.
     pub fn iter(&self) -> impl Iterator<Item = &Message> {
         self.messages.values()
     }
 
-    /// The unexpired retained messages whose topic `filter` matches; for a shared filter, none.
+    /// The unexpired retained messages whose topic `filter` matches, by topic; for a shared
+    /// filter, none.
     pub fn matching<'a>(
         &'a self,
         filter: &'a str,

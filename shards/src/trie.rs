@@ -311,6 +311,15 @@ impl<T> Trie<T> {
         }
     }
 
+    /// Every value of every filter, in arena order (which follows the history of inserts and
+    /// removals): for counts and consistency checks, not for anything that reaches a client.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.lists
+            .iter()
+            .flatten()
+            .flat_map(|subscribers| subscribers.as_slice())
+    }
+
     /// The subscribers of exactly `filter`.
     pub fn get(&self, filter: &str) -> &[T] {
         match self.find(filter) {

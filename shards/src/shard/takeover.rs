@@ -46,6 +46,22 @@ pub(super) struct PendingClaim {
     /// Claims of other nodes for this client that wait for this one to complete:
     /// (node, its shard, its claim number, clean start).
     deferred: Vec<(NodeId, ShardIndex, u64, bool)>,
+    /// The armed timeout of the claim, until it fires.
+    timer: Option<TimerKey>,
+}
+
+impl PendingClaim {
+    pub(super) fn claim_number(&self) -> u64 {
+        self.claim
+    }
+
+    pub(super) fn connection(&self) -> ConnectionId {
+        self.connection
+    }
+
+    pub(super) fn timer(&self) -> Option<TimerKey> {
+        self.timer
+    }
 }
 
 impl Shard {
@@ -91,10 +107,10 @@ impl Shard {
             });
         }
         debug!(%client_id, claim, nodes = ?waiting, "claiming the session from the other nodes");
-        self.timers.push(Reverse((
+        let timer = self.timers.arm(
             self.now_ms + self.config.takeover_timeout_ms,
             Timer::Claim(claim),
-        )));
+        );
         self.claim_clients.insert(claim, client_id.clone());
         self.claims.insert(
             client_id,
@@ -105,6 +121,7 @@ impl Shard {
                 waiting,
                 session: None,
                 deferred: Vec::new(),
+                timer: Some(timer),
             },
         );
         self.mark_claiming(connection_id);
@@ -250,12 +267,18 @@ impl Shard {
     }
 
     pub(super) fn claim_timed_out(&mut self, claim: u64) {
-        let Some(client_id) = self.claim_clients.get(&claim).cloned() else {
-            return;
-        };
-        if let Some(pending) = self.claims.get(&client_id) {
-            warn!(%client_id, silent = ?pending.waiting, timeout_ms = self.config.takeover_timeout_ms, "nodes did not answer a session claim in time: connecting without them");
-        }
+        // A completed claim cancels its timer, so a timer that fires names a pending claim.
+        let client_id = self
+            .claim_clients
+            .get(&claim)
+            .cloned()
+            .expect("a claim timer names a pending claim");
+        let pending = self
+            .claims
+            .get_mut(&client_id)
+            .expect("a claim number names a pending claim");
+        pending.timer = None;
+        warn!(%client_id, silent = ?pending.waiting, timeout_ms = self.config.takeover_timeout_ms, "nodes did not answer a session claim in time: connecting without them");
         self.complete_claim(&client_id);
     }
 
@@ -266,10 +289,12 @@ impl Shard {
         for (client_id, pending) in &mut self.claims {
             pending.waiting.retain(|node| up.contains(node));
             if pending.waiting.is_empty() {
-                complete.push(client_id.clone());
+                complete.push((pending.claim, client_id.clone()));
             }
         }
-        for client_id in complete {
+        // In the order the claims started, not the map's (which differs per process).
+        complete.sort_unstable();
+        for (_, client_id) in complete {
             self.complete_claim(&client_id);
         }
     }
@@ -281,6 +306,7 @@ impl Shard {
             return;
         };
         self.claim_clients.remove(&pending.claim);
+        self.timers.cancel(pending.timer);
         if let Some(saved) = pending.session {
             if self.client_ids.contains_key(client_id) {
                 warn!(%client_id, "a session was handed over while one is here too: the one here is kept");

@@ -1,0 +1,340 @@
+//! CONNECT: refusal checks, placement on the owning shard, acceptance (session resume or a
+//! new session, keep alive, CONNACK), takeover of a live connection, and resending on resume.
+
+use super::*;
+
+impl Shard {
+    pub(super) fn first_packet(
+        &mut self,
+        connection_id: ConnectionId,
+        packet: Packet,
+        received: Bytes,
+    ) {
+        let Packet::Connect(connect) = packet else {
+            info!(
+                connection = connection_id,
+                packet = packet.name(),
+                "closing the connection: the first packet is not CONNECT [MQTT-3.1.0-1]"
+            );
+            self.drop_connection(connection_id, false);
+            return;
+        };
+        let version = connect.protocol;
+        let limits = &self.config.limits;
+        let refuse = |reason| Some(reason);
+        let refusal = if connect.client_id.len() > limits.client_id_length_max
+            || (version == ProtocolVersion::V3_1
+                && (connect.client_id.is_empty() || connect.client_id.len() > 23))
+            || (connect.client_id.is_empty() && !connect.clean_start && !version.is_v5())
+        {
+            // 3.1 requires 1 to 23 characters; 3.1.1 refuses an empty identifier with clean
+            // session 0 [MQTT-3.1.3-8]; every version is held to the configured length.
+            refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
+        } else if connect.properties.authentication_method.is_some() {
+            // No authentication method is configured, so none is supported (§4.12).
+            refuse(ReasonCode::BAD_AUTHENTICATION_METHOD)
+        } else if connect
+            .will
+            .as_ref()
+            .is_some_and(|will| will.qos > limits.qos_max)
+        {
+            refuse(ReasonCode::QOS_NOT_SUPPORTED)
+        } else if connect
+            .will
+            .as_ref()
+            .is_some_and(|will| will.retain && !limits.retain_available)
+        {
+            refuse(ReasonCode::RETAIN_NOT_SUPPORTED)
+        } else if connect
+            .will
+            .as_ref()
+            .is_some_and(|will| topic_levels(&will.topic) > limits.topic_levels_max)
+        {
+            refuse(ReasonCode::TOPIC_NAME_INVALID)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            info!(connection = connection_id, client_id = %connect.client_id, %reason, "CONNECT refused");
+            self.send_connack_refusal(connection_id, version, reason);
+            self.drop_connection(connection_id, false);
+            return;
+        }
+        let (client_id, assigned) = if connect.client_id.is_empty() {
+            (self.assign_client_id(), true)
+        } else {
+            (connect.client_id.clone(), false)
+        };
+        let owner = owner_shard(&client_id, self.config.shard_count);
+        if owner != self.config.index {
+            // The session belongs to another shard: pass the socket and its bytes on.
+            self.remove_connection(connection_id);
+            self.outputs.push(Output::HandOff {
+                connection: connection_id,
+                shard: owner,
+                bytes: received,
+            });
+            return;
+        }
+        if !assigned && !self.cluster_nodes_up.is_empty() {
+            // The session may live on another node, or the client be connected there.
+            self.claim(connection_id, connect, client_id);
+            return;
+        }
+        self.accept(connection_id, *connect, client_id, assigned);
+    }
+
+    /// An identifier for a client that sent none, chosen so that it hashes to this shard.
+    pub(super) fn assign_client_id(&mut self) -> ByteString {
+        loop {
+            self.assigned_ids += 1;
+            // The node is part of it, so that no two nodes of a cluster assign the same one.
+            let candidate = format!(
+                "shardmq-{}-{}-{:x}-{:x}",
+                self.config.node, self.config.index, self.now_ms, self.assigned_ids
+            );
+            if owner_shard(&candidate, self.config.shard_count) == self.config.index
+                && !self.client_ids.contains_key(candidate.as_str())
+            {
+                return ByteString::from(candidate);
+            }
+        }
+    }
+
+    pub(super) fn accept(
+        &mut self,
+        connection_id: ConnectionId,
+        connect: Connect,
+        client_id: ByteString,
+        assigned: bool,
+    ) {
+        let limits = self.config.limits.clone();
+        let version = connect.protocol;
+        let v5 = version.is_v5();
+        let now_ms = self.now_ms;
+
+        // Session expiry: 5.0 says it in CONNECT; 3.1.1 clean session 0 keeps the session until
+        // the configured maximum, clean session 1 ends it with the connection.
+        let expiry_seconds = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        }
+        .min(limits.session_expiry_seconds_max);
+
+        // Take over a live connection of the same client identifier [MQTT-3.1.4-3].
+        if let Some(index) = self.client_ids.get(&client_id).copied() {
+            self.take_over(index, connect.clean_start);
+        }
+
+        let existing = self.client_ids.get(&client_id).copied();
+        let session_present = match existing {
+            Some(index) if connect.clean_start => {
+                self.end_session(index);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let index = match self.client_ids.get(&client_id) {
+            Some(&index) => index,
+            None => {
+                let session = Session::new(
+                    client_id.clone(),
+                    version,
+                    expiry_seconds,
+                    limits.inflight_per_session_max,
+                );
+                self.insert_session(session)
+            }
+        };
+
+        let client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+        let will = connect.will.map(|will| {
+            Box::new(StoredWill {
+                delay_seconds: will.properties.will_delay_interval.unwrap_or(0),
+                message: Message {
+                    topic: will.topic,
+                    payload: will.payload,
+                    qos: will.qos,
+                    retain: will.retain,
+                    expires_at_ms: None,
+                    publisher: Some(client_id.clone()),
+                    properties: PublishProperties {
+                        payload_format_indicator: will.properties.payload_format_indicator,
+                        // Counted from the moment the will is published; set then.
+                        message_expiry_interval: will.properties.message_expiry_interval,
+                        content_type: will.properties.content_type,
+                        response_topic: will.properties.response_topic,
+                        correlation_data: will.properties.correlation_data,
+                        user_properties: will.properties.user_properties,
+                        ..PublishProperties::default()
+                    },
+                },
+            })
+        });
+        let session = self.session_mut(index);
+        // Back online: the timers of its time offline no longer apply.
+        let offline_timers = [session.will_timer.take(), session.expiry_timer.take()];
+        session.connection = Some(connection_id);
+        session.version = version;
+        session.expiry_seconds = expiry_seconds;
+        session.generation += 1;
+        session.send_window = client_receive_maximum
+            .min(limits.inflight_per_session_max)
+            .max(1);
+        session.will = will;
+        session.inflight_resumed_count = session.inflight.len();
+        if !session_present {
+            session.awaiting_release.clear();
+        }
+        for key in offline_timers {
+            self.timers.cancel(key);
+        }
+
+        // Keep alive: the client's value, capped by the server's (5.0 tells the client).
+        let mut keep_alive = connect.keep_alive_seconds;
+        let mut server_keep_alive = None;
+        if limits.keep_alive_seconds_max != 0
+            && (keep_alive == 0 || keep_alive > limits.keep_alive_seconds_max)
+        {
+            keep_alive = limits.keep_alive_seconds_max;
+            server_keep_alive = Some(keep_alive);
+        }
+        let connection = self
+            .connections
+            .get_mut(&connection_id)
+            .expect("the connecting connection");
+        connection.session = Some(index);
+        connection.version = version;
+        connection.keep_alive_ms = u64::from(keep_alive) * 1000;
+        connection.client_packet_size_max = connect
+            .properties
+            .maximum_packet_size
+            .unwrap_or(mqtt::PACKET_SIZE_MAX);
+        connection.problem_information = connect
+            .properties
+            .request_problem_information
+            .unwrap_or(true);
+        if keep_alive > 0 {
+            // The client must send something within one and a half keep alives [MQTT-3.1.2-22].
+            assert!(
+                connection.keep_alive_timer.is_none(),
+                "a connection is accepted once"
+            );
+            let key = self.timers.arm(
+                now_ms + u64::from(keep_alive) * 1500,
+                Timer::KeepAlive(connection_id),
+            );
+            connection.keep_alive_timer = Some(key);
+        }
+
+        let mut properties = ConnAckProperties::default();
+        if v5 {
+            properties.receive_maximum =
+                (limits.receive_maximum != u16::MAX).then_some(limits.receive_maximum);
+            properties.maximum_packet_size = Some(limits.packet_size_max);
+            properties.topic_alias_maximum =
+                (limits.topic_alias_max > 0).then_some(limits.topic_alias_max);
+            properties.maximum_qos =
+                (limits.qos_max != QoS::ExactlyOnce).then_some(limits.qos_max as u8);
+            properties.retain_available = (!limits.retain_available).then_some(false);
+            properties.server_keep_alive = server_keep_alive;
+            properties.assigned_client_identifier = assigned.then(|| client_id.clone());
+            // A basis for response topics, private to the client (MQTT 5.0 §4.10).
+            if connect.properties.request_response_information == Some(true) {
+                properties.response_information =
+                    Some(ByteString::from(format!("reply/{client_id}")));
+            }
+            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
+            properties.session_expiry_interval =
+                (asked != expiry_seconds).then_some(expiry_seconds);
+        }
+        debug!(connection = connection_id, %client_id, ?version, session_present, "client connected");
+        self.send(
+            connection_id,
+            &Packet::ConnAck(Box::new(ConnAck {
+                session_present,
+                reason: ReasonCode::SUCCESS,
+                properties,
+            })),
+        );
+        if session_present {
+            self.resend_inflight(index);
+        }
+        self.drain_queue(index);
+    }
+
+    /// A new connection (here or on another node) takes session `index` over: the old
+    /// connection, if any, gets DISCONNECT 0x8E (5.0) and is closed, and the session stays,
+    /// without a connection, for the new one to continue or replace. The old connection's
+    /// will is published unless the new one resumes the session (`clean_start` false) and
+    /// the will is delayed (MQTT 5.0 §3.1.3.2.2); a delayed will not sent now is dropped, as
+    /// its client is back.
+    pub(super) fn take_over(&mut self, index: SessionIndex, clean_start: bool) {
+        let Some(old_connection) = self.session(index).connection else {
+            return;
+        };
+        let keep_will = !clean_start
+            && self
+                .session(index)
+                .will
+                .as_ref()
+                .is_some_and(|will| will.delay_seconds > 0);
+        info!(client_id = %self.session(index).client_id, old = old_connection, "session taken over by a new connection");
+        if let Some(connection) = self.connections.get(&old_connection)
+            && connection.version.is_v5()
+        {
+            self.send(
+                old_connection,
+                &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
+            );
+        }
+        self.mark_closing(old_connection);
+        self.outputs.push(Output::Close {
+            connection: old_connection,
+        });
+        let session = self.session_mut(index);
+        session.connection = None;
+        if let Some(will) = session.will.take()
+            && !keep_will
+        {
+            self.publish(will.message);
+        }
+    }
+
+    /// On resume, unacknowledged PUBLISH packets go again with DUP set, and PUBRELs again, in
+    /// their original order [MQTT-4.4.0-1].
+    pub(super) fn resend_inflight(&mut self, index: SessionIndex) {
+        let now_ms = self.now_ms;
+        let Some(connection_id) = self.session(index).connection else {
+            return;
+        };
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        let session = self.sessions[index as usize]
+            .as_mut()
+            .expect("live session");
+        let was_empty = connection.outgoing.is_empty();
+        for entry in &session.inflight {
+            let packet = match entry.state {
+                InflightState::Published => Packet::Publish(publish_packet(
+                    &entry.message,
+                    entry.message.qos,
+                    entry.packet_id,
+                    true,
+                    &entry.subscription_identifiers,
+                    now_ms,
+                )),
+                InflightState::Released => Packet::PubRel(PubAck::new(entry.packet_id)),
+            };
+            Self::encode_into(connection, &packet);
+        }
+        if was_empty && !connection.outgoing.is_empty() {
+            self.dirty.push(connection_id);
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Delivery to this shard's sessions: matching, the one copy per session, live sends within
+//! the in-flight window, and the session queue.
+
+use super::*;
+
+/// A PUBLISH of `message` for one subscriber.
+pub(super) fn publish_packet(
+    message: &Message,
+    qos: QoS,
+    packet_id: u16,
+    dup: bool,
+    subscription_identifiers: &[u32],
+    now_ms: u64,
+) -> Publish {
+    let mut properties = message.properties.clone();
+    properties.message_expiry_interval = message.remaining_expiry_seconds(now_ms);
+    properties.subscription_identifiers = subscription_identifiers.to_vec();
+    Publish {
+        dup,
+        qos,
+        retain: message.retain,
+        topic: message.topic.clone(),
+        packet_id,
+        properties,
+        payload: message.payload.clone(),
+    }
+}
+
+/// As [`publish_packet`], taking the message: for QoS 0, which keeps nothing after sending, the
+/// topic, payload and properties move instead of being cloned.
+fn publish_packet_owned(
+    message: Message,
+    subscription_identifiers: Vec<u32>,
+    now_ms: u64,
+) -> Publish {
+    let message_expiry_interval = message.remaining_expiry_seconds(now_ms);
+    let mut properties = message.properties;
+    properties.message_expiry_interval = message_expiry_interval;
+    properties.subscription_identifiers = subscription_identifiers;
+    Publish {
+        dup: false,
+        qos: message.qos,
+        retain: message.retain,
+        topic: message.topic,
+        packet_id: 0,
+        properties,
+        payload: message.payload,
+    }
+}
+
+impl Shard {
+    /// Delivers to this shard's sessions: every matching plain subscription, and one member of
+    /// each listed shared group. A session with several matching subscriptions gets one copy at
+    /// the highest of their QoS, with all their subscription identifiers [MQTT-3.3.4-2],
+    /// [MQTT-3.3.4-3].
+    pub(super) fn deliver_local(
+        &mut self,
+        message: Message,
+        plain: bool,
+        groups: &[(ByteString, ByteString)],
+    ) {
+        if message.is_expired(self.now_ms) {
+            return;
+        }
+        let mut matched = std::mem::take(&mut self.matched);
+        matched.clear();
+        if plain {
+            self.subscriptions
+                .for_each_match(&message.topic, |subscribers| {
+                    matched.extend_from_slice(subscribers)
+                });
+        }
+        let mut shared_targets = Vec::new();
+        for (group, filter) in groups {
+            let members: Vec<Subscriber> = self
+                .shared
+                .get(filter)
+                .iter()
+                .filter(|member| {
+                    member.group == *group
+                        && self.session(member.subscriber.session).connection.is_some()
+                })
+                .map(|member| member.subscriber)
+                .collect();
+            // Prefer connected members; with none connected, any member's session queues it.
+            let members = if members.is_empty() {
+                self.shared
+                    .get(filter)
+                    .iter()
+                    .filter(|member| member.group == *group)
+                    .map(|member| member.subscriber)
+                    .collect()
+            } else {
+                members
+            };
+            if !members.is_empty() {
+                let mut members = members;
+                members.sort_unstable_by_key(|member| member.session);
+                let choice = pick_member(
+                    self.config.shared_strategy,
+                    &mut self.shared_member_turn,
+                    message.publisher.as_ref(),
+                    members.len(),
+                );
+                shared_targets.push(members[choice]);
+            }
+        }
+        // No Local: not back to the publisher's own session.
+        matched.retain(|subscriber| {
+            !(subscriber.options.no_local
+                && message.publisher.as_ref() == Some(&self.session(subscriber.session).client_id))
+        });
+        matched.sort_unstable_by_key(|subscriber| subscriber.session);
+        let (message_qos, message_retain) = (message.qos, message.retain);
+        // The last delivery takes the message itself; the others get clones.
+        let deliveries = matched
+            .windows(2)
+            .filter(|pair| pair[0].session != pair[1].session)
+            .count()
+            + usize::from(!matched.is_empty())
+            + shared_targets.len();
+        let mut delivered = 0;
+        let mut message = Some(message);
+        let mut take = |message: &mut Option<Message>| {
+            delivered += 1;
+            if delivered == deliveries {
+                message
+                    .take()
+                    .expect("the message moves to the last delivery only")
+            } else {
+                message
+                    .clone()
+                    .expect("the message is still here before the last delivery")
+            }
+        };
+        let mut start = 0;
+        while start < matched.len() {
+            let session = matched[start].session;
+            let end = start
+                + matched[start..]
+                    .iter()
+                    .take_while(|s| s.session == session)
+                    .count();
+            let group = &matched[start..end];
+            let qos = group
+                .iter()
+                .map(|s| s.options.qos)
+                .max()
+                .expect("a non-empty group")
+                .min(message_qos);
+            let retain = message_retain && group.iter().any(|s| s.options.retain_as_published);
+            let identifiers: Vec<u32> = group.iter().filter_map(|s| s.identifier).collect();
+            let mut copy = take(&mut message);
+            copy.retain = retain;
+            self.deliver_to_session(session, copy, qos, identifiers);
+            start = end;
+        }
+        for subscriber in shared_targets {
+            let mut copy = take(&mut message);
+            copy.retain = message_retain && subscriber.options.retain_as_published;
+            let qos = subscriber.options.qos.min(message_qos);
+            self.deliver_to_session(
+                subscriber.session,
+                copy,
+                qos,
+                subscriber.identifier.into_iter().collect(),
+            );
+        }
+        self.matched = matched;
+    }
+
+    /// Sends the message to the session's connection now if its window allows, else queues it
+    /// (QoS 0 is not queued for a session without a connection).
+    pub(super) fn deliver_to_session(
+        &mut self,
+        index: SessionIndex,
+        mut message: Message,
+        qos: QoS,
+        subscription_identifiers: Vec<u32>,
+    ) {
+        message.qos = qos;
+        let limit = self.config.limits.queued_messages_per_session_max;
+        let now_ms = self.now_ms;
+        let Shard {
+            sessions,
+            connections,
+            dirty,
+            ..
+        } = self;
+        let session = sessions[index as usize]
+            .as_mut()
+            .expect("a live session index");
+        let Some(connection_id) = session.connection else {
+            // QoS 0 is not kept for a session without a connection.
+            if qos == QoS::AtMostOnce {
+                return;
+            }
+            return Self::enqueue(session, message, subscription_identifiers, limit);
+        };
+        // Live delivery: with nothing waiting and room in the window, straight to the
+        // connection, without passing through (and allocating) the session's queue.
+        let window_open =
+            qos == QoS::AtMostOnce || session.inflight.len() < usize::from(session.send_window);
+        if session.queue.is_empty()
+            && window_open
+            && let Some(connection) = connections.get_mut(&connection_id).filter(|c| !c.closing)
+        {
+            let was_empty = connection.outgoing.is_empty();
+            Self::transmit(
+                connection,
+                session,
+                message,
+                subscription_identifiers,
+                now_ms,
+            );
+            if was_empty && !connection.outgoing.is_empty() {
+                dirty.push(connection_id);
+            }
+            return;
+        }
+        Self::enqueue(session, message, subscription_identifiers, limit);
+        self.drain_queue(index);
+    }
+
+    /// Queues a message for the session, dropping the oldest when the queue is full.
+    pub(super) fn enqueue(
+        session: &mut Session,
+        message: Message,
+        subscription_identifiers: Vec<u32>,
+        limit: usize,
+    ) {
+        if session.queue.len() >= limit {
+            session.queue.pop_front();
+            session.dropped_messages += 1;
+            if session.dropped_messages.is_power_of_two() {
+                warn!(client_id = %session.client_id, dropped = session.dropped_messages, limit, "session queue full: dropping its oldest messages");
+            }
+        }
+        session.queue.push_back(Queued {
+            message,
+            subscription_identifiers,
+        });
+    }
+
+    /// Sends queued messages while the connection's window has room.
+    pub(super) fn drain_queue(&mut self, index: SessionIndex) {
+        let now_ms = self.now_ms;
+        let Some(connection_id) = self.session(index).connection else {
+            return;
+        };
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        if connection.closing {
+            return;
+        }
+        let session = self.sessions[index as usize]
+            .as_mut()
+            .expect("live session");
+        let was_empty = connection.outgoing.is_empty();
+        while let Some(front) = session.queue.front() {
+            let needs_slot = front.message.qos != QoS::AtMostOnce;
+            if needs_slot && session.inflight.len() >= usize::from(session.send_window) {
+                break;
+            }
+            let Queued {
+                message,
+                subscription_identifiers,
+            } = session.queue.pop_front().expect("a front");
+            Self::transmit(
+                connection,
+                session,
+                message,
+                subscription_identifiers,
+                now_ms,
+            );
+        }
+        // A backlog has drained: give its memory back (live delivery does not use the queue).
+        if session.queue.is_empty() && session.queue.capacity() > 0 {
+            session.queue = VecDeque::new();
+        }
+        if was_empty && !connection.outgoing.is_empty() {
+            self.dirty.push(connection_id);
+        }
+    }
+    /// Encodes one message for the session's connection, holding a window slot for QoS 1/2.
+    /// Expired messages are dropped, and so are messages larger than the client accepts
+    /// [MQTT-3.1.2-25] (for QoS 1 and 2 that counts as delivered).
+    pub(super) fn transmit(
+        connection: &mut Connection,
+        session: &mut Session,
+        message: Message,
+        subscription_identifiers: Vec<u32>,
+        now_ms: u64,
+    ) {
+        if message.is_expired(now_ms) {
+            return;
+        }
+        let needs_slot = message.qos != QoS::AtMostOnce;
+        let packet_id = if needs_slot {
+            session.allocate_packet_id()
+        } else {
+            0
+        };
+        // QoS 1 and 2 keep the message for acknowledgement and resending; QoS 0 gives it up.
+        let (packet, kept) = if needs_slot {
+            let packet = publish_packet(
+                &message,
+                message.qos,
+                packet_id,
+                false,
+                &subscription_identifiers,
+                now_ms,
+            );
+            (
+                Packet::Publish(packet),
+                Some((message, subscription_identifiers)),
+            )
+        } else {
+            (
+                Packet::Publish(publish_packet_owned(
+                    message,
+                    subscription_identifiers,
+                    now_ms,
+                )),
+                None,
+            )
+        };
+        if packet.encoded_len(connection.version) > connection.client_packet_size_max as usize {
+            debug!(client_id = %session.client_id, "message larger than the client's maximum packet size: not sent");
+            return;
+        }
+        Self::encode_into(connection, &packet);
+        if let Some((message, subscription_identifiers)) = kept {
+            session.inflight.push_back(Inflight {
+                packet_id,
+                message,
+                subscription_identifiers,
+                state: InflightState::Published,
+            });
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! One shard: the connections, sessions, subscriptions and routes of one core, as a state
+//! machine. `handle(now_ms, input)` changes the state and queues outputs; `take_outputs`
+//! hands them to the reactor, with each connection's packets of the batch in one buffer.
+//!
+//! Rooms: `connection` (bytes in and out, protocol errors, closing), `session` (storage,
+//! detach, end), `connect` (CONNECT, takeover, resume), `client` (a connected client's
+//! packets and QoS flows), `subscribe`, `route` (route tables, messages between shards,
+//! routing a publish), `deliver` (to this shard's sessions), `timers` (the timer store and
+//! what fires), `snapshot`, `takeover` (across nodes), `invariants` (`check_invariants`).
+//!
+//! Invariants (checked by `check_invariants`, which the tests and the simulation call after
+//! every step): a session lives on the shard its client identifier hashes to
+//! ([`owner_shard`]); a connection belongs to at most one session and a session to at most one
+//! connection; a filter is in the trie exactly while some session here holds it, and the node
+//! route table (every shard's copy) names this shard for it exactly then; in flight stays
+//! within the client's window and queues within their limit; every armed timer has one live
+//! owner, and cancelled timers leave the store.
+//!
+//! Order: the outputs of one input come in an order fixed by the inputs alone, never by a
+//! hasher's seed (maps keyed by client identifiers or topics keep a seeded hash against
+//! flooding, and nothing iterates them into outputs). Sends come per connection in the order
+//! the connections first got a packet in the batch, then the other outputs in the order they
+//! arose, each close after its connection's send. Within that: an ending session's route
+//! changes go by filter (`Session::subscriptions` is a B-tree); retained messages for a new
+//! subscription and in shard 0's snapshot go by topic (`Retained` is a B-tree); a snapshot's
+//! sessions go in slot order; timers due together fire by deadline, then in the order they
+//! were armed; claims completed together (nodes gone) go in the order they started; shutdown
+//! disconnects connections by identifier.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use hashbrown::{HashMap, HashSet};
+use shardmq_net::mqtt::{
+    self, AckProperties, ConnAck, ConnAckProperties, Connect, DecodeError, DecodeOptions,
+    Disconnect, ErrorResponse, Packet, ProtocolVersion, PubAck, Publish, PublishProperties, QoS,
+    ReasonCode, RetainHandling, Sender, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
+    Unsubscribe, topic,
+};
+use tracing::{debug, info, warn};
+
+use crate::limits::Limits;
+use crate::message::{
+    ConnectionId, Forwarded, Message, NodeId, SessionTransfer, ShardIndex, ShardMessage,
+};
+use crate::retained::Retained;
+use crate::trie::{Change, Trie};
+
+mod client;
+mod connect;
+mod connection;
+mod deliver;
+mod invariants;
+mod route;
+mod session;
+mod snapshot;
+mod subscribe;
+mod takeover;
+mod timers;
+
+use connection::Connection;
+use deliver::publish_packet;
+use route::pick_member;
+use session::{Inflight, InflightState, Queued, Session, StoredWill};
+use timers::{Timer, TimerKey, Timers};
+
+/// The shard that owns the session of `client_id`: FNV-1a of the identifier, so that every
+/// shard (and every restart) computes the same owner.
+pub fn owner_shard(client_id: &str, shard_count: u16) -> ShardIndex {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in client_id.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(shard_count.max(1))) as ShardIndex
+}
+
+/// What the reactor tells the shard.
+// Inputs and outputs live for one batch and are never stored in bulk, so the size of a
+// delivered message inline costs less than boxing it (an allocation per message).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Input {
+    /// A connection was accepted by this shard, or handed to it by another shard.
+    Opened { connection: ConnectionId },
+    /// Bytes arrived on a connection.
+    Received {
+        connection: ConnectionId,
+        bytes: Bytes,
+    },
+    /// The peer closed the connection, or it failed.
+    Closed { connection: ConnectionId },
+    /// A batch of messages from other shards.
+    Shard(ShardMessage),
+    /// A message forwarded by another node of the cluster: delivered here, never forwarded on.
+    FromNode(Forwarded),
+    /// Time passed: deadlines (keep alive, will delay, session expiry) are checked.
+    Tick,
+    /// The server is shutting down: every client gets DISCONNECT 0x8B (5.0) and is closed.
+    Shutdown,
+}
+
+/// What the shard asks the reactor to do.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// Send these bytes on the connection, after anything sent before.
+    Send {
+        connection: ConnectionId,
+        bytes: Bytes,
+    },
+    /// Close the connection once everything queued for it is sent.
+    Close { connection: ConnectionId },
+    /// Move the connection to `shard`, which owns its client identifier, and give that shard
+    /// `bytes` (everything received so far) as the connection's first input. This shard has
+    /// already forgotten the connection.
+    HandOff {
+        connection: ConnectionId,
+        shard: ShardIndex,
+        bytes: Bytes,
+    },
+    /// Deliver a message to another shard.
+    ToShard {
+        shard: ShardIndex,
+        message: ShardMessage,
+    },
+    /// Forward a message to another node of the cluster.
+    ToNode { node: NodeId, forwarded: Forwarded },
+    /// Send a session claim or handover to another node of the cluster.
+    SessionToNode {
+        node: NodeId,
+        transfer: SessionTransfer,
+    },
+    /// Open a TCP connection (a cluster link); the reactor answers with the connection or the
+    /// failure, named by `tag`. Emitted by the cluster layer, never by the shard itself.
+    Connect {
+        address: std::net::SocketAddr,
+        tag: u64,
+    },
+    /// This node gained its first (`added`) or lost its last shard holding `filter` (for a
+    /// shared subscription, `group`'s `filter`): a route delta for the cluster. Only shard 0
+    /// emits these, so each change is told once.
+    NodeRoute {
+        filter: ByteString,
+        group: Option<ByteString>,
+        added: bool,
+    },
+}
+
+/// Settings of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub index: ShardIndex,
+    pub shard_count: u16,
+    /// This node's identifier in its cluster (0 alone): part of assigned client identifiers,
+    /// and the tie-break of concurrent takeovers across nodes.
+    pub node: NodeId,
+    /// How long a CONNECT waits for the other nodes to hand over its client's session.
+    pub takeover_timeout_ms: u64,
+    pub limits: Limits,
+    pub shared_strategy: SharedStrategy,
+}
+
+/// How a shared subscription group picks the member for a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SharedStrategy {
+    /// Members in turn.
+    #[default]
+    RoundRobin,
+    /// By a hash of the publisher's client identifier: one publisher's messages go to one
+    /// member (while the group's membership stays the same), so they stay in order.
+    ClientIdHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Subscriber {
+    session: SessionIndex,
+    options: SubscriptionOptions,
+    identifier: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SharedMember {
+    group: ByteString,
+    subscriber: Subscriber,
+}
+
+/// Where a route leads: a shard of this node, or another node of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Shard(ShardIndex),
+    Node(NodeId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SharedRoute {
+    group: ByteString,
+    filter: ByteString,
+    target: Target,
+}
+
+type SessionIndex = u32;
+
+/// One shard's broker state.
+#[derive(Debug)]
+pub struct Shard {
+    config: ShardConfig,
+    now_ms: u64,
+    connections: HashMap<ConnectionId, Connection>,
+    sessions: Vec<Option<Session>>,
+    free_sessions: Vec<SessionIndex>,
+    client_ids: HashMap<ByteString, SessionIndex>,
+    subscriptions: Trie<Subscriber>,
+    shared: Trie<SharedMember>,
+    /// The node route table (which shards of this node hold a filter) and the cluster route
+    /// table (which other nodes do), in one trie so that a publish matches once.
+    routes: Trie<Target>,
+    shared_routes: Trie<SharedRoute>,
+    /// The other nodes of the cluster that are members now: a retained message goes to each.
+    cluster_nodes: Vec<NodeId>,
+    /// Those of them that are up: a CONNECT claims its client's session from each.
+    cluster_nodes_up: Vec<NodeId>,
+    /// CONNECTs waiting for other nodes to hand over their session, by client identifier,
+    /// and the client identifier of each claim number.
+    claims: HashMap<ByteString, takeover::PendingClaim>,
+    claim_clients: HashMap<u64, ByteString>,
+    next_claim: u64,
+    /// Other nodes' claims this shard answered with no claim of its own pending, by client:
+    /// (node, its claim, when). A claim this shard starts soon after names them (`after`).
+    answered: HashMap<ByteString, Vec<(NodeId, u64, u64)>>,
+    answered_prune_at: usize,
+    retained: Retained,
+    timers: Timers,
+    outputs: Vec<Output>,
+    dirty: Vec<ConnectionId>,
+    /// Turn counters for shared subscriptions: which member shard (on the publishing shard)
+    /// and which member session (on the member shard). Kept apart so that one never steps the
+    /// other.
+    shared_shard_turn: u64,
+    shared_member_turn: u64,
+    assigned_ids: u64,
+    /// Scratch space for one delivery, kept to avoid an allocation per message.
+    matched: Vec<Subscriber>,
+    /// Scratch space for routing one message: which shards have plain subscribers.
+    plain_targets: Vec<bool>,
+}
+
+const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
+
+impl Shard {
+    /// A session claim waits this long for other nodes (a cluster-wide setting can change it).
+    pub fn set_takeover_timeout_ms(&mut self, timeout_ms: u64) {
+        self.config.takeover_timeout_ms = timeout_ms;
+    }
+
+    pub fn new(config: ShardConfig) -> Self {
+        assert!(
+            config.index < config.shard_count,
+            "shard index out of range"
+        );
+        Self {
+            config,
+            now_ms: 0,
+            connections: HashMap::new(),
+            sessions: Vec::new(),
+            free_sessions: Vec::new(),
+            client_ids: HashMap::new(),
+            subscriptions: Trie::new(),
+            shared: Trie::new(),
+            routes: Trie::new(),
+            shared_routes: Trie::new(),
+            cluster_nodes: Vec::new(),
+            cluster_nodes_up: Vec::new(),
+            claims: HashMap::new(),
+            claim_clients: HashMap::new(),
+            next_claim: 0,
+            answered: HashMap::new(),
+            answered_prune_at: 1024,
+            retained: Retained::default(),
+            timers: Timers::default(),
+            outputs: Vec::new(),
+            dirty: Vec::new(),
+            shared_shard_turn: 0,
+            shared_member_turn: 0,
+            assigned_ids: 0,
+            matched: Vec::new(),
+            plain_targets: Vec::new(),
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.client_ids.len()
+    }
+
+    /// The earliest deadline, for the reactor's timer.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.timers.next_deadline_ms()
+    }
+
+    /// Applies one input at time `now_ms` (milliseconds on a monotonic clock).
+    pub fn handle(&mut self, now_ms: u64, input: Input) {
+        debug_assert!(now_ms >= self.now_ms, "the clock went backwards");
+        self.now_ms = now_ms;
+        match input {
+            Input::Opened { connection } => self.open(connection),
+            Input::Received { connection, bytes } => self.receive(connection, bytes),
+            Input::Closed { connection } => self.connection_lost(connection, "closed by the peer"),
+            Input::Shard(message) => self.shard_message(message),
+            Input::FromNode(forwarded) => {
+                self.route(
+                    forwarded.message,
+                    Some((forwarded.plain, &forwarded.groups)),
+                );
+            }
+            Input::Tick => self.fire_timers(),
+            Input::Shutdown => self.shutdown(),
+        }
+    }
+
+    /// The outputs of everything handled since the last call; each connection's packets come
+    /// as one `Send`, before its `Close`.
+    pub fn take_outputs(&mut self, outputs: &mut Vec<Output>) {
+        for connection_id in self.dirty.drain(..) {
+            if let Some(connection) = self.connections.get_mut(&connection_id)
+                && !connection.outgoing.is_empty()
+            {
+                // Take the whole buffer, not a split of it: a split would leave the connection
+                // holding the rest of the allocation while it idles.
+                let bytes = std::mem::take(&mut connection.outgoing).freeze();
+                outputs.push(Output::Send {
+                    connection: connection_id,
+                    bytes,
+                });
+            }
+        }
+        // Closes go after the sends of the same batch, and closed connections are forgotten.
+        // Taken out while forgetting connections, and put back to keep its allocation.
+        let mut queued = std::mem::take(&mut self.outputs);
+        for output in queued.drain(..) {
+            if let Output::Close { connection } = output {
+                if let Some(closed) = self.remove_connection(connection)
+                    && !closed.outgoing.is_empty()
+                {
+                    outputs.push(Output::Send {
+                        connection,
+                        bytes: closed.outgoing.freeze(),
+                    });
+                }
+            }
+            outputs.push(output);
+        }
+        self.outputs = queued;
+    }
+}
+
+fn topic_levels(topic: &str) -> usize {
+    topic.bytes().filter(|&byte| byte == b'/').count() + 1
+}
+
+#[cfg(test)]
+mod tests;
