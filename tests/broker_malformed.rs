@@ -159,3 +159,126 @@ fn every_malformed_input_gets_its_response_and_only_its_connection_closes() {
         failures.join("\n")
     );
 }
+
+/// Connects a 3.1.1 client `client_id` over a raw socket and checks that its session's shard
+/// answers: a CONNACK that accepts, then a PINGRESP to a PINGREQ.
+fn shard_serves(port: u16, client_id: &str) -> Result<(), String> {
+    use std::io::Read;
+    let mut stream = raw(port);
+    write_all(
+        &mut stream,
+        &connect_bytes(ProtocolVersion::V3_1_1, client_id),
+    );
+    let mut connack = [0u8; 4];
+    stream
+        .read_exact(&mut connack)
+        .map_err(|error| format!("{client_id}: no CONNACK ({error})"))?;
+    if connack != [0x20, 0x02, 0x00, 0x00] {
+        return Err(format!("{client_id}: CONNACK {connack:02x?}"));
+    }
+    write_all(&mut stream, &[0xC0, 0x00]);
+    let mut pingresp = [0u8; 2];
+    stream
+        .read_exact(&mut pingresp)
+        .map_err(|error| format!("{client_id}: no PINGRESP ({error})"))?;
+    if pingresp != [0xD0, 0x00] {
+        return Err(format!("{client_id}: PINGRESP {pingresp:02x?}"));
+    }
+    Ok(())
+}
+
+/// A 5.0 PUBLISH whose topic is as long as a UTF-8 string may be (65,535 bytes) and has far
+/// more levels than `topic_levels_max` allows. The shard refuses it with a DISCONNECT whose
+/// reason string quotes the topic; that string must be cut to fit its field (it once tripped
+/// an assertion in the encoder and killed the shard thread). Afterwards every shard, the
+/// attacker's included, still serves clients.
+#[test]
+fn a_maximal_topic_over_the_level_limit_gets_a_disconnect_and_every_shard_lives_on() {
+    const SHARDS: u16 = 2;
+    let mut broker = Broker::start(SHARDS);
+    let attacker_id = "long-topic-attacker";
+    let mut stream = raw(broker.port);
+    write_all(
+        &mut stream,
+        &connect_bytes(ProtocolVersion::V5, attacker_id),
+    );
+    let mut connack = [0u8; 64];
+    use std::io::Read;
+    let read = stream.read(&mut connack).unwrap_or(0);
+    assert!(
+        read >= 4 && connack[0] == 0x20 && connack[3] == 0x00,
+        "CONNACK success"
+    );
+
+    // "a/a/.../a": 32,768 levels in 65,535 bytes.
+    let topic = "a/".repeat(32_767) + "a";
+    assert_eq!(topic.len(), 65_535);
+    let mut body = Vec::with_capacity(topic.len() + 16);
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.push(0x00); // no properties
+    body.extend_from_slice(b"payload");
+    let mut publish = BytesMut::new();
+    publish.extend_from_slice(&[0x30]);
+    let mut length = body.len();
+    loop {
+        let byte = (length % 128) as u8;
+        length /= 128;
+        if length == 0 {
+            publish.extend_from_slice(&[byte]);
+            break;
+        }
+        publish.extend_from_slice(&[byte | 0x80]);
+    }
+    publish.extend_from_slice(&body);
+    write_all(&mut stream, &publish);
+
+    let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(5));
+    assert!(
+        closed,
+        "the connection was not closed; broker log:\n{}",
+        broker.log_text()
+    );
+    let options = DecodeOptions {
+        version: ProtocolVersion::V5,
+        max_packet_size: mqtt::PACKET_SIZE_MAX,
+        sender: Sender::Server,
+    };
+    match mqtt::decode(&Bytes::from(response.clone()), &options) {
+        Ok(Some((Packet::Disconnect(disconnect), used))) => {
+            assert_eq!(used, response.len(), "bytes after the DISCONNECT");
+            assert_eq!(disconnect.reason, mqtt::ReasonCode::TOPIC_NAME_INVALID);
+            if let Some(why) = &disconnect.properties.reason_string {
+                assert!(why.len() <= 65_535, "reason string of {} bytes", why.len());
+            }
+        }
+        other => panic!(
+            "expected a DISCONNECT 0x90, got {} bytes: {other:?}",
+            response.len()
+        ),
+    }
+
+    // One client per shard, chosen by the session placement rule, so that the attacker's
+    // shard is among them.
+    let mut failures = Vec::new();
+    for shard in 0..SHARDS {
+        let client_id = (0..)
+            .map(|n| format!("after-attack-{n}"))
+            .find(|id| shardmq_shards::owner_shard(id, SHARDS) == shard)
+            .unwrap();
+        if let Err(error) = shard_serves(broker.port, &client_id) {
+            failures.push(format!("shard {shard}: {error}"));
+        }
+    }
+    assert!(
+        broker.is_running(),
+        "the broker died:\n{}",
+        broker.log_text()
+    );
+    assert!(
+        failures.is_empty(),
+        "{}\nbroker log:\n{}",
+        failures.join("\n"),
+        broker.log_text()
+    );
+}

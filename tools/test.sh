@@ -6,15 +6,16 @@
 # Steps: install missing tools (rustfmt, clippy, cargo-fuzz, mosquitto-clients, paho-mqtt,
 # fonts-dejavu-core)
 # -> cargo fmt --check -> clippy (warnings are errors) -> the
-# malformed corpus matches its generator -> a short fuzz run of the MQTT decoder -> cargo test
-# for the whole workspace (last, so that its summary closes the output).
+# malformed corpus matches its generator -> a short run of every fuzz target of net/fuzz and
+# shards/fuzz -> cargo test for the whole workspace (last, so that its summary closes the
+# output).
 #
 # Environment:
-#   SHARDMQ_FUZZ_SECONDS  length of the fuzz run (default 60; 0 skips it)
+#   SHARDMQ_FUZZ_SECONDS  length of each fuzz target's run (default 20; 0 skips fuzzing)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-fuzz_seconds="${SHARDMQ_FUZZ_SECONDS:-60}"
+fuzz_seconds="${SHARDMQ_FUZZ_SECONDS:-20}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -71,11 +72,10 @@ if ! diff -r "$scratch/committed" tests/corpus/malformed; then
 fi
 
 if [ "$fuzz_seconds" != 0 ]; then
-    step "fuzzing the MQTT decoder for ${fuzz_seconds}s"
-    # Seeds: the malformed corpus, once per version and sending side (the first byte of a
-    # fuzz input selects them; see net/fuzz/fuzz_targets/decode.rs).
+    # Seeds of the decoder: the malformed corpus, once per version and sending side (the first
+    # byte of a fuzz input selects them; see net/fuzz/fuzz_targets/decode.rs).
     seeds="$scratch/seeds"
-    mkdir -p "$seeds" "$scratch/fuzz-corpus"
+    mkdir -p "$seeds"
     python3 - "$seeds" <<'PY'
 import pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -85,15 +85,29 @@ for path in pathlib.Path("tests/corpus/malformed").glob("*.txt"):
     for selector in (0x00, 0x01, 0x02, 0x81, 0x82):
         (out / f"{path.stem}-{selector:02x}").write_bytes(bytes([selector]) + data)
 PY
-    # cargo-fuzz needs nightly flags (-Zsanitizer); RUSTC_BOOTSTRAP lets the stable toolchain
-    # accept them.
-    # With pipefail, the pipeline fails when cargo fuzz does; tail keeps the log short.
-    if ! (cd net && RUSTC_BOOTSTRAP=1 cargo fuzz run decode "$scratch/fuzz-corpus" "$seeds" -- \
-            -max_total_time="$fuzz_seconds" -max_len=4096 -print_final_stats=1) 2>&1 | tail -n 25
-    then
-        echo "the fuzz run failed: a crash is saved under net/fuzz/artifacts/decode/"
-        exit 1
-    fi
+    # Every target of each fuzz crate, as `cargo fuzz list` names them, so that a new target
+    # runs without editing this script. A target's seeds are its crate's `seeds/` folder if
+    # there is one, plus the malformed corpus for `decode`.
+    for crate in net shards; do
+        targets="$(cd "$crate/fuzz" && cargo fuzz list)"
+        for target in $targets; do
+            step "fuzzing $crate/fuzz target $target for ${fuzz_seconds}s"
+            corpora=("$scratch/fuzz-corpus-$crate-$target")
+            mkdir -p "${corpora[0]}"
+            [ -d "$crate/fuzz/seeds" ] && corpora+=("$PWD/$crate/fuzz/seeds")
+            [ "$target" = decode ] && corpora+=("$seeds")
+            # cargo-fuzz needs nightly flags (-Zsanitizer); RUSTC_BOOTSTRAP lets the stable
+            # toolchain accept them. -rss_limit_mb makes memory growth a failure. With
+            # pipefail, the pipeline fails when cargo fuzz does; tail keeps the log short.
+            if ! (cd "$crate/fuzz" && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "${corpora[@]}" -- \
+                    -max_total_time="$fuzz_seconds" -max_len=4096 -rss_limit_mb=1024 \
+                    -print_final_stats=1) 2>&1 | tail -n 25
+            then
+                echo "the fuzz run failed: a crash is saved under $crate/fuzz/artifacts/$target/"
+                exit 1
+            fi
+        done
+    done
 fi
 
 step "cargo test --workspace"

@@ -1,12 +1,13 @@
 //! CONNECT (MQTT 5.0 §3.1, 3.1.1 §3.1) and CONNACK (§3.2).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use bytestring::ByteString;
 
+use super::encode::Sink;
 use super::properties::{
     ConnAckProperties, ConnectProperties, Properties, WillProperties, decode_with_auth,
 };
-use super::wire::{Reader, field_len, put_field};
+use super::wire::Reader;
 use super::{DecodeError, ProtocolVersion, QoS, ReasonCode, check_reason, reason, topic};
 
 /// A connection request. Its protocol version is its own: CONNECT is decoded before the
@@ -174,50 +175,28 @@ impl Connect {
         flags
     }
 
-    pub(crate) fn body_len(&self) -> usize {
+    pub(crate) fn write<S: Sink>(&self, sink: &mut S) {
         let v5 = self.protocol.is_v5();
-        let mut length = field_len(self.protocol.protocol_name().as_bytes()) + 1 + 1 + 2;
+        sink.field(self.protocol.protocol_name().as_bytes());
+        sink.u8(self.protocol.level());
+        sink.u8(self.flags());
+        sink.u16(self.keep_alive_seconds);
         if v5 {
-            length += self.properties.encoded_len();
+            sink.properties(&self.properties);
         }
-        length += field_len(self.client_id.as_bytes());
+        sink.field(self.client_id.as_bytes());
         if let Some(will) = &self.will {
             if v5 {
-                length += will.properties.encoded_len();
+                sink.properties(&will.properties);
             }
-            length += field_len(will.topic.as_bytes()) + field_len(&will.payload);
+            sink.field(will.topic.as_bytes());
+            sink.field(&will.payload);
         }
         if let Some(username) = &self.username {
-            length += field_len(username.as_bytes());
+            sink.field(username.as_bytes());
         }
         if let Some(password) = &self.password {
-            length += field_len(password);
-        }
-        length
-    }
-
-    pub(crate) fn encode_body(&self, buf: &mut BytesMut) {
-        let v5 = self.protocol.is_v5();
-        put_field(buf, self.protocol.protocol_name().as_bytes());
-        buf.put_u8(self.protocol.level());
-        buf.put_u8(self.flags());
-        buf.put_u16(self.keep_alive_seconds);
-        if v5 {
-            self.properties.encode(buf);
-        }
-        put_field(buf, self.client_id.as_bytes());
-        if let Some(will) = &self.will {
-            if v5 {
-                will.properties.encode(buf);
-            }
-            put_field(buf, will.topic.as_bytes());
-            put_field(buf, &will.payload);
-        }
-        if let Some(username) = &self.username {
-            put_field(buf, username.as_bytes());
-        }
-        if let Some(password) = &self.password {
-            put_field(buf, password);
+            sink.field(password);
         }
     }
 }
@@ -272,21 +251,13 @@ impl ConnAck {
         })
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
+        sink.u8(u8::from(self.session_present));
         if version.is_v5() {
-            2 + self.properties.encoded_len()
+            sink.u8(self.reason.0);
+            sink.properties(&self.properties);
         } else {
-            2
-        }
-    }
-
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        buf.put_u8(u8::from(self.session_present));
-        if version.is_v5() {
-            buf.put_u8(self.reason.0);
-            self.properties.encode(buf);
-        } else {
-            buf.put_u8(self.reason.to_connack_return_code());
+            sink.u8(self.reason.to_connack_return_code());
         }
     }
 }

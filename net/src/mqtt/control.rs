@@ -1,11 +1,9 @@
 //! DISCONNECT (MQTT 5.0 §3.14) and AUTH (§3.15). PINGREQ and PINGRESP have no body and live in
 //! the packet enum alone.
 
-use bytes::{BufMut, BytesMut};
-
+use super::encode::Sink;
 use super::properties::{
-    AuthProperties, DisconnectProperties, Properties, decode_with_auth, encode_short_form,
-    short_form_len,
+    AuthProperties, DisconnectProperties, Properties, decode_with_auth, is_empty, write_short_form,
 };
 use super::wire::Reader;
 use super::{DecodeError, ProtocolVersion, ReasonCode, check_reason, reason};
@@ -41,24 +39,13 @@ impl Disconnect {
         Ok(disconnect)
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
-        if !version.is_v5() {
-            return 0;
-        }
-        short_form_len(
-            self.reason,
-            ReasonCode::NORMAL_DISCONNECTION,
-            &self.properties,
-        )
-    }
-
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
         if version.is_v5() {
-            encode_short_form(
+            write_short_form(
                 self.reason,
                 ReasonCode::NORMAL_DISCONNECTION,
                 &self.properties,
-                buf,
+                sink,
             );
         }
     }
@@ -83,20 +70,17 @@ impl Auth {
         Ok(auth)
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
-        assert!(version.is_v5(), "AUTH exists only in MQTT 5");
-        if self.reason == ReasonCode::SUCCESS && self.properties.is_empty() {
-            0
-        } else {
-            1 + self.properties.encoded_len()
-        }
-    }
-
-    pub(crate) fn encode_body(&self, buf: &mut BytesMut) {
-        if self.reason == ReasonCode::SUCCESS && self.properties.is_empty() {
+    /// Unlike the short forms of the acknowledgements, AUTH has no form with a reason code but
+    /// no property length (§3.15.2.1): both go, or neither.
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
+        if !version.is_v5() {
+            sink.invalid("AUTH exists only in MQTT 5");
             return;
         }
-        buf.put_u8(self.reason.0);
-        self.properties.encode(buf);
+        if self.reason == ReasonCode::SUCCESS && is_empty(&self.properties, sink.diagnostics()) {
+            return;
+        }
+        sink.u8(self.reason.0);
+        sink.properties(&self.properties);
     }
 }

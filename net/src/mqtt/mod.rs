@@ -14,9 +14,12 @@
 //! The protocol version decides the encoding: the same [`Packet`] is written differently for
 //! 3.1.1 and 5.0 (5.0 adds reason codes and properties; 3.1.1 has none, and [`encode`] leaves
 //! them out). MQTT 3.1 is encoded as 3.1.1 except for CONNECT's protocol name and level.
+//! Encoding never panics: [`encode_limited`] fits a packet to the peer's Maximum Packet Size or
+//! says why it cannot ([`EncodeError`]); see `encode.rs`.
 
 mod connect;
 mod control;
+mod encode;
 mod error;
 pub mod properties;
 mod publish;
@@ -25,10 +28,11 @@ mod subscribe;
 pub mod topic;
 pub mod wire;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
 pub use connect::{ConnAck, Connect, Will};
 pub use control::{Auth, Disconnect};
+pub use encode::{EncodeError, cut_to_field, encode, encode_limited};
 pub use error::{DecodeError, ErrorResponse};
 pub use properties::{
     AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
@@ -190,30 +194,32 @@ impl Packet {
         }
     }
 
-    fn body_len(&self, version: ProtocolVersion) -> usize {
+    /// Describes the body (everything after the fixed header) to `sink`.
+    fn write_body<S: encode::Sink>(&self, version: ProtocolVersion, sink: &mut S) {
         match self {
-            Packet::Connect(connect) => connect.body_len(),
-            Packet::ConnAck(connack) => connack.body_len(version),
-            Packet::Publish(publish) => publish.body_len(version),
+            Packet::Connect(connect) => connect.write(sink),
+            Packet::ConnAck(connack) => connack.write(version, sink),
+            Packet::Publish(publish) => publish.write(version, sink),
             Packet::PubAck(ack)
             | Packet::PubRec(ack)
             | Packet::PubRel(ack)
-            | Packet::PubComp(ack) => ack.body_len(version),
-            Packet::Subscribe(subscribe) => subscribe.body_len(version),
-            Packet::SubAck(suback) => suback.body_len(version),
-            Packet::Unsubscribe(unsubscribe) => unsubscribe.body_len(version),
-            Packet::UnsubAck(unsuback) => unsuback.body_len(version),
-            Packet::PingReq | Packet::PingResp => 0,
-            Packet::Disconnect(disconnect) => disconnect.body_len(version),
-            Packet::Auth(auth) => auth.body_len(version),
+            | Packet::PubComp(ack) => ack.write(version, sink),
+            Packet::Subscribe(subscribe) => subscribe.write(version, sink),
+            Packet::SubAck(suback) => suback.write(version, sink),
+            Packet::Unsubscribe(unsubscribe) => unsubscribe.write(version, sink),
+            Packet::UnsubAck(unsuback) => unsuback.write(version, sink),
+            Packet::PingReq | Packet::PingResp => {}
+            Packet::Disconnect(disconnect) => disconnect.write(version, sink),
+            Packet::Auth(auth) => auth.write(version, sink),
         }
     }
 
-    /// The whole encoded size in `version`, fixed header included: what a peer's Maximum Packet
-    /// Size is compared with.
+    /// The whole encoded size in `version`, fixed header included, as [`encode`] writes it
+    /// (Reason Strings and User Properties cut to their fields): what a peer's Maximum Packet
+    /// Size is compared with. `usize::MAX` for a packet that cannot be encoded at all, so that
+    /// it fits no limit.
     pub fn encoded_len(&self, version: ProtocolVersion) -> usize {
-        let body = self.body_len(version);
-        1 + wire::varint_len(body as u32) + body
+        encode::measure(self, version, true).map_or(usize::MAX, |(_, size)| size)
     }
 }
 
@@ -360,14 +366,20 @@ pub fn decode(
     Ok(Some((packet, length)))
 }
 
-/// Decodes the packet whose checked fixed header is `header` and whose bytes start `buf`
-/// (`buf` holds at least `header.packet_len()` bytes).
+/// Decodes the packet whose checked fixed header is `header` and whose bytes start `buf`.
+/// A `buf` shorter than `header.packet_len()` is a truncated packet.
 pub fn decode_body(
     header: &FixedHeader,
     buf: &Bytes,
     options: &DecodeOptions,
 ) -> Result<Packet, DecodeError> {
     use packet_type::*;
+    if buf.len() < header.packet_len() {
+        return Err(DecodeError::malformed(
+            "§2.1.4",
+            "the packet is shorter than its Remaining Length",
+        ));
+    }
     let packet_type = header.packet_type();
     check_direction(packet_type, options.sender)?;
     let mut reader = wire::Reader::new(buf, header.header_len, header.packet_len());
@@ -423,35 +435,6 @@ pub fn decode_body(
         }
     };
     Ok(packet)
-}
-
-/// Appends `packet`, encoded for `version`, to `buf`.
-///
-/// The packet must be valid for the version: strings and binary fields of at most 65,535
-/// bytes, and a body of at most 268,435,455 bytes. Breaking that is a programming error and
-/// panics; packets built from decoded input always hold.
-pub fn encode(packet: &Packet, version: ProtocolVersion, buf: &mut BytesMut) {
-    let body = packet.body_len(version);
-    buf.reserve(1 + wire::varint_len(body as u32) + body);
-    buf.put_u8(packet.packet_type() << 4 | packet.flags());
-    wire::put_varint(buf, body as u32);
-    let start = buf.len();
-    match packet {
-        Packet::Connect(connect) => connect.encode_body(buf),
-        Packet::ConnAck(connack) => connack.encode_body(version, buf),
-        Packet::Publish(publish) => publish.encode_body(version, buf),
-        Packet::PubAck(ack) | Packet::PubRec(ack) | Packet::PubRel(ack) | Packet::PubComp(ack) => {
-            ack.encode_body(version, buf)
-        }
-        Packet::Subscribe(subscribe) => subscribe.encode_body(version, buf),
-        Packet::SubAck(suback) => suback.encode_body(version, buf),
-        Packet::Unsubscribe(unsubscribe) => unsubscribe.encode_body(version, buf),
-        Packet::UnsubAck(unsuback) => unsuback.encode_body(version, buf),
-        Packet::PingReq | Packet::PingResp => {}
-        Packet::Disconnect(disconnect) => disconnect.encode_body(version, buf),
-        Packet::Auth(auth) => auth.encode_body(buf),
-    }
-    debug_assert_eq!(buf.len() - start, body, "{} body length", packet.name());
 }
 
 /// A packet identifier that must not be zero [MQTT-2.2.1-3].

@@ -1,13 +1,12 @@
 //! PUBLISH (MQTT 5.0 §3.3) and its acknowledgements PUBACK, PUBREC, PUBREL and PUBCOMP
 //! (§3.4 to §3.7), which share one layout.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use bytestring::ByteString;
 
-use super::properties::{
-    AckProperties, Properties, PublishProperties, encode_short_form, short_form_len,
-};
-use super::wire::{Reader, field_len, put_field};
+use super::encode::Sink;
+use super::properties::{AckProperties, Properties, PublishProperties, write_short_form};
+use super::wire::Reader;
 use super::{
     DecodeError, ProtocolVersion, QoS, ReasonCode, Sender, check_reason, read_packet_id, reason,
     topic,
@@ -82,31 +81,17 @@ impl Publish {
         u8::from(self.dup) << 3 | (self.qos as u8) << 1 | u8::from(self.retain)
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
-        let mut length = field_len(self.topic.as_bytes()) + self.payload.len();
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
+        sink.field(self.topic.as_bytes());
         if self.qos != QoS::AtMostOnce {
-            length += 2;
+            sink.packet_id(self.packet_id);
+        } else if self.packet_id != 0 {
+            sink.invalid("[MQTT-2.2.1-2] a QoS 0 PUBLISH with a Packet Identifier");
         }
         if version.is_v5() {
-            length += self.properties.encoded_len();
+            sink.properties(&self.properties);
         }
-        length
-    }
-
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        assert_eq!(
-            self.qos == QoS::AtMostOnce,
-            self.packet_id == 0,
-            "a PUBLISH has a packet identifier exactly when its QoS is above 0"
-        );
-        put_field(buf, self.topic.as_bytes());
-        if self.qos != QoS::AtMostOnce {
-            buf.put_u16(self.packet_id);
-        }
-        if version.is_v5() {
-            self.properties.encode(buf);
-        }
-        buf.put_slice(&self.payload);
+        sink.raw(&self.payload);
     }
 }
 
@@ -170,17 +155,10 @@ impl PubAck {
         Ok(ack)
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
-        if !version.is_v5() {
-            return 2;
-        }
-        2 + short_form_len(self.reason, ReasonCode::SUCCESS, &self.properties)
-    }
-
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        buf.put_u16(self.packet_id);
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
+        sink.packet_id(self.packet_id);
         if version.is_v5() {
-            encode_short_form(self.reason, ReasonCode::SUCCESS, &self.properties, buf);
+            write_short_form(self.reason, ReasonCode::SUCCESS, &self.properties, sink);
         }
     }
 }

@@ -1,10 +1,10 @@
 //! SUBSCRIBE, SUBACK, UNSUBSCRIBE and UNSUBACK (MQTT 5.0 §3.8 to §3.11).
 
-use bytes::{BufMut, BytesMut};
 use bytestring::ByteString;
 
+use super::encode::Sink;
 use super::properties::{AckProperties, Properties, SubscribeProperties, UnsubscribeProperties};
-use super::wire::{Reader, field_len, put_field};
+use super::wire::Reader;
 use super::{
     DecodeError, ProtocolVersion, QoS, ReasonCode, check_reason, read_packet_id, reason, topic,
 };
@@ -154,25 +154,17 @@ impl Subscribe {
         })
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
-        let mut length = 2;
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
+        sink.packet_id(self.packet_id);
         if version.is_v5() {
-            length += self.properties.encoded_len();
+            sink.properties(&self.properties);
         }
-        for (filter, _) in &self.filters {
-            length += field_len(filter.as_bytes()) + 1;
-        }
-        length
-    }
-
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        buf.put_u16(self.packet_id);
-        if version.is_v5() {
-            self.properties.encode(buf);
+        if self.filters.is_empty() {
+            sink.invalid("[MQTT-3.8.3-2] SUBSCRIBE without a Topic Filter");
         }
         for (filter, options) in &self.filters {
-            put_field(buf, filter.as_bytes());
-            buf.put_u8(options.encode(version));
+            sink.field(filter.as_bytes());
+            sink.u8(options.encode(version));
         }
     }
 }
@@ -206,22 +198,16 @@ impl SubAck {
         })
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
-        let properties = if version.is_v5() {
-            self.properties.encoded_len()
-        } else {
-            0
-        };
-        2 + properties + self.reasons.len()
-    }
-
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        buf.put_u16(self.packet_id);
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
+        sink.packet_id(self.packet_id);
         if version.is_v5() {
-            self.properties.encode(buf);
+            sink.properties(&self.properties);
+        }
+        if self.reasons.is_empty() {
+            sink.invalid("§3.9.3 SUBACK without a reason code");
         }
         for reason in &self.reasons {
-            buf.put_u8(reason.0);
+            sink.u8(reason.0);
         }
     }
 }
@@ -265,27 +251,16 @@ impl Unsubscribe {
         })
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
-        let properties = if version.is_v5() {
-            self.properties.encoded_len()
-        } else {
-            0
-        };
-        2 + properties
-            + self
-                .filters
-                .iter()
-                .map(|filter| field_len(filter.as_bytes()))
-                .sum::<usize>()
-    }
-
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        buf.put_u16(self.packet_id);
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
+        sink.packet_id(self.packet_id);
         if version.is_v5() {
-            self.properties.encode(buf);
+            sink.properties(&self.properties);
+        }
+        if self.filters.is_empty() {
+            sink.invalid("[MQTT-3.10.3-2] UNSUBSCRIBE without a Topic Filter");
         }
         for filter in &self.filters {
-            put_field(buf, filter.as_bytes());
+            sink.field(filter.as_bytes());
         }
     }
 }
@@ -322,20 +297,15 @@ impl UnsubAck {
         })
     }
 
-    pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
+    pub(crate) fn write<S: Sink>(&self, version: ProtocolVersion, sink: &mut S) {
+        sink.packet_id(self.packet_id);
         if version.is_v5() {
-            2 + self.properties.encoded_len() + self.reasons.len()
-        } else {
-            2
-        }
-    }
-
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        buf.put_u16(self.packet_id);
-        if version.is_v5() {
-            self.properties.encode(buf);
+            sink.properties(&self.properties);
+            if self.reasons.is_empty() {
+                sink.invalid("§3.11.3 UNSUBACK without a reason code");
+            }
             for reason in &self.reasons {
-                buf.put_u8(reason.0);
+                sink.u8(reason.0);
             }
         }
     }

@@ -42,25 +42,22 @@ pub fn decode_varint(buf: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
     Ok(None)
 }
 
-/// How many bytes `value` takes as a Variable Byte Integer.
-pub fn varint_len(value: u32) -> usize {
-    assert!(
-        value <= VARINT_MAX,
-        "Variable Byte Integer {value} out of range"
-    );
+/// How many bytes `value` takes as a Variable Byte Integer; `None` above [`VARINT_MAX`], which
+/// no Variable Byte Integer can hold.
+pub fn varint_len(value: u32) -> Option<usize> {
     match value {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
+        0..=127 => Some(1),
+        128..=16_383 => Some(2),
+        16_384..=2_097_151 => Some(3),
+        2_097_152..=VARINT_MAX => Some(4),
+        _ => None,
     }
 }
 
-pub fn put_varint(buf: &mut BytesMut, mut value: u32) {
-    assert!(
-        value <= VARINT_MAX,
-        "Variable Byte Integer {value} out of range"
-    );
+/// Writes `value` as a Variable Byte Integer. The encoder checks values with [`varint_len`]
+/// first; a larger value is written as [`VARINT_MAX`] rather than panicking.
+pub fn put_varint(buf: &mut BytesMut, value: u32) {
+    let mut value = value.min(VARINT_MAX);
     loop {
         let byte = (value & 0x7F) as u8;
         value >>= 7;
@@ -70,22 +67,6 @@ pub fn put_varint(buf: &mut BytesMut, mut value: u32) {
         }
         buf.put_u8(byte | 0x80);
     }
-}
-
-/// Writes a two-byte length and the bytes: a UTF-8 string or binary data field.
-pub fn put_field(buf: &mut BytesMut, field: &[u8]) {
-    assert!(
-        field.len() <= FIELD_LENGTH_MAX,
-        "field of {} bytes is longer than MQTT allows",
-        field.len()
-    );
-    buf.put_u16(field.len() as u16);
-    buf.put_slice(field);
-}
-
-/// The encoded length of a two-byte-length-prefixed field.
-pub fn field_len(field: &[u8]) -> usize {
-    2 + field.len()
 }
 
 /// Checks the rules every MQTT UTF-8 string obeys: well-formed UTF-8 without surrogates
@@ -117,12 +98,13 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// A reader over `buf[start..end]`.
+    /// A reader over `buf[start..end]`; bounds outside `buf` are clamped to it, so a reader
+    /// never indexes past its buffer.
     pub fn new(buf: &'a Bytes, start: usize, end: usize) -> Self {
-        assert!(start <= end && end <= buf.len());
+        let end = end.min(buf.len());
         Self {
             buf,
-            position: start,
+            position: start.min(end),
             end,
         }
     }
@@ -230,9 +212,18 @@ mod tests {
             let mut buf = BytesMut::new();
             put_varint(&mut buf, value);
             assert_eq!(&buf[..], bytes, "encoding {value}");
-            assert_eq!(varint_len(value), bytes.len());
+            assert_eq!(varint_len(value), Some(bytes.len()));
             assert_eq!(decode_varint(bytes), Ok(Some((value, bytes.len()))));
         }
+    }
+
+    #[test]
+    fn varint_above_the_maximum_has_no_length_and_does_not_panic() {
+        assert_eq!(varint_len(VARINT_MAX + 1), None);
+        assert_eq!(varint_len(u32::MAX), None);
+        let mut buf = BytesMut::new();
+        put_varint(&mut buf, u32::MAX);
+        assert_eq!(&buf[..], &[0xFF, 0xFF, 0xFF, 0x7F]);
     }
 
     #[test]
