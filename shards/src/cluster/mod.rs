@@ -605,20 +605,16 @@ impl NodeShard {
         let Some(cluster) = &mut self.cluster else {
             return;
         };
-        // Links silent past the timeout are dead.
+        // Links silent past the timeout, or not authenticated in time, are dead.
         let timeout_ms = cluster.io.settings.link_timeout_ms;
-        let dead: Vec<ConnectionId> = cluster
+        let dead: Vec<(ConnectionId, String)> = cluster
             .io
             .links
             .values()
-            .filter(|l| now_ms >= l.last_received_ms + timeout_ms)
-            .map(|l| l.connection)
+            .filter_map(|l| Some((l.connection, l.expired(now_ms, timeout_ms)?)))
             .collect();
-        for connection in dead {
-            warn!(
-                connection,
-                timeout_ms, "cluster link silent past the timeout: closed"
-            );
+        for (connection, reason) in dead {
+            warn!(connection, %reason, "cluster link closed");
             self.link_closed(connection, "timeout");
         }
         let cluster = self.cluster.as_mut().expect("a cluster");
@@ -653,7 +649,7 @@ impl NodeShard {
         let settings = &cluster.io.settings;
         // A link due a heartbeat (up links only send them) or due to time out.
         let links = cluster.io.links.values().map(|l| {
-            let timeout = l.last_received_ms + settings.link_timeout_ms;
+            let timeout = l.deadline_ms(settings.link_timeout_ms);
             if l.is_up() {
                 timeout.min(l.last_sent_ms + settings.heartbeat_ms)
             } else {
