@@ -181,7 +181,7 @@ pub enum HandshakeError {
     Unexpected { kind: u8, step: &'static str },
     /// The `Hello` claims this node's own identifier.
     OwnNode(NodeId),
-    /// The `Hello`'s member record is not the node the `Hello` names.
+    /// The `Hello`'s member record is not the node (or not the role) the `Hello` names.
     MemberMismatch { node: NodeId, member: NodeId },
     /// The proof does not check: a wrong secret, a tampered field or a relayed proof.
     Proof { node: NodeId, side: Side },
@@ -206,7 +206,7 @@ impl std::fmt::Display for HandshakeError {
             }
             HandshakeError::MemberMismatch { node, member } => write!(
                 f,
-                "the Hello of node {node} carries the member record of node {member}"
+                "the Hello of node {node} does not match its member record (of node {member}, or of another role)"
             ),
             HandshakeError::Proof { node, side } => write!(
                 f,
