@@ -15,7 +15,7 @@ use shardmq_net::frame::{
     self, Body, Decoder, Forwarded, Hello, Item, Member, NodeId, PROTOCOL_VERSION, Purpose, Role,
     WireMessage,
 };
-use shardmq_shards::cluster::link::HANDSHAKE_TIMEOUT_MS;
+use shardmq_shards::cluster::link::{HANDSHAKE_TIMEOUT_MS, PENDING_LINKS_MAX};
 use support::{TestCluster, v5};
 
 const CLUSTER_NAME: &str = "shardmq";
@@ -351,4 +351,36 @@ fn a_link_that_trickles_or_stays_silent_is_closed_within_the_handshake_deadline(
             .contains("did not finish its handshake"),
         "the deadline is logged"
     );
+}
+
+#[test]
+fn links_in_handshake_are_capped_and_the_cluster_still_forms_after() {
+    let mut cluster = TestCluster::start(2, 0);
+    let address = cluster.node(1).cluster_address;
+    // Node 2 stops dialling node 1 while strangers hold every handshake place there.
+    cluster.node_mut(2).broker.kill();
+    let strangers: Vec<TcpStream> = (0..PENDING_LINKS_MAX)
+        .map(|_| TcpStream::connect(address).unwrap())
+        .collect();
+    // Give node 1 a moment to take them all (well within the 600 ms link timeout).
+    std::thread::sleep(Duration::from_millis(150));
+    let mut one_more = Wire::open(address);
+    let started = Instant::now();
+    let (bodies, closed) = one_more.drain(Duration::from_millis(400));
+    assert!(
+        closed && bodies.is_empty() && started.elapsed() < Duration::from_millis(400),
+        "the link beyond the limit is closed at once: {bodies:?}, closed {closed}"
+    );
+    assert!(
+        cluster
+            .node(1)
+            .broker
+            .log_text()
+            .contains("links in handshake at their limit"),
+        "the limit is logged"
+    );
+    drop(strangers);
+    // The places free up as the strangers go; a node then joins as usual.
+    cluster.restart(2);
+    cluster.wait_all_members(Duration::from_secs(10));
 }

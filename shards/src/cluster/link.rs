@@ -22,6 +22,12 @@ use crate::message::ConnectionId;
 /// network.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 3_000;
 
+/// Links a node holds in their handshake at once; one accepted beyond it is closed at once.
+/// With [`HANDSHAKE_BODY_LEN_MAX`] this bounds what strangers can make a node hold (a few
+/// KiB each, for at most [`HANDSHAKE_TIMEOUT_MS`]), far above what a cluster's own nodes
+/// open at one time.
+pub const PENDING_LINKS_MAX: usize = 1024;
+
 /// What every link of a node needs to know.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {

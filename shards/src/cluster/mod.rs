@@ -112,6 +112,8 @@ struct Cluster {
     /// Data links this shard dialled, by connection.
     data_out: BTreeMap<ConnectionId, NodeId>,
     delivered: forward::Delivered,
+    /// Accepted links closed at once because [`link::PENDING_LINKS_MAX`] were in handshake.
+    refused_pending: u64,
 }
 
 impl Cluster {
@@ -199,6 +201,7 @@ impl NodeShard {
                 peers: BTreeMap::new(),
                 data_out: BTreeMap::new(),
                 delivered: forward::Delivered::default(),
+                refused_pending: 0,
             }),
             now_ms,
             scratch: Vec::new(),
@@ -263,6 +266,18 @@ impl NodeShard {
             self.scratch.push(Output::Close { connection });
             return;
         };
+        if cluster.io.links.values().filter(|l| !l.is_up()).count() >= link::PENDING_LINKS_MAX {
+            cluster.refused_pending += 1;
+            if cluster.refused_pending.is_power_of_two() {
+                let refused = cluster.refused_pending;
+                warn!(
+                    refused,
+                    "cluster links in handshake at their limit: new ones closed"
+                );
+            }
+            cluster.io.outputs.push(Output::Close { connection });
+            return;
+        }
         let nonce = cluster.nonce();
         cluster.io.links.insert(
             connection,
