@@ -6,7 +6,7 @@
 //! Never: lets a frame through before the peer has proved the secret, takes a frame larger
 //! than [`HANDSHAKE_BODY_LEN_MAX`] before then, or panics on a peer's bytes: every failure is
 //! an `Err` naming why, and the caller closes the link.
-//! Invariant: `peer` is `Some` exactly when the state is `Up`.
+//! Invariant: a link has a peer exactly when it is up (the `Up` state holds it).
 
 use bytes::{Bytes, BytesMut};
 use shardmq_net::frame::handshake::{
@@ -71,7 +71,8 @@ enum State {
         handshake: Handshake,
         local: Box<Local>,
     },
-    Up,
+    /// Authenticated: frames pass to the layer above.
+    Up(Peer),
 }
 
 /// Who is at the other end, once the handshake said so.
@@ -122,8 +123,6 @@ pub struct Link {
     /// Whether we dialled this link (and so are the handshake's initiator).
     dialled: bool,
     decoder: Decoder,
-    /// The authenticated peer; `None` until the handshake is over.
-    pub peer: Option<Peer>,
     outgoing: BytesMut,
     /// When the link was opened: its handshake is due within [`HANDSHAKE_TIMEOUT_MS`].
     opened_ms: u64,
@@ -187,7 +186,6 @@ impl Link {
             },
             dialled,
             decoder: Decoder::new(settings.cluster_id(), HANDSHAKE_BODY_LEN_MAX),
-            peer: None,
             outgoing: BytesMut::new(),
             opened_ms: now_ms,
             last_received_ms: now_ms,
@@ -196,12 +194,15 @@ impl Link {
     }
 
     pub fn is_up(&self) -> bool {
-        matches!(self.state, State::Up)
+        matches!(self.state, State::Up(_))
     }
 
     /// The peer, once the handshake has finished.
     pub fn up_peer(&self) -> Option<&Peer> {
-        self.peer.as_ref().filter(|_| self.is_up())
+        match &self.state {
+            State::Up(peer) => Some(peer),
+            State::Handshake { .. } => None,
+        }
     }
 
     /// When this link must close unless something happens first: `link_timeout_ms` after the
@@ -264,6 +265,11 @@ impl Link {
                 }
             };
             let State::Handshake { handshake, local } = &mut self.state else {
+                if let Body::Refused { reason } = body {
+                    // The layer above never sees a refusal: the link ends here, as in the
+                    // handshake.
+                    return Err(HandshakeError::Refused(reason).to_string());
+                }
                 bodies.push(body);
                 continue;
             };
@@ -277,8 +283,7 @@ impl Link {
                     if let Some(reply) = reply {
                         self.send(settings, &reply, now_ms);
                     }
-                    self.peer = Some(Peer::new(self.dialled, hello, &welcome));
-                    self.state = State::Up;
+                    self.state = State::Up(Peer::new(self.dialled, hello, &welcome));
                     // The peer is authenticated: from its next frame on, the configured limit.
                     self.decoder.set_body_len_max(settings.body_len_max);
                 }
@@ -447,7 +452,7 @@ mod tests {
         let (sa, sb) = (settings(1, "s"), settings(2, "s"));
         let mut a = Link::connecting(1, &sa, Purpose::Data, 3, 99, [1; 16], 0);
         let mut b = Link::accepted(2, &sb, [2; 16], 0);
-        assert!(a.up_peer().is_none() && a.peer.is_none());
+        assert!(a.up_peer().is_none());
         exchange(&mut a, &sa, &mut b, &sb).unwrap();
         assert_eq!(
             a.up_peer(),
@@ -462,6 +467,23 @@ mod tests {
             })
         );
         assert_eq!(b.up_peer().unwrap().member, Some(sa.member.clone()));
+    }
+
+    #[test]
+    fn a_refusal_on_an_up_link_ends_it_and_is_not_passed_up() {
+        let (sa, sb) = (settings(1, "s"), settings(2, "s"));
+        let mut a = Link::connecting(1, &sa, Purpose::Control, 0, 1, [1; 16], 0);
+        let mut b = Link::accepted(2, &sb, [2; 16], 0);
+        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        b.send(
+            &sb,
+            &Body::Refused {
+                reason: "going".into(),
+            },
+            0,
+        );
+        let error = exchange(&mut a, &sa, &mut b, &sb).unwrap_err();
+        assert!(error.contains("refused the link: \"going\""), "{error}");
     }
 
     #[test]

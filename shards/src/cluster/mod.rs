@@ -371,7 +371,7 @@ impl NodeShard {
         let mut bodies = Vec::new();
         let result = link.receive(&cluster.io.settings.link, bytes, now_ms, &mut bodies);
         if let Err(reason) = result {
-            let node = link.peer.as_ref().map_or(0, |p| p.node);
+            let node = link.up_peer().map_or(0, |p| p.node);
             warn!(connection, node, %reason, "cluster link closed");
             self.link_closed(connection, "refused");
             return;
