@@ -349,12 +349,20 @@ mod tests {
         }
     }
 
+    /// Node 1 dials node 2 (one secret) for `purpose` from shard 3, epoch 99; the handshake
+    /// is run to its end.
+    fn linked(purpose: Purpose) -> (Link, LinkSettings, Link, LinkSettings) {
+        let (sa, sb) = (settings(1, "s"), settings(2, "s"));
+        let mut a = Link::connecting(1, &sa, purpose, 3, 99, [1; 16], 0);
+        let mut b = Link::accepted(2, &sb, [2; 16], 0);
+        assert!(a.up_peer().is_none() && b.up_peer().is_none());
+        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        (a, sa, b, sb)
+    }
+
     #[test]
     fn handshake_then_frames_flow() {
-        let (sa, sb) = (settings(1, "s"), settings(2, "s"));
-        let mut a = Link::connecting(1, &sa, Purpose::Data, 3, 99, [1; 16], 0);
-        let mut b = Link::accepted(2, &sb, [2; 16], 0);
-        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        let (mut a, sa, mut b, sb) = linked(Purpose::Data);
         assert!(a.is_up() && b.is_up());
         a.send(&sa, &Body::Heartbeat { applied: 5 }, 0);
         let (_, to_b) = exchange(&mut a, &sa, &mut b, &sb).unwrap();
@@ -382,7 +390,7 @@ mod tests {
 
     #[test]
     fn only_handshake_sized_frames_are_taken_before_authentication() {
-        let (sa, sb) = (settings(1, "s"), settings(2, "s"));
+        let sb = settings(2, "s");
         let big = Body::Raft {
             message: vec![7; HANDSHAKE_BODY_LEN_MAX + 1],
         };
@@ -396,9 +404,7 @@ mod tests {
         assert!(error.contains("above the limit"), "{error}");
         assert!(stranger.take_outgoing().is_some(), "a Refused is queued");
         // After it: up to the configured limit.
-        let mut a = Link::connecting(1, &sa, Purpose::Control, 0, 1, [1; 16], 0);
-        let mut b = Link::accepted(2, &sb, [2; 16], 0);
-        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        let (mut a, sa, mut b, sb) = linked(Purpose::Control);
         a.send(&sa, &big, 0);
         let (_, to_b) = exchange(&mut a, &sa, &mut b, &sb).unwrap();
         assert_eq!(to_b, vec![big]);
@@ -438,10 +444,7 @@ mod tests {
         let fresh = Link::accepted(3, &sb, [3; 16], 1_000);
         assert_eq!(fresh.deadline_ms(100), 1_100);
         // Once up, only silence counts.
-        let sa = settings(1, "s");
-        let mut a = Link::connecting(1, &sa, Purpose::Control, 0, 1, [1; 16], 0);
-        let mut b = Link::accepted(2, &sb, [2; 16], 0);
-        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        let (_, _, b, _) = linked(Purpose::Control);
         assert_eq!(b.expired(HANDSHAKE_TIMEOUT_MS * 10, timeout_ms), None);
         let reason = b.expired(timeout_ms, timeout_ms).unwrap();
         assert!(reason.contains("silent"), "{reason}");
@@ -449,11 +452,7 @@ mod tests {
 
     #[test]
     fn both_ends_learn_who_the_other_is() {
-        let (sa, sb) = (settings(1, "s"), settings(2, "s"));
-        let mut a = Link::connecting(1, &sa, Purpose::Data, 3, 99, [1; 16], 0);
-        let mut b = Link::accepted(2, &sb, [2; 16], 0);
-        assert!(a.up_peer().is_none());
-        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        let (a, sa, b, _) = linked(Purpose::Data);
         assert_eq!(
             a.up_peer(),
             Some(&Peer {
@@ -471,10 +470,7 @@ mod tests {
 
     #[test]
     fn a_refusal_on_an_up_link_ends_it_and_is_not_passed_up() {
-        let (sa, sb) = (settings(1, "s"), settings(2, "s"));
-        let mut a = Link::connecting(1, &sa, Purpose::Control, 0, 1, [1; 16], 0);
-        let mut b = Link::accepted(2, &sb, [2; 16], 0);
-        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        let (mut a, sa, mut b, sb) = linked(Purpose::Control);
         b.send(
             &sb,
             &Body::Refused {
