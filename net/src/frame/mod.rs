@@ -1,7 +1,8 @@
 //! Cluster frames: what nodes say to each other on their links.
 //!
 //! Owns: the frame format (a fixed 32-byte header checked before anything else, then an rkyv
-//! body), the bodies ([`Body`]) and the link handshake's proof of the cluster secret.
+//! body), the bodies ([`Body`]) and, in [`handshake`], the link handshake that authenticates
+//! both ends of a link before anything else crosses it.
 //! Never: performs I/O or reads a clock. A peer's bytes never panic a node: every failure is a
 //! [`FrameError`] that ends that link and nothing else.
 //!
@@ -24,11 +25,11 @@
 //! body is first copied into an aligned buffer; bodies are small next to the work they cause.
 
 use bytes::{Buf, BufMut, BytesMut};
-use hmac::{Hmac, Mac};
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
-use sha2::Sha256;
+
+pub mod handshake;
 
 /// The frame protocol this build speaks. A node accepts a peer whose version is within one of
 /// its own, so that a rolling upgrade can run a cluster of two adjacent versions; the link then
@@ -54,37 +55,6 @@ pub fn cluster_id(name: &str) -> u64 {
 /// Whether a peer speaking `version` may join a cluster with this build.
 pub fn version_compatible(version: u16) -> bool {
     version.abs_diff(PROTOCOL_VERSION) <= 1
-}
-
-fn proof_mac(secret: &str, cluster: &str, nonce: &[u8; 16], node: NodeId) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
-        .expect("HMAC accepts a key of any length");
-    mac.update(cluster.as_bytes());
-    mac.update(nonce);
-    mac.update(&node.to_le_bytes());
-    mac
-}
-
-/// The proof that `node` knows the cluster secret, answering the peer's `nonce`:
-/// HMAC-SHA-256 over the cluster name, the nonce and the node identifier.
-pub fn proof(secret: &str, cluster: &str, nonce: &[u8; 16], node: NodeId) -> [u8; 32] {
-    proof_mac(secret, cluster, nonce, node)
-        .finalize()
-        .into_bytes()
-        .into()
-}
-
-/// Checks `candidate` against [`proof`] in constant time.
-pub fn proof_valid(
-    secret: &str,
-    cluster: &str,
-    nonce: &[u8; 16],
-    node: NodeId,
-    candidate: &[u8; 32],
-) -> bool {
-    proof_mac(secret, cluster, nonce, node)
-        .verify_slice(candidate)
-        .is_ok()
 }
 
 /// A node's role (DESIGN §4).
@@ -220,33 +190,44 @@ pub enum Item {
     },
 }
 
+/// The first frame of the connecting side: who it is, what the link is for, and its nonce.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub node: NodeId,
+    pub role: Role,
+    pub purpose: Purpose,
+    pub member: Member,
+    /// Fresh for this link: the responder's proof covers it.
+    pub nonce: [u8; 16],
+    /// For a data link: which shard of the sender it comes from, and the sender's start
+    /// (its forward numbering restarts with a new epoch).
+    pub shard: u16,
+    pub epoch: u64,
+}
+
+/// The accepting side's answer to a [`Hello`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub node: NodeId,
+    pub role: Role,
+    /// The responder's proof over the handshake's transcript ([`handshake`]).
+    pub proof: [u8; 32],
+    /// Fresh for this link, chosen after the initiator's: the initiator's proof covers it.
+    pub nonce: [u8; 16],
+    /// The acceptor's start (new at every start): a sender that sees it change knows that
+    /// what it queued for the node's previous run has no one left to go to.
+    pub epoch: u64,
+}
+
 /// A frame body.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     /// The first frame of the connecting side.
-    Hello {
-        node: NodeId,
-        role: Role,
-        purpose: Purpose,
-        member: Member,
-        nonce: [u8; 16],
-        /// For a data link: which shard of the sender it comes from, and the sender's start
-        /// (its forward numbering restarts with a new epoch).
-        shard: u16,
-        epoch: u64,
-    },
-    /// The accepting side's answer: its identity, its proof for the connector's nonce, and its
-    /// own nonce.
-    Welcome {
-        node: NodeId,
-        role: Role,
-        proof: [u8; 32],
-        nonce: [u8; 16],
-        /// The acceptor's start (new at every start): a sender that sees it change knows that
-        /// what it queued for the node's previous run has no one left to go to.
-        epoch: u64,
-    },
-    /// The connector's proof for the acceptor's nonce; the link is up once it checks.
+    Hello(Hello),
+    /// The accepting side's answer, with its proof ([`handshake`]).
+    Welcome(Welcome),
+    /// The connector's proof over the handshake's transcript ([`handshake`]); the link is up
+    /// once it checks.
     Proof { proof: [u8; 32] },
     /// Why the link is refused, just before it closes.
     Refused { reason: String },
@@ -298,8 +279,8 @@ impl Body {
     /// The kind byte of the header.
     pub fn kind(&self) -> u8 {
         match self {
-            Body::Hello { .. } => 1,
-            Body::Welcome { .. } => 2,
+            Body::Hello(_) => 1,
+            Body::Welcome(_) => 2,
             Body::Proof { .. } => 3,
             Body::Refused { .. } => 4,
             Body::Heartbeat { .. } => 5,
@@ -386,12 +367,16 @@ pub fn decode_entries(bytes: &[u8]) -> Result<Vec<LogEntry>, String> {
 }
 
 /// Splits a link's byte stream into checked frames.
+///
+/// Memory: the buffer holds at most one frame whose header has been checked (at most
+/// `body_len_max` of body) plus the bytes of the last [`Decoder::extend`]; a header announcing a
+/// longer body is refused before any of that body is kept.
 #[derive(Debug)]
 pub struct Decoder {
     cluster: u64,
     body_len_max: usize,
     buffer: BytesMut,
-    /// The peer's protocol version, from its first frame.
+    /// The peer's protocol version, from its last frame.
     pub peer_version: Option<u16>,
 }
 
@@ -405,6 +390,13 @@ impl Decoder {
         }
     }
 
+    /// Changes the largest body accepted from the next frame on: a link takes only
+    /// handshake-sized frames until its peer is authenticated
+    /// ([`handshake::HANDSHAKE_BODY_LEN_MAX`]), then up to the configured limit.
+    pub fn set_body_len_max(&mut self, body_len_max: usize) {
+        self.body_len_max = body_len_max;
+    }
+
     pub fn extend(&mut self, bytes: &[u8]) {
         self.buffer.extend_from_slice(bytes);
     }
@@ -412,58 +404,103 @@ impl Decoder {
     /// The next whole frame, `Ok(None)` if more bytes are needed. After an error the link
     /// must be closed: the stream has lost its framing.
     pub fn next_frame(&mut self) -> Result<Option<Body>, FrameError> {
-        if self.buffer.len() < HEADER_LEN {
+        Ok(self.next_versioned()?.map(|(_, body)| body))
+    }
+
+    /// [`Decoder::next_frame`], with the protocol version of the frame's header.
+    pub fn next_versioned(&mut self) -> Result<Option<(u16, Body)>, FrameError> {
+        let Some(header) = self.buffer.get(..HEADER_LEN) else {
             // A wrong magic is refused as soon as it can be seen, so that a stranger (an MQTT
             // client on the wrong port) is told at once.
-            let seen = self.buffer.len().min(4);
-            if self.buffer[..seen] != MAGIC[..seen] {
+            let seen = self.buffer.len().min(MAGIC.len());
+            if self.buffer.get(..seen) != MAGIC.get(..seen) {
                 return Err(FrameError::BadMagic);
             }
             return Ok(None);
+        };
+        let header: &[u8; HEADER_LEN] = header.try_into().expect("HEADER_LEN bytes");
+        let header = Header::check(header, self.cluster, self.body_len_max)?;
+        let Some(frame_len) = HEADER_LEN.checked_add(header.body_len) else {
+            return Err(FrameError::TooLong(header.body_len));
+        };
+        if self.buffer.len() < frame_len {
+            return Ok(None);
         }
-        let header = &self.buffer[..HEADER_LEN];
-        if header[0..4] != MAGIC {
+        self.peer_version = Some(header.version);
+        self.buffer.advance(HEADER_LEN);
+        let raw = self.buffer.split_to(header.body_len);
+        let body = decode_body(&raw, header.kind, header.body_crc)?;
+        Ok(Some((header.version, body)))
+    }
+}
+
+/// A frame header that passed every check that needs no body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub version: u16,
+    pub kind: u8,
+    pub body_len: usize,
+    pub body_crc: u32,
+}
+
+impl Header {
+    /// Checks a header of cluster `cluster` announcing at most `body_len_max` bytes of body.
+    pub fn check(
+        header: &[u8; HEADER_LEN],
+        cluster: u64,
+        body_len_max: usize,
+    ) -> Result<Header, FrameError> {
+        let [m0, m1, m2, m3, v0, v1, kind, _reserved, rest @ ..] = *header;
+        if [m0, m1, m2, m3] != MAGIC {
             return Err(FrameError::BadMagic);
         }
-        let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        let word = |at: usize| {
+            let mut bytes = [0u8; 4];
+            bytes.copy_from_slice(&header[at..at + 4]);
+            u32::from_le_bytes(bytes)
+        };
         if crc32fast::hash(&header[0..24]) != word(24) {
             return Err(FrameError::HeaderChecksum);
         }
-        let version = u16::from_le_bytes([header[4], header[5]]);
+        let version = u16::from_le_bytes([v0, v1]);
         if !version_compatible(version) {
             return Err(FrameError::Version(version));
         }
-        let cluster = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-        if cluster != self.cluster {
-            return Err(FrameError::Cluster(cluster));
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&rest[0..8]);
+        let id = u64::from_le_bytes(id);
+        if id != cluster {
+            return Err(FrameError::Cluster(id));
         }
-        let body_len = word(16) as usize;
-        if body_len > self.body_len_max {
+        let body_len = usize::try_from(word(16)).unwrap_or(usize::MAX);
+        if body_len > body_len_max {
             return Err(FrameError::TooLong(body_len));
         }
-        if self.buffer.len() < HEADER_LEN + body_len {
-            return Ok(None);
-        }
-        let body_crc = word(20);
-        let kind = header[6];
-        self.peer_version = Some(version);
-        self.buffer.advance(HEADER_LEN);
-        let raw = self.buffer.split_to(body_len);
-        if crc32fast::hash(&raw) != body_crc {
-            return Err(FrameError::BodyChecksum);
-        }
-        let mut aligned = AlignedVec::<16>::with_capacity(body_len);
-        aligned.extend_from_slice(&raw);
-        let body = rkyv::from_bytes::<Body, rancor::Error>(&aligned)
-            .map_err(|e| FrameError::Body(e.to_string()))?;
-        if body.kind() != kind {
-            return Err(FrameError::Body(format!(
-                "header says kind {kind}, body is kind {}",
-                body.kind()
-            )));
-        }
-        Ok(Some(body))
+        Ok(Header {
+            version,
+            kind,
+            body_len,
+            body_crc: word(20),
+        })
     }
+}
+
+/// Checks a frame body against its header's checksum and kind, and validates it.
+pub fn decode_body(raw: &[u8], kind: u8, body_crc: u32) -> Result<Body, FrameError> {
+    if crc32fast::hash(raw) != body_crc {
+        return Err(FrameError::BodyChecksum);
+    }
+    let mut aligned = AlignedVec::<16>::with_capacity(raw.len());
+    aligned.extend_from_slice(raw);
+    let body = rkyv::from_bytes::<Body, rancor::Error>(&aligned)
+        .map_err(|e| FrameError::Body(e.to_string()))?;
+    if body.kind() != kind {
+        return Err(FrameError::Body(format!(
+            "header says kind {kind}, body is kind {}",
+            body.kind()
+        )));
+    }
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -667,13 +704,28 @@ mod tests {
         assert!(!version_compatible(PROTOCOL_VERSION + 2));
     }
 
+    /// A header announcing a body above the limit is refused from the header alone: the
+    /// decoder does not wait for (and keep) the body.
     #[test]
-    fn proofs_need_the_secret() {
-        let nonce = [7u8; 16];
-        let good = proof("s3cret", "c", &nonce, 1);
-        assert!(proof_valid("s3cret", "c", &nonce, 1, &good));
-        assert!(!proof_valid("wrong", "c", &nonce, 1, &good));
-        assert!(!proof_valid("s3cret", "c", &nonce, 2, &good));
-        assert!(!proof_valid("s3cret", "c", &[8u8; 16], 1, &good));
+    fn a_long_body_is_refused_at_its_header() {
+        let cluster = cluster_id("test");
+        let mut frame = BytesMut::new();
+        encode(
+            &Body::Refused {
+                reason: "z".repeat(5000),
+            },
+            cluster,
+            &mut frame,
+        );
+        let mut decoder = Decoder::new(cluster, handshake::HANDSHAKE_BODY_LEN_MAX);
+        decoder.extend(&frame[..HEADER_LEN]);
+        assert!(matches!(decoder.next_frame(), Err(FrameError::TooLong(_))));
+        let mut raised = Decoder::new(cluster, handshake::HANDSHAKE_BODY_LEN_MAX);
+        raised.set_body_len_max(1 << 20);
+        raised.extend(&frame);
+        assert!(matches!(
+            raised.next_frame(),
+            Ok(Some(Body::Refused { .. }))
+        ));
     }
 }

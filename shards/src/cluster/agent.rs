@@ -573,7 +573,7 @@ impl Agent {
                         .origins
                         .get_mut(&node)
                         .ok_or("RouteDeltas to a node that is not a core")?;
-                    if delta.sequence != origin.sequence + 1 {
+                    if Some(delta.sequence) != origin.sequence.checked_add(1) {
                         return Err(format!(
                             "route delta {} from node {node} after {}: a gap",
                             delta.sequence, origin.sequence
@@ -628,7 +628,7 @@ impl Agent {
                 }
                 info!(
                     core = node,
-                    entries = next - 1,
+                    entries = next.saturating_sub(1),
                     "route table replaced by a snapshot of the core's log"
                 );
                 let mut view = View::from_parts((members, down, routes, settings));
@@ -674,11 +674,11 @@ impl Agent {
                         self.view.apply(&entry, &mut self.changes);
                     }
                 }
-                self.following = Some((connection, epoch, first + count));
+                self.following = Some((connection, epoch, first.saturating_add(count)));
                 io.send(
                     connection,
                     &Body::Heartbeat {
-                        applied: first + count,
+                        applied: first.saturating_add(count),
                     },
                 );
             }

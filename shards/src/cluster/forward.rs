@@ -158,7 +158,7 @@ fn publish_from_wire(
                 content_type: m.content_type.map(ByteString::from),
                 ..PublishProperties::default()
             },
-            expires_at_ms: m.expiry_ms.map(|left| now_ms + left),
+            expires_at_ms: m.expiry_ms.map(|left| now_ms.saturating_add(left)),
             publisher: m.publisher.map(ByteString::from),
         },
         plain,
@@ -418,6 +418,15 @@ mod tests {
             message.qos = 3;
         }
         assert!(from_wire(bad, 0).is_err());
+        // A peer's time left cannot overflow the clock: the message just never expires.
+        let mut forever = to_wire(&original, 1, 0);
+        if let frame::Item::Publish { message, .. } = &mut forever.item {
+            message.expiry_ms = Some(u64::MAX);
+        }
+        let Ok(Received::Publish(back)) = from_wire(forever, 100) else {
+            panic!("a publish")
+        };
+        assert_eq!(back.message.expires_at_ms, Some(u64::MAX));
         let handover = SessionTransfer::Handover {
             client_id: ByteString::from("c"),
             shard: 1,

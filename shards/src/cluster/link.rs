@@ -1,14 +1,32 @@
 //! One cluster link: a TCP connection between two nodes, as a state machine over bytes.
 //!
-//! Owns: the handshake (Hello, Welcome, Proof; each side proves the cluster secret against the
-//! other's nonce), framing both ways, and the time of the last frame each way.
-//! Never: lets a frame through before the peer has proved the secret, or panics on a peer's
-//! bytes: every failure is an `Err` naming why, and the caller closes the link.
+//! Owns: the link's side of the handshake ([`shardmq_net::frame::handshake`]: each end proves
+//! the cluster secret over a transcript of this one connection), framing both ways, the
+//! handshake deadline, and the time of the last frame each way.
+//! Never: lets a frame through before the peer has proved the secret, takes a frame larger
+//! than [`HANDSHAKE_BODY_LEN_MAX`] before then, or panics on a peer's bytes: every failure is
+//! an `Err` naming why, and the caller closes the link.
+//! Invariant: a link has a peer exactly when it is up (the `Up` state holds it).
 
 use bytes::{Bytes, BytesMut};
-use shardmq_net::frame::{self, Body, Decoder, Member, NodeId, Purpose, Role};
+use shardmq_net::frame::handshake::{
+    HANDSHAKE_BODY_LEN_MAX, Handshake, HandshakeError, LinkKey, Local, Step,
+};
+use shardmq_net::frame::{self, Body, Decoder, Hello, Member, NodeId, Purpose, Role, Welcome};
 
 use crate::message::ConnectionId;
+
+/// How long a new link may take to finish its handshake: one that has not authenticated by
+/// then is closed (and logged), however it keeps trickling bytes. Three frames of a few
+/// hundred bytes need a round trip and a half; this leaves room for a loaded node on a slow
+/// network.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 3_000;
+
+/// Links a node holds in their handshake at once; one accepted beyond it is closed at once.
+/// With [`HANDSHAKE_BODY_LEN_MAX`] this bounds what strangers can make a node hold (a few
+/// KiB each, for at most [`HANDSHAKE_TIMEOUT_MS`]), far above what a cluster's own nodes
+/// open at one time.
+pub const PENDING_LINKS_MAX: usize = 1024;
 
 /// What every link of a node needs to know.
 #[derive(Debug, Clone)]
@@ -33,17 +51,28 @@ impl LinkSettings {
     pub fn cluster_id(&self) -> u64 {
         frame::cluster_id(&self.cluster_name)
     }
+
+    /// This node as its side of a handshake needs it; the key is derived here, once a link.
+    fn local(&self) -> Local {
+        Local {
+            key: LinkKey::derive(&self.cluster_secret, &self.cluster_name),
+            cluster_name: self.cluster_name.clone(),
+            node: self.node(),
+            role: self.role(),
+            epoch: self.epoch,
+        }
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum State {
-    /// We connected and sent Hello; the peer's Welcome is due.
-    AwaitWelcome,
-    /// We accepted; the peer's Hello is due.
-    AwaitHello,
-    /// We accepted and sent Welcome; the peer's Proof is due.
-    AwaitProof,
-    Up,
+    /// The handshake is under way, with this node's side of it.
+    Handshake {
+        handshake: Handshake,
+        local: Box<Local>,
+    },
+    /// Authenticated: frames pass to the layer above.
+    Up(Peer),
 }
 
 /// Who is at the other end, once the handshake said so.
@@ -60,14 +89,43 @@ pub struct Peer {
     pub remote_epoch: Option<u64>,
 }
 
+impl Peer {
+    /// The other end of an authenticated handshake, as seen by the side that `dialled` or not.
+    fn new(dialled: bool, hello: Hello, welcome: &Welcome) -> Self {
+        if dialled {
+            Peer {
+                node: welcome.node,
+                role: welcome.role,
+                member: None,
+                purpose: hello.purpose,
+                shard: hello.shard,
+                epoch: hello.epoch,
+                remote_epoch: Some(welcome.epoch),
+            }
+        } else {
+            Peer {
+                node: hello.node,
+                role: hello.role,
+                purpose: hello.purpose,
+                shard: hello.shard,
+                epoch: hello.epoch,
+                member: Some(hello.member),
+                remote_epoch: None,
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Link {
     pub connection: ConnectionId,
     state: State,
-    nonce: [u8; 16],
+    /// Whether we dialled this link (and so are the handshake's initiator).
+    dialled: bool,
     decoder: Decoder,
-    pub peer: Option<Peer>,
     outgoing: BytesMut,
+    /// When the link was opened: its handshake is due within [`HANDSHAKE_TIMEOUT_MS`].
+    opened_ms: u64,
     pub last_received_ms: u64,
     pub last_sent_ms: u64,
 }
@@ -83,29 +141,17 @@ impl Link {
         nonce: [u8; 16],
         now_ms: u64,
     ) -> Self {
-        let mut link = Self::new(connection, settings, State::AwaitWelcome, nonce, now_ms);
-        link.send(
-            settings,
-            &Body::Hello {
-                node: settings.node(),
-                role: settings.role(),
-                purpose,
-                member: settings.member.clone(),
-                nonce,
-                shard,
-                epoch,
-            },
-            now_ms,
-        );
-        link.peer = Some(Peer {
-            node: 0,
-            role: Role::Core,
-            member: None,
+        let (handshake, hello) = Handshake::initiate(Hello {
+            node: settings.node(),
+            role: settings.role(),
             purpose,
+            member: settings.member.clone(),
+            nonce,
             shard,
             epoch,
-            remote_epoch: None,
         });
+        let mut link = Self::new(connection, settings, handshake, true, now_ms);
+        link.send(settings, &hello, now_ms);
         link
     }
 
@@ -116,35 +162,72 @@ impl Link {
         nonce: [u8; 16],
         now_ms: u64,
     ) -> Self {
-        Self::new(connection, settings, State::AwaitHello, nonce, now_ms)
+        Self::new(
+            connection,
+            settings,
+            Handshake::accept(nonce),
+            false,
+            now_ms,
+        )
     }
 
     fn new(
         connection: ConnectionId,
         settings: &LinkSettings,
-        state: State,
-        nonce: [u8; 16],
+        handshake: Handshake,
+        dialled: bool,
         now_ms: u64,
     ) -> Self {
         Self {
             connection,
-            state,
-            nonce,
-            decoder: Decoder::new(settings.cluster_id(), settings.body_len_max),
-            peer: None,
+            state: State::Handshake {
+                handshake,
+                local: Box::new(settings.local()),
+            },
+            dialled,
+            decoder: Decoder::new(settings.cluster_id(), HANDSHAKE_BODY_LEN_MAX),
             outgoing: BytesMut::new(),
+            opened_ms: now_ms,
             last_received_ms: now_ms,
             last_sent_ms: now_ms,
         }
     }
 
     pub fn is_up(&self) -> bool {
-        self.state == State::Up
+        matches!(self.state, State::Up(_))
     }
 
     /// The peer, once the handshake has finished.
     pub fn up_peer(&self) -> Option<&Peer> {
-        self.peer.as_ref().filter(|_| self.is_up())
+        match &self.state {
+            State::Up(peer) => Some(peer),
+            State::Handshake { .. } => None,
+        }
+    }
+
+    /// When this link must close unless something happens first: `link_timeout_ms` after the
+    /// last frame received, and, until it is up, the end of its handshake time.
+    pub fn deadline_ms(&self, link_timeout_ms: u64) -> u64 {
+        let silence = self.last_received_ms.saturating_add(link_timeout_ms);
+        if self.is_up() {
+            silence
+        } else {
+            silence.min(self.opened_ms.saturating_add(HANDSHAKE_TIMEOUT_MS))
+        }
+    }
+
+    /// Why this link must close at `now_ms`, if it must.
+    pub fn expired(&self, now_ms: u64, link_timeout_ms: u64) -> Option<String> {
+        if now_ms < self.deadline_ms(link_timeout_ms) {
+            return None;
+        }
+        Some(
+            if !self.is_up() && now_ms >= self.opened_ms.saturating_add(HANDSHAKE_TIMEOUT_MS) {
+                format!("the link did not finish its handshake within {HANDSHAKE_TIMEOUT_MS} ms")
+            } else {
+                format!("the link was silent past the timeout of {link_timeout_ms} ms")
+            },
+        )
     }
 
     pub fn send(&mut self, settings: &LinkSettings, body: &Body, now_ms: u64) {
@@ -155,36 +238,6 @@ impl Link {
     /// Everything framed since the last call.
     pub fn take_outgoing(&mut self) -> Option<Bytes> {
         (!self.outgoing.is_empty()).then(|| self.outgoing.split().freeze())
-    }
-
-    /// Checks the peer's proof that it knows the secret, against our nonce. A wrong one is
-    /// answered with `Refused`, so that both sides' logs show it.
-    fn check_proof(
-        &mut self,
-        settings: &LinkSettings,
-        node: NodeId,
-        proof: &[u8; 32],
-        now_ms: u64,
-    ) -> Result<(), String> {
-        if frame::proof_valid(
-            &settings.cluster_secret,
-            &settings.cluster_name,
-            &self.nonce,
-            node,
-            proof,
-        ) {
-            return Ok(());
-        }
-        self.send(
-            settings,
-            &Body::Refused {
-                reason: "wrong cluster secret".into(),
-            },
-            now_ms,
-        );
-        Err(format!(
-            "node {node} did not prove the cluster secret (a wrong secret?)"
-        ))
     }
 
     /// Takes received bytes; returns the frames for the layer above, which begin once the
@@ -200,108 +253,54 @@ impl Link {
         self.last_received_ms = now_ms;
         self.decoder.extend(bytes);
         loop {
-            let body = match self.decoder.next_frame() {
-                Ok(Some(body)) => body,
+            let (version, body) = match self.decoder.next_versioned() {
+                Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
                 Err(error) => {
                     // Tell the peer why, where it can still read us (same cluster framing).
                     if !matches!(error, frame::FrameError::Cluster(_)) {
-                        self.send(
-                            settings,
-                            &Body::Refused {
-                                reason: error.to_string(),
-                            },
-                            now_ms,
-                        );
+                        self.refuse(settings, error.to_string(), now_ms);
                     }
                     return Err(error.to_string());
                 }
             };
-            match (self.state, body) {
-                (_, Body::Refused { reason }) => {
-                    return Err(format!("the peer refused the link: {reason}"));
+            let State::Handshake { handshake, local } = &mut self.state else {
+                if let Body::Refused { reason } = body {
+                    // The layer above never sees a refusal: the link ends here, as in the
+                    // handshake.
+                    return Err(HandshakeError::Refused(reason).to_string());
                 }
-                (
-                    State::AwaitHello,
-                    Body::Hello {
-                        node,
-                        role,
-                        purpose,
-                        member,
-                        nonce,
-                        shard,
-                        epoch,
-                    },
-                ) => {
-                    if node == settings.node() {
-                        return Err(format!("the peer claims our own node identifier {node}"));
+                bodies.push(body);
+                continue;
+            };
+            match handshake.step(local, version, body) {
+                Ok(Step::Continue(reply)) => self.send(settings, &reply, now_ms),
+                Ok(Step::Done {
+                    hello,
+                    welcome,
+                    reply,
+                }) => {
+                    if let Some(reply) = reply {
+                        self.send(settings, &reply, now_ms);
                     }
-                    let proof = frame::proof(
-                        &settings.cluster_secret,
-                        &settings.cluster_name,
-                        &nonce,
-                        settings.node(),
-                    );
-                    self.peer = Some(Peer {
-                        node,
-                        role,
-                        member: Some(member),
-                        purpose,
-                        shard,
-                        epoch,
-                        remote_epoch: None,
-                    });
-                    self.send(
-                        settings,
-                        &Body::Welcome {
-                            node: settings.node(),
-                            role: settings.role(),
-                            proof,
-                            nonce: self.nonce,
-                            epoch: settings.epoch,
-                        },
-                        now_ms,
-                    );
-                    self.state = State::AwaitProof;
+                    self.state = State::Up(Peer::new(self.dialled, hello, &welcome));
+                    // The peer is authenticated: from its next frame on, the configured limit.
+                    self.decoder.set_body_len_max(settings.body_len_max);
                 }
-                (
-                    State::AwaitWelcome,
-                    Body::Welcome {
-                        node,
-                        role,
-                        proof,
-                        nonce,
-                        epoch,
-                    },
-                ) => {
-                    self.check_proof(settings, node, &proof, now_ms)?;
-                    let answer = frame::proof(
-                        &settings.cluster_secret,
-                        &settings.cluster_name,
-                        &nonce,
-                        settings.node(),
-                    );
-                    self.send(settings, &Body::Proof { proof: answer }, now_ms);
-                    let peer = self.peer.as_mut().expect("set when connecting");
-                    peer.node = node;
-                    peer.role = role;
-                    peer.remote_epoch = Some(epoch);
-                    self.state = State::Up;
-                }
-                (State::AwaitProof, Body::Proof { proof }) => {
-                    let node = self.peer.as_ref().expect("set by Hello").node;
-                    self.check_proof(settings, node, &proof, now_ms)?;
-                    self.state = State::Up;
-                }
-                (State::Up, body) => bodies.push(body),
-                (state, body) => {
-                    return Err(format!(
-                        "unexpected frame kind {} during the handshake ({state:?})",
-                        body.kind()
-                    ));
+                Err(error) => {
+                    // A wrong proof is answered, so that both sides' logs show it; a peer's
+                    // refusal is not answered.
+                    if !matches!(error, HandshakeError::Refused(_)) {
+                        self.refuse(settings, error.reason_for_peer(), now_ms);
+                    }
+                    return Err(error.to_string());
                 }
             }
         }
+    }
+
+    fn refuse(&mut self, settings: &LinkSettings, reason: String, now_ms: u64) {
+        self.send(settings, &Body::Refused { reason }, now_ms);
     }
 }
 
@@ -350,12 +349,20 @@ mod tests {
         }
     }
 
+    /// Node 1 dials node 2 (one secret) for `purpose` from shard 3, epoch 99; the handshake
+    /// is run to its end.
+    fn linked(purpose: Purpose) -> (Link, LinkSettings, Link, LinkSettings) {
+        let (sa, sb) = (settings(1, "s"), settings(2, "s"));
+        let mut a = Link::connecting(1, &sa, purpose, 3, 99, [1; 16], 0);
+        let mut b = Link::accepted(2, &sb, [2; 16], 0);
+        assert!(a.up_peer().is_none() && b.up_peer().is_none());
+        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        (a, sa, b, sb)
+    }
+
     #[test]
     fn handshake_then_frames_flow() {
-        let (sa, sb) = (settings(1, "s"), settings(2, "s"));
-        let mut a = Link::connecting(1, &sa, Purpose::Data, 3, 99, [1; 16], 0);
-        let mut b = Link::accepted(2, &sb, [2; 16], 0);
-        exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        let (mut a, sa, mut b, sb) = linked(Purpose::Data);
         assert!(a.is_up() && b.is_up());
         a.send(&sa, &Body::Heartbeat { applied: 5 }, 0);
         let (_, to_b) = exchange(&mut a, &sa, &mut b, &sb).unwrap();
@@ -379,6 +386,100 @@ mod tests {
             "{error}"
         );
         assert!(!a.is_up() && !b.is_up());
+    }
+
+    #[test]
+    fn only_handshake_sized_frames_are_taken_before_authentication() {
+        let sb = settings(2, "s");
+        let big = Body::Raft {
+            message: vec![7; HANDSHAKE_BODY_LEN_MAX + 1],
+        };
+        let mut frame_bytes = BytesMut::new();
+        frame::encode(&big, sb.cluster_id(), &mut frame_bytes);
+        // Before the handshake: refused from the header alone, with a reason for the peer.
+        let mut stranger = Link::accepted(2, &sb, [2; 16], 0);
+        let error = stranger
+            .receive(&sb, &frame_bytes[..frame::HEADER_LEN], 0, &mut Vec::new())
+            .unwrap_err();
+        assert!(error.contains("above the limit"), "{error}");
+        assert!(stranger.take_outgoing().is_some(), "a Refused is queued");
+        // After it: up to the configured limit.
+        let (mut a, sa, mut b, sb) = linked(Purpose::Control);
+        a.send(&sa, &big, 0);
+        let (_, to_b) = exchange(&mut a, &sa, &mut b, &sb).unwrap();
+        assert_eq!(to_b, vec![big]);
+    }
+
+    #[test]
+    fn a_link_that_does_not_authenticate_in_time_expires_however_it_trickles() {
+        let sb = settings(2, "s");
+        let mut b = Link::accepted(2, &sb, [2; 16], 1_000);
+        let timeout_ms = 60_000;
+        let mut hello = BytesMut::new();
+        frame::encode(
+            &Body::Hello(Hello {
+                node: 1,
+                role: Role::Core,
+                purpose: Purpose::Control,
+                member: settings(1, "s").member,
+                nonce: [1; 16],
+                shard: 0,
+                epoch: 1,
+            }),
+            sb.cluster_id(),
+            &mut hello,
+        );
+        let mut now_ms = 1_000;
+        for byte in hello.iter().take(20) {
+            now_ms += 200;
+            b.receive(&sb, &[*byte], now_ms, &mut Vec::new()).unwrap();
+            if now_ms < 1_000 + HANDSHAKE_TIMEOUT_MS {
+                assert_eq!(b.expired(now_ms, timeout_ms), None);
+            }
+        }
+        assert_eq!(b.deadline_ms(timeout_ms), 1_000 + HANDSHAKE_TIMEOUT_MS);
+        let reason = b.expired(1_000 + HANDSHAKE_TIMEOUT_MS, timeout_ms).unwrap();
+        assert!(reason.contains("did not finish its handshake"), "{reason}");
+        // Silence ends a link sooner if the link timeout is shorter.
+        let fresh = Link::accepted(3, &sb, [3; 16], 1_000);
+        assert_eq!(fresh.deadline_ms(100), 1_100);
+        // Once up, only silence counts.
+        let (_, _, b, _) = linked(Purpose::Control);
+        assert_eq!(b.expired(HANDSHAKE_TIMEOUT_MS * 10, timeout_ms), None);
+        let reason = b.expired(timeout_ms, timeout_ms).unwrap();
+        assert!(reason.contains("silent"), "{reason}");
+    }
+
+    #[test]
+    fn both_ends_learn_who_the_other_is() {
+        let (a, sa, b, _) = linked(Purpose::Data);
+        assert_eq!(
+            a.up_peer(),
+            Some(&Peer {
+                node: 2,
+                role: Role::Core,
+                member: None,
+                purpose: Purpose::Data,
+                shard: 3,
+                epoch: 99,
+                remote_epoch: Some(2),
+            })
+        );
+        assert_eq!(b.up_peer().unwrap().member, Some(sa.member.clone()));
+    }
+
+    #[test]
+    fn a_refusal_on_an_up_link_ends_it_and_is_not_passed_up() {
+        let (mut a, sa, mut b, sb) = linked(Purpose::Control);
+        b.send(
+            &sb,
+            &Body::Refused {
+                reason: "going".into(),
+            },
+            0,
+        );
+        let error = exchange(&mut a, &sa, &mut b, &sb).unwrap_err();
+        assert!(error.contains("refused the link: \"going\""), "{error}");
     }
 
     #[test]

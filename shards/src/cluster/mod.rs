@@ -112,6 +112,8 @@ struct Cluster {
     /// Data links this shard dialled, by connection.
     data_out: BTreeMap<ConnectionId, NodeId>,
     delivered: forward::Delivered,
+    /// Accepted links closed at once because [`link::PENDING_LINKS_MAX`] were in handshake.
+    refused_pending: u64,
 }
 
 impl Cluster {
@@ -199,6 +201,7 @@ impl NodeShard {
                 peers: BTreeMap::new(),
                 data_out: BTreeMap::new(),
                 delivered: forward::Delivered::default(),
+                refused_pending: 0,
             }),
             now_ms,
             scratch: Vec::new(),
@@ -263,6 +266,18 @@ impl NodeShard {
             self.scratch.push(Output::Close { connection });
             return;
         };
+        if cluster.io.links.values().filter(|l| !l.is_up()).count() >= link::PENDING_LINKS_MAX {
+            cluster.refused_pending += 1;
+            if cluster.refused_pending.is_power_of_two() {
+                let refused = cluster.refused_pending;
+                warn!(
+                    refused,
+                    "cluster links in handshake at their limit: new ones closed"
+                );
+            }
+            cluster.io.outputs.push(Output::Close { connection });
+            return;
+        }
         let nonce = cluster.nonce();
         cluster.io.links.insert(
             connection,
@@ -356,7 +371,7 @@ impl NodeShard {
         let mut bodies = Vec::new();
         let result = link.receive(&cluster.io.settings.link, bytes, now_ms, &mut bodies);
         if let Err(reason) = result {
-            let node = link.peer.as_ref().map_or(0, |p| p.node);
+            let node = link.up_peer().map_or(0, |p| p.node);
             warn!(connection, node, %reason, "cluster link closed");
             self.link_closed(connection, "refused");
             return;
@@ -605,20 +620,16 @@ impl NodeShard {
         let Some(cluster) = &mut self.cluster else {
             return;
         };
-        // Links silent past the timeout are dead.
+        // Links silent past the timeout, or not authenticated in time, are dead.
         let timeout_ms = cluster.io.settings.link_timeout_ms;
-        let dead: Vec<ConnectionId> = cluster
+        let dead: Vec<(ConnectionId, String)> = cluster
             .io
             .links
             .values()
-            .filter(|l| now_ms >= l.last_received_ms + timeout_ms)
-            .map(|l| l.connection)
+            .filter_map(|l| Some((l.connection, l.expired(now_ms, timeout_ms)?)))
             .collect();
-        for connection in dead {
-            warn!(
-                connection,
-                timeout_ms, "cluster link silent past the timeout: closed"
-            );
+        for (connection, reason) in dead {
+            warn!(connection, %reason, "cluster link closed");
             self.link_closed(connection, "timeout");
         }
         let cluster = self.cluster.as_mut().expect("a cluster");
@@ -653,7 +664,7 @@ impl NodeShard {
         let settings = &cluster.io.settings;
         // A link due a heartbeat (up links only send them) or due to time out.
         let links = cluster.io.links.values().map(|l| {
-            let timeout = l.last_received_ms + settings.link_timeout_ms;
+            let timeout = l.deadline_ms(settings.link_timeout_ms);
             if l.is_up() {
                 timeout.min(l.last_sent_ms + settings.heartbeat_ms)
             } else {
