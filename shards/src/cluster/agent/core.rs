@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use shardmq_net::frame::{Body, LogEntry, Member, NodeId, Route, RouteDelta};
+use tracing::warn;
 
 use super::super::consensus::{Consensus, Heard};
 use super::super::view::View;
@@ -207,7 +208,7 @@ impl Core {
         {
             origin.links = origin.links.saturating_sub(1);
             if origin.links == 0 {
-                tracing::warn!(
+                warn!(
                     node,
                     "lost the last link from the node (the Raft leader decides when it is down)"
                 );

@@ -9,7 +9,7 @@
 //! runs of one input propose the same entries in the same order.
 
 use shardmq_net::frame::{Body, LogEntry, NodeId, Role};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::super::Io;
 use super::super::consensus::{Committed, check_setting};
@@ -148,7 +148,7 @@ impl Core {
                         }
                     }
                     LogEntry::Down(node) => {
-                        tracing::warn!(
+                        warn!(
                             node,
                             "node is down: its routes are kept for the grace period"
                         );

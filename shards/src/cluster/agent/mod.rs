@@ -1,12 +1,12 @@
 //! The cluster agent: route replication and membership, on shard 0 of every node.
 //!
-//! Owns, on every node ([`Shared`]): this node's route set and its route sequence (each change
+//! Owns, on every node (`Shared`): this node's route set and its route sequence (each change
 //! numbered from 1), a control link to every core it knows (the seeds and the cores that
 //! dialled it), and the [`View`] the shards' cluster route tables are kept equal to.
-//! Owns, by role ([`RoleState`]): on a core ([`core::Core`]), the ordered route log (entries
+//! Owns, by role (`RoleState`): on a core (`Core`), the ordered route log (entries
 //! numbered within an epoch that is new at every start), what each origin has told it, the
 //! edges that follow the log, and its share of the cores' Raft group; on an edge
-//! ([`edge::Edge`]), which core's log it follows and how far. A role is a type: what exists
+//! (`Edge`), which core's log it follows and how far. A role is a type: what exists
 //! only on a core cannot be reached on an edge.
 //!
 //! How routes move: a node sends its whole route set (`RouteSync`) when a control link to a
@@ -337,6 +337,7 @@ impl Agent {
             (RoleState::Edge(_), Body::RouteDeltas { deltas }) if !deltas.is_empty() => {
                 return Err("RouteDeltas to a node that is not a core".into());
             }
+            // An empty batch of deltas asks nothing of a core, so an edge lets it pass.
             (RoleState::Edge(_), Body::RouteDeltas { .. }) => {}
             (RoleState::Core(core), Body::Follow { epoch, next }) => {
                 core.follow(connection, node, epoch, next);
