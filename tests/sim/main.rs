@@ -19,6 +19,11 @@
 //!
 //! `SIM_SEEDS=n` runs n seeds (default 24); `SIM_SEED=s` replays seed s alone. A failure
 //! prints its seed, and the seed replays it exactly.
+//!
+//! Replay is checked output for output: every output of every node (with its time, node,
+//! incarnation and shard) goes into a [`Digest`], a fixed-key FNV-1a hash of its `Debug` text,
+//! and two runs of a seed must end with the same digest, in this process and in another one
+//! (whose hash maps are seeded differently).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -57,6 +62,33 @@ impl Rng {
 
     fn chance(&mut self, per_million: u64) -> bool {
         self.below(1_000_000) < per_million
+    }
+}
+
+/// FNV-1a, 64 bits: a hash with no key drawn at run time, so that one run's digest is the
+/// same in every process. Fed through `fmt::Write`, so an output's `Debug` text is hashed as
+/// it is written, without a string per output.
+struct Digest(u64);
+
+impl Digest {
+    const OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
+    const PRIME: u64 = 0x0100_0000_01B3;
+
+    fn new() -> Self {
+        Self(Self::OFFSET)
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(Self::PRIME);
+        }
+    }
+}
+
+impl std::fmt::Write for Digest {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.bytes(text.as_bytes());
+        Ok(())
     }
 }
 
@@ -194,6 +226,9 @@ struct Sim {
     reset_per_million: u64,
     faults: Vec<String>,
     events_processed: u64,
+    /// Every output of every node so far (see [`Digest`]).
+    digest: Digest,
+    outputs_digested: u64,
 }
 
 fn settings(id: NodeId, role: Role, address: SocketAddr, seeds: &[SocketAddr]) -> ClusterSettings {
@@ -267,6 +302,8 @@ impl Sim {
             reset_per_million,
             faults: Vec::new(),
             events_processed: 0,
+            digest: Digest::new(),
+            outputs_digested: 0,
         };
         sim.faults.push(format!(
             "{cores} core(s), {edges} edge(s), link resets {reset_per_million} per million chunks"
@@ -450,7 +487,13 @@ impl Sim {
         let mut outputs = Vec::new();
         shards[shard].take_outputs(&mut outputs);
         let next = shards[shard].next_deadline_ms();
+        let generation = self.nodes[node].generation;
         for output in outputs {
+            // Each output on a line of its own: time, node, incarnation, shard, then the
+            // output itself, in the order the shard gave them.
+            use std::fmt::Write as _;
+            let _ = writeln!(self.digest, "{now} {node}.{generation}.{shard} {output:?}");
+            self.outputs_digested += 1;
             self.apply(node, shard, output);
         }
         if let Some(at) = next {
@@ -1156,9 +1199,16 @@ impl Sim {
     }
 }
 
-/// One seeded run: faults, then a healed network, then the checkers. `Ok` summarises the
-/// run (events, acknowledged and received messages), so that two runs can be compared.
-fn simulate(seed: u64) -> Result<String, String> {
+/// What a run that kept its promises did: a summary for people, and the digest of every
+/// output for replay checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Run {
+    summary: String,
+    digest: u64,
+}
+
+/// One seeded run: faults, then a healed network, then the checkers.
+fn simulate(seed: u64) -> Result<Run, String> {
     let mut sim = Sim::new(seed);
     let fault_end = sim.now_ms + FAULT_PHASE_MS;
     sim.run_until(fault_end, true);
@@ -1194,13 +1244,16 @@ fn simulate(seed: u64) -> Result<String, String> {
     sim.run_until(end, false);
     let received: usize = sim.clients.iter().map(|c| c.received.len()).sum();
     sim.check()
-        .map(|()| {
-            format!(
-                "{} events, {} acknowledged, {received} received, {} faults",
+        .map(|()| Run {
+            summary: format!(
+                "{} events, {} outputs, {} acknowledged, {received} received, {} faults, digest {:016x}",
                 sim.events_processed,
+                sim.outputs_digested,
                 sim.acked.len(),
-                sim.faults.len() - 1
-            )
+                sim.faults.len() - 1,
+                sim.digest.0
+            ),
+            digest: sim.digest.0,
         })
         .map_err(|e| format!("{e}\nfaults:\n  {}", sim.faults.join("\n  ")))
 }
@@ -1226,7 +1279,7 @@ fn seeded_cluster_runs_keep_their_promises() {
     };
     // Seeds are independent: spread them over the cores.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let results: Vec<(u64, Result<String, String>)> = std::thread::scope(|scope| {
+    let results: Vec<(u64, Result<Run, String>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|worker| {
                 let seeds = &seeds;
@@ -1257,11 +1310,73 @@ fn seeded_cluster_runs_keep_their_promises() {
         failures.join("\n")
     );
     for (seed, result) in &results {
-        eprintln!("seed {seed}: {}", result.as_ref().expect("checked"));
+        eprintln!("seed {seed}: {}", result.as_ref().expect("checked").summary);
     }
+}
+
+/// The seed the replay test runs (three cores and an edge: orders among several cores,
+/// links and followers show), and the variable that makes the test binary a child that
+/// prints that seed's digest for its parent.
+const REPLAY_SEED: u64 = 22;
+const REPLAY_CHILD: &str = "SIM_REPLAY_CHILD";
+
+fn replay_digest(seed: u64) -> u64 {
+    match simulate(seed) {
+        Ok(run) => run.digest,
+        Err(error) => panic!("seed {seed} failed: {error}"),
+    }
+}
+
+/// The digest of `REPLAY_SEED` as another process computes it: the test binary run again
+/// for this test alone, as a child that prints the digest.
+fn digest_in_another_process() -> u64 {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let output = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "a_seed_replays_exactly",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(REPLAY_CHILD, "1")
+        .output()
+        .expect("the test binary runs again");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the child run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|line| line.split_once("replay digest "))
+        .and_then(|(_, hex)| u64::from_str_radix(hex.get(..16)?, 16).ok())
+        .unwrap_or_else(|| panic!("the child printed no digest:\n{stdout}"))
 }
 
 #[test]
 fn a_seed_replays_exactly() {
-    assert_eq!(simulate(7), simulate(7));
+    let digest = replay_digest(REPLAY_SEED);
+    if std::env::var_os(REPLAY_CHILD).is_some() {
+        // On a line of its own: the test harness prints its own text around it.
+        println!("\nreplay digest {digest:016x}");
+        return;
+    }
+    assert_eq!(
+        digest,
+        replay_digest(REPLAY_SEED),
+        "seed {REPLAY_SEED} gave other outputs when run again in this process"
+    );
+    assert_eq!(
+        digest,
+        digest_in_another_process(),
+        "seed {REPLAY_SEED} gave other outputs in another process"
+    );
+    // The digest tells runs apart: a test that could not fail would prove nothing.
+    assert_ne!(
+        digest,
+        replay_digest(REPLAY_SEED + 1),
+        "seeds {REPLAY_SEED} and {} gave one digest",
+        REPLAY_SEED + 1
+    );
 }

@@ -807,10 +807,7 @@ impl NodeShard {
             return to_self;
         };
         let node = cluster.io.settings.link.node();
-        for change in std::mem::take(&mut agent.changes) {
-            if change == Change::Members {
-                agent.members_dirty = true;
-            }
+        for change in agent.take_changes() {
             let message = match change {
                 // A core's log holds its own routes too; its shards know them already.
                 Change::Route { node: origin, .. } if origin == node => continue,

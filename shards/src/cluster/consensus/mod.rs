@@ -27,162 +27,26 @@
 //! list once they agree again. The membership is rebuilt from the links; the cluster-wide
 //! settings of the lost group are not carried over.
 
+mod ready;
+mod registry;
+mod store;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use protobuf::Message as _;
-use raft::prelude::{
-    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot,
-};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Message, Snapshot};
 use raft::storage::MemStorage;
-use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage, StorageError};
-use shardmq_net::frame::{LogEntry, Member, NodeId, Role, decode_entries, encode_entries};
+use raft::{Config, RawNode, StateRole};
+use shardmq_net::frame::{LogEntry, NodeId, Role, encode_entries};
 use tracing::{debug, info, warn};
 
+pub use self::registry::{Registry, SETTINGS, check_setting};
+use self::store::{Store, TracingDrain};
 use super::splitmix;
-
-/// The settings the cluster holds one value of, with what each accepts.
-pub const SETTINGS: &[(&str, &str)] = &[
-    ("down_grace_seconds", "0 to 86400"),
-    ("forward_queue_max", "1 to 100000000"),
-    ("takeover_timeout_ms", "1 to 600000"),
-];
-
-/// Checks a cluster-wide setting; the error says what is accepted.
-pub fn check_setting(key: &str, value: &str) -> Result<u64, String> {
-    let Some((_, accepted)) = SETTINGS.iter().find(|(k, _)| *k == key) else {
-        let known: Vec<&str> = SETTINGS.iter().map(|(k, _)| *k).collect();
-        return Err(format!(
-            "{key:?} is not a cluster-wide setting (known: {})",
-            known.join(", ")
-        ));
-    };
-    let range = match key {
-        "down_grace_seconds" => 0..=86_400,
-        "forward_queue_max" => 1..=100_000_000,
-        _ => 1..=600_000,
-    };
-    value
-        .parse::<u64>()
-        .ok()
-        .filter(|v| range.contains(v))
-        .ok_or_else(|| format!("{key} must be a whole number from {accepted}, not {value:?}"))
-}
-
-/// What the committed entries of the group have built.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Registry {
-    pub members: BTreeMap<NodeId, Member>,
-    pub down: BTreeSet<NodeId>,
-    pub settings: BTreeMap<String, String>,
-    /// Nodes removed and not back since: their Raft voters are retired.
-    pub removed: BTreeSet<NodeId>,
-}
-
-impl Registry {
-    fn apply(&mut self, entry: &LogEntry) {
-        match entry {
-            LogEntry::Joined(member) => {
-                self.down.remove(&member.node);
-                self.removed.remove(&member.node);
-                self.members.insert(member.node, member.clone());
-            }
-            LogEntry::Down(node) => {
-                if self.members.contains_key(node) {
-                    self.down.insert(*node);
-                }
-            }
-            LogEntry::Up(node) => {
-                self.down.remove(node);
-            }
-            LogEntry::Removed(node) => {
-                self.members.remove(node);
-                self.down.remove(node);
-                self.removed.insert(*node);
-            }
-            LogEntry::Setting { key, value } => {
-                self.settings.insert(key.clone(), value.clone());
-            }
-            LogEntry::Route { .. } | LogEntry::Replace { .. } => {}
-        }
-    }
-
-    /// The registry as entries that build it from nothing (a snapshot's data).
-    pub fn entries(&self) -> Vec<LogEntry> {
-        let members = self.members.values().cloned().map(LogEntry::Joined);
-        let down = self.down.iter().copied().map(LogEntry::Down);
-        let removed = self.removed.iter().copied().map(LogEntry::Removed);
-        let settings = self.settings.iter().map(|(key, value)| LogEntry::Setting {
-            key: key.clone(),
-            value: value.clone(),
-        });
-        removed.chain(members).chain(down).chain(settings).collect()
-    }
-
-    fn from_entries(entries: &[LogEntry]) -> Self {
-        let mut registry = Self::default();
-        for entry in entries {
-            registry.apply(entry);
-        }
-        registry
-    }
-}
 
 /// The node of a Raft identifier: its low 32 bits (the incarnation is above them).
 fn node_of(id: u64) -> Option<NodeId> {
     (id != 0).then_some(id as NodeId)
-}
-
-/// In-memory Raft storage whose snapshots carry the registry as of the last applied entry
-/// (raft-rs's `MemStorage` alone snapshots at the commit index with no data).
-struct Store {
-    mem: MemStorage,
-    applied: u64,
-    applied_term: u64,
-    conf: ConfState,
-    registry: Vec<u8>,
-}
-
-impl Storage for Store {
-    fn initial_state(&self) -> raft::Result<RaftState> {
-        self.mem.initial_state()
-    }
-
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        context: GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
-        self.mem.entries(low, high, max_size, context)
-    }
-
-    fn term(&self, index: u64) -> raft::Result<u64> {
-        self.mem.term(index)
-    }
-
-    fn first_index(&self) -> raft::Result<u64> {
-        self.mem.first_index()
-    }
-
-    fn last_index(&self) -> raft::Result<u64> {
-        self.mem.last_index()
-    }
-
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if request_index > self.applied || self.applied == 0 {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        let mut snapshot = Snapshot::default();
-        snapshot.set_data(self.registry.clone().into());
-        let meta = snapshot.mut_metadata();
-        meta.index = self.applied;
-        meta.term = self.applied_term;
-        meta.set_conf_state(self.conf.clone());
-        Ok(snapshot)
-    }
 }
 
 /// What the agent mirrors into its route log, in commit order.
@@ -216,13 +80,6 @@ pub struct ConsensusStatus {
 /// A group without a leader for this many election timeouts is dropped (see the module
 /// documentation).
 const LEADERLESS_TIMEOUTS: u64 = 10;
-
-/// The first bytes of a saved Raft state.
-const STATE_MAGIC: &[u8; 8] = b"SMQRAFT1";
-
-/// Raft log entries kept behind the applied one before the log is compacted (a core that
-/// falls further behind gets a snapshot).
-const LOG_KEEP: u64 = 1_000;
 
 /// What a core said of itself in its last `GroupState`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,12 +181,18 @@ impl Consensus {
     }
 
     fn make(&mut self, store: Store) -> Result<(), String> {
-        let config = self.config();
-        let raw = RawNode::new(&config, store, &self.logger).map_err(|e| e.to_string())?;
+        let raw = self.new_node(store)?;
         self.raw = Some(raw);
-        self.seen = (StateRole::Follower, u64::MAX, 0);
-        self.after_step();
         Ok(())
+    }
+
+    /// A Raft node over `store`, its first election timeout drawn from the seeded generator.
+    fn new_node(&mut self, store: Store) -> Result<RawNode<Store>, String> {
+        let config = self.config();
+        let mut raw = RawNode::new(&config, store, &self.logger).map_err(|e| e.to_string())?;
+        self.seen = (StateRole::Follower, u64::MAX, 0);
+        self.replace_timeout(&mut raw);
+        Ok(raw)
     }
 
     pub fn is_initialized(&self) -> bool {
@@ -451,9 +314,10 @@ impl Consensus {
         meta.term = 1;
         meta.set_conf_state(conf.clone());
         let mem = MemStorage::new();
-        mem.wl()
-            .apply_snapshot(snapshot)
-            .expect("a fresh storage takes any snapshot");
+        if let Err(error) = mem.wl().apply_snapshot(snapshot) {
+            warn!(%error, "cannot found the Raft group: its first snapshot is not taken");
+            return false;
+        }
         let store = Store {
             mem,
             applied: 1,
@@ -497,26 +361,29 @@ impl Consensus {
             // A founder whose peers founded first: found too, with the same configuration.
             self.try_found();
         }
-        if self.raw.is_none() {
-            // A message for this incarnation means the group counts it as a voter: start
-            // empty and take part (its vote may be what an election needs); the leader sends
-            // the configuration and the log or a snapshot.
-            if self.hold {
-                return Ok(());
+        let mut raw = match self.raw.take() {
+            Some(raw) => raw,
+            None => {
+                // A message for this incarnation means the group counts it as a voter: start
+                // empty and take part (its vote may be what an election needs); the leader
+                // sends the configuration and the log or a snapshot.
+                if self.hold {
+                    return Ok(());
+                }
+                // The leader added this core (or it restarted): start empty, the leader sends
+                // the log or a snapshot.
+                let store = Store {
+                    mem: MemStorage::new(),
+                    applied: 0,
+                    applied_term: 0,
+                    conf: ConfState::default(),
+                    registry: Vec::new(),
+                };
+                let raw = self.new_node(store)?;
+                info!(leader = from, "joined the cores' Raft group");
+                raw
             }
-            // The leader added this core (or it restarted): start empty, the leader sends
-            // the log or a snapshot.
-            let store = Store {
-                mem: MemStorage::new(),
-                applied: 0,
-                applied_term: 0,
-                conf: ConfState::default(),
-                registry: Vec::new(),
-            };
-            self.make(store)?;
-            info!(leader = from, "joined the cores' Raft group");
-        }
-        let raw = self.raw.as_mut().expect("made above");
+        };
         let sender = message.from;
         if let Err(error) = raw.step(message) {
             debug!(from, %error, "Raft message not taken");
@@ -524,6 +391,7 @@ impl Consensus {
         if raw.raft.leader_id == sender {
             self.leader_heard_ms = Some(now_ms);
         }
+        self.raw = Some(raw);
         self.after_step();
         Ok(())
     }
@@ -592,9 +460,13 @@ impl Consensus {
 
     /// Replaces a timeout raft-rs drew by one from the seeded generator.
     fn after_step(&mut self) {
-        let Some(raw) = &self.raw else {
-            return;
-        };
+        if let Some(mut raw) = self.raw.take() {
+            self.replace_timeout(&mut raw);
+            self.raw = Some(raw);
+        }
+    }
+
+    fn replace_timeout(&mut self, raw: &mut RawNode<Store>) {
         let now = (
             raw.raft.state,
             raw.raft.term,
@@ -602,7 +474,6 @@ impl Consensus {
         );
         if now != self.seen {
             let timeout = self.election_timeout();
-            let raw = self.raw.as_mut().expect("checked");
             raw.raft.set_randomized_election_timeout(timeout);
             self.seen = (now.0, now.1, timeout);
         }
@@ -666,111 +537,6 @@ impl Consensus {
             .any(|h| h.initialized && h.founders != self.founders)
     }
 
-    /// This core's Raft state at a clean shutdown, for the data directory: its identifier,
-    /// hard state, the registry as of the last applied entry, and the log after it. `None`
-    /// outside a group. Saved only once the core has stopped taking part, so that it holds
-    /// exactly what the core acknowledged.
-    pub fn save(&self) -> Option<Vec<u8>> {
-        let raw = self.raw.as_ref()?;
-        let store = raw.store();
-        if store.conf.voters.is_empty() {
-            return None;
-        }
-        let snapshot = store.snapshot(0, 0).ok()?;
-        let hard = store.mem.rl().hard_state().clone();
-        let first = store.applied + 1;
-        let last = store.mem.last_index().ok()?;
-        let entries = if last >= first {
-            store
-                .mem
-                .entries(first, last + 1, None, GetEntriesContext::empty(false))
-                .ok()?
-        } else {
-            Vec::new()
-        };
-        let mut out = Vec::new();
-        out.extend_from_slice(STATE_MAGIC);
-        out.extend_from_slice(&self.id.to_le_bytes());
-        let mut part = |bytes: Vec<u8>| {
-            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            out.extend_from_slice(&bytes);
-        };
-        part(hard.write_to_bytes().ok()?);
-        part(snapshot.write_to_bytes().ok()?);
-        for entry in &entries {
-            part(entry.write_to_bytes().ok()?);
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        Some(out)
-    }
-
-    /// Takes up the state [`Consensus::save`] wrote at the last clean shutdown: the same
-    /// identifier, votes and log, so the core rejoins its group as the voter it was.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let (body, crc) = bytes
-            .split_last_chunk::<4>()
-            .ok_or("the Raft state is truncated")?;
-        if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
-            return Err("the Raft state's checksum does not match".into());
-        }
-        let rest = body
-            .strip_prefix(STATE_MAGIC)
-            .ok_or("not a shardmq Raft state")?;
-        let (id, mut rest) = rest.split_first_chunk::<8>().ok_or("truncated")?;
-        let id = u64::from_le_bytes(*id);
-        if node_of(id) != Some(self.node) {
-            return Err(format!(
-                "the Raft state is of node {:?}, this is node {}",
-                node_of(id),
-                self.node
-            ));
-        }
-        let mut parts = Vec::new();
-        while !rest.is_empty() {
-            let (len, tail) = rest.split_first_chunk::<4>().ok_or("truncated")?;
-            let len = u32::from_le_bytes(*len) as usize;
-            if tail.len() < len {
-                return Err("the Raft state is truncated".into());
-            }
-            parts.push(&tail[..len]);
-            rest = &tail[len..];
-        }
-        let [hard, snapshot, entries @ ..] = parts.as_slice() else {
-            return Err("the Raft state misses its hard state or snapshot".into());
-        };
-        let hard = HardState::parse_from_bytes(hard).map_err(|e| e.to_string())?;
-        let snapshot = Snapshot::parse_from_bytes(snapshot).map_err(|e| e.to_string())?;
-        let entries: Vec<Entry> = entries
-            .iter()
-            .map(|e| Entry::parse_from_bytes(e).map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
-        let registry = decode_entries(snapshot.get_data())?;
-        let meta = snapshot.get_metadata().clone();
-        let mem = MemStorage::new();
-        mem.wl()
-            .apply_snapshot(snapshot.clone())
-            .map_err(|e| e.to_string())?;
-        mem.wl().append(&entries).map_err(|e| e.to_string())?;
-        mem.wl().set_hardstate(hard);
-        let store = Store {
-            mem,
-            applied: meta.index,
-            applied_term: meta.term,
-            conf: meta.get_conf_state().clone(),
-            registry: snapshot.get_data().to_vec(),
-        };
-        self.id = id;
-        self.registry = Registry::from_entries(&registry);
-        self.make(store)?;
-        self.committed.push(Committed::Snapshot);
-        info!(
-            applied = meta.index,
-            "Raft state of the last clean shutdown taken up"
-        );
-        Ok(())
-    }
-
     /// Leaves the group: forgets it and waits for a `join` before founding or joining again.
     pub fn reset(&mut self) {
         self.raw = None;
@@ -784,161 +550,6 @@ impl Consensus {
         self.founders.clear();
         self.outbox.clear();
         self.hold = true;
-    }
-
-    /// Runs raft-rs's ready cycle: persists (in memory), applies what is committed, and
-    /// collects the messages to send.
-    pub fn process(&mut self) {
-        for _ in 0..8 {
-            let Some(raw) = &mut self.raw else {
-                return;
-            };
-            if !raw.has_ready() {
-                break;
-            }
-            let mut ready = raw.ready();
-            self.collect(ready.take_messages());
-            let raw = self.raw.as_mut().expect("checked");
-            if !ready.snapshot().is_empty() {
-                let snapshot = ready.snapshot().clone();
-                match decode_entries(snapshot.get_data()) {
-                    Ok(entries) => {
-                        let meta = snapshot.get_metadata();
-                        let store = raw.mut_store();
-                        store.applied = meta.index;
-                        store.applied_term = meta.term;
-                        store.conf = meta.get_conf_state().clone();
-                        store.registry = snapshot.get_data().to_vec();
-                        if let Err(error) = store.mem.wl().apply_snapshot(snapshot) {
-                            warn!(%error, "Raft snapshot not applied");
-                        } else {
-                            info!(
-                                index = store.applied,
-                                "registry replaced by the leader's snapshot"
-                            );
-                            self.registry = Registry::from_entries(&entries);
-                            self.committed.push(Committed::Snapshot);
-                        }
-                    }
-                    Err(error) => warn!(%error, "Raft snapshot data does not decode: ignored"),
-                }
-            }
-            let committed = ready.take_committed_entries();
-            self.apply(committed);
-            let raw = self.raw.as_mut().expect("checked");
-            if let Err(error) = raw.mut_store().mem.wl().append(ready.entries()) {
-                warn!(%error, "Raft entries not appended");
-            }
-            if let Some(hard) = ready.hs() {
-                raw.mut_store().mem.wl().set_hardstate(hard.clone());
-            }
-            let persisted = ready.take_persisted_messages();
-            let mut light = raw.advance(ready);
-            if let Some(commit) = light.commit_index() {
-                raw.mut_store().mem.wl().mut_hard_state().set_commit(commit);
-            }
-            let messages = light.take_messages();
-            let committed = light.take_committed_entries();
-            self.collect(persisted);
-            self.collect(messages);
-            self.apply(committed);
-            if self.retired {
-                self.retired = false;
-                self.reset();
-                self.hold = false;
-                return;
-            }
-            let raw = self.raw.as_mut().expect("checked");
-            raw.advance_apply();
-            self.compact();
-        }
-        self.after_step();
-    }
-
-    fn collect(&mut self, messages: Vec<Message>) {
-        for message in messages {
-            let Some(to) = node_of(message.to) else {
-                continue;
-            };
-            match message.write_to_bytes() {
-                Ok(bytes) => self.outbox.push((to, bytes)),
-                Err(error) => warn!(%error, "Raft message does not encode"),
-            }
-        }
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) {
-        if entries.is_empty() {
-            return;
-        }
-        let raw = self.raw.as_mut().expect("only an initialized core applies");
-        let mut last = (0, 0);
-        for entry in entries {
-            last = (entry.index, entry.term);
-            if entry.data.is_empty() {
-                continue;
-            }
-            match entry.get_entry_type() {
-                EntryType::EntryConfChange => {
-                    let mut change = ConfChange::default();
-                    if let Err(error) = change.merge_from_bytes(&entry.data) {
-                        warn!(%error, "committed Raft configuration change does not decode");
-                        continue;
-                    }
-                    match raw.apply_conf_change(&change) {
-                        Ok(conf) if !conf.voters.contains(&self.id) && !conf.voters.is_empty() => {
-                            // This incarnation was retired: drop the group and join again as a
-                            // new one (the leader adds it, as the registry lists this core).
-                            warn!(
-                                "this core's Raft identifier was removed from the voters: rejoining as a new one"
-                            );
-                            self.retired = true;
-                            break;
-                        }
-                        Ok(conf) => {
-                            info!(
-                                voters = ?conf.voters.iter().filter_map(|&v| node_of(v)).collect::<Vec<_>>(),
-                                "the cores' voters changed"
-                            );
-                            raw.mut_store().mem.wl().set_conf_state(conf.clone());
-                            raw.mut_store().conf = conf;
-                        }
-                        Err(error) => warn!(%error, "Raft configuration change not applied"),
-                    }
-                }
-                EntryType::EntryConfChangeV2 => {}
-                EntryType::EntryNormal => match decode_entries(&entry.data) {
-                    Ok(decoded) => {
-                        for item in decoded {
-                            self.registry.apply(&item);
-                            self.committed.push(Committed::Entry(item));
-                        }
-                    }
-                    Err(error) => warn!(%error, "committed Raft entry does not decode: skipped"),
-                },
-            }
-        }
-        let store = raw.mut_store();
-        store.applied = last.0;
-        store.applied_term = last.1;
-        store.registry = encode_entries(&self.registry.entries());
-    }
-
-    /// Drops log entries far behind the applied one.
-    fn compact(&mut self) {
-        let Some(raw) = &mut self.raw else {
-            return;
-        };
-        let store = raw.mut_store();
-        let first = store.mem.first_index().unwrap_or(1);
-        if store.applied > first + 2 * LOG_KEEP {
-            let _ = store.mem.wl().compact(store.applied - LOG_KEEP);
-        }
-    }
-
-    /// The Raft messages to send, by core.
-    pub fn take_outbox(&mut self) -> Vec<(NodeId, Vec<u8>)> {
-        std::mem::take(&mut self.outbox)
     }
 
     /// The voter change the leader should propose next, if any: the current incarnation of
@@ -1008,33 +619,5 @@ impl Consensus {
             founders: self.founders.iter().filter_map(|&v| node_of(v)).collect(),
             id: self.id,
         }
-    }
-}
-
-/// raft-rs logs through slog; this hands its records to `tracing` under the target
-/// `shardmq::raft` (its informational chatter at debug level).
-struct TracingDrain;
-
-impl slog::Drain for TracingDrain {
-    type Ok = ();
-    type Err = slog::Never;
-
-    fn log(
-        &self,
-        record: &slog::Record<'_>,
-        _values: &slog::OwnedKVList,
-    ) -> Result<Self::Ok, Self::Err> {
-        let message = record.msg();
-        match record.level() {
-            slog::Level::Critical | slog::Level::Error => {
-                tracing::error!(target: "shardmq::raft", "{message}")
-            }
-            slog::Level::Warning => tracing::warn!(target: "shardmq::raft", "{message}"),
-            slog::Level::Info | slog::Level::Debug => {
-                tracing::debug!(target: "shardmq::raft", "{message}")
-            }
-            slog::Level::Trace => tracing::trace!(target: "shardmq::raft", "{message}"),
-        }
-        Ok(())
     }
 }
