@@ -57,6 +57,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    const ALL: [Refusal; 3] = [
+        Refusal::AddressConnections,
+        Refusal::AddressRate,
+        Refusal::NodeRate,
+    ];
+
     fn index(self) -> usize {
         match self {
             Refusal::AddressConnections => 0,
@@ -315,9 +321,25 @@ impl Admission {
         refusal
     }
 
+    /// The log lines due at `now_ms`: one for each reason with refusals not reported yet,
+    /// unless that reason was reported in this second already (by any reactor). A reactor
+    /// asks after every batch, so the first refusal of a storm is logged at once and the rest
+    /// as one line a second, and the tally of a storm that has ended within a second or two.
+    pub fn reports_due(&self, now_ms: u64) -> impl Iterator<Item = RefusalReport> + '_ {
+        Refusal::ALL.into_iter().filter_map(move |refusal| {
+            let refused = self.counters.refused[refusal.index()].load(Ordering::Relaxed);
+            let reported = self.reports[refusal.index()]
+                .total_reported
+                .load(Ordering::Relaxed);
+            (refused > reported)
+                .then(|| self.report_due(refusal, now_ms))
+                .flatten()
+        })
+    }
+
     /// Whether a log line about refusals for `refusal` is due at `now_ms`: at most one per
     /// second per reason for the whole process, whichever reactor asks first.
-    pub fn report_due(&self, refusal: Refusal, now_ms: u64) -> Option<RefusalReport> {
+    fn report_due(&self, refusal: Refusal, now_ms: u64) -> Option<RefusalReport> {
         let state = &self.reports[refusal.index()];
         let second_plus_one = now_ms / 1000 + 1;
         let last = state.second_plus_one.load(Ordering::Relaxed);
@@ -330,7 +352,9 @@ impl Admission {
             return None;
         }
         let total = self.counters.refused[refusal.index()].load(Ordering::Relaxed);
-        let before = state.total_reported.swap(total, Ordering::Relaxed);
+        // fetch_max, not a swap: a reactor that read an older total must not turn the
+        // reported total back, or the next line would count some refusals twice.
+        let before = state.total_reported.fetch_max(total, Ordering::Relaxed);
         Some(RefusalReport {
             refusal,
             since_last_report: total.saturating_sub(before),
@@ -385,6 +409,15 @@ mod tests {
         }
     }
 
+    /// The connections counted over the whole table.
+    fn counted_connections(table: &Admission) -> u32 {
+        table
+            .buckets
+            .iter()
+            .map(|bucket| bucket.connections.load(Ordering::Relaxed))
+            .sum()
+    }
+
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
     }
@@ -404,12 +437,7 @@ mod tests {
         for ticket in tickets {
             table.release(ticket);
         }
-        assert!(
-            table
-                .buckets
-                .iter()
-                .all(|b| b.connections.load(Ordering::Relaxed) == 0)
-        );
+        assert_eq!(counted_connections(&table), 0);
         let counts = table.counters().snapshot();
         assert_eq!(counts.admitted, 4);
         assert_eq!(counts.refused_address_connections, 2);
@@ -506,12 +534,7 @@ mod tests {
         for ticket in tickets.into_iter().chain(next_second) {
             table.release(ticket);
         }
-        assert!(
-            table
-                .buckets
-                .iter()
-                .all(|b| b.connections.load(Ordering::Relaxed) == 0)
-        );
+        assert_eq!(counted_connections(&table), 0);
     }
 
     #[test]
@@ -522,23 +545,26 @@ mod tests {
         for _ in 0..5 {
             assert!(table.admit(a, 100).is_err());
         }
-        let report = table.report_due(Refusal::AddressConnections, 100).unwrap();
-        assert_eq!((report.since_last_report, report.total), (5, 5));
+        let report = |at_ms: u64| table.reports_due(at_ms).collect::<Vec<_>>();
+        let line = |since_last_report: u64, total: u64| RefusalReport {
+            refusal: Refusal::AddressConnections,
+            since_last_report,
+            total,
+        };
+        assert_eq!(report(100), [line(5, 5)]);
+        assert_eq!(report(150), [], "nothing new");
         assert!(table.admit(a, 200).is_err());
-        assert_eq!(table.report_due(Refusal::AddressConnections, 999), None);
-        assert!(
-            table.report_due(Refusal::AddressRate, 999).is_some(),
-            "each reason has its own second"
-        );
-        assert_eq!(
-            table.report_due(Refusal::AddressConnections, 1_000),
-            Some(RefusalReport {
-                refusal: Refusal::AddressConnections,
-                since_last_report: 1,
-                total: 6,
-            })
-        );
-        assert_eq!(table.report_due(Refusal::AddressConnections, 1_999), None);
+        assert_eq!(report(999), [], "reported in this second already");
+        assert_eq!(report(1_000), [line(1, 6)]);
+        assert_eq!(report(5_000), [], "nothing new");
+        // Each reason has its own second.
+        let rated = Admission::new(limits(1, 1, 0, 1024));
+        let held_too = rated.admit(a, 0).unwrap();
+        assert_eq!(rated.admit(a, 0), Err(Refusal::AddressConnections));
+        rated.release(held_too);
+        assert_eq!(rated.admit(a, 0), Err(Refusal::AddressRate));
+        let reasons: Vec<Refusal> = rated.reports_due(0).map(|r| r.refusal).collect();
+        assert_eq!(reasons, [Refusal::AddressConnections, Refusal::AddressRate]);
         table.release(held);
     }
 

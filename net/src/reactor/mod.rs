@@ -387,9 +387,10 @@ fn user_data(kind: u64, slot: u32, generation: u32) -> u64 {
 }
 
 /// The admission hook of the accept path: reads the peer's address and checks it against
-/// `admission`. A refused socket (or one whose peer is already gone) is closed here and
-/// None returned; a refusal is logged at most once a second per reason, with the counts.
-fn admit_accepted(admission: &Admission, reactor: u16, fd: RawFd, now_ms: u64) -> Option<Ticket> {
+/// `admission`. A refused socket (or one whose peer is already gone) is closed here, before
+/// any of its bytes is read, and None returned; the refusal is counted in `admission` and
+/// logged by [`log_refusals`].
+fn admit_accepted(admission: &Admission, fd: RawFd, now_ms: u64) -> Option<Ticket> {
     let ip = match admission::peer_ip(fd) {
         Ok(ip) => ip,
         Err(_) => {
@@ -400,20 +401,24 @@ fn admit_accepted(admission: &Admission, reactor: u16, fd: RawFd, now_ms: u64) -
     };
     match admission.admit(ip, now_ms) {
         Ok(ticket) => Some(ticket),
-        Err(refusal) => {
+        Err(_) => {
             admission::close_refused(fd);
-            if let Some(report) = admission.report_due(refusal, now_ms) {
-                warn!(
-                    reactor,
-                    limit = refusal.key(),
-                    refused = report.since_last_report,
-                    refused_total = report.total,
-                    last_address = %ip,
-                    "connections refused at accept: a connection limit was reached"
-                );
-            }
             None
         }
+    }
+}
+
+/// Logs the admission refusals not reported yet: at most one line a second per reason for
+/// the whole process, with the counts, so that a connect storm does not flood the log.
+fn log_refusals(admission: &Admission, reactor: u16, now_ms: u64) {
+    for report in admission.reports_due(now_ms) {
+        warn!(
+            reactor,
+            limit = report.refusal.key(),
+            refused = report.since_last_report,
+            refused_total = report.total,
+            "connections refused at accept: a connection limit was reached"
+        );
     }
 }
 
@@ -741,6 +746,9 @@ impl<H: Handler> Reactor<H> {
                 self.buffers.commit();
             }
             self.drain_mailbox(now_ms);
+            if let Some(admission) = &self.admission {
+                log_refusals(admission, self.config.index, now_ms);
+            }
             if self
                 .accept_paused_until
                 .is_some_and(|until| Instant::now() >= until)
@@ -863,12 +871,10 @@ impl<H: Handler> Reactor<H> {
     fn accepted(&mut self, now_ms: u64, listener: u32, fd: RawFd) {
         let main = (listener as usize) < self.config.listen.len();
         let ticket = match &self.admission {
-            Some(admission) if main => {
-                match admit_accepted(admission, self.config.index, fd, now_ms) {
-                    Some(ticket) => Some(ticket),
-                    None => return,
-                }
-            }
+            Some(admission) if main => match admit_accepted(admission, fd, now_ms) {
+                Some(ticket) => Some(ticket),
+                None => return,
+            },
             _ => None,
         };
         let id = self.add_connection(fd, ticket);
