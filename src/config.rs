@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use shardmq_net::frame::{Member, Role};
 use shardmq_net::mqtt::QoS;
+use shardmq_net::reactor::admission::AdmissionLimits;
 use shardmq_shards::cluster::{ClusterSettings, LinkSettings};
 use shardmq_shards::{Limits, SharedStrategy};
 
@@ -164,6 +165,11 @@ pub struct LimitsConfig {
     pub session_expiry_seconds_max: u32,
     pub qos_max: u8,
     pub retain_available: bool,
+    pub connections_per_address_max: u32,
+    pub connect_rate_per_address_per_second_max: u32,
+    pub connect_rate_per_second_max: u32,
+    pub address_bucket_count: u32,
+    pub ipv6_prefix_bits: u8,
 }
 
 /// Merges `overrides` into `base`, table by table, refusing keys `base` does not have.
@@ -265,6 +271,15 @@ impl Config {
         check(
             self.limits.queued_messages_per_session_max > 0,
             "`limits.queued_messages_per_session_max` must be positive",
+        )?;
+        check(
+            (256..=1 << 24).contains(&self.limits.address_bucket_count)
+                && self.limits.address_bucket_count.is_power_of_two(),
+            "`limits.address_bucket_count` must be a power of two from 256 to 16777216",
+        )?;
+        check(
+            (1..=128).contains(&self.limits.ipv6_prefix_bits),
+            "`limits.ipv6_prefix_bits` must be from 1 to 128",
         )?;
         self.shared_strategy()?;
         self.tcp_keepalive()?;
@@ -457,6 +472,18 @@ impl Config {
         }
     }
 
+    /// The limits a client connection must pass at accept, before any of its bytes is read.
+    pub fn admission_limits(&self) -> AdmissionLimits {
+        let l = &self.limits;
+        AdmissionLimits {
+            connections_per_address_max: l.connections_per_address_max,
+            connect_rate_per_address_per_second_max: l.connect_rate_per_address_per_second_max,
+            connect_rate_per_second_max: l.connect_rate_per_second_max,
+            address_bucket_count: l.address_bucket_count,
+            ipv6_prefix_bits: l.ipv6_prefix_bits,
+        }
+    }
+
     pub fn limits(&self) -> Limits {
         let l = &self.limits;
         Limits {
@@ -507,6 +534,20 @@ mod tests {
             error.contains("server.shared_subscription_strategy"),
             "{error}"
         );
+        for (text, key) in [
+            ("address_bucket_count = 1000", "limits.address_bucket_count"),
+            ("address_bucket_count = 128", "limits.address_bucket_count"),
+            ("ipv6_prefix_bits = 0", "limits.ipv6_prefix_bits"),
+            ("ipv6_prefix_bits = 129", "limits.ipv6_prefix_bits"),
+            (
+                "connections_per_address_max = -1",
+                "connections_per_address_max",
+            ),
+        ] {
+            let error =
+                Config::from_overrides(&format!("[limits]\n{text}\n"), "f.toml").unwrap_err();
+            assert!(error.contains(key), "{text}: {error}");
+        }
         let config = Config::from_overrides("[server]\nshards = 3\n", "f.toml").unwrap();
         assert_eq!(config.server.shards, 3);
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use admin::{Control, NodeMessage};
 use clap::{Parser, Subcommand};
+use shardmq_net::reactor::admission::Admission;
 use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
 use shardmq_shards::cluster::NodeShard;
 use shardmq_shards::{Input, Output, Shard, ShardConfig};
@@ -258,12 +259,13 @@ fn run_shard(
     reactor_config: ReactorConfig,
     mailboxes: Arc<Mailboxes<NodeMessage>>,
     handler: Watched<ShardHandler>,
+    admission: Arc<Admission>,
     data_dir: Option<PathBuf>,
     notices: &std::sync::mpsc::Sender<Notice>,
 ) -> Result<(), String> {
     let index = reactor_config.index;
     let reactor = match Reactor::new(reactor_config, mailboxes, handler) {
-        Ok(reactor) => reactor,
+        Ok(reactor) => reactor.with_admission(admission),
         Err(e) => {
             let _ = notices.send(Notice::Ready(index, Err(e.to_string())));
             return Ok(());
@@ -345,6 +347,9 @@ fn serve(config: Config) -> Result<(), String> {
         (Some(directory), Some(_)) => take_raft_state(directory),
         _ => None,
     };
+    // One admission table for all shards, so that the limits hold whichever shard's
+    // listener the kernel hands a connection to.
+    let admission = Arc::new(Admission::new(config.admission_limits()));
     let epoch = Instant::now();
     let health = supervise::Health::new(shard_count, epoch, config.admin.stall_timeout_ms);
     // Each reactor is built on its own thread: its ring accepts submissions only from the
@@ -421,13 +426,21 @@ fn serve(config: Config) -> Result<(), String> {
             fault,
         );
         let mailboxes = mailboxes.clone();
+        let admission = admission.clone();
         let notices = notice_sender.clone();
         let data_dir = data_dir.clone();
         let thread = std::thread::Builder::new()
             .name(format!("shard-{index}"))
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_shard(reactor_config, mailboxes, handler, data_dir, &notices)
+                    run_shard(
+                        reactor_config,
+                        mailboxes,
+                        handler,
+                        admission,
+                        data_dir,
+                        &notices,
+                    )
                 }))
                 .unwrap_or_else(|payload| {
                     Err(format!("panicked: {}", supervise::panic_text(&*payload)))

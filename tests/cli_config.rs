@@ -75,6 +75,9 @@ fn default_config_prints_the_embedded_defaults() {
         "header_read_timeout_ms",
         "stall_timeout_ms",
         "tcp_keepalive_idle_seconds = 60",
+        "connections_per_address_max = 20000",
+        "connect_rate_per_second_max = 100000",
+        "ipv6_prefix_bits = 64",
         "SHARDMQ_ADMIN_TOKEN",
     ] {
         assert!(
@@ -102,6 +105,22 @@ fn bad_keepalive_and_admin_values_are_named() {
         (
             "[admin]\nheader_read_timeout_ms = 0\n",
             "admin.header_read_timeout_ms",
+        ),
+        (
+            "[limits]\naddress_bucket_count = 1000\n",
+            "limits.address_bucket_count",
+        ),
+        (
+            "[limits]\nipv6_prefix_bits = 0\n",
+            "limits.ipv6_prefix_bits",
+        ),
+        (
+            "[limits]\nconnections_per_address_max = -5\n",
+            "connections_per_address_max",
+        ),
+        (
+            "[limits]\nconnect_rate_per_second_max = \"fast\"\n",
+            "connect_rate_per_second_max",
         ),
     ] {
         let path = std::env::temp_dir().join(format!("shardmq-keys-{}.toml", std::process::id()));

@@ -3,7 +3,8 @@
 //!
 //! Owns: the sockets of its connections, its listening sockets (one per address, bound with
 //! SO_REUSEPORT so the kernel spreads accepts over reactors), its provided buffer ring, and its
-//! end of the cross-reactor mailboxes.
+//! end of the cross-reactor mailboxes. Shares with the other reactors the [`admission`] table
+//! that a connection accepted on a main listener must pass before any of its bytes is read.
 //! Never: interprets the bytes it moves (the handler does), blocks anywhere but in the ring's
 //! wait, or lets one connection's error touch another.
 //!
@@ -13,6 +14,7 @@
 //! push each and one wakeup per target reactor), then submit and wait for the next completion
 //! or deadline.
 
+pub mod admission;
 mod buffers;
 
 use std::collections::VecDeque;
@@ -28,6 +30,7 @@ use crossbeam_queue::ArrayQueue;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use tracing::{debug, info, warn};
 
+use admission::{Admission, Ticket};
 use buffers::{BUFFER_GROUP, BufferRing};
 
 /// A connection's name: reactor index, slot and generation, so that a completion for a slot's
@@ -124,7 +127,12 @@ pub trait Handler {
 
 enum Envelope<M> {
     Message(M),
-    Connection { fd: OwnedFd, bytes: Bytes },
+    /// A connection handed over, with what its admission counted (released where it closes).
+    Connection {
+        fd: OwnedFd,
+        bytes: Bytes,
+        ticket: Option<Ticket>,
+    },
 }
 
 /// The queues and wakeups between the reactors of one process.
@@ -304,6 +312,9 @@ struct Connection {
     send_offset: usize,
     sending: bool,
     state: ConnectionState,
+    /// What admission counted for this connection (None: not subject to it); released once,
+    /// when the connection closes.
+    ticket: Option<Ticket>,
 }
 
 /// Bytes waiting to be sent on one connection, in order. The usual case, one buffer, is held
@@ -376,6 +387,42 @@ fn user_data(kind: u64, slot: u32, generation: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0xFFFF) << 32) | u64::from(slot)
 }
 
+/// The admission hook of the accept path: reads the peer's address and checks it against
+/// `admission`. A refused socket (or one whose peer is already gone) is closed here, before
+/// any of its bytes is read, and None returned; the refusal is counted in `admission` and
+/// logged by [`log_refusals`].
+fn admit_accepted(admission: &Admission, fd: RawFd, now_ms: u64) -> Option<Ticket> {
+    let ip = match admission::peer_ip(fd) {
+        Ok(ip) => ip,
+        Err(_) => {
+            admission.peer_unknown();
+            admission::close_refused(fd);
+            return None;
+        }
+    };
+    match admission.admit(ip, now_ms) {
+        Ok(ticket) => Some(ticket),
+        Err(_) => {
+            admission::close_refused(fd);
+            None
+        }
+    }
+}
+
+/// Logs the admission refusals not reported yet: at most one line a second per reason for
+/// the whole process, with the counts, so that a connect storm does not flood the log.
+fn log_refusals(admission: &Admission, reactor: u16, now_ms: u64) {
+    for report in admission.reports_due(now_ms) {
+        warn!(
+            reactor,
+            limit = report.refusal.key(),
+            refused = report.since_last_report,
+            refused_total = report.total,
+            "connections refused at accept: a connection limit was reached"
+        );
+    }
+}
+
 /// One reactor. Field order matters: the ring is dropped before the buffers it uses.
 pub struct Reactor<H: Handler> {
     ring: IoUring,
@@ -396,6 +443,9 @@ pub struct Reactor<H: Handler> {
     to_wake: Vec<u16>,
     /// Connections this batch queued bytes for (reused between batches).
     to_send: Vec<u32>,
+    /// The limits connections accepted on `config.listen` must pass, shared by the reactors
+    /// of the process; None admits every connection.
+    admission: Option<Arc<Admission>>,
 }
 
 impl<H: Handler> std::fmt::Debug for Reactor<H> {
@@ -473,7 +523,15 @@ impl<H: Handler> Reactor<H> {
             accept_paused_until: None,
             to_wake: Vec::new(),
             to_send: Vec::new(),
+            admission: None,
         })
+    }
+
+    /// Subjects connections accepted on the main listeners (not the side listener) to
+    /// `admission`'s limits; the reactors of one process share one table.
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -524,8 +582,8 @@ impl<H: Handler> Reactor<H> {
         self.push(entry);
     }
 
-    fn add_connection(&mut self, fd: RawFd) -> ConnectionId {
-        let slot = self.allocate_slot(fd, ConnectionState::Open);
+    fn add_connection(&mut self, fd: RawFd, ticket: Option<Ticket>) -> ConnectionId {
+        let slot = self.allocate_slot(fd, ConnectionState::Open, ticket);
         self.arm_recv(slot);
         let generation = self.connections[slot as usize]
             .as_ref()
@@ -534,7 +592,7 @@ impl<H: Handler> Reactor<H> {
         connection_id(self.config.index, slot, generation)
     }
 
-    fn allocate_slot(&mut self, fd: RawFd, state: ConnectionState) -> u32 {
+    fn allocate_slot(&mut self, fd: RawFd, state: ConnectionState, ticket: Option<Ticket>) -> u32 {
         // SAFETY: `fd` is an open socket owned by the reactor for the duration of this call.
         let _ = socket2::SockRef::from(&unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
             .set_tcp_nodelay(true);
@@ -555,6 +613,7 @@ impl<H: Handler> Reactor<H> {
             send_offset: 0,
             sending: false,
             state,
+            ticket,
         });
         slot
     }
@@ -592,7 +651,7 @@ impl<H: Handler> Reactor<H> {
         let fd = socket.into_raw_fd();
         let address = Box::new(socket2::SockAddr::from(address));
         let (pointer, length) = (address.as_ptr(), address.len());
-        let slot = self.allocate_slot(fd, ConnectionState::Connecting { tag, address });
+        let slot = self.allocate_slot(fd, ConnectionState::Connecting { tag, address }, None);
         let generation = self.connections[slot as usize]
             .as_ref()
             .expect("live")
@@ -688,6 +747,9 @@ impl<H: Handler> Reactor<H> {
                 self.buffers.commit();
             }
             self.drain_mailbox(now_ms);
+            if let Some(admission) = &self.admission {
+                log_refusals(admission, self.config.index, now_ms);
+            }
             if self
                 .accept_paused_until
                 .is_some_and(|until| Instant::now() >= until)
@@ -768,12 +830,7 @@ impl<H: Handler> Reactor<H> {
         match kind {
             KIND_ACCEPT => {
                 if result >= 0 {
-                    let id = self.add_connection(result);
-                    if (slot as usize) < self.config.listen.len() {
-                        self.handler.event(now_ms, Event::Opened(id));
-                    } else {
-                        self.handler.event(now_ms, Event::OpenedSide(id));
-                    }
+                    self.accepted(now_ms, slot, result);
                 } else if matches!(
                     -result,
                     libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
@@ -807,6 +864,27 @@ impl<H: Handler> Reactor<H> {
             }
             _ => false,
         }
+    }
+
+    /// A socket accepted on listener `listener`: one on a main listener must pass admission
+    /// first (a refused one is closed before any of its bytes is read); then the handler
+    /// hears of it.
+    fn accepted(&mut self, now_ms: u64, listener: u32, fd: RawFd) {
+        let main = (listener as usize) < self.config.listen.len();
+        let ticket = match &self.admission {
+            Some(admission) if main => match admit_accepted(admission, fd, now_ms) {
+                Some(ticket) => Some(ticket),
+                None => return,
+            },
+            _ => None,
+        };
+        let id = self.add_connection(fd, ticket);
+        let event = if main {
+            Event::Opened(id)
+        } else {
+            Event::OpenedSide(id)
+        };
+        self.handler.event(now_ms, event);
     }
 
     fn complete_recv(
@@ -949,11 +1027,15 @@ impl<H: Handler> Reactor<H> {
                     Envelope::Connection {
                         fd,
                         bytes: bytes.freeze(),
+                        ticket: connection.ticket,
                     },
                 );
             }
             ConnectionState::Closing { tell_handler } => {
                 drop(fd);
+                if let (Some(admission), Some(ticket)) = (&self.admission, connection.ticket) {
+                    admission.release(ticket);
+                }
                 if tell_handler {
                     self.handler.event(now_ms, Event::Closed(id));
                 }
@@ -989,8 +1071,8 @@ impl<H: Handler> Reactor<H> {
             };
             match envelope {
                 Envelope::Message(message) => self.handler.event(now_ms, Event::Message(message)),
-                Envelope::Connection { fd, bytes } => {
-                    let id = self.add_connection(fd.into_raw_fd());
+                Envelope::Connection { fd, bytes, ticket } => {
+                    let id = self.add_connection(fd.into_raw_fd(), ticket);
                     self.handler.event(now_ms, Event::Opened(id));
                     if !bytes.is_empty() {
                         self.handler.event(now_ms, Event::Received(id, bytes));
