@@ -164,6 +164,8 @@ pub struct LimitsConfig {
     pub session_expiry_seconds_max: u32,
     pub qos_max: u8,
     pub retain_available: bool,
+    pub unsent_bytes_per_connection_max: usize,
+    pub send_stuck_timeout_ms: u64,
 }
 
 /// Merges `overrides` into `base`, table by table, refusing keys `base` does not have.
@@ -265,6 +267,14 @@ impl Config {
         check(
             self.limits.queued_messages_per_session_max > 0,
             "`limits.queued_messages_per_session_max` must be positive",
+        )?;
+        check(
+            self.limits.unsent_bytes_per_connection_max >= 1024,
+            "`limits.unsent_bytes_per_connection_max` must be at least 1024 bytes",
+        )?;
+        check(
+            self.limits.send_stuck_timeout_ms >= 100,
+            "`limits.send_stuck_timeout_ms` must be at least 100",
         )?;
         self.shared_strategy()?;
         self.tcp_keepalive()?;
@@ -473,6 +483,8 @@ impl Config {
             session_expiry_seconds_max: l.session_expiry_seconds_max,
             qos_max: QoS::from_bits(l.qos_max).expect("validated"),
             retain_available: l.retain_available,
+            unsent_bytes_per_connection_max: l.unsent_bytes_per_connection_max,
+            send_stuck_timeout_ms: l.send_stuck_timeout_ms,
         }
     }
 }
