@@ -170,6 +170,8 @@ pub struct LimitsConfig {
     pub connect_rate_per_second_max: u32,
     pub address_bucket_count: u32,
     pub ipv6_prefix_bits: u8,
+    pub unsent_bytes_per_connection_max: usize,
+    pub send_stuck_timeout_ms: u64,
 }
 
 /// Merges `overrides` into `base`, table by table, refusing keys `base` does not have.
@@ -280,6 +282,14 @@ impl Config {
         check(
             (1..=128).contains(&self.limits.ipv6_prefix_bits),
             "`limits.ipv6_prefix_bits` must be from 1 to 128",
+        )?;
+        check(
+            self.limits.unsent_bytes_per_connection_max >= 1024,
+            "`limits.unsent_bytes_per_connection_max` must be at least 1024 bytes",
+        )?;
+        check(
+            self.limits.send_stuck_timeout_ms >= 100,
+            "`limits.send_stuck_timeout_ms` must be at least 100",
         )?;
         self.shared_strategy()?;
         self.tcp_keepalive()?;
@@ -500,6 +510,8 @@ impl Config {
             session_expiry_seconds_max: l.session_expiry_seconds_max,
             qos_max: QoS::from_bits(l.qos_max).expect("validated"),
             retain_available: l.retain_available,
+            unsent_bytes_per_connection_max: l.unsent_bytes_per_connection_max,
+            send_stuck_timeout_ms: l.send_stuck_timeout_ms,
         }
     }
 }

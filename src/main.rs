@@ -138,6 +138,10 @@ impl Handler for ShardHandler {
                 return self.node.connect_failed(now_ms, tag, &error.to_string());
             }
             Event::Received(connection, bytes) => Input::Received { connection, bytes },
+            Event::Sent(connection, unsent_bytes) => Input::Sent {
+                connection,
+                unsent_bytes,
+            },
             Event::Closed(connection) => Input::Closed { connection },
             Event::Message(NodeMessage::Shard(message)) => Input::Shard(message),
             Event::Message(NodeMessage::Control(control)) => {

@@ -43,6 +43,17 @@ pub struct Limits {
     pub qos_max: QoS,
     /// Whether retained messages are stored.
     pub retain_available: bool,
+    /// Bytes encoded for one connection that its socket has not taken yet (what the shard
+    /// holds for the batch plus what the reactor still has queued). At or past it, the
+    /// connection gets no more PUBLISH packets: QoS 0 messages for it are dropped (counted),
+    /// QoS 1 and 2 wait in its session's queue and go once the backlog falls below it.
+    /// Acknowledgements and other replies still go. A subscriber that stops reading thus
+    /// costs about this much memory, not what its publishers send.
+    pub unsent_bytes_per_connection_max: usize,
+    /// How long a connection may stay at or past `unsent_bytes_per_connection_max` without
+    /// its socket taking enough to fall below it, in milliseconds. Then it is ended with
+    /// DISCONNECT 0x97 (Quota exceeded) for 5.0, a close for 3.x, and its will is published.
+    pub send_stuck_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -61,6 +72,8 @@ impl Default for Limits {
             session_expiry_seconds_max: 7 * 24 * 3600,
             qos_max: QoS::ExactlyOnce,
             retain_available: true,
+            unsent_bytes_per_connection_max: 1024 * 1024,
+            send_stuck_timeout_ms: 30_000,
         }
     }
 }

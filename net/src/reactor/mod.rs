@@ -13,6 +13,14 @@
 //! the whole batch (sends become one `send` per connection, cross-reactor messages one queue
 //! push each and one wakeup per target reactor), then submit and wait for the next completion
 //! or deadline.
+//!
+//! Memory bounds: a connection's send queue holds what the handler gave it; the handler learns
+//! after each loop's send completions how much is still unsent (`Event::Sent`), so that it can
+//! stop giving more to a peer that does not read. A closing connection whose peer takes
+//! nothing for [`CLOSE_LINGER`] is cut, so its queue is freed rather than kept forever. The
+//! cross-reactor overflow queue is bounded by the mailbox capacity: past it the reactor stops
+//! taking client bytes (see `receive_paused`), so nothing is dropped and nothing grows
+//! without limit.
 
 pub mod admission;
 mod buffers;
@@ -58,6 +66,10 @@ pub enum Event<M> {
     /// An outbound connection failed; the tag says which.
     ConnectFailed(u64, io::Error),
     Received(ConnectionId, Bytes),
+    /// The socket took some of the connection's bytes: this many of those given with
+    /// [`Actions::send`] are not sent yet. Told once per loop for each open connection that
+    /// had send completions, after them all.
+    Sent(ConnectionId, usize),
     Closed(ConnectionId),
     Message(M),
     /// The handler's deadline has passed.
@@ -311,11 +323,27 @@ struct Connection {
     send_queue: SendQueue,
     send_offset: usize,
     sending: bool,
+    /// Listed in `sent` for this loop's `Event::Sent`.
+    sent_listed: bool,
+    /// While closing with a send in flight: when the socket last took bytes (or the close
+    /// began). Cut after `CLOSE_LINGER` without progress.
+    linger_since: Option<Instant>,
     state: ConnectionState,
     /// What admission counted for this connection (None: not subject to it); released once,
     /// when the connection closes.
     ticket: Option<Ticket>,
 }
+
+impl Connection {
+    fn unsent_bytes(&self) -> usize {
+        self.send_queue.bytes - self.send_offset
+    }
+}
+
+/// How long a closing connection may keep bytes queued while its peer takes none of them.
+/// Then the socket is shut and the queue freed: a peer that stopped reading would otherwise
+/// hold its connection slot and send queue for as long as TCP keeps the connection.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// Bytes waiting to be sent on one connection, in order. The usual case, one buffer, is held
 /// inline, so an idle connection keeps no allocation for sending; a backlog spills into a queue
@@ -324,10 +352,13 @@ struct Connection {
 struct SendQueue {
     front: Option<Bytes>,
     rest: VecDeque<Bytes>,
+    /// The length of everything held.
+    bytes: usize,
 }
 
 impl SendQueue {
     fn push_back(&mut self, bytes: Bytes) {
+        self.bytes += bytes.len();
         if self.front.is_none() {
             self.front = Some(bytes);
         } else {
@@ -340,6 +371,7 @@ impl SendQueue {
     }
 
     fn pop_front(&mut self) {
+        self.bytes -= self.front.as_ref().map_or(0, Bytes::len);
         self.front = self.rest.pop_front();
         if self.rest.is_empty() && self.rest.capacity() > 0 {
             self.rest = VecDeque::new();
@@ -371,6 +403,7 @@ impl SendQueue {
         for bytes in std::mem::take(&mut self.rest) {
             merged.extend_from_slice(&bytes);
         }
+        self.bytes = total;
         self.front = Some(merged.freeze());
     }
 }
@@ -436,7 +469,26 @@ pub struct Reactor<H: Handler> {
     generations: Vec<u32>,
     wake_buffer: Box<u64>,
     /// Messages for reactors whose queue was full, retried each iteration: never dropped.
+    /// Bounded by backpressure: at `overflow_max` entries the reactor pauses receiving.
     overflow: VecDeque<(u16, Envelope<H::Message>)>,
+    /// The overflow length at which receiving pauses: the mailbox capacity, so that the
+    /// overflow never holds more than one more mailbox's worth (plus one loop's output).
+    overflow_max: usize,
+    /// While set, receive completions are held in `held_receives`, unprocessed, with their
+    /// buffers kept out of the buffer ring: once the ring runs dry the kernel stops reading
+    /// the sockets and TCP flow control slows the clients. Nothing is lost or reordered, and
+    /// the reactor keeps draining its own mailbox, so reactors waiting on each other's
+    /// mailboxes cannot deadlock. Set at `overflow_max`, cleared at half of it.
+    receive_paused: bool,
+    /// Receive completions (user data, result, flags) held while paused, in arrival order:
+    /// at most one per receive buffer plus one ending completion per connection.
+    held_receives: VecDeque<(u64, i32, u32)>,
+    /// Open connections (slot, generation) with send completions in this loop, for
+    /// `Event::Sent`.
+    sent: Vec<(u32, u32)>,
+    /// Closing connections waiting for a send (slot, generation), checked against
+    /// `CLOSE_LINGER`.
+    lingering: Vec<(u32, u32)>,
     accept_paused_until: Option<Instant>,
     /// Reactors this batch put something in the mailbox of; each is woken once, at the end of
     /// the batch.
@@ -508,6 +560,7 @@ impl<H: Handler> Reactor<H> {
                     .map(|&address| listener(address, config.backlog, None)),
             )
             .collect::<io::Result<Vec<_>>>()?;
+        let overflow_max = mailboxes.queues.first().map_or(1, ArrayQueue::capacity);
         Ok(Self {
             ring,
             buffers,
@@ -520,6 +573,11 @@ impl<H: Handler> Reactor<H> {
             generations: Vec::new(),
             wake_buffer: Box::new(0),
             overflow: VecDeque::new(),
+            overflow_max,
+            receive_paused: false,
+            held_receives: VecDeque::new(),
+            sent: Vec::new(),
+            lingering: Vec::new(),
             accept_paused_until: None,
             to_wake: Vec::new(),
             to_send: Vec::new(),
@@ -612,6 +670,8 @@ impl<H: Handler> Reactor<H> {
             send_queue: SendQueue::default(),
             send_offset: 0,
             sending: false,
+            sent_listed: false,
+            linger_since: None,
             state,
             ticket,
         });
@@ -746,10 +806,12 @@ impl<H: Handler> Reactor<H> {
             if returned_buffers {
                 self.buffers.commit();
             }
+            self.report_sent(now_ms);
             self.drain_mailbox(now_ms);
             if let Some(admission) = &self.admission {
                 log_refusals(admission, self.config.index, now_ms);
             }
+            self.resume_receiving(now_ms);
             if self
                 .accept_paused_until
                 .is_some_and(|until| Instant::now() >= until)
@@ -774,6 +836,7 @@ impl<H: Handler> Reactor<H> {
             }
             self.handler.flush(&mut actions);
             self.apply(&mut actions);
+            self.cut_lingering();
             if let Some(since) = stopping_since {
                 let open = self.connections.iter().flatten().count();
                 if open == 0 || since.elapsed() >= self.config.shutdown_grace {
@@ -807,6 +870,18 @@ impl<H: Handler> Reactor<H> {
         }
         let now_us = self.now_us();
         let mut timeout = Duration::from_secs(1);
+        for &(slot, _) in &self.lingering {
+            if let Some(since) = self.connections[slot as usize]
+                .as_ref()
+                .and_then(|c| c.linger_since)
+            {
+                timeout = timeout.min(
+                    (since + CLOSE_LINGER)
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                );
+            }
+        }
         if let Some(deadline) = self.handler.next_deadline_us() {
             timeout = timeout.min(Duration::from_micros(
                 deadline.saturating_sub(now_us).max(1),
@@ -847,6 +922,10 @@ impl<H: Handler> Reactor<H> {
                 {
                     self.arm_accept(slot as usize);
                 }
+                false
+            }
+            KIND_RECV if self.receive_paused || !self.held_receives.is_empty() => {
+                self.held_receives.push_back((data, result, flags));
                 false
             }
             KIND_RECV => self.complete_recv(now_ms, slot, generation, result, flags),
@@ -933,6 +1012,10 @@ impl<H: Handler> Reactor<H> {
                 } else if connection.state == ConnectionState::Open {
                     // End of stream or an error: the connection is over.
                     connection.state = ConnectionState::Closing { tell_handler: true };
+                    if connection.sending {
+                        connection.linger_since = Some(Instant::now());
+                        self.lingering.push((slot, generation));
+                    }
                 }
             }
         }
@@ -969,6 +1052,13 @@ impl<H: Handler> Reactor<H> {
         {
             connection.send_queue.pop_front();
             connection.send_offset = 0;
+        }
+        if connection.linger_since.is_some() {
+            connection.linger_since = Some(Instant::now());
+        }
+        if connection.state == ConnectionState::Open && !connection.sent_listed {
+            connection.sent_listed = true;
+            self.sent.push((slot, generation));
         }
         self.start_send(slot);
         let connection = self.connections[slot as usize].as_ref().expect("live");
@@ -1046,6 +1136,89 @@ impl<H: Handler> Reactor<H> {
         }
     }
 
+    /// Tells the handler, once per connection, how much is unsent after this loop's send
+    /// completions.
+    fn report_sent(&mut self, now_ms: u64) {
+        let mut sent = std::mem::take(&mut self.sent);
+        for (slot, generation) in sent.drain(..) {
+            if !self.live(slot, generation) {
+                continue;
+            }
+            let connection = self.connections[slot as usize].as_mut().expect("live");
+            connection.sent_listed = false;
+            if connection.state == ConnectionState::Open {
+                let unsent_bytes = connection.unsent_bytes();
+                let id = connection_id(self.config.index, slot, generation);
+                self.handler.event(now_ms, Event::Sent(id, unsent_bytes));
+            }
+        }
+        self.sent = sent;
+    }
+
+    /// Shuts closing connections whose peer has taken nothing for `CLOSE_LINGER`: the send in
+    /// flight then fails and the connection, with its queue, is freed.
+    fn cut_lingering(&mut self) {
+        if self.lingering.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut lingering = std::mem::take(&mut self.lingering);
+        lingering.retain(|&(slot, generation)| {
+            if !self.live(slot, generation) {
+                return false;
+            }
+            let connection = self.connections[slot as usize].as_mut().expect("live");
+            let Some(since) = connection.linger_since.filter(|_| connection.sending) else {
+                return false;
+            };
+            if now.duration_since(since) < CLOSE_LINGER {
+                return true;
+            }
+            connection.linger_since = None;
+            debug!(
+                reactor = self.config.index,
+                unsent = connection.unsent_bytes(),
+                "closing connection cut: its peer took nothing for the linger time"
+            );
+            // SAFETY: shutdown on a descriptor we own; errors (already shut) are harmless.
+            unsafe { libc::shutdown(connection.fd, libc::SHUT_RDWR) };
+            false
+        });
+        self.lingering = lingering;
+    }
+
+    /// Pauses receiving while the overflow is at its bound; once it has drained to half,
+    /// handles the held receive completions in order and receives again.
+    fn resume_receiving(&mut self, now_ms: u64) {
+        if !self.receive_paused && self.overflow.len() >= self.overflow_max {
+            self.receive_paused = true;
+            warn!(
+                reactor = self.config.index,
+                queued = self.overflow.len(),
+                "other shards' mailboxes are full: pausing reads from clients"
+            );
+        } else if self.receive_paused && self.overflow.len() <= self.overflow_max / 2 {
+            self.receive_paused = false;
+            info!(
+                reactor = self.config.index,
+                held = self.held_receives.len(),
+                "reading from clients again"
+            );
+        }
+        if self.receive_paused || self.held_receives.is_empty() {
+            return;
+        }
+        let mut returned = false;
+        while let Some((data, result, flags)) = self.held_receives.pop_front() {
+            let slot = data as u32;
+            let generation = ((data >> 32) & 0xFFFF) as u32;
+            returned |= self.complete_recv(now_ms, slot, generation, result, flags);
+        }
+        if returned {
+            self.buffers.commit();
+        }
+    }
+
     fn post(&mut self, target: u16, envelope: Envelope<H::Message>) {
         if !self.overflow.is_empty() {
             self.overflow.push_back((target, envelope));
@@ -1117,7 +1290,11 @@ impl<H: Handler> Reactor<H> {
                 connection.state = ConnectionState::Closing {
                     tell_handler: false,
                 };
-                if !connection.sending {
+                if connection.sending {
+                    connection.linger_since = Some(Instant::now());
+                    let generation = connection.generation;
+                    self.lingering.push((slot, generation));
+                } else {
                     self.shut(slot);
                     self.finish(now_ms, slot);
                 }

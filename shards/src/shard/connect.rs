@@ -318,7 +318,6 @@ impl Shard {
         let session = self.sessions[index as usize]
             .as_mut()
             .expect("live session");
-        let was_empty = connection.outgoing.is_empty();
         for entry in &session.inflight {
             let packet = match entry.state {
                 InflightState::Published => Packet::Publish(publish_packet(
@@ -331,10 +330,8 @@ impl Shard {
                 )),
                 InflightState::Released => Packet::PubRel(PubAck::new(entry.packet_id)),
             };
-            Self::encode_into(connection, &packet);
-        }
-        if was_empty && !connection.outgoing.is_empty() {
-            self.dirty.push(connection_id);
+            // Owed: a resend goes even past the unsent bound (the window bounds it).
+            let _ = connection.write(&packet, Priority::Owed, &mut self.outbox);
         }
     }
 }

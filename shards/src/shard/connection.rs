@@ -1,16 +1,36 @@
 //! Connections: the bytes in and out of one client socket, the protocol errors that end it,
 //! and the way a connection ends (DISCONNECT, close, the session's detach).
+//!
+//! One writer per buffer: a connection's output buffer and its send accounting are private to
+//! this file, and [`Connection::write`] is the only code that encodes into the buffer. It
+//! marks the connection for the batch's flush in the same step, so no path can queue bytes
+//! that are never handed out, and it applies the client's Maximum Packet Size and the unsent
+//! bound to every packet.
+//!
+//! Invariants: a connection is in the flush list exactly once while its buffer holds bytes
+//! (pushed when the first byte goes in, taken by [`Shard::flush_sends`]); the unsent count is
+//! what the buffer holds plus what the reactor reported still queued (plus what was handed to
+//! it since); a connection that is open holds a stuck timer exactly while the reactor holds at
+//! least `unsent_bytes_per_connection_max` of its bytes.
 
 use super::*;
 
 #[derive(Debug)]
 pub(super) struct Connection {
+    /// Its own identifier, for the flush list.
+    id: ConnectionId,
     pub(super) session: Option<SessionIndex>,
     pub(super) version: ProtocolVersion,
     /// Bytes of a packet not complete yet; empty (and unallocated) between packets.
     pub(super) pending: BytesMut,
-    /// Packets encoded in this batch, sent by `take_outputs`.
-    pub(super) outgoing: BytesMut,
+    /// Packets encoded in this batch, handed out by `flush_sends`. Only `write` adds to it.
+    outgoing: BytesMut,
+    /// Bytes handed to the reactor that the socket has not taken: the reactor's last report
+    /// (`Input::Sent`), plus what was handed out since.
+    reactor_unsent_bytes: usize,
+    /// Armed while the reactor holds at least the unsent bound of this connection's bytes;
+    /// when it fires the connection is ended (it stayed stuck too long).
+    stuck_timer: Option<TimerKey>,
     pub(super) keep_alive_ms: u64,
     /// The armed keep-alive check, while the connection is connected and open with a keep
     /// alive.
@@ -25,6 +45,195 @@ pub(super) struct Connection {
     /// meanwhile is kept in `pending` and read once the connection is accepted.
     pub(super) claiming: bool,
     pub(super) closing: bool,
+}
+
+/// Whether the protocol owes a packet to the client, or it may be held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Priority {
+    /// Replies (CONNACK, acknowledgements, PINGRESP, DISCONNECT) and resent in-flight
+    /// messages: always written. Replies are paced by what the client itself sends, and
+    /// resends by its window.
+    Owed,
+    /// A new delivery: refused at the unsent bound, so that a client that does not read
+    /// cannot make the broker hold what its publishers send.
+    Deferrable,
+}
+
+/// What [`Connection::write`] did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub(super) enum Write {
+    Written,
+    /// A deferrable packet found the connection at its unsent bound: nothing was written.
+    OverBound,
+    /// Larger than the client's Maximum Packet Size even without its droppable properties:
+    /// nothing was written [MQTT-3.1.2-24] (counted).
+    TooLarge,
+}
+
+/// The packet does not fit the client's Maximum Packet Size.
+#[derive(Debug)]
+struct TooLarge;
+
+/// Encodes `packet` within `packet_size_max`, leaving out what the receiver may go without
+/// (a DISCONNECT's reason string) when that makes it fit [MQTT-3.1.2-25]. The one place that
+/// calls the codec for client output, so that `mqtt::encode_limited`, which drops reason
+/// strings and user properties of every packet type, replaces this body in one line.
+fn encode_limited(
+    packet: &Packet,
+    version: ProtocolVersion,
+    packet_size_max: u32,
+    buffer: &mut BytesMut,
+) -> Result<(), TooLarge> {
+    let fits = |packet: &Packet| packet.encoded_len(version) <= packet_size_max as usize;
+    if fits(packet) {
+        mqtt::encode(packet, version, buffer);
+        return Ok(());
+    }
+    if let Packet::Disconnect(disconnect) = packet {
+        let bare = Packet::Disconnect(Disconnect::new(disconnect.reason));
+        if fits(&bare) {
+            mqtt::encode(&bare, version, buffer);
+            return Ok(());
+        }
+    }
+    Err(TooLarge)
+}
+
+/// The batch's output side: which connections have bytes for the flush (in the order they
+/// first got some), the unsent bound, and what the writer refused.
+#[derive(Debug)]
+pub(super) struct Outbox {
+    dirty: Vec<ConnectionId>,
+    unsent_bytes_max: usize,
+    /// QoS 0 messages dropped because their connection was at its unsent bound.
+    pub(super) dropped_over_bound_count: u64,
+    /// PUBLISH packets not sent because they exceed their client's Maximum Packet Size
+    /// (QoS 1 and 2 count as delivered).
+    pub(super) dropped_too_large_count: u64,
+}
+
+impl Outbox {
+    pub(super) fn new(unsent_bytes_max: usize) -> Self {
+        Self {
+            dirty: Vec::new(),
+            unsent_bytes_max: unsent_bytes_max.max(1),
+            dropped_over_bound_count: 0,
+            dropped_too_large_count: 0,
+        }
+    }
+
+    pub(super) fn unsent_bytes_max(&self) -> usize {
+        self.unsent_bytes_max
+    }
+}
+
+impl Connection {
+    fn new(id: ConnectionId, now_ms: u64) -> Self {
+        Self {
+            id,
+            session: None,
+            version: ProtocolVersion::V5,
+            pending: BytesMut::new(),
+            outgoing: BytesMut::new(),
+            reactor_unsent_bytes: 0,
+            stuck_timer: None,
+            keep_alive_ms: 0,
+            keep_alive_timer: None,
+            last_received_ms: now_ms,
+            client_packet_size_max: mqtt::PACKET_SIZE_MAX,
+            topic_aliases: Vec::new(),
+            problem_information: true,
+            claiming: false,
+            closing: false,
+        }
+    }
+
+    /// The one writer of the connection's output: encodes `packet` for this batch's flush
+    /// and lists the connection for it when its buffer was empty. A deferrable packet is
+    /// refused at the unsent bound; a PUBLISH larger than the client accepts is refused and
+    /// counted.
+    pub(super) fn write(
+        &mut self,
+        packet: &Packet,
+        priority: Priority,
+        outbox: &mut Outbox,
+    ) -> Write {
+        if priority == Priority::Deferrable && !self.has_room(outbox) {
+            return Write::OverBound;
+        }
+        let was_empty = self.outgoing.is_empty();
+        match encode_limited(
+            packet,
+            self.version,
+            self.client_packet_size_max,
+            &mut self.outgoing,
+        ) {
+            Ok(()) => {
+                if was_empty {
+                    outbox.dirty.push(self.id);
+                }
+                Write::Written
+            }
+            Err(TooLarge) => {
+                if matches!(packet, Packet::Publish(_)) {
+                    outbox.dropped_too_large_count += 1;
+                }
+                debug!(
+                    connection = self.id,
+                    limit = self.client_packet_size_max,
+                    "packet larger than the client's maximum packet size: not sent"
+                );
+                Write::TooLarge
+            }
+        }
+    }
+
+    /// Whether a new delivery may be written: the bytes not yet taken by the socket are below
+    /// the bound.
+    pub(super) fn has_room(&self, outbox: &Outbox) -> bool {
+        self.unsent_bytes() < outbox.unsent_bytes_max
+    }
+
+    /// Bytes encoded for this connection that its socket has not taken yet.
+    pub(super) fn unsent_bytes(&self) -> usize {
+        self.outgoing.len() + self.reactor_unsent_bytes
+    }
+
+    pub(super) fn reactor_unsent_bytes(&self) -> usize {
+        self.reactor_unsent_bytes
+    }
+
+    pub(super) fn stuck_timer(&self) -> Option<TimerKey> {
+        self.stuck_timer
+    }
+
+    /// Hands the batch's bytes to the reactor, which now holds them until the socket takes
+    /// them. The whole buffer, not a split of it: a split would leave the connection holding
+    /// the rest of the allocation while it idles.
+    fn take_outgoing(&mut self) -> Option<Bytes> {
+        if self.outgoing.is_empty() {
+            return None;
+        }
+        let bytes = std::mem::take(&mut self.outgoing).freeze();
+        self.reactor_unsent_bytes += bytes.len();
+        Some(bytes)
+    }
+
+    /// Arms or cancels the stuck timer after the reactor's share changed: armed exactly
+    /// while the connection is open and the reactor holds at least the bound.
+    fn update_stuck_timer(&mut self, timers: &mut Timers, now_ms: u64, limits: &Limits) {
+        let stuck = !self.closing
+            && self.reactor_unsent_bytes >= limits.unsent_bytes_per_connection_max.max(1);
+        match (stuck, self.stuck_timer) {
+            (true, None) => {
+                let deadline_ms = now_ms.saturating_add(limits.send_stuck_timeout_ms);
+                self.stuck_timer = Some(timers.arm(deadline_ms, Timer::SendStuck(self.id)));
+            }
+            (false, Some(_)) => timers.cancel(self.stuck_timer.take()),
+            _ => {}
+        }
+    }
 }
 
 impl Shard {
@@ -44,23 +253,8 @@ impl Shard {
             !self.connections.contains_key(&connection),
             "connection {connection} opened twice"
         );
-        self.connections.insert(
-            connection,
-            Connection {
-                session: None,
-                version: ProtocolVersion::V5,
-                pending: BytesMut::new(),
-                outgoing: BytesMut::new(),
-                keep_alive_ms: 0,
-                keep_alive_timer: None,
-                last_received_ms: self.now_ms,
-                client_packet_size_max: mqtt::PACKET_SIZE_MAX,
-                topic_aliases: Vec::new(),
-                problem_information: true,
-                claiming: false,
-                closing: false,
-            },
-        );
+        self.connections
+            .insert(connection, Connection::new(connection, self.now_ms));
     }
 
     pub(super) fn receive(&mut self, connection_id: ConnectionId, bytes: Bytes) {
@@ -200,11 +394,8 @@ impl Shard {
         }
         let mut disconnect = Disconnect::new(reason);
         disconnect.properties.reason_string = why.map(|why| ByteString::from(why.to_owned()));
-        let mut packet = Packet::Disconnect(disconnect);
-        if packet.encoded_len(ProtocolVersion::V5) > connection.client_packet_size_max as usize {
-            packet = Packet::Disconnect(Disconnect::new(reason));
-        }
-        self.send(connection_id, &packet);
+        // The writer leaves the reason string out if the packet would not fit otherwise.
+        self.send(connection_id, &Packet::Disconnect(disconnect));
     }
 
     /// Queues the close and detaches the session (publishing its will if `publish_will`).
@@ -230,13 +421,15 @@ impl Shard {
         let connection = self.connections.get_mut(&connection_id)?;
         connection.closing = true;
         self.timers.cancel(connection.keep_alive_timer.take());
+        self.timers.cancel(connection.stuck_timer.take());
         connection.session.take()
     }
 
     /// Forgets the connection (closed, lost or handed to another shard), with its timer.
     pub(super) fn remove_connection(&mut self, connection_id: ConnectionId) -> Option<Connection> {
-        let connection = self.connections.remove(&connection_id)?;
-        self.timers.cancel(connection.keep_alive_timer);
+        let mut connection = self.connections.remove(&connection_id)?;
+        self.timers.cancel(connection.keep_alive_timer.take());
+        self.timers.cancel(connection.stuck_timer.take());
         Some(connection)
     }
 
@@ -252,18 +445,84 @@ impl Shard {
         }
     }
 
-    pub(super) fn encode_into(connection: &mut Connection, packet: &Packet) {
-        mqtt::encode(packet, connection.version, &mut connection.outgoing);
-    }
-
-    /// Queues `packet` on the connection for this batch's send.
+    /// Queues a reply (or any packet the protocol owes) on the connection for this batch's
+    /// send.
     pub(super) fn send(&mut self, connection_id: ConnectionId, packet: &Packet) {
         if let Some(connection) = self.connections.get_mut(&connection_id) {
-            if connection.outgoing.is_empty() {
-                self.dirty.push(connection_id);
-            }
-            Self::encode_into(connection, packet);
+            // A reply too large for the client is dropped (and logged) by the writer: it must
+            // not be sent [MQTT-3.1.2-24].
+            let _ = connection.write(packet, Priority::Owed, &mut self.outbox);
         }
+    }
+
+    /// Hands each listed connection's bytes of the batch to the reactor, in the order the
+    /// connections first got a packet, and arms the stuck timer of those the reactor now holds
+    /// too much of.
+    pub(super) fn flush_sends(&mut self, outputs: &mut Vec<Output>) {
+        let (now_ms, limits) = (self.now_ms, &self.config.limits);
+        for connection_id in self.outbox.dirty.drain(..) {
+            if let Some(connection) = self.connections.get_mut(&connection_id)
+                && let Some(bytes) = connection.take_outgoing()
+            {
+                outputs.push(Output::Send {
+                    connection: connection_id,
+                    bytes,
+                });
+                connection.update_stuck_timer(&mut self.timers, now_ms, limits);
+            }
+        }
+    }
+
+    /// The last bytes of a connection that is being forgotten (closed by this shard), for a
+    /// `Send` before its `Close`.
+    pub(super) fn last_bytes(connection: &mut Connection) -> Option<Bytes> {
+        connection.take_outgoing()
+    }
+
+    /// The reactor says how many of the connection's bytes its socket has not taken yet.
+    /// Below the bound again, the connection stops being stuck and its session's queue drains.
+    pub(super) fn sent(&mut self, connection_id: ConnectionId, unsent_bytes: usize) {
+        let (now_ms, limits) = (self.now_ms, &self.config.limits);
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        // The reactor holds only what this shard handed it: the report replaces the count.
+        debug_assert!(
+            unsent_bytes <= connection.reactor_unsent_bytes,
+            "the reactor reports more unsent bytes than it was given"
+        );
+        connection.reactor_unsent_bytes = unsent_bytes;
+        connection.update_stuck_timer(&mut self.timers, now_ms, limits);
+        if connection.closing || !connection.has_room(&self.outbox) {
+            return;
+        }
+        if let Some(index) = connection.session
+            && !self.session(index).queue.is_empty()
+        {
+            self.drain_queue(index);
+        }
+    }
+
+    /// A connection's stuck timer fired: the socket has taken too little for too long.
+    pub(super) fn send_stuck_due(&mut self, key: TimerKey, connection_id: ConnectionId) {
+        let connection = self
+            .connections
+            .get_mut(&connection_id)
+            .expect("a stuck timer names a live connection");
+        assert!(
+            connection.stuck_timer == Some(key) && !connection.closing,
+            "a stuck timer is its open connection's"
+        );
+        connection.stuck_timer = None;
+        let unsent_bytes = connection.unsent_bytes();
+        let limits = &self.config.limits;
+        let why = format!(
+            "the client has not read its messages: {unsent_bytes} bytes unsent (limit {}) for {} ms",
+            limits.unsent_bytes_per_connection_max, limits.send_stuck_timeout_ms
+        );
+        // 0x97: a limit the server imposes on this client was exceeded; 0x89 (Server busy)
+        // would blame the server, which is not what happened.
+        self.disconnect(connection_id, ReasonCode::QUOTA_EXCEEDED, &why, true);
     }
 
     pub(super) fn send_connack_refusal(

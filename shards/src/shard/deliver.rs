@@ -169,8 +169,9 @@ impl Shard {
         self.matched = matched;
     }
 
-    /// Sends the message to the session's connection now if its window allows, else queues it
-    /// (QoS 0 is not queued for a session without a connection).
+    /// Sends the message to the session's connection now if its window and the connection's
+    /// unsent bound allow, else queues it. QoS 0 is not queued: it is dropped for a session
+    /// without a connection, and dropped (counted) for a connection at its unsent bound.
     pub(super) fn deliver_to_session(
         &mut self,
         index: SessionIndex,
@@ -184,7 +185,7 @@ impl Shard {
         let Shard {
             sessions,
             connections,
-            dirty,
+            outbox,
             ..
         } = self;
         let session = sessions[index as usize]
@@ -205,16 +206,18 @@ impl Shard {
             && window_open
             && let Some(connection) = connections.get_mut(&connection_id).filter(|c| !c.closing)
         {
-            let was_empty = connection.outgoing.is_empty();
-            Self::transmit(
+            if let Some(back) = Self::transmit(
                 connection,
                 session,
-                message,
-                subscription_identifiers,
+                outbox,
+                Queued {
+                    message,
+                    subscription_identifiers,
+                },
                 now_ms,
-            );
-            if was_empty && !connection.outgoing.is_empty() {
-                dirty.push(connection_id);
+            ) {
+                // At the unsent bound: QoS 1 and 2 wait for the backlog to fall.
+                Self::enqueue(session, back.message, back.subscription_identifiers, limit);
             }
             return;
         }
@@ -242,102 +245,102 @@ impl Shard {
         });
     }
 
-    /// Sends queued messages while the connection's window has room.
+    /// Sends queued messages while the connection's window has room and its unsent bytes are
+    /// below the bound (queued QoS 0 messages at the bound are dropped, counted).
     pub(super) fn drain_queue(&mut self, index: SessionIndex) {
         let now_ms = self.now_ms;
         let Some(connection_id) = self.session(index).connection else {
             return;
         };
-        let Some(connection) = self.connections.get_mut(&connection_id) else {
+        let Shard {
+            sessions,
+            connections,
+            outbox,
+            ..
+        } = self;
+        let Some(connection) = connections.get_mut(&connection_id) else {
             return;
         };
         if connection.closing {
             return;
         }
-        let session = self.sessions[index as usize]
-            .as_mut()
-            .expect("live session");
-        let was_empty = connection.outgoing.is_empty();
+        let session = sessions[index as usize].as_mut().expect("live session");
         while let Some(front) = session.queue.front() {
             let needs_slot = front.message.qos != QoS::AtMostOnce;
             if needs_slot && session.inflight.len() >= usize::from(session.send_window) {
                 break;
             }
-            let Queued {
-                message,
-                subscription_identifiers,
-            } = session.queue.pop_front().expect("a front");
-            Self::transmit(
-                connection,
-                session,
-                message,
-                subscription_identifiers,
-                now_ms,
-            );
+            let queued = session.queue.pop_front().expect("a front");
+            if let Some(back) = Self::transmit(connection, session, outbox, queued, now_ms) {
+                session.queue.push_front(back);
+                break;
+            }
         }
         // A backlog has drained: give its memory back (live delivery does not use the queue).
         if session.queue.is_empty() && session.queue.capacity() > 0 {
             session.queue = VecDeque::new();
         }
-        if was_empty && !connection.outgoing.is_empty() {
-            self.dirty.push(connection_id);
-        }
     }
-    /// Encodes one message for the session's connection, holding a window slot for QoS 1/2.
+
+    /// Writes one message for the session's connection, holding a window slot for QoS 1/2.
     /// Expired messages are dropped, and so are messages larger than the client accepts
-    /// [MQTT-3.1.2-25] (for QoS 1 and 2 that counts as delivered).
-    pub(super) fn transmit(
+    /// [MQTT-3.1.2-24] (for QoS 1 and 2 that counts as delivered). At the connection's unsent
+    /// bound a QoS 0 message is dropped (counted) and a QoS 1/2 message comes back, untouched,
+    /// to wait in the queue.
+    fn transmit(
         connection: &mut Connection,
         session: &mut Session,
-        message: Message,
-        subscription_identifiers: Vec<u32>,
+        outbox: &mut Outbox,
+        queued: Queued,
         now_ms: u64,
-    ) {
+    ) -> Option<Queued> {
+        let Queued {
+            message,
+            subscription_identifiers,
+        } = queued;
         if message.is_expired(now_ms) {
-            return;
+            return None;
         }
-        let needs_slot = message.qos != QoS::AtMostOnce;
-        let packet_id = if needs_slot {
-            session.allocate_packet_id()
-        } else {
-            0
-        };
-        // QoS 1 and 2 keep the message for acknowledgement and resending; QoS 0 gives it up.
-        let (packet, kept) = if needs_slot {
-            let packet = publish_packet(
-                &message,
-                message.qos,
-                packet_id,
-                false,
-                &subscription_identifiers,
+        if message.qos == QoS::AtMostOnce {
+            // QoS 0 keeps nothing after sending: the topic, payload and properties move.
+            let packet = Packet::Publish(publish_packet_owned(
+                message,
+                subscription_identifiers,
                 now_ms,
-            );
-            (
-                Packet::Publish(packet),
-                Some((message, subscription_identifiers)),
-            )
-        } else {
-            (
-                Packet::Publish(publish_packet_owned(
-                    message,
-                    subscription_identifiers,
-                    now_ms,
-                )),
-                None,
-            )
-        };
-        if packet.encoded_len(connection.version) > connection.client_packet_size_max as usize {
-            debug!(client_id = %session.client_id, "message larger than the client's maximum packet size: not sent");
-            return;
+            ));
+            if connection.write(&packet, Priority::Deferrable, outbox) == Write::OverBound {
+                outbox.dropped_over_bound_count += 1;
+                if outbox.dropped_over_bound_count.is_power_of_two() {
+                    warn!(client_id = %session.client_id, dropped = outbox.dropped_over_bound_count, limit = outbox.unsent_bytes_max(), "a subscriber is not reading: dropping QoS 0 messages for connections at their unsent limit");
+                }
+            }
+            return None;
         }
-        Self::encode_into(connection, &packet);
-        if let Some((message, subscription_identifiers)) = kept {
-            session.inflight.push_back(Inflight {
+        let packet_id = session.allocate_packet_id();
+        let packet = Packet::Publish(publish_packet(
+            &message,
+            message.qos,
+            packet_id,
+            false,
+            &subscription_identifiers,
+            now_ms,
+        ));
+        match connection.write(&packet, Priority::Deferrable, outbox) {
+            Write::Written => session.inflight.push_back(Inflight {
                 packet_id,
                 message,
                 subscription_identifiers,
                 state: InflightState::Published,
-            });
+            }),
+            Write::TooLarge => {}
+            // The identifier taken is simply skipped: nothing is in flight under it.
+            Write::OverBound => {
+                return Some(Queued {
+                    message,
+                    subscription_identifiers,
+                });
+            }
         }
+        None
     }
 }

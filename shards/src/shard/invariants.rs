@@ -14,9 +14,13 @@
 //!   name exactly the filters (and shared groups) held here;
 //! - flows: in flight stays within the window (or within what a resumed session brought
 //!   back), the queue within its limit, QoS 2 identifiers awaiting PUBREL within the Receive
-//!   Maximum, and a connected session's queue waits only for a full window;
+//!   Maximum, and a connected session's queue waits only for a full window or a connection
+//!   at its unsent bound (and starts with a QoS 1/2 message: QoS 0 is never held back);
+//! - output: an open connection holds a stuck timer exactly while the reactor holds at least
+//!   the unsent bound of its bytes (the reactor's share is what it reported plus what was
+//!   handed out since, and a report never exceeds it, checked where it arrives);
 //! - timers: every armed timer is held by exactly one owner (an open connection's keep
-//!   alive, an offline session's will delay or expiry of its current generation, a pending
+//!   alive or stuck timer, an offline session's will delay or expiry of its current generation, a pending
 //!   claim's timeout), and every owner that should hold one does.
 
 use std::collections::BTreeSet;
@@ -240,12 +244,17 @@ impl Shard {
                 session.awaiting_release.len() <= usize::from(limits.receive_maximum),
                 "{client_id} has more QoS 2 messages awaiting PUBREL than the Receive Maximum"
             );
-            if session.connection.is_some()
+            if let Some(connection_id) = session.connection
                 && let Some(front) = session.queue.front()
             {
+                let connection = &self.connections[&connection_id];
                 assert!(
-                    front.message.qos != QoS::AtMostOnce && session.inflight.len() >= window,
-                    "{client_id}'s queue waits while its window has room: the connection stalls"
+                    front.message.qos != QoS::AtMostOnce,
+                    "{client_id}'s queue holds a QoS 0 message back while connected"
+                );
+                assert!(
+                    session.inflight.len() >= window || !connection.has_room(&self.outbox),
+                    "{client_id}'s queue waits while its window has room and its connection is below its unsent bound: the connection stalls"
                 );
             }
         }
@@ -261,6 +270,13 @@ impl Shard {
                 "connection {connection_id} holds a keep-alive timer exactly while open with a keep alive"
             );
             owners += usize::from(connection.keep_alive_timer.is_some());
+            let bound = self.outbox.unsent_bytes_max();
+            assert_eq!(
+                connection.stuck_timer().is_some(),
+                !connection.closing && connection.reactor_unsent_bytes() >= bound,
+                "connection {connection_id} holds a stuck timer exactly while open with the reactor holding its unsent bound"
+            );
+            owners += usize::from(connection.stuck_timer().is_some());
         }
         for (_, session) in self.live_sessions() {
             let client_id = &session.client_id;
@@ -303,6 +319,12 @@ impl Shard {
                         .get(&connection_id)
                         .is_some_and(|c| c.keep_alive_timer == Some(key)),
                     "a keep-alive timer names connection {connection_id}, which does not hold it"
+                ),
+                Timer::SendStuck(connection_id) => assert!(
+                    self.connections
+                        .get(&connection_id)
+                        .is_some_and(|c| c.stuck_timer() == Some(key)),
+                    "a stuck timer names connection {connection_id}, which does not hold it"
                 ),
                 Timer::Claim(claim) => assert!(
                     self.claim_clients

@@ -59,7 +59,7 @@ mod subscribe;
 mod takeover;
 mod timers;
 
-use connection::Connection;
+use connection::{Connection, Outbox, Priority, Write};
 use deliver::publish_packet;
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
@@ -91,6 +91,15 @@ pub enum Input {
     },
     /// The peer closed the connection, or it failed.
     Closed { connection: ConnectionId },
+    /// After the socket took some of the connection's bytes: how many of those handed out
+    /// (`Output::Send`) it has not taken yet. The reactor reports this after its send
+    /// completions, at most once per connection per loop; a driver that never reports leaves
+    /// every byte counted as unsent, so a connection then reaches its unsent bound
+    /// (`Limits::unsent_bytes_per_connection_max`) after that many bytes.
+    Sent {
+        connection: ConnectionId,
+        unsent_bytes: usize,
+    },
     /// A batch of messages from other shards.
     Shard(ShardMessage),
     /// A message forwarded by another node of the cluster: delivered here, never forwarded on.
@@ -233,7 +242,8 @@ pub struct Shard {
     retained: Retained,
     timers: Timers,
     outputs: Vec<Output>,
-    dirty: Vec<ConnectionId>,
+    /// The connections with bytes for this batch's flush, and what the writer refused.
+    outbox: Outbox,
     /// Turn counters for shared subscriptions: which member shard (on the publishing shard)
     /// and which member session (on the member shard). Kept apart so that one never steps the
     /// other.
@@ -259,6 +269,7 @@ impl Shard {
             config.index < config.shard_count,
             "shard index out of range"
         );
+        let outbox = Outbox::new(config.limits.unsent_bytes_per_connection_max);
         Self {
             config,
             now_ms: 0,
@@ -280,7 +291,7 @@ impl Shard {
             retained: Retained::default(),
             timers: Timers::default(),
             outputs: Vec::new(),
-            dirty: Vec::new(),
+            outbox,
             shared_shard_turn: 0,
             shared_member_turn: 0,
             assigned_ids: 0,
@@ -291,6 +302,17 @@ impl Shard {
 
     pub fn session_count(&self) -> usize {
         self.client_ids.len()
+    }
+
+    /// QoS 0 messages dropped because their subscriber's connection was at its unsent bound
+    /// (a subscriber that does not read), since the shard started.
+    pub fn dropped_over_bound_count(&self) -> u64 {
+        self.outbox.dropped_over_bound_count
+    }
+
+    /// PUBLISH packets not sent because they exceed their client's Maximum Packet Size.
+    pub fn dropped_too_large_count(&self) -> u64 {
+        self.outbox.dropped_too_large_count
     }
 
     /// The earliest deadline, for the reactor's timer.
@@ -306,6 +328,10 @@ impl Shard {
             Input::Opened { connection } => self.open(connection),
             Input::Received { connection, bytes } => self.receive(connection, bytes),
             Input::Closed { connection } => self.connection_lost(connection, "closed by the peer"),
+            Input::Sent {
+                connection,
+                unsent_bytes,
+            } => self.sent(connection, unsent_bytes),
             Input::Shard(message) => self.shard_message(message),
             Input::FromNode(forwarded) => {
                 self.route(
@@ -321,32 +347,16 @@ impl Shard {
     /// The outputs of everything handled since the last call; each connection's packets come
     /// as one `Send`, before its `Close`.
     pub fn take_outputs(&mut self, outputs: &mut Vec<Output>) {
-        for connection_id in self.dirty.drain(..) {
-            if let Some(connection) = self.connections.get_mut(&connection_id)
-                && !connection.outgoing.is_empty()
-            {
-                // Take the whole buffer, not a split of it: a split would leave the connection
-                // holding the rest of the allocation while it idles.
-                let bytes = std::mem::take(&mut connection.outgoing).freeze();
-                outputs.push(Output::Send {
-                    connection: connection_id,
-                    bytes,
-                });
-            }
-        }
+        self.flush_sends(outputs);
         // Closes go after the sends of the same batch, and closed connections are forgotten.
         // Taken out while forgetting connections, and put back to keep its allocation.
         let mut queued = std::mem::take(&mut self.outputs);
         for output in queued.drain(..) {
-            if let Output::Close { connection } = output {
-                if let Some(closed) = self.remove_connection(connection)
-                    && !closed.outgoing.is_empty()
-                {
-                    outputs.push(Output::Send {
-                        connection,
-                        bytes: closed.outgoing.freeze(),
-                    });
-                }
+            if let Output::Close { connection } = output
+                && let Some(mut closed) = self.remove_connection(connection)
+                && let Some(bytes) = Self::last_bytes(&mut closed)
+            {
+                outputs.push(Output::Send { connection, bytes });
             }
             outputs.push(output);
         }

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use shardmq_net::mqtt::{
     self, Connect, ConnectProperties, DecodeOptions, Disconnect, Packet, ProtocolVersion, PubAck,
     Publish, PublishProperties, QoS, ReasonCode, Sender, Subscribe, SubscribeProperties,
@@ -21,6 +21,9 @@ struct Node {
     received: HashMap<ConnectionId, Vec<Packet>>,
     versions: HashMap<ConnectionId, ProtocolVersion>,
     closed: Vec<ConnectionId>,
+    /// Connections whose client does not read: the harness, standing in for the reactor,
+    /// reports nothing taken from them. Every other connection's bytes are taken at once.
+    stalled: HashSet<ConnectionId>,
     /// Every output of every shard, in order, as text: two runs of one script compare equal
     /// only if the outputs came in the same order.
     log: Vec<String>,
@@ -51,6 +54,7 @@ impl Node {
             received: HashMap::new(),
             versions: HashMap::new(),
             closed: Vec::new(),
+            stalled: HashSet::new(),
             log: Vec::new(),
             now_ms: 1_000,
         }
@@ -69,7 +73,19 @@ impl Node {
             for output in outputs {
                 self.log.push(format!("shard {shard}: {output:?}"));
                 match output {
-                    Output::Send { connection, bytes } => self.decode_sent(connection, bytes),
+                    Output::Send { connection, bytes } => {
+                        self.decode_sent(connection, bytes);
+                        // As the reactor does after a send completion: the socket took it all.
+                        if !self.stalled.contains(&connection) {
+                            work.push_back((
+                                shard,
+                                Input::Sent {
+                                    connection,
+                                    unsent_bytes: 0,
+                                },
+                            ));
+                        }
+                    }
                     Output::Close { connection } => {
                         self.location.remove(&connection);
                         self.closed.push(connection);
@@ -154,6 +170,24 @@ impl Node {
         }
     }
 
+    /// The client of `id` stops reading: what the shard hands out for it stays unsent.
+    fn stall(&mut self, id: ConnectionId) {
+        self.stalled.insert(id);
+    }
+
+    /// The client of `id` reads again and its socket takes everything queued.
+    fn resume(&mut self, id: ConnectionId) {
+        self.stalled.remove(&id);
+        let shard = *self.location.get(&id).expect("an open connection");
+        self.run(
+            shard,
+            Input::Sent {
+                connection: id,
+                unsent_bytes: 0,
+            },
+        );
+    }
+
     fn lose(&mut self, id: ConnectionId) {
         let shard = self.location.remove(&id).expect("an open connection");
         self.run(shard, Input::Closed { connection: id });
@@ -229,3 +263,4 @@ fn v5_persistent(client_id: &'static str, expiry: u32) -> Connect {
 mod delivery;
 mod rules;
 mod sessions;
+mod slow_subscriber;

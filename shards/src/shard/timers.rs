@@ -15,6 +15,8 @@ use super::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Timer {
     KeepAlive(ConnectionId),
+    /// A connection has stayed at its unsent bound for the stuck timeout.
+    SendStuck(ConnectionId),
     /// A session claim across nodes waited long enough (its number).
     Claim(u64),
     /// A session's delayed will is due (the session and its generation when it was armed).
@@ -88,6 +90,7 @@ impl Shard {
         while let Some((key, timer)) = self.timers.pop_due(self.now_ms) {
             match timer {
                 Timer::KeepAlive(connection_id) => self.keep_alive_due(key, connection_id),
+                Timer::SendStuck(connection_id) => self.send_stuck_due(key, connection_id),
                 Timer::Claim(claim) => self.claim_timed_out(claim),
                 Timer::WillDelay(index, generation) => {
                     let session = self
