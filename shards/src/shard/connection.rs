@@ -14,6 +14,7 @@
 //! least `unsent_bytes_per_connection_max` of its bytes.
 
 use super::*;
+use shardmq_net::mqtt::EncodeError;
 
 #[derive(Debug)]
 pub(super) struct Connection {
@@ -71,33 +72,31 @@ pub(super) enum Write {
     TooLarge,
 }
 
-/// The packet does not fit the client's Maximum Packet Size.
+/// Why the codec wrote nothing for a packet.
 #[derive(Debug)]
-struct TooLarge;
+enum Refused {
+    /// Larger than the client's Maximum Packet Size even without the Reason String and User
+    /// Properties, which `mqtt::encode_limited` leaves out when they do not fit
+    /// [MQTT-3.1.2-25].
+    TooLarge,
+    /// A value no encoding can carry (a field past 65,535 bytes, say): a server bug or an
+    /// unchecked peer value reaching output. Logged; the connection goes on.
+    Invalid(&'static str),
+}
 
-/// Encodes `packet` within `packet_size_max`, leaving out what the receiver may go without
-/// (a DISCONNECT's reason string) when that makes it fit [MQTT-3.1.2-25]. The one place that
-/// calls the codec for client output, so that `mqtt::encode_limited`, which drops reason
-/// strings and user properties of every packet type, replaces this body in one line.
+/// Encodes `packet` within `packet_size_max`: the one place that calls the codec for client
+/// output.
 fn encode_limited(
     packet: &Packet,
     version: ProtocolVersion,
     packet_size_max: u32,
     buffer: &mut BytesMut,
-) -> Result<(), TooLarge> {
-    let fits = |packet: &Packet| packet.encoded_len(version) <= packet_size_max as usize;
-    if fits(packet) {
-        mqtt::encode(packet, version, buffer);
-        return Ok(());
+) -> Result<(), Refused> {
+    match mqtt::encode_limited(packet, version, packet_size_max, buffer) {
+        Ok(_) => Ok(()),
+        Err(EncodeError::TooLarge { .. }) => Err(Refused::TooLarge),
+        Err(EncodeError::Invalid(why)) => Err(Refused::Invalid(why)),
     }
-    if let Packet::Disconnect(disconnect) = packet {
-        let bare = Packet::Disconnect(Disconnect::new(disconnect.reason));
-        if fits(&bare) {
-            mqtt::encode(&bare, version, buffer);
-            return Ok(());
-        }
-    }
-    Err(TooLarge)
 }
 
 /// The batch's output side: which connections have bytes for the flush (in the order they
@@ -175,7 +174,14 @@ impl Connection {
                 }
                 Write::Written
             }
-            Err(TooLarge) => {
+            Err(Refused::Invalid(why)) => {
+                warn!(
+                    connection = self.id,
+                    why, "a packet for the client cannot be encoded: not sent"
+                );
+                Write::TooLarge
+            }
+            Err(Refused::TooLarge) => {
                 if matches!(packet, Packet::Publish(_)) {
                     outbox.dropped_too_large_count += 1;
                 }
