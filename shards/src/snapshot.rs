@@ -55,9 +55,22 @@ pub enum Record {
 const KIND_SESSION: u8 = 1;
 const KIND_RETAINED: u8 = 2;
 
-fn put_bytes(out: &mut BytesMut, bytes: &[u8]) {
-    out.put_u32(u32::try_from(bytes.len()).expect("a snapshot field under 4 GiB"));
+/// A value that the format cannot hold (a field or count past its width, or a message the
+/// codec refuses): the record it belongs to is left out of the snapshot, with a warning,
+/// rather than written so that it, and every record after it, reads back as corrupt.
+#[derive(Debug)]
+struct Unrepresentable(&'static str);
+
+fn put_bytes(out: &mut BytesMut, bytes: &[u8]) -> Result<(), Unrepresentable> {
+    let length = u32::try_from(bytes.len()).map_err(|_| Unrepresentable("a field over 4 GiB"))?;
+    out.put_u32(length);
     out.put_slice(bytes);
+    Ok(())
+}
+
+fn put_count_u32(out: &mut BytesMut, count: usize) -> Result<(), Unrepresentable> {
+    out.put_u32(u32::try_from(count).map_err(|_| Unrepresentable("a count over 2^32"))?);
+    Ok(())
 }
 
 fn options_byte(options: &SubscriptionOptions) -> u8 {
@@ -81,7 +94,7 @@ fn options_from(byte: u8) -> Option<SubscriptionOptions> {
     })
 }
 
-fn put_message(out: &mut BytesMut, message: &Message, now_ms: u64) {
+fn put_message(out: &mut BytesMut, message: &Message, now_ms: u64) -> Result<(), Unrepresentable> {
     let mut properties = message.properties.clone();
     properties.message_expiry_interval = message.remaining_expiry_seconds(now_ms);
     properties.subscription_identifiers.clear();
@@ -95,16 +108,62 @@ fn put_message(out: &mut BytesMut, message: &Message, now_ms: u64) {
         payload: message.payload.clone(),
     };
     let mut encoded = BytesMut::new();
-    mqtt::encode(&Packet::Publish(publish), ProtocolVersion::V5, &mut encoded);
-    put_bytes(out, &encoded);
+    mqtt::encode_limited(
+        &Packet::Publish(publish),
+        ProtocolVersion::V5,
+        mqtt::PACKET_SIZE_MAX,
+        &mut encoded,
+    )
+    .map_err(|_| Unrepresentable("a message the codec cannot encode"))?;
+    put_bytes(out, &encoded)
 }
 
-fn put_delivery(out: &mut BytesMut, delivery: &SavedDelivery, now_ms: u64) {
-    put_message(out, &delivery.message, now_ms);
-    out.put_u16(delivery.subscription_identifiers.len() as u16);
+fn put_delivery(
+    out: &mut BytesMut,
+    delivery: &SavedDelivery,
+    now_ms: u64,
+) -> Result<(), Unrepresentable> {
+    put_message(out, &delivery.message, now_ms)?;
+    let count = u16::try_from(delivery.subscription_identifiers.len())
+        .map_err(|_| Unrepresentable("over 65,535 subscription identifiers"))?;
+    out.put_u16(count);
     for &identifier in &delivery.subscription_identifiers {
         out.put_u32(identifier);
     }
+    Ok(())
+}
+
+/// Writes one record's body; its length (a u32 in the format) on success.
+fn put_record(body: &mut BytesMut, record: &Record, now_ms: u64) -> Result<u32, Unrepresentable> {
+    match record {
+        Record::Session(session) => {
+            body.put_u8(KIND_SESSION);
+            put_bytes(body, session.client_id.as_bytes())?;
+            body.put_u8(session.version.level());
+            body.put_u32(session.expiry_seconds);
+            put_count_u32(body, session.subscriptions.len())?;
+            for (filter, options, identifier) in &session.subscriptions {
+                put_bytes(body, filter.as_bytes())?;
+                body.put_u8(options_byte(options));
+                body.put_u32(identifier.unwrap_or(0));
+            }
+            put_count_u32(body, session.inflight.len())?;
+            for inflight in &session.inflight {
+                body.put_u16(inflight.packet_id);
+                body.put_u8(u8::from(inflight.released));
+                put_delivery(body, &inflight.delivery, now_ms)?;
+            }
+            put_count_u32(body, session.queue.len())?;
+            for delivery in &session.queue {
+                put_delivery(body, delivery, now_ms)?;
+            }
+        }
+        Record::Retained(message) => {
+            body.put_u8(KIND_RETAINED);
+            put_message(body, message, now_ms)?;
+        }
+    }
+    u32::try_from(body.len()).map_err(|_| Unrepresentable("a record over 4 GiB"))
 }
 
 /// Encodes records into a snapshot; message expiry is counted from `now_ms`.
@@ -114,35 +173,14 @@ pub fn encode(records: &[Record], now_ms: u64) -> Vec<u8> {
     let mut body = BytesMut::new();
     for record in records {
         body.clear();
-        match record {
-            Record::Session(session) => {
-                body.put_u8(KIND_SESSION);
-                put_bytes(&mut body, session.client_id.as_bytes());
-                body.put_u8(session.version.level());
-                body.put_u32(session.expiry_seconds);
-                body.put_u32(session.subscriptions.len() as u32);
-                for (filter, options, identifier) in &session.subscriptions {
-                    put_bytes(&mut body, filter.as_bytes());
-                    body.put_u8(options_byte(options));
-                    body.put_u32(identifier.unwrap_or(0));
-                }
-                body.put_u32(session.inflight.len() as u32);
-                for inflight in &session.inflight {
-                    body.put_u16(inflight.packet_id);
-                    body.put_u8(u8::from(inflight.released));
-                    put_delivery(&mut body, &inflight.delivery, now_ms);
-                }
-                body.put_u32(session.queue.len() as u32);
-                for delivery in &session.queue {
-                    put_delivery(&mut body, delivery, now_ms);
-                }
+        let length = match put_record(&mut body, record, now_ms) {
+            Ok(length) => length,
+            Err(Unrepresentable(why)) => {
+                tracing::warn!(why, "a snapshot record cannot be written: left out");
+                continue;
             }
-            Record::Retained(message) => {
-                body.put_u8(KIND_RETAINED);
-                put_message(&mut body, message, now_ms);
-            }
-        }
-        out.put_u32(body.len() as u32);
+        };
+        out.put_u32(length);
         out.put_u32(crc32fast::hash(&body));
         out.put_slice(&body);
     }
@@ -359,6 +397,19 @@ mod tests {
                 ..message("r/t", b"kept", QoS::AtMostOnce, Some(61_000))
             }),
         ]
+    }
+
+    #[test]
+    fn a_record_the_format_cannot_hold_is_left_out_and_the_rest_survive() {
+        let mut records = sample();
+        if let Record::Session(session) = &mut records[0] {
+            session.queue[0].subscription_identifiers = vec![1; 70_000];
+        }
+        let bytes = encode(&records, 0);
+        let (read, warning) = decode(&bytes, 0).unwrap();
+        assert_eq!(warning, None);
+        assert_eq!(read.len(), 1, "only the retained record is written");
+        assert!(matches!(read[0], Record::Retained(_)));
     }
 
     #[test]
