@@ -15,6 +15,8 @@ pub(super) struct Connection {
     /// The armed keep-alive check, while the connection is connected and open with a keep
     /// alive.
     pub(super) keep_alive_timer: Option<TimerKey>,
+    /// The armed CONNECT deadline, from the opening until CONNECT is decoded.
+    pub(super) connect_timer: Option<TimerKey>,
     pub(super) last_received_ms: u64,
     /// The client's Maximum Packet Size: larger messages are not sent to it.
     pub(super) client_packet_size_max: u32,
@@ -44,6 +46,7 @@ impl Shard {
             !self.connections.contains_key(&connection),
             "connection {connection} opened twice"
         );
+        let connect_timer = Some(self.arm_connect_deadline(connection));
         self.connections.insert(
             connection,
             Connection {
@@ -53,6 +56,7 @@ impl Shard {
                 outgoing: BytesMut::new(),
                 keep_alive_ms: 0,
                 keep_alive_timer: None,
+                connect_timer,
                 last_received_ms: self.now_ms,
                 client_packet_size_max: mqtt::PACKET_SIZE_MAX,
                 topic_aliases: Vec::new(),
@@ -72,7 +76,7 @@ impl Shard {
         }
         connection.last_received_ms = self.now_ms;
         if connection.claiming {
-            connection.pending.extend_from_slice(&bytes);
+            self.received_while_claiming(connection_id, &bytes);
             return;
         }
         // Without a partial packet the received buffer is decoded in place, so payloads are
@@ -96,7 +100,7 @@ impl Shard {
             let connected = connection.session.map(|_| connection.version);
             let options = DecodeOptions {
                 version: connection.version,
-                max_packet_size: self.config.limits.packet_size_max,
+                max_packet_size: self.config.limits.packet_size_max_for(connected.is_some()),
                 sender: Sender::Client,
             };
             match mqtt::decode(&buffer, &options) {
@@ -112,7 +116,7 @@ impl Shard {
                         };
                         if connection.claiming {
                             // Read once the session is here.
-                            connection.pending.extend_from_slice(&buffer);
+                            self.received_while_claiming(connection_id, &buffer);
                             return;
                         }
                     } else {
@@ -230,6 +234,7 @@ impl Shard {
         let connection = self.connections.get_mut(&connection_id)?;
         connection.closing = true;
         self.timers.cancel(connection.keep_alive_timer.take());
+        self.timers.cancel(connection.connect_timer.take());
         connection.session.take()
     }
 
@@ -237,6 +242,7 @@ impl Shard {
     pub(super) fn remove_connection(&mut self, connection_id: ConnectionId) -> Option<Connection> {
         let connection = self.connections.remove(&connection_id)?;
         self.timers.cancel(connection.keep_alive_timer);
+        self.timers.cancel(connection.connect_timer);
         Some(connection)
     }
 

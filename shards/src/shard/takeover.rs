@@ -72,6 +72,7 @@ impl Shard {
         connect: Box<Connect>,
         client_id: ByteString,
     ) {
+        let version = connect.protocol;
         if let Some(earlier) = self.claims.get_mut(&client_id) {
             // The client connected again before its first claim completed: the newer
             // connection waits in its place, and the older one is closed (it never had a
@@ -80,7 +81,7 @@ impl Shard {
             earlier.connect = connect;
             debug!(%client_id, older, newer = connection_id, "a second CONNECT during a takeover: the first connection is closed");
             self.drop_connection(older, false);
-            self.mark_claiming(connection_id);
+            self.mark_claiming(connection_id, version);
             return;
         }
         self.next_claim += 1;
@@ -124,12 +125,41 @@ impl Shard {
                 timer: Some(timer),
             },
         );
-        self.mark_claiming(connection_id);
+        self.mark_claiming(connection_id, version);
     }
 
-    fn mark_claiming(&mut self, connection_id: ConnectionId) {
+    /// Bytes that arrived after CONNECT while its claim is pending: kept to be read after
+    /// CONNACK, up to `takeover_pending_bytes_max`. Past it the connection gets CONNACK 0x97
+    /// (return code 3 for 3.x) and is closed; its claim completes without it.
+    pub(super) fn received_while_claiming(&mut self, connection_id: ConnectionId, bytes: &[u8]) {
+        let limit = self.config.limits.takeover_pending_bytes_max;
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        if connection.pending.len().saturating_add(bytes.len()) <= limit {
+            connection.pending.extend_from_slice(bytes);
+            return;
+        }
+        let buffered_bytes = connection.pending.len();
+        connection.pending = BytesMut::new();
+        connection.claiming = false;
+        let version = connection.version;
+        info!(
+            connection = connection_id,
+            buffered_bytes,
+            arrived_bytes = bytes.len(),
+            limit,
+            "closing the connection: it sent too much while its session takeover was pending"
+        );
+        self.send_connack_refusal(connection_id, version, ReasonCode::QUOTA_EXCEEDED);
+        self.drop_connection(connection_id, false);
+    }
+
+    /// The connection waits for its claim; a refusal meanwhile speaks its CONNECT's version.
+    fn mark_claiming(&mut self, connection_id: ConnectionId, version: ProtocolVersion) {
         if let Some(connection) = self.connections.get_mut(&connection_id) {
             connection.claiming = true;
+            connection.version = version;
         }
     }
 
