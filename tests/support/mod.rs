@@ -173,6 +173,11 @@ impl Broker {
         SocketAddr::new(self.host, self.port)
     }
 
+    /// The broker's process identifier (to read its memory use from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
