@@ -374,56 +374,76 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Runs `hostile` against a fresh broker and prints its RSS before and after (after a
-/// second's settling), and whether the hostile sockets were still open then.
-fn measure(name: &str, config: &str, hostile: impl FnOnce(u16) -> Vec<TcpStream>) {
-    let broker = Broker::start_with(1, config);
+/// second's settling), and how many hostile sockets were still open then; with
+/// `past_deadline`, again once the CONNECT deadline (10 s by default) has passed.
+fn measure(name: &str, past_deadline: bool, hostile: impl FnOnce(u16) -> Vec<TcpStream>) {
+    let broker = Broker::start(1);
     std::thread::sleep(Duration::from_millis(500));
     let before = rss_kib(broker.pid());
     let started = Instant::now();
     let mut sockets = hostile(broker.port);
     std::thread::sleep(Duration::from_secs(1));
-    let after = rss_kib(broker.pid());
-    let mut open = 0;
-    for socket in &mut sockets {
-        socket.set_nonblocking(true).unwrap();
-        let mut byte = [0u8; 1];
-        // Closed: a read returns 0 (or fails with a reset); open: it would block.
-        let blocked =
-            matches!(socket.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-        open += usize::from(blocked);
+    let report = |sockets: &mut [TcpStream], when: &str| {
+        let now = rss_kib(broker.pid());
+        let open = open_count(sockets);
+        println!(
+            "{name}, {when}: RSS before {before} KiB, now {now} KiB (+{} KiB), {open} of {} sockets open, at {:.1} s",
+            now.saturating_sub(before),
+            sockets.len(),
+            started.elapsed().as_secs_f64()
+        );
+    };
+    report(&mut sockets, "after 1 s");
+    if past_deadline {
+        std::thread::sleep(Duration::from_secs(11).saturating_sub(started.elapsed()));
+        report(&mut sockets, "past the CONNECT deadline");
     }
-    println!(
-        "{name}: RSS before {before} KiB, after {after} KiB (+{} KiB), {open} of {} sockets open, {:.1} s",
-        after.saturating_sub(before),
-        sockets.len(),
-        started.elapsed().as_secs_f64()
-    );
 }
 
-/// Prints the broker's memory under each hostile case of issue 12. Ignored by default:
+/// How many of `sockets` the broker has not closed.
+fn open_count(sockets: &mut [TcpStream]) -> usize {
+    let mut open = 0;
+    for socket in sockets {
+        socket.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        // Closed: a read returns 0 (or fails with a reset); open: it would block, or there
+        // are bytes still unread.
+        let is_open = match socket.read(&mut byte) {
+            Ok(read) => read > 0,
+            Err(error) => error.kind() == std::io::ErrorKind::WouldBlock,
+        };
+        open += usize::from(is_open);
+    }
+    open
+}
+
+/// Opens `count` sockets to `port`, each sending `bytes` (if any) and nothing more.
+fn open_many(port: u16, count: usize, bytes: &[u8]) -> Vec<TcpStream> {
+    (0..count)
+        .map(|_| {
+            let mut socket = raw(port);
+            if !bytes.is_empty() {
+                write_all(&mut socket, bytes);
+            }
+            socket
+        })
+        .collect()
+}
+
+/// Prints the broker's memory under each hostile case of issue 12 (one shard, default
+/// limits). Ignored by default:
 /// `cargo test --test broker_guards -- --ignored --nocapture measure_memory`.
 #[test]
 #[ignore]
 fn measure_memory_under_hostile_clients() {
-    let open_many = |port: u16, count: usize, bytes: &[u8]| -> Vec<TcpStream> {
-        (0..count)
-            .map(|_| {
-                let mut socket = raw(port);
-                if !bytes.is_empty() {
-                    write_all(&mut socket, bytes);
-                }
-                socket
-            })
-            .collect()
-    };
-    measure("2000 sockets, no CONNECT", "", |port| {
+    measure("2000 sockets, no CONNECT", true, |port| {
         open_many(port, 2000, &[])
     });
-    // A 5.0 CONNECT announcing 64 KiB less a little, 60 KiB of it sent.
+    // A 5.0 CONNECT announcing a little less than 64 KiB, 60 KiB of it sent.
     let mut partial = connect_header(65_000);
     partial.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05]);
     partial.resize(60 * 1024, 0);
-    measure("2000 sockets, partial 60 KiB CONNECT", "", |port| {
+    measure("2000 sockets, partial 60 KiB CONNECT", true, |port| {
         open_many(port, 2000, &partial)
     });
     // A CONNECT announcing 1 MiB (the packet limit), 500 KiB of it sent.
@@ -432,13 +452,14 @@ fn measure_memory_under_hostile_clients() {
     large.resize(500 * 1024, 0);
     measure(
         "200 sockets, partial 500 KiB CONNECT of 1 MiB",
-        "",
+        false,
         |port| open_many(port, 200, &large),
     );
-    // One client, 1000 retained messages of 1 KiB, then SUBSCRIBEs of 1000 copies of "#".
+    // 1000 retained messages of 1 KiB, then one client sends 10 SUBSCRIBEs of 1000 copies
+    // of "#" and reads nothing.
     measure(
         "1 client, 10 SUBSCRIBEs of 1000 duplicate filters, 1000 retained messages",
-        "",
+        false,
         |port| {
             let mut writer = Client::v5(port, "writer");
             for n in 0..1000u16 {
@@ -457,7 +478,6 @@ fn measure_memory_under_hostile_clients() {
             for id in 1..=10 {
                 greedy.send(&subscribe_packet(id, &filters, QoS::AtMostOnce));
             }
-            // The client reads nothing: whatever the broker queues for it stays queued.
             vec![greedy.stream, writer.stream]
         },
     );
