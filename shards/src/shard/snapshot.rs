@@ -90,7 +90,7 @@ impl Shard {
                     if self.client_ids.contains_key(&saved.client_id) {
                         continue;
                     }
-                    if self.persistent_quota_refuses(&saved.client_id, 1) {
+                    if self.persistent_quota_refuses(&saved.client_id, saved.expiry_seconds) {
                         warn!(client_id = %quote(&saved.client_id), limit = self.config.limits.persistent_sessions_per_shard_max, "a saved session is not loaded: the shard holds its maximum of persistent sessions");
                         continue;
                     }
