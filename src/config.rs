@@ -172,6 +172,14 @@ pub struct LimitsConfig {
     pub ipv6_prefix_bits: u8,
     pub unsent_bytes_per_connection_max: usize,
     pub send_stuck_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub connect_packet_size_max: u32,
+    pub subscribe_filters_max: usize,
+    pub retained_per_subscribe_max: usize,
+    pub retained_messages_max: usize,
+    pub retained_bytes_max: usize,
+    pub persistent_sessions_per_shard_max: usize,
+    pub takeover_pending_bytes_max: usize,
 }
 
 /// Merges `overrides` into `base`, table by table, refusing keys `base` does not have.
@@ -269,6 +277,19 @@ impl Config {
         check(
             self.limits.topic_levels_max > 0,
             "`limits.topic_levels_max` must be positive",
+        )?;
+        check(
+            self.limits.connect_timeout_ms > 0,
+            "`limits.connect_timeout_ms` must be positive",
+        )?;
+        check(
+            self.limits.connect_packet_size_max >= 64
+                && self.limits.connect_packet_size_max <= self.limits.packet_size_max,
+            "`limits.connect_packet_size_max` must be at least 64 bytes and at most `limits.packet_size_max`",
+        )?;
+        check(
+            self.limits.subscribe_filters_max > 0,
+            "`limits.subscribe_filters_max` must be positive",
         )?;
         check(
             self.limits.queued_messages_per_session_max > 0,
@@ -512,6 +533,14 @@ impl Config {
             retain_available: l.retain_available,
             unsent_bytes_per_connection_max: l.unsent_bytes_per_connection_max,
             send_stuck_timeout_ms: l.send_stuck_timeout_ms,
+            connect_timeout_ms: l.connect_timeout_ms,
+            connect_packet_size_max: l.connect_packet_size_max,
+            subscribe_filters_max: l.subscribe_filters_max,
+            retained_per_subscribe_max: l.retained_per_subscribe_max,
+            retained_messages_max: l.retained_messages_max,
+            retained_bytes_max: l.retained_bytes_max,
+            persistent_sessions_per_shard_max: l.persistent_sessions_per_shard_max,
+            takeover_pending_bytes_max: l.takeover_pending_bytes_max,
         }
     }
 }

@@ -54,6 +54,74 @@ pub struct Limits {
     /// its socket taking enough to fall below it, in milliseconds. Then it is ended with
     /// DISCONNECT 0x97 (Quota exceeded) for 5.0, a close for 3.x, and its will is published.
     pub send_stuck_timeout_ms: u64,
+    /// How long a connection may take to complete CONNECT (milliseconds from its opening to
+    /// a decoded CONNECT). A socket that stays silent, or trickles a partial CONNECT, is
+    /// closed then: unauthenticated peers cannot hold sockets and buffers for ever.
+    pub connect_timeout_ms: u64,
+    /// The largest CONNECT accepted, fixed header included, and so the most a connection
+    /// buffers before it completes CONNECT. Decided from the fixed header alone: a larger
+    /// remaining length gets CONNACK 0x95 (Packet too large; a close for 3.x) at once. A
+    /// CONNECT holds a client identifier (at most `client_id_length_max`), credentials, a will
+    /// and properties; 64 KiB fits a will of some 60 KiB and any token a client presents,
+    /// while 2,000 idle sockets can then pin at most 128 MiB instead of 2 GiB at
+    /// `packet_size_max`. Capped by `packet_size_max`.
+    pub connect_packet_size_max: u32,
+    /// Topic filters in one SUBSCRIBE. The filters past it get 0x97 (Quota exceeded; 0x80 for
+    /// 3.1.1) in the SUBACK and cause no other work: one packet cannot make the shard match
+    /// the retained store, or change routes, without bound.
+    pub subscribe_filters_max: usize,
+    /// Retained messages sent for one SUBSCRIBE (all its filters together). The rest are not
+    /// sent (and counted in the log): one small packet cannot queue the whole retained store
+    /// for its connection many times over.
+    pub retained_per_subscribe_max: usize,
+    /// Topics in the retained store (which every shard holds). A retained PUBLISH for a new
+    /// topic past it is refused: PUBACK / PUBREC 0x97 (Quota exceeded) for 5.0 QoS 1 and 2,
+    /// a counted drop otherwise. Replacing or clearing a held topic is always allowed.
+    pub retained_messages_max: usize,
+    /// Bytes (topic and payload) in the retained store; past it, as `retained_messages_max`.
+    pub retained_bytes_max: usize,
+    /// Persistent sessions (session expiry above 0, with or without a connection) one shard
+    /// keeps; every offline session is one, so this bounds them. A CONNECT that would create
+    /// a new persistent session past it is refused with CONNACK 0x97 (Quota exceeded; return
+    /// code 3, Server unavailable, for 3.x). Refusing the newcomer was chosen over expiring
+    /// the oldest offline session: expiring would let anyone who cycles client identifiers
+    /// erase other clients' sessions and their queued messages, while a refusal costs only
+    /// the newcomer, who is told why and can connect with a clean, non-persistent session.
+    pub persistent_sessions_per_shard_max: usize,
+    /// Bytes a client may send after its CONNECT while the takeover of its session from other
+    /// nodes is pending (they are read after CONNACK). Past it the connection gets CONNACK
+    /// 0x97 (Quota exceeded; return code 3 for 3.x) and is closed.
+    pub takeover_pending_bytes_max: usize,
+}
+
+impl Limits {
+    /// The largest packet accepted from a connection: any packet once it has completed
+    /// CONNECT, else a CONNECT.
+    pub fn packet_size_max_for(&self, connected: bool) -> u32 {
+        if connected {
+            self.packet_size_max
+        } else {
+            self.connect_packet_size_max.min(self.packet_size_max)
+        }
+    }
+}
+
+/// The most of a peer's input (a topic, a filter, a client identifier) quoted in a reason
+/// string or a log line, in bytes: the input can be 64 KiB or more, and a reason string or a
+/// log line need only name it.
+pub const QUOTE_BYTES_MAX: usize = 64;
+
+/// `text` for a reason string or a log line: whole if it is at most [`QUOTE_BYTES_MAX`]
+/// bytes, else its first bytes up to that limit (cut on a character boundary) and `...`.
+pub fn quote(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= QUOTE_BYTES_MAX {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = QUOTE_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}...", &text[..end]))
 }
 
 impl Default for Limits {
@@ -74,6 +142,34 @@ impl Default for Limits {
             retain_available: true,
             unsent_bytes_per_connection_max: 1024 * 1024,
             send_stuck_timeout_ms: 30_000,
+            connect_timeout_ms: 10_000,
+            connect_packet_size_max: 64 * 1024,
+            subscribe_filters_max: 128,
+            retained_per_subscribe_max: 1000,
+            retained_messages_max: 100_000,
+            retained_bytes_max: 256 * 1024 * 1024,
+            persistent_sessions_per_shard_max: 100_000,
+            takeover_pending_bytes_max: 64 * 1024,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_keeps_short_text_and_cuts_long_text_on_a_character_boundary() {
+        assert_eq!(quote("a/b"), "a/b");
+        let exact = "x".repeat(QUOTE_BYTES_MAX);
+        assert_eq!(quote(&exact), exact);
+        // 63 ASCII bytes then a 3-byte character straddling the limit.
+        let long = format!(
+            "{}\u{20ac}{}",
+            "y".repeat(QUOTE_BYTES_MAX - 1),
+            "z".repeat(1000)
+        );
+        let quoted = quote(&long);
+        assert_eq!(quoted, format!("{}...", "y".repeat(QUOTE_BYTES_MAX - 1)));
     }
 }

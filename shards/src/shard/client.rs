@@ -123,9 +123,15 @@ impl Shard {
             self.disconnect(
                 connection_id,
                 reason,
-                &format!("PUBLISH to {} refused", publish.topic),
+                &format!(
+                    "PUBLISH to {} refused",
+                    crate::limits::quote(&publish.topic)
+                ),
                 true,
             );
+            return;
+        }
+        if self.retained_store_refuses(connection_id, index, &publish) {
             return;
         }
         // QoS 2 is delivered once, on first receipt; a resent PUBLISH with the same packet
@@ -257,8 +263,9 @@ impl Shard {
                 );
                 return;
             }
-            session.expiry_seconds = expiry.min(expiry_max);
+            self.set_session_expiry(index, expiry.min(expiry_max));
         }
+        let session = self.session(index);
         // A normal DISCONNECT discards the will, except 0x04 (MQTT 5.0 §3.14.2.1).
         let publish_will = disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE;
         debug!(connection = connection_id, client_id = %session.client_id, reason = %disconnect.reason, "client disconnected");

@@ -2,6 +2,7 @@
 //! new session, keep alive, CONNACK), takeover of a live connection, and resending on resume.
 
 use super::*;
+use crate::limits::quote;
 
 impl Shard {
     pub(super) fn first_packet(
@@ -10,6 +11,10 @@ impl Shard {
         packet: Packet,
         received: Bytes,
     ) {
+        // The first packet has come: the CONNECT deadline is over, whatever it is.
+        if let Some(connection) = self.connections.get_mut(&connection_id) {
+            self.timers.cancel(connection.connect_timer.take());
+        }
         let Packet::Connect(connect) = packet else {
             info!(
                 connection = connection_id,
@@ -55,15 +60,17 @@ impl Shard {
             None
         };
         if let Some(reason) = refusal {
-            info!(connection = connection_id, client_id = %connect.client_id, %reason, "CONNECT refused");
+            info!(connection = connection_id, client_id = %quote(&connect.client_id), %reason, "CONNECT refused");
             self.send_connack_refusal(connection_id, version, reason);
             self.drop_connection(connection_id, false);
             return;
         }
+        // A copy: the session keeps its identifier for as long as it lives, and the decoded one
+        // is a slice of the whole receive buffer.
         let (client_id, assigned) = if connect.client_id.is_empty() {
             (self.assign_client_id(), true)
         } else {
-            (connect.client_id.clone(), false)
+            (ByteString::from(&*connect.client_id), false)
         };
         let owner = owner_shard(&client_id, self.config.shard_count);
         if owner != self.config.index {
@@ -101,90 +108,141 @@ impl Shard {
         }
     }
 
+    /// Accepts a CONNECT on the shard that owns its client identifier, in steps: refuse a
+    /// new persistent session past the quota, take over or replace the session already here
+    /// (or create one), attach it to the connection, set up the connection (keep alive,
+    /// client's limits), then CONNACK and what a resumed session has to send.
     pub(super) fn accept(
         &mut self,
         connection_id: ConnectionId,
-        connect: Connect,
+        mut connect: Connect,
         client_id: ByteString,
         assigned: bool,
     ) {
-        let limits = self.config.limits.clone();
         let version = connect.protocol;
-        let v5 = version.is_v5();
-        let now_ms = self.now_ms;
+        let expiry_seconds = self.granted_expiry_seconds(&connect);
+        if self.persistent_quota_refuses(&client_id, expiry_seconds) {
+            warn!(
+                connection = connection_id,
+                client_id = %quote(&client_id),
+                limit = self.config.limits.persistent_sessions_per_shard_max,
+                "CONNECT refused: the shard holds its maximum of persistent sessions"
+            );
+            self.send_connack_refusal(connection_id, version, ReasonCode::QUOTA_EXCEEDED);
+            self.drop_connection(connection_id, false);
+            return;
+        }
+        let (index, session_present) =
+            self.session_for_connect(&client_id, version, expiry_seconds, connect.clean_start);
+        let will = connect
+            .will
+            .take()
+            .map(|will| stored_will(will, &client_id));
+        let client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+        self.attach_session(
+            index,
+            connection_id,
+            version,
+            expiry_seconds,
+            client_receive_maximum,
+            will,
+            session_present,
+        );
+        let server_keep_alive = self.set_up_connection(connection_id, index, &connect);
+        let properties = self.connack_properties(
+            &connect,
+            expiry_seconds,
+            assigned.then(|| client_id.clone()),
+            server_keep_alive,
+        );
+        debug!(connection = connection_id, %client_id, ?version, session_present, "client connected");
+        self.send(
+            connection_id,
+            &Packet::ConnAck(Box::new(ConnAck {
+                session_present,
+                reason: ReasonCode::SUCCESS,
+                properties,
+            })),
+        );
+        if session_present {
+            self.resend_inflight(index);
+        }
+        self.drain_queue(index);
+    }
 
-        // Session expiry: 5.0 says it in CONNECT; 3.1.1 clean session 0 keeps the session until
-        // the configured maximum, clean session 1 ends it with the connection.
-        let expiry_seconds = if v5 {
+    /// Session expiry: 5.0 says it in CONNECT; 3.1.1 clean session 0 keeps the session until
+    /// the configured maximum, clean session 1 ends it with the connection.
+    fn granted_expiry_seconds(&self, connect: &Connect) -> u32 {
+        if connect.protocol.is_v5() {
             connect.properties.session_expiry_interval.unwrap_or(0)
         } else if connect.clean_start {
             0
         } else {
             u32::MAX
         }
-        .min(limits.session_expiry_seconds_max);
+        .min(self.config.limits.session_expiry_seconds_max)
+    }
 
-        // Take over a live connection of the same client identifier [MQTT-3.1.4-3].
-        if let Some(index) = self.client_ids.get(&client_id).copied() {
-            self.take_over(index, connect.clean_start);
+    /// Whether this CONNECT would create a persistent session past the shard's quota. A
+    /// client with a session here replaces or resumes it, which adds none.
+    pub(super) fn persistent_quota_refuses(&self, client_id: &str, expiry_seconds: u32) -> bool {
+        expiry_seconds > 0
+            && !self.client_ids.contains_key(client_id)
+            && self.persistent_sessions >= self.config.limits.persistent_sessions_per_shard_max
+    }
+
+    /// The session the connection gets, and whether it was present: a live connection of the
+    /// same client identifier is taken over [MQTT-3.1.4-3], clean start ends the old session,
+    /// and a client without one gets a new session.
+    fn session_for_connect(
+        &mut self,
+        client_id: &ByteString,
+        version: ProtocolVersion,
+        expiry_seconds: u32,
+        clean_start: bool,
+    ) -> (SessionIndex, bool) {
+        if let Some(index) = self.client_ids.get(client_id).copied() {
+            self.take_over(index, clean_start);
         }
-
-        let existing = self.client_ids.get(&client_id).copied();
-        let session_present = match existing {
-            Some(index) if connect.clean_start => {
-                self.end_session(index);
-                false
-            }
-            Some(_) => true,
-            None => false,
-        };
-        let index = match self.client_ids.get(&client_id) {
-            Some(&index) => index,
-            None => {
+        match self.client_ids.get(client_id).copied() {
+            Some(index) if !clean_start => (index, true),
+            existing => {
+                if let Some(index) = existing {
+                    self.end_session(index);
+                }
                 let session = Session::new(
                     client_id.clone(),
                     version,
                     expiry_seconds,
-                    limits.inflight_per_session_max,
+                    self.config.limits.inflight_per_session_max,
                 );
-                self.insert_session(session)
+                (self.insert_session(session), false)
             }
-        };
+        }
+    }
 
-        let client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
-        let will = connect.will.map(|will| {
-            Box::new(StoredWill {
-                delay_seconds: will.properties.will_delay_interval.unwrap_or(0),
-                message: Message {
-                    topic: will.topic,
-                    payload: will.payload,
-                    qos: will.qos,
-                    retain: will.retain,
-                    expires_at_ms: None,
-                    publisher: Some(client_id.clone()),
-                    properties: PublishProperties {
-                        payload_format_indicator: will.properties.payload_format_indicator,
-                        // Counted from the moment the will is published; set then.
-                        message_expiry_interval: will.properties.message_expiry_interval,
-                        content_type: will.properties.content_type,
-                        response_topic: will.properties.response_topic,
-                        correlation_data: will.properties.correlation_data,
-                        user_properties: will.properties.user_properties,
-                        ..PublishProperties::default()
-                    },
-                },
-            })
-        });
+    /// Binds the session to the connection for this generation: the timers of its time
+    /// offline are cancelled, and it takes the connection's version, expiry, window and will.
+    #[allow(clippy::too_many_arguments)]
+    fn attach_session(
+        &mut self,
+        index: SessionIndex,
+        connection_id: ConnectionId,
+        version: ProtocolVersion,
+        expiry_seconds: u32,
+        client_receive_maximum: u16,
+        will: Option<Box<StoredWill>>,
+        session_present: bool,
+    ) {
+        self.set_session_expiry(index, expiry_seconds);
+        let inflight_max = self.config.limits.inflight_per_session_max;
         let session = self.session_mut(index);
         // Back online: the timers of its time offline no longer apply.
         let offline_timers = [session.will_timer.take(), session.expiry_timer.take()];
         session.connection = Some(connection_id);
         session.version = version;
-        session.expiry_seconds = expiry_seconds;
         session.generation += 1;
-        session.send_window = client_receive_maximum
-            .min(limits.inflight_per_session_max)
-            .max(1);
+        session.send_window = client_receive_maximum.min(inflight_max).max(1);
         session.will = will;
         session.inflight_resumed_count = session.inflight.len();
         if !session_present {
@@ -193,14 +251,22 @@ impl Shard {
         for key in offline_timers {
             self.timers.cancel(key);
         }
+    }
 
-        // Keep alive: the client's value, capped by the server's (5.0 tells the client).
+    /// Binds the connection to session `index` with the client's limits and arms its keep
+    /// alive: the client's value, capped by the server's. Returns the Server Keep Alive to
+    /// tell a 5.0 client, if the cap changed its value.
+    fn set_up_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        index: SessionIndex,
+        connect: &Connect,
+    ) -> Option<u16> {
+        let keep_alive_max = self.config.limits.keep_alive_seconds_max;
         let mut keep_alive = connect.keep_alive_seconds;
         let mut server_keep_alive = None;
-        if limits.keep_alive_seconds_max != 0
-            && (keep_alive == 0 || keep_alive > limits.keep_alive_seconds_max)
-        {
-            keep_alive = limits.keep_alive_seconds_max;
+        if keep_alive_max != 0 && (keep_alive == 0 || keep_alive > keep_alive_max) {
+            keep_alive = keep_alive_max;
             server_keep_alive = Some(keep_alive);
         }
         let connection = self
@@ -208,7 +274,7 @@ impl Shard {
             .get_mut(&connection_id)
             .expect("the connecting connection");
         connection.session = Some(index);
-        connection.version = version;
+        connection.version = connect.protocol;
         connection.keep_alive_ms = u64::from(keep_alive) * 1000;
         connection.client_packet_size_max = connect
             .properties
@@ -225,46 +291,46 @@ impl Shard {
                 "a connection is accepted once"
             );
             let key = self.timers.arm(
-                now_ms + u64::from(keep_alive) * 1500,
+                self.now_ms + u64::from(keep_alive) * 1500,
                 Timer::KeepAlive(connection_id),
             );
             connection.keep_alive_timer = Some(key);
         }
+        server_keep_alive
+    }
 
+    /// What a 5.0 CONNACK tells the client about the server's limits and its session (none
+    /// for 3.x).
+    fn connack_properties(
+        &self,
+        connect: &Connect,
+        expiry_seconds: u32,
+        assigned_client_id: Option<ByteString>,
+        server_keep_alive: Option<u16>,
+    ) -> ConnAckProperties {
+        let limits = &self.config.limits;
         let mut properties = ConnAckProperties::default();
-        if v5 {
-            properties.receive_maximum =
-                (limits.receive_maximum != u16::MAX).then_some(limits.receive_maximum);
-            properties.maximum_packet_size = Some(limits.packet_size_max);
-            properties.topic_alias_maximum =
-                (limits.topic_alias_max > 0).then_some(limits.topic_alias_max);
-            properties.maximum_qos =
-                (limits.qos_max != QoS::ExactlyOnce).then_some(limits.qos_max as u8);
-            properties.retain_available = (!limits.retain_available).then_some(false);
-            properties.server_keep_alive = server_keep_alive;
-            properties.assigned_client_identifier = assigned.then(|| client_id.clone());
-            // A basis for response topics, private to the client (MQTT 5.0 §4.10).
-            if connect.properties.request_response_information == Some(true) {
-                properties.response_information =
-                    Some(ByteString::from(format!("reply/{client_id}")));
-            }
-            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
-            properties.session_expiry_interval =
-                (asked != expiry_seconds).then_some(expiry_seconds);
+        if !connect.protocol.is_v5() {
+            return properties;
         }
-        debug!(connection = connection_id, %client_id, ?version, session_present, "client connected");
-        self.send(
-            connection_id,
-            &Packet::ConnAck(Box::new(ConnAck {
-                session_present,
-                reason: ReasonCode::SUCCESS,
-                properties,
-            })),
-        );
-        if session_present {
-            self.resend_inflight(index);
+        properties.receive_maximum =
+            (limits.receive_maximum != u16::MAX).then_some(limits.receive_maximum);
+        properties.maximum_packet_size = Some(limits.packet_size_max);
+        properties.topic_alias_maximum =
+            (limits.topic_alias_max > 0).then_some(limits.topic_alias_max);
+        properties.maximum_qos =
+            (limits.qos_max != QoS::ExactlyOnce).then_some(limits.qos_max as u8);
+        properties.retain_available = (!limits.retain_available).then_some(false);
+        properties.server_keep_alive = server_keep_alive;
+        // A basis for response topics, private to the client (MQTT 5.0 §4.10).
+        if connect.properties.request_response_information == Some(true) {
+            let client_id = assigned_client_id.as_deref().unwrap_or(&connect.client_id);
+            properties.response_information = Some(ByteString::from(format!("reply/{client_id}")));
         }
-        self.drain_queue(index);
+        properties.assigned_client_identifier = assigned_client_id;
+        let asked = connect.properties.session_expiry_interval.unwrap_or(0);
+        properties.session_expiry_interval = (asked != expiry_seconds).then_some(expiry_seconds);
+        properties
     }
 
     /// A new connection (here or on another node) takes session `index` over: the old
@@ -334,4 +400,32 @@ impl Shard {
             let _ = connection.write(&packet, Priority::Owed, &mut self.outbox);
         }
     }
+}
+
+/// The will of a CONNECT as the session keeps it, in buffers of its own: the CONNECT's are
+/// slices of its receive buffer, which a session offline for days would keep alive whole.
+fn stored_will(will: mqtt::Will, client_id: &ByteString) -> Box<StoredWill> {
+    let mut message = Message {
+        topic: will.topic,
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        expires_at_ms: None,
+        publisher: Some(client_id.clone()),
+        properties: PublishProperties {
+            payload_format_indicator: will.properties.payload_format_indicator,
+            // Counted from the moment the will is published; set then.
+            message_expiry_interval: will.properties.message_expiry_interval,
+            content_type: will.properties.content_type,
+            response_topic: will.properties.response_topic,
+            correlation_data: will.properties.correlation_data,
+            user_properties: will.properties.user_properties,
+            ..PublishProperties::default()
+        },
+    };
+    crate::retained::own_buffers(&mut message);
+    Box::new(StoredWill {
+        delay_seconds: will.properties.will_delay_interval.unwrap_or(0),
+        message,
+    })
 }

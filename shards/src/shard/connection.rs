@@ -36,6 +36,8 @@ pub(super) struct Connection {
     /// The armed keep-alive check, while the connection is connected and open with a keep
     /// alive.
     pub(super) keep_alive_timer: Option<TimerKey>,
+    /// The armed CONNECT deadline, from the opening until CONNECT is decoded.
+    pub(super) connect_timer: Option<TimerKey>,
     pub(super) last_received_ms: u64,
     /// The client's Maximum Packet Size: larger messages are not sent to it.
     pub(super) client_packet_size_max: u32,
@@ -137,6 +139,7 @@ impl Connection {
             outgoing: BytesMut::new(),
             reactor_unsent_bytes: 0,
             stuck_timer: None,
+            connect_timer: None,
             keep_alive_ms: 0,
             keep_alive_timer: None,
             last_received_ms: now_ms,
@@ -259,8 +262,10 @@ impl Shard {
             !self.connections.contains_key(&connection),
             "connection {connection} opened twice"
         );
-        self.connections
-            .insert(connection, Connection::new(connection, self.now_ms));
+        let connect_timer = Some(self.arm_connect_deadline(connection));
+        let mut opened = Connection::new(connection, self.now_ms);
+        opened.connect_timer = connect_timer;
+        self.connections.insert(connection, opened);
     }
 
     pub(super) fn receive(&mut self, connection_id: ConnectionId, bytes: Bytes) {
@@ -272,7 +277,7 @@ impl Shard {
         }
         connection.last_received_ms = self.now_ms;
         if connection.claiming {
-            connection.pending.extend_from_slice(&bytes);
+            self.received_while_claiming(connection_id, &bytes);
             return;
         }
         // Without a partial packet the received buffer is decoded in place, so payloads are
@@ -296,7 +301,7 @@ impl Shard {
             let connected = connection.session.map(|_| connection.version);
             let options = DecodeOptions {
                 version: connection.version,
-                max_packet_size: self.config.limits.packet_size_max,
+                max_packet_size: self.config.limits.packet_size_max_for(connected.is_some()),
                 sender: Sender::Client,
             };
             match mqtt::decode(&buffer, &options) {
@@ -312,7 +317,7 @@ impl Shard {
                         };
                         if connection.claiming {
                             // Read once the session is here.
-                            connection.pending.extend_from_slice(&buffer);
+                            self.received_while_claiming(connection_id, &buffer);
                             return;
                         }
                     } else {
@@ -428,6 +433,7 @@ impl Shard {
         connection.closing = true;
         self.timers.cancel(connection.keep_alive_timer.take());
         self.timers.cancel(connection.stuck_timer.take());
+        self.timers.cancel(connection.connect_timer.take());
         connection.session.take()
     }
 
@@ -436,6 +442,7 @@ impl Shard {
         let mut connection = self.connections.remove(&connection_id)?;
         self.timers.cancel(connection.keep_alive_timer.take());
         self.timers.cancel(connection.stuck_timer.take());
+        self.timers.cancel(connection.connect_timer.take());
         Some(connection)
     }
 

@@ -36,6 +36,7 @@ impl Shard {
         self.check_subscriptions();
         self.check_flows();
         self.check_timers();
+        self.check_guards();
     }
 
     fn live_sessions(&self) -> impl Iterator<Item = (SessionIndex, &Session)> {
@@ -277,6 +278,7 @@ impl Shard {
                 "connection {connection_id} holds a stuck timer exactly while open with the reactor holding its unsent bound"
             );
             owners += usize::from(connection.stuck_timer().is_some());
+            owners += usize::from(connection.connect_timer.is_some());
         }
         for (_, session) in self.live_sessions() {
             let client_id = &session.client_id;
@@ -326,6 +328,12 @@ impl Shard {
                         .is_some_and(|c| c.stuck_timer() == Some(key)),
                     "a stuck timer names connection {connection_id}, which does not hold it"
                 ),
+                Timer::ConnectDeadline(connection_id) => assert!(
+                    self.connections
+                        .get(&connection_id)
+                        .is_some_and(|c| c.connect_timer == Some(key)),
+                    "a CONNECT deadline names connection {connection_id}, which does not hold it"
+                ),
                 Timer::Claim(claim) => assert!(
                     self.claim_clients
                         .get(&claim)
@@ -357,5 +365,49 @@ impl Shard {
             owners,
             "timers are held that are not armed"
         );
+    }
+
+    /// The bounds on what peers can make the shard hold: a connection keeps its CONNECT
+    /// deadline exactly until CONNECT is decoded and buffers at most a CONNECT before it,
+    /// a claiming connection at most `takeover_pending_bytes_max`; sessions hold at most
+    /// their quota of subscriptions; the count of persistent sessions is exact; the retained
+    /// store is within its limits.
+    fn check_guards(&self) {
+        let limits = &self.config.limits;
+        for (&connection_id, connection) in &self.connections {
+            let awaiting_connect =
+                connection.session.is_none() && !connection.claiming && !connection.closing;
+            assert_eq!(
+                connection.connect_timer.is_some(),
+                awaiting_connect,
+                "connection {connection_id} holds a CONNECT deadline exactly until CONNECT"
+            );
+            if awaiting_connect {
+                assert!(
+                    connection.pending.len() < limits.packet_size_max_for(false) as usize,
+                    "connection {connection_id} buffers more than a CONNECT before CONNECT"
+                );
+            }
+            if connection.claiming && !connection.closing {
+                assert!(
+                    connection.pending.len() <= limits.takeover_pending_bytes_max,
+                    "claiming connection {connection_id} buffers past its limit"
+                );
+            }
+        }
+        let mut persistent = 0;
+        for (_, session) in self.live_sessions() {
+            persistent += usize::from(session.expiry_seconds > 0);
+            assert!(
+                session.subscriptions.len() <= limits.subscriptions_per_session_max,
+                "{} holds more subscriptions than its quota",
+                session.client_id
+            );
+        }
+        assert_eq!(
+            persistent, self.persistent_sessions,
+            "the count of persistent sessions is exact"
+        );
+        self.retained.check_invariants();
     }
 }

@@ -240,6 +240,8 @@ pub struct Shard {
     answered: HashMap<ByteString, Vec<(NodeId, u64, u64)>>,
     answered_prune_at: usize,
     retained: Retained,
+    /// Sessions here with a session expiry above 0 (`session::set_session_expiry` keeps it).
+    persistent_sessions: usize,
     timers: Timers,
     outputs: Vec<Output>,
     /// The connections with bytes for this batch's flush, and what the writer refused.
@@ -270,6 +272,10 @@ impl Shard {
             "shard index out of range"
         );
         let outbox = Outbox::new(config.limits.unsent_bytes_per_connection_max);
+        let (retained_messages_max, retained_bytes_max) = (
+            config.limits.retained_messages_max,
+            config.limits.retained_bytes_max,
+        );
         Self {
             config,
             now_ms: 0,
@@ -288,7 +294,8 @@ impl Shard {
             next_claim: 0,
             answered: HashMap::new(),
             answered_prune_at: 1024,
-            retained: Retained::default(),
+            retained: Retained::new(retained_messages_max, retained_bytes_max),
+            persistent_sessions: 0,
             timers: Timers::default(),
             outputs: Vec::new(),
             outbox,

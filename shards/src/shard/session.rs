@@ -152,6 +152,9 @@ impl Shard {
     /// Stores a new session in a free slot and indexes its client identifier.
     pub(super) fn insert_session(&mut self, session: Session) -> SessionIndex {
         let client_id = session.client_id.clone();
+        if session.expiry_seconds > 0 {
+            self.persistent_sessions += 1;
+        }
         let index = match self.free_sessions.pop() {
             Some(index) => {
                 self.sessions[index as usize] = Some(session);
@@ -164,6 +167,18 @@ impl Shard {
         };
         self.client_ids.insert(client_id, index);
         index
+    }
+
+    /// Sets the session's expiry interval, keeping the count of persistent sessions.
+    pub(super) fn set_session_expiry(&mut self, index: SessionIndex, expiry_seconds: u32) {
+        let session = self.session_mut(index);
+        let was_persistent = session.expiry_seconds > 0;
+        session.expiry_seconds = expiry_seconds;
+        match (was_persistent, expiry_seconds > 0) {
+            (false, true) => self.persistent_sessions += 1,
+            (true, false) => self.persistent_sessions -= 1,
+            _ => {}
+        }
     }
 
     pub(super) fn session(&self, index: SessionIndex) -> &Session {
@@ -185,6 +200,9 @@ impl Shard {
             .take()
             .expect("a live session index");
         debug!(client_id = %session.client_id, "session ended");
+        if session.expiry_seconds > 0 {
+            self.persistent_sessions -= 1;
+        }
         self.client_ids.remove(&session.client_id);
         self.free_sessions.push(index);
         self.timers.cancel(session.will_timer);

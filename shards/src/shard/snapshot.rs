@@ -1,6 +1,16 @@
 //! Snapshots at shutdown and start: the shard's durable state to and from snapshot records.
+//!
+//! A record is input from outside (a file, or another node's handover): restoring it holds it
+//! to this node's limits. The session expiry is capped at `session_expiry_seconds_max`,
+//! in-flight entries with a packet identifier already taken are skipped, subscriptions past
+//! `subscriptions_per_session_max` and queued messages past the queue limit are dropped,
+//! and a snapshot's sessions past `persistent_sessions_per_shard_max` are not loaded. Every
+//! kept string and message gets buffers of its own (`own_buffers`): the decoded ones are
+//! slices of the whole file or handover.
 
 use super::*;
+use crate::limits::quote;
+use crate::retained::own_buffers;
 
 // Snapshots at shutdown and start.
 impl Shard {
@@ -68,7 +78,8 @@ impl Shard {
         let (mut sessions, mut retained) = (0, 0);
         for record in records {
             match record {
-                Record::Retained(message) => {
+                Record::Retained(mut message) => {
+                    own_buffers(&mut message);
                     self.retained.store(message);
                     retained += 1;
                 }
@@ -77,6 +88,10 @@ impl Shard {
                         == self.config.index =>
                 {
                     if self.client_ids.contains_key(&saved.client_id) {
+                        continue;
+                    }
+                    if self.persistent_quota_refuses(&saved.client_id, saved.expiry_seconds) {
+                        warn!(client_id = %quote(&saved.client_id), limit = self.config.limits.persistent_sessions_per_shard_max, "a saved session is not loaded: the shard holds its maximum of persistent sessions");
                         continue;
                     }
                     sessions += 1;
@@ -88,62 +103,85 @@ impl Shard {
         Ok((sessions, retained, warning))
     }
 
+    /// Installs a saved session (from a snapshot or a handover) as an offline session, held
+    /// to this node's limits (see the module comment).
     pub(super) fn restore_session(&mut self, saved: crate::snapshot::SavedSession) {
+        let limits = &self.config.limits;
+        let expiry_seconds = saved.expiry_seconds.min(limits.session_expiry_seconds_max);
         let mut session = Session::new(
-            saved.client_id,
+            ByteString::from(&*saved.client_id),
             saved.version,
-            saved.expiry_seconds,
-            self.config.limits.inflight_per_session_max,
+            expiry_seconds,
+            limits.inflight_per_session_max,
         );
-        session.next_packet_id = saved
-            .inflight
-            .iter()
-            .map(|entry| entry.packet_id)
-            .max()
-            .unwrap_or(0);
-        session.inflight = saved
-            .inflight
-            .into_iter()
-            .map(|entry| Inflight {
+        for entry in saved.inflight {
+            if session
+                .inflight
+                .iter()
+                .any(|held| held.packet_id == entry.packet_id)
+            {
+                // Two entries of one identifier: an acknowledgement could end only one, and
+                // the invariants (and the client) expect identifiers to be unique.
+                warn!(client_id = %quote(&session.client_id), packet_id = entry.packet_id, "a saved session names an in-flight packet identifier twice: the first is kept");
+                continue;
+            }
+            let mut message = entry.delivery.message;
+            own_buffers(&mut message);
+            session.inflight.push_back(Inflight {
                 packet_id: entry.packet_id,
-                message: entry.delivery.message,
+                message,
                 subscription_identifiers: entry.delivery.subscription_identifiers,
                 state: if entry.released {
                     InflightState::Released
                 } else {
                     InflightState::Published
                 },
-            })
-            .collect();
+            });
+        }
+        session.next_packet_id = session
+            .inflight
+            .iter()
+            .map(|entry| entry.packet_id)
+            .max()
+            .unwrap_or(0);
         session.inflight_resumed_count = session.inflight.len();
         // Through the queue's own rule, so that a record from a run (or a node) with a higher
         // limit keeps the newest messages within this one's.
-        let limit = self.config.limits.queued_messages_per_session_max;
+        let limit = limits.queued_messages_per_session_max;
         for delivery in saved.queue {
+            let mut message = delivery.message;
+            own_buffers(&mut message);
             Self::enqueue(
                 &mut session,
-                delivery.message,
+                message,
                 delivery.subscription_identifiers,
                 limit,
             );
         }
+        let subscriptions_max = limits.subscriptions_per_session_max;
         let index = self.insert_session(session);
         for (filter, options, identifier) in saved.subscriptions {
-            if self.session(index).subscriptions.contains_key(&filter) {
+            let session = self.session(index);
+            if session.subscriptions.contains_key(&filter) {
                 // A record names each filter once; a second would leave the trie holding a
                 // subscription the session does not.
-                warn!(%filter, "a saved session names a filter twice: the first is kept");
+                warn!(filter = %quote(&filter), "a saved session names a filter twice: the first is kept");
                 continue;
             }
+            if session.subscriptions.len() >= subscriptions_max {
+                warn!(client_id = %quote(&session.client_id), filter = %quote(&filter), limit = subscriptions_max, "a saved session holds more subscriptions than the limit: the rest are dropped");
+                break;
+            }
+            let filter = ByteString::from(&*filter);
             self.add_subscription(index, &filter, options, identifier);
             self.session_mut(index)
                 .subscriptions
                 .insert(filter, (options, identifier));
         }
         // The time offline before the restart is not known: expiry counts from the restart.
-        if saved.expiry_seconds != u32::MAX {
+        if expiry_seconds != u32::MAX {
             let key = self.timers.arm(
-                self.now_ms + u64::from(saved.expiry_seconds) * 1000,
+                self.now_ms + u64::from(expiry_seconds) * 1000,
                 Timer::SessionExpiry(index, 0),
             );
             self.session_mut(index).expiry_timer = Some(key);

@@ -1,64 +1,69 @@
 //! SUBSCRIBE and UNSUBSCRIBE: the session's subscriptions, this shard's tries of subscribers
 //! and shared members, and the retained messages a new subscription receives.
+//!
+//! Invariants: a session holds at most `subscriptions_per_session_max` filters, each once,
+//! and the tries hold exactly one entry per held filter; replacing a held filter's options
+//! changes no route (the shard's count of subscribers of the filter never drops to 0). One
+//! SUBSCRIBE does bounded work: see `subscribe`.
 
 use super::*;
+use crate::limits::quote;
+
+/// A filter of a SUBSCRIBE whose retained messages follow the SUBACK, with its options.
+type RetainedFor = (ByteString, SubscriptionOptions);
 
 impl Shard {
+    /// One SUBSCRIBE. The work it can cause is bounded: at most `subscribe_filters_max`
+    /// filters are taken (the rest get 0x97), a filter named twice is taken once, at its last
+    /// place with its last options (a later subscription replaces an earlier one
+    /// [MQTT-3.8.4-3]; the earlier places get the same reason code), and at most
+    /// `retained_per_subscribe_max` retained messages follow the SUBACK.
     pub(super) fn subscribe(
         &mut self,
         connection_id: ConnectionId,
         index: SessionIndex,
         subscribe: Subscribe,
     ) {
-        let limits = self.config.limits.clone();
         let identifier = subscribe.properties.subscription_identifier;
-        let mut reasons = Vec::with_capacity(subscribe.filters.len());
-        let mut retained_for = Vec::new();
         let v5 = self.session(index).version.is_v5();
-        for (filter, mut options) in subscribe.filters {
-            let plain = match topic::split_shared(&filter) {
-                Some(Ok((_, inner))) => inner,
-                _ => &filter[..],
-            };
-            let session = self.session(index);
-            let is_new = !session.subscriptions.contains_key(&filter);
-            if topic_levels(plain) > limits.topic_levels_max {
-                reasons.push(if v5 {
-                    ReasonCode::TOPIC_FILTER_INVALID
-                } else {
-                    ReasonCode::UNSPECIFIED_ERROR
-                });
-                continue;
+        let refused = if v5 {
+            ReasonCode::QUOTA_EXCEEDED
+        } else {
+            ReasonCode::UNSPECIFIED_ERROR
+        };
+        let taken = self
+            .config
+            .limits
+            .subscribe_filters_max
+            .min(subscribe.filters.len());
+        if taken < subscribe.filters.len() {
+            info!(client_id = %quote(&self.session(index).client_id), filters = subscribe.filters.len(), limit = taken, "SUBSCRIBE names more filters than the limit: the rest are refused");
+        }
+        // Where each filter last appears among those taken. Looked up only, never iterated.
+        let mut last_place: HashMap<&str, usize> = HashMap::with_capacity(taken);
+        for (place, (filter, _)) in subscribe.filters.iter().take(taken).enumerate() {
+            last_place.insert(filter, place);
+        }
+        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let mut earlier_places = Vec::new();
+        let mut retained_for: Vec<RetainedFor> = Vec::new();
+        for (place, (filter, options)) in subscribe.filters.iter().enumerate() {
+            let last = last_place.get(&filter[..]).copied();
+            if place >= taken {
+                reasons.push(refused);
+            } else if last != Some(place) {
+                // Given the reason of its last place below.
+                reasons.push(refused);
+                earlier_places.extend(last.map(|last| (place, last)));
+            } else {
+                let (reason, retained) = self.subscribe_filter(index, filter, *options, identifier);
+                reasons.push(reason);
+                retained_for.extend(retained);
             }
-            if is_new && session.subscriptions.len() >= limits.subscriptions_per_session_max {
-                info!(client_id = %session.client_id, %filter, "subscription refused: the session holds the maximum number of subscriptions");
-                reasons.push(if v5 {
-                    ReasonCode::QUOTA_EXCEEDED
-                } else {
-                    ReasonCode::UNSPECIFIED_ERROR
-                });
-                continue;
-            }
-            options.qos = options.qos.min(limits.qos_max);
-            // A new subscription with the same filter replaces the old one [MQTT-3.8.4-3].
-            if !is_new {
-                self.remove_subscription(index, &filter);
-            }
-            self.add_subscription(index, &filter, options, identifier);
-            self.session_mut(index)
-                .subscriptions
-                .insert(filter.clone(), (options, identifier));
-            reasons.push(ReasonCode(options.qos as u8));
-            let shared = topic::split_shared(&filter).is_some();
-            // Retained messages are not sent for shared subscriptions (MQTT 5.0 §4.8.2).
-            let send_retained = !shared
-                && match options.retain_handling {
-                    RetainHandling::SendOnSubscribe => true,
-                    RetainHandling::SendIfNew => is_new,
-                    RetainHandling::DoNotSend => false,
-                };
-            if send_retained {
-                retained_for.push((filter, options));
+        }
+        for (place, last) in earlier_places {
+            if let Some(&reason) = reasons.get(last) {
+                reasons[place] = reason;
             }
         }
         self.send(
@@ -69,15 +74,150 @@ impl Shard {
                 reasons,
             }),
         );
-        // Retained messages follow the SUBACK [MQTT-3.8.4-4 in spirit: after the subscription
-        // exists], with the retain flag set [MQTT-3.3.1-9].
+        self.send_retained(index, &retained_for, identifier);
+    }
+
+    /// Adds one filter to the session, or replaces the session's subscription of that filter
+    /// in place (no route change). Returns its reason code, and the filter if its retained
+    /// messages are to be sent.
+    fn subscribe_filter(
+        &mut self,
+        index: SessionIndex,
+        filter: &ByteString,
+        mut options: SubscriptionOptions,
+        identifier: Option<u32>,
+    ) -> (ReasonCode, Option<RetainedFor>) {
+        let limits = &self.config.limits;
+        let v5 = self.session(index).version.is_v5();
+        let plain = match topic::split_shared(filter) {
+            Some(Ok((_, inner))) => inner,
+            _ => &filter[..],
+        };
+        if topic_levels(plain) > limits.topic_levels_max {
+            let reason = if v5 {
+                ReasonCode::TOPIC_FILTER_INVALID
+            } else {
+                ReasonCode::UNSPECIFIED_ERROR
+            };
+            return (reason, None);
+        }
+        let session = self.session(index);
+        let held = session.subscriptions.get(filter).copied();
+        if held.is_none() && session.subscriptions.len() >= limits.subscriptions_per_session_max {
+            info!(client_id = %quote(&session.client_id), filter = %quote(filter), "subscription refused: the session holds the maximum number of subscriptions");
+            let reason = if v5 {
+                ReasonCode::QUOTA_EXCEEDED
+            } else {
+                ReasonCode::UNSPECIFIED_ERROR
+            };
+            return (reason, None);
+        }
+        options.qos = options.qos.min(limits.qos_max);
+        match held {
+            // A new subscription with the same filter replaces the old one [MQTT-3.8.4-3].
+            Some(old) => {
+                self.replace_subscription(index, filter, old, (options, identifier));
+                if let Some(slot) = self.session_mut(index).subscriptions.get_mut(filter) {
+                    *slot = (options, identifier);
+                }
+            }
+            None => {
+                // A copy: the session keeps it for as long as it lives, and the decoded one
+                // is a slice of the whole receive buffer.
+                let filter = ByteString::from(&**filter);
+                self.add_subscription(index, &filter, options, identifier);
+                self.session_mut(index)
+                    .subscriptions
+                    .insert(filter, (options, identifier));
+            }
+        }
+        let shared = topic::split_shared(filter).is_some();
+        // Retained messages are not sent for shared subscriptions (MQTT 5.0 §4.8.2).
+        let send_retained = !shared
+            && match options.retain_handling {
+                RetainHandling::SendOnSubscribe => true,
+                RetainHandling::SendIfNew => held.is_none(),
+                RetainHandling::DoNotSend => false,
+            };
+        (
+            ReasonCode(options.qos as u8),
+            send_retained.then(|| (filter.clone(), options)),
+        )
+    }
+
+    /// Retained messages follow the SUBACK [MQTT-3.8.4-4 in spirit: after the subscription
+    /// exists], with the retain flag set [MQTT-3.3.1-9], through the session's delivery like
+    /// any other message, and at most `retained_per_subscribe_max` of them for one SUBSCRIBE.
+    fn send_retained(
+        &mut self,
+        index: SessionIndex,
+        retained_for: &[RetainedFor],
+        identifier: Option<u32>,
+    ) {
         let now_ms = self.now_ms;
+        let mut budget = self.config.limits.retained_per_subscribe_max;
         for (filter, options) in retained_for {
-            let messages: Vec<Message> = self.retained.matching(&filter, now_ms).cloned().collect();
-            for mut message in messages {
+            // One more than the budget, to tell whether some were left out.
+            let messages: Vec<Message> = self
+                .retained
+                .matching(filter, now_ms)
+                .take(budget.saturating_add(1))
+                .cloned()
+                .collect();
+            if messages.len() > budget {
+                info!(client_id = %quote(&self.session(index).client_id), filter = %quote(filter), limit = self.config.limits.retained_per_subscribe_max, "more retained messages match a SUBSCRIBE than the limit: the rest are not sent");
+            }
+            for mut message in messages.into_iter().take(budget) {
+                budget -= 1;
                 message.retain = true;
                 let qos = message.qos.min(options.qos);
                 self.deliver_to_session(index, message, qos, identifier.into_iter().collect());
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Replaces the session's subscriber entry of `filter` in this shard's trie: the new entry
+    /// goes in before the old one leaves, so that the filter never looks unheld and no route
+    /// change reaches the other shards.
+    fn replace_subscription(
+        &mut self,
+        index: SessionIndex,
+        filter: &ByteString,
+        old: (SubscriptionOptions, Option<u32>),
+        new: (SubscriptionOptions, Option<u32>),
+    ) {
+        if old == new {
+            return;
+        }
+        let subscriber = Subscriber {
+            session: index,
+            options: new.0,
+            identifier: new.1,
+        };
+        match topic::split_shared(filter) {
+            Some(Ok((group, inner))) => {
+                let member = SharedMember {
+                    group: ByteString::from(group),
+                    subscriber,
+                };
+                self.shared.insert(inner, member);
+                // The first of this session's members in the group is the old one: the new
+                // one was appended just now.
+                let change = self.shared.remove(inner, |member| {
+                    member.group == group && member.subscriber.session == index
+                });
+                debug_assert_eq!(change, Change::Unchanged);
+            }
+            _ => {
+                let change = self.subscriptions.insert(filter, subscriber);
+                debug_assert_eq!(change, Change::Unchanged);
+                let change = self
+                    .subscriptions
+                    .remove(filter, |subscriber| subscriber.session == index);
+                debug_assert_eq!(change, Change::Unchanged);
             }
         }
     }

@@ -31,6 +31,7 @@
 //! client is here.
 
 use super::*;
+use crate::limits::quote;
 use crate::snapshot::{self, Record, SavedSession};
 
 /// A CONNECT waiting for the other nodes to hand over (or disclaim) its client's session.
@@ -72,15 +73,16 @@ impl Shard {
         connect: Box<Connect>,
         client_id: ByteString,
     ) {
+        let version = connect.protocol;
         if let Some(earlier) = self.claims.get_mut(&client_id) {
             // The client connected again before its first claim completed: the newer
             // connection waits in its place, and the older one is closed (it never had a
             // CONNACK, so it was never connected).
             let older = std::mem::replace(&mut earlier.connection, connection_id);
             earlier.connect = connect;
-            debug!(%client_id, older, newer = connection_id, "a second CONNECT during a takeover: the first connection is closed");
+            debug!(client_id = %quote(&client_id), older, newer = connection_id, "a second CONNECT during a takeover: the first connection is closed");
             self.drop_connection(older, false);
-            self.mark_claiming(connection_id);
+            self.mark_claiming(connection_id, version);
             return;
         }
         self.next_claim += 1;
@@ -106,7 +108,7 @@ impl Shard {
                 },
             });
         }
-        debug!(%client_id, claim, nodes = ?waiting, "claiming the session from the other nodes");
+        debug!(client_id = %quote(&client_id), claim, nodes = ?waiting, "claiming the session from the other nodes");
         let timer = self.timers.arm(
             self.now_ms + self.config.takeover_timeout_ms,
             Timer::Claim(claim),
@@ -124,12 +126,41 @@ impl Shard {
                 timer: Some(timer),
             },
         );
-        self.mark_claiming(connection_id);
+        self.mark_claiming(connection_id, version);
     }
 
-    fn mark_claiming(&mut self, connection_id: ConnectionId) {
+    /// Bytes that arrived after CONNECT while its claim is pending: kept to be read after
+    /// CONNACK, up to `takeover_pending_bytes_max`. Past it the connection gets CONNACK 0x97
+    /// (return code 3 for 3.x) and is closed; its claim completes without it.
+    pub(super) fn received_while_claiming(&mut self, connection_id: ConnectionId, bytes: &[u8]) {
+        let limit = self.config.limits.takeover_pending_bytes_max;
+        let Some(connection) = self.connections.get_mut(&connection_id) else {
+            return;
+        };
+        if connection.pending.len().saturating_add(bytes.len()) <= limit {
+            connection.pending.extend_from_slice(bytes);
+            return;
+        }
+        let buffered_bytes = connection.pending.len();
+        connection.pending = BytesMut::new();
+        connection.claiming = false;
+        let version = connection.version;
+        info!(
+            connection = connection_id,
+            buffered_bytes,
+            arrived_bytes = bytes.len(),
+            limit,
+            "closing the connection: it sent too much while its session takeover was pending"
+        );
+        self.send_connack_refusal(connection_id, version, ReasonCode::QUOTA_EXCEEDED);
+        self.drop_connection(connection_id, false);
+    }
+
+    /// The connection waits for its claim; a refusal meanwhile speaks its CONNECT's version.
+    fn mark_claiming(&mut self, connection_id: ConnectionId, version: ProtocolVersion) {
         if let Some(connection) = self.connections.get_mut(&connection_id) {
             connection.claiming = true;
+            connection.version = version;
         }
     }
 
@@ -193,7 +224,7 @@ impl Shard {
         clean_start: bool,
     ) {
         let session = self.client_ids.get(&client_id).copied().map(|index| {
-            info!(%client_id, node = to, "session taken over by a connection on another node");
+            info!(client_id = %quote(&client_id), node = to, "session taken over by a connection on another node");
             self.take_over(index, clean_start);
             let moved = (!clean_start && self.session(index).expiry_seconds > 0).then(|| {
                 let saved = Self::saved_session(self.session(index));
@@ -226,7 +257,7 @@ impl Shard {
                 _ => None,
             }),
             Err(error) => {
-                warn!(%client_id, node = from, %error, "a handed-over session does not decode: dropped");
+                warn!(client_id = %quote(&client_id), node = from, %error, "a handed-over session does not decode: dropped");
                 None
             }
         });
@@ -244,9 +275,9 @@ impl Shard {
         pending.waiting.retain(|&node| node != from);
         if let Some(saved) = saved {
             if pending.session.is_some() {
-                warn!(%client_id, node = from, "two nodes handed over a session of one client: the first is kept");
+                warn!(client_id = %quote(&client_id), node = from, "two nodes handed over a session of one client: the first is kept");
             } else {
-                debug!(%client_id, node = from, "session handed over");
+                debug!(client_id = %quote(&client_id), node = from, "session handed over");
                 pending.session = Some(saved);
             }
         }
@@ -259,10 +290,10 @@ impl Shard {
     /// has a session here by now (which is newer).
     fn keep_late_session(&mut self, from: NodeId, saved: SavedSession) {
         if self.client_ids.contains_key(&saved.client_id) {
-            warn!(client_id = %saved.client_id, node = from, "a session handed over after its takeover timed out, while the client has a newer one here: dropped");
+            warn!(client_id = %quote(&saved.client_id), node = from, "a session handed over after its takeover timed out, while the client has a newer one here: dropped");
             return;
         }
-        warn!(client_id = %saved.client_id, node = from, "a session handed over after its takeover timed out: kept offline");
+        warn!(client_id = %quote(&saved.client_id), node = from, "a session handed over after its takeover timed out: kept offline");
         self.restore_session(saved);
     }
 
@@ -278,7 +309,7 @@ impl Shard {
             .get_mut(&client_id)
             .expect("a claim number names a pending claim");
         pending.timer = None;
-        warn!(%client_id, silent = ?pending.waiting, timeout_ms = self.config.takeover_timeout_ms, "nodes did not answer a session claim in time: connecting without them");
+        warn!(client_id = %quote(&client_id), silent = ?pending.waiting, timeout_ms = self.config.takeover_timeout_ms, "nodes did not answer a session claim in time: connecting without them");
         self.complete_claim(&client_id);
     }
 
@@ -309,7 +340,7 @@ impl Shard {
         self.timers.cancel(pending.timer);
         if let Some(saved) = pending.session {
             if self.client_ids.contains_key(client_id) {
-                warn!(%client_id, "a session was handed over while one is here too: the one here is kept");
+                warn!(client_id = %quote(client_id), "a session was handed over while one is here too: the one here is kept");
             } else {
                 // Offline until accepted; its expiry timer is of no account once it is.
                 self.restore_session(saved);

@@ -261,6 +261,7 @@ fn v5_persistent(client_id: &'static str, expiry: u32) -> Connect {
 }
 
 mod delivery;
+mod guards;
 mod rules;
 mod sessions;
 mod slow_subscriber;

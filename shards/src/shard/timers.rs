@@ -4,7 +4,7 @@
 //! armed, so that timers due at one instant fire in the same order in every process and run.
 //!
 //! Invariants: a timer is in the store exactly while its owner holds its key (a connection its
-//! keep alive, a session its will delay and its expiry, a pending claim its timeout); whoever
+//! CONNECT deadline and its keep alive, a session its will delay and its expiry, a pending claim its timeout); whoever
 //! drops the key cancels the timer, so the store holds live timers only, and a client that
 //! reconnects in a loop does not grow it. Cancelling is O(log n), like arming and firing.
 
@@ -17,6 +17,8 @@ pub(super) enum Timer {
     KeepAlive(ConnectionId),
     /// A connection has stayed at its unsent bound for the stuck timeout.
     SendStuck(ConnectionId),
+    /// A connection opened `connect_timeout_ms` ago and has not completed CONNECT.
+    ConnectDeadline(ConnectionId),
     /// A session claim across nodes waited long enough (its number).
     Claim(u64),
     /// A session's delayed will is due (the session and its generation when it was armed).
@@ -91,6 +93,9 @@ impl Shard {
             match timer {
                 Timer::KeepAlive(connection_id) => self.keep_alive_due(key, connection_id),
                 Timer::SendStuck(connection_id) => self.send_stuck_due(key, connection_id),
+                Timer::ConnectDeadline(connection_id) => {
+                    self.connect_deadline_due(key, connection_id)
+                }
                 Timer::Claim(claim) => self.claim_timed_out(claim),
                 Timer::WillDelay(index, generation) => {
                     let session = self
@@ -105,6 +110,40 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Arms the CONNECT deadline of a connection that opens now; the connection keeps the key
+    /// until CONNECT is decoded or it closes.
+    pub(super) fn arm_connect_deadline(&mut self, connection_id: ConnectionId) -> TimerKey {
+        let deadline_ms = self
+            .now_ms
+            .saturating_add(self.config.limits.connect_timeout_ms);
+        self.timers
+            .arm(deadline_ms, Timer::ConnectDeadline(connection_id))
+    }
+
+    /// A connection did not complete CONNECT in time: closed, with nothing sent (its protocol
+    /// version, and so the form of a refusal, is not known).
+    fn connect_deadline_due(&mut self, key: TimerKey, connection_id: ConnectionId) {
+        let connection = self
+            .connections
+            .get_mut(&connection_id)
+            .expect("a CONNECT deadline names a live connection");
+        assert!(
+            connection.connect_timer == Some(key)
+                && connection.session.is_none()
+                && !connection.closing,
+            "a CONNECT deadline is its open, unconnected connection's"
+        );
+        connection.connect_timer = None;
+        let buffered_bytes = connection.pending.len();
+        info!(
+            connection = connection_id,
+            timeout_ms = self.config.limits.connect_timeout_ms,
+            buffered_bytes,
+            "closing the connection: no CONNECT in time"
+        );
+        self.drop_connection(connection_id, false);
     }
 
     /// The keep alive of a connection is checked: closed if the client has been silent for
