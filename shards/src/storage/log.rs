@@ -14,8 +14,9 @@
 //!
 //! Invariants, on which recovery relies:
 //! - A segment gets its first byte only once every earlier segment's writes are synced (a
-//!   seal: the writer waits for the tickets out before it creates the next segment). So a
-//!   crash can tear only the last segment.
+//!   seal: the writer waits for the tickets out before it creates the next segment), and a
+//!   segment this log moves on from ends with a `SEGMENT_END` marker written before its seal.
+//!   So a crash can tear only the last segment, and an earlier one that lost its end is seen.
 //! - A checkpoint goes into a new segment; the segments it replaces are removed only once the
 //!   ticket that synced the whole checkpoint has completed. So at any crash either the new
 //!   checkpoint is complete and newest, or the old segments are all still there.
@@ -114,6 +115,9 @@ pub struct Log {
     /// The segment appends go to, and where its next byte goes (after the batch).
     current: u64,
     current_end: u64,
+    /// False only before the first segment this log creates: `current` then names the
+    /// newest segment found on disk, which is never written to (it may be torn).
+    current_is_ours: bool,
     /// Frames for `current` from `batch_offset` on, not handed out yet.
     batch: BytesMut,
     batch_offset: u64,
@@ -155,6 +159,7 @@ impl Log {
             durable_lsn: 0,
             current: segments.last().copied().unwrap_or(0),
             current_end: 0,
+            current_is_ours: false,
             batch: BytesMut::new(),
             batch_offset: 0,
             batch_has_checkpoint: false,
@@ -203,6 +208,10 @@ impl Log {
     /// the current segment, a seal, then the new segment's creation; the new segment's header
     /// (and checkpoint) begins the batch.
     fn cut(&mut self, checkpoint: bool) {
+        if self.current_is_ours {
+            let length = record::encode_marker(record::SEGMENT_END, &mut self.batch);
+            self.current_end += length as u64;
+        }
         self.close_batch();
         if checkpoint {
             // A newer checkpoint supersedes one not yet handed out or synced: the segments
@@ -220,6 +229,7 @@ impl Log {
             segment: self.current,
         });
         self.segments.insert(self.current);
+        self.current_is_ours = true;
         self.batch_offset = 0;
         if checkpoint {
             let length = compaction::write_checkpoint(&self.state, self.current, &mut self.batch);
@@ -388,6 +398,12 @@ impl Log {
     /// Records appended since the last sync was handed out (still in memory).
     pub fn unflushed_count(&self) -> u64 {
         self.lsn - self.flushed_lsn
+    }
+
+    /// Whether everything appended and queued is handed out and every ticket has completed
+    /// (what a clean shutdown flushes towards; removals may still be in `take_requests`).
+    pub fn is_idle(&self) -> bool {
+        self.batch.is_empty() && self.steps.is_empty() && self.outstanding.is_empty()
     }
 
     /// Whether the log waits for a seal before it hands out more (the caller need not flush

@@ -13,6 +13,9 @@
 //! targets cover) without a Message Expiry Interval, followed by the absolute expiry deadline
 //! and the publisher: a log record is written once and read at some later start, so a
 //! deadline relative to "now" (as the snapshot keeps) would be wrong by the time it is read.
+//! A message must be one the codec accepts (the shard's are: each came from a decoded PUBLISH);
+//! the encoder does not decode what it wrote to check, which would double the cost of every
+//! append, so a message the decoder refuses would stop recovery at its record.
 //! Every time in a record (`expires_at_ms`, `publish_at_ms`) is in the caller's clock; the
 //! wiring must use one that survives a restart (see ARCHITECTURE.md).
 
@@ -188,6 +191,9 @@ const WILL_PENDING: u8 = 15;
 const WILL_CANCELLED: u8 = 16;
 /// Not a [`Record`]: the segment layer's marker that a checkpoint is complete.
 pub(super) const CHECKPOINT_END: u8 = 0xFF;
+/// Not a [`Record`]: the segment layer's marker that a segment is sealed (a later one
+/// follows), so that an earlier segment that lost whole frames at its end is caught.
+pub(super) const SEGMENT_END: u8 = 0xFE;
 
 /// Writes one record body field by field, remembering the first field that did not fit.
 struct Writer<'a> {

@@ -10,9 +10,13 @@
 //!   frame before it pass their checks). Every older segment is obsolete: a checkpoint is
 //!   removed-after only once it is synced, and a crash during those removals leaves some of the
 //!   old segments behind, which are ignored.
-//! - Checkpoints after the newest complete one that are incomplete and come last (no segment
-//!   follows but other incomplete checkpoints) are skipped: a crash while a checkpoint was being
-//!   written leaves exactly that, and nothing after such a checkpoint was ever acknowledged.
+//! - Segments after the newest complete checkpoint that are incomplete checkpoints, or whose
+//!   header is torn, and that come last (only others of the kind follow) are skipped: a crash
+//!   while a segment was being created or a checkpoint written leaves exactly that (also after
+//!   [`super::Log::open`]'s checkpoint, which follows whatever recovery found), and nothing in
+//!   such a segment was ever acknowledged. A limit: a bit flip in the header of a synced
+//!   segment that only such segments follow looks the same, and is reported in
+//!   [`Recovery::skipped`] but not as damage.
 //! - From the start, segments must follow each other by sequence number, and every frame must
 //!   pass its checks. The first failure stops replay (records after a hole may depend on what
 //!   is in it). [`Recovery::stop`] says where; [`Recovery::is_crash_consistent`] says whether
@@ -20,6 +24,8 @@
 //!   earlier segment is synced, so a crash can tear only the last segment. Anything else
 //!   (a gap, a bad frame in an earlier segment, no complete checkpoint) means synced data was
 //!   lost or damaged, and the caller decides (refuse to start, or start with what was read).
+//! - Every replayed segment but the last must end with its `SEGMENT_END` marker, and nothing
+//!   may follow a marker, so an earlier segment cut at a frame boundary is caught too.
 
 use super::record::{Malformed, Record};
 use super::segment::{self, Frame, Frames, HeaderError, SegmentHeader};
@@ -46,6 +52,9 @@ pub enum StopReason {
     NoCompleteCheckpoint,
     /// An incomplete checkpoint followed by other segments.
     IncompleteCheckpoint,
+    /// A segment followed by another does not end with its `SEGMENT_END` marker: it lost
+    /// whole frames at its end.
+    SegmentNotEnded,
 }
 
 impl std::fmt::Display for StopReason {
@@ -58,6 +67,7 @@ impl std::fmt::Display for StopReason {
             Self::IncompleteCheckpoint => {
                 f.write_str("an incomplete checkpoint is followed by other segments")
             }
+            Self::SegmentNotEnded => f.write_str("a segment followed by another lost its end"),
         }
     }
 }
@@ -79,8 +89,9 @@ pub struct Recovery {
     pub start: Option<u64>,
     /// Segments older than the start, safe to remove.
     pub obsolete: Vec<u64>,
-    /// Trailing incomplete checkpoints, skipped (a crash while one was written).
-    pub skipped_checkpoints: Vec<u64>,
+    /// Trailing segments skipped: incomplete checkpoints (a crash while one was written) and
+    /// a last segment whose header is torn (a crash right after it was created).
+    pub skipped: Vec<u64>,
     pub stop: Option<Stop>,
     /// Records handed to the visitor.
     pub records: u64,
@@ -140,8 +151,17 @@ pub fn recover(segments: &[Segment<'_>], mut visit: impl FnMut(Record)) -> Recov
         }
         incomplete[index] = true;
     }
+    // The trailing run to skip: incomplete checkpoints and segments whose header is damaged
+    // (not one of another format version, which is never skipped silently).
     let mut end = ordered.len();
-    while end > start.map_or(0, |start| start + 1) && incomplete[end - 1] {
+    let floor = start.map_or(0, |start| start + 1);
+    while end > floor
+        && (incomplete[end - 1]
+            || matches!(
+                headers[end - 1],
+                Err(HeaderError::Truncated | HeaderError::Magic | HeaderError::Checksum)
+            ))
+    {
         end -= 1;
     }
     let mut recovery = Recovery {
@@ -150,7 +170,7 @@ pub fn recover(segments: &[Segment<'_>], mut visit: impl FnMut(Record)) -> Recov
             .iter()
             .map(|segment| segment.sequence)
             .collect(),
-        skipped_checkpoints: ordered[end..]
+        skipped: ordered[end..]
             .iter()
             .map(|segment| segment.sequence)
             .collect(),
@@ -191,8 +211,18 @@ pub fn recover(segments: &[Segment<'_>], mut visit: impl FnMut(Record)) -> Recov
             return recovery;
         }
         let mut marker_seen = false;
+        let mut ended = false;
         for (offset, frame) in Frames::new(segment.bytes) {
+            if ended {
+                let why = Malformed::Body("a frame after the segment's end");
+                recovery.stop = Some(stop(offset, StopReason::Record(why)));
+                return recovery;
+            }
             let record = match frame {
+                Ok(Frame::SegmentEnd) => {
+                    ended = true;
+                    continue;
+                }
                 // The start's marker was checked by `checkpoint_is_complete`; no other
                 // segment in the range is a checkpoint, and a second marker is damage.
                 Ok(Frame::CheckpointEnd) if index == start && !marker_seen => {
@@ -213,6 +243,13 @@ pub fn recover(segments: &[Segment<'_>], mut visit: impl FnMut(Record)) -> Recov
                     return recovery;
                 }
             }
+        }
+        // The last segment replayed may lack its marker (appends stopped there); any
+        // earlier one was sealed with it.
+        if !ended && index + 1 < end {
+            let length = segment.bytes.len();
+            recovery.stop = Some(stop(length, StopReason::SegmentNotEnded));
+            return recovery;
         }
     }
     recovery

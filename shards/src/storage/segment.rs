@@ -11,7 +11,9 @@
 //!
 //! A checkpoint segment starts with the live state written as records, then a
 //! `CHECKPOINT_END` marker frame; only then is it complete. Records appended after the
-//! checkpoint follow the marker in the same segment.
+//! checkpoint follow the marker in the same segment. A segment the writer moved on from ends
+//! with a `SEGMENT_END` marker (written before the seal), so that an earlier segment that
+//! lost whole frames at its end cannot pass for a whole one.
 
 use super::record::{self, Malformed};
 
@@ -123,6 +125,8 @@ pub(super) enum Frame<'a> {
     },
     /// The end of a checkpoint's records.
     CheckpointEnd,
+    /// The end of a sealed segment: nothing follows it.
+    SegmentEnd,
 }
 
 /// Walks the frames after a segment's header; yields `(offset, frame)` until the end of the
@@ -157,7 +161,8 @@ impl<'a> Iterator for Frames<'a> {
                 self.offset = offset.saturating_add(length);
                 let frame = match (kind, body.is_empty()) {
                     (record::CHECKPOINT_END, true) => Frame::CheckpointEnd,
-                    (record::CHECKPOINT_END, false) => {
+                    (record::SEGMENT_END, true) => Frame::SegmentEnd,
+                    (record::CHECKPOINT_END | record::SEGMENT_END, false) => {
                         self.failed = true;
                         return Some((offset, Err(Malformed::Body("a marker with a body"))));
                     }
@@ -189,7 +194,7 @@ pub(super) fn checkpoint_is_complete(segment: &[u8], sequence: u64) -> bool {
         match frame {
             Ok(Frame::CheckpointEnd) => return true,
             Ok(Frame::Record { .. }) => {}
-            Err(_) => return false,
+            Ok(Frame::SegmentEnd) | Err(_) => return false,
         }
     }
     false
