@@ -14,6 +14,7 @@ pub mod message;
 pub mod retained;
 pub mod shard;
 pub mod snapshot;
+pub mod storage;
 pub mod trie;
 
 pub use limits::Limits;
