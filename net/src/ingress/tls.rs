@@ -26,7 +26,7 @@ use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig};
 
 /// Ciphertext rustls may queue for sending inside one call before the session moves it out to
@@ -148,7 +148,8 @@ pub fn client_config(
 }
 
 /// Both ends of mutually authenticated TLS under one authority: each side presents its own
-/// certificate, and the dialling side also checks that the server's names `server_name`.
+/// certificate, and the dialling side also checks that the server's names `server_name`
+/// (which it does not send: no SNI).
 /// Built once at start and shared, never changed (see the module's invariants).
 #[derive(Debug, Clone)]
 pub struct MutualTls {
@@ -171,8 +172,22 @@ impl MutualTls {
         let roots = roots_from_pem(authority_pem).map_err(|e| format!("authority: {e}"))?;
         let server_name = ServerName::try_from(server_name.to_string())
             .map_err(|e| format!("server name {server_name:?}: {e}"))?;
+        // This side serves the same certificate: one that does not carry the name would fail
+        // every peer's check, so it is refused here, at start, with a reason.
+        let end_entity = chain
+            .first()
+            .ok_or("certificate: the chain is empty")
+            .and_then(|first| {
+                ParsedCertificate::try_from(first).map_err(|_| "certificate: not parseable")
+            })?;
+        rustls::client::verify_server_name(&end_entity, &server_name)
+            .map_err(|e| format!("certificate: {e}"))?;
         let server = server_config(chain.clone(), key.clone_key(), Some(roots.clone()))?;
-        let client = client_config(roots, Some((chain, key)))?;
+        let mut client = client_config(roots, Some((chain, key)))?;
+        // No SNI: every server presents its one certificate anyway, and the name, sent in
+        // clear in the ClientHello, would tell an observer which cluster this is. The name is
+        // still checked against the server's certificate.
+        client.enable_sni = false;
         Ok(Self {
             client: Arc::new(client),
             server: Arc::new(server),
@@ -491,7 +506,12 @@ mod tests {
 
     #[test]
     fn the_server_must_carry_the_expected_name() {
-        let elsewhere = MutualTls::from_pem(NODE_CERT, NODE_KEY, CA, "othercluster").unwrap();
+        // A certificate without the name is refused when the configuration is built...
+        let error = MutualTls::from_pem(NODE_CERT, NODE_KEY, CA, "othercluster").unwrap_err();
+        assert!(error.contains("not valid for name"), "{error}");
+        // ...and a dialling side expecting another name refuses the server's.
+        let mut elsewhere = ours();
+        elsewhere.server_name = ServerName::try_from("othercluster").unwrap();
         let (mut client, mut server, hello) = start(&elsewhere, &ours());
         let (side, error) = pump(&mut client, &mut server, hello).unwrap_err();
         assert_eq!(side, "client");
