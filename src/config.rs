@@ -483,10 +483,13 @@ impl Config {
         MutualTls::from_pem(&cert, &key, &authority, &c.name)
             .map(Some)
             .map_err(|e| {
-                format!(
-                    "`cluster.tls` is \"required\" but its files are not usable: {e} \
-                     (`cluster.name` must be a DNS name that every node's certificate carries)"
-                )
+                // A name error is a configuration the operator may not know is tied to TLS.
+                let hint = if e.contains("name") {
+                    " (`cluster.name` must be a DNS name that every node's certificate carries)"
+                } else {
+                    ""
+                };
+                format!("`cluster.tls` is \"required\" but its files are not usable: {e}{hint}")
             })
     }
 
