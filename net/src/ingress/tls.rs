@@ -277,14 +277,6 @@ impl TlsSession {
         ciphertext_out: &mut BytesMut,
     ) -> Result<(), TlsError> {
         self.remember_prefix(ciphertext);
-        if self.connection.is_handshaking() {
-            self.handshake_len = self.handshake_len.saturating_add(ciphertext.len());
-            if self.handshake_len > self.handshake_len_max {
-                return Err(TlsError::HandshakeTooLong {
-                    limit: self.handshake_len_max,
-                });
-            }
-        }
         let result = self.decrypt(&mut ciphertext, plaintext);
         self.drain(ciphertext_out);
         result?;
@@ -301,12 +293,30 @@ impl TlsSession {
         plaintext: &mut BytesMut,
     ) -> Result<(), TlsError> {
         while !ciphertext.is_empty() {
+            // Until the handshake completes, rustls is offered only what is left of the
+            // allowance: it never holds more than that, and bytes that follow the handshake in
+            // the same read (the peer's first data) are not counted against it.
+            let handshaking = self.connection.is_handshaking();
+            let mut piece = *ciphertext;
+            if handshaking {
+                let allowance = self.handshake_len_max.saturating_sub(self.handshake_len);
+                if allowance == 0 {
+                    return Err(TlsError::HandshakeTooLong {
+                        limit: self.handshake_len_max,
+                    });
+                }
+                piece = piece.get(..allowance).unwrap_or(piece);
+            }
             // rustls takes what fits its buffer (one read of at most 4 KiB at a time); the
             // plaintext it yields is moved out before the next read, so neither grows.
             let read = self
                 .connection
-                .read_tls(ciphertext)
+                .read_tls(&mut piece)
                 .map_err(|e| TlsError::Buffer(e.to_string()))?;
+            *ciphertext = ciphertext.get(read..).unwrap_or_default();
+            if handshaking {
+                self.handshake_len = self.handshake_len.saturating_add(read);
+            }
             let state = self
                 .connection
                 .process_new_packets()
@@ -552,6 +562,29 @@ mod tests {
             matches!(error, TlsError::HandshakeTooLong { limit: 100 }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn data_behind_the_handshake_in_one_read_is_not_counted_against_its_limit() {
+        let tls = ours();
+        let mut client = tls.connecting(LIMIT).unwrap();
+        let mut server = tls.accepted(LIMIT).unwrap();
+        let early = vec![b'x'; 2 * LIMIT];
+        let mut to_server = BytesMut::new();
+        client.send(&early, &mut to_server).unwrap();
+        let (mut plain, mut to_client) = (BytesMut::new(), BytesMut::new());
+        server
+            .receive(&to_server.split(), &mut plain, &mut to_client)
+            .unwrap();
+        client
+            .receive(&to_client.split(), &mut BytesMut::new(), &mut to_server)
+            .unwrap();
+        // The client's Finished and twice the limit of data, in one read.
+        assert!(to_server.len() > 2 * LIMIT);
+        server
+            .receive(&to_server.split(), &mut plain, &mut to_client)
+            .unwrap();
+        assert_eq!(&plain[..], &early[..]);
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub const TLS_HANDSHAKE_LEN_MAX: usize = 16 * 1024;
 
 /// A framing buffer larger than this is released once its bytes are encrypted, so that an
 /// idle TLS link does not keep the capacity of its largest burst.
-const IDLE_BUFFER_LEN_MAX: usize = 16 * 1024;
+const IDLE_BUFFER_LEN_MAX: usize = 4 * 1024;
 
 /// The first byte of a TLS record that a node which does not speak TLS may receive: a
 /// handshake (a ClientHello, or a server's answer) or an alert.
@@ -295,8 +295,11 @@ impl Link {
     /// Everything framed since the last call, encrypted under TLS (with what the TLS session
     /// itself has to say).
     pub fn take_outgoing(&mut self) -> Option<Bytes> {
+        // The buffer itself is handed over (`take`, not `split`): a view left behind would
+        // keep the whole allocation of a burst alive on an idle link.
         let Some((session, wire)) = &mut self.tls else {
-            return (!self.outgoing.is_empty()).then(|| self.outgoing.split().freeze());
+            return (!self.outgoing.is_empty())
+                .then(|| std::mem::take(&mut self.outgoing).freeze());
         };
         if let Err(error) = session.send(&self.outgoing, wire) {
             self.failure
@@ -307,7 +310,7 @@ impl Link {
         } else {
             self.outgoing.clear();
         }
-        (!wire.is_empty()).then(|| wire.split().freeze())
+        (!wire.is_empty()).then(|| std::mem::take(wire).freeze())
     }
 
     /// Takes bytes from the socket into the decoder: through the TLS session where there is
