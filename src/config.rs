@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use shardmq_net::frame::{Member, Role};
+use shardmq_net::ingress::tls::MutualTls;
 use shardmq_net::mqtt::QoS;
 use shardmq_net::reactor::admission::AdmissionLimits;
 use shardmq_shards::cluster::{ClusterSettings, LinkSettings};
@@ -102,6 +103,10 @@ pub struct ClusterConfig {
     pub forward_queue_max: usize,
     pub frame_size_max: usize,
     pub takeover_timeout_ms: u64,
+    pub tls: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    pub tls_ca_file: String,
 }
 
 impl ClusterConfig {
@@ -458,6 +463,7 @@ impl Config {
             (1..=600_000).contains(&c.takeover_timeout_ms),
             "`cluster.takeover_timeout_ms` must be from 1 to 600000",
         )?;
+        let tls = self.cluster_tls()?;
         let mqtt_address = self
             .server
             .listen
@@ -479,6 +485,7 @@ impl Config {
                 body_len_max: c.frame_size_max,
                 // Set per start by NodeShard::clustered.
                 epoch: 0,
+                tls,
             },
             seeds: c.seeds.clone(),
             heartbeat_ms: c.heartbeat_ms,
@@ -491,6 +498,45 @@ impl Config {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_millis() as u64),
         })
+    }
+
+    /// The cluster links' TLS, read once at start from `cluster.tls_*_file` when `cluster.tls`
+    /// is "required". Every node's certificate must carry the cluster name as a DNS
+    /// subjectAltName: a node dialling another checks it, so a certificate of the same
+    /// authority made for another cluster (or another service) is refused.
+    fn cluster_tls(&self) -> Result<Option<MutualTls>, String> {
+        let c = &self.cluster;
+        match c.tls.as_str() {
+            "off" => return Ok(None),
+            "required" => {}
+            other => {
+                return Err(format!(
+                    "`cluster.tls` is {other:?}: expected \"off\" or \"required\""
+                ));
+            }
+        }
+        let read = |key: &str, path: &str| {
+            if path.is_empty() {
+                return Err(format!(
+                    "`cluster.{key}` must be set when `cluster.tls` is \"required\""
+                ));
+            }
+            std::fs::read(path).map_err(|e| format!("`cluster.{key}` {path:?}: {e}"))
+        };
+        let cert = read("tls_cert_file", &c.tls_cert_file)?;
+        let key = read("tls_key_file", &c.tls_key_file)?;
+        let authority = read("tls_ca_file", &c.tls_ca_file)?;
+        MutualTls::from_pem(&cert, &key, &authority, &c.name)
+            .map(Some)
+            .map_err(|e| {
+                // A name error is a configuration the operator may not know is tied to TLS.
+                let hint = if e.contains("name") {
+                    " (`cluster.name` must be a DNS name that every node's certificate carries)"
+                } else {
+                    ""
+                };
+                format!("`cluster.tls` is \"required\" but its files are not usable: {e}{hint}")
+            })
     }
 
     pub fn shared_strategy(&self) -> Result<SharedStrategy, String> {
@@ -626,5 +672,66 @@ mod tests {
         let error =
             Config::from_overrides("[admin]\nlisten = \"nowhere\"\n", "f.toml").unwrap_err();
         assert!(error.contains("admin.listen"), "{error}");
+    }
+
+    #[test]
+    fn cluster_tls_is_read_at_start_and_checked() {
+        let fixture = |name: &str| {
+            format!(
+                "{}/net/src/ingress/testdata/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        };
+        let cluster = |name: &str, tls: &str, cert: &str| {
+            let text = format!(
+                "[cluster]\nenabled = true\nnode_id = 1\nsecret = \"0123456789abcdef\"\n\
+                 listen = \"127.0.0.1:7001\"\nname = \"{name}\"\ntls = \"{tls}\"\n\
+                 tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_ca_file = \"{}\"\n",
+                fixture(cert),
+                fixture("node.key"),
+                fixture("ca.pem"),
+            );
+            Config::from_overrides(&text, "f.toml")
+        };
+        let config = cluster("testcluster", "required", "node.pem").unwrap();
+        assert!(config.cluster_settings().unwrap().link.tls.is_some());
+        let config = cluster("testcluster", "off", "node.pem").unwrap();
+        assert!(config.cluster_settings().unwrap().link.tls.is_none());
+        for (name, tls, cert, expected) in [
+            (
+                "testcluster",
+                "maybe",
+                "node.pem",
+                "`cluster.tls` is \"maybe\"",
+            ),
+            (
+                "testcluster",
+                "required",
+                "missing.pem",
+                "cluster.tls_cert_file",
+            ),
+            // The certificate does not carry the cluster name.
+            ("shardmq", "required", "node.pem", "not valid for name"),
+            // The key is not the certificate's.
+            (
+                "testcluster",
+                "required",
+                "other-node.pem",
+                "certificate and key",
+            ),
+        ] {
+            let error = cluster(name, tls, cert).unwrap_err();
+            assert!(error.contains(expected), "{name} {tls} {cert}: {error}");
+        }
+        let error = Config::from_overrides(
+            "[cluster]\nenabled = true\nnode_id = 1\nsecret = \"0123456789abcdef\"\n\
+             listen = \"127.0.0.1:7001\"\ntls = \"required\"\n",
+            "f.toml",
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("`cluster.tls_cert_file` must be set"),
+            "{error}"
+        );
     }
 }

@@ -7,16 +7,7 @@ mod support;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use support::{Namespaces, TestCluster, payloads, round_trip, v5_at};
-
-fn members(status: &serde_json::Value) -> Vec<u64> {
-    status["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["node"].as_u64())
-        .collect()
-}
+use support::{Namespaces, TestCluster, member_ids, payloads, round_trip, v5_at};
 
 #[test]
 fn a_cut_off_leader_is_replaced_removed_and_welcomed_back() {
@@ -42,7 +33,7 @@ fn a_cut_off_leader_is_replaced_removed_and_welcomed_back() {
     // Shown down, then removed after the grace period (2 s here), on the cores and the edge.
     for at in [other, 4] {
         cluster.wait_status(at, Duration::from_secs(20), "the old leader removed", |s| {
-            !members(s).contains(&u64::from(leader))
+            !member_ids(s).contains(&u64::from(leader))
         });
     }
     // The majority side keeps working.

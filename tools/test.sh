@@ -44,6 +44,12 @@ if ! command -v ip >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq iproute2
 fi
+# tests/cluster_tls.rs makes its certificates with openssl.
+if ! command -v openssl >/dev/null; then
+    echo "openssl missing: installing it with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq openssl
+fi
 # The font shardmq-bench compare draws its chart's text with.
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
     echo "fonts-dejavu-core missing: installing it with apt-get"

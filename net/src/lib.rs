@@ -2,12 +2,15 @@
 //!
 //! Owns: the MQTT codec ([`mqtt`]): pure functions from bytes to packets and back; the cluster
 //! frames ([`frame`]): a checked header and an rkyv body; and, behind the `reactor` feature,
-//! the per-core io_uring loop. Planned and not built yet: `ingress` (TLS, WebSocket and PROXY
-//! protocol adapters).
+//! the per-core io_uring loop; behind the `ingress` feature, the sans-IO TLS adapter
+//! ([`ingress::tls`], over rustls) that cluster links use (WebSocket and PROXY protocol
+//! adapters are planned there).
 //! Never: the codec and frame modules perform I/O, read a clock or spawn a thread, so that
 //! `shardmq-shards` can depend on them without linking io_uring.
 
 pub mod frame;
+#[cfg(feature = "ingress")]
+pub mod ingress;
 pub mod mqtt;
 #[cfg(feature = "reactor")]
 pub mod reactor;

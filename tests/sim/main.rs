@@ -245,6 +245,7 @@ fn settings(id: NodeId, role: Role, address: SocketAddr, seeds: &[SocketAddr]) -
             cluster_secret: "simulated-secret-0123".into(),
             body_len_max: 1 << 24,
             epoch: 0,
+            tls: None,
         },
         seeds: seeds.to_vec(),
         heartbeat_ms: 100,

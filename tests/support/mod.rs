@@ -542,6 +542,16 @@ pub fn write_all(stream: &mut TcpStream, bytes: &[u8]) {
     let _ = stream.write_all(bytes);
 }
 
+/// The node identifiers of a cluster status's member list.
+pub fn member_ids(status: &serde_json::Value) -> Vec<u64> {
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["node"].as_u64())
+        .collect()
+}
+
 /// The secret of the test clusters.
 pub const CLUSTER_SECRET: &str = "test-cluster-secret-0123";
 

@@ -2,17 +2,24 @@
 //!
 //! Owns: the link's side of the handshake ([`shardmq_net::frame::handshake`]: each end proves
 //! the cluster secret over a transcript of this one connection), framing both ways, the
-//! handshake deadline, and the time of the last frame each way.
+//! handshake deadline, the time of the last frame each way, and, where the cluster requires
+//! it, the TLS session under the framing ([`shardmq_net::ingress::tls`]: mutual certificates
+//! from the cluster's authority; the secret's handshake then runs inside it).
 //! Never: lets a frame through before the peer has proved the secret, takes a frame larger
-//! than [`HANDSHAKE_BODY_LEN_MAX`] before then, or panics on a peer's bytes: every failure is
-//! an `Err` naming why, and the caller closes the link.
-//! Invariant: a link has a peer exactly when it is up (the `Up` state holds it).
+//! than [`HANDSHAKE_BODY_LEN_MAX`] or more than [`TLS_HANDSHAKE_LEN_MAX`] bytes of TLS
+//! handshake before then, talks plain to a node that requires TLS or TLS to one that does not,
+//! or panics on a peer's bytes: every failure is an `Err` naming why, and the caller closes the
+//! link.
+//! Invariants: a link has a peer exactly when it is up (the `Up` state holds it); with TLS,
+//! every byte that reaches `take_outgoing` has passed through the session.
 
 use bytes::{Bytes, BytesMut};
+use shardmq_net::frame::MAGIC;
 use shardmq_net::frame::handshake::{
     HANDSHAKE_BODY_LEN_MAX, Handshake, HandshakeError, LinkKey, Local, Step,
 };
 use shardmq_net::frame::{self, Body, Decoder, Hello, Member, NodeId, Purpose, Role, Welcome};
+use shardmq_net::ingress::tls::{MutualTls, TlsError, TlsSession};
 
 use crate::message::ConnectionId;
 
@@ -28,6 +35,20 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 3_000;
 /// open at one time.
 pub const PENDING_LINKS_MAX: usize = 1024;
 
+/// Bytes of TLS a link takes before its TLS handshake completes: a ClientHello is a few
+/// hundred bytes and a node's certificate flight (chain, signature, Finished) a few KiB, so
+/// this leaves room for chains with intermediates while bounding what a stranger makes a
+/// pending link hold (rustls alone would buffer up to 64 KiB of one handshake message).
+pub const TLS_HANDSHAKE_LEN_MAX: usize = 16 * 1024;
+
+/// A framing buffer larger than this is released once its bytes are encrypted, so that an
+/// idle TLS link does not keep the capacity of its largest burst.
+const IDLE_BUFFER_LEN_MAX: usize = 4 * 1024;
+
+/// The first byte of a TLS record that a node which does not speak TLS may receive: a
+/// handshake (a ClientHello, or a server's answer) or an alert.
+const TLS_RECORD_FIRST_BYTES: [u8; 2] = [0x16, 0x15];
+
 /// What every link of a node needs to know.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
@@ -37,6 +58,14 @@ pub struct LinkSettings {
     pub body_len_max: usize,
     /// This node's start, told to nodes that dial it (new at every start).
     pub epoch: u64,
+    /// `Some` when the cluster requires TLS on its links (`cluster.tls = "required"`): this
+    /// node's certificate and the cluster's authority, and the name every node's certificate
+    /// carries (the cluster name, which the dialling side checks). The configurations are
+    /// `Arc`s shared by the links of every shard: that is the one exception to the no-`Arc`
+    /// rule of `shards/`, allowed because they are built once at start and never changed
+    /// (resumption caches are off; see `ingress::tls`). Certificates are read at start only:
+    /// new ones take a restart.
+    pub tls: Option<MutualTls>,
 }
 
 impl LinkSettings {
@@ -123,7 +152,15 @@ pub struct Link {
     /// Whether we dialled this link (and so are the handshake's initiator).
     dialled: bool,
     decoder: Decoder,
+    /// Frames not yet taken (plaintext, encrypted by `take_outgoing` under TLS).
     outgoing: BytesMut,
+    /// Under TLS: the session, and its ciphertext not yet taken.
+    tls: Option<(TlsSession, BytesMut)>,
+    /// Whether the peer has sent anything yet (a plain node tells TLS from its first byte).
+    received_any: bool,
+    /// Why the link can no longer work, found where no `Err` could be returned (starting a
+    /// TLS session, encrypting): the next `receive` or `expired` reports it.
+    failure: Option<String>,
     /// When the link was opened: its handshake is due within [`HANDSHAKE_TIMEOUT_MS`].
     opened_ms: u64,
     pub last_received_ms: u64,
@@ -178,6 +215,17 @@ impl Link {
         dialled: bool,
         now_ms: u64,
     ) -> Self {
+        let (tls, failure) = match settings.tls.as_ref().map(|tls| {
+            if dialled {
+                tls.connecting(TLS_HANDSHAKE_LEN_MAX)
+            } else {
+                tls.accepted(TLS_HANDSHAKE_LEN_MAX)
+            }
+        }) {
+            None => (None, None),
+            Some(Ok(session)) => (Some((session, BytesMut::new())), None),
+            Some(Err(error)) => (None, Some(format!("cannot start a TLS session: {error}"))),
+        };
         Self {
             connection,
             state: State::Handshake {
@@ -187,6 +235,9 @@ impl Link {
             dialled,
             decoder: Decoder::new(settings.cluster_id(), HANDSHAKE_BODY_LEN_MAX),
             outgoing: BytesMut::new(),
+            tls,
+            received_any: false,
+            failure,
             opened_ms: now_ms,
             last_received_ms: now_ms,
             last_sent_ms: now_ms,
@@ -208,6 +259,9 @@ impl Link {
     /// When this link must close unless something happens first: `link_timeout_ms` after the
     /// last frame received, and, until it is up, the end of its handshake time.
     pub fn deadline_ms(&self, link_timeout_ms: u64) -> u64 {
+        if self.failure.is_some() {
+            return 0;
+        }
         let silence = self.last_received_ms.saturating_add(link_timeout_ms);
         if self.is_up() {
             silence
@@ -218,6 +272,9 @@ impl Link {
 
     /// Why this link must close at `now_ms`, if it must.
     pub fn expired(&self, now_ms: u64, link_timeout_ms: u64) -> Option<String> {
+        if let Some(failure) = &self.failure {
+            return Some(failure.clone());
+        }
         if now_ms < self.deadline_ms(link_timeout_ms) {
             return None;
         }
@@ -235,9 +292,66 @@ impl Link {
         self.last_sent_ms = now_ms;
     }
 
-    /// Everything framed since the last call.
+    /// Everything framed since the last call, encrypted under TLS (with what the TLS session
+    /// itself has to say).
     pub fn take_outgoing(&mut self) -> Option<Bytes> {
-        (!self.outgoing.is_empty()).then(|| self.outgoing.split().freeze())
+        // The buffer itself is handed over (`take`, not `split`): a view left behind would
+        // keep the whole allocation of a burst alive on an idle link.
+        let Some((session, wire)) = &mut self.tls else {
+            return (!self.outgoing.is_empty())
+                .then(|| std::mem::take(&mut self.outgoing).freeze());
+        };
+        if let Err(error) = session.send(&self.outgoing, wire) {
+            self.failure
+                .get_or_insert_with(|| format!("cluster link {error}"));
+        }
+        if self.outgoing.capacity() > IDLE_BUFFER_LEN_MAX {
+            self.outgoing = BytesMut::new();
+        } else {
+            self.outgoing.clear();
+        }
+        (!wire.is_empty()).then(|| std::mem::take(wire).freeze())
+    }
+
+    /// Takes bytes from the socket into the decoder: through the TLS session where there is
+    /// one; else straight, once the first byte shows that the peer does not speak TLS.
+    fn take_in(
+        &mut self,
+        settings: &LinkSettings,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(), String> {
+        let first = !self.received_any;
+        self.received_any |= !bytes.is_empty();
+        let Some((session, wire)) = &mut self.tls else {
+            if first
+                && !self.is_up()
+                && bytes
+                    .first()
+                    .is_some_and(|b| TLS_RECORD_FIRST_BYTES.contains(b))
+            {
+                let reason = "the peer speaks TLS on the cluster link, and this node has TLS off \
+                              (cluster.tls = \"off\"): set the same `cluster.tls` on every node";
+                self.refuse(settings, reason.into(), now_ms);
+                return Err(reason.into());
+            }
+            self.decoder.extend(bytes);
+            return Ok(());
+        };
+        let mut plaintext = BytesMut::new();
+        if let Err(error) = session.receive(bytes, &mut plaintext, wire) {
+            let prefix = session.received_prefix();
+            let plain_peer = !prefix.is_empty() && MAGIC.starts_with(prefix);
+            return Err(if plain_peer && matches!(error, TlsError::Protocol(_)) {
+                "the peer sends plain cluster frames, and this node requires TLS \
+                 (cluster.tls = \"required\"): set the same `cluster.tls` on every node"
+                    .into()
+            } else {
+                format!("cluster link {error}")
+            });
+        }
+        self.decoder.extend(&plaintext);
+        Ok(())
     }
 
     /// Takes received bytes; returns the frames for the layer above, which begin once the
@@ -251,7 +365,10 @@ impl Link {
         bodies: &mut Vec<Body>,
     ) -> Result<(), String> {
         self.last_received_ms = now_ms;
-        self.decoder.extend(bytes);
+        if let Some(failure) = &self.failure {
+            return Err(failure.clone());
+        }
+        self.take_in(settings, bytes, now_ms)?;
         loop {
             let (version, body) = match self.decoder.next_versioned() {
                 Ok(Some(frame)) => frame,
@@ -321,6 +438,7 @@ mod tests {
             cluster_secret: secret.into(),
             body_len_max: 1 << 20,
             epoch: u64::from(node),
+            tls: None,
         }
     }
 
@@ -332,14 +450,27 @@ mod tests {
         b: &mut Link,
         sb: &LinkSettings,
     ) -> Result<(Vec<Body>, Vec<Body>), String> {
+        exchange_seen(a, sa, b, sb, &mut Vec::new())
+    }
+
+    /// [`exchange`], keeping in `wire` every byte that passed either way.
+    fn exchange_seen(
+        a: &mut Link,
+        sa: &LinkSettings,
+        b: &mut Link,
+        sb: &LinkSettings,
+        wire: &mut Vec<u8>,
+    ) -> Result<(Vec<Body>, Vec<Body>), String> {
         let (mut to_a, mut to_b) = (Vec::new(), Vec::new());
         loop {
             let mut moved = false;
             if let Some(bytes) = a.take_outgoing() {
+                wire.extend_from_slice(&bytes);
                 b.receive(sb, &bytes, 0, &mut to_b)?;
                 moved = true;
             }
             if let Some(bytes) = b.take_outgoing() {
+                wire.extend_from_slice(&bytes);
                 a.receive(sa, &bytes, 0, &mut to_a)?;
                 moved = true;
             }
@@ -490,5 +621,113 @@ mod tests {
         frame::encode(&Body::Leave, sb.cluster_id(), &mut bytes);
         let error = b.receive(&sb, &bytes, 0, &mut Vec::new()).unwrap_err();
         assert!(error.contains("during the handshake"), "{error}");
+    }
+
+    /// The fixtures of `ingress::tls`'s tests: one authority, a node certificate for the name
+    /// "testcluster", and a certificate from another authority.
+    fn tls_settings(node: NodeId, secret: &str) -> LinkSettings {
+        let tls = MutualTls::from_pem(
+            include_bytes!("../../../net/src/ingress/testdata/node.pem"),
+            include_bytes!("../../../net/src/ingress/testdata/node.key"),
+            include_bytes!("../../../net/src/ingress/testdata/ca.pem"),
+            "testcluster",
+        )
+        .unwrap();
+        LinkSettings {
+            cluster_name: "testcluster".into(),
+            tls: Some(tls),
+            ..settings(node, secret)
+        }
+    }
+
+    #[test]
+    fn under_tls_the_handshake_runs_inside_and_nothing_is_in_clear() {
+        let (sa, sb) = (tls_settings(1, "s"), tls_settings(2, "s"));
+        let mut a = Link::connecting(1, &sa, Purpose::Data, 3, 99, [1; 16], 0);
+        let mut b = Link::accepted(2, &sb, [2; 16], 0);
+        let mut wire = Vec::new();
+        exchange_seen(&mut a, &sa, &mut b, &sb, &mut wire).unwrap();
+        assert!(a.is_up() && b.is_up());
+        assert_eq!(b.up_peer().unwrap().node, 1);
+        let message = Body::Raft {
+            message: b"topic/in/clear".to_vec(),
+        };
+        a.send(&sa, &message, 0);
+        let (_, to_b) = exchange_seen(&mut a, &sa, &mut b, &sb, &mut wire).unwrap();
+        assert_eq!(to_b, vec![message]);
+        for clear in [&b"SMQC"[..], b"testcluster", b"topic/in/clear"] {
+            assert!(
+                !wire.windows(clear.len()).any(|w| w == clear),
+                "{:?} on the wire",
+                String::from_utf8_lossy(clear)
+            );
+        }
+        // The secret is still proved inside TLS: the right certificate is not enough.
+        let sc = tls_settings(3, "wrong");
+        let mut c = Link::connecting(3, &sc, Purpose::Control, 0, 1, [3; 16], 0);
+        let mut b = Link::accepted(4, &sb, [4; 16], 0);
+        let error = exchange(&mut c, &sc, &mut b, &sb).unwrap_err();
+        assert!(
+            error.contains("did not prove the cluster secret"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn plain_and_tls_nodes_refuse_each_other_and_say_why() {
+        let (plain, tls) = (settings(1, "s"), tls_settings(2, "s"));
+        let plain = LinkSettings {
+            cluster_name: "testcluster".into(),
+            ..plain
+        };
+        // A plain node dials a TLS node: the TLS node sees frames in clear; the plain node
+        // then sees the TLS alert.
+        let mut a = Link::connecting(1, &plain, Purpose::Control, 0, 1, [1; 16], 0);
+        let mut b = Link::accepted(2, &tls, [2; 16], 0);
+        let hello = a.take_outgoing().unwrap();
+        let error = b.receive(&tls, &hello, 0, &mut Vec::new()).unwrap_err();
+        assert!(error.contains("plain cluster frames"), "{error}");
+        let alert = b.take_outgoing().unwrap();
+        let error = a.receive(&plain, &alert, 0, &mut Vec::new()).unwrap_err();
+        assert!(error.contains("speaks TLS"), "{error}");
+        // A TLS node dials a plain node: the other way round.
+        let mut a = Link::connecting(2, &tls, Purpose::Control, 0, 1, [1; 16], 0);
+        let mut b = Link::accepted(1, &plain, [2; 16], 0);
+        let client_hello = a.take_outgoing().unwrap();
+        let error = b
+            .receive(&plain, &client_hello, 0, &mut Vec::new())
+            .unwrap_err();
+        assert!(error.contains("speaks TLS"), "{error}");
+        let refused = b.take_outgoing().unwrap();
+        let error = a.receive(&tls, &refused, 0, &mut Vec::new()).unwrap_err();
+        assert!(error.contains("plain cluster frames"), "{error}");
+    }
+
+    #[test]
+    fn a_tls_handshake_is_bounded_in_bytes_and_in_time() {
+        let sb = tls_settings(2, "s");
+        let mut b = Link::accepted(2, &sb, [2; 16], 1_000);
+        // A record announcing a huge handshake message, fed in pieces below its own size.
+        b.receive(&sb, &[0x16, 0x03, 0x01, 0x40, 0x00], 1_000, &mut Vec::new())
+            .unwrap();
+        let mut error = None;
+        for _ in 0..TLS_HANDSHAKE_LEN_MAX / 1024 + 1 {
+            if let Err(e) = b.receive(&sb, &[7; 1024], 1_100, &mut Vec::new()) {
+                error = Some(e);
+                break;
+            }
+        }
+        let error = error.expect("cut at the limit");
+        assert!(error.contains("before its handshake completed"), "{error}");
+        // A TLS handshake that does not finish counts against the link's handshake time.
+        let mut c = Link::accepted(3, &sb, [3; 16], 1_000);
+        let client = tls_settings(1, "s");
+        let mut a = Link::connecting(1, &client, Purpose::Control, 0, 1, [1; 16], 1_000);
+        let client_hello = a.take_outgoing().unwrap();
+        c.receive(&sb, &client_hello, 1_500, &mut Vec::new())
+            .unwrap();
+        assert_eq!(c.expired(1_000 + HANDSHAKE_TIMEOUT_MS - 1, 60_000), None);
+        let reason = c.expired(1_000 + HANDSHAKE_TIMEOUT_MS, 60_000).unwrap();
+        assert!(reason.contains("did not finish its handshake"), "{reason}");
     }
 }
