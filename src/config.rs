@@ -247,6 +247,12 @@ impl Config {
             "`server.listen` must name at least one address",
         )?;
         check(self.server.backlog > 0, "`server.backlog` must be positive")?;
+        // Servers must accept identifiers of 1 to 23 characters [MQTT-3.1.3-5]; an MQTT string
+        // holds at most 65,535 bytes, so a larger limit would mean nothing.
+        check(
+            (23..=65_535).contains(&self.limits.client_id_length_max),
+            "`limits.client_id_length_max` must be from 23 to 65535",
+        )?;
         check(
             self.reactor.buffer_count.is_power_of_two() && self.reactor.buffer_count <= 32768,
             "`reactor.buffer_count` must be a power of two between 1 and 32768",

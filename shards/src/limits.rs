@@ -60,7 +60,8 @@ pub struct Limits {
     pub connect_timeout_ms: u64,
     /// The largest CONNECT accepted, fixed header included, and so the most a connection
     /// buffers before it completes CONNECT. Decided from the fixed header alone: a larger
-    /// remaining length gets CONNACK 0x95 (Packet too large; a close for 3.x) at once. A
+    /// remaining length closes the connection at once (the protocol version is in the body,
+    /// not yet read, so no CONNACK can be chosen for it). A
     /// CONNECT holds a client identifier (at most `client_id_length_max`), credentials, a will
     /// and properties; 64 KiB fits a will of some 60 KiB and any token a client presents,
     /// while 2,000 idle sockets can then pin at most 128 MiB instead of 2 GiB at

@@ -322,10 +322,15 @@ impl Shard {
             (limits.qos_max != QoS::ExactlyOnce).then_some(limits.qos_max as u8);
         properties.retain_available = (!limits.retain_available).then_some(false);
         properties.server_keep_alive = server_keep_alive;
-        // A basis for response topics, private to the client (MQTT 5.0 §4.10).
+        // A basis for response topics, private to the client (MQTT 5.0 §4.10). The server may
+        // leave it out; it does when the client identifier is too long for it to fit a UTF-8
+        // string field, rather than send a CONNACK the codec must refuse.
         if connect.properties.request_response_information == Some(true) {
             let client_id = assigned_client_id.as_deref().unwrap_or(&connect.client_id);
-            properties.response_information = Some(ByteString::from(format!("reply/{client_id}")));
+            let information = format!("reply/{client_id}");
+            if information.len() <= usize::from(u16::MAX) {
+                properties.response_information = Some(ByteString::from(information));
+            }
         }
         properties.assigned_client_identifier = assigned_client_id;
         let asked = connect.properties.session_expiry_interval.unwrap_or(0);

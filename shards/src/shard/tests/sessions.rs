@@ -245,6 +245,30 @@ fn subscription_limit_and_topic_levels_are_enforced_with_reason_codes() {
 }
 
 #[test]
+fn response_information_is_left_out_when_the_client_id_is_too_long_for_it() {
+    let limits = Limits {
+        client_id_length_max: 65_535,
+        connect_packet_size_max: 128 * 1024,
+        ..Limits::default()
+    };
+    let mut node = Node::new(1, limits);
+    let long_id: &'static str = Box::leak("x".repeat(65_530).into_boxed_str());
+    let connack = node.connect(
+        1,
+        0,
+        Connect {
+            properties: ConnectProperties {
+                request_response_information: Some(true),
+                ..ConnectProperties::default()
+            },
+            ..connect(V5, long_id, true)
+        },
+    );
+    assert_eq!(connack.reason, ReasonCode::SUCCESS);
+    assert_eq!(connack.properties.response_information, None);
+}
+
+#[test]
 fn protocol_errors_name_the_rule_and_response_information_is_given_on_request() {
     let mut node = Node::new(1, Limits::default());
     let connack = node.connect(
