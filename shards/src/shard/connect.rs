@@ -389,6 +389,10 @@ impl Shard {
         let session = self.sessions[index as usize]
             .as_mut()
             .expect("live session");
+        // A PUBLISH now larger than the client's Maximum Packet Size (it came back with a
+        // smaller one) is not sent [MQTT-3.1.2-24]; it counts as delivered, as a new delivery
+        // would, rather than holding a place in the window for ever.
+        let mut refused: Vec<u16> = Vec::new();
         for entry in &session.inflight {
             let packet = match entry.state {
                 InflightState::Published => Packet::Publish(publish_packet(
@@ -402,7 +406,16 @@ impl Shard {
                 InflightState::Released => Packet::PubRel(PubAck::new(entry.packet_id)),
             };
             // Owed: a resend goes even past the unsent bound (the window bounds it).
-            let _ = connection.write(&packet, Priority::Owed, &mut self.outbox);
+            let written = connection.write(&packet, Priority::Owed, &mut self.outbox);
+            if written == Write::TooLarge && entry.state == InflightState::Published {
+                refused.push(entry.packet_id);
+            }
+        }
+        if !refused.is_empty() {
+            session
+                .inflight
+                .retain(|entry| !refused.contains(&entry.packet_id));
+            session.inflight_resumed_count = session.inflight.len();
         }
     }
 }

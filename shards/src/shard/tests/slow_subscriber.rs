@@ -203,6 +203,46 @@ fn publish_larger_than_the_clients_maximum_is_dropped_and_counted() {
 }
 
 #[test]
+fn an_inflight_publish_too_large_for_the_resumed_client_counts_as_delivered() {
+    let mut node = Node::new(1, Limits::default());
+    node.connect(1, 0, v5_persistent("shrinks", 3600));
+    node.send(1, &subscribe(1, "s", QoS::AtLeastOnce));
+    node.take(1);
+    node.connect(2, 0, connect(V5, "sender", true));
+    node.send(2, &publish("s", QoS::AtLeastOnce, 1, &[7; 100]));
+    assert_eq!(
+        publishes_in(&node.take(1)).len(),
+        1,
+        "in flight, never acknowledged"
+    );
+    node.lose(1);
+    // Back with a maximum that the in-flight PUBLISH no longer fits.
+    let connack = node.connect(
+        3,
+        0,
+        Connect {
+            properties: ConnectProperties {
+                session_expiry_interval: Some(3600),
+                maximum_packet_size: Some(60),
+                ..ConnectProperties::default()
+            },
+            ..connect(V5, "shrinks", false)
+        },
+    );
+    assert!(connack.session_present);
+    assert!(
+        publishes_in(&node.take(3)).is_empty(),
+        "too large: not resent"
+    );
+    assert_eq!(node.shards[0].dropped_too_large_count(), 1);
+    // Its place in the window is free again: the next message goes out.
+    node.send(2, &publish("s", QoS::AtLeastOnce, 2, b"fits"));
+    assert_eq!(payloads(&node.take(3)), [(&b"fits"[..], QoS::AtLeastOnce)]);
+    let index = node.shards[0].client_ids["shrinks"];
+    assert_eq!(node.shards[0].session(index).inflight.len(), 1);
+}
+
+#[test]
 #[should_panic(expected = "holds a QoS 0 message back while connected")]
 fn check_invariants_catches_a_qos0_message_held_back() {
     let mut node = stalled_subscriber(slow_limits(), QoS::AtMostOnce);
