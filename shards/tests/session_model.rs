@@ -261,7 +261,14 @@ impl Model {
             u32::MAX
         }
         .min(SESSION_EXPIRY_SECONDS_MAX);
-        if clean_start {
+        // A session with expiry 0 ends with its network connection, which a takeover
+        // closes [MQTT-3.1.2-23]; clean start ends any session.
+        if clean_start
+            || self
+                .sessions
+                .get(&client)
+                .is_some_and(|s| s.connected && s.expiry_seconds == 0)
+        {
             self.sessions.remove(&client);
         }
         let session_present = self.sessions.contains_key(&client);

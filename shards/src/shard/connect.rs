@@ -184,10 +184,14 @@ impl Shard {
     }
 
     /// Whether this CONNECT would create a persistent session past the shard's quota. A
-    /// client with a session here replaces or resumes it, which adds none.
+    /// client with a persistent session here replaces or resumes it, which adds none; one
+    /// whose session has expiry 0 gets a new session (it ends with the connection taken over).
     pub(super) fn persistent_quota_refuses(&self, client_id: &str, expiry_seconds: u32) -> bool {
         expiry_seconds > 0
-            && !self.client_ids.contains_key(client_id)
+            && !self
+                .client_ids
+                .get(client_id)
+                .is_some_and(|&index| self.session(index).expiry_seconds > 0)
             && self.persistent_sessions >= self.config.limits.persistent_sessions_per_shard_max
     }
 
@@ -203,6 +207,16 @@ impl Shard {
     ) -> (SessionIndex, bool) {
         if let Some(index) = self.client_ids.get(client_id).copied() {
             self.take_over(index, clean_start);
+            // A session whose expiry is 0 ends with its network connection [MQTT-3.1.2-23];
+            // the takeover closed that connection, so the newcomer gets a new session (and
+            // the persistent-session quota sees a new one).
+            if self
+                .client_ids
+                .get(client_id)
+                .is_some_and(|&index| self.session(index).expiry_seconds == 0)
+            {
+                self.end_session(index);
+            }
         }
         match self.client_ids.get(client_id).copied() {
             Some(index) if !clean_start => (index, true),

@@ -25,12 +25,48 @@ fn persistent_session_queues_while_offline_and_resends_unacknowledged_with_dup()
 }
 
 #[test]
-fn clean_start_discards_the_session_and_takeover_closes_the_old_connection() {
+fn a_session_with_expiry_0_ends_when_taken_over_and_the_persistent_quota_holds() {
+    let limits = Limits {
+        persistent_sessions_per_shard_max: 1,
+        ..Limits::default()
+    };
+    let mut node = Node::new(1, limits);
+    node.connect(1, 0, v5_persistent("holder", 60));
+    // Expiry 0: not persistent, so the full quota does not refuse it.
+    let connack = node.connect(2, 0, connect(V5, "sneak", false));
+    assert_eq!(connack.reason, ReasonCode::SUCCESS);
+    node.send(2, &subscribe(1, "x", QoS::AtMostOnce));
+    node.take(2);
+    // Taking it over ends it (it ends with its connection), so this would be a new
+    // persistent session: past the quota.
+    let connack = node.connect(3, 0, v5_persistent("sneak", 60));
+    assert_eq!(connack.reason, ReasonCode::QUOTA_EXCEEDED);
+    assert!(!connack.session_present);
+    // Without the quota in the way, the newcomer gets a new session, not the old one.
     let mut node = Node::new(1, Limits::default());
-    node.connect(1, 0, connect(V5, "dup", false));
+    node.connect(1, 0, connect(V5, "sneak", false));
     node.send(1, &subscribe(1, "x", QoS::AtMostOnce));
     node.take(1);
-    let connack = node.connect(2, 0, connect(V5, "dup", false));
+    let connack = node.connect(2, 0, v5_persistent("sneak", 60));
+    assert!(
+        !connack.session_present,
+        "the expiry-0 session ended with its connection"
+    );
+    node.connect(4, 0, connect(V5, "pub", true));
+    node.send(4, &publish("x", QoS::AtMostOnce, 0, b"gone"));
+    assert!(
+        payloads(&node.take(2)).is_empty(),
+        "its subscription ended with it"
+    );
+}
+
+#[test]
+fn clean_start_discards_the_session_and_takeover_closes_the_old_connection() {
+    let mut node = Node::new(1, Limits::default());
+    node.connect(1, 0, v5_persistent("dup", 60));
+    node.send(1, &subscribe(1, "x", QoS::AtMostOnce));
+    node.take(1);
+    let connack = node.connect(2, 0, v5_persistent("dup", 60));
     assert!(connack.session_present);
     assert!(
         matches!(node.take(1).as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::SESSION_TAKEN_OVER)
