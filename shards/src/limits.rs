@@ -77,9 +77,11 @@ pub struct Limits {
     pub retained_per_subscribe_max: usize,
     /// Topics in the retained store (which every shard holds). A retained PUBLISH for a new
     /// topic past it is refused: PUBACK / PUBREC 0x97 (Quota exceeded) for 5.0 QoS 1 and 2,
-    /// a counted drop otherwise. Replacing or clearing a held topic is always allowed.
+    /// a counted drop otherwise. Clearing a held topic is always allowed; replacing it is,
+    /// while the store stays within `retained_bytes_max`.
     pub retained_messages_max: usize,
-    /// Bytes (topic and payload) in the retained store; past it, as `retained_messages_max`.
+    /// Bytes in the retained store (topic, payload and variable-length properties of each
+    /// message); past it, as `retained_messages_max`.
     pub retained_bytes_max: usize,
     /// Persistent sessions (session expiry above 0, with or without a connection) one shard
     /// keeps; every offline session is one, so this bounds them. A CONNECT that would create

@@ -7,8 +7,8 @@
 //! The messages are kept in topic order (a B-tree), so that what reaches a client or a snapshot
 //! comes in the same order in every process, and no hash that chosen topics could flood.
 //!
-//! Invariants: at most `count_max` topics and `bytes_max` bytes (topic and payload of each
-//! message, [`stored_size`]) are held; `bytes` is the sum of the stored sizes. A message for a
+//! Invariants: at most `count_max` topics and `bytes_max` bytes (topic, payload and
+//! variable-length properties of each message, [`stored_size`]) are held; `bytes` is the sum of the stored sizes. A message for a
 //! topic already held replaces it if the store stays within `bytes_max`; a new topic past
 //! either limit is refused (the caller counts the drop).
 //!
@@ -21,7 +21,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use std::collections::BTreeMap;
 
-use shardmq_net::mqtt::topic;
+use shardmq_net::mqtt::{PublishProperties, topic};
 
 use crate::message::Message;
 
@@ -54,10 +54,34 @@ pub enum Stored {
     Refused,
 }
 
-/// The bytes a retained message counts against `bytes_max`: its topic and its payload (the
-/// properties are small next to them, and bounded by the packet size).
-pub fn stored_size(topic: &str, payload: &[u8]) -> usize {
-    topic.len().saturating_add(payload.len())
+/// The bytes a retained message counts against `bytes_max`: its topic, its payload and every
+/// variable-length property (user properties, correlation data, response topic, content
+/// type, with a few bytes of overhead each), so that a message of one payload byte and a
+/// megabyte of user properties counts as the megabyte it holds.
+pub fn stored_size(topic: &str, payload: &[u8], properties: &PublishProperties) -> usize {
+    const FIELD_OVERHEAD: usize = 4;
+    let field = |length: usize| length.saturating_add(FIELD_OVERHEAD);
+    let optional = |value: Option<usize>| value.map_or(0, field);
+    let user: usize = properties
+        .user_properties
+        .iter()
+        .map(|(key, value)| field(key.len()).saturating_add(field(value.len())))
+        .fold(0, usize::saturating_add);
+    topic
+        .len()
+        .saturating_add(payload.len())
+        .saturating_add(optional(
+            properties.response_topic.as_ref().map(|t| t.len()),
+        ))
+        .saturating_add(optional(
+            properties.correlation_data.as_ref().map(|d| d.len()),
+        ))
+        .saturating_add(optional(properties.content_type.as_ref().map(|t| t.len())))
+        .saturating_add(user)
+}
+
+fn message_size(message: &Message) -> usize {
+    stored_size(&message.topic, &message.payload, &message.properties)
 }
 
 impl Retained {
@@ -73,18 +97,16 @@ impl Retained {
     }
 
     /// Whether `store` would keep (or remove) a message of this topic and payload now.
-    pub fn admits(&self, topic: &str, payload: &[u8]) -> bool {
+    pub fn admits(&self, topic: &str, payload: &[u8], properties: &PublishProperties) -> bool {
         if payload.is_empty() {
             return true;
         }
-        let held = self
-            .messages
-            .get(topic)
-            .map(|old| stored_size(&old.topic, &old.payload));
+        let held = self.messages.get(topic).map(message_size);
         if held.is_none() && self.messages.len() >= self.count_max {
             return false;
         }
-        let after = (self.bytes - held.unwrap_or(0)).saturating_add(stored_size(topic, payload));
+        let after = (self.bytes - held.unwrap_or(0))
+            .saturating_add(stored_size(topic, payload, properties));
         after <= self.bytes_max
     }
 
@@ -93,17 +115,17 @@ impl Retained {
     pub fn store(&mut self, message: Message) -> Stored {
         if message.payload.is_empty() {
             if let Some(old) = self.messages.remove(&message.topic) {
-                self.bytes -= stored_size(&old.topic, &old.payload);
+                self.bytes -= message_size(&old);
             }
             return Stored::Removed;
         }
-        if !self.admits(&message.topic, &message.payload) {
+        if !self.admits(&message.topic, &message.payload, &message.properties) {
             self.count_refusal();
             return Stored::Refused;
         }
-        self.bytes += stored_size(&message.topic, &message.payload);
+        self.bytes += message_size(&message);
         if let Some(old) = self.messages.insert(message.topic.clone(), message) {
-            self.bytes -= stored_size(&old.topic, &old.payload);
+            self.bytes -= message_size(&old);
         }
         Stored::Kept
     }
@@ -139,18 +161,14 @@ impl Retained {
         self.messages.is_empty()
     }
 
-    /// The bytes held (topic and payload of every message).
+    /// The bytes held ([`stored_size`] of every message).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// Checks the byte count against the messages and the limits; panics naming the rule.
     pub fn check_invariants(&self) {
-        let bytes: usize = self
-            .messages
-            .values()
-            .map(|message| stored_size(&message.topic, &message.payload))
-            .sum();
+        let bytes: usize = self.messages.values().map(message_size).sum();
         assert_eq!(
             bytes, self.bytes,
             "the retained byte count is the sum of the messages"
@@ -248,6 +266,20 @@ mod tests {
         assert_eq!(retained.store(message("t", b"1")), Stored::Kept);
         assert_eq!(retained.store(message("u", b"1")), Stored::Kept);
         assert_eq!(retained.bytes(), 4);
+        retained.check_invariants();
+    }
+
+    #[test]
+    fn the_byte_limit_counts_user_properties_and_other_variable_properties() {
+        let mut retained = Retained::new(100, 1_000);
+        let mut heavy = message("t", b"1");
+        heavy.properties.user_properties =
+            vec![(ByteString::from("k"), ByteString::from("v".repeat(2_000)))];
+        assert_eq!(retained.store(heavy), Stored::Refused, "2 KB of properties");
+        let mut light = message("t", b"1");
+        light.properties.correlation_data = Some(Bytes::from_static(&[0; 100]));
+        assert_eq!(retained.store(light), Stored::Kept);
+        assert_eq!(retained.bytes(), 1 + 1 + 100 + 4);
         retained.check_invariants();
     }
 

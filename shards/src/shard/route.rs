@@ -47,7 +47,9 @@ impl Shard {
         publish: &Publish,
     ) -> bool {
         if !publish.retain
-            || self.retained.admits(&publish.topic, &publish.payload)
+            || self
+                .retained
+                .admits(&publish.topic, &publish.payload, &publish.properties)
             || (publish.qos == QoS::ExactlyOnce
                 && self
                     .session(index)
