@@ -203,6 +203,35 @@ fn publish_larger_than_the_clients_maximum_is_dropped_and_counted() {
 }
 
 #[test]
+fn a_client_that_sends_requests_and_never_reads_the_replies_is_ended_at_twice_the_bound() {
+    let mut node = Node::new(1, slow_limits());
+    node.connect(1, 0, connect(V5, "pinger", true));
+    node.take(1);
+    node.stall(1);
+    // Each PINGRESP is 2 bytes: 1,000 of them reach twice the 1,000-byte bound.
+    let mut pings = BytesMut::new();
+    for _ in 0..2_000 {
+        pings.extend_from_slice(&[0xC0, 0x00]);
+    }
+    node.run(
+        0,
+        Input::Received {
+            connection: 1,
+            bytes: pings.freeze(),
+        },
+    );
+    let got = node.take(1);
+    let pongs = got.iter().filter(|p| matches!(p, Packet::PingResp)).count();
+    assert_eq!(pongs, 1_000, "replies go until the hard bound");
+    assert!(
+        matches!(got.last(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::QUOTA_EXCEEDED),
+        "{:?}",
+        got.last()
+    );
+    assert!(node.closed.contains(&1));
+}
+
+#[test]
 fn an_inflight_publish_too_large_for_the_resumed_client_counts_as_delivered() {
     let mut node = Node::new(1, Limits::default());
     node.connect(1, 0, v5_persistent("shrinks", 3600));
