@@ -188,10 +188,10 @@ impl Shard {
     /// whose session has expiry 0 gets a new session (it ends with the connection taken over).
     pub(super) fn persistent_quota_refuses(&self, client_id: &str, expiry_seconds: u32) -> bool {
         expiry_seconds > 0
-            && !self
+            && self
                 .client_ids
                 .get(client_id)
-                .is_some_and(|&index| self.session(index).expiry_seconds > 0)
+                .is_none_or(|&index| self.session(index).expiry_seconds == 0)
             && self.persistent_sessions >= self.config.limits.persistent_sessions_per_shard_max
     }
 
