@@ -136,7 +136,14 @@ struct AppState {
     mailboxes: Shared,
     health: Arc<Health>,
     settings: Arc<Settings>,
+    /// The last answer to "is the node a member?", and when it was had: readiness probes
+    /// need no token, so a flood of them must not reach shard 0 more than once per
+    /// [`MEMBERSHIP_ANSWER_TTL`] (the lock also makes concurrent probes share one question).
+    membership: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Result<bool, String>)>>>,
 }
+
+/// How long a readiness probe's membership answer is reused.
+const MEMBERSHIP_ANSWER_TTL: Duration = Duration::from_millis(500);
 
 /// The longest request header section read, in bytes: admin requests are small.
 const HEADER_SIZE_MAX: usize = 16 * 1024;
@@ -377,19 +384,33 @@ async fn ready(State(state): State<AppState>) -> Response {
         return not_ready(format!("shards {stalled:?} are stalled"));
     }
     if state.settings.clustered {
-        let status = match ask(&state.mailboxes, READY_ASK_TIMEOUT, Control::Status).await {
-            Ok(status) => status,
-            Err((_, message)) => return not_ready(message),
-        };
-        let member = match status["role"].as_str() {
-            Some("core") => status["raft"]["leader"].is_u64(),
-            _ => status["following"].is_object(),
-        };
-        if !member {
-            return not_ready("not a member of the cluster yet".into());
+        match membership(&state).await {
+            Ok(true) => {}
+            Ok(false) => return not_ready("not a member of the cluster yet".into()),
+            Err(message) => return not_ready(message),
         }
     }
     Json(json!({ "ready": true })).into_response()
+}
+
+/// Whether the node is a member of its cluster (a core knows its Raft leader, an edge
+/// follows a core), asked of shard 0 at most once per [`MEMBERSHIP_ANSWER_TTL`].
+async fn membership(state: &AppState) -> Result<bool, String> {
+    let mut last = state.membership.lock().await;
+    if let Some((at, answer)) = last.as_ref()
+        && at.elapsed() < MEMBERSHIP_ANSWER_TTL
+    {
+        return answer.clone();
+    }
+    let answer = match ask(&state.mailboxes, READY_ASK_TIMEOUT, Control::Status).await {
+        Ok(status) => Ok(match status["role"].as_str() {
+            Some("core") => status["raft"]["leader"].is_u64(),
+            _ => status["following"].is_object(),
+        }),
+        Err((_, message)) => Err(message),
+    };
+    *last = Some((tokio::time::Instant::now(), answer.clone()));
+    answer
 }
 
 async fn status(State(state): State<AppState>) -> Response {
@@ -562,6 +583,7 @@ pub fn start(settings: Settings, mailboxes: Shared, health: Arc<Health>) -> Resu
                     mailboxes,
                     health,
                     settings: settings.clone(),
+                    membership: Arc::default(),
                 });
                 info!(%address, "admin endpoint serving");
                 serve(listener, app, settings).await;
