@@ -139,8 +139,11 @@ struct AppState {
     /// The last answer to "is the node a member?", and when it was had: readiness probes
     /// need no token, so a flood of them must not reach shard 0 more than once per
     /// [`MEMBERSHIP_ANSWER_TTL`] (the lock also makes concurrent probes share one question).
-    membership: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Result<bool, String>)>>>,
+    membership: Arc<tokio::sync::Mutex<Option<MembershipAnswer>>>,
 }
+
+/// When shard 0 said whether the node is a member, and what it said.
+type MembershipAnswer = (tokio::time::Instant, Result<bool, String>);
 
 /// How long a readiness probe's membership answer is reused.
 const MEMBERSHIP_ANSWER_TTL: Duration = Duration::from_millis(500);
