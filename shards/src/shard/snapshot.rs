@@ -114,12 +114,11 @@ impl Shard {
             expiry_seconds,
             limits.inflight_per_session_max,
         );
+        // Packet identifiers seen, so that the check is O(log n) an entry: a handover from a
+        // peer can name up to 65,535 of them.
+        let mut seen = std::collections::BTreeSet::new();
         for entry in saved.inflight {
-            if session
-                .inflight
-                .iter()
-                .any(|held| held.packet_id == entry.packet_id)
-            {
+            if !seen.insert(entry.packet_id) {
                 // Two entries of one identifier: an acknowledgement could end only one, and
                 // the invariants (and the client) expect identifiers to be unique.
                 warn!(client_id = %quote(&session.client_id), packet_id = entry.packet_id, "a saved session names an in-flight packet identifier twice: the first is kept");

@@ -293,6 +293,16 @@ impl Shard {
             warn!(client_id = %quote(&saved.client_id), node = from, "a session handed over after its takeover timed out, while the client has a newer one here: dropped");
             return;
         }
+        // A handover nobody here asked for must still be one this shard would hold: its
+        // client identifier's own, and within the persistent-session quota.
+        if owner_shard(&saved.client_id, self.config.shard_count) != self.config.index {
+            warn!(client_id = %quote(&saved.client_id), node = from, "a session handed over to a shard that does not own its client identifier: dropped");
+            return;
+        }
+        if self.persistent_quota_refuses(&saved.client_id, saved.expiry_seconds) {
+            warn!(client_id = %quote(&saved.client_id), node = from, "a late handed-over session would pass the persistent-session quota: dropped");
+            return;
+        }
         warn!(client_id = %quote(&saved.client_id), node = from, "a session handed over after its takeover timed out: kept offline");
         self.restore_session(saved);
     }
@@ -341,6 +351,10 @@ impl Shard {
         if let Some(saved) = pending.session {
             if self.client_ids.contains_key(client_id) {
                 warn!(client_id = %quote(client_id), "a session was handed over while one is here too: the one here is kept");
+            } else if self.persistent_quota_refuses(client_id, saved.expiry_seconds) {
+                // The CONNECT that claimed it is then refused by the quota (0x97), as it
+                // would be for a new persistent session.
+                warn!(client_id = %quote(client_id), "a handed-over session would pass the persistent-session quota: dropped");
             } else {
                 // Offline until accepted; its expiry timer is of no account once it is.
                 self.restore_session(saved);

@@ -447,3 +447,56 @@ fn a_reason_string_quotes_at_most_a_short_prefix_of_a_topic() {
     assert!(why.len() < 100, "a short reason string: {why}");
     assert!(why.contains("a/b/c/xxx") && why.contains("..."), "{why}");
 }
+
+/// An unsolicited Handover (no claim of ours waits for it) as a peer node would send it.
+fn late_handover(client_id: &'static str, expiry_seconds: u32) -> Input {
+    let saved = crate::snapshot::SavedSession {
+        client_id: ByteString::from_static(client_id),
+        version: V5,
+        expiry_seconds,
+        subscriptions: Vec::new(),
+        inflight: Vec::new(),
+        queue: Vec::new(),
+    };
+    Input::Shard(ShardMessage::Session {
+        node: 2,
+        transfer: SessionTransfer::Handover {
+            client_id: ByteString::from_static(client_id),
+            shard: 0,
+            claim: 999,
+            session: Some(Bytes::from(crate::snapshot::encode(
+                &[crate::snapshot::Record::Session(saved)],
+                0,
+            ))),
+        },
+    })
+}
+
+#[test]
+fn an_unsolicited_handover_is_kept_only_by_its_owner_shard_within_the_quota() {
+    let limits = Limits {
+        persistent_sessions_per_shard_max: 1,
+        ..Limits::default()
+    };
+    let mut node = Node::new(2, limits);
+    // Client identifiers owned by shard 0 and by shard 1.
+    let ids: Vec<&'static str> = ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .into_iter()
+        .collect();
+    let on = |shard: u16| {
+        ids.iter()
+            .copied()
+            .filter(|id| owner_shard(id, 2) == shard)
+            .collect::<Vec<_>>()
+    };
+    let (zero, one) = (on(0), on(1));
+    assert!(zero.len() >= 2 && !one.is_empty());
+    // A session for shard 1's client sent to shard 0: not its own, dropped.
+    node.run(0, late_handover(one[0], 60));
+    assert_eq!(node.shards[0].session_count(), 0);
+    // Its own client: kept, up to the quota.
+    node.run(0, late_handover(zero[0], 60));
+    assert_eq!(node.shards[0].session_count(), 1);
+    node.run(0, late_handover(zero[1], 60));
+    assert_eq!(node.shards[0].session_count(), 1, "past the quota: dropped");
+}
