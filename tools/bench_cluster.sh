@@ -27,8 +27,16 @@ shards=${4:-${SHARDMQ_BENCH_SHARDS:-1}}
 base=${SHARDMQ_BENCH_BASE_PORT:-19000}
 export SHARDMQ_CLUSTER_DIR=${SHARDMQ_CLUSTER_DIR:-/tmp/shardmq-bench-cluster}
 
-cargo build --release -p shardmq -p shardmq-bench --quiet
-bench="$top/target/release/shardmq-bench"
+# SHARDMQ_BENCH_BIN=DIR runs the shardmq and shardmq-bench binaries in DIR (say, copies of an
+# earlier build, for a before/after comparison) instead of building target/release.
+if [ -n "${SHARDMQ_BENCH_BIN:-}" ]; then
+    bench="$SHARDMQ_BENCH_BIN/shardmq-bench"
+    export SHARDMQ_BINARY="$SHARDMQ_BENCH_BIN/shardmq"
+else
+    cargo build --release -p shardmq -p shardmq-bench --quiet
+    bench="$top/target/release/shardmq-bench"
+    export SHARDMQ_BINARY="$top/target/release/shardmq"
+fi
 "$top/tools/cluster.sh" down >/dev/null 2>&1 || true
 "$top/tools/cluster.sh" up --cores 1 --edges 1 --base-port "$base" --shards "$shards" >/dev/null
 trap '"$top/tools/cluster.sh" down >/dev/null 2>&1 || true' EXIT
@@ -72,7 +80,7 @@ echo "connect rate, 19,000 clients (the generator reports to 0.1 s):"
 standalone_port=$((base + 50))
 standalone_config=$(mktemp)
 printf '[admin]\nlisten = ""\n' >"$standalone_config"
-"$top/target/release/shardmq" serve --shards "$shards" --listen "127.0.0.1:$standalone_port" \
+"$SHARDMQ_BINARY" serve --shards "$shards" --listen "127.0.0.1:$standalone_port" \
     --config "$standalone_config" >/dev/null 2>&1 &
 standalone=$!
 trap 'kill $standalone 2>/dev/null || true; "$top/tools/cluster.sh" down >/dev/null 2>&1 || true' EXIT

@@ -31,15 +31,30 @@ use tracing::{debug, info, warn};
 use buffers::{BUFFER_GROUP, BufferRing};
 
 /// A connection's name: reactor index, slot and generation, so that a completion for a slot's
-/// earlier occupant is recognised and ignored.
+/// earlier occupant is recognised and ignored, and whether it is a side connection
+/// ([`is_side`]).
 pub type ConnectionId = u64;
 
-fn connection_id(reactor: u16, slot: u32, generation: u32) -> ConnectionId {
-    (u64::from(reactor) << 48) | (u64::from(generation & 0xFFFF) << 32) | u64::from(slot)
+/// The bit of a [`ConnectionId`] that marks a side connection: accepted on the side listener,
+/// dialled with [`Actions::connect`], or handed over from another reactor that held it as one.
+/// Slots stay far below 2^31 (each is an open socket), so the bit never collides with one.
+const SIDE_BIT: u64 = 1 << 31;
+
+fn connection_id(reactor: u16, slot: u32, generation: u32, side: bool) -> ConnectionId {
+    debug_assert!(u64::from(slot) < SIDE_BIT, "connection slot out of range");
+    let side = if side { SIDE_BIT } else { 0 };
+    (u64::from(reactor) << 48) | (u64::from(generation & 0xFFFF) << 32) | side | u64::from(slot)
 }
 
 fn slot_of(id: ConnectionId) -> u32 {
-    id as u32
+    (id & (SIDE_BIT - 1)) as u32
+}
+
+/// Whether `id` names a side connection (for the broker, a cluster link) rather than one
+/// accepted on a main listener, so that a handler tells the two apart on every event without
+/// a lookup.
+pub fn is_side(id: ConnectionId) -> bool {
+    id & SIDE_BIT != 0
 }
 
 /// What happened, told to the handler.
@@ -48,9 +63,11 @@ pub enum Event<M> {
     /// A connection accepted on a main listener, or handed over by another reactor.
     Opened(ConnectionId),
     /// A connection accepted on the side listener ([`ReactorConfig::side_listen`]; for the
-    /// broker, its cluster port).
+    /// broker, its cluster port), or a side connection handed over by another reactor. Its
+    /// id is a side one ([`is_side`]).
     OpenedSide(ConnectionId),
-    /// An outbound connection asked for with [`Actions::connect`] is established.
+    /// An outbound connection asked for with [`Actions::connect`] is established; its id is
+    /// a side one ([`is_side`]).
     Connected(ConnectionId, u64),
     /// An outbound connection failed; the tag says which.
     ConnectFailed(u64, io::Error),
@@ -124,7 +141,12 @@ pub trait Handler {
 
 enum Envelope<M> {
     Message(M),
-    Connection { fd: OwnedFd, bytes: Bytes },
+    /// A handed-over socket, the bytes received so far, and whether it is a side connection.
+    Connection {
+        fd: OwnedFd,
+        bytes: Bytes,
+        side: bool,
+    },
 }
 
 /// The queues and wakeups between the reactors of one process.
@@ -300,6 +322,8 @@ struct Connection {
     fd: RawFd,
     generation: u32,
     receiving: bool,
+    /// A side connection ([`is_side`]): kept when it is handed over.
+    side: bool,
     send_queue: SendQueue,
     send_offset: usize,
     sending: bool,
@@ -524,17 +548,17 @@ impl<H: Handler> Reactor<H> {
         self.push(entry);
     }
 
-    fn add_connection(&mut self, fd: RawFd) -> ConnectionId {
-        let slot = self.allocate_slot(fd, ConnectionState::Open);
+    fn add_connection(&mut self, fd: RawFd, side: bool) -> ConnectionId {
+        let slot = self.allocate_slot(fd, ConnectionState::Open, side);
         self.arm_recv(slot);
         let generation = self.connections[slot as usize]
             .as_ref()
             .expect("live")
             .generation;
-        connection_id(self.config.index, slot, generation)
+        connection_id(self.config.index, slot, generation, side)
     }
 
-    fn allocate_slot(&mut self, fd: RawFd, state: ConnectionState) -> u32 {
+    fn allocate_slot(&mut self, fd: RawFd, state: ConnectionState, side: bool) -> u32 {
         // SAFETY: `fd` is an open socket owned by the reactor for the duration of this call.
         let _ = socket2::SockRef::from(&unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
             .set_tcp_nodelay(true);
@@ -551,6 +575,7 @@ impl<H: Handler> Reactor<H> {
             fd,
             generation,
             receiving: false,
+            side,
             send_queue: SendQueue::default(),
             send_offset: 0,
             sending: false,
@@ -592,7 +617,7 @@ impl<H: Handler> Reactor<H> {
         let fd = socket.into_raw_fd();
         let address = Box::new(socket2::SockAddr::from(address));
         let (pointer, length) = (address.as_ptr(), address.len());
-        let slot = self.allocate_slot(fd, ConnectionState::Connecting { tag, address });
+        let slot = self.allocate_slot(fd, ConnectionState::Connecting { tag, address }, true);
         let generation = self.connections[slot as usize]
             .as_ref()
             .expect("live")
@@ -631,7 +656,7 @@ impl<H: Handler> Reactor<H> {
             return;
         }
         connection.state = ConnectionState::Open;
-        let id = connection_id(self.config.index, slot, connection.generation);
+        let id = connection_id(self.config.index, slot, connection.generation, true);
         self.arm_recv(slot);
         self.handler.event(now_ms, Event::Connected(id, tag));
     }
@@ -768,11 +793,13 @@ impl<H: Handler> Reactor<H> {
         match kind {
             KIND_ACCEPT => {
                 if result >= 0 {
-                    let id = self.add_connection(result);
-                    if (slot as usize) < self.config.listen.len() {
-                        self.handler.event(now_ms, Event::Opened(id));
-                    } else {
+                    // Listeners after the main ones are the side listener.
+                    let side = (slot as usize) >= self.config.listen.len();
+                    let id = self.add_connection(result, side);
+                    if side {
                         self.handler.event(now_ms, Event::OpenedSide(id));
+                    } else {
+                        self.handler.event(now_ms, Event::Opened(id));
                     }
                 } else if matches!(
                     -result,
@@ -832,8 +859,8 @@ impl<H: Handler> Reactor<H> {
             return returned;
         }
         let more = cqueue::more(flags);
-        let id = connection_id(self.config.index, slot, generation);
         let connection = self.connections[slot as usize].as_mut().expect("live");
+        let id = connection_id(self.config.index, slot, generation, connection.side);
         if !more {
             connection.receiving = false;
         }
@@ -937,7 +964,12 @@ impl<H: Handler> Reactor<H> {
             return;
         }
         let connection = self.connections[slot as usize].take().expect("live");
-        let id = connection_id(self.config.index, slot, connection.generation);
+        let id = connection_id(
+            self.config.index,
+            slot,
+            connection.generation,
+            connection.side,
+        );
         self.generations[slot as usize] = connection.generation.wrapping_add(1);
         self.free_slots.push(slot);
         // SAFETY: the descriptor is ours and nothing in the ring refers to it any more.
@@ -949,6 +981,7 @@ impl<H: Handler> Reactor<H> {
                     Envelope::Connection {
                         fd,
                         bytes: bytes.freeze(),
+                        side: connection.side,
                     },
                 );
             }
@@ -989,9 +1022,13 @@ impl<H: Handler> Reactor<H> {
             };
             match envelope {
                 Envelope::Message(message) => self.handler.event(now_ms, Event::Message(message)),
-                Envelope::Connection { fd, bytes } => {
-                    let id = self.add_connection(fd.into_raw_fd());
-                    self.handler.event(now_ms, Event::Opened(id));
+                Envelope::Connection { fd, bytes, side } => {
+                    let id = self.add_connection(fd.into_raw_fd(), side);
+                    if side {
+                        self.handler.event(now_ms, Event::OpenedSide(id));
+                    } else {
+                        self.handler.event(now_ms, Event::Opened(id));
+                    }
                     if !bytes.is_empty() {
                         self.handler.event(now_ms, Event::Received(id, bytes));
                     }
@@ -1076,6 +1113,22 @@ impl<H: Handler> Reactor<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_id_keeps_its_kind_apart_from_its_slot_and_generation() {
+        for side in [false, true] {
+            let id = connection_id(3, 0x7FFF_FFFF, 0x1_2345, side);
+            assert_eq!(is_side(id), side);
+            assert_eq!(slot_of(id), 0x7FFF_FFFF);
+            assert_eq!(
+                (id >> 32) & 0xFFFF,
+                0x2345,
+                "the generation keeps its 16 bits"
+            );
+            assert_eq!((id >> 48) as u16, 3);
+        }
+        assert_ne!(connection_id(0, 5, 1, false), connection_id(0, 5, 1, true));
+    }
 
     #[test]
     fn send_queue_keeps_order_merges_after_a_partial_send_and_frees_its_spill() {

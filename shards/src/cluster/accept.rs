@@ -1,0 +1,170 @@
+//! A connection on the cluster port before a link holds it: which shard serves it.
+//!
+//! Only reactor 0 listens on the cluster port, but a data link's traffic belongs on the shard
+//! that does its work: the data link from sending shard `k` of a node is served by shard
+//! `k % shard_count` here, so that the matching and delivery of inbound forwarded messages is
+//! spread over the shards as it is over the senders, instead of funnelling through shard 0.
+//! So a new connection first waits for its first frame; a `Hello` of a data link for another
+//! shard is handed, socket and every byte received, to that shard's reactor, which runs the
+//! handshake itself (as a client's CONNECT is handed to the shard owning its identifier).
+//! Anything else (a control link, a data link for this shard, a frame that is not a `Hello`,
+//! bytes that do not frame) becomes a [`Link`] here at once, whose handshake answers or
+//! refuses it.
+//!
+//! Owns: the connections waiting for their first frame, each with at most one handshake-sized
+//! frame of bytes ([`HANDSHAKE_BODY_LEN_MAX`] plus its header, and what came in the same
+//! read), and the time it was accepted.
+//! Never: answers a peer before a `Link` holds the connection, trusts the `Hello` beyond
+//! choosing a shard (any shard number maps to one of ours, and that shard's handshake
+//! authenticates the peer), or keeps a connection past [`HANDSHAKE_TIMEOUT_MS`].
+
+use bytes::{Bytes, BytesMut};
+use shardmq_net::frame::handshake::HANDSHAKE_BODY_LEN_MAX;
+use shardmq_net::frame::{Body, Decoder, Purpose};
+use tracing::{debug, warn};
+
+use super::link::{self, HANDSHAKE_TIMEOUT_MS};
+use super::{Link, NodeOutput, NodeShard};
+use crate::message::{ConnectionId, ShardIndex};
+
+/// An accepted connection waiting for its first frame.
+#[derive(Debug)]
+pub(super) struct Accepting {
+    decoder: Decoder,
+    /// Every byte received, for the link or the shard that takes the connection.
+    received: BytesMut,
+    pub(super) opened_ms: u64,
+}
+
+/// What the first frame says about a connection.
+enum Verdict {
+    /// More bytes are needed.
+    Wait,
+    /// A link on this shard takes it (and its bytes).
+    Here,
+    /// Hand it to this shard.
+    To(ShardIndex),
+}
+
+impl Accepting {
+    fn verdict(&mut self, index: ShardIndex, shard_count: u16) -> Verdict {
+        match self.decoder.next_versioned() {
+            Ok(None) => Verdict::Wait,
+            Ok(Some((_, Body::Hello(hello)))) if hello.purpose == Purpose::Data => {
+                let target = hello.shard % shard_count.max(1);
+                if target == index {
+                    Verdict::Here
+                } else {
+                    Verdict::To(target)
+                }
+            }
+            // A control link, another frame or an error: the link's handshake answers it.
+            Ok(Some(_)) | Err(_) => Verdict::Here,
+        }
+    }
+}
+
+impl NodeShard {
+    /// The cluster listener accepted a connection, or another shard handed one to this one.
+    pub(super) fn link_opened(&mut self, connection: ConnectionId) {
+        let now_ms = self.now_ms;
+        let Some(cluster) = &mut self.cluster else {
+            self.scratch.push(NodeOutput::Close { connection });
+            return;
+        };
+        if cluster.pending_links() >= link::PENDING_LINKS_MAX {
+            cluster.refused_pending += 1;
+            if cluster.refused_pending.is_power_of_two() {
+                let refused = cluster.refused_pending;
+                warn!(
+                    refused,
+                    "cluster links in handshake at their limit: new ones closed"
+                );
+            }
+            cluster.io.outputs.push(NodeOutput::Close { connection });
+            return;
+        }
+        let decoder = Decoder::new(
+            cluster.io.settings.link.cluster_id(),
+            HANDSHAKE_BODY_LEN_MAX,
+        );
+        cluster.accepting.insert(
+            connection,
+            Accepting {
+                decoder,
+                received: BytesMut::new(),
+                opened_ms: now_ms,
+            },
+        );
+    }
+
+    /// Bytes for a connection that waits for its first frame.
+    pub(super) fn accepting_received(&mut self, connection: ConnectionId, bytes: &[u8]) {
+        let now_ms = self.now_ms;
+        let (index, shard_count) = (self.index, self.shard_count);
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let Some(accepting) = cluster.accepting.get_mut(&connection) else {
+            return;
+        };
+        accepting.decoder.extend(bytes);
+        accepting.received.extend_from_slice(bytes);
+        let verdict = accepting.verdict(index, shard_count);
+        if matches!(verdict, Verdict::Wait) {
+            return;
+        }
+        let accepting = cluster
+            .accepting
+            .remove(&connection)
+            .expect("looked up above");
+        let received: Bytes = accepting.received.freeze();
+        match verdict {
+            Verdict::Wait => {}
+            Verdict::To(shard) => {
+                debug!(
+                    connection,
+                    shard, "data link handed to the shard that serves it"
+                );
+                cluster.io.outputs.push(NodeOutput::HandOff {
+                    connection,
+                    shard,
+                    bytes: received,
+                });
+            }
+            Verdict::Here => {
+                let nonce = cluster.nonce();
+                let link = Link::accepted(
+                    connection,
+                    &cluster.io.settings.link,
+                    nonce,
+                    accepting.opened_ms.min(now_ms),
+                );
+                cluster.io.links.insert(connection, link);
+                self.link_received(connection, &received);
+            }
+        }
+    }
+
+    /// Closes the accepted connections that sent no whole frame within the handshake time.
+    pub(super) fn expire_accepting(&mut self) {
+        let now_ms = self.now_ms;
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let late: Vec<ConnectionId> = cluster
+            .accepting
+            .iter()
+            .filter(|(_, a)| now_ms >= a.opened_ms.saturating_add(HANDSHAKE_TIMEOUT_MS))
+            .map(|(connection, _)| *connection)
+            .collect();
+        for connection in late {
+            warn!(
+                connection,
+                "cluster link closed: no handshake within {HANDSHAKE_TIMEOUT_MS} ms"
+            );
+            cluster.accepting.remove(&connection);
+            cluster.io.outputs.push(NodeOutput::Close { connection });
+        }
+    }
+}
