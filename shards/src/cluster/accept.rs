@@ -33,7 +33,8 @@ pub(super) struct Accepting {
     decoder: Decoder,
     /// Every byte received, for the link or the shard that takes the connection.
     received: BytesMut,
-    pub(super) opened_ms: u64,
+    opened_ms: u64,
+    last_received_ms: u64,
 }
 
 /// What the first frame says about a connection.
@@ -47,6 +48,14 @@ enum Verdict {
 }
 
 impl Accepting {
+    /// When it must close unless its first frame comes first: silent past the link timeout,
+    /// or the handshake time over (as a link in its handshake, `Link::deadline_ms`).
+    pub(super) fn deadline_ms(&self, link_timeout_ms: u64) -> u64 {
+        self.last_received_ms
+            .saturating_add(link_timeout_ms)
+            .min(self.opened_ms.saturating_add(HANDSHAKE_TIMEOUT_MS))
+    }
+
     fn verdict(&mut self, index: ShardIndex, shard_count: u16) -> Verdict {
         match self.decoder.next_versioned() {
             Ok(None) => Verdict::Wait,
@@ -94,6 +103,7 @@ impl NodeShard {
                 decoder,
                 received: BytesMut::new(),
                 opened_ms: now_ms,
+                last_received_ms: now_ms,
             },
         );
     }
@@ -108,6 +118,7 @@ impl NodeShard {
         let Some(accepting) = cluster.accepting.get_mut(&connection) else {
             return;
         };
+        accepting.last_received_ms = now_ms;
         accepting.decoder.extend(bytes);
         accepting.received.extend_from_slice(bytes);
         let verdict = accepting.verdict(index, shard_count);
@@ -146,23 +157,35 @@ impl NodeShard {
         }
     }
 
-    /// Closes the accepted connections that sent no whole frame within the handshake time.
+    /// Closes the accepted connections that went silent, or sent no whole frame within the
+    /// handshake time.
     pub(super) fn expire_accepting(&mut self) {
         let now_ms = self.now_ms;
         let Some(cluster) = &mut self.cluster else {
             return;
         };
-        let late: Vec<ConnectionId> = cluster
+        let timeout_ms = cluster.io.settings.link_timeout_ms;
+        let late: Vec<(ConnectionId, bool)> = cluster
             .accepting
             .iter()
-            .filter(|(_, a)| now_ms >= a.opened_ms.saturating_add(HANDSHAKE_TIMEOUT_MS))
-            .map(|(connection, _)| *connection)
+            .filter(|(_, a)| now_ms >= a.deadline_ms(timeout_ms))
+            .map(|(connection, a)| {
+                let handshake_over = now_ms >= a.opened_ms.saturating_add(HANDSHAKE_TIMEOUT_MS);
+                (*connection, handshake_over)
+            })
             .collect();
-        for connection in late {
-            warn!(
-                connection,
-                "cluster link closed: no handshake within {HANDSHAKE_TIMEOUT_MS} ms"
-            );
+        for (connection, handshake_over) in late {
+            if handshake_over {
+                warn!(
+                    connection,
+                    "cluster link closed: the link did not finish its handshake within {HANDSHAKE_TIMEOUT_MS} ms"
+                );
+            } else {
+                warn!(
+                    connection,
+                    "cluster link closed: the link was silent past the timeout of {timeout_ms} ms"
+                );
+            }
             cluster.accepting.remove(&connection);
             cluster.io.outputs.push(NodeOutput::Close { connection });
         }

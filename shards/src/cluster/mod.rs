@@ -532,7 +532,7 @@ impl NodeShard {
         let accepting = cluster
             .accepting
             .values()
-            .map(|a| a.opened_ms.saturating_add(link::HANDSHAKE_TIMEOUT_MS));
+            .map(|a| a.deadline_ms(settings.link_timeout_ms));
         let agent = cluster
             .agent
             .as_ref()
