@@ -191,3 +191,144 @@ impl NodeShard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use shardmq_net::frame::{Member, NodeId, Role};
+
+    use super::super::{ClusterSettings, LinkSettings, NodeInput};
+    use super::*;
+    use crate::limits::Limits;
+    use crate::shard::{Shard, ShardConfig, SharedStrategy};
+
+    fn link_settings(node: NodeId) -> LinkSettings {
+        LinkSettings {
+            member: Member {
+                node,
+                role: Role::Core,
+                cluster_address: format!("10.0.0.{node}:7000"),
+                mqtt_address: String::new(),
+                epoch: 0,
+            },
+            cluster_name: "test".into(),
+            cluster_secret: "a long and random test secret".into(),
+            body_len_max: 1 << 20,
+            epoch: 0,
+        }
+    }
+
+    /// Shard `index` of a node with two shards.
+    fn node_shard(index: ShardIndex) -> NodeShard {
+        let shard = Shard::new(ShardConfig {
+            index,
+            shard_count: 2,
+            node: 1,
+            takeover_timeout_ms: 1_000,
+            limits: Limits::default(),
+            shared_strategy: SharedStrategy::RoundRobin,
+        });
+        let settings = ClusterSettings {
+            link: link_settings(1),
+            seeds: Vec::new(),
+            heartbeat_ms: 100,
+            link_timeout_ms: 600,
+            reconnect_ms: 100,
+            down_grace_ms: 1_000,
+            log_entries_max: 100,
+            forward_queue_max: 100,
+            start_ms: 1,
+        };
+        NodeShard::clustered(shard, index, 2, settings, 7, 0)
+    }
+
+    /// The Hello a link from shard `shard` of node 2 opens with.
+    fn hello(purpose: Purpose, shard: u16) -> Bytes {
+        let mut link = Link::connecting(9, &link_settings(2), purpose, shard, 5, [3; 16], 0);
+        link.take_outgoing().expect("a Hello")
+    }
+
+    fn outputs(node: &mut NodeShard) -> Vec<NodeOutput> {
+        let mut outputs = Vec::new();
+        node.take_outputs(&mut outputs);
+        node.check_invariants();
+        outputs
+    }
+
+    #[test]
+    fn a_data_link_from_another_sending_shard_is_handed_to_the_shard_that_serves_it() {
+        let mut node = node_shard(0);
+        let bytes = hello(Purpose::Data, 3);
+        node.handle(1, NodeInput::LinkOpened { connection: 40 });
+        // Half a Hello: nothing is decided, nothing answered.
+        let half = bytes.slice(..bytes.len() / 2);
+        node.handle(
+            2,
+            NodeInput::LinkReceived {
+                connection: 40,
+                bytes: half,
+            },
+        );
+        assert_eq!(outputs(&mut node), []);
+        let rest = bytes.slice(bytes.len() / 2..);
+        node.handle(
+            3,
+            NodeInput::LinkReceived {
+                connection: 40,
+                bytes: rest,
+            },
+        );
+        // Sending shard 3 is served by shard 3 % 2 = 1, with every byte received.
+        assert_eq!(
+            outputs(&mut node),
+            [NodeOutput::HandOff {
+                connection: 40,
+                shard: 1,
+                bytes
+            }]
+        );
+    }
+
+    #[test]
+    fn a_control_link_or_a_data_link_for_this_shard_is_answered_here() {
+        for (purpose, shard) in [(Purpose::Control, 1), (Purpose::Data, 2)] {
+            let mut node = node_shard(0);
+            node.handle(1, NodeInput::LinkOpened { connection: 40 });
+            let bytes = hello(purpose, shard);
+            node.handle(
+                2,
+                NodeInput::LinkReceived {
+                    connection: 40,
+                    bytes,
+                },
+            );
+            let outputs = outputs(&mut node);
+            assert!(
+                matches!(
+                    outputs.as_slice(),
+                    [NodeOutput::Send { connection: 40, .. }]
+                ),
+                "{purpose:?} from shard {shard}: the Welcome goes out here, got {outputs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_connection_that_sends_no_whole_frame_is_closed_at_its_deadline() {
+        let mut node = node_shard(1);
+        node.handle(0, NodeInput::LinkOpened { connection: 41 });
+        let partial = hello(Purpose::Data, 1).slice(..10);
+        node.handle(
+            0,
+            NodeInput::LinkReceived {
+                connection: 41,
+                bytes: partial,
+            },
+        );
+        assert_eq!(outputs(&mut node), []);
+        // Silent past the link timeout (600 ms here).
+        let deadline = node.next_deadline_ms().expect("a deadline");
+        assert_eq!(deadline, 600);
+        node.handle(deadline, NodeInput::Tick);
+        assert_eq!(outputs(&mut node), [NodeOutput::Close { connection: 41 }]);
+    }
+}
