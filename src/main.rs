@@ -8,6 +8,7 @@ mod admin;
 mod config;
 mod supervise;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,8 +18,8 @@ use admin::{Control, NodeMessage};
 use clap::{Parser, Subcommand};
 use shardmq_net::reactor::admission::Admission;
 use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
-use shardmq_shards::cluster::NodeShard;
-use shardmq_shards::{Input, Output, Shard, ShardConfig};
+use shardmq_shards::cluster::{Answer, NodeInput, NodeOutput, NodeShard, Request};
+use shardmq_shards::{Shard, ShardConfig};
 use tracing::{error, info, warn};
 
 use config::Config;
@@ -93,30 +94,58 @@ enum ClusterCommand {
     Set { key: String, value: String },
 }
 
-/// Drives one shard (and its cluster links) from a reactor.
+/// Drives one shard (and its cluster links) from a reactor: reactor events become the node
+/// layer's inputs, its outputs the reactor's actions, one for one. Operator requests wait
+/// here, by ticket, for the node layer's answer.
 struct ShardHandler {
     node: NodeShard,
-    outputs: Vec<Output>,
+    outputs: Vec<NodeOutput>,
+    requests: BTreeMap<u64, Control>,
+    next_ticket: u64,
 }
 
 impl ShardHandler {
-    fn control(&mut self, now_ms: u64, control: Control) {
+    fn new(node: NodeShard) -> Self {
+        Self {
+            node,
+            outputs: Vec::new(),
+            requests: BTreeMap::new(),
+            next_ticket: 0,
+        }
+    }
+
+    /// Files an operator's request under a new ticket; returns the node layer's input for it.
+    fn request(&mut self, control: Control) -> NodeInput {
+        let request = match &control {
+            Control::Status(_) => Request::Status,
+            Control::Join(address, _) => Request::Join(*address),
+            Control::Leave(_) => Request::Leave,
+            Control::Set(key, value, _) => Request::Set {
+                key: key.clone(),
+                value: value.clone(),
+            },
+        };
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.requests.insert(ticket, control);
+        NodeInput::Control { ticket, request }
+    }
+
+    /// Answers the request filed under `ticket`. The admin endpoint may have stopped waiting;
+    /// then the answer has no one to go to.
+    fn reply(&mut self, ticket: u64, answer: Result<Answer, String>) {
+        let Some(control) = self.requests.remove(&ticket) else {
+            return;
+        };
         match control {
             Control::Status(reply) => {
-                let _ = reply.send(
-                    self.node
-                        .status(now_ms)
-                        .map(|status| admin::status_json(&status)),
-                );
+                let _ = reply.send(answer.and_then(|answer| match answer {
+                    Answer::Status(status) => Ok(admin::status_json(&status)),
+                    Answer::Done => Err("the node answered a status request without one".into()),
+                }));
             }
-            Control::Join(address, reply) => {
-                let _ = reply.send(self.node.join(now_ms, address));
-            }
-            Control::Leave(reply) => {
-                let _ = reply.send(self.node.leave(now_ms));
-            }
-            Control::Set(key, value, reply) => {
-                let _ = reply.send(self.node.set_setting(now_ms, &key, &value));
+            Control::Join(_, reply) | Control::Leave(reply) | Control::Set(_, _, reply) => {
+                let _ = reply.send(answer.map(|_| ()));
             }
         }
     }
@@ -126,53 +155,56 @@ impl Handler for ShardHandler {
     type Message = NodeMessage;
 
     fn event(&mut self, now_ms: u64, event: Event<NodeMessage>) {
+        // The reactor marks cluster links in their connection ids (`reactor::is_side`).
         let input = match event {
-            Event::Opened(connection) => Input::Opened { connection },
-            Event::OpenedSide(connection) => {
-                return self.node.cluster_accepted(now_ms, connection);
+            Event::Opened(connection) => NodeInput::Opened { connection },
+            Event::OpenedSide(connection) => NodeInput::LinkOpened { connection },
+            Event::Connected(connection, tag) => NodeInput::Connected { connection, tag },
+            Event::ConnectFailed(tag, error) => NodeInput::ConnectFailed {
+                tag,
+                error: error.to_string(),
+            },
+            Event::Received(connection, bytes) if reactor::is_side(connection) => {
+                NodeInput::LinkReceived { connection, bytes }
             }
-            Event::Connected(connection, tag) => {
-                return self.node.connected(now_ms, connection, tag);
+            Event::Received(connection, bytes) => NodeInput::Received { connection, bytes },
+            Event::Closed(connection) if reactor::is_side(connection) => {
+                NodeInput::LinkClosed { connection }
             }
-            Event::ConnectFailed(tag, error) => {
-                return self.node.connect_failed(now_ms, tag, &error.to_string());
-            }
-            Event::Received(connection, bytes) => Input::Received { connection, bytes },
-            Event::Sent(connection, unsent_bytes) => Input::Sent {
+            Event::Sent(connection, _) if reactor::is_side(connection) => return,
+            Event::Sent(connection, unsent_bytes) => NodeInput::Sent {
                 connection,
                 unsent_bytes,
             },
-            Event::Closed(connection) => Input::Closed { connection },
-            Event::Message(NodeMessage::Shard(message)) => Input::Shard(message),
-            Event::Message(NodeMessage::Control(control)) => {
-                return self.control(now_ms, control);
-            }
-            Event::Tick => Input::Tick,
-            Event::Shutdown => Input::Shutdown,
+            Event::Closed(connection) => NodeInput::Closed { connection },
+            Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
+            Event::Message(NodeMessage::Control(control)) => self.request(control),
+            Event::Tick => NodeInput::Tick,
+            Event::Shutdown => NodeInput::Shutdown,
         };
         self.node.handle(now_ms, input);
     }
 
     fn flush(&mut self, actions: &mut Actions<NodeMessage>) {
-        self.node.take_outputs(&mut self.outputs);
-        for output in self.outputs.drain(..) {
+        let mut outputs = std::mem::take(&mut self.outputs);
+        self.node.take_outputs(&mut outputs);
+        for output in outputs.drain(..) {
             match output {
-                Output::Send { connection, bytes } => actions.send(connection, bytes),
-                Output::Close { connection } => actions.close(connection),
-                Output::HandOff {
+                NodeOutput::Send { connection, bytes } => actions.send(connection, bytes),
+                NodeOutput::Close { connection } => actions.close(connection),
+                NodeOutput::HandOff {
                     connection,
                     shard,
                     bytes,
                 } => actions.hand_off(connection, shard, bytes),
-                Output::ToShard { shard, message } => {
+                NodeOutput::Post { shard, message } => {
                     actions.post(shard, NodeMessage::Shard(message))
                 }
-                Output::Connect { address, tag } => actions.connect(address, None, tag),
-                Output::ToNode { .. } | Output::SessionToNode { .. } | Output::NodeRoute { .. } => {
-                    unreachable!("the node shard carries out cluster outputs itself")
-                }
+                NodeOutput::Connect { address, tag } => actions.connect(address, None, tag),
+                NodeOutput::Reply { ticket, answer } => self.reply(ticket, answer),
             }
         }
+        self.outputs = outputs;
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
@@ -420,15 +452,7 @@ fn serve(config: Config) -> Result<(), String> {
         {
             warn!(%error, "the Raft state of the last shutdown is not taken up: joining as a new voter");
         }
-        let handler = Watched::new(
-            ShardHandler {
-                node,
-                outputs: Vec::new(),
-            },
-            index,
-            health.clone(),
-            fault,
-        );
+        let handler = Watched::new(ShardHandler::new(node), index, health.clone(), fault);
         let mailboxes = mailboxes.clone();
         let admission = admission.clone();
         let notices = notice_sender.clone();

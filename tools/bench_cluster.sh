@@ -2,10 +2,10 @@
 # Cluster benchmarks on one machine: what a hop between nodes adds, and how fast a new route
 # spreads. Results go to stdout; copy them under tuning/results/ with the date and machine.
 #
-#   tools/bench_cluster.sh RUNS RATE [QOS]
+#   tools/bench_cluster.sh RUNS RATE [QOS [SHARDS]]
 #
-# Starts a 2-node cluster (1 core + 1 edge, one shard each) with tools/cluster.sh, then, RUNS
-# times, alternately:
+# Starts a 2-node cluster (1 core + 1 edge, SHARDS shards each, default 1; also
+# SHARDMQ_BENCH_SHARDS) with tools/cluster.sh, then, RUNS times, alternately:
 #   local  shardmq-bench pairs against node 1 only: publisher and subscriber on one node;
 #   cross  the same against both nodes with an odd pair count (51), so that every pair's
 #          publisher and subscriber land on different nodes (clients alternate over --host
@@ -16,25 +16,36 @@
 # 1 every 100 us until the first message arrives, 200 times at a steady pace.
 # Then the connect rate: 19,000 clients (one process's open files) from 16 source addresses
 # connect to node 1 of the cluster (every CONNECT claims the session from node 2 first) and to
-# a standalone broker with the same shard count, RUNS times each.
+# a standalone broker with the same shard count, RUNS times each. SHARDMQ_BENCH_FORWARD_ONLY=1
+# stops after the forwarding runs.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 runs=${1:?runs}
 rate=${2:?total rate}
 qos=${3:-1}
+shards=${4:-${SHARDMQ_BENCH_SHARDS:-1}}
 base=${SHARDMQ_BENCH_BASE_PORT:-19000}
 export SHARDMQ_CLUSTER_DIR=${SHARDMQ_CLUSTER_DIR:-/tmp/shardmq-bench-cluster}
 
-cargo build --release -p shardmq -p shardmq-bench --quiet
-bench="$top/target/release/shardmq-bench"
+# SHARDMQ_BENCH_BIN=DIR runs the shardmq and shardmq-bench binaries in DIR (say, copies of an
+# earlier build, for a before/after comparison) instead of building target/release.
+if [ -n "${SHARDMQ_BENCH_BIN:-}" ]; then
+    bench="$SHARDMQ_BENCH_BIN/shardmq-bench"
+    export SHARDMQ_BINARY="$SHARDMQ_BENCH_BIN/shardmq"
+else
+    cargo build --release -p shardmq -p shardmq-bench --quiet
+    bench="$top/target/release/shardmq-bench"
+    export SHARDMQ_BINARY="$top/target/release/shardmq"
+fi
 "$top/tools/cluster.sh" down >/dev/null 2>&1 || true
-"$top/tools/cluster.sh" up --cores 1 --edges 1 --base-port "$base" --shards 1 >/dev/null
+"$top/tools/cluster.sh" up --cores 1 --edges 1 --base-port "$base" --shards "$shards" >/dev/null
 trap '"$top/tools/cluster.sh" down >/dev/null 2>&1 || true' EXIT
 node1="127.0.0.1:$((base + 1))"
 node2="127.0.0.1:$((base + 2))"
 sleep 2
 
 out=$(mktemp -d)
+echo "$shards shard(s) per node, $runs runs, $rate msg/s offered, QoS $qos"
 for run in $(seq 1 "$runs"); do
     for mode in local cross; do
         if [ "$mode" = local ]; then hosts=(--host "$node1"); else hosts=(--host "$node1" --host "$node2"); fi
@@ -61,6 +72,7 @@ for mode in ("local", "cross"):
           f"{med(lambda r: r['latency_us']['p50']):>8.0f} {med(lambda r: r['latency_us']['p99']):>8.0f} "
           f"{med(lambda r: r['latency_us']['p999']):>9.0f} {sum(r['lost'] for r in rows):>5}")
 PY
+[ "${SHARDMQ_BENCH_FORWARD_ONLY:-0}" = 1 ] && exit 0
 python3 "$top/tools/route_propagation.py" "$node2" "$node1" 200
 
 echo
@@ -68,7 +80,7 @@ echo "connect rate, 19,000 clients (the generator reports to 0.1 s):"
 standalone_port=$((base + 50))
 standalone_config=$(mktemp)
 printf '[admin]\nlisten = ""\n' >"$standalone_config"
-"$top/target/release/shardmq" serve --shards 1 --listen "127.0.0.1:$standalone_port" \
+"$SHARDMQ_BINARY" serve --shards "$shards" --listen "127.0.0.1:$standalone_port" \
     --config "$standalone_config" >/dev/null 2>&1 &
 standalone=$!
 trap 'kill $standalone 2>/dev/null || true; "$top/tools/cluster.sh" down >/dev/null 2>&1 || true' EXIT

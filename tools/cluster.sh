@@ -14,7 +14,8 @@ set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 dir=${SHARDMQ_CLUSTER_DIR:-/tmp/shardmq-cluster}
-binary="$top/target/release/shardmq"
+# SHARDMQ_BINARY runs that binary instead of building and running target/release/shardmq.
+binary=${SHARDMQ_BINARY:-$top/target/release/shardmq}
 
 usage() {
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
@@ -40,7 +41,7 @@ up() {
         echo "cluster.sh: a cluster is already up (see $dir); run 'tools/cluster.sh down' first" >&2
         exit 1
     fi
-    (cd "$top" && cargo build --release -q --bin shardmq)
+    [ -n "${SHARDMQ_BINARY:-}" ] || (cd "$top" && cargo build --release -q --bin shardmq)
     mkdir -p "$dir"
     : > "$dir/pids"
     local secret seeds="" total=$((cores + edges))

@@ -37,8 +37,8 @@ use shardmq_net::mqtt::{
     PublishProperties, QoS, ReasonCode, Sender, Subscribe, SubscribeProperties,
     SubscriptionOptions,
 };
-use shardmq_shards::cluster::{ClusterSettings, LinkSettings, NodeShard};
-use shardmq_shards::{Input, Limits, Output, Shard, ShardConfig, SharedStrategy, owner_shard};
+use shardmq_shards::cluster::{ClusterSettings, LinkSettings, NodeInput, NodeOutput, NodeShard};
+use shardmq_shards::{Limits, Shard, ShardConfig, SharedStrategy, owner_shard};
 
 const SHARDS: u16 = 2;
 const FAULT_PHASE_MS: u64 = 8_000;
@@ -110,6 +110,9 @@ struct Side {
     announced: bool,
     /// A connection's bytes arrive in order: never before the previous delivery.
     last_delivery_ms: u64,
+    /// A cluster link (both ends are shards), as the reactor tags it where it accepts or
+    /// dials it; it stays one when it is handed to another shard.
+    link: bool,
 }
 
 // Events live in one map for the run; their size does not matter next to clarity.
@@ -143,7 +146,7 @@ enum Event {
         node: usize,
         shard: usize,
         generation: u64,
-        input: Input,
+        input: NodeInput,
     },
     Tick {
         node: usize,
@@ -350,7 +353,7 @@ impl Sim {
                 .expect("a saved Raft state is taken up");
         }
         for shard in 0..usize::from(SHARDS) {
-            self.run(node, shard, |s, now| s.handle(now, Input::Tick));
+            self.run(node, shard, |s, now| s.handle(now, NodeInput::Tick));
         }
         // Every node serves one subscriber and one publisher per incarnation.
         for subscriber in [true, false] {
@@ -394,6 +397,7 @@ impl Sim {
     fn open_pair(&mut self, a: End, b: End) -> (u64, u64) {
         let (x, y) = (self.next_connection, self.next_connection + 1);
         self.next_connection += 2;
+        let link = matches!(a, End::Shard { .. }) && matches!(b, End::Shard { .. });
         for (id, end, peer) in [(x, a, y), (y, b, x)] {
             self.sides.insert(
                 id,
@@ -403,6 +407,7 @@ impl Sim {
                     open: true,
                     announced: matches!(end, End::Client(_)),
                     last_delivery_ms: 0,
+                    link,
                 },
             );
         }
@@ -414,6 +419,10 @@ impl Sim {
             End::Shard { node, .. } => node,
             End::Client(c) => clients[c].node,
         }
+    }
+
+    fn is_link(&self, connection: u64) -> bool {
+        self.sides.get(&connection).is_some_and(|side| side.link)
     }
 
     fn is_cut(&self, a: usize, b: usize) -> bool {
@@ -485,8 +494,10 @@ impl Sim {
             return;
         };
         step(&mut shards[shard], now);
+        shards[shard].check_invariants();
         let mut outputs = Vec::new();
         shards[shard].take_outputs(&mut outputs);
+        shards[shard].check_invariants();
         let next = shards[shard].next_deadline_ms();
         let generation = self.nodes[node].generation;
         for output in outputs {
@@ -511,11 +522,11 @@ impl Sim {
         }
     }
 
-    fn apply(&mut self, node: usize, shard: usize, output: Output) {
+    fn apply(&mut self, node: usize, shard: usize, output: NodeOutput) {
         let generation = self.nodes[node].generation;
         match output {
-            Output::Send { connection, bytes } => self.transmit(connection, bytes),
-            Output::Close { connection } => {
+            NodeOutput::Send { connection, bytes } => self.transmit(connection, bytes),
+            NodeOutput::Close { connection } => {
                 let Some(side) = self.sides.get_mut(&connection) else {
                     return;
                 };
@@ -530,12 +541,13 @@ impl Sim {
                     self.schedule(at, Event::Closed { to: peer });
                 }
             }
-            Output::HandOff {
+            NodeOutput::HandOff {
                 connection,
                 shard: target,
                 bytes,
             } => {
                 let target = usize::from(target);
+                let link = self.is_link(connection);
                 if let Some(side) = self.sides.get_mut(&connection) {
                     side.end = End::Shard {
                         node,
@@ -543,11 +555,16 @@ impl Sim {
                     };
                 }
                 self.run(node, target, |s, now| {
-                    s.handle(now, Input::Opened { connection });
-                    s.handle(now, Input::Received { connection, bytes });
+                    if link {
+                        s.handle(now, NodeInput::LinkOpened { connection });
+                        s.handle(now, NodeInput::LinkReceived { connection, bytes });
+                    } else {
+                        s.handle(now, NodeInput::Opened { connection });
+                        s.handle(now, NodeInput::Received { connection, bytes });
+                    }
                 });
             }
-            Output::ToShard {
+            NodeOutput::Post {
                 shard: target,
                 message,
             } => {
@@ -558,11 +575,11 @@ impl Sim {
                         node,
                         shard: usize::from(target),
                         generation,
-                        input: Input::Shard(message),
+                        input: NodeInput::Shard(message),
                     },
                 );
             }
-            Output::Connect { address, tag } => {
+            NodeOutput::Connect { address, tag } => {
                 let target = self.nodes.iter().position(|n| n.address == address);
                 let delay = self.delay();
                 match target {
@@ -603,8 +620,8 @@ impl Sim {
                     }
                 }
             }
-            Output::ToNode { .. } | Output::SessionToNode { .. } | Output::NodeRoute { .. } => {
-                panic!("the node shard carries out cluster outputs itself")
+            NodeOutput::Reply { ticket, .. } => {
+                panic!("a reply to request {ticket}, which the simulation never made")
             }
         }
     }
@@ -664,7 +681,7 @@ impl Sim {
                 node,
                 shard: accepting,
                 generation,
-                input: Input::Opened {
+                input: NodeInput::Opened {
                     connection: shard_side,
                 },
             },
@@ -811,13 +828,16 @@ impl Sim {
                 if !side.open {
                     return;
                 }
+                let link = self.is_link(to);
                 match side.end {
                     End::Shard { node, shard } => self.run(node, shard, |s, now| {
+                        let connection = to;
                         s.handle(
                             now,
-                            Input::Received {
-                                connection: to,
-                                bytes,
+                            if link {
+                                NodeInput::LinkReceived { connection, bytes }
+                            } else {
+                                NodeInput::Received { connection, bytes }
                             },
                         )
                     }),
@@ -825,6 +845,7 @@ impl Sim {
                 }
             }
             Event::Closed { to } => {
+                let link = self.is_link(to);
                 let Some(side) = self.sides.remove(&to) else {
                     return;
                 };
@@ -834,7 +855,15 @@ impl Sim {
                 }
                 match side.end {
                     End::Shard { node, shard } => self.run(node, shard, |s, now| {
-                        s.handle(now, Input::Closed { connection: to })
+                        let connection = to;
+                        s.handle(
+                            now,
+                            if link {
+                                NodeInput::LinkClosed { connection }
+                            } else {
+                                NodeInput::Closed { connection }
+                            },
+                        )
                     }),
                     // A client whose connection is gone stops (its node crashed).
                     End::Client(index) => {
@@ -856,11 +885,16 @@ impl Sim {
                 match self.sides.get_mut(&connection) {
                     Some(side) if side.open => {
                         side.announced = true;
-                        self.run(node, shard, |s, now| s.connected(now, connection, tag));
+                        self.run(node, shard, |s, now| {
+                            s.handle(now, NodeInput::Connected { connection, tag })
+                        });
                     }
                     _ => {
                         self.sides.remove(&connection);
-                        self.run(node, shard, |s, now| s.connect_failed(now, tag, "reset"));
+                        self.run(node, shard, |s, now| {
+                            let error = "reset".to_string();
+                            s.handle(now, NodeInput::ConnectFailed { tag, error })
+                        });
                     }
                 }
             }
@@ -874,7 +908,9 @@ impl Sim {
                 }
                 side.announced = true;
                 if let End::Shard { node, .. } = side.end {
-                    self.run(node, 0, |s, now| s.cluster_accepted(now, connection));
+                    self.run(node, 0, |s, now| {
+                        s.handle(now, NodeInput::LinkOpened { connection })
+                    });
                 }
             }
             Event::ConnectFailed {
@@ -884,7 +920,10 @@ impl Sim {
                 tag,
             } => {
                 if self.nodes[node].generation == generation {
-                    self.run(node, shard, |s, now| s.connect_failed(now, tag, "refused"));
+                    self.run(node, shard, |s, now| {
+                        let error = "refused".to_string();
+                        s.handle(now, NodeInput::ConnectFailed { tag, error })
+                    });
                 }
             }
             Event::Mailbox {
@@ -893,7 +932,7 @@ impl Sim {
                 generation,
                 input,
             } => {
-                if let Input::Opened { connection } = input
+                if let NodeInput::Opened { connection } = input
                     && let Some(side) = self.sides.get_mut(&connection)
                 {
                     side.announced = true;
@@ -904,7 +943,7 @@ impl Sim {
             }
             Event::Tick { node, shard } => {
                 self.scheduled_ticks.remove(&(node, shard));
-                self.run(node, shard, |s, now| s.handle(now, Input::Tick));
+                self.run(node, shard, |s, now| s.handle(now, NodeInput::Tick));
             }
             Event::Publish { client } => self.client_publish(client),
         }
@@ -934,6 +973,7 @@ impl Sim {
             let event = self.payloads.remove(&id).expect("an event for every entry");
             self.events_processed += 1;
             self.step(event);
+            self.check_invariants();
             if self.now_ms >= self.next_sample_ms {
                 self.next_sample_ms = self.now_ms + 20;
                 self.sample_leaders();
@@ -943,6 +983,15 @@ impl Sim {
         // Whatever is still pending ends now: partitions heal, crashed nodes restart.
         for (_, heal) in healing {
             self.heal(heal);
+        }
+    }
+
+    /// Every shard of every live node keeps its invariants (it panics, naming the rule).
+    fn check_invariants(&self) {
+        for node in &self.nodes {
+            for shard in node.shards.iter().flatten() {
+                shard.check_invariants();
+            }
         }
     }
 

@@ -42,15 +42,30 @@ use admission::{Admission, Ticket};
 use buffers::{BUFFER_GROUP, BufferRing};
 
 /// A connection's name: reactor index, slot and generation, so that a completion for a slot's
-/// earlier occupant is recognised and ignored.
+/// earlier occupant is recognised and ignored, and whether it is a side connection
+/// ([`is_side`]).
 pub type ConnectionId = u64;
 
-fn connection_id(reactor: u16, slot: u32, generation: u32) -> ConnectionId {
-    (u64::from(reactor) << 48) | (u64::from(generation & 0xFFFF) << 32) | u64::from(slot)
+/// The bit of a [`ConnectionId`] that marks a side connection: accepted on the side listener,
+/// dialled with [`Actions::connect`], or handed over from another reactor that held it as one.
+/// Slots stay far below 2^31 (each is an open socket), so the bit never collides with one.
+const SIDE_BIT: u64 = 1 << 31;
+
+fn connection_id(reactor: u16, slot: u32, generation: u32, side: bool) -> ConnectionId {
+    debug_assert!(u64::from(slot) < SIDE_BIT, "connection slot out of range");
+    let side = if side { SIDE_BIT } else { 0 };
+    (u64::from(reactor) << 48) | (u64::from(generation & 0xFFFF) << 32) | side | u64::from(slot)
 }
 
 fn slot_of(id: ConnectionId) -> u32 {
-    id as u32
+    (id & (SIDE_BIT - 1)) as u32
+}
+
+/// Whether `id` names a side connection (for the broker, a cluster link) rather than one
+/// accepted on a main listener, so that a handler tells the two apart on every event without
+/// a lookup.
+pub fn is_side(id: ConnectionId) -> bool {
+    id & SIDE_BIT != 0
 }
 
 /// What happened, told to the handler.
@@ -59,9 +74,11 @@ pub enum Event<M> {
     /// A connection accepted on a main listener, or handed over by another reactor.
     Opened(ConnectionId),
     /// A connection accepted on the side listener ([`ReactorConfig::side_listen`]; for the
-    /// broker, its cluster port).
+    /// broker, its cluster port), or a side connection handed over by another reactor. Its
+    /// id is a side one ([`is_side`]).
     OpenedSide(ConnectionId),
-    /// An outbound connection asked for with [`Actions::connect`] is established.
+    /// An outbound connection asked for with [`Actions::connect`] is established; its id is
+    /// a side one ([`is_side`]).
     Connected(ConnectionId, u64),
     /// An outbound connection failed; the tag says which.
     ConnectFailed(u64, io::Error),
@@ -139,10 +156,12 @@ pub trait Handler {
 
 enum Envelope<M> {
     Message(M),
-    /// A connection handed over, with what its admission counted (released where it closes).
+    /// A handed-over socket, the bytes received so far, whether it is a side connection, and
+    /// what its admission counted (released where it closes).
     Connection {
         fd: OwnedFd,
         bytes: Bytes,
+        side: bool,
         ticket: Option<Ticket>,
     },
 }
@@ -320,6 +339,8 @@ struct Connection {
     fd: RawFd,
     generation: u32,
     receiving: bool,
+    /// A side connection ([`is_side`]): kept when it is handed over.
+    side: bool,
     send_queue: SendQueue,
     send_offset: usize,
     sending: bool,
@@ -640,17 +661,23 @@ impl<H: Handler> Reactor<H> {
         self.push(entry);
     }
 
-    fn add_connection(&mut self, fd: RawFd, ticket: Option<Ticket>) -> ConnectionId {
-        let slot = self.allocate_slot(fd, ConnectionState::Open, ticket);
+    fn add_connection(&mut self, fd: RawFd, side: bool, ticket: Option<Ticket>) -> ConnectionId {
+        let slot = self.allocate_slot(fd, ConnectionState::Open, side, ticket);
         self.arm_recv(slot);
         let generation = self.connections[slot as usize]
             .as_ref()
             .expect("live")
             .generation;
-        connection_id(self.config.index, slot, generation)
+        connection_id(self.config.index, slot, generation, side)
     }
 
-    fn allocate_slot(&mut self, fd: RawFd, state: ConnectionState, ticket: Option<Ticket>) -> u32 {
+    fn allocate_slot(
+        &mut self,
+        fd: RawFd,
+        state: ConnectionState,
+        side: bool,
+        ticket: Option<Ticket>,
+    ) -> u32 {
         // SAFETY: `fd` is an open socket owned by the reactor for the duration of this call.
         let _ = socket2::SockRef::from(&unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
             .set_tcp_nodelay(true);
@@ -667,6 +694,7 @@ impl<H: Handler> Reactor<H> {
             fd,
             generation,
             receiving: false,
+            side,
             send_queue: SendQueue::default(),
             send_offset: 0,
             sending: false,
@@ -711,7 +739,7 @@ impl<H: Handler> Reactor<H> {
         let fd = socket.into_raw_fd();
         let address = Box::new(socket2::SockAddr::from(address));
         let (pointer, length) = (address.as_ptr(), address.len());
-        let slot = self.allocate_slot(fd, ConnectionState::Connecting { tag, address }, None);
+        let slot = self.allocate_slot(fd, ConnectionState::Connecting { tag, address }, true, None);
         let generation = self.connections[slot as usize]
             .as_ref()
             .expect("live")
@@ -750,7 +778,7 @@ impl<H: Handler> Reactor<H> {
             return;
         }
         connection.state = ConnectionState::Open;
-        let id = connection_id(self.config.index, slot, connection.generation);
+        let id = connection_id(self.config.index, slot, connection.generation, true);
         self.arm_recv(slot);
         self.handler.event(now_ms, Event::Connected(id, tag));
     }
@@ -957,7 +985,7 @@ impl<H: Handler> Reactor<H> {
             },
             _ => None,
         };
-        let id = self.add_connection(fd, ticket);
+        let id = self.add_connection(fd, !main, ticket);
         let event = if main {
             Event::Opened(id)
         } else {
@@ -989,8 +1017,8 @@ impl<H: Handler> Reactor<H> {
             return returned;
         }
         let more = cqueue::more(flags);
-        let id = connection_id(self.config.index, slot, generation);
         let connection = self.connections[slot as usize].as_mut().expect("live");
+        let id = connection_id(self.config.index, slot, generation, connection.side);
         if !more {
             connection.receiving = false;
         }
@@ -1105,7 +1133,12 @@ impl<H: Handler> Reactor<H> {
             return;
         }
         let connection = self.connections[slot as usize].take().expect("live");
-        let id = connection_id(self.config.index, slot, connection.generation);
+        let id = connection_id(
+            self.config.index,
+            slot,
+            connection.generation,
+            connection.side,
+        );
         self.generations[slot as usize] = connection.generation.wrapping_add(1);
         self.free_slots.push(slot);
         // SAFETY: the descriptor is ours and nothing in the ring refers to it any more.
@@ -1117,6 +1150,7 @@ impl<H: Handler> Reactor<H> {
                     Envelope::Connection {
                         fd,
                         bytes: bytes.freeze(),
+                        side: connection.side,
                         ticket: connection.ticket,
                     },
                 );
@@ -1148,7 +1182,7 @@ impl<H: Handler> Reactor<H> {
             connection.sent_listed = false;
             if connection.state == ConnectionState::Open {
                 let unsent_bytes = connection.unsent_bytes();
-                let id = connection_id(self.config.index, slot, generation);
+                let id = connection_id(self.config.index, slot, generation, connection.side);
                 self.handler.event(now_ms, Event::Sent(id, unsent_bytes));
             }
         }
@@ -1244,9 +1278,18 @@ impl<H: Handler> Reactor<H> {
             };
             match envelope {
                 Envelope::Message(message) => self.handler.event(now_ms, Event::Message(message)),
-                Envelope::Connection { fd, bytes, ticket } => {
-                    let id = self.add_connection(fd.into_raw_fd(), ticket);
-                    self.handler.event(now_ms, Event::Opened(id));
+                Envelope::Connection {
+                    fd,
+                    bytes,
+                    side,
+                    ticket,
+                } => {
+                    let id = self.add_connection(fd.into_raw_fd(), side, ticket);
+                    if side {
+                        self.handler.event(now_ms, Event::OpenedSide(id));
+                    } else {
+                        self.handler.event(now_ms, Event::Opened(id));
+                    }
                     if !bytes.is_empty() {
                         self.handler.event(now_ms, Event::Received(id, bytes));
                     }
@@ -1335,6 +1378,22 @@ impl<H: Handler> Reactor<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_id_keeps_its_kind_apart_from_its_slot_and_generation() {
+        for side in [false, true] {
+            let id = connection_id(3, 0x7FFF_FFFF, 0x1_2345, side);
+            assert_eq!(is_side(id), side);
+            assert_eq!(slot_of(id), 0x7FFF_FFFF);
+            assert_eq!(
+                (id >> 32) & 0xFFFF,
+                0x2345,
+                "the generation keeps its 16 bits"
+            );
+            assert_eq!((id >> 48) as u16, 3);
+        }
+        assert_ne!(connection_id(0, 5, 1, false), connection_id(0, 5, 1, true));
+    }
 
     #[test]
     fn send_queue_keeps_order_merges_after_a_partial_send_and_frees_its_spill() {

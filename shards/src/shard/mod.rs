@@ -110,7 +110,9 @@ pub enum Input {
     Shutdown,
 }
 
-/// What the shard asks the reactor to do.
+/// What the shard asks its caller, the node layer (`cluster::NodeShard`), to do: the sends,
+/// closes, hand-offs and messages between shards it passes on to the reactor, and the
+/// cluster work it carries out itself (`ToNode`, `SessionToNode`, `NodeRoute`).
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq)]
 pub enum Output {
@@ -140,12 +142,6 @@ pub enum Output {
     SessionToNode {
         node: NodeId,
         transfer: SessionTransfer,
-    },
-    /// Open a TCP connection (a cluster link); the reactor answers with the connection or the
-    /// failure, named by `tag`. Emitted by the cluster layer, never by the shard itself.
-    Connect {
-        address: std::net::SocketAddr,
-        tag: u64,
     },
     /// This node gained its first (`added`) or lost its last shard holding `filter` (for a
     /// shared subscription, `group`'s `filter`): a route delta for the cluster. Only shard 0

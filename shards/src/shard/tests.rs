@@ -105,8 +105,7 @@ impl Node {
                     // A node on its own: no cluster to tell or forward to.
                     Output::ToNode { .. }
                     | Output::SessionToNode { .. }
-                    | Output::NodeRoute { .. }
-                    | Output::Connect { .. } => {}
+                    | Output::NodeRoute { .. } => {}
                 }
             }
         }
