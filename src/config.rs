@@ -107,6 +107,7 @@ pub struct ClusterConfig {
     pub tls_cert_file: String,
     pub tls_key_file: String,
     pub tls_ca_file: String,
+    pub links_per_address_max: u32,
 }
 
 impl ClusterConfig {
@@ -556,6 +557,20 @@ impl Config {
     }
 
     /// The limits a client connection must pass at accept, before any of its bytes is read.
+    /// The limits on connections to the cluster port: a node opens a few links per shard,
+    /// so many more from one address are a stranger holding the places of links in their
+    /// handshake (`PENDING_LINKS_MAX`) to keep the node's peers out.
+    pub fn link_admission_limits(&self) -> AdmissionLimits {
+        let l = &self.limits;
+        AdmissionLimits {
+            connections_per_address_max: self.cluster.links_per_address_max,
+            connect_rate_per_address_per_second_max: self.cluster.links_per_address_max,
+            connect_rate_per_second_max: 0,
+            address_bucket_count: 4096,
+            ipv6_prefix_bits: l.ipv6_prefix_bits,
+        }
+    }
+
     pub fn admission_limits(&self) -> AdmissionLimits {
         let l = &self.limits;
         AdmissionLimits {

@@ -296,12 +296,19 @@ fn run_shard(
     mailboxes: Arc<Mailboxes<NodeMessage>>,
     handler: Watched<ShardHandler>,
     admission: Arc<Admission>,
+    link_admission: Option<Arc<Admission>>,
     data_dir: Option<PathBuf>,
     notices: &std::sync::mpsc::Sender<Notice>,
 ) -> Result<(), String> {
     let index = reactor_config.index;
     let reactor = match Reactor::new(reactor_config, mailboxes, handler) {
-        Ok(reactor) => reactor.with_admission(admission),
+        Ok(reactor) => {
+            let reactor = reactor.with_admission(admission);
+            match link_admission {
+                Some(table) => reactor.with_side_admission(table),
+                None => reactor,
+            }
+        }
         Err(e) => {
             let _ = notices.send(Notice::Ready(index, Err(e.to_string())));
             return Ok(());
@@ -386,6 +393,9 @@ fn serve(config: Config) -> Result<(), String> {
     // One admission table for all shards, so that the limits hold whichever shard's
     // listener the kernel hands a connection to.
     let admission = Arc::new(Admission::new(config.admission_limits()));
+    // The cluster port's connections per source address, with a table of their own.
+    let link_admission = (config.cluster.enabled && config.cluster.links_per_address_max > 0)
+        .then(|| Arc::new(Admission::new(config.link_admission_limits())));
     let epoch = Instant::now();
     let health = supervise::Health::new(shard_count, epoch, config.admin.stall_timeout_ms);
     // Each reactor is built on its own thread: its ring accepts submissions only from the
@@ -455,6 +465,7 @@ fn serve(config: Config) -> Result<(), String> {
         let handler = Watched::new(ShardHandler::new(node), index, health.clone(), fault);
         let mailboxes = mailboxes.clone();
         let admission = admission.clone();
+        let link_admission = link_admission.clone();
         let notices = notice_sender.clone();
         let data_dir = data_dir.clone();
         let thread = std::thread::Builder::new()
@@ -466,6 +477,7 @@ fn serve(config: Config) -> Result<(), String> {
                         mailboxes,
                         handler,
                         admission,
+                        link_admission,
                         data_dir,
                         &notices,
                     )

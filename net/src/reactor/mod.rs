@@ -519,6 +519,8 @@ pub struct Reactor<H: Handler> {
     /// The limits connections accepted on `config.listen` must pass, shared by the reactors
     /// of the process; None admits every connection.
     admission: Option<Arc<Admission>>,
+    /// The same for the side listener (the cluster port), with limits of its own.
+    side_admission: Option<Arc<Admission>>,
 }
 
 impl<H: Handler> std::fmt::Debug for Reactor<H> {
@@ -603,6 +605,7 @@ impl<H: Handler> Reactor<H> {
             to_wake: Vec::new(),
             to_send: Vec::new(),
             admission: None,
+            side_admission: None,
         })
     }
 
@@ -610,6 +613,12 @@ impl<H: Handler> Reactor<H> {
     /// `admission`'s limits; the reactors of one process share one table.
     pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
         self.admission = Some(admission);
+        self
+    }
+
+    /// Checks connections accepted on the side listener against `admission`'s limits.
+    pub fn with_side_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.side_admission = Some(admission);
         self
     }
 
@@ -836,7 +845,10 @@ impl<H: Handler> Reactor<H> {
             }
             self.report_sent(now_ms);
             self.drain_mailbox(now_ms);
-            if let Some(admission) = &self.admission {
+            for admission in [&self.admission, &self.side_admission]
+                .into_iter()
+                .flatten()
+            {
                 log_refusals(admission, self.config.index, now_ms);
             }
             self.resume_receiving(now_ms);
@@ -978,12 +990,17 @@ impl<H: Handler> Reactor<H> {
     /// hears of it.
     fn accepted(&mut self, now_ms: u64, listener: u32, fd: RawFd) {
         let main = (listener as usize) < self.config.listen.len();
-        let ticket = match &self.admission {
-            Some(admission) if main => match admit_accepted(admission, fd, now_ms) {
+        let table = if main {
+            &self.admission
+        } else {
+            &self.side_admission
+        };
+        let ticket = match table {
+            Some(admission) => match admit_accepted(admission, fd, now_ms) {
                 Some(ticket) => Some(ticket),
                 None => return,
             },
-            _ => None,
+            None => None,
         };
         let id = self.add_connection(fd, !main, ticket);
         let event = if main {
@@ -1157,7 +1174,14 @@ impl<H: Handler> Reactor<H> {
             }
             ConnectionState::Closing { tell_handler } => {
                 drop(fd);
-                if let (Some(admission), Some(ticket)) = (&self.admission, connection.ticket) {
+                // A ticket goes back to the table that issued it: side connections (the
+                // cluster port) have their own.
+                let table = if connection.side {
+                    &self.side_admission
+                } else {
+                    &self.admission
+                };
+                if let (Some(admission), Some(ticket)) = (table, connection.ticket) {
                     admission.release(ticket);
                 }
                 if tell_handler {
