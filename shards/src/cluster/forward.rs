@@ -8,7 +8,8 @@
 //! Invariants: messages to one node leave in the order the shard routed them; a QoS 1 or 2
 //! message stays queued until the receiver acknowledges it, and is resent over a new link
 //! with its number unchanged; the receiver delivers each number once per sender epoch. QoS 0
-//! messages are sent once and never resent.
+//! messages are sent once and never resent. Every frame written fits the frame size limit:
+//! a batch longer than a frame's budget goes as several `Forward` frames ([`encode_cut`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -290,7 +291,8 @@ impl Peer {
         dropped
     }
 
-    /// The frame of everything not yet written, if any.
+    /// The body of everything not yet written, if any: the link cuts it into frames that
+    /// fit ([`encode_cut`]).
     pub fn take_frame(&mut self) -> Option<Body> {
         (!self.unsent.is_empty()).then(|| Body::Forward {
             messages: std::mem::take(&mut self.unsent),
