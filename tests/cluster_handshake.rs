@@ -38,7 +38,13 @@ impl Wire {
 
     fn send(&mut self, body: &Body) {
         let mut bytes = bytes::BytesMut::new();
-        frame::encode(body, frame::cluster_id(CLUSTER_NAME), &mut bytes);
+        frame::encode(
+            body,
+            frame::cluster_id(CLUSTER_NAME),
+            usize::MAX,
+            &mut bytes,
+        )
+        .expect("test frames fit");
         // The node may already have closed the link; what it said before is what counts.
         let _ = self.stream.write_all(&bytes);
     }
@@ -304,8 +310,10 @@ fn a_link_that_trickles_or_stays_silent_is_closed_within_the_handshake_deadline(
     frame::encode(
         &hello_as(&cluster, 9, [1; 16]),
         frame::cluster_id(CLUSTER_NAME),
+        usize::MAX,
         &mut hello,
-    );
+    )
+    .expect("a Hello fits");
     let mut closed_after = None;
     for byte in hello.iter() {
         if trickle.stream.write_all(&[*byte]).is_err() {

@@ -105,7 +105,7 @@ impl Sides {
 fn round_trip(body: &Body) {
     let cluster = frame::cluster_id(CLUSTER);
     let mut bytes = BytesMut::new();
-    frame::encode(body, cluster, &mut bytes);
+    frame::encode(body, cluster, usize::MAX, &mut bytes).expect("seed frames fit");
     let mut decoder = Decoder::new(cluster, bytes.len());
     decoder.extend(&bytes);
     let again = decoder.next_frame().expect("an encoded frame decodes");

@@ -668,7 +668,7 @@ mod tests {
         h.member.cluster_address = format!("{}:65535", "h".repeat(253));
         h.member.mqtt_address = h.member.cluster_address.clone();
         let mut out = bytes::BytesMut::new();
-        crate::frame::encode(&Body::Hello(h), 0, &mut out);
+        crate::frame::encode(&Body::Hello(h), 0, usize::MAX, &mut out).unwrap();
         assert!(out.len() - crate::frame::HEADER_LEN <= HANDSHAKE_BODY_LEN_MAX);
     }
 }

@@ -255,6 +255,13 @@ pub enum Body {
         first: u64,
         entries: Vec<LogEntry>,
     },
+    /// From a core, right after a `LogSnapshot` whose routes do not fit one frame: more routes
+    /// of that snapshot (the one of log `epoch` as of entry `next - 1`), added to it.
+    SnapshotRoutes {
+        epoch: u64,
+        next: u64,
+        routes: Vec<(NodeId, Route)>,
+    },
     /// Messages from one shard of the sender, in order.
     Forward { messages: Vec<Forwarded> },
     /// Every forwarded message numbered up to `through` has been handed to the receiving
@@ -294,6 +301,7 @@ impl Body {
             Body::Leave => 13,
             Body::Raft { .. } => 14,
             Body::GroupState { .. } => 15,
+            Body::SnapshotRoutes { .. } => 16,
         }
     }
 }
@@ -334,21 +342,144 @@ impl std::fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// Appends the frame of `body` to `out`.
-pub fn encode(body: &Body, cluster: u64, out: &mut BytesMut) {
+/// Appends the frame of `body` to `out`, if its body is at most `body_len_max` bytes (the
+/// limit the peer decodes with) and fits the header's 32-bit length. A body above either is
+/// refused with [`FrameError::TooLong`] and nothing is written: a peer would refuse the frame
+/// and close the link, so a caller must cut what it sends to fit ([`FRAME_BUDGET_DIVISOR`])
+/// rather than ever emit it.
+pub fn encode(
+    body: &Body,
+    cluster: u64,
+    body_len_max: usize,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
     let bytes = rkyv::to_bytes::<rancor::Error>(body).expect("frame bodies always serialize");
+    let body_len = u32::try_from(bytes.len())
+        .ok()
+        .filter(|&len| len as usize <= body_len_max)
+        .ok_or(FrameError::TooLong(bytes.len()))?;
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     header[6] = body.kind();
     header[8..16].copy_from_slice(&cluster.to_le_bytes());
-    header[16..20].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+    header[16..20].copy_from_slice(&body_len.to_le_bytes());
     header[20..24].copy_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
     let header_crc = crc32fast::hash(&header[0..24]);
     header[24..28].copy_from_slice(&header_crc.to_le_bytes());
     out.reserve(HEADER_LEN + bytes.len());
     out.put_slice(&header);
     out.put_slice(&bytes);
+    Ok(())
+}
+
+/// Producers of long bodies (forwarded messages, route sets, the route log) fill a frame up
+/// to `body_len_max / FRAME_BUDGET_DIVISOR` of estimated length ([`Forwarded::len_bound`],
+/// [`Route::len_bound`], [`LogEntry::len_bound`]): half the limit, so that the estimate's
+/// slack, the body's own fields and one last item always fit under the limit itself.
+pub const FRAME_BUDGET_DIVISOR: usize = 2;
+
+/// What rkyv may add around one field or element beyond its variable bytes: its inline part
+/// (at most 16 bytes for what these bodies hold) and alignment padding (at most 15).
+const FIELD_LEN_BOUND: usize = 32;
+
+fn string_bound(s: &str) -> usize {
+    s.len() + FIELD_LEN_BOUND
+}
+
+fn option_bound(s: Option<&str>) -> usize {
+    s.map_or(0, str::len) + FIELD_LEN_BOUND
+}
+
+impl Route {
+    /// An upper bound of this route's share of an encoded body.
+    pub fn len_bound(&self) -> usize {
+        string_bound(&self.filter) + option_bound(self.group.as_deref()) + FIELD_LEN_BOUND
+    }
+}
+
+impl LogEntry {
+    /// An upper bound of this entry's share of an encoded body.
+    pub fn len_bound(&self) -> usize {
+        FIELD_LEN_BOUND
+            + match self {
+                LogEntry::Joined(member) => {
+                    string_bound(&member.cluster_address)
+                        + string_bound(&member.mqtt_address)
+                        + 3 * FIELD_LEN_BOUND
+                }
+                LogEntry::Down(_) | LogEntry::Up(_) | LogEntry::Removed(_) => FIELD_LEN_BOUND,
+                LogEntry::Route { route, .. } => route.len_bound() + 2 * FIELD_LEN_BOUND,
+                LogEntry::Replace { routes, .. } => {
+                    routes.iter().map(Route::len_bound).sum::<usize>() + 2 * FIELD_LEN_BOUND
+                }
+                LogEntry::Setting { key, value } => string_bound(key) + string_bound(value),
+            }
+    }
+}
+
+impl Forwarded {
+    /// An upper bound of this item's share of an encoded `Forward` body, from the lengths it
+    /// holds (no encoding: this runs for every forwarded message).
+    pub fn len_bound(&self) -> usize {
+        let fixed = 4 * FIELD_LEN_BOUND;
+        fixed
+            + match &self.item {
+                Item::Publish {
+                    message, groups, ..
+                } => {
+                    let pairs = |pairs: &[(String, String)]| {
+                        pairs
+                            .iter()
+                            .map(|(a, b)| string_bound(a) + string_bound(b) + FIELD_LEN_BOUND)
+                            .sum::<usize>()
+                    };
+                    string_bound(&message.topic)
+                        + message.payload.len()
+                        + option_bound(message.publisher.as_deref())
+                        + option_bound(message.response_topic.as_deref())
+                        + message.correlation_data.as_ref().map_or(0, Vec::len)
+                        + option_bound(message.content_type.as_deref())
+                        + pairs(&message.user_properties)
+                        + pairs(groups)
+                        + 10 * FIELD_LEN_BOUND
+                }
+                Item::Claim { client_id, .. } => string_bound(client_id) + 4 * FIELD_LEN_BOUND,
+                Item::Handover {
+                    client_id, session, ..
+                } => {
+                    string_bound(client_id)
+                        + session.as_ref().map_or(0, Vec::len)
+                        + 4 * FIELD_LEN_BOUND
+                }
+            }
+    }
+}
+
+/// Cuts `items` into runs, in order, each of whose bounds sum to at most `budget`; an item
+/// whose bound alone is above it gets a run of its own (the caller decides whether such an
+/// item can go at all).
+pub fn cut_by_len<T>(
+    items: impl IntoIterator<Item = T>,
+    len_bound: impl Fn(&T) -> usize,
+    budget: usize,
+) -> Vec<Vec<T>> {
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    let mut run_len = 0usize;
+    for item in items {
+        let len = len_bound(&item);
+        match runs.last_mut() {
+            Some(run) if !run.is_empty() && run_len.saturating_add(len) <= budget => {
+                run_len += len;
+                run.push(item);
+            }
+            _ => {
+                run_len = len;
+                runs.push(vec![item]);
+            }
+        }
+    }
+    runs
 }
 
 /// Log entries as bytes outside a frame: the cores' Raft group stores its commands (one entry)
@@ -609,7 +740,7 @@ mod tests {
         let cluster = cluster_id("test");
         let mut stream = BytesMut::new();
         for body in sample() {
-            encode(&body, cluster, &mut stream);
+            encode(&body, cluster, 1 << 20, &mut stream).unwrap();
         }
         let mut whole = Decoder::new(cluster, 1 << 20);
         whole.extend(&stream);
@@ -635,7 +766,13 @@ mod tests {
     fn damaged_frames_are_refused() {
         let cluster = cluster_id("test");
         let mut frame = BytesMut::new();
-        encode(&Body::Heartbeat { applied: 0 }, cluster, &mut frame);
+        encode(
+            &Body::Heartbeat { applied: 0 },
+            cluster,
+            1 << 20,
+            &mut frame,
+        )
+        .unwrap();
         let refused = |bytes: &[u8], cluster: u64, max: usize| {
             let mut decoder = Decoder::new(cluster, max);
             decoder.extend(bytes);
@@ -656,8 +793,10 @@ mod tests {
         encode(
             &Body::Refused { reason: "x".into() },
             cluster,
+            1 << 20,
             &mut body_flip,
-        );
+        )
+        .unwrap();
         let last = body_flip.len() - 1;
         body_flip[last] ^= 0xFF;
         assert_eq!(refused(&body_flip, cluster, 1024), FrameError::BodyChecksum);
@@ -667,8 +806,10 @@ mod tests {
                 reason: "y".repeat(100),
             },
             cluster,
+            1 << 20,
             &mut long,
-        );
+        )
+        .unwrap();
         assert!(matches!(
             refused(&long, cluster, 16),
             FrameError::TooLong(_)
@@ -715,8 +856,10 @@ mod tests {
                 reason: "z".repeat(5000),
             },
             cluster,
+            1 << 20,
             &mut frame,
-        );
+        )
+        .unwrap();
         let mut decoder = Decoder::new(cluster, handshake::HANDSHAKE_BODY_LEN_MAX);
         decoder.extend(&frame[..HEADER_LEN]);
         assert!(matches!(decoder.next_frame(), Err(FrameError::TooLong(_))));
@@ -727,5 +870,97 @@ mod tests {
             raised.next_frame(),
             Ok(Some(Body::Refused { .. }))
         ));
+    }
+
+    /// A body above the limit is refused by the encoder, whole, so that no caller can emit a
+    /// frame its peer must refuse; at the limit it goes.
+    #[test]
+    fn the_encoder_refuses_a_body_above_the_limit() {
+        let cluster = cluster_id("test");
+        let body = Body::Refused {
+            reason: "r".repeat(1000),
+        };
+        let mut sized = BytesMut::new();
+        encode(&body, cluster, usize::MAX, &mut sized).unwrap();
+        let body_len = sized.len() - HEADER_LEN;
+        let mut out = BytesMut::new();
+        assert_eq!(
+            encode(&body, cluster, body_len - 1, &mut out),
+            Err(FrameError::TooLong(body_len))
+        );
+        assert!(out.is_empty(), "nothing written for a refused body");
+        encode(&body, cluster, body_len, &mut out).unwrap();
+        assert_eq!(out, sized);
+    }
+
+    /// The length bounds that producers cut by are upper bounds of what the items take in an
+    /// encoded body, for small and large items alike.
+    #[test]
+    fn length_bounds_hold_for_encoded_bodies() {
+        let encoded_len = |body: &Body| rkyv::to_bytes::<rancor::Error>(body).unwrap().len();
+        let messages = sample()
+            .into_iter()
+            .find_map(|body| match body {
+                Body::Forward { messages } => Some(messages),
+                _ => None,
+            })
+            .expect("the samples hold a Forward");
+        for (count, payload_len) in [(1, 0), (3, 1), (17, 9), (5, 100_000)] {
+            let mut items = Vec::new();
+            for n in 0..count {
+                let mut item = messages[0].clone();
+                item.sequence = n;
+                if let Item::Publish { message, .. } = &mut item.item {
+                    message.payload = vec![7; payload_len + n as usize];
+                }
+                items.push(item);
+                items.extend(messages[1..].iter().cloned());
+            }
+            let bound: usize = items.iter().map(Forwarded::len_bound).sum();
+            let body = Body::Forward { messages: items };
+            assert!(encoded_len(&body) <= bound + 64, "{count} x {payload_len}");
+        }
+        let routes: Vec<Route> = (0..50)
+            .map(|n| Route {
+                filter: "f".repeat(n * 7),
+                group: (n % 2 == 0).then(|| "g".repeat(n)),
+            })
+            .collect();
+        let entries = vec![
+            LogEntry::Replace {
+                origin: 1,
+                routes: routes.clone(),
+            },
+            LogEntry::Route {
+                origin: 2,
+                route: routes[9].clone(),
+                added: true,
+            },
+            LogEntry::Setting {
+                key: "k".repeat(30),
+                value: "v".repeat(3),
+            },
+            LogEntry::Removed(3),
+        ];
+        let bound: usize = entries.iter().map(LogEntry::len_bound).sum();
+        let body = Body::LogEntries {
+            epoch: 1,
+            first: 1,
+            entries,
+        };
+        assert!(encoded_len(&body) <= bound + 64);
+        let bound: usize = routes.iter().map(Route::len_bound).sum();
+        let body = Body::RouteSync {
+            sequence: 1,
+            routes,
+        };
+        assert!(encoded_len(&body) <= bound + 64);
+    }
+
+    #[test]
+    fn cutting_by_length_keeps_order_and_fits_the_budget() {
+        let runs = cut_by_len([3usize, 4, 2, 9, 1, 1, 5], |&n| n, 6);
+        assert_eq!(runs, [vec![3], vec![4, 2], vec![9], vec![1, 1], vec![5]]);
+        assert!(cut_by_len(Vec::<usize>::new(), |&n| n, 6).is_empty());
     }
 }

@@ -8,12 +8,13 @@
 //! Invariants: messages to one node leave in the order the shard routed them; a QoS 1 or 2
 //! message stays queued until the receiver acknowledges it, and is resent over a new link
 //! with its number unchanged; the receiver delivers each number once per sender epoch. QoS 0
-//! messages are sent once and never resent.
+//! messages are sent once and never resent. Every frame written fits the frame size limit:
+//! a batch longer than a frame's budget goes as several `Forward` frames ([`encode_cut`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use shardmq_net::frame::{self, Body, NodeId};
 use shardmq_net::mqtt::{PublishProperties, QoS};
@@ -86,6 +87,54 @@ pub fn transfer_to_wire(transfer: &SessionTransfer, sequence: u64) -> frame::For
         },
     };
     frame::Forwarded { sequence, item }
+}
+
+/// Appends the frames of `body` to `out`, each within `body_len_max`. A `Forward` body
+/// whose items add up to more than a frame's budget (half the limit,
+/// [`frame::FRAME_BUDGET_DIVISOR`]) goes as several `Forward` frames, in order: the receiver
+/// delivers and acknowledges each as it would one, so numbering, acknowledgement and resending
+/// are unchanged. An item that fits no frame even alone (a message longer than half the
+/// limit whose true encoding is also above it: `packet_size_max` set near
+/// `cluster.frame_size_max`) is dropped, logged and counted in the return value, rather than
+/// sent in a frame the peer must refuse, which would close the link and, resent on every new
+/// link, keep it from ever recovering. Any other body goes as one frame, or is refused
+/// ([`frame::encode`]).
+pub fn encode_cut(
+    body: &Body,
+    cluster: u64,
+    body_len_max: usize,
+    out: &mut BytesMut,
+) -> Result<usize, frame::FrameError> {
+    let budget = body_len_max / frame::FRAME_BUDGET_DIVISOR;
+    let Body::Forward { messages } = body else {
+        return frame::encode(body, cluster, body_len_max, out).map(|()| 0);
+    };
+    let total = messages
+        .iter()
+        .map(frame::Forwarded::len_bound)
+        .sum::<usize>();
+    if total <= budget {
+        return frame::encode(body, cluster, body_len_max, out).map(|()| 0);
+    }
+    let mut dropped = 0;
+    for run in frame::cut_by_len(messages, |m| m.len_bound(), budget) {
+        let count = run.len();
+        let first_sequence = run.first().map(|m| m.sequence);
+        let part = Body::Forward {
+            messages: run.into_iter().cloned().collect(),
+        };
+        // A run of several items is within the budget, so only a lone item can fail here.
+        if let Err(error) = frame::encode(&part, cluster, body_len_max, out) {
+            warn!(
+                sequence = first_sequence,
+                count,
+                %error,
+                "forwarded item longer than a cluster frame: dropped"
+            );
+            dropped += count;
+        }
+    }
+    Ok(dropped)
 }
 
 /// What one received item is for this node. Lives for one item: the message inline costs
@@ -242,7 +291,8 @@ impl Peer {
         dropped
     }
 
-    /// The frame of everything not yet written, if any.
+    /// The body of everything not yet written, if any: the link cuts it into frames that
+    /// fit ([`encode_cut`]).
     pub fn take_frame(&mut self) -> Option<Body> {
         (!self.unsent.is_empty()).then(|| Body::Forward {
             messages: std::mem::take(&mut self.unsent),
@@ -519,5 +569,102 @@ mod tests {
         assert_eq!(messages.len(), 2);
         assert_eq!(peer.unacked_count(), 2);
         assert_eq!(peer.dropped, 3);
+    }
+
+    fn large(n: u8, payload_len: usize) -> Forwarded {
+        let mut message = forwarded(QoS::AtLeastOnce, n);
+        message.message.payload = Bytes::from(vec![n; payload_len]);
+        message
+    }
+
+    /// Decodes a link's bytes with the peer's limit: every frame must be within it.
+    fn frames_within(bytes: &[u8], body_len_max: usize) -> Vec<Vec<frame::Forwarded>> {
+        let mut decoder = frame::Decoder::new(9, body_len_max);
+        decoder.extend(bytes);
+        let mut frames = Vec::new();
+        while let Some(body) = decoder
+            .next_frame()
+            .expect("every frame is within the limit")
+        {
+            let Body::Forward { messages } = body else {
+                panic!("a Forward frame")
+            };
+            frames.push(messages);
+        }
+        frames
+    }
+
+    #[test]
+    fn a_backlog_longer_than_a_frame_goes_as_several_frames_each_within_the_limit() {
+        let body_len_max = 64 * 1024;
+        let mut peer = Peer::default();
+        // 40 messages of 5 KiB: about 200 KiB, three times the limit.
+        for n in 0..40 {
+            peer.push(&large(n, 5 * 1024), 0, 1_000);
+        }
+        let body = peer.take_frame().expect("a backlog");
+        let mut bytes = BytesMut::new();
+        assert_eq!(encode_cut(&body, 9, body_len_max, &mut bytes), Ok(0));
+        let frames = frames_within(&bytes, body_len_max);
+        assert!(frames.len() >= 4, "{} frames", frames.len());
+        // The receiver takes each, in order, and acknowledges how far it got.
+        let mut delivered = Delivered::default();
+        let mut taken = Vec::new();
+        for messages in frames {
+            for item in messages {
+                if delivered.first_time(2, 0, 1, item.sequence) {
+                    taken.push(item.sequence);
+                }
+            }
+            peer.acknowledged(delivered.through(2, 0));
+        }
+        assert_eq!(taken, (1..=40).collect::<Vec<u64>>(), "none lost or twice");
+        assert!(!peer.has_waiting(), "all acknowledged");
+
+        // A new link before the acknowledgement: the whole backlog goes again, cut the same
+        // way, and the receiver takes none of it twice.
+        for n in 40..80 {
+            peer.push(&large(n, 5 * 1024), 0, 1_000);
+        }
+        let _lost_with_the_link = peer.take_frame();
+        assert_eq!(peer.relink(None), 0);
+        let mut bytes = BytesMut::new();
+        encode_cut(&peer.take_frame().unwrap(), 9, body_len_max, &mut bytes).unwrap();
+        let resent: Vec<u64> = frames_within(&bytes, body_len_max)
+            .into_iter()
+            .flatten()
+            .map(|item| item.sequence)
+            .collect();
+        assert_eq!(resent, (41..=80).collect::<Vec<u64>>());
+        for &sequence in &resent {
+            assert!(delivered.first_time(2, 0, 1, sequence));
+        }
+        peer.acknowledged(delivered.through(2, 0));
+        assert!(!peer.has_waiting());
+    }
+
+    #[test]
+    fn an_item_longer_than_any_frame_is_dropped_and_the_rest_goes() {
+        let body_len_max = 8 * 1024;
+        let mut peer = Peer::default();
+        peer.push(&large(1, 100), 0, 100);
+        peer.push(&large(2, 20 * 1024), 0, 100);
+        peer.push(&large(3, 100), 0, 100);
+        let mut bytes = BytesMut::new();
+        let body = peer.take_frame().unwrap();
+        assert_eq!(encode_cut(&body, 9, body_len_max, &mut bytes), Ok(1));
+        let sent: Vec<u64> = frames_within(&bytes, body_len_max)
+            .into_iter()
+            .flatten()
+            .map(|item| item.sequence)
+            .collect();
+        assert_eq!(sent, [1, 3]);
+        // Other bodies are never cut: one above the limit is refused, nothing written.
+        let mut out = BytesMut::new();
+        let long = Body::Raft {
+            message: vec![0; body_len_max + 1],
+        };
+        assert!(encode_cut(&long, 9, body_len_max, &mut out).is_err());
+        assert!(out.is_empty());
     }
 }

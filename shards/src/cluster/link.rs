@@ -165,6 +165,8 @@ pub struct Link {
     opened_ms: u64,
     pub last_received_ms: u64,
     pub last_sent_ms: u64,
+    /// Forwarded items dropped because one alone is longer than a frame may be.
+    pub forward_items_dropped: u64,
 }
 
 impl Link {
@@ -237,6 +239,7 @@ impl Link {
             outgoing: BytesMut::new(),
             tls,
             received_any: false,
+            forward_items_dropped: 0,
             failure,
             opened_ms: now_ms,
             last_received_ms: now_ms,
@@ -287,8 +290,30 @@ impl Link {
         )
     }
 
+    /// Frames `body` for the peer. Forwarded messages are cut into as many frames as the
+    /// limit needs ([`super::forward::encode_cut`]); any other body must already fit
+    /// (the agent cuts its own): one that does not is a bug of this node, so the link fails
+    /// with the reason rather than send a frame the peer would refuse.
     pub fn send(&mut self, settings: &LinkSettings, body: &Body, now_ms: u64) {
-        frame::encode(body, settings.cluster_id(), &mut self.outgoing);
+        let result = super::forward::encode_cut(
+            body,
+            settings.cluster_id(),
+            settings.body_len_max,
+            &mut self.outgoing,
+        );
+        match result {
+            Ok(dropped) => self.forward_items_dropped += dropped as u64,
+            Err(error) => {
+                tracing::error!(
+                    kind = body.kind(),
+                    %error,
+                    "a cluster frame this node built does not fit the frame size limit"
+                );
+                self.failure.get_or_insert_with(|| {
+                    format!("a frame of kind {} to send: {error}", body.kind())
+                });
+            }
+        }
         self.last_sent_ms = now_ms;
     }
 
@@ -526,7 +551,7 @@ mod tests {
             message: vec![7; HANDSHAKE_BODY_LEN_MAX + 1],
         };
         let mut frame_bytes = BytesMut::new();
-        frame::encode(&big, sb.cluster_id(), &mut frame_bytes);
+        frame::encode(&big, sb.cluster_id(), usize::MAX, &mut frame_bytes).unwrap();
         // Before the handshake: refused from the header alone, with a reason for the peer.
         let mut stranger = Link::accepted(2, &sb, [2; 16], 0);
         let error = stranger
@@ -558,8 +583,10 @@ mod tests {
                 epoch: 1,
             }),
             sb.cluster_id(),
+            usize::MAX,
             &mut hello,
-        );
+        )
+        .unwrap();
         let mut now_ms = 1_000;
         for byte in hello.iter().take(20) {
             now_ms += 200;
@@ -618,7 +645,7 @@ mod tests {
         let sb = settings(2, "s");
         let mut b = Link::accepted(2, &sb, [2; 16], 0);
         let mut bytes = BytesMut::new();
-        frame::encode(&Body::Leave, sb.cluster_id(), &mut bytes);
+        frame::encode(&Body::Leave, sb.cluster_id(), usize::MAX, &mut bytes).unwrap();
         let error = b.receive(&sb, &bytes, 0, &mut Vec::new()).unwrap_err();
         assert!(error.contains("during the handshake"), "{error}");
     }

@@ -11,14 +11,26 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use shardmq_net::frame::{Body, LogEntry, Member, NodeId, Route, RouteDelta};
+use shardmq_net::frame::{self, Body, LogEntry, Member, NodeId, Route, RouteDelta};
 use tracing::warn;
 
 use super::super::consensus::{Consensus, Heard};
 use super::super::view::View;
 use super::super::{ClusterSettings, Io};
-use super::Shared;
+use super::{Shared, frame_budget};
 use crate::message::ConnectionId;
+
+/// The longest route an origin may send, in bytes of filter and group: an MQTT topic filter
+/// (with a shared subscription's `$share/{group}/` before it) is at most 65,535 bytes. A
+/// longer one is a peer's error and ends its link; the bound keeps every log entry well
+/// inside one frame.
+const ROUTE_LEN_MAX: usize = 65_535;
+
+/// Why `route` cannot be taken from an origin, if it cannot.
+fn route_refused(route: &Route) -> Option<String> {
+    let len = route.filter.len() + route.group.as_ref().map_or(0, String::len);
+    (len > ROUTE_LEN_MAX).then(|| format!("a route of {len} bytes (at most {ROUTE_LEN_MAX})"))
+}
 
 /// What a core knows of one origin.
 #[derive(Debug)]
@@ -152,6 +164,40 @@ impl Core {
         }
     }
 
+    /// Appends that `routes` replace what the log held for `origin`, in entries that each fit
+    /// a frame: a `Replace` with the first run of routes, then one `Route` addition for each
+    /// of the rest. Applied in order they build the same set as one `Replace` would, and
+    /// `LogEntries` can always be cut between them.
+    pub(super) fn append_replace(
+        &mut self,
+        shared: &mut Shared,
+        origin: NodeId,
+        routes: impl IntoIterator<Item = Route>,
+        settings: &ClusterSettings,
+        now_ms: u64,
+    ) {
+        let mut runs =
+            frame::cut_by_len(routes, Route::len_bound, frame_budget(settings)).into_iter();
+        let first = runs.next().unwrap_or_default();
+        self.append(
+            shared,
+            LogEntry::Replace {
+                origin,
+                routes: first,
+            },
+            settings,
+            now_ms,
+        );
+        for route in runs.flatten() {
+            let entry = LogEntry::Route {
+                origin,
+                route,
+                added: true,
+            };
+            self.append(shared, entry, settings, now_ms);
+        }
+    }
+
     /// The earliest time the core's side has work: an absent member's grace period ends, a
     /// follower's snapshot may be served, or the Raft clock ticks.
     pub(super) fn next_deadline_ms(&self, settings: &ClusterSettings) -> Option<u64> {
@@ -243,17 +289,16 @@ impl Core {
             .origins
             .get_mut(&node)
             .ok_or("RouteSync to a node that is not a core")?;
+        if let Some(refused) = routes.iter().find_map(route_refused) {
+            return Err(format!("RouteSync with {refused}"));
+        }
         origin.sequence = sequence;
         if !admitted {
             origin.held = Some(routes.into_iter().collect());
             return Ok(());
         }
         origin.held = None;
-        let entry = LogEntry::Replace {
-            origin: node,
-            routes,
-        };
-        self.append(shared, entry, &io.settings, io.now_ms);
+        self.append_replace(shared, node, routes, &io.settings, io.now_ms);
         Ok(())
     }
 
@@ -270,6 +315,9 @@ impl Core {
                 .origins
                 .get_mut(&node)
                 .ok_or("RouteDeltas to a node that is not a core")?;
+            if let Some(refused) = route_refused(&delta.route) {
+                return Err(format!("route delta {} with {refused}", delta.sequence));
+            }
             if origin.sequence.checked_add(1) != Some(delta.sequence) {
                 return Err(format!(
                     "route delta {} from node {node} after {}: a gap",
@@ -317,12 +365,16 @@ impl Core {
         let log = &self.log;
         let next = log.next();
         let warm = io.now_ms >= self.warm_at_ms;
+        let budget = frame_budget(&io.settings);
         for (&connection, follower) in &mut self.followers {
             if follower.snapshot_due {
                 if !warm {
                     continue;
                 }
                 let (members, down, routes, settings) = view.parts();
+                let mut runs =
+                    frame::cut_by_len(routes, |(_, route)| route.len_bound() + 16, budget)
+                        .into_iter();
                 io.send(
                     connection,
                     &Body::LogSnapshot {
@@ -330,10 +382,18 @@ impl Core {
                         next,
                         members,
                         down,
-                        routes,
+                        routes: runs.next().unwrap_or_default(),
                         settings,
                     },
                 );
+                for routes in runs {
+                    let more = Body::SnapshotRoutes {
+                        epoch: log.epoch,
+                        next,
+                        routes,
+                    };
+                    io.send(connection, &more);
+                }
                 follower.snapshot_due = false;
                 follower.next = next;
             }
@@ -346,21 +406,22 @@ impl Core {
                 follower.next = log.base;
             }
             let skip = (follower.next - log.base) as usize;
-            let entries: Vec<LogEntry> = log
-                .entries
-                .iter()
-                .skip(skip)
-                .map(|(_, e)| e.clone())
-                .collect();
-            io.send(
-                connection,
-                &Body::LogEntries {
-                    epoch: log.epoch,
-                    first: follower.next,
-                    entries,
-                },
-            );
-            follower.next = next;
+            let entries = log.entries.iter().skip(skip).map(|(_, e)| e.clone());
+            // Every entry fits a frame alone (routes are bounded, a `Replace` is cut when it
+            // is appended), so the tail goes in runs that each fit, numbered on.
+            for entries in frame::cut_by_len(entries, LogEntry::len_bound, budget) {
+                let count = entries.len() as u64;
+                io.send(
+                    connection,
+                    &Body::LogEntries {
+                        epoch: log.epoch,
+                        first: follower.next,
+                        entries,
+                    },
+                );
+                follower.next += count;
+            }
+            debug_assert_eq!(follower.next, next);
         }
     }
 
@@ -402,5 +463,150 @@ impl Core {
         self.absent_since.clear();
         self.proposed.clear();
         self.origins.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use shardmq_net::frame::{Decoder, Role};
+
+    use super::super::super::LinkSettings;
+    use super::super::{Agent, RoleState, route_delta_frames, route_sync_frames};
+    use super::*;
+
+    const BODY_LEN_MAX: usize = 64 * 1024;
+
+    fn member(node: NodeId, role: Role) -> Member {
+        Member {
+            node,
+            role,
+            cluster_address: format!("127.0.0.{node}:7000"),
+            mqtt_address: String::new(),
+            epoch: 1,
+        }
+    }
+
+    fn settings(node: NodeId, role: Role) -> ClusterSettings {
+        ClusterSettings {
+            link: LinkSettings {
+                member: member(node, role),
+                cluster_name: "test".into(),
+                cluster_secret: "a-secret-long-enough-0123".into(),
+                body_len_max: BODY_LEN_MAX,
+                epoch: 1,
+                tls: None,
+            },
+            seeds: Vec::new(),
+            heartbeat_ms: 100,
+            link_timeout_ms: 500,
+            reconnect_ms: 100,
+            down_grace_ms: 4_000,
+            log_entries_max: 10_000,
+            forward_queue_max: 1_000,
+            start_ms: 0,
+        }
+    }
+
+    /// Frames through an encoder and a decoder that both hold the limit.
+    fn over_the_wire(bodies: &[Body]) -> Vec<Body> {
+        let cluster = frame::cluster_id("test");
+        let mut bytes = BytesMut::new();
+        for body in bodies {
+            frame::encode(body, cluster, BODY_LEN_MAX, &mut bytes).expect("within the limit");
+        }
+        let mut decoder = Decoder::new(cluster, BODY_LEN_MAX);
+        decoder.extend(&bytes);
+        std::iter::from_fn(|| decoder.next_frame().expect("a frame within the limit")).collect()
+    }
+
+    /// A route set three times the frame limit reaches a core as a `RouteSync` and numbered
+    /// `RouteDeltas` in frames that each fit; the core's view ends up with the whole set, the
+    /// next real change follows on, and every log entry the core keeps fits a frame.
+    #[test]
+    fn a_route_set_larger_than_a_frame_converges() {
+        let budget = BODY_LEN_MAX / frame::FRAME_BUDGET_DIVISOR;
+        let routes: BTreeSet<Route> = (0..300)
+            .map(|n| Route {
+                filter: format!("{n:04}/{}", "f".repeat(600)),
+                group: (n % 3 == 0).then(|| format!("g{n}")),
+            })
+            .collect();
+        // The origin made 310 changes to reach this set (some routes came and went).
+        let sequence = 310;
+        let frames = route_sync_frames(sequence, &routes, budget);
+        assert!(frames.len() > 3, "{} frames", frames.len());
+
+        let settings = settings(1, Role::Core);
+        let mut agent = Agent::new(&settings, 1, 0);
+        let mut io = Io {
+            links: BTreeMap::new(),
+            outputs: Vec::new(),
+            settings: settings.clone(),
+            now_ms: 0,
+        };
+        let RoleState::Core(core) = &mut agent.role else {
+            panic!("a core")
+        };
+        let origin = member(2, Role::Edge);
+        core.origin_linked(2, &origin);
+        core.consensus.registry.members.insert(2, origin);
+        for body in over_the_wire(&frames) {
+            match body {
+                Body::RouteSync { sequence, routes } => core
+                    .route_sync(&mut agent.shared, 2, sequence, routes, &io)
+                    .unwrap(),
+                Body::RouteDeltas { deltas } => core
+                    .route_deltas(&mut agent.shared, 2, deltas, &io)
+                    .unwrap(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let gone = routes.first().unwrap().clone();
+        let next = route_delta_frames(
+            [RouteDelta {
+                sequence: sequence + 1,
+                route: gone.clone(),
+                added: false,
+            }],
+            budget,
+        );
+        for body in over_the_wire(&next) {
+            let Body::RouteDeltas { deltas } = body else {
+                panic!("deltas")
+            };
+            core.route_deltas(&mut agent.shared, 2, deltas, &io)
+                .unwrap();
+        }
+        let mut expected = routes.clone();
+        expected.remove(&gone);
+        assert_eq!(agent.shared.view.routes.get(&2), Some(&expected));
+        assert!(
+            core.log
+                .entries
+                .iter()
+                .all(|(_, e)| e.len_bound() <= budget),
+            "every log entry fits a frame"
+        );
+        // A follower from the start of the log builds the same set from its entries.
+        let mut view = View::default();
+        for (_, entry) in &core.log.entries {
+            view.apply(entry, &mut Vec::new());
+        }
+        assert_eq!(view.routes.get(&2), Some(&expected));
+        // A peer's route longer than an MQTT filter can be ends its link.
+        let long = RouteDelta {
+            sequence: sequence + 2,
+            route: Route {
+                filter: "x".repeat(ROUTE_LEN_MAX + 1),
+                group: None,
+            },
+            added: true,
+        };
+        io.now_ms = 1;
+        assert!(
+            core.route_deltas(&mut agent.shared, 2, vec![long], &io)
+                .is_err()
+        );
     }
 }

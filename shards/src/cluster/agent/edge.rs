@@ -5,8 +5,8 @@
 //! is applied only if it is exactly the next one of the epoch followed (a gap asks for a
 //! snapshot again); this node's own routes are its own to tell and never taken from a core.
 
-use shardmq_net::frame::{Body, LogEntry, NodeId, Role};
-use tracing::{info, warn};
+use shardmq_net::frame::{Body, LogEntry, NodeId, Role, Route};
+use tracing::{debug, info, warn};
 
 use super::super::Io;
 use super::super::view::{Parts, View};
@@ -107,6 +107,38 @@ impl Edge {
         });
         // Tell the core at once how far we are: its replication lag stays exact.
         io.send(connection, &Body::Heartbeat { applied: next });
+    }
+
+    /// More routes of the snapshot just applied (one whose routes did not fit its frame),
+    /// added to the view. They follow the snapshot on its link before any entry after it, so
+    /// they are taken only while this edge is still at that snapshot's point of that log;
+    /// anything else is left from a snapshot since replaced, and ignored.
+    pub(super) fn snapshot_routes(
+        &mut self,
+        shared: &mut Shared,
+        connection: ConnectionId,
+        epoch: u64,
+        next: u64,
+        routes: Vec<(NodeId, Route)>,
+    ) {
+        let Some(followed) = self.followed(connection) else {
+            return;
+        };
+        if followed.epoch != epoch || followed.next != next {
+            debug!(epoch, next, "routes of an earlier snapshot: ignored");
+            return;
+        }
+        for (origin, route) in routes {
+            // This node's own routes are its own to tell, as in the snapshot itself.
+            if origin != shared.node {
+                let entry = LogEntry::Route {
+                    origin,
+                    route,
+                    added: true,
+                };
+                shared.view.apply(&entry, &mut shared.changes);
+            }
+        }
     }
 
     /// The next entries of the followed log, applied to the view if they are the next ones.

@@ -140,11 +140,7 @@ impl Core {
                             && origin.member == member
                             && let Some(routes) = origin.held.take()
                         {
-                            let entry = LogEntry::Replace {
-                                origin: node,
-                                routes: routes.into_iter().collect(),
-                            };
-                            self.append(shared, entry, &io.settings, now_ms);
+                            self.append_replace(shared, node, routes, &io.settings, now_ms);
                         }
                     }
                     LogEntry::Down(node) => {

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::super::Io;
 use super::super::view::View;
-use super::{Agent, RoleState, Shared, group_state};
+use super::{Agent, RoleState, Shared, frame_budget, group_state, route_sync_frames};
 use crate::message::ConnectionId;
 
 impl Agent {
@@ -112,13 +112,9 @@ impl Agent {
             }
             RoleState::Edge(_) => {}
         }
-        io.send(
-            connection,
-            &Body::RouteSync {
-                sequence: shared.sequence,
-                routes: shared.routes.iter().cloned().collect(),
-            },
-        );
+        for body in route_sync_frames(shared.sequence, &shared.routes, frame_budget(&io.settings)) {
+            io.send(connection, &body);
+        }
         if let RoleState::Edge(edge) = &mut self.role
             && !edge.is_following()
         {

@@ -34,7 +34,7 @@ mod links;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use shardmq_net::frame::{Body, LogEntry, Member, NodeId, Role, Route, RouteDelta};
+use shardmq_net::frame::{self, Body, LogEntry, Member, NodeId, Role, Route, RouteDelta};
 use tracing::info;
 
 use self::core::Core;
@@ -43,6 +43,49 @@ use super::consensus::{ConsensusStatus, Heard};
 use super::view::{Change, View};
 use super::{ClusterSettings, Io, TAG_SEED};
 use crate::message::ConnectionId;
+
+/// The estimated length one frame of the agent may fill: half the frame size limit
+/// ([`frame::FRAME_BUDGET_DIVISOR`]), so that what the estimate leaves out always fits.
+fn frame_budget(settings: &ClusterSettings) -> usize {
+    settings.link.body_len_max / frame::FRAME_BUDGET_DIVISOR
+}
+
+/// A route set as frames within `budget`: `RouteSync` with the first run of routes, then
+/// `RouteDeltas` adding the rest. The sync carries `sequence` less the number of routes
+/// that follow it, and the deltas after it count up to `sequence`: the core sees an unbroken
+/// sequence, and the next real change (`sequence + 1`) follows on. A set never holds more
+/// routes than `sequence` (each was added by a change), so the subtraction cannot go below 0.
+fn route_sync_frames(sequence: u64, routes: &BTreeSet<Route>, budget: usize) -> Vec<Body> {
+    let mut runs = frame::cut_by_len(routes.iter().cloned(), Route::len_bound, budget).into_iter();
+    let first = runs.next().unwrap_or_default();
+    let rest: Vec<Route> = runs.flatten().collect();
+    let start = sequence.checked_sub(rest.len() as u64);
+    debug_assert!(start.is_some(), "a route set larger than its sequence");
+    let start = start.unwrap_or(0);
+    let mut frames = vec![Body::RouteSync {
+        sequence: start,
+        routes: first,
+    }];
+    let deltas = rest
+        .into_iter()
+        .zip(start + 1..)
+        .map(|(route, sequence)| RouteDelta {
+            sequence,
+            route,
+            added: true,
+        });
+    frames.extend(route_delta_frames(deltas, budget));
+    frames
+}
+
+/// Route deltas as `RouteDeltas` frames within `budget`, in order.
+fn route_delta_frames(deltas: impl IntoIterator<Item = RouteDelta>, budget: usize) -> Vec<Body> {
+    let delta_bound = |d: &RouteDelta| d.route.len_bound() + 16;
+    frame::cut_by_len(deltas, delta_bound, budget)
+        .into_iter()
+        .map(|deltas| Body::RouteDeltas { deltas })
+        .collect()
+}
 
 /// A core address this node keeps a control link to.
 #[derive(Debug)]
@@ -367,8 +410,19 @@ impl Agent {
                     entries,
                 },
             ) => edge.entries(shared, connection, node, epoch, first, entries, io),
+            (
+                RoleState::Edge(edge),
+                Body::SnapshotRoutes {
+                    epoch,
+                    next,
+                    routes,
+                },
+            ) => edge.snapshot_routes(shared, connection, epoch, next, routes),
             // A core follows no one: what a follower is sent is not for it.
-            (RoleState::Core(_), Body::LogSnapshot { .. } | Body::LogEntries { .. }) => {}
+            (
+                RoleState::Core(_),
+                Body::LogSnapshot { .. } | Body::SnapshotRoutes { .. } | Body::LogEntries { .. },
+            ) => {}
             (role, Body::Leave) => {
                 info!(node, "node left the cluster");
                 if let RoleState::Core(core) = role {
@@ -432,13 +486,11 @@ impl Agent {
         let shared = &mut self.shared;
         if !shared.pending.is_empty() {
             let deltas = std::mem::take(&mut shared.pending);
+            let frames = route_delta_frames(deltas, frame_budget(&io.settings));
             for connection in shared.core_links() {
-                io.send(
-                    connection,
-                    &Body::RouteDeltas {
-                        deltas: deltas.clone(),
-                    },
-                );
+                for body in &frames {
+                    io.send(connection, body);
+                }
             }
         }
         if let RoleState::Core(core) = &mut self.role {
