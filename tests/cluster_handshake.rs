@@ -361,14 +361,58 @@ fn a_link_that_trickles_or_stays_silent_is_closed_within_the_handshake_deadline(
     );
 }
 
+/// A TCP connection to `address` from the loopback address `source`.
+fn connect_from(source: [u8; 4], address: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+    socket.connect(&address.into()).unwrap();
+    TcpStream::from(socket)
+}
+
+#[test]
+fn the_cluster_port_takes_at_most_64_connections_from_one_address() {
+    let cluster = TestCluster::start(1, 0);
+    let address = cluster.node(1).cluster_address;
+    let source = [127, 0, 2, 1];
+    let held: Vec<TcpStream> = (0..64).map(|_| connect_from(source, address)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut one_more = connect_from(source, address);
+    one_more
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let refused = match one_more.read(&mut byte) {
+        Ok(0) => true,
+        Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(
+        refused,
+        "the 65th connection from one address is closed at once"
+    );
+    // Another address is still admitted (it waits for its handshake, not refused).
+    let mut other = connect_from([127, 0, 2, 2], address);
+    other
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        matches!(other.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            || e.kind() == std::io::ErrorKind::TimedOut),
+        "another address's connection is held for its handshake"
+    );
+    drop(held);
+}
+
 #[test]
 fn links_in_handshake_are_capped_and_the_cluster_still_forms_after() {
     let mut cluster = TestCluster::start(2, 0);
     let address = cluster.node(1).cluster_address;
     // Node 2 stops dialling node 1 while strangers hold every handshake place there.
     cluster.node_mut(2).broker.kill();
+    // From 32 source addresses, within the per-address limit of the cluster port (64), so
+    // that the cap on links in their handshake is what stops the next one.
     let strangers: Vec<TcpStream> = (0..PENDING_LINKS_MAX)
-        .map(|_| TcpStream::connect(address).unwrap())
+        .map(|i| connect_from([127, 0, 1, 1 + (i % 32) as u8], address))
         .collect();
     // Give node 1 a moment to take them all (well within the 600 ms link timeout).
     std::thread::sleep(Duration::from_millis(150));
