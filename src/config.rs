@@ -462,10 +462,16 @@ impl Config {
             c.forward_queue_max > 0,
             "`cluster.forward_queue_max` must be positive",
         )?;
-        check(
-            c.frame_size_max >= 4096,
-            "`cluster.frame_size_max` must be at least 4096 bytes",
-        )?;
+        // Senders fill a frame to half the limit, and one forwarded message (a packet of up
+        // to `packet_size_max`, with its routing) must fit that half.
+        let frame_size_min = (self.limits.packet_size_max as usize)
+            .saturating_add(64 * 1024)
+            .saturating_mul(2);
+        if c.frame_size_max < frame_size_min {
+            return Err(format!(
+                "`cluster.frame_size_max` must be at least twice `limits.packet_size_max` plus 64 KiB ({frame_size_min} bytes): a forwarded message must fit half a frame"
+            ));
+        }
         check(
             (1..=600_000).contains(&c.takeover_timeout_ms),
             "`cluster.takeover_timeout_ms` must be from 1 to 600000",
