@@ -17,7 +17,8 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use shardmq_net::frame::{self, Body, NodeId};
-use shardmq_net::mqtt::{PublishProperties, QoS};
+use shardmq_net::mqtt::wire::FIELD_LENGTH_MAX;
+use shardmq_net::mqtt::{PublishProperties, QoS, topic};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, warn};
 
@@ -149,6 +150,12 @@ pub enum Received {
 /// The item a wire item carries, or why it is not one (a peer's bytes are checked like a
 /// client's: a bad QoS ends the link, not the node).
 pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String> {
+    if let frame::Item::Claim { client_id, .. } | frame::Item::Handover { client_id, .. } =
+        &wire.item
+        && (client_id.len() > FIELD_LENGTH_MAX || client_id.contains('\0'))
+    {
+        return Err("a forwarded client identifier is not a valid MQTT string".into());
+    }
     match wire.item {
         frame::Item::Publish {
             message,
@@ -189,6 +196,37 @@ fn publish_from_wire(
     now_ms: u64,
 ) -> Result<Forwarded, String> {
     let qos = QoS::from_bits(m.qos).ok_or_else(|| format!("forwarded QoS {} is invalid", m.qos))?;
+    // A peer's message is checked as a client's PUBLISH would be: it is stored retained and
+    // delivered here, and quoted to clients.
+    let string_ok = |text: &str| text.len() <= FIELD_LENGTH_MAX && !text.contains('\0');
+    if !string_ok(&m.topic) {
+        return Err("a forwarded topic is not a valid MQTT string".into());
+    }
+    topic::validate_name(&m.topic).map_err(|error| format!("a forwarded topic: {error}"))?;
+    if let Some(response_topic) = &m.response_topic {
+        if !string_ok(response_topic) {
+            return Err("a forwarded response topic is not a valid MQTT string".into());
+        }
+        topic::validate_name(response_topic)
+            .map_err(|error| format!("a forwarded response topic: {error}"))?;
+    }
+    let strings_ok = m
+        .user_properties
+        .iter()
+        .all(|(key, value)| string_ok(key) && string_ok(value))
+        && m.content_type.as_deref().is_none_or(string_ok)
+        && m.publisher.as_deref().is_none_or(string_ok)
+        && m.correlation_data
+            .as_ref()
+            .is_none_or(|d| d.len() <= FIELD_LENGTH_MAX);
+    if !strings_ok {
+        return Err("a forwarded message's property is not a valid MQTT field".into());
+    }
+    for (group, filter) in &groups {
+        if !string_ok(group) || !string_ok(filter) || topic::validate_filter(filter).is_err() {
+            return Err("a forwarded shared-group filter is invalid".into());
+        }
+    }
     Ok(Forwarded {
         message: Message {
             topic: ByteString::from(m.topic),
@@ -468,6 +506,22 @@ mod tests {
             message.qos = 3;
         }
         assert!(from_wire(bad, 0).is_err());
+        // Checked like a client's PUBLISH: no wildcard, no empty topic, valid strings.
+        for topic in ["a/+/b", "#", "", "nul\0"] {
+            let mut bad = to_wire(&original, 1, 0);
+            if let frame::Item::Publish { message, .. } = &mut bad.item {
+                message.topic = topic.into();
+            }
+            assert!(from_wire(bad, 0).is_err(), "{topic:?} refused");
+        }
+        let mut bad = to_wire(&original, 1, 0);
+        if let frame::Item::Publish { message, .. } = &mut bad.item {
+            message.user_properties = vec![("k".into(), "v".repeat(70_000))];
+        }
+        assert!(
+            from_wire(bad, 0).is_err(),
+            "a user property past 65,535 bytes"
+        );
         // A peer's time left cannot overflow the clock: the message just never expires.
         let mut forever = to_wire(&original, 1, 0);
         if let frame::Item::Publish { message, .. } = &mut forever.item {
