@@ -1,0 +1,99 @@
+//! The interface between a reactor and the code it drives: the [`Handler`] trait, the
+//! [`Event`]s the reactor tells it, and the [`Actions`] it asks for at the end of a batch.
+//!
+//! Never: holds a socket or a ring entry. Actions are only collected here; the reactor carries
+//! them out (`apply` in `mod.rs`) after the handler's flush.
+
+use std::io;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use super::ConnectionId;
+
+/// What happened, told to the handler.
+#[derive(Debug)]
+pub enum Event<M> {
+    /// A connection accepted on a main listener, or handed over by another reactor.
+    Opened(ConnectionId),
+    /// A connection accepted on the side listener
+    /// ([`ReactorConfig::side_listen`](super::ReactorConfig::side_listen); for the broker, its
+    /// cluster port), or a side connection handed over by another reactor. Its id is a side
+    /// one ([`is_side`](super::is_side)).
+    OpenedSide(ConnectionId),
+    /// An outbound connection asked for with [`Actions::connect`] is established; its id is
+    /// a side one ([`is_side`](super::is_side)).
+    Connected(ConnectionId, u64),
+    /// An outbound connection failed; the tag says which.
+    ConnectFailed(u64, io::Error),
+    Received(ConnectionId, Bytes),
+    /// The socket took some of the connection's bytes: this many of those given with
+    /// [`Actions::send`] are not sent yet. Told once per loop for each open connection that
+    /// had send completions, after them all.
+    Sent(ConnectionId, usize),
+    Closed(ConnectionId),
+    Message(M),
+    /// The handler's deadline has passed.
+    Tick,
+    /// The process is stopping: say goodbye to every connection and close it.
+    Shutdown,
+}
+
+/// What the handler asks for at the end of a batch.
+#[derive(Debug)]
+pub struct Actions<M> {
+    pub(super) sends: Vec<(ConnectionId, Bytes)>,
+    pub(super) closes: Vec<ConnectionId>,
+    pub(super) hand_offs: Vec<(ConnectionId, u16, Bytes)>,
+    pub(super) posts: Vec<(u16, M)>,
+    pub(super) connects: Vec<(SocketAddr, Option<std::net::IpAddr>, u64)>,
+}
+
+impl<M> Actions<M> {
+    pub(super) fn new() -> Self {
+        Self {
+            sends: Vec::new(),
+            closes: Vec::new(),
+            hand_offs: Vec::new(),
+            posts: Vec::new(),
+            connects: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, connection: ConnectionId, bytes: Bytes) {
+        self.sends.push((connection, bytes));
+    }
+
+    /// Closes the connection after the bytes queued for it are sent.
+    pub fn close(&mut self, connection: ConnectionId) {
+        self.closes.push(connection);
+    }
+
+    /// Moves the connection to reactor `target`, whose handler sees it open and receive `bytes`
+    /// (followed by anything that arrives meanwhile).
+    pub fn hand_off(&mut self, connection: ConnectionId, target: u16, bytes: Bytes) {
+        self.hand_offs.push((connection, target, bytes));
+    }
+
+    pub fn post(&mut self, target: u16, message: M) {
+        self.posts.push((target, message));
+    }
+
+    /// Opens a TCP connection to `address`, from `source` if given (bound with
+    /// IP_BIND_ADDRESS_NO_PORT, so that the port is chosen per destination and many source
+    /// addresses multiply the connections one host can open). The handler then sees
+    /// `Connected(id, tag)` or `ConnectFailed(tag, error)`.
+    pub fn connect(&mut self, address: SocketAddr, source: Option<std::net::IpAddr>, tag: u64) {
+        self.connects.push((address, source, tag));
+    }
+}
+
+/// The code a reactor drives.
+pub trait Handler {
+    type Message: Send + 'static;
+    fn event(&mut self, now_ms: u64, event: Event<Self::Message>);
+    /// Moves everything the handled events produced into `actions`.
+    fn flush(&mut self, actions: &mut Actions<Self::Message>);
+    /// When the handler next wants `Event::Tick`, in microseconds since the epoch.
+    fn next_deadline_us(&self) -> Option<u64>;
+}
