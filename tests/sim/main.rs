@@ -1430,3 +1430,15 @@ fn a_seed_replays_exactly() {
         REPLAY_SEED + 1
     );
 }
+
+/// Seed 532: core 2 restarts, the leader adds its new incarnation as a voter and sends it a
+/// snapshot, and the link carrying the snapshot drops 9 ms later. The leader must send the
+/// snapshot again (raft-rs waits for a report of it), or the voters stay [1, 2, 2, 3] with
+/// the old incarnation gone and the new one without the log, and the old one is never
+/// removed: that removal needs the new one's vote.
+#[test]
+fn a_snapshot_lost_with_its_link_is_sent_again() {
+    if let Err(error) = simulate(532) {
+        panic!("seed 532 failed: {error}");
+    }
+}

@@ -84,7 +84,9 @@ impl Core {
         self.consensus.process();
         self.mirror(shared, io);
         // Raft messages go on the link this core dialled to their core, in the order raft-rs
-        // gave them.
+        // gave them. One that has no link is lost, which raft-rs is told (once per core and
+        // round), so that it sends again what it waits to hear back about.
+        let mut unreached = Vec::new();
         for (to, message) in self.consensus.take_outbox() {
             let link = shared
                 .up_links
@@ -92,8 +94,16 @@ impl Core {
                 .find(|&(c, &(node, _))| node == to && shared.is_seed_link(*c));
             match link {
                 Some((&connection, _)) => io.send(connection, &Body::Raft { message }),
-                None => debug!(to, "no control link to the core: Raft message dropped"),
+                None => {
+                    debug!(to, "no control link to the core: Raft message dropped");
+                    if !unreached.contains(&to) {
+                        unreached.push(to);
+                    }
+                }
             }
+        }
+        for node in unreached {
+            self.consensus.unreachable(node);
         }
     }
 

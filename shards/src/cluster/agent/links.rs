@@ -137,7 +137,14 @@ impl Agent {
         }
         let node = shared.up_links.remove(&connection).map(|(node, _)| node);
         match &mut self.role {
-            RoleState::Core(core) => core.link_lost(connection, node.filter(|_| inbound)),
+            RoleState::Core(core) => {
+                // Raft messages travel on the links this core dialled: what was in flight on
+                // this one may be lost.
+                if let Some(node) = node.filter(|_| !inbound) {
+                    core.consensus.unreachable(node);
+                }
+                core.link_lost(connection, node.filter(|_| inbound))
+            }
             RoleState::Edge(edge) => {
                 if let Some(node) = node {
                     edge.link_lost(shared, connection, node, io);

@@ -26,6 +26,12 @@
 //! majority of cores is gone) drops the group and founds a new one with the cores of its seed
 //! list once they agree again. The membership is rebuilt from the links; the cluster-wide
 //! settings of the lost group are not carried over.
+//!
+//! What the links lose, raft-rs cannot see: the leader reports a core unreachable when its
+//! control link closes or a message to it had no link, and reports a snapshot lost when the
+//! follower has not answered it within `SNAPSHOT_TIMEOUTS` election timeouts. raft-rs sends a
+//! follower waiting for a snapshot nothing else until the snapshot is reported, so without
+//! this a snapshot lost once would leave that follower without the log for good.
 
 mod ready;
 mod registry;
@@ -36,7 +42,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeType, ConfState, Message, Snapshot};
 use raft::storage::MemStorage;
-use raft::{Config, RawNode, StateRole};
+use raft::{Config, ProgressState, RawNode, SnapshotStatus, StateRole};
 use shardmq_net::frame::{LogEntry, NodeId, Role, encode_entries};
 use tracing::{debug, info, warn};
 
@@ -81,6 +87,10 @@ pub struct ConsensusStatus {
 /// documentation).
 const LEADERLESS_TIMEOUTS: u64 = 10;
 
+/// A leader gives up a snapshot it sent when the follower has not answered it within this
+/// many election timeouts, and sends it again (see [`Consensus::unreachable`]).
+const SNAPSHOT_TIMEOUTS: u64 = 2;
+
 /// What a core said of itself in its last `GroupState`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heard {
@@ -116,6 +126,10 @@ pub struct Consensus {
     pub hold: bool,
     /// A committed configuration removed this incarnation.
     retired: bool,
+    /// On the leader: for how many ticks each follower (by Raft identifier) has been waiting
+    /// for a snapshot, that is, raft-rs has sent it one and sends it nothing else until the
+    /// snapshot is answered or reported lost.
+    snapshot_ticks: BTreeMap<u64, u64>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -152,6 +166,7 @@ impl Consensus {
             leader_heard_ms: None,
             hold: false,
             retired: false,
+            snapshot_ticks: BTreeMap::new(),
         };
         consensus.new_incarnation();
         consensus
@@ -429,7 +444,81 @@ impl Consensus {
                 raw.tick();
             }
         }
+        self.expire_snapshots(ticks);
         self.after_step();
+    }
+
+    /// The Raft messages last sent to core `node` may be lost: its control link closed, or
+    /// there was no link to send them on. raft-rs cannot tell by itself. A follower it sent
+    /// entries optimistically goes back to probing, and a follower it sent a snapshot is
+    /// sent the snapshot again: raft-rs sends a follower in snapshot state nothing else until
+    /// the snapshot is reported, so a snapshot lost with a link would leave that follower
+    /// without the log for good, and with it every change that needs its vote.
+    pub fn unreachable(&mut self, node: NodeId) {
+        let Some(raw) = &mut self.raw else {
+            return;
+        };
+        if raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let ids: Vec<u64> = raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(&id, _)| id)
+            .filter(|&id| id != self.id && node_of(id) == Some(node))
+            .collect();
+        for id in ids {
+            raw.report_unreachable(id);
+            let waiting = raw
+                .raft
+                .prs()
+                .get(id)
+                .is_some_and(|pr| pr.state == ProgressState::Snapshot);
+            if waiting {
+                debug!(
+                    node,
+                    "Raft snapshot to the core may be lost with its link: sending it again"
+                );
+                raw.report_snapshot(id, SnapshotStatus::Failure);
+                self.snapshot_ticks.remove(&id);
+            }
+        }
+    }
+
+    /// On the leader: a snapshot that has waited `SNAPSHOT_TIMEOUTS` election timeouts for
+    /// its follower's answer is reported lost, so that raft-rs sends it again (a snapshot
+    /// can be lost while its link stays up, in a frame the peer refused, say). A follower
+    /// that took it answers within a round trip, which takes it out of snapshot state.
+    fn expire_snapshots(&mut self, ticks: u64) {
+        let Some(raw) = &mut self.raw else {
+            return;
+        };
+        if raw.raft.state != StateRole::Leader {
+            self.snapshot_ticks.clear();
+            return;
+        }
+        let waiting: Vec<u64> = raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.state == ProgressState::Snapshot)
+            .map(|(&id, _)| id)
+            .collect();
+        self.snapshot_ticks.retain(|id, _| waiting.contains(id));
+        let limit = SNAPSHOT_TIMEOUTS * 2 * self.election_tick as u64;
+        for id in waiting {
+            let waited = self.snapshot_ticks.entry(id).or_insert(0);
+            *waited += ticks;
+            if *waited >= limit {
+                debug!(
+                    node = node_of(id),
+                    "Raft snapshot not answered: sending it again"
+                );
+                raw.report_snapshot(id, SnapshotStatus::Failure);
+                self.snapshot_ticks.remove(&id);
+            }
+        }
     }
 
     /// Whether a majority of the voters are incarnations that are provably gone: their cores
@@ -549,6 +638,7 @@ impl Consensus {
         self.committed.push(Committed::Snapshot);
         self.founders.clear();
         self.outbox.clear();
+        self.snapshot_ticks.clear();
         self.hold = true;
     }
 
@@ -619,5 +709,142 @@ impl Consensus {
             founders: self.founders.iter().filter_map(|&v| node_of(v)).collect(),
             id: self.id,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::prelude::MessageType;
+
+    use super::*;
+
+    const TICK_MS: u64 = 10;
+    const ELECTION_TICK: usize = 5;
+
+    /// A group of one founded by core 1, led by it, with core 2 (not yet in a group) added as
+    /// a voter: the leader has committed the change and waits for core 2.
+    fn leader_adding_core_2() -> (Consensus, Consensus, u64) {
+        let mut leader = Consensus::new(1, 7, TICK_MS, ELECTION_TICK, 0);
+        let joiner = Consensus::new(2, 8, TICK_MS, ELECTION_TICK, 0);
+        leader.set_founders(&[1]);
+        assert!(leader.try_found(), "a lone seed core founds at once");
+        let mut now_ms = 0;
+        while !leader.is_leader() {
+            now_ms += TICK_MS;
+            leader.tick(now_ms);
+            leader.process();
+            assert!(now_ms < 10_000, "a group of one elects its core");
+        }
+        leader
+            .propose_voter(joiner.id, true)
+            .expect("the leader takes the change");
+        leader.process();
+        assert!(
+            leader.voters().contains(&joiner.id),
+            "a group of one commits at once"
+        );
+        (leader, joiner, now_ms)
+    }
+
+    fn is_snapshot(bytes: &[u8]) -> bool {
+        Message::parse_from_bytes(bytes).is_ok_and(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+    }
+
+    /// Delivers every message between the two cores until none is left; snapshots from the
+    /// leader are dropped while `lose_snapshots`. Returns how many snapshots were sent.
+    fn exchange(leader: &mut Consensus, joiner: &mut Consensus, lose_snapshots: bool) -> usize {
+        let mut snapshots = 0;
+        for _ in 0..100 {
+            leader.process();
+            joiner.process();
+            let to_joiner = leader.take_outbox();
+            let to_leader = joiner.take_outbox();
+            if to_joiner.is_empty() && to_leader.is_empty() {
+                return snapshots;
+            }
+            for (to, bytes) in to_joiner {
+                assert_eq!(to, 2);
+                if is_snapshot(&bytes) {
+                    snapshots += 1;
+                    if lose_snapshots {
+                        continue;
+                    }
+                }
+                joiner.step(1, &bytes, 0).expect("a message of the leader");
+            }
+            for (to, bytes) in to_leader {
+                assert_eq!(to, 1);
+                leader.step(2, &bytes, 0).expect("a message of core 2");
+            }
+        }
+        panic!("two cores kept exchanging messages");
+    }
+
+    fn waits_for_snapshot(leader: &Consensus, id: u64) -> bool {
+        leader.raw.as_ref().is_some_and(|raw| {
+            raw.raft
+                .prs()
+                .get(id)
+                .is_some_and(|pr| pr.state == ProgressState::Snapshot)
+        })
+    }
+
+    /// Ticks both cores by one heartbeat and exchanges what that sends.
+    fn heartbeat(leader: &mut Consensus, joiner: &mut Consensus, now_ms: &mut u64) -> usize {
+        *now_ms += TICK_MS;
+        leader.tick(*now_ms);
+        joiner.tick(*now_ms);
+        exchange(leader, joiner, false)
+    }
+
+    #[test]
+    fn a_snapshot_lost_with_its_link_is_sent_again() {
+        let (mut leader, mut joiner, mut now_ms) = leader_adding_core_2();
+        assert_eq!(exchange(&mut leader, &mut joiner, true), 1);
+        assert!(waits_for_snapshot(&leader, joiner.id));
+        // Heartbeats alone never resend it: raft-rs waits for the snapshot's report.
+        for _ in 0..3 {
+            assert_eq!(heartbeat(&mut leader, &mut joiner, &mut now_ms), 0);
+        }
+        assert!(joiner.voters().is_empty());
+        // The link to core 2 closed.
+        leader.unreachable(2);
+        assert!(!waits_for_snapshot(&leader, joiner.id));
+        assert_eq!(heartbeat(&mut leader, &mut joiner, &mut now_ms), 1);
+        assert_eq!(joiner.voters(), leader.voters());
+        assert!(joiner.is_voter());
+    }
+
+    #[test]
+    fn an_unanswered_snapshot_is_sent_again_after_its_timeout() {
+        let (mut leader, mut joiner, mut now_ms) = leader_adding_core_2();
+        assert_eq!(exchange(&mut leader, &mut joiner, true), 1);
+        let limit = SNAPSHOT_TIMEOUTS * 2 * ELECTION_TICK as u64;
+        let mut resent_after = None;
+        for tick in 1..=limit {
+            if heartbeat(&mut leader, &mut joiner, &mut now_ms) > 0 {
+                resent_after = Some(tick);
+                break;
+            }
+        }
+        assert_eq!(
+            resent_after,
+            Some(limit),
+            "resent once the timeout has passed"
+        );
+        assert_eq!(joiner.voters(), leader.voters());
+        assert!(!waits_for_snapshot(&leader, joiner.id));
+    }
+
+    #[test]
+    fn a_follower_ignores_a_report_of_its_peers_unreachable() {
+        let (mut leader, mut joiner, mut now_ms) = leader_adding_core_2();
+        exchange(&mut leader, &mut joiner, false);
+        assert!(joiner.is_voter());
+        let before = joiner.status();
+        joiner.unreachable(1);
+        heartbeat(&mut leader, &mut joiner, &mut now_ms);
+        assert_eq!(joiner.status().leader, before.leader);
+        assert_eq!(joiner.voters(), leader.voters());
     }
 }
