@@ -123,6 +123,11 @@ enum Event {
         to: u64,
         bytes: Bytes,
     },
+    /// The simulated network took everything a shard sent on a client connection: the
+    /// reactor's `Sent` report, which keeps the shard's unsent count (and its bound) true.
+    Sent {
+        connection: u64,
+    },
     Closed {
         to: u64,
     },
@@ -477,6 +482,7 @@ impl Sim {
             self.reset(from);
             return;
         }
+        let to_client = matches!(self.sides.get(&peer).map(|s| s.end), Some(End::Client(_)));
         let delay = self.delay();
         let Some(target) = self.sides.get_mut(&peer) else {
             return;
@@ -484,6 +490,9 @@ impl Sim {
         let at = (self.now_ms + delay).max(target.last_delivery_ms);
         target.last_delivery_ms = at;
         self.schedule(at, Event::Bytes { to: peer, bytes });
+        if to_client {
+            self.schedule(self.now_ms, Event::Sent { connection: from });
+        }
     }
 
     /// Runs `step` on a shard of a live node and carries out its outputs.
@@ -812,6 +821,22 @@ impl Sim {
 
     fn step(&mut self, event: Event) {
         match event {
+            Event::Sent { connection } => {
+                let Some(side) = self.sides.get(&connection) else {
+                    return;
+                };
+                if let (true, End::Shard { node, shard }) = (side.open, side.end) {
+                    self.run(node, shard, |s, now| {
+                        s.handle(
+                            now,
+                            NodeInput::Sent {
+                                connection,
+                                unsent_bytes: 0,
+                            },
+                        )
+                    });
+                }
+            }
             Event::Bytes { to, bytes } => {
                 if let Ok(needle) = std::env::var("SIM_TRACE")
                     && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
