@@ -298,6 +298,12 @@ impl Shard {
             if connection.closing {
                 return;
             }
+            // Checked here, where the connection is already at hand, before each packet: replies
+            // to the packets before it may have passed the hard bound.
+            if connection.unsent_bytes() >= self.outbox.unsent_bytes_max().saturating_mul(2) {
+                self.end_owing_too_much(connection_id);
+                return;
+            }
             let connected = connection.session.map(|_| connection.version);
             let options = DecodeOptions {
                 version: connection.version,
@@ -322,9 +328,6 @@ impl Shard {
                         }
                     } else {
                         self.packet(connection_id, packet);
-                        if self.owes_too_much(connection_id) {
-                            return;
-                        }
                     }
                 }
                 Ok(None) => {
@@ -520,25 +523,20 @@ impl Shard {
     }
 
     /// A connection's stuck timer fired: the socket has taken too little for too long.
-    /// Whether the connection was ended for owing too much: replies it asked for (PINGRESP,
+    /// Ends a connection that owes too much: replies it asked for (PINGRESP,
     /// acknowledgements) go past the unsent bound, since the protocol owes them, so a client
     /// that sends requests and never reads the replies is ended with 0x97 once it holds twice
     /// the bound, rather than at the stuck timeout (by then it could hold what its upload
     /// rate carries in that time).
-    fn owes_too_much(&mut self, connection_id: ConnectionId) -> bool {
-        let Some(connection) = self.connections.get(&connection_id) else {
-            return true;
-        };
-        let hard_bound = self.outbox.unsent_bytes_max().saturating_mul(2);
-        if connection.closing || connection.unsent_bytes() < hard_bound {
-            return connection.closing;
-        }
+    fn end_owing_too_much(&mut self, connection_id: ConnectionId) {
+        let unsent_bytes = self
+            .connections
+            .get(&connection_id)
+            .map_or(0, |connection| connection.unsent_bytes());
         let why = format!(
-            "the client sends requests and does not read the replies: {} bytes unsent",
-            connection.unsent_bytes()
+            "the client sends requests and does not read the replies: {unsent_bytes} bytes unsent"
         );
         self.disconnect(connection_id, ReasonCode::QUOTA_EXCEEDED, &why, true);
-        true
     }
 
     pub(super) fn send_stuck_due(&mut self, key: TimerKey, connection_id: ConnectionId) {
