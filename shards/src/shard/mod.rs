@@ -45,12 +45,14 @@ use crate::message::{
     ConnectionId, Forwarded, Message, NodeId, SessionTransfer, ShardIndex, ShardMessage,
 };
 use crate::retained::Retained;
+use crate::storage;
 use crate::trie::{Change, Trie};
 
 mod client;
 mod connect;
 mod connection;
 mod deliver;
+mod durable;
 mod invariants;
 mod route;
 mod session;
@@ -61,6 +63,8 @@ mod timers;
 
 use connection::{Connection, Outbox, Priority, Write};
 use deliver::publish_packet;
+use durable::{Durable, HeldPacket};
+pub use durable::{LogSettings, Receipt};
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
 use timers::{Timer, TimerKey, Timers};
@@ -252,6 +256,8 @@ pub struct Shard {
     matched: Vec<Subscriber>,
     /// Scratch space for routing one message: which shards have plain subscribers.
     plain_targets: Vec<bool>,
+    /// The durable log and the acknowledgements waiting for it (with a data directory).
+    durable: Option<Box<Durable>>,
 }
 
 const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
@@ -300,6 +306,7 @@ impl Shard {
             assigned_ids: 0,
             matched: Vec::new(),
             plain_targets: Vec::new(),
+            durable: None,
         }
     }
 
@@ -350,6 +357,7 @@ impl Shard {
     /// The outputs of everything handled since the last call; each connection's packets come
     /// as one `Send`, before its `Close`.
     pub fn take_outputs(&mut self, outputs: &mut Vec<Output>) {
+        self.release_durable();
         self.flush_sends(outputs);
         // Closes go after the sends of the same batch, and closed connections are forgotten.
         // Taken out while forgetting connections, and put back to keep its allocation.
