@@ -231,6 +231,26 @@ pub fn run_synchronously(directory: &Path, index: u16, log: &mut Log) -> std::io
     }
 }
 
+/// As [`run_synchronously`], for a shard's attached log (at the end of a clean shutdown).
+pub fn drain_shard(
+    directory: &Path,
+    index: u16,
+    shard: &mut shardmq_shards::Shard,
+) -> std::io::Result<()> {
+    let mut requests = Vec::new();
+    loop {
+        let ticket = shard.take_log_requests(&mut requests);
+        if ticket.is_none() && requests.is_empty() {
+            return Ok(());
+        }
+        execute(directory, index, &requests)?;
+        requests.clear();
+        if let Some(ticket) = ticket {
+            shard.on_log_synced(ticket);
+        }
+    }
+}
+
 fn execute(directory: &Path, index: u16, requests: &[Request]) -> std::io::Result<()> {
     let shard_directory = shard_directory(directory, index);
     for request in requests {

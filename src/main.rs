@@ -7,6 +7,7 @@
 mod admin;
 mod config;
 mod durable;
+mod log_io;
 mod supervise;
 
 use std::collections::BTreeMap;
@@ -107,16 +108,46 @@ struct ShardHandler {
     outputs: Vec<NodeOutput>,
     requests: BTreeMap<u64, Control>,
     next_ticket: u64,
+    /// The shard's durable log I/O, with a data directory.
+    log: Option<ShardLog>,
+    /// The time of the last event, for the log's interval syncs.
+    now_ms: u64,
+}
+
+/// A shard's log I/O: the calls it makes and the writer that carries them out.
+struct ShardLog {
+    files: log_io::LogFiles,
+    writer: log_io::LogWriter,
 }
 
 impl ShardHandler {
-    fn new(node: NodeShard) -> Self {
+    fn new(node: NodeShard, log: Option<ShardLog>) -> Self {
         Self {
             node,
             outputs: Vec::new(),
             requests: BTreeMap::new(),
             next_ticket: 0,
+            log,
+            now_ms: 0,
         }
+    }
+
+    /// After the reactor stopped: the completions it did not hand over, then what the shard
+    /// recorded since (disconnecting its clients), written and synced with blocking calls.
+    fn finish_log(&mut self, directory: &Path, index: u16) -> Result<(), String> {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
+        for (tag, result) in log.writer.finish() {
+            if log.files.is_pending(tag) {
+                log.files.done(&mut self.node.shard, tag, result);
+            }
+        }
+        if log.files.failed() {
+            return Err("the durable log failed during this run: see the log above".into());
+        }
+        durable::drain_shard(directory, index, &mut self.node.shard)
+            .map_err(|e| format!("cannot write the last records of shard {index}'s log: {e}"))
     }
 
     /// Files an operator's request under a new ticket; returns the node layer's input for it.
@@ -160,8 +191,15 @@ impl Handler for ShardHandler {
     type Message = NodeMessage;
 
     fn event(&mut self, now_ms: u64, event: Event<NodeMessage>) {
+        self.now_ms = now_ms;
         // The reactor marks cluster links in their connection ids (`reactor::is_side`).
         let input = match event {
+            Event::Message(NodeMessage::LogDone { tag, result }) => {
+                if let Some(log) = &mut self.log {
+                    log.files.done(&mut self.node.shard, tag, result);
+                }
+                return;
+            }
             Event::Opened(connection) => NodeInput::Opened { connection },
             Event::OpenedSide(connection) => NodeInput::LinkOpened { connection },
             Event::Connected(connection, tag) => NodeInput::Connected { connection, tag },
@@ -210,10 +248,24 @@ impl Handler for ShardHandler {
             }
         }
         self.outputs = outputs;
+        // What this batch recorded: one call, one fdatasync (group commit).
+        if let Some(log) = &mut self.log {
+            log.files
+                .submit(&mut self.node.shard, self.now_ms, &log.writer);
+        }
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        self.node.next_deadline_ms().map(|ms| ms * 1000)
+        let log = self
+            .log
+            .as_ref()
+            .and_then(|log| log.files.next_deadline_ms());
+        let node = self.node.next_deadline_ms();
+        match (node, log) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|ms| ms * 1000)
     }
 }
 
@@ -305,8 +357,9 @@ fn run_shard(
         }
     };
     let _ = notices.send(Notice::Ready(index, Ok(())));
-    let handler = reactor.run().map_err(|e| e.to_string())?.inner;
+    let mut handler = reactor.run().map_err(|e| e.to_string())?.inner;
     if let Some(directory) = data_dir {
+        handler.finish_log(&directory, index)?;
         if let Some(state) = handler.node.raft_state() {
             write_file(&directory, RAFT_STATE, &state)
                 .map_err(|e| format!("cannot write the Raft state: {e}"))?;
@@ -485,7 +538,18 @@ fn serve(config: Config) -> Result<(), String> {
         {
             warn!(%error, "the Raft state of the last shutdown is not taken up: joining as a new voter");
         }
-        let handler = Watched::new(ShardHandler::new(node), index, health.clone(), fault);
+        let log = match &data_dir {
+            Some(directory) => Some(ShardLog {
+                files: log_io::LogFiles::new(
+                    durable::shard_directory(directory, index),
+                    sync_policy,
+                ),
+                writer: log_io::LogWriter::spawn(index, mailboxes.clone())
+                    .map_err(|e| format!("cannot start shard {index}'s log writer: {e}"))?,
+            }),
+            None => None,
+        };
+        let handler = Watched::new(ShardHandler::new(node, log), index, health.clone(), fault);
         let mailboxes = mailboxes.clone();
         let admission = admission.clone();
         let link_admission = link_admission.clone();

@@ -6,7 +6,8 @@
 //! detach, end), `connect` (CONNECT, takeover, resume), `client` (a connected client's
 //! packets and QoS flows), `subscribe`, `route` (route tables, messages between shards,
 //! routing a publish), `deliver` (to this shard's sessions), `timers` (the timer store and
-//! what fires), `snapshot`, `takeover` (across nodes), `invariants` (`check_invariants`).
+//! what fires), `snapshot`, `durable` (the durable log: records, held acknowledgements),
+//! `takeover` (across nodes), `invariants` (`check_invariants`).
 //!
 //! Invariants (checked by `check_invariants`, which the tests and the simulation call after
 //! every step): a session lives on the shard its client identifier hashes to

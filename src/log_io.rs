@@ -1,0 +1,381 @@
+//! A running shard's log I/O: the log's `Request`s become file operations (`LogOp`), carried
+//! out in order off the shard thread, and their completion becomes `Shard::on_log_synced` or
+//! `Shard::on_log_failed`.
+//!
+//! Interim executor: the operations run on a writer thread per shard (`LogWriter`), which
+//! posts each call's completion back to the shard's mailbox, until the reactor's file
+//! operations on its own io_uring ring (branch `reactor-files`, `Actions::files` with the
+//! same operations as `LogOp`) replace it. Either way no file syscall runs on the shard
+//! thread while it serves.
+//!
+//! Owns: the file slots of the segments open for writing (two: the current segment and the
+//! one before it, `FILE_SLOTS`), the tag of every call and the ticket it completes, and the
+//! sync policy: "always" syncs as the log asks; "interval" and "none" leave out the
+//! `fdatasync` of plain appends (the segment stays `unsynced`) but keep every sync that
+//! orders segments (a segment's first sync with its directory, and every earlier segment's
+//! before a new one is created), so that recovery after a power loss still sees a log a crash
+//! explains; "interval" syncs what is unsynced every `interval_ms`.
+//! Never: blocks, or submits an operation itself: it only builds them.
+//! Invariants: one call per loop at most for the log's requests (one fdatasync a batch);
+//! tags complete in the order given (file queue 0 is FIFO), so tickets complete in order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shardmq_net::reactor::Mailboxes;
+use shardmq_shards::Shard;
+use shardmq_shards::storage::{Request, Ticket, file_name};
+use tracing::warn;
+
+use crate::admin::NodeMessage;
+use crate::durable::SyncPolicy;
+
+/// One file operation, as the reactor's `FileOp` (see /work/notes/files-api.md).
+#[derive(Debug)]
+pub enum FileOp {
+    /// Opens `path` for writing (created with mode 0o600 when `create`; never truncated)
+    /// into slot `file`.
+    Open {
+        file: u32,
+        path: PathBuf,
+        create: bool,
+    },
+    /// Writes all of `bytes` at `offset`.
+    Write {
+        file: u32,
+        offset: u64,
+        bytes: Bytes,
+    },
+    Datasync {
+        file: u32,
+    },
+    /// fsync of a directory (makes created and removed names durable).
+    SyncDirectory {
+        path: PathBuf,
+    },
+    Close {
+        file: u32,
+    },
+    Remove {
+        path: PathBuf,
+    },
+}
+
+/// The reactor's file queue of the shard's log (see /work/notes/files-api.md: 0 = the log,
+/// 1 = the Raft store).
+pub const LOG_QUEUE: u16 = 0;
+
+/// The reactor file slots the log uses: `FILE_SLOTS.0 + segment % 2`. Other users of the
+/// reactor's file slots (the Raft store) take slots from 2 on.
+const FILE_SLOTS: (u32, u32) = (0, 2);
+
+#[derive(Debug)]
+pub struct LogFiles {
+    /// `DIR/shard-N`.
+    directory: PathBuf,
+    policy: SyncPolicy,
+    /// Segments open in a slot, by sequence number.
+    open: BTreeSet<u64>,
+    /// Segments written since their last fdatasync (policies other than "always").
+    unsynced: BTreeSet<u64>,
+    /// Calls in flight, by tag: the ticket each completes (None: syncs of the interval
+    /// policy, or removals).
+    calls: BTreeMap<u64, Option<Ticket>>,
+    next_tag: u64,
+    next_sync_ms: u64,
+    failed: bool,
+}
+
+impl LogFiles {
+    pub fn new(directory: PathBuf, policy: SyncPolicy) -> Self {
+        Self {
+            directory,
+            policy,
+            open: BTreeSet::new(),
+            unsynced: BTreeSet::new(),
+            calls: BTreeMap::new(),
+            next_tag: 0,
+            next_sync_ms: 0,
+            failed: false,
+        }
+    }
+
+    fn slot(segment: u64) -> u32 {
+        FILE_SLOTS.0 + (segment % u64::from(FILE_SLOTS.1)) as u32
+    }
+
+    fn path(&self, segment: u64) -> PathBuf {
+        self.directory.join(file_name(segment))
+    }
+
+    /// Opens `segment` into its slot if it is not open (the segment the first checkpoint
+    /// wrote at start, before the ring was used).
+    fn ensure_open(&mut self, segment: u64, ops: &mut Vec<FileOp>) {
+        if self.open.insert(segment) {
+            self.close_other(segment, ops);
+            ops.push(FileOp::Open {
+                file: Self::slot(segment),
+                path: self.path(segment),
+                create: false,
+            });
+        }
+    }
+
+    /// Closes an open segment that shares `segment`'s slot (an older one: the log writes
+    /// only the newest segment).
+    fn close_other(&mut self, segment: u64, ops: &mut Vec<FileOp>) {
+        let slot = Self::slot(segment);
+        let sharing: Vec<u64> = self
+            .open
+            .iter()
+            .copied()
+            .filter(|&other| other != segment && Self::slot(other) == slot)
+            .collect();
+        for other in sharing {
+            self.sync_if_unsynced(other, ops);
+            self.open.remove(&other);
+            ops.push(FileOp::Close { file: slot });
+        }
+    }
+
+    fn sync_if_unsynced(&mut self, segment: u64, ops: &mut Vec<FileOp>) {
+        if self.unsynced.remove(&segment) && self.open.contains(&segment) {
+            ops.push(FileOp::Datasync {
+                file: Self::slot(segment),
+            });
+        }
+    }
+
+    /// The file operations for the log's requests, in order.
+    pub fn operations(&mut self, requests: Vec<Request>) -> Vec<FileOp> {
+        let mut ops = Vec::with_capacity(requests.len() + 2);
+        for request in requests {
+            match request {
+                Request::Create { segment } => {
+                    // A new segment gets its first byte only once every earlier one is
+                    // synced (the log's seal), whatever the policy.
+                    for earlier in self.unsynced.clone() {
+                        self.sync_if_unsynced(earlier, &mut ops);
+                    }
+                    self.close_other(segment, &mut ops);
+                    self.open.insert(segment);
+                    ops.push(FileOp::Open {
+                        file: Self::slot(segment),
+                        path: self.path(segment),
+                        create: true,
+                    });
+                }
+                Request::Write {
+                    segment,
+                    offset,
+                    bytes,
+                } => {
+                    self.ensure_open(segment, &mut ops);
+                    ops.push(FileOp::Write {
+                        file: Self::slot(segment),
+                        offset,
+                        bytes,
+                    });
+                }
+                Request::Sync { segment, directory } => {
+                    self.ensure_open(segment, &mut ops);
+                    if self.policy == SyncPolicy::Always || directory {
+                        self.unsynced.remove(&segment);
+                        ops.push(FileOp::Datasync {
+                            file: Self::slot(segment),
+                        });
+                    } else {
+                        self.unsynced.insert(segment);
+                    }
+                    if directory {
+                        ops.push(FileOp::SyncDirectory {
+                            path: self.directory.clone(),
+                        });
+                    }
+                }
+                Request::Remove { segment } => {
+                    if self.open.remove(&segment) {
+                        self.unsynced.remove(&segment);
+                        ops.push(FileOp::Close {
+                            file: Self::slot(segment),
+                        });
+                    }
+                    ops.push(FileOp::Remove {
+                        path: self.path(segment),
+                    });
+                }
+            }
+        }
+        ops
+    }
+
+    /// Once per loop, after the shard's outputs: the log's batch goes out as one call (one
+    /// fdatasync for the whole batch), and with the interval policy a due sync.
+    pub fn submit(&mut self, shard: &mut Shard, now_ms: u64, writer: &LogWriter) {
+        if self.failed {
+            return;
+        }
+        let mut requests = Vec::new();
+        let ticket = shard.take_log_requests(&mut requests);
+        if !requests.is_empty() || ticket.is_some() {
+            let ops = self.operations(requests);
+            self.call(ticket, ops, writer);
+        }
+        if let SyncPolicy::Interval { interval_ms } = self.policy
+            && now_ms >= self.next_sync_ms
+        {
+            self.next_sync_ms = now_ms.saturating_add(interval_ms);
+            let mut ops = Vec::new();
+            for segment in self.unsynced.clone() {
+                self.sync_if_unsynced(segment, &mut ops);
+            }
+            if !ops.is_empty() {
+                self.call(None, ops, writer);
+            }
+        }
+    }
+
+    fn call(&mut self, ticket: Option<Ticket>, ops: Vec<FileOp>, writer: &LogWriter) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.calls.insert(tag, ticket);
+        writer.files(LOG_QUEUE, tag, ops);
+    }
+
+    /// A call completed: its ticket is synced, or the log failed.
+    pub fn done(&mut self, shard: &mut Shard, tag: u64, result: std::io::Result<()>) {
+        let Some(ticket) = self.calls.remove(&tag) else {
+            warn!(tag, "a log file call completed that was not made");
+            return;
+        };
+        if self.failed {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                if let Some(ticket) = ticket {
+                    shard.on_log_synced(ticket);
+                }
+            }
+            Err(error) => {
+                self.failed = true;
+                shard.on_log_failed(&error);
+            }
+        }
+    }
+
+    /// When the interval policy wants its next sync.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        match self.policy {
+            SyncPolicy::Interval { .. } if !self.unsynced.is_empty() && !self.failed => {
+                Some(self.next_sync_ms)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the call `tag` was made and not reported yet.
+    pub fn is_pending(&self, tag: u64) -> bool {
+        self.calls.contains_key(&tag)
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+}
+
+/// The interim executor: one thread per shard that carries out its log's calls in order
+/// (FIFO, as the reactor's file queue does) and posts each completion to the shard.
+pub struct LogWriter {
+    calls: Option<std::sync::mpsc::Sender<(u64, Vec<FileOp>)>>,
+    thread: Option<std::thread::JoinHandle<Vec<Completion>>>,
+}
+
+/// A call's tag and result.
+pub type Completion = (u64, std::io::Result<()>);
+
+impl LogWriter {
+    pub fn spawn(index: u16, mailboxes: Arc<Mailboxes<NodeMessage>>) -> std::io::Result<Self> {
+        let (sender, calls) = std::sync::mpsc::channel::<(u64, Vec<FileOp>)>();
+        let thread = std::thread::Builder::new()
+            .name(format!("shard-{index}-log"))
+            .spawn(move || {
+                let mut files: BTreeMap<u32, std::fs::File> = BTreeMap::new();
+                let mut completed = Vec::new();
+                while let Ok((tag, ops)) = calls.recv() {
+                    let result = ops.into_iter().try_for_each(|op| execute(&mut files, op));
+                    if let Err(error) = &result {
+                        warn!(shard = index, %error, "a durable log operation failed");
+                    }
+                    let copy = match &result {
+                        Ok(()) => Ok(()),
+                        Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
+                    };
+                    mailboxes.post(index, NodeMessage::LogDone { tag, result: copy });
+                    completed.push((tag, result));
+                }
+                completed
+            })?;
+        Ok(Self {
+            calls: Some(sender),
+            thread: Some(thread),
+        })
+    }
+
+    fn files(&self, _queue: u16, tag: u64, ops: Vec<FileOp>) {
+        if let Some(calls) = &self.calls {
+            // The thread ends only after `finish` drops the sender.
+            let _ = calls.send((tag, ops));
+        }
+    }
+
+    /// Lets the thread finish what was given and returns every call's result, for the
+    /// completions the shard did not see before its reactor stopped.
+    pub fn finish(&mut self) -> Vec<Completion> {
+        self.calls = None;
+        self.thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+fn execute(files: &mut BTreeMap<u32, std::fs::File>, op: FileOp) -> std::io::Result<()> {
+    let empty = |file: u32| std::io::Error::other(format!("no file in slot {file}"));
+    match op {
+        FileOp::Open { file, path, create } => {
+            if files.contains_key(&file) {
+                return Err(std::io::Error::other(format!("file slot {file} is in use")));
+            }
+            let handle = std::fs::OpenOptions::new()
+                .write(true)
+                .create(create)
+                .mode(0o600)
+                .open(path)?;
+            files.insert(file, handle);
+            Ok(())
+        }
+        FileOp::Write {
+            file,
+            offset,
+            bytes,
+        } => match files.get(&file) {
+            Some(handle) => handle.write_all_at(&bytes, offset),
+            None => Err(empty(file)),
+        },
+        FileOp::Datasync { file } => match files.get(&file) {
+            Some(handle) => handle.sync_data(),
+            None => Err(empty(file)),
+        },
+        FileOp::SyncDirectory { path } => std::fs::File::open(path)?.sync_all(),
+        FileOp::Close { file } => {
+            files.remove(&file);
+            Ok(())
+        }
+        FileOp::Remove { path } => std::fs::remove_file(path),
+    }
+}
