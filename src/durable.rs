@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use shardmq_shards::storage::{
-    self, Log, Request, Segment, State, StateLimits, parse_file_name, recover_state,
+    self, Log, Request, Segment, State, StateLimits, Ticket, parse_file_name, recover_state,
 };
 use tracing::{info, warn};
 
@@ -211,42 +211,54 @@ fn merge(into: &mut State, other: State) {
     }
 }
 
-/// Carries out `log`'s requests for shard `index` with blocking calls until it is idle: the
-/// first checkpoint at start, and what is left at the end of a clean shutdown (after the
-/// reactor stopped). Every earlier ticket must have completed.
-pub fn run_synchronously(directory: &Path, index: u16, log: &mut Log) -> std::io::Result<()> {
-    std::fs::create_dir_all(shard_directory(directory, index))?;
-    let mut requests = Vec::new();
-    loop {
-        let ticket = log.flush();
-        log.take_requests(&mut requests);
-        if ticket.is_none() && requests.is_empty() {
-            return Ok(());
-        }
-        execute(directory, index, &requests)?;
-        requests.clear();
-        if let Some(ticket) = ticket {
-            log.on_synced(ticket);
-        }
+/// What hands out log requests and is told of their tickets: a `Log` at start, a shard's
+/// attached log at the end of a clean shutdown.
+pub trait Requests {
+    fn take(&mut self, requests: &mut Vec<Request>) -> Option<Ticket>;
+    fn synced(&mut self, ticket: Ticket);
+}
+
+impl Requests for Log {
+    fn take(&mut self, requests: &mut Vec<Request>) -> Option<Ticket> {
+        let ticket = self.flush();
+        self.take_requests(requests);
+        ticket
+    }
+
+    fn synced(&mut self, ticket: Ticket) {
+        self.on_synced(ticket);
     }
 }
 
-/// As [`run_synchronously`], for a shard's attached log (at the end of a clean shutdown).
-pub fn drain_shard(
+impl Requests for shardmq_shards::Shard {
+    fn take(&mut self, requests: &mut Vec<Request>) -> Option<Ticket> {
+        self.take_log_requests(requests)
+    }
+
+    fn synced(&mut self, ticket: Ticket) {
+        self.on_log_synced(ticket);
+    }
+}
+
+/// Carries out the requests of shard `index`'s log with blocking calls until it has none:
+/// the first checkpoint at start, and what is left at the end of a clean shutdown (after the
+/// reactor stopped). Every earlier ticket must have completed.
+pub fn run_synchronously(
     directory: &Path,
     index: u16,
-    shard: &mut shardmq_shards::Shard,
+    log: &mut impl Requests,
 ) -> std::io::Result<()> {
+    std::fs::create_dir_all(shard_directory(directory, index))?;
     let mut requests = Vec::new();
     loop {
-        let ticket = shard.take_log_requests(&mut requests);
+        let ticket = log.take(&mut requests);
         if ticket.is_none() && requests.is_empty() {
             return Ok(());
         }
         execute(directory, index, &requests)?;
         requests.clear();
         if let Some(ticket) = ticket {
-            shard.on_log_synced(ticket);
+            log.synced(ticket);
         }
     }
 }

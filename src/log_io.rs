@@ -379,3 +379,138 @@ fn execute(files: &mut BTreeMap<u32, std::fs::File>, op: FileOp) -> std::io::Res
         FileOp::Remove { path } => std::fs::remove_file(path),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(ops: &[FileOp]) -> Vec<String> {
+        ops.iter()
+            .map(|op| match op {
+                FileOp::Open { file, create, .. } => format!("open {file} {create}"),
+                FileOp::Write { file, offset, .. } => format!("write {file} @{offset}"),
+                FileOp::Datasync { file } => format!("datasync {file}"),
+                FileOp::SyncDirectory { .. } => "sync-directory".into(),
+                FileOp::Close { file } => format!("close {file}"),
+                FileOp::Remove { path } => format!("remove {}", path.display()),
+            })
+            .collect()
+    }
+
+    fn write(segment: u64, offset: u64) -> Request {
+        Request::Write {
+            segment,
+            offset,
+            bytes: Bytes::from_static(b"x"),
+        }
+    }
+
+    fn sync(segment: u64, directory: bool) -> Request {
+        Request::Sync { segment, directory }
+    }
+
+    #[test]
+    fn always_syncs_each_batch_and_opens_the_start_checkpoint_first() {
+        let mut files = LogFiles::new(PathBuf::from("/d"), SyncPolicy::Always);
+        let ops = files.operations(vec![write(1, 100), sync(1, false)]);
+        assert_eq!(kinds(&ops), ["open 1 false", "write 1 @100", "datasync 1"]);
+        let ops = files.operations(vec![write(1, 101), sync(1, false)]);
+        assert_eq!(kinds(&ops), ["write 1 @101", "datasync 1"]);
+        // A new segment: created in the other slot; the old one is closed when a third
+        // needs its slot, and removed by name.
+        let ops = files.operations(vec![
+            Request::Create { segment: 2 },
+            write(2, 0),
+            sync(2, true),
+        ]);
+        assert_eq!(
+            kinds(&ops),
+            ["open 0 true", "write 0 @0", "datasync 0", "sync-directory"]
+        );
+        let ops = files.operations(vec![
+            Request::Create { segment: 3 },
+            Request::Remove { segment: 1 },
+        ]);
+        assert_eq!(
+            kinds(&ops),
+            [
+                "close 1",
+                "open 1 true",
+                "remove /d/00000000000000000001.log"
+            ]
+        );
+    }
+
+    #[test]
+    fn interval_and_none_leave_out_plain_syncs_but_keep_the_ones_that_order_segments() {
+        for policy in [SyncPolicy::Interval { interval_ms: 50 }, SyncPolicy::None] {
+            let mut files = LogFiles::new(PathBuf::from("/d"), policy);
+            let ops = files.operations(vec![write(1, 100), sync(1, false)]);
+            assert_eq!(kinds(&ops), ["open 1 false", "write 1 @100"], "{policy:?}");
+            assert_eq!(
+                files.next_deadline_ms().is_some(),
+                matches!(policy, SyncPolicy::Interval { .. })
+            );
+            // Before a new segment gets its first byte, the one before it is synced.
+            let ops = files.operations(vec![
+                Request::Create { segment: 2 },
+                write(2, 0),
+                sync(2, true),
+            ]);
+            assert_eq!(
+                kinds(&ops),
+                [
+                    "datasync 1",
+                    "open 0 true",
+                    "write 0 @0",
+                    "datasync 0",
+                    "sync-directory"
+                ],
+                "{policy:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_operations_write_at_offsets_and_keep_to_their_slots() {
+        let directory = std::env::temp_dir().join(format!("shardmq-log-io-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        let mut files = BTreeMap::new();
+        let path = directory.join("a.log");
+        let ops = vec![
+            FileOp::Open {
+                file: 0,
+                path: path.clone(),
+                create: true,
+            },
+            FileOp::Write {
+                file: 0,
+                offset: 3,
+                bytes: Bytes::from_static(b"xyz"),
+            },
+            FileOp::Datasync { file: 0 },
+            FileOp::SyncDirectory {
+                path: directory.clone(),
+            },
+        ];
+        for op in ops {
+            execute(&mut files, op).unwrap();
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0xyz");
+        let taken = execute(
+            &mut files,
+            FileOp::Open {
+                file: 0,
+                path: path.clone(),
+                create: false,
+            },
+        );
+        assert!(taken.is_err(), "a slot in use");
+        execute(&mut files, FileOp::Close { file: 0 }).unwrap();
+        assert!(execute(&mut files, FileOp::Datasync { file: 0 }).is_err());
+        execute(&mut files, FileOp::Remove { path: path.clone() }).unwrap();
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+}

@@ -146,7 +146,7 @@ impl ShardHandler {
         if log.files.failed() {
             return Err("the durable log failed during this run: see the log above".into());
         }
-        durable::drain_shard(directory, index, &mut self.node.shard)
+        durable::run_synchronously(directory, index, &mut self.node.shard)
             .map_err(|e| format!("cannot write the last records of shard {index}'s log: {e}"))
     }
 

@@ -7,18 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use rumqttc::{Event, Packet, QoS};
+use rumqttc::QoS;
 use support::{Broker, v4};
-
-fn acknowledged(client: &support::V4, count: usize) {
-    for _ in 0..count {
-        client
-            .wait_for(Duration::from_secs(10), |event| {
-                matches!(event, Event::Incoming(Packet::PubAck(_)))
-            })
-            .expect("PUBACK");
-    }
-}
 
 fn data_dir(name: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("shardmq-{name}-{}", std::process::id()));
@@ -50,7 +40,7 @@ fn acknowledged_messages_for_an_offline_session_survive_sigkill() {
             )
             .unwrap();
     }
-    acknowledged(&writer, count);
+    writer.acknowledged(count, Duration::from_secs(10));
     // No goodbye: every PUBACK above promised the message was on disk.
     first.kill();
     assert!(directory.join("shard-0").is_dir(), "{}", first.log_text());
@@ -100,7 +90,7 @@ fn retained_messages_set_survive_and_cleared_stay_cleared_after_sigkill() {
             .publish(topic, QoS::AtLeastOnce, true, payload)
             .unwrap();
     }
-    acknowledged(&writer, 4);
+    writer.acknowledged(4, Duration::from_secs(10));
     // A clean restart in between: the retained set goes through a checkpoint too.
     let status = first.stop().expect("the broker stops");
     assert!(status.success(), "{}", first.log_text());
@@ -116,7 +106,7 @@ fn retained_messages_set_survive_and_cleared_stay_cleared_after_sigkill() {
         .client
         .publish("kept/b", QoS::AtLeastOnce, true, "value-b2")
         .unwrap();
-    acknowledged(&writer, 3);
+    writer.acknowledged(3, Duration::from_secs(10));
     second.kill();
 
     let third = Broker::start_with(1, &config);

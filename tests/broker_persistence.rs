@@ -6,18 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use rumqttc::{Event, Packet, QoS};
+use rumqttc::QoS;
 use support::{Broker, v4};
-
-fn acknowledged(client: &support::V4, count: usize) {
-    for _ in 0..count {
-        client
-            .wait_for(Duration::from_secs(5), |event| {
-                matches!(event, Event::Incoming(Packet::PubAck(_)))
-            })
-            .expect("PUBACK");
-    }
-}
 
 #[test]
 fn sessions_queues_and_retained_messages_survive_a_restart() {
@@ -48,7 +38,7 @@ fn sessions_queues_and_retained_messages_survive_a_restart() {
             )
             .unwrap();
     }
-    acknowledged(&writer, 4);
+    writer.acknowledged(4, Duration::from_secs(5));
     let status = first.stop().expect("the broker stops");
     assert!(
         status.success(),
