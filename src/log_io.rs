@@ -24,6 +24,7 @@ use std::path::PathBuf;
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use shardmq_net::reactor::Mailboxes;
@@ -293,6 +294,9 @@ impl LogFiles {
 pub struct LogWriter {
     calls: Option<std::sync::mpsc::Sender<(u64, Vec<FileOp>)>>,
     thread: Option<std::thread::JoinHandle<Vec<Completion>>>,
+    /// Cleared at shutdown: a reactor that stops no longer drains its mailbox, and a post
+    /// into a full one would wait for ever. `finish` hands the completions over instead.
+    posting: Arc<AtomicBool>,
 }
 
 /// A call's tag and result.
@@ -301,6 +305,8 @@ pub type Completion = (u64, std::io::Result<()>);
 impl LogWriter {
     pub fn spawn(index: u16, mailboxes: Arc<Mailboxes<NodeMessage>>) -> std::io::Result<Self> {
         let (sender, calls) = std::sync::mpsc::channel::<(u64, Vec<FileOp>)>();
+        let posting = Arc::new(AtomicBool::new(true));
+        let post = posting.clone();
         let thread = std::thread::Builder::new()
             .name(format!("shard-{index}-log"))
             .spawn(move || {
@@ -315,7 +321,9 @@ impl LogWriter {
                         Ok(()) => Ok(()),
                         Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
                     };
-                    mailboxes.post(index, NodeMessage::LogDone { tag, result: copy });
+                    if post.load(Ordering::Acquire) {
+                        mailboxes.post(index, NodeMessage::LogDone { tag, result: copy });
+                    }
                     completed.push((tag, result));
                 }
                 completed
@@ -323,7 +331,13 @@ impl LogWriter {
         Ok(Self {
             calls: Some(sender),
             thread: Some(thread),
+            posting,
         })
+    }
+
+    /// The shard is shutting down: completions wait for `finish`.
+    pub fn stop_posting(&self) {
+        self.posting.store(false, Ordering::Release);
     }
 
     fn files(&self, _queue: u16, tag: u64, ops: Vec<FileOp>) {

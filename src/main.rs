@@ -223,7 +223,12 @@ impl Handler for ShardHandler {
             Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
             Event::Message(NodeMessage::Control(control)) => self.request(control),
             Event::Tick => NodeInput::Tick,
-            Event::Shutdown => NodeInput::Shutdown,
+            Event::Shutdown => {
+                if let Some(log) = &self.log {
+                    log.writer.stop_posting();
+                }
+                NodeInput::Shutdown
+            }
         };
         self.node.handle(now_ms, input);
     }

@@ -425,3 +425,48 @@ fn the_held_queue_is_bounded() {
     }
     assert_eq!(pubacks(&node.take(2)), [(17, ReasonCode::QUOTA_EXCEEDED)]);
 }
+
+#[test]
+fn retained_changes_from_different_shards_are_recorded_in_order_by_the_topics_owner() {
+    let mut node = Node::new(3, Limits::default());
+    let mut disks = Disks::attach(&mut node, true);
+    node.connect(1, 0, connect(V5, "writer-0", true));
+    node.connect(2, 1, connect(V5, "writer-1", true));
+    node.connect(3, 2, connect(V5, "writer-2", true));
+    node.send(1, &retained_publish("shared/topic", 1, b"first"));
+    node.send(2, &retained_publish("shared/topic", 1, b""));
+    node.send(3, &retained_publish("other/topic", 1, b"kept"));
+    disks.sync(&mut node);
+    for id in 1..=3 {
+        assert_eq!(pubacks(&node.take(id)).len(), 1, "writer {id} acknowledged");
+    }
+    let owner = usize::from(owner_shard("shared/topic", 3));
+    let state = disks.recover();
+    assert_eq!(
+        state.retained.keys().collect::<Vec<_>>(),
+        ["other/topic"],
+        "the clear came after the set"
+    );
+    // Only the owner's log holds the topic.
+    for (shard, files) in disks.files.iter().enumerate() {
+        let segments: Vec<storage::Segment<'_>> = files
+            .iter()
+            .map(|(&sequence, bytes)| storage::Segment { sequence, bytes })
+            .collect();
+        let mut topics = Vec::new();
+        storage::recover(&segments, |record| {
+            if let storage::Record::RetainedSet { message } = record {
+                topics.push(message.topic);
+            }
+        });
+        if shard != owner {
+            assert!(!topics.iter().any(|t| t == "shared/topic"), "shard {shard}");
+        }
+    }
+    node.send(2, &retained_publish("shared/topic", 2, b"again"));
+    disks.sync(&mut node);
+    assert_eq!(
+        &disks.recover().retained["shared/topic"].payload[..],
+        b"again"
+    );
+}
