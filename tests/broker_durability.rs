@@ -193,3 +193,126 @@ fn a_damaged_log_stops_the_start_unless_the_operator_says_so() {
     drop(forced);
     let _ = std::fs::remove_dir_all(&directory);
 }
+
+/// A snapshot file of the kind a shutdown before the durable log wrote, made by a shard in
+/// memory: a persistent 3.1.1 session subscribed to `upgraded/#`, and a retained message.
+fn old_snapshot() -> Vec<u8> {
+    use bytes::{Bytes, BytesMut};
+    use bytestring::ByteString;
+    use shardmq_net::mqtt::{
+        self, Connect, ConnectProperties, Packet, ProtocolVersion, Publish, PublishProperties,
+        Subscribe, SubscribeProperties, SubscriptionOptions,
+    };
+    use shardmq_shards::{Input, Limits, Shard, ShardConfig, SharedStrategy};
+    let mut shard = Shard::new(ShardConfig {
+        index: 0,
+        shard_count: 1,
+        node: 0,
+        takeover_timeout_ms: 5_000,
+        limits: Limits::default(),
+        shared_strategy: SharedStrategy::RoundRobin,
+    });
+    let version = ProtocolVersion::V3_1_1;
+    let connect = |client_id: &'static str, clean_start: bool| {
+        Packet::Connect(Box::new(Connect {
+            protocol: version,
+            clean_start,
+            keep_alive_seconds: 0,
+            properties: ConnectProperties::default(),
+            client_id: ByteString::from_static(client_id),
+            will: None,
+            username: None,
+            password: None,
+        }))
+    };
+    shard.handle(0, Input::Opened { connection: 1 });
+    shard.handle(0, Input::Opened { connection: 2 });
+    let mut send = |connection: u64, packet: Packet| {
+        let mut bytes = BytesMut::new();
+        mqtt::encode(&packet, version, &mut bytes);
+        shard.handle(
+            0,
+            Input::Received {
+                connection,
+                bytes: bytes.freeze(),
+            },
+        );
+    };
+    send(1, connect("upgraded-keeper", false));
+    send(
+        1,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            properties: SubscribeProperties::default(),
+            filters: vec![(
+                ByteString::from_static("upgraded/#"),
+                SubscriptionOptions::new(mqtt::QoS::AtLeastOnce),
+            )],
+        }),
+    );
+    send(2, connect("upgraded-writer", true));
+    send(
+        2,
+        Packet::Publish(Publish {
+            dup: false,
+            qos: mqtt::QoS::AtLeastOnce,
+            retain: true,
+            topic: ByteString::from_static("upgraded/state"),
+            packet_id: 1,
+            properties: PublishProperties::default(),
+            payload: Bytes::from_static(b"from-the-snapshot"),
+        }),
+    );
+    shard.handle(0, Input::Shutdown);
+    let mut outputs = Vec::new();
+    shard.take_outputs(&mut outputs);
+    shard.snapshot()
+}
+
+#[test]
+fn an_old_snapshot_is_read_once_into_the_log_and_removed() {
+    let directory = data_dir("durability-upgrade");
+    std::fs::create_dir_all(&directory).unwrap();
+    std::fs::write(directory.join("shard-0.snapshot"), old_snapshot()).unwrap();
+    let config = format!("data_dir = {:?}\n", directory.to_str().unwrap());
+    let mut first = Broker::start_with(2, &config);
+    assert!(
+        first.log_text().contains("restored from an old snapshot"),
+        "{}",
+        first.log_text()
+    );
+    assert!(
+        !directory.join("shard-0.snapshot").exists(),
+        "removed once the logs hold it"
+    );
+    first.kill();
+    // The snapshot is gone, and the log has what it held.
+    let second = Broker::start_with(2, &config);
+    let keeper = v4(second.port, "upgraded-keeper", |o| {
+        o.set_clean_session(false);
+    });
+    let writer = v4(second.port, "upgraded-writer-2", |_| {});
+    writer
+        .client
+        .publish("upgraded/new", QoS::AtLeastOnce, false, "routed")
+        .unwrap();
+    let got: Vec<String> = keeper
+        .publishes(3, Duration::from_secs(3))
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    // The retained message was in flight to the keeper when the snapshot was taken.
+    assert_eq!(
+        got,
+        ["from-the-snapshot", "routed"],
+        "{}",
+        second.log_text()
+    );
+    let reader = v4(second.port, "upgraded-reader", |_| {});
+    reader.subscribe("upgraded/state", QoS::AtMostOnce);
+    let retained = reader.publishes(1, Duration::from_secs(3));
+    assert_eq!(retained.len(), 1);
+    assert_eq!(&retained[0].payload[..], b"from-the-snapshot");
+    drop(second);
+    let _ = std::fs::remove_dir_all(&directory);
+}
