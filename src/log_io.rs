@@ -16,8 +16,10 @@
 //! before a new one is created), so that recovery after a power loss still sees a log a crash
 //! explains; "interval" syncs what is unsynced every `interval_ms`.
 //! Never: blocks, or submits an operation itself: it only builds them.
-//! Invariants: one call per loop at most for the log's requests (one fdatasync a batch);
-//! tags complete in the order given (file queue 0 is FIFO), so tickets complete in order.
+//! Invariants: one call per loop at most for the log's requests (one fdatasync a batch),
+//! and with "always" no new call while one with a ticket is out (group commit: the records
+//! of every loop meanwhile go out together); tags complete in the order given (file queue
+//! 0 is FIFO), so tickets complete in order.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -216,8 +218,14 @@ impl LogFiles {
 
     /// Once per loop, after the shard's outputs: the log's batch goes out as one call (one
     /// fdatasync for the whole batch), and with the interval policy a due sync.
-    pub fn submit(&mut self, shard: &mut Shard, now_ms: u64, writer: &LogWriter) {
+    pub fn submit(&mut self, shard: &mut Shard, now_ms: u64, writer: &impl FileCalls) {
         if self.failed {
+            return;
+        }
+        // Group commit: with "always", one sync at a time. What the shard records while it
+        // runs waits in the log's batch and goes out whole with the next call, so a slow
+        // fdatasync makes batches larger, never a queue of syncs behind it.
+        if self.policy == SyncPolicy::Always && self.calls.values().any(Option::is_some) {
             return;
         }
         let mut requests = Vec::new();
@@ -240,7 +248,7 @@ impl LogFiles {
         }
     }
 
-    fn call(&mut self, ticket: Option<Ticket>, ops: Vec<FileOp>, writer: &LogWriter) {
+    fn call(&mut self, ticket: Option<Ticket>, ops: Vec<FileOp>, writer: &impl FileCalls) {
         let tag = self.next_tag;
         self.next_tag += 1;
         self.calls.insert(tag, ticket);
@@ -287,6 +295,12 @@ impl LogFiles {
     pub fn failed(&self) -> bool {
         self.failed
     }
+}
+
+/// What carries out a call of file operations, in order on file queue `queue`, and reports
+/// it by `tag` (the reactor's `Actions::files` has the same shape).
+pub trait FileCalls {
+    fn files(&self, queue: u16, tag: u64, ops: Vec<FileOp>);
 }
 
 /// The interim executor: one thread per shard that carries out its log's calls in order
@@ -340,13 +354,6 @@ impl LogWriter {
         self.posting.store(false, Ordering::Release);
     }
 
-    fn files(&self, _queue: u16, tag: u64, ops: Vec<FileOp>) {
-        if let Some(calls) = &self.calls {
-            // The thread ends only after `finish` drops the sender.
-            let _ = calls.send((tag, ops));
-        }
-    }
-
     /// Lets the thread finish what was given and returns every call's result, for the
     /// completions the shard did not see before its reactor stopped.
     pub fn finish(&mut self) -> Vec<Completion> {
@@ -355,6 +362,15 @@ impl LogWriter {
             .take()
             .and_then(|thread| thread.join().ok())
             .unwrap_or_default()
+    }
+}
+
+impl FileCalls for LogWriter {
+    fn files(&self, _queue: u16, tag: u64, ops: Vec<FileOp>) {
+        if let Some(calls) = &self.calls {
+            // The thread ends only after `finish` drops the sender.
+            let _ = calls.send((tag, ops));
+        }
     }
 }
 
@@ -483,6 +499,92 @@ mod tests {
                 "{policy:?}"
             );
         }
+    }
+
+    /// Records the calls instead of carrying them out.
+    #[derive(Default)]
+    struct Recorder(std::cell::RefCell<Vec<(u64, Vec<FileOp>)>>);
+
+    impl FileCalls for Recorder {
+        fn files(&self, queue: u16, tag: u64, ops: Vec<FileOp>) {
+            assert_eq!(queue, LOG_QUEUE);
+            self.0.borrow_mut().push((tag, ops));
+        }
+    }
+
+    #[test]
+    fn always_keeps_one_sync_out_and_sends_what_came_meanwhile_together() {
+        use bytes::BytesMut;
+        use shardmq_net::mqtt::{self, Connect, ConnectProperties, Packet, ProtocolVersion};
+        use shardmq_shards::shard::LogSettings;
+        use shardmq_shards::storage::{Log, LogConfig, State};
+        use shardmq_shards::{Input, Limits, ShardConfig, SharedStrategy};
+        let limits = Limits::default();
+        let mut shard = Shard::new(ShardConfig {
+            index: 0,
+            shard_count: 1,
+            node: 0,
+            takeover_timeout_ms: 5_000,
+            limits: limits.clone(),
+            shared_strategy: SharedStrategy::RoundRobin,
+        });
+        // A log whose first checkpoint is still to be written.
+        let log = Log::open(LogConfig::default(), State::new((&limits).into()), &[]);
+        let settings = LogSettings {
+            hold_acks: true,
+            wall_clock_at_zero_ms: 0,
+            held_acks_max: 16,
+        };
+        shard.attach_log(log, settings);
+        let recorder = Recorder::default();
+        let mut files = LogFiles::new(PathBuf::from("/d"), SyncPolicy::Always);
+        files.submit(&mut shard, 0, &recorder);
+        assert_eq!(recorder.0.borrow().len(), 1, "the checkpoint goes out");
+        // Persistent sessions connect while its sync is out: their records wait.
+        for (connection, client_id) in [(1, "first"), (2, "second")] {
+            let mut bytes = BytesMut::new();
+            let connect = Packet::Connect(Box::new(Connect {
+                protocol: ProtocolVersion::V3_1_1,
+                clean_start: false,
+                keep_alive_seconds: 0,
+                properties: ConnectProperties::default(),
+                client_id: client_id.into(),
+                will: None,
+                username: None,
+                password: None,
+            }));
+            mqtt::encode(&connect, ProtocolVersion::V3_1_1, &mut bytes);
+            shard.handle(connection, Input::Opened { connection });
+            shard.handle(
+                connection,
+                Input::Received {
+                    connection,
+                    bytes: bytes.freeze(),
+                },
+            );
+            files.submit(&mut shard, connection, &recorder);
+        }
+        assert_eq!(recorder.0.borrow().len(), 1, "one sync out at a time");
+        let tag = recorder.0.borrow()[0].0;
+        files.done(&mut shard, tag, Ok(()));
+        assert!(!files.is_pending(tag));
+        // Both sessions' records go out in one call, with one fdatasync.
+        files.submit(&mut shard, 3, &recorder);
+        let calls = recorder.0.borrow();
+        assert_eq!(calls.len(), 2);
+        let syncs = calls[1]
+            .1
+            .iter()
+            .filter(|op| matches!(op, FileOp::Datasync { .. }))
+            .count();
+        assert_eq!(syncs, 1, "{:?}", calls[1].1);
+        let tag = calls[1].0;
+        drop(calls);
+        // A failure gives the log up: nothing more goes out.
+        files.done(&mut shard, tag, Err(std::io::Error::from_raw_os_error(28)));
+        assert!(files.failed() && shard.log_failed());
+        files.submit(&mut shard, 4, &recorder);
+        assert_eq!(recorder.0.borrow().len(), 2);
     }
 
     #[test]
