@@ -91,6 +91,8 @@ pub struct LogFiles {
     next_tag: u64,
     next_sync_ms: u64,
     failed: bool,
+    /// fdatasyncs asked for since the start (for the shutdown's summary line).
+    sync_count: u64,
 }
 
 impl LogFiles {
@@ -104,6 +106,7 @@ impl LogFiles {
             next_tag: 0,
             next_sync_ms: 0,
             failed: false,
+            sync_count: 0,
         }
     }
 
@@ -249,6 +252,10 @@ impl LogFiles {
     }
 
     fn call(&mut self, ticket: Option<Ticket>, ops: Vec<FileOp>, writer: &impl FileCalls) {
+        self.sync_count += ops
+            .iter()
+            .filter(|op| matches!(op, FileOp::Datasync { .. }))
+            .count() as u64;
         let tag = self.next_tag;
         self.next_tag += 1;
         self.calls.insert(tag, ticket);
@@ -285,6 +292,11 @@ impl LogFiles {
             }
             _ => None,
         }
+    }
+
+    /// fdatasyncs asked for since the start.
+    pub fn sync_count(&self) -> u64 {
+        self.sync_count
     }
 
     /// Whether the call `tag` was made and not reported yet.

@@ -146,6 +146,14 @@ impl ShardHandler {
         if log.files.failed() {
             return Err("the durable log failed during this run: see the log above".into());
         }
+        let (records, syncs) = (self.node.shard.log_record_count(), log.files.sync_count());
+        info!(
+            shard = index,
+            records,
+            syncs,
+            records_per_sync = records / syncs.max(1),
+            "durable log: this run's records and fdatasyncs"
+        );
         durable::run_synchronously(directory, index, &mut self.node.shard)
             .map_err(|e| format!("cannot write the last records of shard {index}'s log: {e}"))
     }

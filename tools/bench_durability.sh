@@ -76,15 +76,33 @@ def med(results, *path):
             values.append(v)
     return statistics.median(values) if values else None
 rows = {v: load(v) for v in variants}
+import re
+def syncs(variant):
+    """Median records per fdatasync and fdatasyncs per second, from the broker's shutdown line."""
+    per_sync, per_second = [], []
+    for run in range(1, runs + 1):
+        try:
+            text = open(f"{work}/{variant}-{run}.log").read()
+        except FileNotFoundError:
+            continue
+        m = re.search(r"records=(\d+) syncs=(\d+)", text)
+        if m and int(m.group(2)) > 0:
+            per_sync.append(int(m.group(1)) / int(m.group(2)))
+            per_second.append(int(m.group(2)) / duration)
+    med2 = lambda v: f"{statistics.median(v):.0f}" if v else "-"
+    return med2(per_sync), med2(per_second)
+args = os.environ.get("BENCH_ARGS", "").split()
+duration = float(args[args.index("--duration") + 1]) if "--duration" in args else 10.0
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 lines = [f"# {name}: QoS 1 with each sync policy against no data directory, {datetime.date.today()}\n",
          f"- Machine: {cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} vCPU, Linux {platform.release()}; a shared 2-core VM, noisy",
          "- shardmq pinned to core 0 with `--shards 1`, the generator to core 1; the data directory on the VM's disk (virtio), fresh for every run",
          f"- Medians over {runs} runs per variant; the variants run one after another in each round",
+         "- records per fdatasync and fdatasyncs per second: from the broker's shutdown line (records over the whole run, including connects; divided by the measured duration, so approximate)",
          f"- Reproduce: `tools/bench_durability.sh {name} {runs} -- {os.environ.get('BENCH_ARGS', '')}`",
          "",
-         "| variant | delivered msg/s | offered msg/s | end-to-end p50 us | p99 us | PUBACK p50 us | PUBACK p99 us | lost | delivered vs no data dir | PUBACK p99 vs no data dir |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| variant | delivered msg/s | offered msg/s | end-to-end p50 us | p99 us | PUBACK p50 us | PUBACK p99 us | lost | delivered vs no data dir | PUBACK p99 vs no data dir | records per fdatasync | fdatasyncs/s (approx.) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 base = rows.get("no-data-dir") or []
 brate, back = med(base, "messages_per_second"), med(base, "acknowledgement_us", "p99")
 ratio = lambda a, b: f"{a / b:.3g}x" if a and b else "-"
@@ -92,9 +110,9 @@ fmt = lambda v: "-" if v is None else f"{v:.0f}"
 for variant in variants:
     r = rows[variant]
     if not r:
-        lines.append(f"| {variant} | failed | | | | | | | | |")
+        lines.append(f"| {variant} | failed | | | | | | | | | | |")
         continue
-    lines.append(f"| {variant} | {fmt(med(r, 'messages_per_second'))} | {fmt(med(r, 'offered_per_second'))} | {fmt(med(r, 'latency_us', 'p50'))} | {fmt(med(r, 'latency_us', 'p99'))} | {fmt(med(r, 'acknowledgement_us', 'p50'))} | {fmt(med(r, 'acknowledgement_us', 'p99'))} | {fmt(med(r, 'lost'))} | {ratio(med(r, 'messages_per_second'), brate)} | {ratio(med(r, 'acknowledgement_us', 'p99'), back)} |")
+    lines.append(f"| {variant} | {fmt(med(r, 'messages_per_second'))} | {fmt(med(r, 'offered_per_second'))} | {fmt(med(r, 'latency_us', 'p50'))} | {fmt(med(r, 'latency_us', 'p99'))} | {fmt(med(r, 'acknowledgement_us', 'p50'))} | {fmt(med(r, 'acknowledgement_us', 'p99'))} | {fmt(med(r, 'lost'))} | {ratio(med(r, 'messages_per_second'), brate)} | {ratio(med(r, 'acknowledgement_us', 'p99'), back)} | {syncs(variant)[0]} | {syncs(variant)[1]} |")
 open(out, "w").write("\n".join(lines) + "\n")
 PY
 {

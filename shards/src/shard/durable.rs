@@ -238,6 +238,14 @@ impl Shard {
         self.durable.as_ref().is_some_and(|d| d.failed)
     }
 
+    /// Records appended to the log since it was opened (0 without one, or after a failure).
+    pub fn log_record_count(&self) -> u64 {
+        self.durable
+            .as_ref()
+            .and_then(|d| d.log.as_ref())
+            .map_or(0, Log::appended_lsn)
+    }
+
     /// Acknowledgements waiting for a sync.
     pub fn held_ack_count(&self) -> usize {
         self.durable.as_ref().map_or(0, |d| d.held.len())
