@@ -82,6 +82,20 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub cluster: ClusterConfig,
     pub admin: Admin,
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: the durable log kept in `server.data_dir` (see `durable.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub sync: String,
+    pub sync_interval_ms: u64,
+    pub segment_size_bytes: u64,
+    pub compaction_ratio: u64,
+    pub compaction_min_bytes: u64,
+    pub held_acks_per_shard_max: usize,
+    pub recover_damaged: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -550,6 +564,42 @@ impl Config {
                 };
                 format!("`cluster.tls` is \"required\" but its files are not usable: {e}{hint}")
             })
+    }
+
+    /// `storage.sync` and `storage.sync_interval_ms`.
+    pub fn sync_policy(&self) -> Result<crate::durable::SyncPolicy, String> {
+        use crate::durable::SyncPolicy;
+        match self.storage.sync.as_str() {
+            "always" => Ok(SyncPolicy::Always),
+            "interval" if self.storage.sync_interval_ms == 0 => {
+                Err("`storage.sync_interval_ms` must be above 0 with sync = \"interval\"".into())
+            }
+            "interval" => Ok(SyncPolicy::Interval {
+                interval_ms: self.storage.sync_interval_ms,
+            }),
+            "none" => Ok(SyncPolicy::None),
+            other => Err(format!(
+                "`storage.sync` is {other:?}: expected \"always\", \"interval\" or \"none\""
+            )),
+        }
+    }
+
+    /// The log's settings from `[storage]`.
+    pub fn log_config(&self) -> Result<shardmq_shards::storage::LogConfig, String> {
+        let storage = &self.storage;
+        if storage.segment_size_bytes < 4096 {
+            return Err("`storage.segment_size_bytes` must be at least 4096".into());
+        }
+        if storage.held_acks_per_shard_max == 0 {
+            return Err("`storage.held_acks_per_shard_max` must be above 0".into());
+        }
+        Ok(shardmq_shards::storage::LogConfig {
+            segment_size_bytes: storage.segment_size_bytes,
+            compaction: shardmq_shards::storage::CompactionPolicy {
+                ratio: storage.compaction_ratio.max(1),
+                min_bytes: storage.compaction_min_bytes,
+            },
+        })
     }
 
     pub fn shared_strategy(&self) -> Result<SharedStrategy, String> {

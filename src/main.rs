@@ -6,6 +6,8 @@
 
 mod admin;
 mod config;
+mod durable;
+mod log_io;
 mod supervise;
 
 use std::collections::BTreeMap;
@@ -50,6 +52,10 @@ enum Command {
         /// `server.data_dir`.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// Start even if the durable log is damaged in a way a crash does not explain,
+        /// with what replayed before the damage; sets `storage.recover_damaged`.
+        #[arg(long)]
+        recover_damaged: bool,
     },
     /// Print the embedded default configuration.
     DefaultConfig,
@@ -102,16 +108,54 @@ struct ShardHandler {
     outputs: Vec<NodeOutput>,
     requests: BTreeMap<u64, Control>,
     next_ticket: u64,
+    /// The shard's durable log I/O, with a data directory.
+    log: Option<ShardLog>,
+    /// The time of the last event, for the log's interval syncs.
+    now_ms: u64,
+}
+
+/// A shard's log I/O: the calls it makes and the writer that carries them out.
+struct ShardLog {
+    files: log_io::LogFiles,
+    writer: log_io::LogWriter,
 }
 
 impl ShardHandler {
-    fn new(node: NodeShard) -> Self {
+    fn new(node: NodeShard, log: Option<ShardLog>) -> Self {
         Self {
             node,
             outputs: Vec::new(),
             requests: BTreeMap::new(),
             next_ticket: 0,
+            log,
+            now_ms: 0,
         }
+    }
+
+    /// After the reactor stopped: the completions it did not hand over, then what the shard
+    /// recorded since (disconnecting its clients), written and synced with blocking calls.
+    fn finish_log(&mut self, directory: &Path, index: u16) -> Result<(), String> {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
+        for (tag, result) in log.writer.finish() {
+            if log.files.is_pending(tag) {
+                log.files.done(&mut self.node.shard, tag, result);
+            }
+        }
+        if log.files.failed() {
+            return Err("the durable log failed during this run: see the log above".into());
+        }
+        let (records, syncs) = (self.node.shard.log_record_count(), log.files.sync_count());
+        info!(
+            shard = index,
+            records,
+            syncs,
+            records_per_sync = records / syncs.max(1),
+            "durable log: this run's records and fdatasyncs"
+        );
+        durable::run_synchronously(directory, index, &mut self.node.shard)
+            .map_err(|e| format!("cannot write the last records of shard {index}'s log: {e}"))
     }
 
     /// Files an operator's request under a new ticket; returns the node layer's input for it.
@@ -155,8 +199,15 @@ impl Handler for ShardHandler {
     type Message = NodeMessage;
 
     fn event(&mut self, now_ms: u64, event: Event<NodeMessage>) {
+        self.now_ms = now_ms;
         // The reactor marks cluster links in their connection ids (`reactor::is_side`).
         let input = match event {
+            Event::Message(NodeMessage::LogDone { tag, result }) => {
+                if let Some(log) = &mut self.log {
+                    log.files.done(&mut self.node.shard, tag, result);
+                }
+                return;
+            }
             Event::Opened(connection) => NodeInput::Opened { connection },
             Event::OpenedSide(connection) => NodeInput::LinkOpened { connection },
             Event::Connected(connection, tag) => NodeInput::Connected { connection, tag },
@@ -180,7 +231,12 @@ impl Handler for ShardHandler {
             Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
             Event::Message(NodeMessage::Control(control)) => self.request(control),
             Event::Tick => NodeInput::Tick,
-            Event::Shutdown => NodeInput::Shutdown,
+            Event::Shutdown => {
+                if let Some(log) = &self.log {
+                    log.writer.stop_posting();
+                }
+                NodeInput::Shutdown
+            }
         };
         self.node.handle(now_ms, input);
     }
@@ -205,46 +261,45 @@ impl Handler for ShardHandler {
             }
         }
         self.outputs = outputs;
+        // What this batch recorded: one call, one fdatasync (group commit).
+        if let Some(log) = &mut self.log {
+            log.files
+                .submit(&mut self.node.shard, self.now_ms, &log.writer);
+        }
     }
 
     fn next_deadline_us(&self) -> Option<u64> {
-        self.node.next_deadline_ms().map(|ms| ms * 1000)
+        let log = self
+            .log
+            .as_ref()
+            .and_then(|log| log.files.next_deadline_ms());
+        let node = self.node.next_deadline_ms();
+        match (node, log) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|ms| ms * 1000)
     }
 }
 
-/// The snapshot files of a data directory, created if missing: `shard-N.snapshot`.
-fn read_snapshots(directory: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, String> {
-    std::fs::create_dir_all(directory)
-        .map_err(|e| format!("data directory {}: {e}", directory.display()))?;
-    // Fail now, not at shutdown, if the directory cannot be written.
-    let probe = directory.join(".write-test");
-    std::fs::write(&probe, b"")
-        .and_then(|()| std::fs::remove_file(&probe))
-        .map_err(|e| {
-            format!(
-                "data directory {} is not writable: {e}",
-                directory.display()
-            )
-        })?;
-    let mut files = Vec::new();
-    for entry in
-        std::fs::read_dir(directory).map_err(|e| format!("{}: {e}", directory.display()))?
-    {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with("shard-") && name.ends_with(".snapshot") {
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            files.push((path, bytes));
+/// Loads the old shutdown snapshots (`shard-N.snapshot`, from before the durable log) into
+/// `shard`, once: they are removed after the first checkpoints are synced.
+fn restore_snapshots(shard: &mut Shard, index: u16, snapshots: &[(PathBuf, Vec<u8>)]) {
+    for (path, bytes) in snapshots {
+        match shard.restore(bytes) {
+            Ok((sessions, retained, warning)) => {
+                if sessions > 0 || (index == 0 && retained > 0) {
+                    info!(shard = index, file = %path.display(), sessions, retained, "restored from an old snapshot");
+                }
+                if let Some(warning) = warning {
+                    warn!(shard = index, file = %path.display(), "{warning}");
+                }
+            }
+            Err(error) => {
+                warn!(shard = index, file = %path.display(), %error, "snapshot skipped")
+            }
         }
     }
-    files.sort();
-    Ok(files)
-}
-
-/// Writes shard `index`'s snapshot atomically: a temporary file, fsync, rename, fsync of the
-/// directory.
-fn write_snapshot(directory: &Path, index: u16, bytes: &[u8]) -> std::io::Result<()> {
-    write_file(directory, &format!("shard-{index}.snapshot"), bytes)
 }
 
 /// The Raft state a core saves at a clean shutdown (see `Consensus::save`).
@@ -315,12 +370,9 @@ fn run_shard(
         }
     };
     let _ = notices.send(Notice::Ready(index, Ok(())));
-    let handler = reactor.run().map_err(|e| e.to_string())?.inner;
+    let mut handler = reactor.run().map_err(|e| e.to_string())?.inner;
     if let Some(directory) = data_dir {
-        let bytes = handler.node.shard.snapshot();
-        write_snapshot(&directory, index, &bytes)
-            .map_err(|e| format!("cannot write the snapshot: {e}"))?;
-        info!(shard = index, bytes = bytes.len(), "snapshot written");
+        handler.finish_log(&directory, index)?;
         if let Some(state) = handler.node.raft_state() {
             write_file(&directory, RAFT_STATE, &state)
                 .map_err(|e| format!("cannot write the Raft state: {e}"))?;
@@ -382,10 +434,16 @@ fn serve(config: Config) -> Result<(), String> {
     let cores = core_ids(config.server.pin_cores);
     let data_dir =
         (!config.server.data_dir.is_empty()).then(|| PathBuf::from(&config.server.data_dir));
-    let snapshots = Arc::new(match &data_dir {
-        Some(directory) => read_snapshots(directory)?,
-        None => Vec::new(),
-    });
+    let sync_policy = config.sync_policy()?;
+    let log_config = config.log_config()?;
+    let found = match &data_dir {
+        Some(directory) => Some(durable::recover(
+            directory,
+            (&config.limits()).into(),
+            config.storage.recover_damaged,
+        )?),
+        None => None,
+    };
     let mut raft_state = match (&data_dir, &cluster) {
         (Some(directory), Some(_)) => take_raft_state(directory),
         _ => None,
@@ -397,6 +455,57 @@ fn serve(config: Config) -> Result<(), String> {
     let link_admission = (config.cluster.enabled && config.cluster.links_per_address_max > 0)
         .then(|| Arc::new(Admission::new(config.link_admission_limits())));
     let epoch = Instant::now();
+    // Records carry wall-clock times; the shards' clock counts from `epoch`.
+    let wall_clock_at_zero_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+        .saturating_sub(epoch.elapsed().as_millis() as u64);
+    // Every shard, restored and with its log's first checkpoint synced, before any serves:
+    // only then may the logs of shards that no longer exist be removed (`durable.rs`).
+    let mut shards = Vec::new();
+    for index in 0..shard_count {
+        let mut shard = Shard::new(ShardConfig {
+            index,
+            shard_count,
+            node: config.cluster.node_id_if_enabled(),
+            takeover_timeout_ms: config.cluster.takeover_timeout_ms,
+            limits: config.limits(),
+            shared_strategy: config.shared_strategy()?,
+        });
+        if let (Some(directory), Some(found)) = (&data_dir, &found) {
+            let (sessions, retained) = shard.restore_state(&found.state, wall_clock_at_zero_ms);
+            if sessions > 0 || (index == 0 && retained > 0) {
+                info!(
+                    shard = index,
+                    sessions, retained, "restored from the durable log"
+                );
+            }
+            restore_snapshots(&mut shard, index, &found.snapshots);
+            let existing: &[u64] = found
+                .segments
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map_or(&[], |(_, sequences)| sequences);
+            let state = shard.durable_state(wall_clock_at_zero_ms);
+            let mut log = shardmq_shards::storage::Log::open(log_config, state, existing);
+            durable::run_synchronously(directory, index, &mut log).map_err(|e| {
+                format!("cannot write the first checkpoint of shard {index}'s log: {e}")
+            })?;
+            shard.attach_log(
+                log,
+                shardmq_shards::shard::LogSettings {
+                    hold_acks: true,
+                    wall_clock_at_zero_ms,
+                    held_acks_max: config.storage.held_acks_per_shard_max,
+                },
+            );
+        }
+        shards.push(shard);
+    }
+    if let (Some(directory), Some(found)) = (&data_dir, &found) {
+        durable::remove_leftovers(directory, found, shard_count)?;
+    }
+    let mut shards = shards.into_iter();
     let health = supervise::Health::new(shard_count, epoch, config.admin.stall_timeout_ms);
     // Each reactor is built on its own thread: its ring accepts submissions only from the
     // thread that created it (IORING_SETUP_SINGLE_ISSUER). Start-up errors (an address in use,
@@ -422,29 +531,9 @@ fn serve(config: Config) -> Result<(), String> {
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_seconds),
             tcp_keepalive,
         };
-        let mut shard = Shard::new(ShardConfig {
-            index,
-            shard_count,
-            node: config.cluster.node_id_if_enabled(),
-            takeover_timeout_ms: config.cluster.takeover_timeout_ms,
-            limits: config.limits(),
-            shared_strategy: config.shared_strategy()?,
-        });
-        for (path, bytes) in snapshots.iter() {
-            match shard.restore(bytes) {
-                Ok((sessions, retained, warning)) => {
-                    if sessions > 0 || (index == 0 && retained > 0) {
-                        info!(shard = index, file = %path.display(), sessions, retained, "restored from the snapshot");
-                    }
-                    if let Some(warning) = warning {
-                        warn!(shard = index, file = %path.display(), "{warning}");
-                    }
-                }
-                Err(error) => {
-                    warn!(shard = index, file = %path.display(), %error, "snapshot skipped")
-                }
-            }
-        }
+        let Some(shard) = shards.next() else {
+            unreachable!("one shard was built per index");
+        };
         let mut node = match &cluster {
             None => NodeShard::standalone(shard, index, shard_count),
             Some(settings) => NodeShard::clustered(
@@ -462,7 +551,18 @@ fn serve(config: Config) -> Result<(), String> {
         {
             warn!(%error, "the Raft state of the last shutdown is not taken up: joining as a new voter");
         }
-        let handler = Watched::new(ShardHandler::new(node), index, health.clone(), fault);
+        let log = match &data_dir {
+            Some(directory) => Some(ShardLog {
+                files: log_io::LogFiles::new(
+                    durable::shard_directory(directory, index),
+                    sync_policy,
+                ),
+                writer: log_io::LogWriter::spawn(index, mailboxes.clone())
+                    .map_err(|e| format!("cannot start shard {index}'s log writer: {e}"))?,
+            }),
+            None => None,
+        };
+        let handler = Watched::new(ShardHandler::new(node, log), index, health.clone(), fault);
         let mailboxes = mailboxes.clone();
         let admission = admission.clone();
         let link_admission = link_admission.clone();
@@ -562,19 +662,6 @@ fn serve(config: Config) -> Result<(), String> {
         }
     }
     if let (Some(directory), true) = (&data_dir, failures.is_empty()) {
-        // Snapshots of shards that no longer exist (a larger shard count before) were read at
-        // start and their sessions now live in the current files.
-        for (path, _) in snapshots.iter() {
-            let index: Option<u16> = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
-                n.strip_prefix("shard-")?
-                    .strip_suffix(".snapshot")?
-                    .parse()
-                    .ok()
-            });
-            if index.is_some_and(|index| index >= shard_count) {
-                let _ = std::fs::remove_file(path);
-            }
-        }
         info!(directory = %directory.display(), "state saved");
     }
     info!("shardmq stopped");
@@ -758,6 +845,7 @@ fn main() -> ExitCode {
             shards,
             config,
             data_dir,
+            recover_damaged,
         } => {
             let mut loaded = match Config::load(config.as_deref()) {
                 Ok(loaded) => loaded,
@@ -775,6 +863,7 @@ fn main() -> ExitCode {
             if let Some(data_dir) = data_dir {
                 loaded.server.data_dir = data_dir.to_string_lossy().into_owned();
             }
+            loaded.storage.recover_damaged |= recover_damaged;
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .or_else(|_| tracing_subscriber::EnvFilter::try_new(&loaded.server.log));
             let filter = match filter {

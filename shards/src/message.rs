@@ -86,6 +86,9 @@ pub enum ShardMessage {
         message: Message,
         plain: bool,
         groups: Vec<(ByteString, ByteString)>,
+        /// With held acknowledgements: answer with `Durable` once this shard's records of
+        /// the message are synced.
+        receipt: Option<crate::shard::Receipt>,
     },
     /// Node `node` of the cluster gained its first (`added`) or lost its last subscriber of
     /// `filter` (with `group`, of that shared group's `filter`). From the cluster agent.
@@ -107,7 +110,14 @@ pub enum ShardMessage {
     },
     /// Store (or, with an empty payload, clear) a retained message. Every shard keeps the whole
     /// retained set, so a subscribe never waits on another shard.
-    Retain { message: Message },
+    Retain {
+        message: Message,
+        /// As for `Deliver`: the shard that owns the topic records it and answers.
+        receipt: Option<crate::shard::Receipt>,
+    },
+    /// Answers to receipts: (id, whether the records were written) for the shard that holds
+    /// those publishes' acknowledgements.
+    Durable { receipts: Vec<(u64, bool)> },
 }
 
 /// A session moving from one node to another (takeover across nodes). Both travel on the data

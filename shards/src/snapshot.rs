@@ -1,5 +1,7 @@
-//! Snapshots of a shard's durable state, written at a clean shutdown and read at start:
-//! persistent sessions (subscriptions, in-flight and queued messages) and retained messages.
+//! Snapshots of a shard's durable state: persistent sessions (subscriptions, in-flight and
+//! queued messages) and retained messages. The broker no longer writes them (the durable log,
+//! `storage`, replaced them); it reads old snapshot files once at start, as the upgrade path,
+//! and a takeover across nodes moves a session as a `SavedSession`.
 //!
 //! Owns: the file format, as pure functions over bytes (the file I/O is the binary's).
 //! Never: touches a file, or trusts what it reads: every record carries its length and a

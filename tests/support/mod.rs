@@ -358,6 +358,16 @@ impl V4 {
         })
     }
 
+    /// Waits for `count` PUBACKs, `timeout` for each.
+    pub fn acknowledged(&self, count: usize, timeout: Duration) {
+        for _ in 0..count {
+            self.wait_for(timeout, |event| {
+                matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))
+            })
+            .expect("PUBACK");
+        }
+    }
+
     /// Subscribes and waits for the SUBACK.
     pub fn subscribe(&self, filter: &str, qos: rumqttc::QoS) {
         self.client.subscribe(filter, qos).unwrap();

@@ -134,11 +134,23 @@ impl Shard {
         if self.retained_store_refuses(connection_id, index, &publish) {
             return;
         }
+        if publish.qos != QoS::AtMostOnce && self.held_acks_full() {
+            self.refuse_over_held(connection_id, version, publish.qos, publish.packet_id);
+            return;
+        }
         // QoS 2 is delivered once, on first receipt; a resent PUBLISH with the same packet
         // identifier before PUBREL is only acknowledged again (method B of MQTT 5.0 §4.3.3).
         let (qos, packet_id) = (publish.qos, publish.packet_id);
+        let before = self.durable_begin(qos != QoS::AtMostOnce);
         let duplicate =
             qos == QoS::ExactlyOnce && !self.session_mut(index).awaiting_release.insert(packet_id);
+        if qos == QoS::ExactlyOnce && !duplicate && self.logs_session(index) {
+            let client_id = self.session(index).client_id.clone();
+            self.log_record(|_| storage::Record::InboundAwaitingRelease {
+                client_id,
+                packet_id,
+            });
+        }
         let mut matched = true;
         if !duplicate {
             let publisher = Some(self.session(index).client_id.clone());
@@ -155,10 +167,54 @@ impl Shard {
             },
             properties: AckProperties::default(),
         };
+        if qos != QoS::AtMostOnce {
+            let packet = HeldPacket::Publish {
+                qos,
+                ack,
+                session: index,
+            };
+            self.durable_finish(before, connection_id, packet);
+        }
+    }
+
+    /// A QoS 1/2 PUBLISH that arrives while this shard's held acknowledgements are at their
+    /// limit: refused before anything happens (0x97 for 5.0; 3.x has no refusal, so the
+    /// connection is closed).
+    fn refuse_over_held(
+        &mut self,
+        connection_id: ConnectionId,
+        version: ProtocolVersion,
+        qos: QoS,
+        packet_id: u16,
+    ) {
+        if !version.is_v5() {
+            self.disconnect(
+                connection_id,
+                ReasonCode::QUOTA_EXCEEDED,
+                "too many acknowledgements wait for the durable log",
+                true,
+            );
+            return;
+        }
+        let ack = PubAck {
+            packet_id,
+            reason: ReasonCode::QUOTA_EXCEEDED,
+            properties: AckProperties::default(),
+        };
         match qos {
-            QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(connection_id, &Packet::PubAck(ack)),
-            QoS::ExactlyOnce => self.send(connection_id, &Packet::PubRec(ack)),
+            _ => self.send(connection_id, &Packet::PubRec(ack)),
+        }
+    }
+
+    /// Records an in-flight message's end (acknowledged, or refused by the client).
+    fn log_acknowledged(&mut self, index: SessionIndex, packet_id: u16) {
+        if self.logs_session(index) {
+            let client_id = self.session(index).client_id.clone();
+            self.log_record(|_| storage::Record::MessageAcknowledged {
+                client_id,
+                packet_id,
+            });
         }
     }
 
@@ -170,6 +226,13 @@ impl Shard {
         packet_id: u16,
     ) {
         let known = self.session_mut(index).awaiting_release.remove(&packet_id);
+        if known && self.logs_session(index) {
+            let client_id = self.session(index).client_id.clone();
+            self.log_record(|_| storage::Record::InboundReleased {
+                client_id,
+                packet_id,
+            });
+        }
         let reason = if known {
             ReasonCode::SUCCESS
         } else {
@@ -201,10 +264,19 @@ impl Shard {
             Some(position) if ack.reason.is_error() => {
                 // The client refused the message: the exchange ends here (MQTT 5.0 §4.3.3).
                 session.inflight.remove(position);
+                self.log_acknowledged(index, ack.packet_id);
                 self.drain_queue(index);
             }
             Some(position) => {
                 session.inflight[position].state = InflightState::Released;
+                if self.logs_session(index) {
+                    let client_id = self.session(index).client_id.clone();
+                    let packet_id = ack.packet_id;
+                    self.log_record(|_| storage::Record::MessageReleased {
+                        client_id,
+                        packet_id,
+                    });
+                }
                 self.send(connection_id, &Packet::PubRel(PubAck::new(ack.packet_id)));
             }
             None => {
@@ -235,6 +307,7 @@ impl Shard {
         }) {
             Some(position) => {
                 session.inflight.remove(position);
+                self.log_acknowledged(index, packet_id);
                 self.drain_queue(index);
             }
             None => debug!(
@@ -264,6 +337,8 @@ impl Shard {
                 return;
             }
             self.set_session_expiry(index, expiry.min(expiry_max));
+            self.log_session_changed(index);
+            self.log_session_presence(index);
         }
         let session = self.session(index);
         // A normal DISCONNECT discards the will, except 0x04 (MQTT 5.0 §3.14.2.1).

@@ -121,6 +121,16 @@ impl Shard {
     ) {
         let version = connect.protocol;
         let expiry_seconds = self.granted_expiry_seconds(&connect);
+        if expiry_seconds > 0 && self.log_refuses_persistent() {
+            warn!(
+                connection = connection_id,
+                client_id = %quote(&client_id),
+                "CONNECT refused: a persistent session cannot be kept, the durable log failed"
+            );
+            self.send_connack_refusal(connection_id, version, ReasonCode::SERVER_UNAVAILABLE);
+            self.drop_connection(connection_id, false);
+            return;
+        }
         if self.persistent_quota_refuses(&client_id, expiry_seconds) {
             warn!(
                 connection = connection_id,
@@ -262,9 +272,20 @@ impl Shard {
         if !session_present {
             session.awaiting_release.clear();
         }
+        let will_was_pending = offline_timers[0].is_some();
         for key in offline_timers {
             self.timers.cancel(key);
         }
+        // A resumed session the log knows changes; a new one (or one that just became
+        // persistent) is written whole, and one that stopped being persistent ends.
+        if session_present && self.logs_session(index) {
+            if will_was_pending {
+                let client_id = self.session(index).client_id.clone();
+                self.log_record(|_| storage::Record::WillCancelled { client_id });
+            }
+            self.log_session_changed(index);
+        }
+        self.log_session_presence(index);
     }
 
     /// Binds the connection to session `index` with the client's limits and arms its keep
@@ -430,6 +451,18 @@ impl Shard {
                 .inflight
                 .retain(|entry| !refused.contains(&entry.packet_id));
             session.inflight_resumed_count = session.inflight.len();
+            if session.logged {
+                let client_id = session.client_id.clone();
+                for packet_id in refused {
+                    let client_id = client_id.clone();
+                    durable::record(&mut self.durable, |_| {
+                        storage::Record::MessageAcknowledged {
+                            client_id,
+                            packet_id,
+                        }
+                    });
+                }
+            }
         }
     }
 }

@@ -186,6 +186,7 @@ impl Shard {
             sessions,
             connections,
             outbox,
+            durable,
             ..
         } = self;
         let session = sessions[index as usize]
@@ -196,7 +197,7 @@ impl Shard {
             if qos == QoS::AtMostOnce {
                 return;
             }
-            return Self::enqueue(session, message, subscription_identifiers, limit);
+            return Self::enqueue(session, message, subscription_identifiers, limit, durable);
         };
         // Live delivery: with nothing waiting and room in the window, straight to the
         // connection, without passing through (and allocating) the session's queue.
@@ -215,29 +216,54 @@ impl Shard {
                     subscription_identifiers,
                 },
                 now_ms,
+                durable,
+                false,
             ) {
                 // At the unsent bound: QoS 1 and 2 wait for the backlog to fall.
-                Self::enqueue(session, back.message, back.subscription_identifiers, limit);
+                Self::enqueue(
+                    session,
+                    back.message,
+                    back.subscription_identifiers,
+                    limit,
+                    durable,
+                );
             }
             return;
         }
-        Self::enqueue(session, message, subscription_identifiers, limit);
+        Self::enqueue(session, message, subscription_identifiers, limit, durable);
         self.drain_queue(index);
     }
 
-    /// Queues a message for the session, dropping the oldest when the queue is full.
+    /// Queues a message for the session, dropping the oldest when the queue is full. A
+    /// logged session's QoS 1/2 messages are recorded (QoS 0 never is, and the log's queue
+    /// holds the QoS 1/2 entries of the session's queue, in order).
     pub(super) fn enqueue(
         session: &mut Session,
         message: Message,
         subscription_identifiers: Vec<u32>,
         limit: usize,
+        durable: &mut Option<Box<Durable>>,
     ) {
         if session.queue.len() >= limit {
-            session.queue.pop_front();
+            let dropped = session.queue.pop_front();
+            if session.logged && dropped.is_some_and(|d| d.message.qos != QoS::AtMostOnce) {
+                let client_id = session.client_id.clone();
+                durable::record(durable, |_| storage::Record::QueuedDropped { client_id });
+            }
             session.dropped_messages += 1;
             if session.dropped_messages.is_power_of_two() {
                 warn!(client_id = %session.client_id, dropped = session.dropped_messages, limit, "session queue full: dropping its oldest messages");
             }
+        }
+        if session.logged && message.qos != QoS::AtMostOnce {
+            let client_id = session.client_id.clone();
+            durable::record(durable, |durable| storage::Record::MessageQueued {
+                client_id,
+                delivery: storage::record::SavedDelivery {
+                    message: durable.wall(&message),
+                    subscription_identifiers: subscription_identifiers.clone(),
+                },
+            });
         }
         session.queue.push_back(Queued {
             message,
@@ -256,6 +282,7 @@ impl Shard {
             sessions,
             connections,
             outbox,
+            durable,
             ..
         } = self;
         let Some(connection) = connections.get_mut(&connection_id) else {
@@ -271,7 +298,8 @@ impl Shard {
                 break;
             }
             let queued = session.queue.pop_front().expect("a front");
-            if let Some(back) = Self::transmit(connection, session, outbox, queued, now_ms) {
+            let back = Self::transmit(connection, session, outbox, queued, now_ms, durable, true);
+            if let Some(back) = back {
                 session.queue.push_front(back);
                 break;
             }
@@ -287,18 +315,33 @@ impl Shard {
     /// [MQTT-3.1.2-24] (for QoS 1 and 2 that counts as delivered). At the connection's unsent
     /// bound a QoS 0 message is dropped (counted) and a QoS 1/2 message comes back, untouched,
     /// to wait in the queue.
+    ///
+    /// For a logged session, `from_queue` says whether the message is the head of the log's
+    /// queue (taken from the session's queue) or a live delivery the log has not seen: it is
+    /// recorded as sent, dropped, or (live) queued then sent.
+    #[allow(clippy::too_many_arguments)]
     fn transmit(
         connection: &mut Connection,
         session: &mut Session,
         outbox: &mut Outbox,
         queued: Queued,
         now_ms: u64,
+        durable: &mut Option<Box<Durable>>,
+        from_queue: bool,
     ) -> Option<Queued> {
         let Queued {
             message,
             subscription_identifiers,
         } = queued;
+        let logged = session.logged && message.qos != QoS::AtMostOnce;
+        let dropped = |durable: &mut Option<Box<Durable>>, session: &Session| {
+            if logged && from_queue {
+                let client_id = session.client_id.clone();
+                durable::record(durable, |_| storage::Record::QueuedDropped { client_id });
+            }
+        };
         if message.is_expired(now_ms) {
+            dropped(durable, session);
             return None;
         }
         if message.qos == QoS::AtMostOnce {
@@ -326,13 +369,31 @@ impl Shard {
             now_ms,
         ));
         match connection.write(&packet, Priority::Deferrable, outbox) {
-            Write::Written => session.inflight.push_back(Inflight {
-                packet_id,
-                message,
-                subscription_identifiers,
-                state: InflightState::Published,
-            }),
-            Write::TooLarge => {}
+            Write::Written => {
+                if logged {
+                    let client_id = &session.client_id;
+                    if !from_queue {
+                        durable::record(durable, |durable| storage::Record::MessageQueued {
+                            client_id: client_id.clone(),
+                            delivery: storage::record::SavedDelivery {
+                                message: durable.wall(&message),
+                                subscription_identifiers: subscription_identifiers.clone(),
+                            },
+                        });
+                    }
+                    durable::record(durable, |_| storage::Record::MessageSent {
+                        client_id: client_id.clone(),
+                        packet_id,
+                    });
+                }
+                session.inflight.push_back(Inflight {
+                    packet_id,
+                    message,
+                    subscription_identifiers,
+                    state: InflightState::Published,
+                });
+            }
+            Write::TooLarge => dropped(durable, session),
             // The identifier taken is simply skipped: nothing is in flight under it.
             Write::OverBound => {
                 return Some(Queued {

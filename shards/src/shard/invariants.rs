@@ -37,6 +37,7 @@ impl Shard {
         self.check_flows();
         self.check_timers();
         self.check_guards();
+        self.check_durable();
     }
 
     fn live_sessions(&self) -> impl Iterator<Item = (SessionIndex, &Session)> {

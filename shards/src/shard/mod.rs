@@ -6,7 +6,8 @@
 //! detach, end), `connect` (CONNECT, takeover, resume), `client` (a connected client's
 //! packets and QoS flows), `subscribe`, `route` (route tables, messages between shards,
 //! routing a publish), `deliver` (to this shard's sessions), `timers` (the timer store and
-//! what fires), `snapshot`, `takeover` (across nodes), `invariants` (`check_invariants`).
+//! what fires), `snapshot`, `durable` (the durable log: records, held acknowledgements),
+//! `takeover` (across nodes), `invariants` (`check_invariants`).
 //!
 //! Invariants (checked by `check_invariants`, which the tests and the simulation call after
 //! every step): a session lives on the shard its client identifier hashes to
@@ -45,12 +46,14 @@ use crate::message::{
     ConnectionId, Forwarded, Message, NodeId, SessionTransfer, ShardIndex, ShardMessage,
 };
 use crate::retained::Retained;
+use crate::storage;
 use crate::trie::{Change, Trie};
 
 mod client;
 mod connect;
 mod connection;
 mod deliver;
+mod durable;
 mod invariants;
 mod route;
 mod session;
@@ -61,6 +64,8 @@ mod timers;
 
 use connection::{Connection, Outbox, Priority, Write};
 use deliver::publish_packet;
+use durable::{Durable, HeldPacket};
+pub use durable::{LogSettings, Receipt};
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
 use timers::{Timer, TimerKey, Timers};
@@ -257,6 +262,8 @@ pub struct Shard {
     matched: Vec<Subscriber>,
     /// Scratch space for routing one message: which shards have plain subscribers.
     plain_targets: Vec<bool>,
+    /// The durable log and the acknowledgements waiting for it (with a data directory).
+    durable: Option<Box<Durable>>,
 }
 
 const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
@@ -307,6 +314,7 @@ impl Shard {
             assigned_ids: 0,
             matched: Vec::new(),
             plain_targets: Vec::new(),
+            durable: None,
         }
     }
 
@@ -357,6 +365,7 @@ impl Shard {
     /// The outputs of everything handled since the last call; each connection's packets come
     /// as one `Send`, before its `Close`.
     pub fn take_outputs(&mut self, outputs: &mut Vec<Output>) {
+        self.release_durable();
         self.flush_sends(outputs);
         // Closes go after the sends of the same batch, and closed connections are forgotten.
         // Taken out while forgetting connections, and put back to keep its allocation.

@@ -33,7 +33,12 @@ pub(super) fn pick_member(
 impl Shard {
     /// Stores a retained message in this shard's store (a full store drops and counts it).
     pub(super) fn store_retained(&mut self, message: Message) {
-        self.retained.store(message);
+        let logs = self.durable.is_some();
+        let copy = logs.then(|| message.clone());
+        let stored = self.retained.store(message);
+        if let Some(message) = copy {
+            self.log_retained(&message, stored != crate::retained::Stored::Refused);
+        }
     }
 
     /// Refuses a client's retained PUBLISH that the retained store has no room for: QoS 1
@@ -130,8 +135,31 @@ impl Shard {
                 message,
                 plain,
                 groups,
+                receipt: None,
             } => self.deliver_local(message, plain, &groups),
-            ShardMessage::Retain { message } => self.store_retained(message),
+            ShardMessage::Deliver {
+                message,
+                plain,
+                groups,
+                receipt: Some(receipt),
+            } => {
+                let before = self.receipt_begin();
+                self.deliver_local(message, plain, &groups);
+                self.receipt_finish(before, receipt);
+            }
+            ShardMessage::Retain {
+                message,
+                receipt: None,
+            } => self.store_retained(message),
+            ShardMessage::Retain {
+                message,
+                receipt: Some(receipt),
+            } => {
+                let before = self.receipt_begin();
+                self.store_retained(message);
+                self.receipt_finish(before, receipt);
+            }
+            ShardMessage::Durable { receipts } => self.receipts_answered(&receipts),
         }
     }
 
@@ -252,12 +280,19 @@ impl Shard {
     fn retain_everywhere(&mut self, message: &mut Message) {
         // Once per node, before the shards share it: the stores keep it for long.
         crate::retained::own_buffers(message);
+        let owner = owner_shard(&message.topic, self.config.shard_count);
         for target in 0..self.config.shard_count {
             if target != self.config.index {
+                // The owner records the topic's change; a held acknowledgement waits for it.
+                let receipt = match &mut self.durable {
+                    Some(durable) if target == owner => durable.receipt(self.config.index),
+                    _ => None,
+                };
                 self.outputs.push(Output::ToShard {
                     shard: target,
                     message: ShardMessage::Retain {
                         message: message.clone(),
+                        receipt,
                     },
                 });
             }
@@ -440,12 +475,20 @@ impl Shard {
             if target == usize::from(self.config.index) {
                 self.deliver_local(copy, has_plain, &groups);
             } else {
+                let shard = target as ShardIndex;
+                let receipt = match &mut self.durable {
+                    Some(durable) if copy.qos != QoS::AtMostOnce => {
+                        durable.receipt(self.config.index)
+                    }
+                    _ => None,
+                };
                 self.outputs.push(Output::ToShard {
-                    shard: target as ShardIndex,
+                    shard,
                     message: ShardMessage::Deliver {
                         message: copy,
                         plain: has_plain,
                         groups,
+                        receipt,
                     },
                 });
             }

@@ -64,6 +64,8 @@ pub(super) struct Session {
     /// Boxed: most sessions have no will, and a message inline would double every session.
     pub(super) will: Option<Box<StoredWill>>,
     pub(super) dropped_messages: u64,
+    /// Whether the durable log holds this session (see `durable.rs`).
+    pub(super) logged: bool,
 }
 
 impl Session {
@@ -91,6 +93,7 @@ impl Session {
             awaiting_release: HashSet::new(),
             will: None,
             dropped_messages: 0,
+            logged: false,
         }
     }
 
@@ -124,6 +127,7 @@ impl Shard {
         let generation = session.generation;
         let expiry_seconds = session.expiry_seconds;
         let will = session.will.take();
+        let had_will = will.is_some();
         if let Some(will) = will.filter(|_| publish_will) {
             let delay = will.delay_seconds.min(expiry_seconds);
             if delay == 0 {
@@ -136,6 +140,27 @@ impl Shard {
                 let session = self.session_mut(index);
                 session.will = Some(will);
                 session.will_timer = Some(key);
+            }
+        }
+        // The session's will is no longer its connection's: gone, or pending on its own.
+        if had_will && self.logs_session(index) {
+            self.log_session_changed(index);
+            let Shard {
+                sessions, durable, ..
+            } = self;
+            let session = sessions[index as usize]
+                .as_ref()
+                .expect("a live session index");
+            if let (Some(will), Some(key)) = (session.will.as_deref(), session.will_timer) {
+                let client_id = session.client_id.clone();
+                durable::record(durable, |durable| storage::Record::WillPending {
+                    client_id,
+                    will: storage::Will {
+                        message: durable.wall(&will.message),
+                        delay_seconds: will.delay_seconds,
+                    },
+                    publish_at_ms: key.deadline_ms().saturating_add(durable.wall_offset_ms()),
+                });
             }
         }
         if expiry_seconds == 0 {
@@ -209,6 +234,14 @@ impl Shard {
         self.timers.cancel(session.expiry_timer);
         for filter in session.subscriptions.keys() {
             self.remove_subscription(index, filter);
+        }
+        if session.logged {
+            let client_id = session.client_id.clone();
+            if session.will_timer.is_some() {
+                let client_id = client_id.clone();
+                self.log_record(|_| storage::Record::WillCancelled { client_id });
+            }
+            self.log_record(|_| storage::Record::SessionEnded { client_id });
         }
         if let Some(will) = session.will {
             self.publish(will.message);

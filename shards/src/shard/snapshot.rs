@@ -155,6 +155,7 @@ impl Shard {
                 message,
                 delivery.subscription_identifiers,
                 limit,
+                &mut None,
             );
         }
         let subscriptions_max = limits.subscriptions_per_session_max;
@@ -185,5 +186,7 @@ impl Shard {
             );
             self.session_mut(index).expiry_timer = Some(key);
         }
+        // A session handed over from another node while a log is attached is written whole.
+        self.log_session_presence(index);
     }
 }

@@ -31,6 +31,18 @@ impl Shard {
         } else {
             ReasonCode::UNSPECIFIED_ERROR
         };
+        if self.logs_session(index) && self.held_acks_full() {
+            info!(client_id = %quote(&self.session(index).client_id), "SUBSCRIBE refused: too many acknowledgements wait for the durable log");
+            let reasons = vec![refused; subscribe.filters.len()];
+            let suback = SubAck {
+                packet_id: subscribe.packet_id,
+                properties: AckProperties::default(),
+                reasons,
+            };
+            self.send(connection_id, &Packet::SubAck(suback));
+            return;
+        }
+        let before = self.durable_begin(false);
         let taken = self
             .config
             .limits
@@ -66,14 +78,14 @@ impl Shard {
                 reasons[place] = reason;
             }
         }
-        self.send(
-            connection_id,
-            &Packet::SubAck(SubAck {
-                packet_id: subscribe.packet_id,
-                properties: AckProperties::default(),
-                reasons,
-            }),
-        );
+        let suback = SubAck {
+            packet_id: subscribe.packet_id,
+            properties: AckProperties::default(),
+            reasons,
+        };
+        // A logged session's SUBACK waits for its subscription records (`durable.rs`); the
+        // retained messages may go before it (MQTT 5.0 §3.8.4).
+        self.durable_finish(before, connection_id, HeldPacket::Subscribe(suback));
         self.send_retained(index, &retained_for, identifier);
     }
 
@@ -130,6 +142,17 @@ impl Shard {
                     .subscriptions
                     .insert(filter, (options, identifier));
             }
+        }
+        if self.logs_session(index) {
+            let client_id = self.session(index).client_id.clone();
+            // A copy: the decoded filter is a slice of the whole receive buffer.
+            let filter = ByteString::from(&**filter);
+            self.log_record(|_| storage::Record::SubscriptionAdded {
+                client_id,
+                filter,
+                options,
+                identifier,
+            });
         }
         let shared = topic::split_shared(filter).is_some();
         // Retained messages are not sent for shared subscriptions (MQTT 5.0 §4.8.2).
@@ -237,6 +260,11 @@ impl Shard {
                 .is_some()
             {
                 self.remove_subscription(index, filter);
+                if self.logs_session(index) {
+                    let client_id = self.session(index).client_id.clone();
+                    let filter = ByteString::from(&**filter);
+                    self.log_record(|_| storage::Record::SubscriptionRemoved { client_id, filter });
+                }
                 reasons.push(ReasonCode::SUCCESS);
             } else {
                 reasons.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);

@@ -279,6 +279,7 @@ fn v5_persistent(client_id: &'static str, expiry: u32) -> Connect {
 }
 
 mod delivery;
+mod durable;
 mod guards;
 mod rules;
 mod sessions;

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::storage::Record;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Timer {
@@ -39,6 +40,12 @@ pub(super) struct TimerKey {
 pub(super) struct Timers {
     armed: BTreeMap<TimerKey, Timer>,
     next_sequence: u64,
+}
+
+impl TimerKey {
+    pub(super) fn deadline_ms(&self) -> u64 {
+        self.deadline_ms
+    }
 }
 
 impl Timers {
@@ -101,6 +108,10 @@ impl Shard {
                     let session = self
                         .timed_session(index, generation, key, |session| &mut session.will_timer);
                     if let Some(will) = session.will.take() {
+                        if session.logged {
+                            let client_id = session.client_id.clone();
+                            self.log_record(|_| Record::WillCancelled { client_id });
+                        }
                         self.publish(will.message);
                     }
                 }

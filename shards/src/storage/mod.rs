@@ -8,7 +8,8 @@
 //! the shard's reactor carries the requests out on its io_uring ring, and at start the caller
 //! maps the segment files and hands their bytes to [`recover`].
 //!
-//! Not wired into the shard yet: see "The durable log (planned wiring)" in ARCHITECTURE.md.
+//! The shard drives it (`shard/durable.rs`) and the binary carries out its I/O: see
+//! "Storage" in ARCHITECTURE.md.
 
 pub mod compaction;
 pub mod log;

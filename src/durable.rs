@@ -1,0 +1,323 @@
+//! The binary's side of the durable log (DESIGN.md §5): the data directory at start, and the
+//! sync policy.
+//!
+//! Owns: the layout `DIR/shard-N/{sequence:020}.log`; recovery at start (every shard
+//! directory mapped with memmap2 and replayed, refused unless crash-consistent or
+//! `--recover-damaged`, the states merged so that the shard count may change between runs);
+//! the first checkpoint of every shard's new log, written and synced here before the node
+//! serves, after which the directories of shards that no longer exist and the old shutdown
+//! snapshots (`DIR/shard-N.snapshot`, read once for the upgrade) are removed.
+//! Never: runs on a shard thread while it serves: what a running shard writes goes through
+//! its reactor's ring (`main.rs`, `ShardHandler`).
+//!
+//! Why the start-up I/O is synchronous: nothing is served yet, so blocking costs nothing, and
+//! it orders the one step that spans directories. A directory is removed only after every
+//! new checkpoint is synced; a crash before that leaves the old directories holding the same
+//! state as the new checkpoints (nothing was served in between), so the merge (first copy
+//! wins) gives the same result.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use shardmq_shards::storage::{
+    self, Log, Request, Segment, State, StateLimits, Ticket, parse_file_name, recover_state,
+};
+use tracing::{info, warn};
+
+/// When the log is synced (`storage.sync`). Acknowledgements that promise durability always
+/// wait for the log call that carries their records: with `Always` that call ends with the
+/// fdatasync, with the others once the write is in the kernel's hands (which a process crash
+/// does not undo).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// fdatasync in every call.
+    Always,
+    /// fdatasync every this many milliseconds.
+    Interval { interval_ms: u64 },
+    /// The kernel writes back when it will.
+    None,
+}
+
+/// What was found in the data directory.
+pub struct Found {
+    /// Every shard directory's recovered state, merged.
+    pub state: State,
+    /// Per shard directory index: the segment sequences in it (all of them: the new log
+    /// removes them once its checkpoint is synced).
+    pub segments: Vec<(u16, Vec<u64>)>,
+    /// Old shutdown snapshots (`shard-N.snapshot`), read once for the upgrade.
+    pub snapshots: Vec<(PathBuf, Vec<u8>)>,
+}
+
+pub fn shard_directory(directory: &Path, index: u16) -> PathBuf {
+    directory.join(format!("shard-{index}"))
+}
+
+fn segment_path(directory: &Path, index: u16, sequence: u64) -> PathBuf {
+    shard_directory(directory, index).join(storage::file_name(sequence))
+}
+
+/// Reads the data directory (created if missing): every shard directory's log, recovered
+/// and merged, and any old snapshot files. Refuses a log that a crash alone does not explain
+/// unless `recover_damaged`, which keeps what replayed before the damage.
+pub fn recover(
+    directory: &Path,
+    limits: StateLimits,
+    recover_damaged: bool,
+) -> Result<Found, String> {
+    std::fs::create_dir_all(directory)
+        .map_err(|e| format!("data directory {}: {e}", directory.display()))?;
+    let probe = directory.join(".write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            format!(
+                "data directory {} is not writable: {e}",
+                directory.display()
+            )
+        })?;
+    let mut found = Found {
+        state: State::new(limits),
+        segments: Vec::new(),
+        snapshots: Vec::new(),
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(directory)
+        .map_err(|e| format!("{}: {e}", directory.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", directory.display()))?;
+    entries.sort();
+    for path in entries {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let Some(rest) = name.strip_prefix("shard-") else {
+            continue;
+        };
+        if rest.ends_with(".snapshot") {
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            found.snapshots.push((path, bytes));
+        } else if let Ok(index) = rest.parse::<u16>()
+            && path.is_dir()
+        {
+            let (state, sequences) = recover_shard(&path, limits, recover_damaged)?;
+            merge(&mut found.state, state);
+            found.segments.push((index, sequences));
+        }
+    }
+    Ok(found)
+}
+
+/// One shard directory: its segments mapped and replayed.
+fn recover_shard(
+    path: &Path,
+    limits: StateLimits,
+    recover_damaged: bool,
+) -> Result<(State, Vec<u64>), String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))? {
+        let file = entry
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .path();
+        let Some(sequence) = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_file_name)
+        else {
+            continue;
+        };
+        files.push((sequence, file));
+    }
+    files.sort();
+    let mut maps = Vec::with_capacity(files.len());
+    for (sequence, file) in &files {
+        let handle = File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let length = handle
+            .metadata()
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .len();
+        // An empty file (a crash right after its creation) has nothing to map.
+        let map = if length == 0 {
+            None
+        } else {
+            // SAFETY: the segments of a shard directory are written only by this process
+            // (one broker per data directory), and not while they are mapped here: the
+            // logs that write them are opened after recovery, and the maps are dropped
+            // before this function returns. The bytes are treated as hostile all the same.
+            Some(
+                unsafe { memmap2::Mmap::map(&handle) }
+                    .map_err(|e| format!("cannot map {}: {e}", file.display()))?,
+            )
+        };
+        maps.push((*sequence, map));
+    }
+    let segments: Vec<Segment<'_>> = maps
+        .iter()
+        .map(|(sequence, map)| Segment {
+            sequence: *sequence,
+            bytes: map.as_deref().unwrap_or(&[]),
+        })
+        .collect();
+    let (state, recovery, ignored) = recover_state(&segments, limits);
+    let sequences: Vec<u64> = files.iter().map(|(sequence, _)| *sequence).collect();
+    if let Some(stop) = &recovery.stop {
+        let consistent = recovery.is_crash_consistent();
+        let message = format!(
+            "{}: replay stopped in segment {} at byte {}: {} ({} later segments not replayed)",
+            path.display(),
+            stop.segment,
+            stop.offset,
+            stop.reason,
+            stop.unreplayed.len()
+        );
+        if consistent {
+            info!("{message}: a torn tail from a crash, cut");
+        } else if recover_damaged {
+            warn!(
+                "{message}: synced data is missing or damaged; started anyway (--recover-damaged) with what replayed before it"
+            );
+        } else {
+            return Err(format!(
+                "{message}: synced data is missing or damaged, which a crash alone does not explain. Keep a copy of the directory; start with --recover-damaged to continue with what replayed before the damage"
+            ));
+        }
+    }
+    if ignored > 0 {
+        warn!(directory = %path.display(), ignored, "records that named something not there were ignored");
+    }
+    info!(
+        directory = %path.display(),
+        segments = sequences.len(),
+        records = recovery.records,
+        sessions = state.sessions.len(),
+        retained = state.retained.len(),
+        "durable log recovered"
+    );
+    Ok((state, sequences))
+}
+
+/// Adds `other` to `into`, keeping what `into` has (see the module comment).
+fn merge(into: &mut State, other: State) {
+    for (client_id, session) in other.sessions {
+        into.sessions.entry(client_id).or_insert(session);
+    }
+    for (topic, message) in other.retained {
+        into.retained.entry(topic).or_insert(message);
+    }
+    for (client_id, will) in other.pending_wills {
+        into.pending_wills.entry(client_id).or_insert(will);
+    }
+}
+
+/// What hands out log requests and is told of their tickets: a `Log` at start, a shard's
+/// attached log at the end of a clean shutdown.
+pub trait Requests {
+    fn take(&mut self, requests: &mut Vec<Request>) -> Option<Ticket>;
+    fn synced(&mut self, ticket: Ticket);
+}
+
+impl Requests for Log {
+    fn take(&mut self, requests: &mut Vec<Request>) -> Option<Ticket> {
+        let ticket = self.flush();
+        self.take_requests(requests);
+        ticket
+    }
+
+    fn synced(&mut self, ticket: Ticket) {
+        self.on_synced(ticket);
+    }
+}
+
+impl Requests for shardmq_shards::Shard {
+    fn take(&mut self, requests: &mut Vec<Request>) -> Option<Ticket> {
+        self.take_log_requests(requests)
+    }
+
+    fn synced(&mut self, ticket: Ticket) {
+        self.on_log_synced(ticket);
+    }
+}
+
+/// Carries out the requests of shard `index`'s log with blocking calls until it has none:
+/// the first checkpoint at start, and what is left at the end of a clean shutdown (after the
+/// reactor stopped). Every earlier ticket must have completed.
+pub fn run_synchronously(
+    directory: &Path,
+    index: u16,
+    log: &mut impl Requests,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(shard_directory(directory, index))?;
+    let mut requests = Vec::new();
+    loop {
+        let ticket = log.take(&mut requests);
+        if ticket.is_none() && requests.is_empty() {
+            return Ok(());
+        }
+        execute(directory, index, &requests)?;
+        requests.clear();
+        if let Some(ticket) = ticket {
+            log.synced(ticket);
+        }
+    }
+}
+
+fn execute(directory: &Path, index: u16, requests: &[Request]) -> std::io::Result<()> {
+    let shard_directory = shard_directory(directory, index);
+    for request in requests {
+        match request {
+            Request::Create { segment } => {
+                File::create(segment_path(directory, index, *segment))?;
+            }
+            Request::Write {
+                segment,
+                offset,
+                bytes,
+            } => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(segment_path(directory, index, *segment))?;
+                file.write_all_at(bytes, *offset)?;
+            }
+            Request::Sync {
+                segment,
+                directory: created,
+            } => {
+                File::options()
+                    .write(true)
+                    .open(segment_path(directory, index, *segment))?
+                    .sync_data()?;
+                if *created {
+                    File::open(&shard_directory)?.sync_all()?;
+                }
+            }
+            Request::Remove { segment } => {
+                match std::fs::remove_file(segment_path(directory, index, *segment)) {
+                    Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(error);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After every shard's first checkpoint is synced: removes the directories of shards that no
+/// longer exist and the old snapshot files, then syncs the data directory.
+pub fn remove_leftovers(directory: &Path, found: &Found, shard_count: u16) -> Result<(), String> {
+    for &(index, _) in &found.segments {
+        if index >= shard_count {
+            let path = shard_directory(directory, index);
+            std::fs::remove_dir_all(&path)
+                .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+            info!(directory = %path.display(), "log of a shard that no longer exists removed: its state is in the current shards' logs");
+        }
+    }
+    for (path, _) in &found.snapshots {
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+        info!(file = %path.display(), "old shutdown snapshot removed: its state is in the logs");
+    }
+    File::open(directory)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync {}: {e}", directory.display()))
+}
