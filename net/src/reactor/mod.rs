@@ -56,14 +56,14 @@ use io_uring::{IoUring, opcode, squeue, types};
 use tracing::{info, warn};
 
 use accept::{listener, log_refusals};
-use admission::Admission;
+use admission::{Admission, ListenerLimits};
 use buffers::BufferRing;
 use connection::{Connection, ConnectionState};
 use mailbox::Envelope;
 
 pub use close::CLOSE_LINGER;
 pub use connection::{ConnectionId, is_side};
-pub use handler::{Actions, Event, Handler};
+pub use handler::{Actions, Event, Handler, Origin};
 pub use kernel::{KERNEL_MINIMUM, check_kernel};
 pub use mailbox::Mailboxes;
 
@@ -156,6 +156,9 @@ pub struct Reactor<H: Handler> {
     admission: Option<Arc<Admission>>,
     /// The same for the side listener (the cluster port), with limits of its own.
     side_admission: Option<Arc<Admission>>,
+    /// Each main listener's `connections_max`, shared by the reactors of the process; None
+    /// leaves the listeners unbounded.
+    listener_limits: Option<Arc<ListenerLimits>>,
 }
 
 impl<H: Handler> std::fmt::Debug for Reactor<H> {
@@ -211,6 +214,7 @@ impl<H: Handler> Reactor<H> {
             to_send: Vec::new(),
             admission: None,
             side_admission: None,
+            listener_limits: None,
         })
     }
 
@@ -218,6 +222,13 @@ impl<H: Handler> Reactor<H> {
     /// `admission`'s limits; the reactors of one process share one table.
     pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
         self.admission = Some(admission);
+        self
+    }
+
+    /// Bounds the open connections of each main listener (by its index in `config.listen`);
+    /// the reactors of one process share one table.
+    pub fn with_listener_limits(mut self, limits: Arc<ListenerLimits>) -> Self {
+        self.listener_limits = Some(limits);
         self
     }
 
