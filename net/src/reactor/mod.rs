@@ -4,7 +4,8 @@
 //! Owns: the sockets of its connections, its listening sockets (one per address, bound with
 //! SO_REUSEPORT so the kernel spreads accepts over reactors), its provided buffer ring, and its
 //! end of the cross-reactor mailboxes. Shares with the other reactors the [`admission`] table
-//! that a connection accepted on a main listener must pass before any of its bytes is read.
+//! and the per-listener connection counts ([`admission::ListenerLimits`]) that a connection
+//! accepted on a main listener must pass before any of its bytes is read.
 //! Never: interprets the bytes it moves (the handler does), blocks anywhere but in the ring's
 //! wait, or lets one connection's error touch another.
 //!
