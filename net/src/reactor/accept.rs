@@ -1,7 +1,8 @@
 //! The accept path: the listening sockets, the hooks a socket accepted on a main listener
 //! must pass before any of its bytes is read (a place under its listener's `connections_max`,
-//! then admission), the origin (listener index, peer address) the handler is told, the rate-limited log of refusals, and the
-//! accept completion (with its pause when the process runs out of descriptors).
+//! then admission), the origin (listener index, peer address) the handler is told, the
+//! rate-limited log of refusals, and the accept completion (with its pause when the process
+//! runs out of descriptors).
 
 use std::io;
 use std::net::SocketAddr;
