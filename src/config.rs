@@ -83,6 +83,9 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub admin: Admin,
     pub storage: StorageConfig,
+    /// The `[[listener]]` tables, in file order (after the `server.listen` shorthand).
+    #[serde(default)]
+    pub listener: Vec<ListenerConfig>,
 }
 
 /// `[storage]`: the durable log kept in `server.data_dir` (see `durable.rs`).
@@ -96,6 +99,157 @@ pub struct StorageConfig {
     pub compaction_min_bytes: u64,
     pub held_acks_per_shard_max: usize,
     pub recover_damaged: bool,
+}
+
+/// One `[[listener]]` table as written; [`Config::listeners`] checks it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub bind: String,
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_off")]
+    pub proxy_protocol: String,
+    #[serde(default)]
+    pub proxy_trusted: Vec<String>,
+    #[serde(default)]
+    pub tls_cert_file: String,
+    #[serde(default)]
+    pub tls_key_file: String,
+    #[serde(default)]
+    pub tls_client_ca_file: String,
+    #[serde(default = "default_none")]
+    pub tls_client_cert: String,
+    #[serde(default = "default_none")]
+    pub tls_username_from: String,
+    #[serde(default)]
+    pub connections_max: u32,
+}
+
+fn default_transport() -> String {
+    "tcp".into()
+}
+
+fn default_path() -> String {
+    "/mqtt".into()
+}
+
+fn default_off() -> String {
+    "off".into()
+}
+
+fn default_none() -> String {
+    "none".into()
+}
+
+/// How a listener carries MQTT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Tcp,
+}
+
+/// A listener, checked: where it binds, what it carries, and its own limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub bind: SocketAddr,
+    pub transport: TransportKind,
+    /// The most connections open on it at once, over all shards; 0: no limit of its own.
+    pub connections_max: u32,
+}
+
+/// Checks one `[[listener]]` table; `name` says which, for the errors. The transports and
+/// options that issue 14 plans and that are not built yet are refused by name, so that a
+/// configuration never seems to ask for something the broker does not do.
+fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, String> {
+    let bind: SocketAddr = table.bind.parse().map_err(|e| {
+        format!(
+            "`{name}.bind` is {:?}: {e} (expected ADDRESS:PORT)",
+            table.bind
+        )
+    })?;
+    let one_of = |key: &str, value: &str, allowed: &[&str]| {
+        if allowed.contains(&value) {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{name}.{key}` is {value:?}: expected one of {}",
+                allowed
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+    };
+    one_of("transport", &table.transport, &["tcp", "tls", "ws", "wss"])?;
+    one_of(
+        "proxy_protocol",
+        &table.proxy_protocol,
+        &["off", "v1", "v2", "any"],
+    )?;
+    one_of(
+        "tls_client_cert",
+        &table.tls_client_cert,
+        &["none", "optional", "required"],
+    )?;
+    one_of(
+        "tls_username_from",
+        &table.tls_username_from,
+        &["none", "cn", "san"],
+    )?;
+    if table.transport != "tcp" {
+        return Err(format!(
+            "`{name}.transport` is {:?}: only \"tcp\" is built so far (TLS and WebSocket listeners are planned)",
+            table.transport
+        ));
+    }
+    if table.proxy_protocol != "off" {
+        return Err(format!(
+            "`{name}.proxy_protocol` is {:?}: the PROXY protocol is not built yet (only \"off\")",
+            table.proxy_protocol
+        ));
+    }
+    if !table.proxy_trusted.is_empty() {
+        return Err(format!(
+            "`{name}.proxy_trusted` is set but `{name}.proxy_protocol` is \"off\""
+        ));
+    }
+    for (key, value) in [
+        ("tls_cert_file", &table.tls_cert_file),
+        ("tls_key_file", &table.tls_key_file),
+        ("tls_client_ca_file", &table.tls_client_ca_file),
+    ] {
+        if !value.is_empty() {
+            return Err(format!(
+                "`{name}.{key}` is set but `{name}.transport` is {:?}: TLS settings belong to a \"tls\" or \"wss\" listener",
+                table.transport
+            ));
+        }
+    }
+    for (key, value) in [
+        ("tls_client_cert", &table.tls_client_cert),
+        ("tls_username_from", &table.tls_username_from),
+    ] {
+        if value != "none" {
+            return Err(format!(
+                "`{name}.{key}` is {value:?} but `{name}.transport` is {:?}: client certificates need a \"tls\" or \"wss\" listener",
+                table.transport
+            ));
+        }
+    }
+    if table.path != default_path() {
+        return Err(format!(
+            "`{name}.path` is set but `{name}.transport` is {:?}: a path belongs to a WebSocket listener",
+            table.transport
+        ));
+    }
+    Ok(Listener {
+        bind,
+        transport: TransportKind::Tcp,
+        connections_max: table.connections_max,
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,9 +384,27 @@ impl Config {
         let mut table: toml::Table = DEFAULT_TOML
             .parse()
             .expect("the embedded default configuration parses");
-        let overrides: toml::Table = overrides
+        let mut overrides: toml::Table = overrides
             .parse()
             .map_err(|error| format!("{source}: {error}"))?;
+        // `[[listener]]` tables have no defaults to merge into: each key is defaulted on its
+        // own. A file that has them and does not set `server.listen` listens on them alone.
+        if let Some(listeners) = overrides.remove("listener") {
+            if !matches!(&listeners, toml::Value::Array(tables) if tables.iter().all(toml::Value::is_table))
+            {
+                return Err(format!(
+                    "{source}: `listener` must be an array of tables (`[[listener]]`)"
+                ));
+            }
+            let sets_listen = overrides
+                .get("server")
+                .and_then(toml::Value::as_table)
+                .is_some_and(|server| server.contains_key("listen"));
+            if !sets_listen && let Some(toml::Value::Table(server)) = table.get_mut("server") {
+                server.insert("listen".into(), toml::Value::Array(Vec::new()));
+            }
+            table.insert("listener".into(), listeners);
+        }
         merge(&mut table, overrides, "")?;
         let mut config: Config = toml::Value::Table(table)
             .try_into()
@@ -257,10 +429,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
-        check(
-            !self.server.listen.is_empty(),
-            "`server.listen` must name at least one address",
-        )?;
+        self.listeners()?;
         check(self.server.backlog > 0, "`server.backlog` must be positive")?;
         // Servers must accept identifiers of 1 to 23 characters [MQTT-3.1.3-5]; an MQTT string
         // holds at most 65,535 bytes, so a larger limit would mean nothing.
@@ -368,6 +537,43 @@ impl Config {
             self.cluster_settings()?;
         }
         Ok(())
+    }
+
+    /// Every listener, checked: a plain TCP one for each `server.listen` address, then the
+    /// `[[listener]]` tables in order. The index of a listener in this list is the one the
+    /// reactor reports for its connections. At least one is needed, and no address twice.
+    pub fn listeners(&self) -> Result<Vec<Listener>, String> {
+        let mut listeners: Vec<Listener> = self
+            .server
+            .listen
+            .iter()
+            .map(|&bind| Listener {
+                bind,
+                transport: TransportKind::Tcp,
+                connections_max: 0,
+            })
+            .collect();
+        for (index, table) in self.listener.iter().enumerate() {
+            listeners.push(checked_listener(table, &format!("listener[{index}]"))?);
+        }
+        if listeners.is_empty() {
+            return Err(
+                "no listener: `server.listen` (or --listen) or a `[[listener]]` table must name an address"
+                    .into(),
+            );
+        }
+        for (index, listener) in listeners.iter().enumerate() {
+            if listeners[..index].iter().any(|l| l.bind == listener.bind) {
+                return Err(format!(
+                    "the address {} is listened on twice (`server.listen` and `[[listener]]` tables must not repeat an address)",
+                    listener.bind
+                ));
+            }
+        }
+        if listeners.len() > usize::from(u16::MAX) {
+            return Err("too many listeners (at most 65535)".into());
+        }
+        Ok(listeners)
     }
 
     /// The admin endpoint's address, if it is on.
@@ -492,10 +698,9 @@ impl Config {
         )?;
         let tls = self.cluster_tls()?;
         let mqtt_address = self
-            .server
-            .listen
+            .listeners()?
             .first()
-            .map(ToString::to_string)
+            .map(|listener| listener.bind.to_string())
             .unwrap_or_default();
         Ok(ClusterSettings {
             link: LinkSettings {
@@ -810,5 +1015,100 @@ mod tests {
             error.contains("`cluster.tls_cert_file` must be set"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn listener_tables_are_checked_and_replace_the_default_listen() {
+        let listeners =
+            |text: &str| Config::from_overrides(text, "f.toml").and_then(|c| c.listeners());
+        // Without tables: the `server.listen` shorthand alone.
+        let only = listeners("").unwrap();
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].bind.to_string(), "0.0.0.0:1883");
+        // Tables without `server.listen`: the tables alone, with their defaults.
+        let tables = listeners(
+            "[[listener]]\nbind = \"127.0.0.1:1884\"\n\
+             [[listener]]\nbind = \"[::1]:1885\"\ntransport = \"tcp\"\nconnections_max = 7\n",
+        )
+        .unwrap();
+        assert_eq!(
+            tables,
+            vec![
+                Listener {
+                    bind: "127.0.0.1:1884".parse().unwrap(),
+                    transport: TransportKind::Tcp,
+                    connections_max: 0,
+                },
+                Listener {
+                    bind: "[::1]:1885".parse().unwrap(),
+                    transport: TransportKind::Tcp,
+                    connections_max: 7,
+                },
+            ]
+        );
+        // Both: the shorthand first, so its index comes before the tables'.
+        let both = listeners(
+            "[server]\nlisten = [\"127.0.0.1:1883\"]\n[[listener]]\nbind = \"127.0.0.1:1884\"\n",
+        )
+        .unwrap();
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[0].bind.port(), 1883);
+        for (text, expected) in [
+            ("bind = \"nowhere\"", "`listener[0].bind` is \"nowhere\""),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"quic\"",
+                "`listener[0].transport` is \"quic\": expected one of",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"tls\"",
+                "only \"tcp\" is built so far",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nproxy_protocol = \"v3\"",
+                "`listener[0].proxy_protocol` is \"v3\"",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nproxy_protocol = \"v2\"",
+                "PROXY protocol is not built yet",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nproxy_trusted = [\"10.0.0.0/8\"]",
+                "`listener[0].proxy_trusted` is set",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntls_cert_file = \"c.pem\"",
+                "`listener[0].tls_cert_file` is set but",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntls_client_cert = \"sometimes\"",
+                "`listener[0].tls_client_cert` is \"sometimes\"",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntls_username_from = \"cn\"",
+                "client certificates need",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\npath = \"/ws\"",
+                "a path belongs to a WebSocket listener",
+            ),
+            ("bind = \"127.0.0.1:1\"\nbogus = 1", "bogus"),
+            ("transport = \"tcp\"", "bind"),
+            (
+                "bind = \"127.0.0.1:1\"\nconnections_max = -1",
+                "connections_max",
+            ),
+        ] {
+            let error = listeners(&format!("[[listener]]\n{text}\n")).unwrap_err();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+        let error = listeners(
+            "[[listener]]\nbind = \"127.0.0.1:1884\"\n[[listener]]\nbind = \"127.0.0.1:1884\"\n",
+        )
+        .unwrap_err();
+        assert!(error.contains("listened on twice"), "{error}");
+        let error = listeners("listener = 3\n").unwrap_err();
+        assert!(error.contains("array of tables"), "{error}");
+        let error = listeners("[server]\nlisten = []\n").unwrap_err();
+        assert!(error.contains("no listener"), "{error}");
     }
 }

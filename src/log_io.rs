@@ -568,7 +568,13 @@ mod tests {
                 password: None,
             }));
             mqtt::encode(&connect, ProtocolVersion::V3_1_1, &mut bytes);
-            shard.handle(connection, Input::Opened { connection });
+            shard.handle(
+                connection,
+                Input::Opened {
+                    connection,
+                    transport: shardmq_shards::Transport::default(),
+                },
+            );
             shard.handle(
                 connection,
                 Input::Received {

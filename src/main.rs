@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use admin::{Control, NodeMessage};
 use clap::{Parser, Subcommand};
-use shardmq_net::reactor::admission::Admission;
+use shardmq_net::reactor::admission::{Admission, ListenerLimits};
 use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
 use shardmq_shards::cluster::{Answer, NodeInput, NodeOutput, NodeShard, Request};
-use shardmq_shards::{Shard, ShardConfig};
+use shardmq_shards::{Shard, ShardConfig, Transport};
 use tracing::{error, info, warn};
 
 use config::Config;
@@ -208,7 +208,14 @@ impl Handler for ShardHandler {
                 }
                 return;
             }
-            Event::Opened(connection) => NodeInput::Opened { connection },
+            Event::Opened(connection, origin) => NodeInput::Opened {
+                connection,
+                transport: Transport {
+                    listener: origin.listener,
+                    peer: origin.peer,
+                    certificate_name: None,
+                },
+            },
             Event::OpenedSide(connection) => NodeInput::LinkOpened { connection },
             Event::Connected(connection, tag) => NodeInput::Connected { connection, tag },
             Event::ConnectFailed(tag, error) => NodeInput::ConnectFailed {
@@ -344,22 +351,32 @@ enum Notice {
 /// stops).
 const STOP_MARGIN: Duration = Duration::from_secs(5);
 
+/// The tables shared by all shards that a connection must pass at accept.
+#[derive(Debug)]
+struct AcceptLimits {
+    admission: Arc<Admission>,
+    /// The cluster port's own admission table.
+    links: Option<Arc<Admission>>,
+    listeners: Arc<ListenerLimits>,
+}
+
 /// One shard's thread: builds its reactor, runs it until the node stops, then saves its
 /// state. Runs under `catch_unwind`, so that a panic reaches the main thread as a notice.
 fn run_shard(
     reactor_config: ReactorConfig,
     mailboxes: Arc<Mailboxes<NodeMessage>>,
     handler: Watched<ShardHandler>,
-    admission: Arc<Admission>,
-    link_admission: Option<Arc<Admission>>,
+    limits: AcceptLimits,
     data_dir: Option<PathBuf>,
     notices: &std::sync::mpsc::Sender<Notice>,
 ) -> Result<(), String> {
     let index = reactor_config.index;
     let reactor = match Reactor::new(reactor_config, mailboxes, handler) {
         Ok(reactor) => {
-            let reactor = reactor.with_admission(admission);
-            match link_admission {
+            let reactor = reactor
+                .with_admission(limits.admission)
+                .with_listener_limits(limits.listeners);
+            match limits.links {
                 Some(table) => reactor.with_side_admission(table),
                 None => reactor,
             }
@@ -419,6 +436,14 @@ fn serve(config: Config) -> Result<(), String> {
         None
     };
     let admin_settings = admin_settings(&config, cluster.is_some())?;
+    // Checked again here: --listen replaces `server.listen` after the file was read.
+    let listeners = config.listeners()?;
+    let listener_limits = Arc::new(ListenerLimits::new(
+        &listeners
+            .iter()
+            .map(|listener| listener.connections_max)
+            .collect::<Vec<_>>(),
+    ));
     let fault = supervise::Fault::from_environment(shard_count)?;
     let tcp_keepalive =
         config
@@ -515,7 +540,7 @@ fn serve(config: Config) -> Result<(), String> {
     for index in 0..shard_count {
         let reactor_config = ReactorConfig {
             index,
-            listen: config.server.listen.clone(),
+            listen: listeners.iter().map(|listener| listener.bind).collect(),
             // Shard 0 serves the cluster port: it holds the agent, and inbound links land
             // where the route log and the per-sender delivery numbers live.
             side_listen: match (&cluster, index) {
@@ -564,8 +589,11 @@ fn serve(config: Config) -> Result<(), String> {
         };
         let handler = Watched::new(ShardHandler::new(node, log), index, health.clone(), fault);
         let mailboxes = mailboxes.clone();
-        let admission = admission.clone();
-        let link_admission = link_admission.clone();
+        let limits = AcceptLimits {
+            admission: admission.clone(),
+            links: link_admission.clone(),
+            listeners: listener_limits.clone(),
+        };
         let notices = notice_sender.clone();
         let data_dir = data_dir.clone();
         let thread = std::thread::Builder::new()
@@ -576,8 +604,7 @@ fn serve(config: Config) -> Result<(), String> {
                         reactor_config,
                         mailboxes,
                         handler,
-                        admission,
-                        link_admission,
+                        limits,
                         data_dir,
                         &notices,
                     )
@@ -631,11 +658,9 @@ fn serve(config: Config) -> Result<(), String> {
     });
     drop(notice_sender);
     health.set_serving(true);
-    let listen: Vec<String> = config
-        .server
-        .listen
+    let listen: Vec<String> = listeners
         .iter()
-        .map(ToString::to_string)
+        .map(|listener| listener.bind.to_string())
         .collect();
     info!(
         version = env!("CARGO_PKG_VERSION"),

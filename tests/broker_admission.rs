@@ -10,7 +10,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::Broker;
+use support::{Broker, connect_packet};
 
 /// A TCP connection to the broker on 127.0.0.1 from the loopback address `source`.
 fn raw_from(source: Ipv4Addr, port: u16) -> TcpStream {
@@ -22,15 +22,6 @@ fn raw_from(source: Ipv4Addr, port: u16) -> TcpStream {
     let stream = TcpStream::from(socket);
     stream.set_nodelay(true).unwrap();
     stream
-}
-
-/// A 3.1.1 CONNECT with client identifier `id`, clean session, keep alive 60 s.
-fn connect_packet(id: &str) -> Vec<u8> {
-    let mut packet = vec![0x10, (12 + id.len()) as u8];
-    packet.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c]);
-    packet.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    packet.extend_from_slice(id.as_bytes());
-    packet
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -218,7 +218,7 @@ fn old_snapshot() -> Vec<u8> {
         self, Connect, ConnectProperties, Packet, ProtocolVersion, Publish, PublishProperties,
         Subscribe, SubscribeProperties, SubscriptionOptions,
     };
-    use shardmq_shards::{Input, Limits, Shard, ShardConfig, SharedStrategy};
+    use shardmq_shards::{Input, Limits, Shard, ShardConfig, SharedStrategy, Transport};
     let mut shard = Shard::new(ShardConfig {
         index: 0,
         shard_count: 1,
@@ -240,8 +240,20 @@ fn old_snapshot() -> Vec<u8> {
             password: None,
         }))
     };
-    shard.handle(0, Input::Opened { connection: 1 });
-    shard.handle(0, Input::Opened { connection: 2 });
+    shard.handle(
+        0,
+        Input::Opened {
+            connection: 1,
+            transport: Transport::default(),
+        },
+    );
+    shard.handle(
+        0,
+        Input::Opened {
+            connection: 2,
+            transport: Transport::default(),
+        },
+    );
     let mut send = |connection: u64, packet: Packet| {
         let mut bytes = BytesMut::new();
         mqtt::encode(&packet, version, &mut bytes);

@@ -664,7 +664,7 @@ impl Handler for Generator {
                 }
                 self.report_progress();
             }
-            Event::Opened(_) | Event::OpenedSide(_) | Event::Sent(..) => {}
+            Event::Opened(..) | Event::OpenedSide(_) | Event::Sent(..) => {}
         }
     }
 

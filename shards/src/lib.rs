@@ -19,4 +19,4 @@ pub mod trie;
 
 pub use limits::Limits;
 pub use message::{ConnectionId, Forwarded, Message, NodeId, ShardIndex, ShardMessage};
-pub use shard::{Input, Output, Shard, ShardConfig, SharedStrategy, owner_shard};
+pub use shard::{Input, Output, Shard, ShardConfig, SharedStrategy, Transport, owner_shard};

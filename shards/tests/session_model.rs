@@ -866,7 +866,10 @@ impl Harness {
         let old_connection = state.connection.replace(connection);
         state.version = version;
         state.receive_maximum = receive_maximum.filter(|_| v5);
-        self.run(Input::Opened { connection })?;
+        self.run(Input::Opened {
+            connection,
+            transport: shardmq_shards::Transport::default(),
+        })?;
         let properties = if v5 {
             ConnectProperties {
                 session_expiry_interval: expiry_seconds,

@@ -568,7 +568,13 @@ impl Sim {
                         s.handle(now, NodeInput::LinkOpened { connection });
                         s.handle(now, NodeInput::LinkReceived { connection, bytes });
                     } else {
-                        s.handle(now, NodeInput::Opened { connection });
+                        s.handle(
+                            now,
+                            NodeInput::Opened {
+                                connection,
+                                transport: shardmq_shards::Transport::default(),
+                            },
+                        );
                         s.handle(now, NodeInput::Received { connection, bytes });
                     }
                 });
@@ -692,6 +698,7 @@ impl Sim {
                 generation,
                 input: NodeInput::Opened {
                     connection: shard_side,
+                    transport: shardmq_shards::Transport::default(),
                 },
             },
         );
@@ -957,7 +964,7 @@ impl Sim {
                 generation,
                 input,
             } => {
-                if let NodeInput::Opened { connection } = input
+                if let NodeInput::Opened { connection, .. } = input
                     && let Some(side) = self.sides.get_mut(&connection)
                 {
                     side.announced = true;

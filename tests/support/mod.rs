@@ -45,6 +45,16 @@ pub fn free_port_on(ip: std::net::Ipv4Addr) -> u16 {
     panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
+/// A 3.1.1 CONNECT with client identifier `id` (under 116 bytes), clean session, keep alive
+/// 60 s.
+pub fn connect_packet(id: &str) -> Vec<u8> {
+    let mut packet = vec![0x10, (12 + id.len()) as u8];
+    packet.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c]);
+    packet.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    packet.extend_from_slice(id.as_bytes());
+    packet
+}
+
 /// The admin token every test broker is started with (`SHARDMQ_ADMIN_TOKEN`), and that
 /// [`Broker::ctl`] sends.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";

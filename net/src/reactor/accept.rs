@@ -1,6 +1,8 @@
-//! The accept path: the listening sockets, the admission hook a socket accepted on a listener
-//! must pass before any of its bytes is read, the rate-limited log of refusals, and the
-//! accept completion (with its pause when the process runs out of descriptors).
+//! The accept path: the listening sockets, the hooks a socket accepted on a main listener
+//! must pass before any of its bytes is read (a place under its listener's `connections_max`,
+//! then admission), the origin (listener index, peer address) the handler is told, the
+//! rate-limited log of refusals, and the accept completion (with its pause when the process
+//! runs out of descriptors).
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,7 +13,8 @@ use io_uring::{cqueue, opcode, types};
 use tracing::warn;
 
 use super::admission::{self, Admission, Ticket};
-use super::{Event, Handler, KIND_ACCEPT, Reactor, TcpKeepalive, user_data};
+use super::connection::Counted;
+use super::{Event, Handler, KIND_ACCEPT, Origin, Reactor, TcpKeepalive, user_data};
 
 pub(super) fn listener(
     address: SocketAddr,
@@ -43,20 +46,22 @@ pub(super) fn listener(
     Ok(socket.into())
 }
 
-/// The admission hook of the accept path: reads the peer's address and checks it against
-/// `admission`. A refused socket (or one whose peer is already gone) is closed here, before
-/// any of its bytes is read, and None returned; the refusal is counted in `admission` and
-/// logged by [`log_refusals`].
-fn admit_accepted(admission: &Admission, fd: RawFd, now_ms: u64) -> Option<Ticket> {
-    let ip = match admission::peer_ip(fd) {
-        Ok(ip) => ip,
-        Err(_) => {
-            admission.peer_unknown();
-            admission::close_refused(fd);
-            return None;
-        }
+/// The admission hook of the accept path: checks the peer's address against `admission`. A
+/// refused socket (or one whose peer is already gone) is closed here, before any of its bytes
+/// is read, and None returned; the refusal is counted in `admission` and logged by
+/// [`log_refusals`].
+fn admit_accepted(
+    admission: &Admission,
+    fd: RawFd,
+    peer: Option<SocketAddr>,
+    now_ms: u64,
+) -> Option<Ticket> {
+    let Some(peer) = peer else {
+        admission.peer_unknown();
+        admission::close_refused(fd);
+        return None;
     };
-    match admission.admit(ip, now_ms) {
+    match admission.admit(peer.ip(), now_ms) {
         Ok(ticket) => Some(ticket),
         Err(_) => {
             admission::close_refused(fd);
@@ -112,29 +117,72 @@ impl<H: Handler> Reactor<H> {
         }
     }
 
-    /// A socket accepted on listener `listener`: one on a main listener must pass admission
-    /// first (a refused one is closed before any of its bytes is read); then the handler
-    /// hears of it.
+    /// A socket accepted on listener `listener`: one on a main listener must find a place
+    /// under its listener's `connections_max` and pass admission first (a refused one is
+    /// closed before any of its bytes is read); then the handler hears of it, with the
+    /// listener and the peer's address.
     pub(super) fn accepted(&mut self, now_ms: u64, listener: u32, fd: RawFd) {
         let main = (listener as usize) < self.config.listen.len();
-        let table = if main {
-            &self.admission
-        } else {
-            &self.side_admission
-        };
-        let ticket = match table {
-            Some(admission) => match admit_accepted(admission, fd, now_ms) {
-                Some(ticket) => Some(ticket),
-                None => return,
+        if !main {
+            let ticket = match &self.side_admission {
+                Some(admission) => {
+                    let peer = admission::peer_address(fd).ok();
+                    match admit_accepted(admission, fd, peer, now_ms) {
+                        Some(ticket) => Some(ticket),
+                        None => return,
+                    }
+                }
+                None => None,
+            };
+            let counted = Counted {
+                ticket,
+                ..Counted::default()
+            };
+            let id = self.add_connection(fd, true, counted);
+            self.handler.event(now_ms, Event::OpenedSide(id));
+            return;
+        }
+        // Main listeners are far fewer than 2^16 (each is a bound socket).
+        let listener = listener as u16;
+        let place = match &self.listener_limits {
+            Some(limits) => match limits.take(listener) {
+                Ok(place) => Some(place),
+                Err(refused) => {
+                    if refused.is_power_of_two() {
+                        warn!(
+                            reactor = self.config.index,
+                            listener,
+                            address = %self.config.listen[usize::from(listener)],
+                            refused_total = refused,
+                            "connection refused at accept: the listener is at its connections_max"
+                        );
+                    }
+                    admission::close_refused(fd);
+                    return;
+                }
             },
             None => None,
         };
-        let id = self.add_connection(fd, !main, ticket);
-        let event = if main {
-            Event::Opened(id)
-        } else {
-            Event::OpenedSide(id)
+        let peer = admission::peer_address(fd).ok();
+        let ticket = match &self.admission {
+            Some(admission) => match admit_accepted(admission, fd, peer, now_ms) {
+                Some(ticket) => Some(ticket),
+                None => {
+                    if let (Some(limits), Some(place)) = (&self.listener_limits, place) {
+                        limits.release(place);
+                    }
+                    return;
+                }
+            },
+            None => None,
         };
-        self.handler.event(now_ms, event);
+        let origin = Origin { listener, peer };
+        let counted = Counted {
+            ticket,
+            origin: Some(origin),
+            place,
+        };
+        let id = self.add_connection(fd, false, counted);
+        self.handler.event(now_ms, Event::Opened(id, origin));
     }
 }

@@ -19,13 +19,15 @@
 //! (plus, for an instant, an admission that is being undone); [`Admission::release`] undoes
 //! exactly what [`Admission::admit`] counted, so a ticket is moved with its connection (a
 //! hand-off to another reactor carries it) and released once, when the connection closes.
+//! Beside it, [`ListenerLimits`] bounds the open connections of each listener, with a place
+//! ([`Place`]) that moves and is released the same way.
 //! A later PROXY protocol layer re-checks a connection with the client's real address by
 //! releasing the proxy's ticket and admitting the real address.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -370,14 +372,88 @@ impl Admission {
 
 /// The peer address of an accepted socket (multishot accept does not return it): one
 /// `getpeername`, which does not block. Fails when the peer has already gone.
-pub fn peer_ip(fd: RawFd) -> io::Result<IpAddr> {
+pub fn peer_address(fd: RawFd) -> io::Result<SocketAddr> {
     // SAFETY: `fd` is an open socket the caller owns for the duration of this call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     socket2::SockRef::from(&fd)
         .peer_addr()?
         .as_socket()
-        .map(|address| address.ip())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))
+}
+
+/// The peer's IP address of an accepted socket; see [`peer_address`].
+pub fn peer_ip(fd: RawFd) -> io::Result<IpAddr> {
+    peer_address(fd).map(|address| address.ip())
+}
+
+/// The open connections of each main listener against its own maximum
+/// (`[[listener]] connections_max`), shared by the reactors of one process like
+/// [`Admission`] (SO_REUSEPORT spreads one listener's accepts over them all). A connection
+/// past the maximum is closed before any of its bytes is read and counted; the refusals are
+/// logged at powers of two of their count.
+#[derive(Debug)]
+pub struct ListenerLimits {
+    /// Per listener: the maximum (0: none), the open count, the refusals since start.
+    listeners: Vec<(u32, AtomicU32, AtomicU64)>,
+}
+
+/// One connection's place on its listener, taken by [`ListenerLimits::take`]; give it back to
+/// [`ListenerLimits::release`] when the connection closes. Neither `Copy` nor `Clone`, so that
+/// one place cannot be given back twice.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a place must be released when its connection closes"]
+pub struct Place {
+    listener: u16,
+}
+
+impl ListenerLimits {
+    /// Limits for listeners `0..maxima.len()`; a maximum of 0 is no limit.
+    pub fn new(maxima: &[u32]) -> Self {
+        Self {
+            listeners: maxima
+                .iter()
+                .map(|&max| (max, AtomicU32::new(0), AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+
+    /// A place on `listener`, or Err with the refusals so far (this one counted) when it is
+    /// full. A listener this table does not know has no limit.
+    pub fn take(&self, listener: u16) -> Result<Place, u64> {
+        let Some((max, open, refused)) = self.listeners.get(usize::from(listener)) else {
+            return Ok(Place { listener });
+        };
+        let taken = open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
+            (*max == 0 || count < *max).then(|| count.saturating_add(1))
+        });
+        match taken {
+            Ok(_) => Ok(Place { listener }),
+            Err(_) => Err(refused.fetch_add(1, Ordering::Relaxed).saturating_add(1)),
+        }
+    }
+
+    pub fn release(&self, place: Place) {
+        if let Some((_, open, _)) = self.listeners.get(usize::from(place.listener)) {
+            // Never below zero: a place is only made by `take`, which counted it.
+            let _ = open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
+                count.checked_sub(1)
+            });
+        }
+    }
+
+    /// Connections open on `listener` now.
+    pub fn open(&self, listener: u16) -> u32 {
+        self.listeners
+            .get(usize::from(listener))
+            .map_or(0, |(_, open, _)| open.load(Ordering::Acquire))
+    }
+
+    /// Connections refused on `listener` since start.
+    pub fn refused(&self, listener: u16) -> u64 {
+        self.listeners
+            .get(usize::from(listener))
+            .map_or(0, |(_, _, refused)| refused.load(Ordering::Relaxed))
+    }
 }
 
 /// Closes a refused socket at once with a reset (SO_LINGER 0): nothing of it was read, so
@@ -393,6 +469,31 @@ pub fn close_refused(fd: RawFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listener_place_is_refused_at_its_maximum_and_given_back_once() {
+        let limits = ListenerLimits::new(&[2, 0]);
+        let first = limits.take(0).unwrap();
+        let second = limits.take(0).unwrap();
+        assert_eq!(limits.take(0), Err(1), "the third is refused and counted");
+        assert_eq!(limits.take(0), Err(2));
+        assert_eq!(limits.open(0), 2);
+        limits.release(first);
+        assert_eq!(limits.open(0), 1);
+        let third = limits.take(0).unwrap();
+        assert_eq!(limits.refused(0), 2);
+        // A maximum of 0 is no limit, and a listener the table does not know has none.
+        let unbounded: Vec<_> = (0..100).map(|_| limits.take(1).unwrap()).collect();
+        assert_eq!(limits.open(1), 100);
+        let unknown = limits.take(9).unwrap();
+        limits.release(unknown);
+        for place in unbounded {
+            limits.release(place);
+        }
+        limits.release(second);
+        limits.release(third);
+        assert_eq!((limits.open(0), limits.open(1)), (0, 0));
+    }
 
     fn limits(
         connections: u32,

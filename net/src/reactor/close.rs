@@ -1,5 +1,5 @@
 //! The end of a connection: shutting its socket, freeing its slot once nothing is in flight
-//! (closing the socket and releasing its admission ticket, or passing it on to another
+//! (closing the socket and releasing its admission ticket and listener place, or passing it on to another
 //! reactor for a hand-off), and the close linger that cuts a closing connection whose peer
 //! takes nothing.
 //!
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-use super::connection::{ConnectionState, connection_id};
+use super::connection::{ConnectionState, Counted, connection_id};
 use super::{Envelope, Event, Handler, Reactor};
 
 /// How long a closing connection may keep bytes queued while its peer takes none of them.
@@ -52,7 +52,11 @@ impl<H: Handler> Reactor<H> {
                         fd,
                         bytes: bytes.freeze(),
                         side: connection.side,
-                        ticket: connection.ticket,
+                        counted: Counted {
+                            ticket: connection.ticket,
+                            origin: connection.origin,
+                            place: connection.place,
+                        },
                     },
                 );
             }
@@ -67,6 +71,9 @@ impl<H: Handler> Reactor<H> {
                 };
                 if let (Some(admission), Some(ticket)) = (table, connection.ticket) {
                     admission.release(ticket);
+                }
+                if let (Some(limits), Some(place)) = (&self.listener_limits, connection.place) {
+                    limits.release(place);
                 }
                 if tell_handler {
                     self.handler.event(now_ms, Event::Closed(id));

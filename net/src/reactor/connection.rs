@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use super::admission::Ticket;
-use super::{Handler, Reactor};
+use super::admission::{Place, Ticket};
+use super::{Handler, Origin, Reactor};
 
 /// A connection's name: reactor index, slot and generation, so that a completion for a slot's
 /// earlier occupant is recognised and ignored, and whether it is a side connection
@@ -78,6 +78,12 @@ pub(super) struct Connection {
     /// What admission counted for this connection (None: not subject to it); released once,
     /// when the connection closes.
     pub(super) ticket: Option<Ticket>,
+    /// Where a connection on a main listener came from (None for a side connection); kept in
+    /// a hand-off.
+    pub(super) origin: Option<Origin>,
+    /// Its place on its listener's `connections_max` (None: not counted); released once,
+    /// when the connection closes.
+    pub(super) place: Option<Place>,
 }
 
 impl Connection {
@@ -149,19 +155,28 @@ impl SendQueue {
     }
 }
 
+/// What an accepted connection carries from its accept to its close (and across a hand-off):
+/// its admission ticket, its origin, its listener place.
+#[derive(Debug, Default)]
+pub(super) struct Counted {
+    pub(super) ticket: Option<Ticket>,
+    pub(super) origin: Option<Origin>,
+    pub(super) place: Option<Place>,
+}
+
 impl<H: Handler> Reactor<H> {
     pub(super) fn add_connection(
         &mut self,
         fd: RawFd,
         side: bool,
-        ticket: Option<Ticket>,
+        counted: Counted,
     ) -> ConnectionId {
-        let slot = self.allocate_slot(fd, ConnectionState::Open, side, ticket);
+        let slot = self.allocate_slot(fd, ConnectionState::Open, side, counted.ticket);
         self.arm_recv(slot);
-        let generation = self.connections[slot as usize]
-            .as_ref()
-            .expect("live")
-            .generation;
+        let connection = self.connections[slot as usize].as_mut().expect("live");
+        connection.origin = counted.origin;
+        connection.place = counted.place;
+        let generation = connection.generation;
         connection_id(self.config.index, slot, generation, side)
     }
 
@@ -196,6 +211,8 @@ impl<H: Handler> Reactor<H> {
             linger_since: None,
             state,
             ticket,
+            origin: None,
+            place: None,
         });
         slot
     }

@@ -11,11 +11,23 @@ use bytes::Bytes;
 
 use super::ConnectionId;
 
+/// Where a connection on a main listener came from: which listener accepted it (its index in
+/// [`ReactorConfig::listen`](super::ReactorConfig::listen)) and the peer's address as the
+/// socket saw it. Kept across hand-offs between reactors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub listener: u16,
+    /// None when the peer was gone before its address could be read (possible only where no
+    /// admission table asked for it).
+    pub peer: Option<SocketAddr>,
+}
+
 /// What happened, told to the handler.
 #[derive(Debug)]
 pub enum Event<M> {
-    /// A connection accepted on a main listener, or handed over by another reactor.
-    Opened(ConnectionId),
+    /// A connection accepted on a main listener, or handed over by another reactor (which
+    /// keeps the [`Origin`] it was accepted with).
+    Opened(ConnectionId, Origin),
     /// A connection accepted on the side listener
     /// ([`ReactorConfig::side_listen`](super::ReactorConfig::side_listen); for the broker, its
     /// cluster port), or a side connection handed over by another reactor. Its id is a side

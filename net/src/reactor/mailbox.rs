@@ -16,18 +16,18 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use tracing::{info, warn};
 
-use super::admission::Ticket;
+use super::connection::Counted;
 use super::{Event, Handler, Reactor};
 
 pub(super) enum Envelope<M> {
     Message(M),
     /// A handed-over socket, the bytes received so far, whether it is a side connection, and
-    /// what its admission counted (released where it closes).
+    /// what its accept counted and where it came from (released where it closes).
     Connection {
         fd: OwnedFd,
         bytes: Bytes,
         side: bool,
-        ticket: Option<Ticket>,
+        counted: Counted,
     },
 }
 
@@ -161,13 +161,15 @@ impl<H: Handler> Reactor<H> {
                     fd,
                     bytes,
                     side,
-                    ticket,
+                    counted,
                 } => {
-                    let id = self.add_connection(fd.into_raw_fd(), side, ticket);
+                    let origin = counted.origin;
+                    let id = self.add_connection(fd.into_raw_fd(), side, counted);
                     if side {
                         self.handler.event(now_ms, Event::OpenedSide(id));
                     } else {
-                        self.handler.event(now_ms, Event::Opened(id));
+                        let origin = origin.expect("a main connection keeps its origin");
+                        self.handler.event(now_ms, Event::Opened(id, origin));
                     }
                     if !bytes.is_empty() {
                         self.handler.event(now_ms, Event::Received(id, bytes));

@@ -4,7 +4,8 @@
 //! Owns: the sockets of its connections, its listening sockets (one per address, bound with
 //! SO_REUSEPORT so the kernel spreads accepts over reactors), its provided buffer ring, and its
 //! end of the cross-reactor mailboxes. Shares with the other reactors the [`admission`] table
-//! that a connection accepted on a main listener must pass before any of its bytes is read.
+//! and the per-listener connection counts ([`admission::ListenerLimits`]) that a connection
+//! accepted on a main listener must pass before any of its bytes is read.
 //! Never: interprets the bytes it moves (the handler does), blocks anywhere but in the ring's
 //! wait, or lets one connection's error touch another.
 //!
@@ -56,14 +57,14 @@ use io_uring::{IoUring, opcode, squeue, types};
 use tracing::{info, warn};
 
 use accept::{listener, log_refusals};
-use admission::Admission;
+use admission::{Admission, ListenerLimits};
 use buffers::BufferRing;
 use connection::{Connection, ConnectionState};
 use mailbox::Envelope;
 
 pub use close::CLOSE_LINGER;
 pub use connection::{ConnectionId, is_side};
-pub use handler::{Actions, Event, Handler};
+pub use handler::{Actions, Event, Handler, Origin};
 pub use kernel::{KERNEL_MINIMUM, check_kernel};
 pub use mailbox::Mailboxes;
 
@@ -156,6 +157,9 @@ pub struct Reactor<H: Handler> {
     admission: Option<Arc<Admission>>,
     /// The same for the side listener (the cluster port), with limits of its own.
     side_admission: Option<Arc<Admission>>,
+    /// Each main listener's `connections_max`, shared by the reactors of the process; None
+    /// leaves the listeners unbounded.
+    listener_limits: Option<Arc<ListenerLimits>>,
 }
 
 impl<H: Handler> std::fmt::Debug for Reactor<H> {
@@ -211,6 +215,7 @@ impl<H: Handler> Reactor<H> {
             to_send: Vec::new(),
             admission: None,
             side_admission: None,
+            listener_limits: None,
         })
     }
 
@@ -218,6 +223,13 @@ impl<H: Handler> Reactor<H> {
     /// `admission`'s limits; the reactors of one process share one table.
     pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
         self.admission = Some(admission);
+        self
+    }
+
+    /// Bounds the open connections of each main listener (by its index in `config.listen`);
+    /// the reactors of one process share one table.
+    pub fn with_listener_limits(mut self, limits: Arc<ListenerLimits>) -> Self {
+        self.listener_limits = Some(limits);
         self
     }
 

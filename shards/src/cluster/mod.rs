@@ -50,7 +50,7 @@ pub use io::Io;
 pub use link::{Link, LinkSettings};
 
 use crate::message::{ConnectionId, ShardIndex, ShardMessage};
-use crate::shard::{Input, Output, Shard};
+use crate::shard::{Input, Output, Shard, Transport};
 use io::{Cluster, splitmix};
 
 /// Outbound connection tags: the kind in the high bits, the seed index or node below.
@@ -92,6 +92,7 @@ pub enum NodeInput {
     /// A client connection was accepted by this shard, or handed to it by another shard.
     Opened {
         connection: ConnectionId,
+        transport: Transport,
     },
     Received {
         connection: ConnectionId,
@@ -305,9 +306,16 @@ impl NodeShard {
     pub fn handle(&mut self, now_ms: u64, input: NodeInput) {
         self.now_ms = now_ms;
         match input {
-            NodeInput::Opened { connection } => {
-                self.shard.handle(now_ms, Input::Opened { connection })
-            }
+            NodeInput::Opened {
+                connection,
+                transport,
+            } => self.shard.handle(
+                now_ms,
+                Input::Opened {
+                    connection,
+                    transport,
+                },
+            ),
             NodeInput::Received { connection, bytes } => self
                 .shard
                 .handle(now_ms, Input::Received { connection, bytes }),

@@ -16,10 +16,28 @@
 use super::*;
 use shardmq_net::mqtt::EncodeError;
 
+/// What the transport under a client connection tells about it: the listener that accepted
+/// it (its index among the node's listeners), the peer's address, and the name on the
+/// client's certificate. Set when the connection opens (the reactor keeps the listener and
+/// the peer across hand-offs between shards); authentication and the logs read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transport {
+    pub listener: u16,
+    /// The client's address: the socket's peer (after a PROXY protocol header, the address
+    /// the header names). None when it could not be read.
+    pub peer: Option<std::net::SocketAddr>,
+    /// The name on the client's certificate (its CN or subjectAltName, as the listener's
+    /// `tls_username_from` says), from a TLS handshake or a PROXY protocol SSL TLV; None
+    /// without one.
+    pub certificate_name: Option<ByteString>,
+}
+
 #[derive(Debug)]
 pub(super) struct Connection {
     /// Its own identifier, for the flush list.
     id: ConnectionId,
+    /// Where the connection came from.
+    pub(super) transport: Transport,
     pub(super) session: Option<SessionIndex>,
     pub(super) version: ProtocolVersion,
     /// Bytes of a packet not complete yet; empty (and unallocated) between packets.
@@ -130,9 +148,10 @@ impl Outbox {
 }
 
 impl Connection {
-    fn new(id: ConnectionId, now_ms: u64) -> Self {
+    fn new(id: ConnectionId, transport: Transport, now_ms: u64) -> Self {
         Self {
             id,
+            transport,
             session: None,
             version: ProtocolVersion::V5,
             pending: BytesMut::new(),
@@ -246,10 +265,24 @@ impl Connection {
 }
 
 impl Shard {
-    pub(super) fn open(&mut self, connection: ConnectionId) {
+    /// The transport under a client connection, while it is open on this shard.
+    pub fn transport(&self, connection: ConnectionId) -> Option<&Transport> {
+        self.connections
+            .get(&connection)
+            .map(|connection| &connection.transport)
+    }
+
+    /// The client's address, for the logs.
+    pub(super) fn peer(&self, connection: ConnectionId) -> Option<std::net::SocketAddr> {
+        self.transport(connection)
+            .and_then(|transport| transport.peer)
+    }
+
+    pub(super) fn open(&mut self, connection: ConnectionId, transport: Transport) {
         if self.connections.len() >= self.config.limits.connections_per_shard_max {
             warn!(
                 connection,
+                peer = ?transport.peer,
                 limit = self.config.limits.connections_per_shard_max,
                 "connection refused: the shard is at its connection limit"
             );
@@ -263,7 +296,8 @@ impl Shard {
             "connection {connection} opened twice"
         );
         let connect_timer = Some(self.arm_connect_deadline(connection));
-        let mut opened = Connection::new(connection, self.now_ms);
+        debug!(connection, listener = transport.listener, peer = ?transport.peer, "connection opened");
+        let mut opened = Connection::new(connection, transport, self.now_ms);
         opened.connect_timer = connect_timer;
         self.connections.insert(connection, opened);
     }
@@ -350,7 +384,8 @@ impl Shard {
         connected: Option<ProtocolVersion>,
         error: &DecodeError,
     ) {
-        info!(connection = connection_id, %error, "closing the connection: the client broke the protocol");
+        let peer = self.peer(connection_id);
+        info!(connection = connection_id, ?peer, %error, "closing the connection: the client broke the protocol");
         match error.response(connected) {
             ErrorResponse::ConnackV5(reason) => {
                 self.send_connack_refusal(connection_id, ProtocolVersion::V5, reason)
@@ -379,10 +414,11 @@ impl Shard {
         why: &str,
         publish_will: bool,
     ) {
+        let peer = self.peer(connection_id);
         if reason == SERVER_SHUTTING_DOWN {
-            debug!(connection = connection_id, %reason, why, "closing the connection");
+            debug!(connection = connection_id, ?peer, %reason, why, "closing the connection");
         } else {
-            info!(connection = connection_id, %reason, why, "closing the connection");
+            info!(connection = connection_id, ?peer, %reason, why, "closing the connection");
         }
         if let Some(connection) = self.connections.get(&connection_id)
             && connection.session.is_some()

@@ -62,6 +62,7 @@ mod subscribe;
 mod takeover;
 mod timers;
 
+pub use connection::Transport;
 use connection::{Connection, Outbox, Priority, Write};
 use deliver::publish_packet;
 use durable::{Durable, HeldPacket};
@@ -88,7 +89,10 @@ pub fn owner_shard(client_id: &str, shard_count: u16) -> ShardIndex {
 #[derive(Debug)]
 pub enum Input {
     /// A connection was accepted by this shard, or handed to it by another shard.
-    Opened { connection: ConnectionId },
+    Opened {
+        connection: ConnectionId,
+        transport: Transport,
+    },
     /// Bytes arrived on a connection.
     Received {
         connection: ConnectionId,
@@ -343,7 +347,10 @@ impl Shard {
         debug_assert!(now_ms >= self.now_ms, "the clock went backwards");
         self.now_ms = now_ms;
         match input {
-            Input::Opened { connection } => self.open(connection),
+            Input::Opened {
+                connection,
+                transport,
+            } => self.open(connection, transport),
             Input::Received { connection, bytes } => self.receive(connection, bytes),
             Input::Closed { connection } => self.connection_lost(connection, "closed by the peer"),
             Input::Sent {

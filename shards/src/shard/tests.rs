@@ -99,7 +99,13 @@ impl Node {
                         bytes,
                     } => {
                         self.location.insert(connection, usize::from(shard));
-                        work.push_back((usize::from(shard), Input::Opened { connection }));
+                        work.push_back((
+                            usize::from(shard),
+                            Input::Opened {
+                                connection,
+                                transport: Transport::default(),
+                            },
+                        ));
                         work.push_back((usize::from(shard), Input::Received { connection, bytes }));
                     }
                     Output::ToShard { shard, message } => {
@@ -150,7 +156,13 @@ impl Node {
     fn connect(&mut self, id: ConnectionId, shard: usize, connect: Connect) -> ConnAck {
         self.versions.insert(id, connect.protocol);
         self.location.insert(id, shard);
-        self.run(shard, Input::Opened { connection: id });
+        self.run(
+            shard,
+            Input::Opened {
+                connection: id,
+                transport: Transport::default(),
+            },
+        );
         self.send(id, &Packet::Connect(Box::new(connect)));
         let mut packets = self.take(id);
         assert!(!packets.is_empty(), "no answer to CONNECT");

@@ -55,7 +55,13 @@ fn route_messages(node: &Node, from: usize) -> usize {
 pub(super) fn open_with_bytes(node: &mut Node, id: ConnectionId, bytes: Bytes) {
     node.versions.insert(id, V5);
     node.location.insert(id, 0);
-    node.run(0, Input::Opened { connection: id });
+    node.run(
+        0,
+        Input::Opened {
+            connection: id,
+            transport: Transport::default(),
+        },
+    );
     if !bytes.is_empty() {
         node.run(
             0,

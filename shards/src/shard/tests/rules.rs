@@ -172,7 +172,13 @@ fn check_invariants_catches_a_queue_that_stalls() {
     node.connect(2, 0, connect(V5, "sender", true));
     node.send(2, &publish("t", QoS::AtLeastOnce, 1, b"queued"));
     // Bound to a new connection behind the shard's back, without draining the queue.
-    node.run(0, Input::Opened { connection: 3 });
+    node.run(
+        0,
+        Input::Opened {
+            connection: 3,
+            transport: Transport::default(),
+        },
+    );
     let shard = &mut node.shards[0];
     let index = shard.client_ids[&ByteString::from_static("holder")];
     let [will_timer, expiry_timer] = {
