@@ -8,6 +8,7 @@ mod admin;
 mod config;
 mod durable;
 mod log_io;
+mod passwd;
 mod supervise;
 
 use std::collections::BTreeMap;
@@ -59,6 +60,26 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Add, change or delete a user of a password file (like mosquitto_passwd). Writes
+    /// argon2id (Mosquitto 2.1's parameters), or `$7$` PBKDF2-SHA512 with --pbkdf2.
+    Passwd {
+        /// Create the file, replacing one that exists.
+        #[arg(short = 'c')]
+        create: bool,
+        /// Delete USER.
+        #[arg(short = 'D', conflicts_with_all = ["batch", "create"])]
+        delete: bool,
+        /// Batch mode: take the password from the command line.
+        #[arg(short = 'b', requires = "password")]
+        batch: bool,
+        /// Write `$7$` PBKDF2-SHA512 (readable by Mosquitto 2.0) instead of argon2id.
+        #[arg(long)]
+        pbkdf2: bool,
+        file: PathBuf,
+        user: String,
+        /// With -b only.
+        password: Option<String>,
+    },
     /// Manage a running node through its admin endpoint.
     Ctl {
         /// The node's admin endpoint; default: `admin.listen` of --config, else
@@ -849,6 +870,38 @@ fn main() -> ExitCode {
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
+        }
+        Command::Passwd {
+            create,
+            delete,
+            batch,
+            pbkdf2,
+            file,
+            user,
+            password,
+        } => {
+            if password.is_some() && !batch {
+                eprintln!("shardmq passwd: a password on the command line needs -b");
+                return ExitCode::from(2);
+            }
+            let command = passwd::PasswdCommand {
+                file: &file,
+                user: &user,
+                password: password.as_deref(),
+                create,
+                delete,
+                pbkdf2,
+            };
+            match passwd::run(&command) {
+                Ok(message) => {
+                    eprintln!("shardmq passwd: {message}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("shardmq passwd: {message}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Ctl {
             admin,

@@ -33,6 +33,12 @@ if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/nul
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq mosquitto-clients
 fi
+# The broker and mosquitto_passwd, for the password-file compatibility test (auth_passwd).
+if ! command -v mosquitto_passwd >/dev/null || ! command -v mosquitto >/dev/null; then
+    echo "mosquitto missing: installing it with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq mosquitto
+fi
 if ! python3 -c "import paho.mqtt, sys; sys.exit(0 if int(paho.mqtt.__version__.split('.')[0]) >= 2 else 1)" 2>/dev/null; then
     echo "paho-mqtt 2 missing: installing it from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt>=2,<3" \

@@ -8,6 +8,7 @@
 //! is shared or locked: no `Arc`, `Mutex` or atomics (the `Bytes` buffers it passes on are
 //! reference-counted by the `bytes` crate, which is how one payload serves every subscriber).
 
+pub mod auth;
 pub mod cluster;
 pub mod limits;
 pub mod message;
