@@ -25,21 +25,18 @@ use shardmq_shards::storage::{
 };
 use tracing::{info, warn};
 
-/// When acknowledgements leave and when the log is synced (`storage.sync`).
+/// When the log is synced (`storage.sync`). Acknowledgements that promise durability always
+/// wait for the log call that carries their records: with `Always` that call ends with the
+/// fdatasync, with the others once the write is in the kernel's hands (which a process crash
+/// does not undo).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncPolicy {
-    /// PUBACK / PUBREC / SUBACK that promise durability after the fdatasync that covers them.
+    /// fdatasync in every call.
     Always,
-    /// Acknowledgements at once; fdatasync every this many milliseconds.
+    /// fdatasync every this many milliseconds.
     Interval { interval_ms: u64 },
-    /// Acknowledgements at once; the kernel writes back when it will.
+    /// The kernel writes back when it will.
     None,
-}
-
-impl SyncPolicy {
-    pub fn holds_acks(self) -> bool {
-        self == Self::Always
-    }
 }
 
 /// What was found in the data directory.

@@ -17,9 +17,11 @@
 //! explains; "interval" syncs what is unsynced every `interval_ms`.
 //! Never: blocks, or submits an operation itself: it only builds them.
 //! Invariants: one call per loop at most for the log's requests (one fdatasync a batch),
-//! and with "always" no new call while one with a ticket is out (group commit: the records
-//! of every loop meanwhile go out together); tags complete in the order given (file queue
-//! 0 is FIFO), so tickets complete in order.
+//! and no new one while one with a ticket is out (group commit: the records of every loop
+//! meanwhile go out together); tags complete in the order given (file queue 0 is FIFO), so
+//! tickets complete in order. A ticket completes once its writes are done (and, with
+//! "always", synced), and only then do the acknowledgements it covers leave: with
+//! "interval" and "none" an acknowledged record is at least in the kernel's page cache.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -225,10 +227,10 @@ impl LogFiles {
         if self.failed {
             return;
         }
-        // Group commit: with "always", one sync at a time. What the shard records while it
+        // Group commit: one call with a ticket out at a time. What the shard records while it
         // runs waits in the log's batch and goes out whole with the next call, so a slow
-        // fdatasync makes batches larger, never a queue of syncs behind it.
-        if self.policy == SyncPolicy::Always && self.calls.values().any(Option::is_some) {
+        // fdatasync (or write) makes batches larger, never a queue of calls behind it.
+        if self.calls.values().any(Option::is_some) {
             return;
         }
         let mut requests = Vec::new();

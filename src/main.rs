@@ -494,7 +494,7 @@ fn serve(config: Config) -> Result<(), String> {
             shard.attach_log(
                 log,
                 shardmq_shards::shard::LogSettings {
-                    hold_acks: sync_policy.holds_acks(),
+                    hold_acks: true,
                     wall_clock_at_zero_ms,
                     held_acks_max: config.storage.held_acks_per_shard_max,
                 },

@@ -18,8 +18,23 @@ fn data_dir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn acknowledged_messages_for_an_offline_session_survive_sigkill() {
-    let directory = data_dir("durability-queue");
-    let config = format!("data_dir = {:?}\n", directory.to_str().unwrap());
+    queue_survives_sigkill("durability-queue", "");
+}
+
+/// With these policies an acknowledgement waits for the write only: a process crash (the
+/// kernel keeps the page cache) still loses nothing acknowledged.
+#[test]
+fn acknowledged_messages_survive_sigkill_with_the_interval_and_none_policies() {
+    queue_survives_sigkill(
+        "durability-interval",
+        "[storage]\nsync = \"interval\"\nsync_interval_ms = 60000\n",
+    );
+    queue_survives_sigkill("durability-none", "[storage]\nsync = \"none\"\n");
+}
+
+fn queue_survives_sigkill(name: &str, storage: &str) {
+    let directory = data_dir(name);
+    let config = format!("data_dir = {:?}\n{storage}", directory.to_str().unwrap());
     let mut first = Broker::start_with(2, &config);
     let keeper = v4(first.port, "durable-keeper", |o| {
         o.set_clean_session(false);

@@ -9,9 +9,10 @@
 //! (`LogSettings::wall_clock_at_zero_ms` plus the shard clock), never the shard clock, which
 //! starts again at every run.
 //!
-//! Held acknowledgements: with `hold_acks` (sync policy "always"), the PUBACK / PUBREC of a
-//! client's QoS 1/2 PUBLISH and the SUBACK of a logged session wait in `held` until the
-//! records their packet caused are durable on this shard, and every other shard the message
+//! Held acknowledgements: with `hold_acks` (the binary sets it under every sync policy; what
+//! "durable" means, written or synced, is the policy's), the PUBACK / PUBREC of a client's
+//! QoS 1/2 PUBLISH and the SUBACK of a logged session wait in `held` until the records their
+//! packet caused are durable on this shard, and every other shard the message
 //! was handed to (`Receipt`s) has replied that its records are too. `held` is released in
 //! order, so PUBACKs leave in the order their PUBLISHes came [MQTT-4.6.0-2]; it is bounded by
 //! `held_acks_max` (a PUBLISH or SUBSCRIBE past it is refused with 0x97, or a 3.1.1
@@ -37,8 +38,9 @@ use crate::storage::{Log, Lsn, PendingWill, Record, Request, SessionState, State
 /// How a shard uses its log (from the binary's sync policy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogSettings {
-    /// Hold acknowledgements that promise durability until their records are synced (sync
-    /// policy "always"). Without it they leave at once ("interval", "none").
+    /// Hold acknowledgements that promise durability until the log's ticket covering their
+    /// records completes (synced with sync policy "always", written with the others).
+    /// Without it they leave at once.
     pub hold_acks: bool,
     /// Wall-clock milliseconds (since the UNIX epoch) at the shard clock's zero.
     pub wall_clock_at_zero_ms: u64,
