@@ -732,6 +732,7 @@ fn crash_harness(q2_subscription: QoS) {
     let mut acknowledged = Acknowledged::default();
     let mut extra = 0usize;
     let mut shards = 2u16;
+    let mut policy = "always";
     let started = Instant::now();
 
     // The persistent session and its first subscriptions.
@@ -753,7 +754,9 @@ fn crash_harness(q2_subscription: QoS) {
             if rng.chance(50) {
                 shards = 1 + rng.below(3) as u16;
             }
-            broker = Broker::start_with(shards, &config);
+            // Every sync policy promises that a process crash loses nothing acknowledged.
+            policy = ["always", "always", "interval", "none"][rng.below(4)];
+            broker = Broker::start_with(shards, &format!("{config}[storage]\nsync = {policy:?}\n"));
             check_recovered(&broker, round, &state, &mut acknowledged);
         }
         let count = 60 + rng.below(200);
@@ -805,7 +808,7 @@ fn crash_harness(q2_subscription: QoS) {
             subscriber.join().expect("the subscriber thread");
         }
         eprintln!(
-            "round {round}: {shards} shards, {count} operations, subscriber mode {mode}, killed after {acks} acknowledgements ({:?} so far)",
+            "round {round}: {shards} shards, sync {policy:?}, {count} operations, subscriber mode {mode}, killed after {acks} acknowledgements ({:?} so far)",
             started.elapsed()
         );
     }
