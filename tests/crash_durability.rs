@@ -1032,6 +1032,24 @@ fn a_full_disk_refuses_durable_work_and_loses_nothing_acknowledged() {
         log.contains("the durable log failed") && log.contains("No space left on device"),
         "the failure is logged with its cause:\n{log}"
     );
+    // 3.1.1 has no refusing PUBACK: the publisher's connection is closed instead.
+    let old_writer = support::v4(broker.port, "disk-writer-311", |_| {});
+    old_writer
+        .client
+        .publish("disk/q", rumqttc::QoS::AtLeastOnce, false, "refused-311")
+        .unwrap();
+    let ended = old_writer.ended.recv_timeout(WAIT);
+    assert!(
+        ended.is_ok(),
+        "a 3.1.1 publisher is disconnected, not acknowledged"
+    );
+    assert!(
+        !old_writer
+            .events
+            .try_iter()
+            .any(|event| matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))),
+        "no PUBACK for a message the log could not take"
+    );
     // A new persistent session is refused; clean sessions and QoS 0 go on.
     let (_, connack) =
         Client::connect(broker.port, "disk-new-keeper", true, EXPIRY_SECONDS).unwrap();
