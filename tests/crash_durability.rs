@@ -314,7 +314,9 @@ fn run_subscriber(
     subscribe_at.reverse();
     loop {
         while subscribe_at.last().is_some_and(|(at, _)| *at <= seen) {
-            let (_, filter) = subscribe_at.pop().unwrap_or_default();
+            let Some((_, filter)) = subscribe_at.pop() else {
+                break;
+            };
             let packet_id = state.lock().unwrap().packet_id();
             pending.insert(packet_id, filter.clone());
             if client
