@@ -276,6 +276,12 @@ impl Shard {
                         client_id,
                         packet_id,
                     });
+                    // The PUBREL leaves once the release is durable: a restart that found
+                    // the message unreleased would publish it again.
+                    let barrier = durable::appended_lsn(&self.durable);
+                    if let Some(connection) = self.connections.get_mut(&connection_id) {
+                        connection.durable_barrier = barrier;
+                    }
                 }
                 self.send(connection_id, &Packet::PubRel(PubAck::new(ack.packet_id)));
             }

@@ -47,6 +47,11 @@ pub(super) struct Connection {
     /// Bytes handed to the reactor that the socket has not taken: the reactor's last report
     /// (`Input::Sent`), plus what was handed out since.
     reactor_unsent_bytes: usize,
+    /// The log's record that must be durable before any more of this connection's bytes
+    /// leave (0: none): set after a QoS 2 PUBLISH or a PUBREL of a logged session, whose
+    /// `MessageSent` / `MessageReleased` record a restart must find, or the message would be
+    /// sent again under a new packet identifier and delivered twice.
+    pub(super) durable_barrier: u64,
     /// Armed while the reactor holds at least the unsent bound of this connection's bytes;
     /// when it fires the connection is ended (it stayed stuck too long).
     stuck_timer: Option<TimerKey>,
@@ -124,6 +129,9 @@ fn encode_limited(
 #[derive(Debug)]
 pub(super) struct Outbox {
     dirty: Vec<ConnectionId>,
+    /// Connections with bytes that wait for their `durable_barrier`, in the order they
+    /// first got some.
+    barred: Vec<ConnectionId>,
     unsent_bytes_max: usize,
     /// QoS 0 messages dropped because their connection was at its unsent bound.
     pub(super) dropped_over_bound_count: u64,
@@ -136,6 +144,7 @@ impl Outbox {
     pub(super) fn new(unsent_bytes_max: usize) -> Self {
         Self {
             dirty: Vec::new(),
+            barred: Vec::new(),
             unsent_bytes_max: unsent_bytes_max.max(1),
             dropped_over_bound_count: 0,
             dropped_too_large_count: 0,
@@ -157,6 +166,7 @@ impl Connection {
             pending: BytesMut::new(),
             outgoing: BytesMut::new(),
             reactor_unsent_bytes: 0,
+            durable_barrier: 0,
             stuck_timer: None,
             connect_timer: None,
             keep_alive_ms: 0,
@@ -512,13 +522,24 @@ impl Shard {
 
     /// Hands each listed connection's bytes of the batch to the reactor, in the order the
     /// connections first got a packet, and arms the stuck timer of those the reactor now holds
-    /// too much of.
+    /// too much of. A connection whose `durable_barrier` the log does not cover yet keeps its
+    /// bytes (in order, counted against its unsent bound) until a later flush.
     pub(super) fn flush_sends(&mut self, outputs: &mut Vec<Output>) {
+        let released = self.durable_released_lsn();
         let (now_ms, limits) = (self.now_ms, &self.config.limits);
-        for connection_id in self.outbox.dirty.drain(..) {
-            if let Some(connection) = self.connections.get_mut(&connection_id)
-                && let Some(bytes) = connection.take_outgoing()
-            {
+        let mut pending = std::mem::take(&mut self.outbox.barred);
+        pending.append(&mut self.outbox.dirty);
+        for connection_id in pending.drain(..) {
+            let Some(connection) = self.connections.get_mut(&connection_id) else {
+                continue;
+            };
+            if connection.durable_barrier > released {
+                // Not in `dirty` again meanwhile: its bytes stay, so no write marks it.
+                self.outbox.barred.push(connection_id);
+                continue;
+            }
+            connection.durable_barrier = 0;
+            if let Some(bytes) = connection.take_outgoing() {
                 outputs.push(Output::Send {
                     connection: connection_id,
                     bytes,
@@ -526,6 +547,7 @@ impl Shard {
                 connection.update_stuck_timer(&mut self.timers, now_ms, limits);
             }
         }
+        self.outbox.dirty = pending;
     }
 
     /// The last bytes of a connection that is being forgotten (closed by this shard), for a

@@ -385,6 +385,11 @@ impl Shard {
                         client_id: client_id.clone(),
                         packet_id,
                     });
+                    if message.qos == QoS::ExactlyOnce {
+                        // Sent before its record is durable, a restart would not know the
+                        // packet identifier and would send the message again as a new one.
+                        connection.durable_barrier = durable::appended_lsn(durable);
+                    }
                 }
                 session.inflight.push_back(Inflight {
                     packet_id,

@@ -161,6 +161,11 @@ pub(super) fn record(durable: &mut Option<Box<Durable>>, make: impl FnOnce(&Dura
     }
 }
 
+/// The last record appended (0 without a log).
+pub(super) fn appended_lsn(durable: &Option<Box<Durable>>) -> Lsn {
+    durable.as_ref().map_or(0, |durable| durable.appended())
+}
+
 impl Shard {
     /// Gives the shard its log, opened (`Log::open`) over this shard's `durable_state()`.
     /// Every session with an expiry above 0 is in that state, so it counts as logged.
@@ -460,6 +465,16 @@ impl Shard {
     /// Appends a record built from the shard, if a log is attached.
     pub(super) fn log_record(&mut self, make: impl FnOnce(&Durable) -> Record) {
         record(&mut self.durable, make);
+    }
+
+    /// The last record whose barrier may pass (`Connection::durable_barrier`): the log's
+    /// durable point, or everything when nothing is held for the log (no log, acks not held,
+    /// or the log failed, after which nothing is promised by it).
+    pub(super) fn durable_released_lsn(&self) -> Lsn {
+        match &self.durable {
+            Some(durable) if durable.settings.hold_acks && !durable.failed => durable.durable(),
+            _ => Lsn::MAX,
+        }
     }
 
     /// Whether changes of this session go to the log.
