@@ -44,6 +44,23 @@ impl Handler for FileHandler {
     }
 }
 
+/// A reactor without listeners, small, for file tests.
+fn test_config() -> ReactorConfig {
+    ReactorConfig {
+        index: 0,
+        listen: Vec::new(),
+        side_listen: None,
+        backlog: 16,
+        ring_entries: 64,
+        buffer_count: 16,
+        buffer_size: 4096,
+        core: None,
+        epoch: Instant::now(),
+        shutdown_grace: Duration::from_millis(100),
+        tcp_keepalive: None,
+    }
+}
+
 struct Running {
     mailboxes: Arc<Mailboxes<Call>>,
     done: Receiver<Done>,
@@ -59,19 +76,7 @@ impl Running {
         std::fs::create_dir_all(&directory).expect("test directory");
         let mailboxes = Mailboxes::new(1, 64).expect("mailboxes");
         let (sender, done) = channel();
-        let config = ReactorConfig {
-            index: 0,
-            listen: Vec::new(),
-            side_listen: None,
-            backlog: 16,
-            ring_entries: 64,
-            buffer_count: 16,
-            buffer_size: 4096,
-            core: None,
-            epoch: Instant::now(),
-            shutdown_grace: Duration::from_millis(100),
-            tcp_keepalive: None,
-        };
+        let config = test_config();
         let reactor_mailboxes = mailboxes.clone();
         let thread = std::thread::spawn(move || {
             let handler = FileHandler {
@@ -506,19 +511,7 @@ fn datasync_rate() {
             done: sender,
             started: None,
         };
-        let config = ReactorConfig {
-            index: 0,
-            listen: Vec::new(),
-            side_listen: None,
-            backlog: 16,
-            ring_entries: 64,
-            buffer_count: 16,
-            buffer_size: 4096,
-            core: None,
-            epoch: Instant::now(),
-            shutdown_grace: Duration::from_millis(100),
-            tcp_keepalive: None,
-        };
+        let config = test_config();
         let reactor_mailboxes = mailboxes.clone();
         let thread = std::thread::spawn(move || {
             Reactor::new(config, reactor_mailboxes, handler)?
