@@ -543,3 +543,16 @@ fn datasync_rate() {
     }
     let _ = std::fs::remove_dir_all(&directory);
 }
+
+#[test]
+fn file_user_data_keeps_queue_and_operation_apart_from_connection_kinds() {
+    use super::super::{KIND_ACCEPT, KIND_CONNECT, KIND_RECV, KIND_SEND, user_data};
+    use super::file_user_data;
+    let data = file_user_data(0xFFFF, 0xABCD);
+    assert_eq!(data >> 56, super::KIND_FILE);
+    assert_eq!(data as u16, 0xFFFF, "the queue");
+    assert_eq!((data >> 32) as u16, 0xABCD, "the operation number");
+    for kind in [KIND_ACCEPT, KIND_RECV, KIND_SEND, KIND_CONNECT] {
+        assert_ne!(user_data(kind, 0xFFFF, 0xABCD) >> 56, data >> 56);
+    }
+}
