@@ -16,6 +16,9 @@
 //! reaped; a completion is matched by `KIND_FILE`, the queue and the queue's operation number,
 //! so it can never be taken for a connection's; a handler slot is marked open only by a
 //! successful open and is free again once its close completed.
+//!
+//! Memory: a queue holds the calls the handler gave it, as a connection's send queue holds its
+//! bytes; the handler bounds them (the log keeps at most one call with a ticket out).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::CString;
@@ -54,8 +57,8 @@ pub(super) struct Files {
     directory_slots: Vec<u32>,
     /// Queues by id, in id order so that starting and reporting are deterministic.
     queues: BTreeMap<u16, FileQueue>,
-    /// Set when the handler was told something outside a completion, so the loop must not
-    /// sleep before it flushes again.
+    /// Set when the handler was told of a call's end since its last flush (a call may end in
+    /// `apply`, after the flush), so the loop must not sleep before it flushes again.
     pub(super) told: bool,
 }
 
