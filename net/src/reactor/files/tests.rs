@@ -556,3 +556,108 @@ fn file_user_data_keeps_queue_and_operation_apart_from_connection_kinds() {
         assert_ne!(user_data(kind, 0xFFFF, 0xABCD) >> 56, data >> 56);
     }
 }
+
+/// Writes every received chunk to one file and echoes it once it is synced (as the log
+/// releases an acknowledgement), so connection and file completions share the ring.
+struct SyncedEcho {
+    path: PathBuf,
+    offset: u64,
+    opened: bool,
+    next_tag: u64,
+    waiting: std::collections::BTreeMap<u64, (super::super::ConnectionId, Bytes)>,
+    calls: Vec<Call>,
+    sends: Vec<(super::super::ConnectionId, Bytes)>,
+}
+
+impl Handler for SyncedEcho {
+    type Message = ();
+    fn event(&mut self, _now_ms: u64, event: Event<()>) {
+        if let Event::Received(connection, bytes) = event {
+            let mut ops = Vec::new();
+            if !self.opened {
+                self.opened = true;
+                ops.push(open(0, &self.path, true));
+            }
+            ops.push(FileOp::Write {
+                file: 0,
+                offset: self.offset,
+                bytes: bytes.clone(),
+            });
+            ops.push(FileOp::Datasync { file: 0 });
+            self.offset += bytes.len() as u64;
+            self.next_tag += 1;
+            self.waiting.insert(self.next_tag, (connection, bytes));
+            self.calls.push((0, self.next_tag, ops));
+        }
+    }
+    fn flush(&mut self, actions: &mut Actions<()>) {
+        for (queue, tag, ops) in self.calls.drain(..) {
+            actions.files(queue, tag, ops);
+        }
+        for (connection, bytes) in self.sends.drain(..) {
+            actions.send(connection, bytes);
+        }
+    }
+    fn next_deadline_us(&self) -> Option<u64> {
+        None
+    }
+    fn files_done(&mut self, _now_ms: u64, _queue: u16, tag: u64, result: io::Result<()>) {
+        result.expect("the journal write succeeds");
+        if let Some(echo) = self.waiting.remove(&tag) {
+            self.sends.push(echo);
+        }
+    }
+}
+
+#[test]
+fn connections_and_file_queues_share_the_ring() {
+    use std::io::{Read, Write};
+    let directory = std::env::temp_dir().join(format!("shardmq-files-{}-echo", std::process::id()));
+    std::fs::create_dir_all(&directory).expect("directory");
+    let path = directory.join("journal");
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port");
+    let mut config = test_config();
+    config.listen = vec![address];
+    let mailboxes = Mailboxes::new(1, 4).expect("mailboxes");
+    let handler = SyncedEcho {
+        path: path.clone(),
+        offset: 0,
+        opened: false,
+        next_tag: 0,
+        waiting: Default::default(),
+        calls: Vec::new(),
+        sends: Vec::new(),
+    };
+    let (ready, started) = channel();
+    let reactor_mailboxes = mailboxes.clone();
+    let thread = std::thread::spawn(move || {
+        let reactor = Reactor::new(config, reactor_mailboxes, handler);
+        let _ = ready.send(());
+        reactor?.run().map(drop)
+    });
+    started
+        .recv_timeout(Duration::from_secs(10))
+        .expect("reactor built");
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut expected = Vec::new();
+    for round in 0..50u8 {
+        let message = [round; 10];
+        stream.write_all(&message).expect("send");
+        let mut echo = [0u8; 10];
+        stream
+            .read_exact(&mut echo)
+            .expect("the echo after the sync");
+        assert_eq!(echo, message);
+        expected.extend_from_slice(&message);
+    }
+    assert_eq!(std::fs::read(&path).expect("read back"), expected);
+    drop(stream);
+    mailboxes.stop();
+    thread.join().expect("thread").expect("reactor");
+    let _ = std::fs::remove_dir_all(&directory);
+}
