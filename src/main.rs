@@ -6,6 +6,7 @@
 
 mod admin;
 mod config;
+mod raft_io;
 mod supervise;
 
 use std::collections::BTreeMap;
@@ -18,7 +19,10 @@ use admin::{Control, NodeMessage};
 use clap::{Parser, Subcommand};
 use shardmq_net::reactor::admission::Admission;
 use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
-use shardmq_shards::cluster::{Answer, NodeInput, NodeOutput, NodeShard, Request};
+use shardmq_shards::cluster::consensus;
+use shardmq_shards::cluster::{
+    Answer, NodeInput, NodeOutput, NodeShard, RaftFileCall, RaftStoreFiles, Request,
+};
 use shardmq_shards::{Shard, ShardConfig};
 use tracing::{error, info, warn};
 
@@ -102,6 +106,8 @@ struct ShardHandler {
     outputs: Vec<NodeOutput>,
     requests: BTreeMap<u64, Control>,
     next_ticket: u64,
+    /// Carries out the Raft store's file calls (shard 0 of a core with a data directory).
+    raft_writer: Option<raft_io::RaftWriter>,
 }
 
 impl ShardHandler {
@@ -111,6 +117,21 @@ impl ShardHandler {
             outputs: Vec::new(),
             requests: BTreeMap::new(),
             next_ticket: 0,
+            raft_writer: None,
+        }
+    }
+
+    fn with_raft_writer(mut self, writer: Option<raft_io::RaftWriter>) -> Self {
+        self.raft_writer = writer;
+        self
+    }
+
+    /// Hands the Raft store's file call to its writer, after every earlier one.
+    fn raft_files(&mut self, call: RaftFileCall) {
+        match &self.raft_writer {
+            Some(writer) => writer.submit(call),
+            // Only a core with a data directory opens the store, and it has the writer.
+            None => error!("a Raft file call without a writer: dropped"),
         }
     }
 
@@ -179,8 +200,17 @@ impl Handler for ShardHandler {
             Event::Closed(connection) => NodeInput::Closed { connection },
             Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
             Event::Message(NodeMessage::Control(control)) => self.request(control),
+            Event::Message(NodeMessage::RaftFilesDone { tag, result }) => {
+                NodeInput::RaftFilesDone { tag, result }
+            }
             Event::Tick => NodeInput::Tick,
-            Event::Shutdown => NodeInput::Shutdown,
+            Event::Shutdown => {
+                // The reactor drains no mailbox from now on; the writer still runs what it has.
+                if let Some(writer) = &self.raft_writer {
+                    writer.stop_posting();
+                }
+                NodeInput::Shutdown
+            }
         };
         self.node.handle(now_ms, input);
     }
@@ -202,6 +232,7 @@ impl Handler for ShardHandler {
                 }
                 NodeOutput::Connect { address, tag } => actions.connect(address, None, tag),
                 NodeOutput::Reply { ticket, answer } => self.reply(ticket, answer),
+                NodeOutput::RaftFiles(call) => self.raft_files(call),
             }
         }
         self.outputs = outputs;
@@ -247,19 +278,47 @@ fn write_snapshot(directory: &Path, index: u16, bytes: &[u8]) -> std::io::Result
     write_file(directory, &format!("shard-{index}.snapshot"), bytes)
 }
 
-/// The Raft state a core saves at a clean shutdown (see `Consensus::save`).
-const RAFT_STATE: &str = "raft.state";
-
-/// Reads and removes the Raft state of the last clean shutdown: it is good for one start
-/// only, since a run that crashes writes none and must not find the old one.
-fn take_raft_state(directory: &Path) -> Option<Vec<u8>> {
-    let path = directory.join(RAFT_STATE);
-    let bytes = std::fs::read(&path).ok()?;
-    if let Err(error) = std::fs::remove_file(&path) {
-        warn!(path = %path.display(), %error, "cannot remove the Raft state: not taken up");
-        return None;
+/// Reads the cores' Raft store of a data directory at start (before any shard runs, so a
+/// blocking read is fine here): the segment files of `DIR/raft/` and an earlier version's
+/// `DIR/raft.state`. Each file's size is checked before it is read.
+fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
+    let read = |path: &Path| -> Result<Vec<u8>, String> {
+        let size = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .len();
+        if size > consensus::SEGMENT_BYTES_MAX {
+            return Err(format!(
+                "{} holds {size} bytes, more than a Raft segment may ({}): not a segment of this store",
+                path.display(),
+                consensus::SEGMENT_BYTES_MAX
+            ));
+        }
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let mut files = RaftStoreFiles::default();
+    let folder = directory.join(consensus::RAFT_DIRECTORY);
+    match std::fs::read_dir(&folder) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(|e| format!("cannot list {}: {e}", folder.display()))?;
+                let name = entry.file_name();
+                match name.to_str().and_then(consensus::parse_segment_name) {
+                    Some(sequence) => files.segments.push((sequence, read(&entry.path())?)),
+                    None => warn!(file = %entry.path().display(), "not a Raft segment: ignored"),
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(&folder)
+                .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+        }
+        Err(e) => return Err(format!("cannot list {}: {e}", folder.display())),
     }
-    Some(bytes)
+    let legacy = directory.join(consensus::LEGACY_STATE_FILE);
+    if legacy.exists() {
+        files.legacy = Some(read(&legacy)?);
+    }
+    Ok(files)
 }
 
 /// Writes `name` in `directory` atomically (a temporary file, fsync, rename, fsync).
@@ -315,17 +374,16 @@ fn run_shard(
         }
     };
     let _ = notices.send(Notice::Ready(index, Ok(())));
-    let handler = reactor.run().map_err(|e| e.to_string())?.inner;
+    let mut handler = reactor.run().map_err(|e| e.to_string())?.inner;
+    if let Some(writer) = &mut handler.raft_writer {
+        // Everything the store handed over is on disk before the process ends.
+        writer.finish();
+    }
     if let Some(directory) = data_dir {
         let bytes = handler.node.shard.snapshot();
         write_snapshot(&directory, index, &bytes)
             .map_err(|e| format!("cannot write the snapshot: {e}"))?;
         info!(shard = index, bytes = bytes.len(), "snapshot written");
-        if let Some(state) = handler.node.raft_state() {
-            write_file(&directory, RAFT_STATE, &state)
-                .map_err(|e| format!("cannot write the Raft state: {e}"))?;
-            info!(bytes = state.len(), "Raft state written");
-        }
     }
     Ok(())
 }
@@ -386,8 +444,11 @@ fn serve(config: Config) -> Result<(), String> {
         Some(directory) => read_snapshots(directory)?,
         None => Vec::new(),
     });
-    let mut raft_state = match (&data_dir, &cluster) {
-        (Some(directory), Some(_)) => take_raft_state(directory),
+    // The cores' Raft state (an edge holds none).
+    let mut raft_store = match (&data_dir, &cluster) {
+        (Some(directory), Some(_)) if config.cluster.role == "core" => {
+            Some(read_raft_store(directory)?)
+        }
         _ => None,
     };
     // One admission table for all shards, so that the limits hold whichever shard's
@@ -456,13 +517,33 @@ fn serve(config: Config) -> Result<(), String> {
                 epoch.elapsed().as_millis() as u64,
             ),
         };
+        let mut raft_writer = None;
         if index == 0
-            && let Some(bytes) = raft_state.take()
-            && let Err(error) = node.restore_raft(&bytes)
+            && let Some(files) = raft_store.take()
         {
-            warn!(%error, "the Raft state of the last shutdown is not taken up: joining as a new voter");
+            if let Some(directory) = &data_dir {
+                raft_writer = Some(
+                    raft_io::RaftWriter::spawn(index, directory.clone(), mailboxes.clone())
+                        .map_err(|e| format!("cannot start the Raft store's writer: {e}"))?,
+                );
+            }
+            node.open_raft_store(files).map_err(|e| {
+                format!(
+                    "the cores' Raft store is damaged or incomplete, so this core cannot rejoin as the voter it was: {e}. \
+                     To start it as a new voter (the group must still have a majority), move {} away",
+                    data_dir
+                        .as_ref()
+                        .map(|d| d.join(consensus::RAFT_DIRECTORY).display().to_string())
+                        .unwrap_or_default()
+                )
+            })?;
         }
-        let handler = Watched::new(ShardHandler::new(node), index, health.clone(), fault);
+        let handler = Watched::new(
+            ShardHandler::new(node).with_raft_writer(raft_writer),
+            index,
+            health.clone(),
+            fault,
+        );
         let mailboxes = mailboxes.clone();
         let admission = admission.clone();
         let link_admission = link_admission.clone();

@@ -33,11 +33,12 @@
 //! follower waiting for a snapshot nothing else until the snapshot is reported, so without
 //! this a snapshot lost once would leave that follower without the log for good.
 
+mod durable;
 mod ready;
 mod registry;
 mod store;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeType, ConfState, Message, Snapshot};
@@ -46,6 +47,11 @@ use raft::{Config, ProgressState, RawNode, SnapshotStatus, StateRole};
 use shardmq_net::frame::{LogEntry, NodeId, Role, encode_entries};
 use tracing::{debug, info, warn};
 
+use self::durable::Disk;
+pub use self::durable::{
+    FRAME_LENGTH_MAX, LEGACY_STATE_FILE, RAFT_DIRECTORY, RaftFileCall, RaftFileOp, RaftStoreFiles,
+    SEGMENT_BYTES_MAX, parse_segment_name,
+};
 pub use self::registry::{Registry, SETTINGS, check_setting};
 use self::store::{Store, TracingDrain};
 use super::splitmix;
@@ -81,6 +87,8 @@ pub struct ConsensusStatus {
     pub id: u64,
     /// The voters' Raft identifiers, sorted.
     pub voter_ids: Vec<u64>,
+    /// The I/O error that stopped the durable Raft store, if one did.
+    pub store_error: Option<String>,
 }
 
 /// A group without a leader for this many election timeouts is dropped (see the module
@@ -130,6 +138,12 @@ pub struct Consensus {
     /// for a snapshot, that is, raft-rs has sent it one and sends it nothing else until the
     /// snapshot is answered or reported lost.
     snapshot_ticks: BTreeMap<u64, u64>,
+    /// The durable store (with a data directory); without one, the state is in memory only
+    /// and counts as persisted at once.
+    disk: Option<Disk>,
+    /// Messages raft-rs may send only once the ready they came with is persisted, with that
+    /// ready's number.
+    held: VecDeque<(u64, Vec<Message>)>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -167,6 +181,8 @@ impl Consensus {
             hold: false,
             retired: false,
             snapshot_ticks: BTreeMap::new(),
+            disk: None,
+            held: VecDeque::new(),
         };
         consensus.new_incarnation();
         consensus
@@ -205,6 +221,11 @@ impl Consensus {
     fn new_node(&mut self, store: Store) -> Result<RawNode<Store>, String> {
         let config = self.config();
         let mut raw = RawNode::new(&config, store, &self.logger).map_err(|e| e.to_string())?;
+        // The readies of the node before are numbered apart from this one's.
+        self.held.clear();
+        if let Some(disk) = &mut self.disk {
+            disk.new_node();
+        }
         self.seen = (StateRole::Follower, u64::MAX, 0);
         self.replace_timeout(&mut raw);
         Ok(raw)
@@ -639,6 +660,12 @@ impl Consensus {
         self.founders.clear();
         self.outbox.clear();
         self.snapshot_ticks.clear();
+        self.held.clear();
+        if let Some(disk) = &mut self.disk {
+            // The segments of the dropped group are removed at the next flush: a restart must
+            // not bring back an identifier this core gave up.
+            disk.new_node();
+        }
         self.hold = true;
     }
 
@@ -708,6 +735,7 @@ impl Consensus {
             voter_ids: self.voters().into_iter().collect(),
             founders: self.founders.iter().filter_map(|&v| node_of(v)).collect(),
             id: self.id,
+            store_error: self.store_failure().map(str::to_string),
         }
     }
 }
