@@ -1,9 +1,11 @@
 //! The cores' Raft group: membership, roles and cluster-wide settings, agreed by consensus.
 //!
-//! Owns, on shard 0 of a core: a raft-rs [`RawNode`] over in-memory storage, the [`Registry`]
+//! Owns, on shard 0 of a core: a raft-rs [`RawNode`] over in-memory storage written through
+//! to a durable store when the node has a data directory (`durable.rs`), the [`Registry`]
 //! its committed entries build (the members with their roles, which of them are down, the
 //! cluster-wide settings), and the founding handshake.
-//! Never: does I/O, reads a clock or draws randomness of its own. Whenever raft-rs draws a
+//! Never: does I/O (the durable store emits file calls and takes their completions), reads a
+//! clock or draws randomness of its own. Whenever raft-rs draws a
 //! new randomized election timeout (from the thread's generator), it is replaced at once by
 //! one from the node's seeded generator, so a simulation replays exactly.
 //!
@@ -17,11 +19,14 @@
 //! what is committed, in order, and mirrors it into its route log, so the edges following any
 //! core see the same membership.
 //!
-//! Storage is in memory, so a Raft identity lives exactly as long as the state it stands for:
-//! a core takes a new Raft identifier (its node identifier with a fresh incarnation above it)
-//! at every start and whenever it drops its group. A restarted core therefore joins as a new
-//! voter, and the leader retires the old identifier; no voter ever forgets a vote or a log it
-//! acknowledged under the same identifier, which Raft's safety rests on.
+//! A Raft identity lives exactly as long as the state it stands for: with a durable store a
+//! core takes its identifier up again at start (votes, log and registry with it), and a
+//! message that depends on a ready leaves only once that ready is synced; without one it
+//! takes a new identifier (its node identifier with a fresh incarnation above it) at every
+//! start, joins as a new voter, and the leader retires the old identifier. Either way, and
+//! whenever a core drops its group (which also removes its stored state), no voter ever
+//! forgets a vote or a log it acknowledged under the same identifier, which Raft's safety
+//! rests on.
 //! A core whose group has had no leader for `LEADERLESS_TIMEOUTS` election timeouts (the
 //! majority of cores is gone) drops the group and founds a new one with the cores of its seed
 //! list once they agree again. The membership is rebuilt from the links; the cluster-wide

@@ -566,3 +566,65 @@ fn hostile_bytes_never_panic() {
         }
     }
 }
+
+/// Frames whose checksums hold but whose bodies are random, or whose items are protobuf
+/// messages with random fields: refused or taken, never a panic (in recovery or in raft-rs).
+#[test]
+fn well_framed_garbage_never_panics() {
+    let (core, disk) = lone_leader_with("forward_queue_max", "6");
+    let (sequence, bytes) = disk.crash(0).segments[0].clone();
+    let mut random = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || super::super::splitmix(&mut random);
+    for round in 0..2_000u64 {
+        let mut segment = if round % 2 == 0 {
+            bytes.clone()
+        } else {
+            let mut out = BytesMut::new();
+            encode_frame(KIND_CHECKPOINT, &mut out, |out| {
+                out.put_u64_le(sequence);
+                out.put_u64_le(core.id);
+            });
+            out.to_vec()
+        };
+        let mut out = BytesMut::new();
+        let kind = [KIND_BATCH, KIND_CHECKPOINT, 9][(next() % 3) as usize];
+        encode_frame(kind, &mut out, |out| {
+            for _ in 0..next() % 4 {
+                let item = (next() % 4) as u8;
+                let mut field = Vec::new();
+                for _ in 0..next() % 24 {
+                    field.push(next() as u8);
+                }
+                if next() % 2 == 0 {
+                    // Mostly well-formed protobuf: small varint fields.
+                    let mut entry = Entry::default();
+                    entry.index = next() % 8;
+                    entry.term = next() % 4;
+                    let mut hard = HardState::default();
+                    hard.commit = next() % 8;
+                    hard.term = next() % 4;
+                    hard.vote = next() % 3;
+                    field = match item {
+                        ITEM_ENTRY => entry.write_to_bytes().unwrap(),
+                        ITEM_HARD_STATE => hard.write_to_bytes().unwrap(),
+                        _ => field,
+                    };
+                }
+                put_item(out, item, &field);
+            }
+        });
+        segment.extend_from_slice(&out);
+        let files = RaftStoreFiles {
+            segments: vec![(sequence, segment)],
+            legacy: None,
+        };
+        let mut other = Consensus::new(1, 2, TICK_MS, ELECTION_TICK, 0);
+        if other.open_store(files).is_ok() {
+            for tick in 1..5 {
+                other.tick(tick * TICK_MS * 10);
+                other.process();
+                let _ = other.take_file_calls();
+            }
+        }
+    }
+}
