@@ -197,6 +197,41 @@ fn killed_cores_come_back_as_the_voters_they_were_with_the_settings() {
             Some("4321")
         );
     }
+
+    // Synced state damaged (a length of the first frame, with its complement unchanged):
+    // the core refuses to start, and says what to do, rather than rejoin with a lost log.
+    cluster.node_mut(3).broker.kill();
+    let store = root.join("node-3").join("raft");
+    let segment = std::fs::read_dir(&store)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "raft"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[1] ^= 0x01;
+    std::fs::write(&segment, &bytes).unwrap();
+    let config = root.join("node-3.toml");
+    // Keys before `[cluster]` are `[server]`'s (the test broker opens that table).
+    std::fs::write(&config, format!("[server]\n{}", cluster.node(3).config())).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .args([
+            "serve",
+            "--shards",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("damaged") && stderr.contains("move"),
+        "{stderr}"
+    );
     drop(cluster);
     let _ = std::fs::remove_dir_all(&root);
 }
