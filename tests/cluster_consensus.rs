@@ -198,6 +198,31 @@ fn killed_cores_come_back_as_the_voters_they_were_with_the_settings() {
         );
     }
 
+    // A majority down for longer than the surviving core waits for a leader: that core drops
+    // its group, but the two come back with theirs, and the group (settings and all) takes
+    // the third back as a new voter.
+    cluster.node_mut(1).broker.kill();
+    cluster.node_mut(2).broker.kill();
+    cluster.wait_status(3, Duration::from_secs(40), "the group dropped", |s| {
+        raft(s)["state"] == "waiting"
+    });
+    cluster.restart(1);
+    cluster.restart(2);
+    cluster.wait_leader(&[1, 2, 3]);
+    let after = identities(&cluster);
+    assert_eq!(
+        (&after[0].0, &after[1].0),
+        (&before[0].0, &before[1].0),
+        "the two keep their identities"
+    );
+    assert_ne!(after[2].0, before[2].0, "the third joins anew");
+    for node in 1..=3 {
+        cluster.wait_status(node, Duration::from_secs(10), "the settings", |s| {
+            setting(s, "forward_queue_max").as_deref() == Some("777")
+                && setting(s, "takeover_timeout_ms").as_deref() == Some("4321")
+        });
+    }
+
     // Synced state damaged (a length of the first frame, with its complement unchanged):
     // the core refuses to start, and says what to do, rather than rejoin with a lost log.
     cluster.node_mut(3).broker.kill();
