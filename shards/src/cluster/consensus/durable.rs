@@ -2,8 +2,9 @@
 //! as segment files under `DIR/raft/`, written through file requests the node layer hands to
 //! the reactor, and read back at start.
 //!
-//! Owns: the file format (frames of a length, a CRC32C and a kind, as the shard's log
-//! `storage/record.rs` frames its records), [`recover`] (segments' bytes to a validated Raft
+//! Owns: the file format (frames of a length, its complement, a CRC32C and a kind, as the
+//! shard's log `storage/record.rs` frames its records, plus the complement that tells a
+//! damaged length from an unwritten one), [`recover`] (segments' bytes to a validated Raft
 //! state), and [`Disk`], the writer: what raft-rs hands over in a ready is staged, written as
 //! one frame per batch followed by an `fdatasync`, and reported done by the reactor's
 //! completion; at a checkpoint the whole state goes into a new segment and the old one is
