@@ -131,6 +131,9 @@ pub enum SessionTransfer {
         shard: ShardIndex,
         claim: u64,
         session: Option<Bytes>,
+        /// The sender's own claim for this client that had completed when it answered (see
+        /// `frame::Item::Handover`).
+        completed: Option<u64>,
     },
 }
 

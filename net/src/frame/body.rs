@@ -142,6 +142,10 @@ pub enum Item {
         shard: u16,
         claim: u64,
         session: Option<Vec<u8>>,
+        /// The sender's own claim for this client that completed before this answer: the
+        /// receiver's deferred answer to it would come too late (and would take the session
+        /// from the receiver's new connection), so the receiver drops it.
+        completed: Option<u64>,
     },
 }
 

@@ -84,6 +84,7 @@ fn sample() -> Vec<Body> {
                         shard: 1,
                         claim: 9,
                         session: Some(vec![1, 2, 3]),
+                        completed: Some(8),
                     },
                 },
             ],

@@ -2,10 +2,11 @@
 //! [`Event`]s the reactor tells it, and the [`Actions`] it asks for at the end of a batch.
 //!
 //! Never: holds a socket or a ring entry. Actions are only collected here; the reactor carries
-//! them out (`apply` in `mod.rs`) after the handler's flush.
+//! them out (`apply` in `mod.rs`, file operations in `files.rs`) after the handler's flush.
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use bytes::Bytes;
 
@@ -35,8 +36,41 @@ pub enum Event<M> {
     Message(M),
     /// The handler's deadline has passed.
     Tick,
-    /// The process is stopping: say goodbye to every connection and close it.
+    /// The process is stopping: say goodbye to every connection and close it. File
+    /// operations queued before or after this still run before the reactor's thread ends.
     Shutdown,
+}
+
+/// One file operation a handler asks its reactor to carry out on the reactor's io_uring ring.
+///
+/// `file` is one of the reactor's file slots (`0..file_slots`, see
+/// [`Reactor::with_file_slots`](super::Reactor::with_file_slots)): a registered (direct)
+/// descriptor of this reactor, shared by all its file queues.
+#[derive(Debug)]
+pub enum FileOp {
+    /// Opens `path` for writing (O_WRONLY, plus O_CREAT with mode 0o600 when `create`; never
+    /// truncates) into slot `file`. A slot already in use, or out of range, is an error of the
+    /// op. (A direct descriptor is not in the process's descriptor table, so it cannot leak
+    /// into a child: the kernel refuses O_CLOEXEC for it, and it needs none.)
+    Open {
+        file: u32,
+        path: PathBuf,
+        create: bool,
+    },
+    /// Writes all of `bytes` at `offset` (short writes are continued by the reactor).
+    Write {
+        file: u32,
+        offset: u64,
+        bytes: Bytes,
+    },
+    /// fdatasync.
+    Datasync { file: u32 },
+    /// Opens the directory, fsyncs it, closes it (makes created and removed names durable).
+    SyncDirectory { path: PathBuf },
+    /// Closes the slot, which is free again once this completes.
+    Close { file: u32 },
+    /// unlink.
+    Remove { path: PathBuf },
 }
 
 /// What the handler asks for at the end of a batch.
@@ -47,6 +81,7 @@ pub struct Actions<M> {
     pub(super) hand_offs: Vec<(ConnectionId, u16, Bytes)>,
     pub(super) posts: Vec<(u16, M)>,
     pub(super) connects: Vec<(SocketAddr, Option<std::net::IpAddr>, u64)>,
+    pub(super) files: Vec<(u16, u64, Vec<FileOp>)>,
 }
 
 impl<M> Actions<M> {
@@ -57,6 +92,7 @@ impl<M> Actions<M> {
             hand_offs: Vec::new(),
             posts: Vec::new(),
             connects: Vec::new(),
+            files: Vec::new(),
         }
     }
 
@@ -86,6 +122,17 @@ impl<M> Actions<M> {
     pub fn connect(&mut self, address: SocketAddr, source: Option<std::net::IpAddr>, tag: u64) {
         self.connects.push((address, source, tag));
     }
+
+    /// Queues `ops` on file queue `queue`: the ops of one queue run one after another in the
+    /// order given, across calls (FIFO), each only after the one before completed; different
+    /// queues are independent. When the last op of this call completes the handler gets
+    /// `Event::FilesDone { queue, tag, result: Ok(()) }`; at the first failing op the rest of
+    /// this call's ops are skipped and `result` is that error (later calls still run). An
+    /// empty call completes at once, after the calls queued before it. The handler hears of it
+    /// through [`Handler::files_done`] (files-api.md's `Event::FilesDone`).
+    pub fn files(&mut self, queue: u16, tag: u64, ops: Vec<FileOp>) {
+        self.files.push((queue, tag, ops));
+    }
 }
 
 /// The code a reactor drives.
@@ -96,4 +143,17 @@ pub trait Handler {
     fn flush(&mut self, actions: &mut Actions<Self::Message>);
     /// When the handler next wants `Event::Tick`, in microseconds since the epoch.
     fn next_deadline_us(&self) -> Option<u64>;
+    /// The last operation of one [`Actions::files`] call on `queue` completed (`Ok`), or one
+    /// of them failed and the rest of that call was skipped (the error). Called like `event`,
+    /// before the next `flush`.
+    ///
+    /// A method rather than an [`Event`] variant so that the handlers that do no file I/O
+    /// need no new match arm; a handler that calls [`Actions::files`] must implement it (the
+    /// default treats a completion nobody asked to hear of as the programmer error it is).
+    fn files_done(&mut self, now_ms: u64, queue: u16, tag: u64, result: io::Result<()>) {
+        let _ = (now_ms, result);
+        panic!(
+            "file call {tag} on queue {queue} completed, but the handler does not implement Handler::files_done"
+        );
+    }
 }

@@ -41,6 +41,11 @@ pub fn check_kernel() -> Result<(), String> {
         (opcode::Send::CODE, "send"),
         (opcode::Read::CODE, "read"),
         (opcode::AsyncCancel::CODE, "cancel"),
+        (opcode::OpenAt::CODE, "openat"),
+        (opcode::Write::CODE, "write"),
+        (opcode::Fsync::CODE, "fsync"),
+        (opcode::Close::CODE, "close"),
+        (opcode::UnlinkAt::CODE, "unlinkat"),
     ] {
         if !probe.is_supported(code) {
             return Err(format!(

@@ -27,8 +27,9 @@
 //! interface to the handler ([`Handler`], [`Event`], [`Actions`]); `mailbox.rs` the
 //! cross-reactor [`Mailboxes`], their drain and the overflow backpressure; `connection.rs` the
 //! connection table, ids and send queues; `accept.rs`, `connect.rs`, `receive.rs`, `send.rs`
-//! and `close.rs` one completion path each; `kernel.rs` the kernel check; `admission.rs` the
-//! admission limits; `buffers.rs` the provided buffer ring.
+//! and `close.rs` one completion path each; `files.rs` the file table and the file queues
+//! ([`Actions::files`]); `kernel.rs` the kernel check; `admission.rs` the admission limits;
+//! `buffers.rs` the provided buffer ring.
 
 mod accept;
 pub mod admission;
@@ -36,6 +37,7 @@ mod buffers;
 mod close;
 mod connect;
 mod connection;
+mod files;
 mod handler;
 mod kernel;
 mod mailbox;
@@ -59,11 +61,13 @@ use accept::{listener, log_refusals};
 use admission::Admission;
 use buffers::BufferRing;
 use connection::{Connection, ConnectionState};
+use files::Files;
 use mailbox::Envelope;
 
 pub use close::CLOSE_LINGER;
 pub use connection::{ConnectionId, is_side};
-pub use handler::{Actions, Event, Handler};
+pub use files::{DIRECTORY_SLOTS, FILE_SLOTS_DEFAULT, FILES_SHUTDOWN_MAX};
+pub use handler::{Actions, Event, FileOp, Handler};
 pub use kernel::{KERNEL_MINIMUM, check_kernel};
 pub use mailbox::Mailboxes;
 
@@ -100,13 +104,15 @@ pub struct TcpKeepalive {
     pub count: u32,
 }
 
-// user_data: kind in the top byte, then generation (16 bits) and slot (32 bits).
+// user_data: kind in the top byte, then generation (16 bits) and slot (32 bits); for
+// `KIND_FILE`, the queue's operation number (16 bits) and the queue (in the low 16 bits).
 const KIND_ACCEPT: u64 = 1;
 const KIND_RECV: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_WAKE: u64 = 4;
 const KIND_CANCEL: u64 = 5;
 const KIND_CONNECT: u64 = 6;
+const KIND_FILE: u64 = 7;
 
 fn user_data(kind: u64, slot: u32, generation: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0xFFFF) << 32) | u64::from(slot)
@@ -156,6 +162,8 @@ pub struct Reactor<H: Handler> {
     admission: Option<Arc<Admission>>,
     /// The same for the side listener (the cluster port), with limits of its own.
     side_admission: Option<Arc<Admission>>,
+    /// The registered file table and the handler's file queues.
+    files: Files,
 }
 
 impl<H: Handler> std::fmt::Debug for Reactor<H> {
@@ -189,6 +197,7 @@ impl<H: Handler> Reactor<H> {
             )
             .collect::<io::Result<Vec<_>>>()?;
         let overflow_max = mailboxes.queues.first().map_or(1, ArrayQueue::capacity);
+        let files = Files::register(&ring.submitter(), FILE_SLOTS_DEFAULT)?;
         Ok(Self {
             ring,
             buffers,
@@ -211,7 +220,21 @@ impl<H: Handler> Reactor<H> {
             to_send: Vec::new(),
             admission: None,
             side_admission: None,
+            files,
         })
+    }
+
+    /// Gives the handler `count` file slots (`0..count`) instead of [`FILE_SLOTS_DEFAULT`].
+    /// Call it before `run`, with no file open.
+    pub fn with_file_slots(mut self, count: u32) -> io::Result<Self> {
+        debug_assert!(
+            self.files.idle(),
+            "file slots changed while files are in use"
+        );
+        let submitter = self.ring.submitter();
+        submitter.unregister_files()?;
+        self.files = Files::register(&submitter, count)?;
+        Ok(self)
     }
 
     /// Subjects connections accepted on the main listeners (not the side listener) to
@@ -318,17 +341,27 @@ impl<H: Handler> Reactor<H> {
             {
                 self.handler.event(now_ms, Event::Tick);
             }
+            self.files.told = false;
             self.handler.flush(&mut actions);
             self.apply(&mut actions);
             self.cut_lingering();
             if let Some(since) = stopping_since {
                 let open = self.connections.iter().flatten().count();
-                if open == 0 || since.elapsed() >= self.config.shutdown_grace {
+                let elapsed = since.elapsed();
+                let sockets_done = open == 0 || elapsed >= self.config.shutdown_grace;
+                // Queued file work (a log's last records) outlives the sockets' grace, up to
+                // its own bound.
+                let files_done =
+                    self.files.idle() || elapsed >= self.config.shutdown_grace + FILES_SHUTDOWN_MAX;
+                if sockets_done && files_done {
                     if open > 0 {
                         warn!(
                             reactor = self.config.index,
                             open, "shutdown grace period over: cutting the remaining connections"
                         );
+                    }
+                    if !self.files.idle() {
+                        self.files.abandon(self.config.index);
                     }
                     return Ok(self.handler);
                 }
@@ -349,6 +382,10 @@ impl<H: Handler> Reactor<H> {
     }
 
     fn wait_timeout(&self, stopping: bool) -> Duration {
+        // The handler heard of file calls ending after its flush: flush again without sleeping.
+        if self.files.told {
+            return Duration::ZERO;
+        }
         if !self.overflow.is_empty() || stopping {
             return Duration::from_millis(1);
         }
@@ -406,6 +443,10 @@ impl<H: Handler> Reactor<H> {
             }
             KIND_CONNECT => {
                 self.complete_connect(now_ms, slot, generation, result);
+                false
+            }
+            KIND_FILE => {
+                self.complete_file(now_ms, data, result);
                 false
             }
             _ => false,
@@ -469,6 +510,7 @@ impl<H: Handler> Reactor<H> {
                 self.handler.event(now_ms, Event::ConnectFailed(tag, error));
             }
         }
+        self.queue_files(now_ms, actions.files.drain(..));
         for (target, message) in actions.posts.drain(..) {
             self.post(target, Envelope::Message(message));
         }

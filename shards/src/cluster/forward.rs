@@ -80,11 +80,13 @@ pub fn transfer_to_wire(transfer: &SessionTransfer, sequence: u64) -> frame::For
             shard,
             claim,
             session,
+            completed,
         } => frame::Item::Handover {
             client_id: client_id.to_string(),
             shard: *shard,
             claim: *claim,
             session: session.as_ref().map(|s| s.to_vec()),
+            completed: *completed,
         },
     };
     frame::Forwarded { sequence, item }
@@ -180,11 +182,13 @@ pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String
             shard,
             claim,
             session,
+            completed,
         } => Ok(Received::Session(SessionTransfer::Handover {
             client_id: ByteString::from(client_id),
             shard,
             claim,
             session: session.map(Bytes::from),
+            completed,
         })),
     }
 }
@@ -536,6 +540,7 @@ mod tests {
             shard: 1,
             claim: 4,
             session: Some(Bytes::from_static(b"record")),
+            completed: Some(3),
         };
         let Received::Session(back) = from_wire(transfer_to_wire(&handover, 2), 0).unwrap() else {
             panic!("a session transfer")

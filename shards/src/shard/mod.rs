@@ -235,6 +235,11 @@ pub struct Shard {
     /// (node, its claim, when). A claim this shard starts soon after names them (`after`).
     answered: HashMap<ByteString, Vec<(NodeId, u64, u64)>>,
     answered_prune_at: usize,
+    /// This shard's claims that completed lately, by client: (claim, when). An answer to
+    /// another node's claim names the latest (`Handover::completed`), so that node does not
+    /// answer it late at the cost of its own new connection.
+    completed_claims: HashMap<ByteString, (u64, u64)>,
+    completed_prune_at: usize,
     retained: Retained,
     /// Sessions here with a session expiry above 0 (`session::set_session_expiry` keeps it).
     persistent_sessions: usize,
@@ -290,6 +295,8 @@ impl Shard {
             next_claim: 0,
             answered: HashMap::new(),
             answered_prune_at: 1024,
+            completed_claims: HashMap::new(),
+            completed_prune_at: 1024,
             retained: Retained::new(retained_messages_max, retained_bytes_max),
             persistent_sessions: 0,
             timers: Timers::default(),

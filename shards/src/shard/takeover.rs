@@ -25,6 +25,12 @@
 //! claim, started within `takeover_timeout_ms`, says so (`after`): the receiver then answers
 //! it only once its own claim has completed, whatever the identifiers, so the later claim is
 //! also the last owner (found by the simulation's one-owner checker).
+//! A claim may also complete without an answer from a node (it was seen down, or the
+//! timeout passed) while the lower node holds that claim deferred; when that node's own claim
+//! then reaches the higher one, it is answered at once, and the answer names the claim that
+//! completed (`Handover::completed`): the lower node drops it from its deferred claims, since
+//! answering it would end the session just given to its own new connection and leave the
+//! client with no connection anywhere (found by the simulation, seed 958).
 //!
 //! Never: waits without a bound (the claim timer), or drops a session it was handed: an answer
 //! that comes after its claim timed out is kept as an offline session if no session of that
@@ -190,8 +196,9 @@ impl Shard {
                 client_id,
                 claim,
                 session,
+                completed,
                 ..
-            } => self.handed_over(from, client_id, claim, session),
+            } => self.handed_over(from, client_id, claim, session, completed),
         }
     }
 
@@ -233,6 +240,12 @@ impl Shard {
             self.end_session(index);
             moved
         });
+        let recent_ms = self.now_ms.saturating_sub(self.config.takeover_timeout_ms);
+        let completed = self
+            .completed_claims
+            .get(&client_id)
+            .filter(|&&(_, at)| at >= recent_ms)
+            .map(|&(own, _)| own);
         self.outputs.push(Output::SessionToNode {
             node: to,
             transfer: SessionTransfer::Handover {
@@ -240,8 +253,23 @@ impl Shard {
                 shard,
                 claim,
                 session: session.flatten(),
+                completed,
             },
         });
+    }
+
+    /// Notes that this shard's claim `claim` for `client_id` completed; old notes go when the
+    /// map grows (they matter for `takeover_timeout_ms` only).
+    fn remember_completed(&mut self, client_id: &ByteString, claim: u64) {
+        let now_ms = self.now_ms;
+        let recent_ms = now_ms.saturating_sub(self.config.takeover_timeout_ms);
+        if self.completed_claims.len() >= self.completed_prune_at {
+            self.completed_claims
+                .retain(|_, &mut (_, at)| at >= recent_ms);
+            self.completed_prune_at = (2 * self.completed_claims.len()).max(1024);
+        }
+        self.completed_claims
+            .insert(client_id.clone(), (claim, now_ms));
     }
 
     fn handed_over(
@@ -250,6 +278,7 @@ impl Shard {
         client_id: ByteString,
         claim: u64,
         session: Option<Bytes>,
+        completed: Option<u64>,
     ) {
         let saved = session.and_then(|bytes| match snapshot::decode(&bytes, self.now_ms) {
             Ok((records, _)) => records.into_iter().find_map(|record| match record {
@@ -273,6 +302,14 @@ impl Shard {
             return;
         };
         pending.waiting.retain(|&node| node != from);
+        if let Some(completed) = completed {
+            // The sender's own claim completed without waiting for this shard's answer (it
+            // saw this node down, or timed out) and it has now given its connection up to
+            // this claim: answering its claim later would end the session this claim wins.
+            pending
+                .deferred
+                .retain(|&(node, _, deferred, _)| !(node == from && deferred == completed));
+        }
         if let Some(saved) = saved {
             if pending.session.is_some() {
                 warn!(client_id = %quote(&client_id), node = from, "two nodes handed over a session of one client: the first is kept");
@@ -348,6 +385,7 @@ impl Shard {
         };
         self.claim_clients.remove(&pending.claim);
         self.timers.cancel(pending.timer);
+        self.remember_completed(client_id, pending.claim);
         if let Some(saved) = pending.session {
             if self.client_ids.contains_key(client_id) {
                 warn!(client_id = %quote(client_id), "a session was handed over while one is here too: the one here is kept");

@@ -21,6 +21,8 @@ struct Node {
     received: HashMap<ConnectionId, Vec<Packet>>,
     versions: HashMap<ConnectionId, ProtocolVersion>,
     closed: Vec<ConnectionId>,
+    /// Session claims and answers the shards sent to other nodes, in order.
+    transfers: Vec<(NodeId, SessionTransfer)>,
     /// Connections whose client does not read: the harness, standing in for the reactor,
     /// reports nothing taken from them. Every other connection's bytes are taken at once.
     stalled: HashSet<ConnectionId>,
@@ -54,6 +56,7 @@ impl Node {
             received: HashMap::new(),
             versions: HashMap::new(),
             closed: Vec::new(),
+            transfers: Vec::new(),
             stalled: HashSet::new(),
             log: Vec::new(),
             now_ms: 1_000,
@@ -102,13 +105,29 @@ impl Node {
                     Output::ToShard { shard, message } => {
                         work.push_back((usize::from(shard), Input::Shard(message)))
                     }
+                    Output::SessionToNode { node, transfer } => {
+                        self.transfers.push((node, transfer))
+                    }
                     // A node on its own: no cluster to tell or forward to.
-                    Output::ToNode { .. }
-                    | Output::SessionToNode { .. }
-                    | Output::NodeRoute { .. } => {}
+                    Output::ToNode { .. } | Output::NodeRoute { .. } => {}
                 }
             }
         }
+    }
+
+    /// Tells shard 0 that the cluster has one other member, node `peer`, and it is up.
+    fn peer_up(&mut self, peer: NodeId) {
+        self.run(
+            0,
+            Input::Shard(ShardMessage::ClusterNodes(vec![
+                crate::message::ClusterNode {
+                    node: peer,
+                    address: "127.0.0.1:7883".parse().unwrap(),
+                    epoch: 1,
+                    up: true,
+                },
+            ])),
+        );
     }
 
     fn decode_sent(&mut self, connection: ConnectionId, mut bytes: Bytes) {

@@ -52,7 +52,7 @@ fn route_messages(node: &Node, from: usize) -> usize {
 
 /// Opens connection `id` on shard 0 of `node` (a 5.0 client) and hands it `bytes`, as they
 /// are, without waiting for an answer.
-fn open_with_bytes(node: &mut Node, id: ConnectionId, bytes: Bytes) {
+pub(super) fn open_with_bytes(node: &mut Node, id: ConnectionId, bytes: Bytes) {
     node.versions.insert(id, V5);
     node.location.insert(id, 0);
     node.run(0, Input::Opened { connection: id });
@@ -343,15 +343,7 @@ fn bytes_sent_while_a_takeover_is_pending_are_bounded() {
         ..Limits::default()
     };
     let mut node = Node::new(1, limits);
-    node.run(
-        0,
-        Input::Shard(ShardMessage::ClusterNodes(vec![ClusterNode {
-            node: 2,
-            address: "127.0.0.1:7883".parse().unwrap(),
-            epoch: 1,
-            up: true,
-        }])),
-    );
+    node.peer_up(2);
     open_with_bytes(&mut node, 1, Bytes::new());
     node.send(1, &Packet::Connect(Box::new(connect(V5, "moving", true))));
     assert!(node.take(1).is_empty(), "waiting for the other node");
@@ -468,6 +460,7 @@ fn late_handover(client_id: &'static str, expiry_seconds: u32) -> Input {
                 &[crate::snapshot::Record::Session(saved)],
                 0,
             ))),
+            completed: None,
         },
     })
 }

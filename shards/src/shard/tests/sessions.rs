@@ -1,6 +1,7 @@
 //! Connections and sessions: resume, takeover, wills, keep alive, expiry, refusals and
 //! snapshots.
 
+use super::guards::open_with_bytes;
 use super::*;
 
 #[test]
@@ -441,4 +442,129 @@ fn server_keep_alive_caps_the_clients_value() {
     assert!(!node.closed.contains(&1));
     node.advance(2_000);
     assert!(node.closed.contains(&1));
+}
+
+/// This node (0) and node 2 claim one client at once; node 2 gave up waiting for this node
+/// (it saw it down) and accepted its client, then got this node's claim and gave its client
+/// up to it. Its answer names its completed claim, so this node, the lower one, must not
+/// answer that claim after its own completes: that would end the session it has just given
+/// its new connection and leave the client with no connection on either node (sim seed 958).
+fn contested_claim(completed: Option<u64>) -> Node {
+    let mut node = Node::new(1, Limits::default());
+    node.peer_up(2);
+    open_with_bytes(&mut node, 1, Bytes::new());
+    node.send(
+        1,
+        &Packet::Connect(Box::new(v5_persistent("contested", 60))),
+    );
+    assert!(node.take(1).is_empty(), "waiting for node 2");
+    let ours = node.shards[0].claims["contested"].claim_number();
+    // Node 2's claim: deferred here, the lower node, until ours completes.
+    node.run(
+        0,
+        Input::Shard(ShardMessage::Session {
+            node: 2,
+            transfer: SessionTransfer::Claim {
+                client_id: ByteString::from_static("contested"),
+                shard: 0,
+                claim: 7,
+                clean_start: false,
+                after: None,
+            },
+        }),
+    );
+    assert_eq!(node.transfers.len(), 1, "only our own claim went out");
+    node.run(
+        0,
+        Input::Shard(ShardMessage::Session {
+            node: 2,
+            transfer: SessionTransfer::Handover {
+                client_id: ByteString::from_static("contested"),
+                shard: 0,
+                claim: ours,
+                session: None,
+                completed,
+            },
+        }),
+    );
+    node
+}
+
+#[test]
+fn a_claim_the_other_node_completed_without_us_is_not_answered_late() {
+    let mut node = contested_claim(Some(7));
+    let got = node.take(1);
+    let [Packet::ConnAck(connack)] = got.as_slice() else {
+        panic!("{got:?}")
+    };
+    assert_eq!(connack.reason, ReasonCode::SUCCESS);
+    assert!(node.closed.is_empty(), "the new connection stays");
+    assert_eq!(
+        node.transfers.len(),
+        1,
+        "node 2's completed claim gets no answer"
+    );
+    assert!(node.shards[0].client_ids.contains_key("contested"));
+}
+
+#[test]
+fn a_claim_still_pending_on_the_other_node_is_answered_after_ours() {
+    let mut node = contested_claim(None);
+    let got = node.take(1);
+    assert!(
+        matches!(
+            got.as_slice(),
+            [Packet::ConnAck(connack), Packet::Disconnect(disconnect)]
+                if connack.reason == ReasonCode::SUCCESS
+                    && disconnect.reason == ReasonCode::SESSION_TAKEN_OVER
+        ),
+        "accepted, then handed on to node 2's claim: {got:?}"
+    );
+    assert_eq!(node.closed, [1]);
+    let Some((2, SessionTransfer::Handover { claim: 7, .. })) = node.transfers.last() else {
+        panic!("{:?}", node.transfers)
+    };
+}
+
+#[test]
+fn an_answer_names_the_claim_that_completed_here_lately() {
+    let mut node = Node::new(1, Limits::default());
+    node.peer_up(2);
+    open_with_bytes(&mut node, 1, Bytes::new());
+    node.send(1, &Packet::Connect(Box::new(v5_persistent("late", 60))));
+    let ours = node.shards[0].claims["late"].claim_number();
+    // Node 2 never answers: the claim completes by its timeout and the client is accepted.
+    node.advance(5_000);
+    assert!(matches!(node.take(1).as_slice(), [Packet::ConnAck(_)]));
+    let claim = |number| {
+        Input::Shard(ShardMessage::Session {
+            node: 2,
+            transfer: SessionTransfer::Claim {
+                client_id: ByteString::from_static("late"),
+                shard: 0,
+                claim: number,
+                clean_start: false,
+                after: None,
+            },
+        })
+    };
+    node.run(0, claim(3));
+    let Some((
+        2,
+        SessionTransfer::Handover {
+            completed, session, ..
+        },
+    )) = node.transfers.last()
+    else {
+        panic!("{:?}", node.transfers)
+    };
+    assert_eq!(*completed, Some(ours));
+    assert!(session.is_some(), "the persistent session moves");
+    // Long after, the note is gone.
+    node.advance(10_000);
+    node.run(0, claim(4));
+    let Some((2, SessionTransfer::Handover { completed, .. })) = node.transfers.last() else {
+        panic!("{:?}", node.transfers)
+    };
+    assert_eq!(*completed, None);
 }
