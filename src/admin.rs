@@ -58,11 +58,6 @@ pub enum Control {
 pub enum NodeMessage {
     Shard(shardmq_shards::ShardMessage),
     Control(Control),
-    /// A file call of the cores' Raft store completed on its writer thread (`raft_io.rs`).
-    RaftFilesDone {
-        tag: u64,
-        result: Result<(), String>,
-    },
 }
 
 fn role_name(role: Role) -> &'static str {

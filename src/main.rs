@@ -6,7 +6,6 @@
 
 mod admin;
 mod config;
-mod raft_io;
 mod supervise;
 
 use std::collections::BTreeMap;
@@ -18,10 +17,12 @@ use std::time::{Duration, Instant};
 use admin::{Control, NodeMessage};
 use clap::{Parser, Subcommand};
 use shardmq_net::reactor::admission::Admission;
-use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
+use shardmq_net::reactor::{
+    self, Actions, Event, FileOp, Handler, Mailboxes, Reactor, ReactorConfig,
+};
 use shardmq_shards::cluster::consensus;
 use shardmq_shards::cluster::{
-    Answer, NodeInput, NodeOutput, NodeShard, RaftFileCall, RaftStoreFiles, Request,
+    Answer, NodeInput, NodeOutput, NodeShard, RaftFileCall, RaftFileOp, RaftStoreFiles, Request,
 };
 use shardmq_shards::{Shard, ShardConfig};
 use tracing::{error, info, warn};
@@ -106,9 +107,16 @@ struct ShardHandler {
     outputs: Vec<NodeOutput>,
     requests: BTreeMap<u64, Control>,
     next_ticket: u64,
-    /// Carries out the Raft store's file calls (shard 0 of a core with a data directory).
-    raft_writer: Option<raft_io::RaftWriter>,
+    /// The data directory the Raft store's file calls go to (shard 0 of a core with one).
+    raft_directory: Option<PathBuf>,
 }
+
+/// The reactor's file queue of the cores' Raft store (0 is the shard log's).
+const RAFT_FILE_QUEUE: u16 = 1;
+
+/// The reactor file slot of the Raft store's slot 0; its slot 1 is the next (slots 0 and 1 of
+/// each reactor are the shard log's).
+const RAFT_FILE_SLOT_FIRST: u32 = 2;
 
 impl ShardHandler {
     fn new(node: NodeShard) -> Self {
@@ -117,22 +125,53 @@ impl ShardHandler {
             outputs: Vec::new(),
             requests: BTreeMap::new(),
             next_ticket: 0,
-            raft_writer: None,
+            raft_directory: None,
         }
     }
 
-    fn with_raft_writer(mut self, writer: Option<raft_io::RaftWriter>) -> Self {
-        self.raft_writer = writer;
+    fn with_raft_directory(mut self, directory: Option<PathBuf>) -> Self {
+        self.raft_directory = directory;
         self
     }
 
-    /// Hands the Raft store's file call to its writer, after every earlier one.
-    fn raft_files(&mut self, call: RaftFileCall) {
-        match &self.raft_writer {
-            Some(writer) => writer.submit(call),
-            // Only a core with a data directory opens the store, and it has the writer.
-            None => error!("a Raft file call without a writer: dropped"),
-        }
+    /// Hands the Raft store's file call to the reactor's file queue 1, after every earlier
+    /// one: paths under the data directory, the store's two slots at `RAFT_FILE_SLOT_FIRST`.
+    fn raft_files(&mut self, actions: &mut Actions<NodeMessage>, call: RaftFileCall) {
+        let Some(directory) = &self.raft_directory else {
+            // Only a core with a data directory opens the store.
+            error!("a Raft file call without a data directory: dropped");
+            return;
+        };
+        let slot = |file: u8| RAFT_FILE_SLOT_FIRST + u32::from(file);
+        let ops = call
+            .ops
+            .into_iter()
+            .map(|op| match op {
+                RaftFileOp::Open { file, path, create } => FileOp::Open {
+                    file: slot(file),
+                    path: directory.join(path),
+                    create,
+                },
+                RaftFileOp::Write {
+                    file,
+                    offset,
+                    bytes,
+                } => FileOp::Write {
+                    file: slot(file),
+                    offset,
+                    bytes,
+                },
+                RaftFileOp::Datasync { file } => FileOp::Datasync { file: slot(file) },
+                RaftFileOp::SyncDirectory { path } => FileOp::SyncDirectory {
+                    path: directory.join(path),
+                },
+                RaftFileOp::Close { file } => FileOp::Close { file: slot(file) },
+                RaftFileOp::Remove { path } => FileOp::Remove {
+                    path: directory.join(path),
+                },
+            })
+            .collect();
+        actions.files(RAFT_FILE_QUEUE, call.tag, ops);
     }
 
     /// Files an operator's request under a new ticket; returns the node layer's input for it.
@@ -200,17 +239,8 @@ impl Handler for ShardHandler {
             Event::Closed(connection) => NodeInput::Closed { connection },
             Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
             Event::Message(NodeMessage::Control(control)) => self.request(control),
-            Event::Message(NodeMessage::RaftFilesDone { tag, result }) => {
-                NodeInput::RaftFilesDone { tag, result }
-            }
             Event::Tick => NodeInput::Tick,
-            Event::Shutdown => {
-                // The reactor drains no mailbox from now on; the writer still runs what it has.
-                if let Some(writer) = &self.raft_writer {
-                    writer.stop_posting();
-                }
-                NodeInput::Shutdown
-            }
+            Event::Shutdown => NodeInput::Shutdown,
         };
         self.node.handle(now_ms, input);
     }
@@ -232,7 +262,7 @@ impl Handler for ShardHandler {
                 }
                 NodeOutput::Connect { address, tag } => actions.connect(address, None, tag),
                 NodeOutput::Reply { ticket, answer } => self.reply(ticket, answer),
-                NodeOutput::RaftFiles(call) => self.raft_files(call),
+                NodeOutput::RaftFiles(call) => self.raft_files(actions, call),
             }
         }
         self.outputs = outputs;
@@ -240,6 +270,19 @@ impl Handler for ShardHandler {
 
     fn next_deadline_us(&self) -> Option<u64> {
         self.node.next_deadline_ms().map(|ms| ms * 1000)
+    }
+
+    fn files_done(&mut self, now_ms: u64, queue: u16, tag: u64, result: std::io::Result<()>) {
+        if queue != RAFT_FILE_QUEUE {
+            warn!(
+                queue,
+                tag, "a file completion of a queue this node does not use"
+            );
+            return;
+        }
+        let result = result.map_err(|e| e.to_string());
+        self.node
+            .handle(now_ms, NodeInput::RaftFilesDone { tag, result });
     }
 }
 
@@ -374,11 +417,7 @@ fn run_shard(
         }
     };
     let _ = notices.send(Notice::Ready(index, Ok(())));
-    let mut handler = reactor.run().map_err(|e| e.to_string())?.inner;
-    if let Some(writer) = &mut handler.raft_writer {
-        // Everything the store handed over is on disk before the process ends.
-        writer.finish();
-    }
+    let handler = reactor.run().map_err(|e| e.to_string())?.inner;
     if let Some(directory) = data_dir {
         let bytes = handler.node.shard.snapshot();
         write_snapshot(&directory, index, &bytes)
@@ -517,16 +556,11 @@ fn serve(config: Config) -> Result<(), String> {
                 epoch.elapsed().as_millis() as u64,
             ),
         };
-        let mut raft_writer = None;
+        let mut raft_directory = None;
         if index == 0
             && let Some(files) = raft_store.take()
         {
-            if let Some(directory) = &data_dir {
-                raft_writer = Some(
-                    raft_io::RaftWriter::spawn(index, directory.clone(), mailboxes.clone())
-                        .map_err(|e| format!("cannot start the Raft store's writer: {e}"))?,
-                );
-            }
+            raft_directory = data_dir.clone();
             node.open_raft_store(files).map_err(|e| {
                 format!(
                     "the cores' Raft store is damaged or incomplete, so this core cannot rejoin as the voter it was: {e}. \
@@ -539,7 +573,7 @@ fn serve(config: Config) -> Result<(), String> {
             })?;
         }
         let handler = Watched::new(
-            ShardHandler::new(node).with_raft_writer(raft_writer),
+            ShardHandler::new(node).with_raft_directory(raft_directory),
             index,
             health.clone(),
             fault,

@@ -125,6 +125,9 @@ fn killed_cores_come_back_as_the_voters_they_were_with_the_settings() {
     let _ = std::fs::remove_dir_all(&root);
     let mut cluster = TestCluster::start_persistent(3, 0, &root);
     cluster.wait_leader(&[1, 2, 3]);
+    // A core down longer than the grace period is removed, voter and all (and would come
+    // back as a new one): the grace is set long enough for the stops and starts below.
+    set_everywhere(&cluster, 1, "down_grace_seconds", "120");
     set_everywhere(&cluster, 1, "forward_queue_max", "777");
     let before = identities(&cluster);
     assert_eq!(before[0].1.as_array().map(Vec::len), Some(3), "{before:?}");
