@@ -114,6 +114,8 @@ pub fn status_json(status: &Status) -> Value {
             "voters": c.voters,
             "founders": c.founders,
             "id": format!("{:016x}", c.id),
+            "voter_ids": c.voter_ids.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
+            "store_error": c.store_error,
         })),
         "settings": status.settings.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect::<serde_json::Map<String, Value>>(),
     })

@@ -20,8 +20,13 @@ use std::time::{Duration, Instant};
 use admin::{Control, NodeMessage};
 use clap::{Parser, Subcommand};
 use shardmq_net::reactor::admission::{Admission, ListenerLimits};
-use shardmq_net::reactor::{self, Actions, Event, Handler, Mailboxes, Reactor, ReactorConfig};
-use shardmq_shards::cluster::{Answer, NodeInput, NodeOutput, NodeShard, Request};
+use shardmq_net::reactor::{
+    self, Actions, Event, FileOp, Handler, Mailboxes, Reactor, ReactorConfig,
+};
+use shardmq_shards::cluster::consensus;
+use shardmq_shards::cluster::{
+    Answer, NodeInput, NodeOutput, NodeShard, RaftFileCall, RaftFileOp, RaftStoreFiles, Request,
+};
 use shardmq_shards::{Shard, ShardConfig, Transport};
 use tracing::{error, info, warn};
 
@@ -129,6 +134,8 @@ struct ShardHandler {
     outputs: Vec<NodeOutput>,
     requests: BTreeMap<u64, Control>,
     next_ticket: u64,
+    /// The data directory the Raft store's file calls go to (shard 0 of a core with one).
+    raft_directory: Option<PathBuf>,
     /// The shard's durable log I/O, with a data directory.
     log: Option<ShardLog>,
     /// The time of the last event, for the log's interval syncs.
@@ -141,6 +148,13 @@ struct ShardLog {
     writer: log_io::LogWriter,
 }
 
+/// The reactor's file queue of the cores' Raft store (0 is the shard log's).
+const RAFT_FILE_QUEUE: u16 = 1;
+
+/// The reactor file slot of the Raft store's slot 0; its slot 1 is the next (slots 0 and 1 of
+/// each reactor are the shard log's).
+const RAFT_FILE_SLOT_FIRST: u32 = 2;
+
 impl ShardHandler {
     fn new(node: NodeShard, log: Option<ShardLog>) -> Self {
         Self {
@@ -150,6 +164,7 @@ impl ShardHandler {
             next_ticket: 0,
             log,
             now_ms: 0,
+            raft_directory: None,
         }
     }
 
@@ -177,6 +192,51 @@ impl ShardHandler {
         );
         durable::run_synchronously(directory, index, &mut self.node.shard)
             .map_err(|e| format!("cannot write the last records of shard {index}'s log: {e}"))
+    }
+
+    fn with_raft_directory(mut self, directory: Option<PathBuf>) -> Self {
+        self.raft_directory = directory;
+        self
+    }
+
+    /// Hands the Raft store's file call to the reactor's file queue 1, after every earlier
+    /// one: paths under the data directory, the store's two slots at `RAFT_FILE_SLOT_FIRST`.
+    fn raft_files(&mut self, actions: &mut Actions<NodeMessage>, call: RaftFileCall) {
+        let Some(directory) = &self.raft_directory else {
+            // Only a core with a data directory opens the store.
+            error!("a Raft file call without a data directory: dropped");
+            return;
+        };
+        let slot = |file: u8| RAFT_FILE_SLOT_FIRST + u32::from(file);
+        let ops = call
+            .ops
+            .into_iter()
+            .map(|op| match op {
+                RaftFileOp::Open { file, path, create } => FileOp::Open {
+                    file: slot(file),
+                    path: directory.join(path),
+                    create,
+                },
+                RaftFileOp::Write {
+                    file,
+                    offset,
+                    bytes,
+                } => FileOp::Write {
+                    file: slot(file),
+                    offset,
+                    bytes,
+                },
+                RaftFileOp::Datasync { file } => FileOp::Datasync { file: slot(file) },
+                RaftFileOp::SyncDirectory { path } => FileOp::SyncDirectory {
+                    path: directory.join(path),
+                },
+                RaftFileOp::Close { file } => FileOp::Close { file: slot(file) },
+                RaftFileOp::Remove { path } => FileOp::Remove {
+                    path: directory.join(path),
+                },
+            })
+            .collect();
+        actions.files(RAFT_FILE_QUEUE, call.tag, ops);
     }
 
     /// Files an operator's request under a new ticket; returns the node layer's input for it.
@@ -286,6 +346,7 @@ impl Handler for ShardHandler {
                 }
                 NodeOutput::Connect { address, tag } => actions.connect(address, None, tag),
                 NodeOutput::Reply { ticket, answer } => self.reply(ticket, answer),
+                NodeOutput::RaftFiles(call) => self.raft_files(actions, call),
             }
         }
         self.outputs = outputs;
@@ -307,6 +368,19 @@ impl Handler for ShardHandler {
             (a, b) => a.or(b),
         }
         .map(|ms| ms * 1000)
+    }
+
+    fn files_done(&mut self, now_ms: u64, queue: u16, tag: u64, result: std::io::Result<()>) {
+        if queue != RAFT_FILE_QUEUE {
+            warn!(
+                queue,
+                tag, "a file completion of a queue this node does not use"
+            );
+            return;
+        }
+        let result = result.map_err(|e| e.to_string());
+        self.node
+            .handle(now_ms, NodeInput::RaftFilesDone { tag, result });
     }
 }
 
@@ -330,31 +404,47 @@ fn restore_snapshots(shard: &mut Shard, index: u16, snapshots: &[(PathBuf, Vec<u
     }
 }
 
-/// The Raft state a core saves at a clean shutdown (see `Consensus::save`).
-const RAFT_STATE: &str = "raft.state";
-
-/// Reads and removes the Raft state of the last clean shutdown: it is good for one start
-/// only, since a run that crashes writes none and must not find the old one.
-fn take_raft_state(directory: &Path) -> Option<Vec<u8>> {
-    let path = directory.join(RAFT_STATE);
-    let bytes = std::fs::read(&path).ok()?;
-    if let Err(error) = std::fs::remove_file(&path) {
-        warn!(path = %path.display(), %error, "cannot remove the Raft state: not taken up");
-        return None;
+/// Reads the cores' Raft store of a data directory at start (before any shard runs, so a
+/// blocking read is fine here): the segment files of `DIR/raft/` and an earlier version's
+/// `DIR/raft.state`. Each file's size is checked before it is read.
+fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
+    let read = |path: &Path| -> Result<Vec<u8>, String> {
+        let size = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .len();
+        if size > consensus::SEGMENT_BYTES_MAX {
+            return Err(format!(
+                "{} holds {size} bytes, more than a Raft segment may ({}): not a segment of this store",
+                path.display(),
+                consensus::SEGMENT_BYTES_MAX
+            ));
+        }
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let mut files = RaftStoreFiles::default();
+    let folder = directory.join(consensus::RAFT_DIRECTORY);
+    match std::fs::read_dir(&folder) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(|e| format!("cannot list {}: {e}", folder.display()))?;
+                let name = entry.file_name();
+                match name.to_str().and_then(consensus::parse_segment_name) {
+                    Some(sequence) => files.segments.push((sequence, read(&entry.path())?)),
+                    None => warn!(file = %entry.path().display(), "not a Raft segment: ignored"),
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(&folder)
+                .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+        }
+        Err(e) => return Err(format!("cannot list {}: {e}", folder.display())),
     }
-    Some(bytes)
-}
-
-/// Writes `name` in `directory` atomically (a temporary file, fsync, rename, fsync).
-fn write_file(directory: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let path = directory.join(name);
-    let temporary = directory.join(format!("{name}.tmp"));
-    let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, &path)?;
-    std::fs::File::open(directory)?.sync_all()
+    let legacy = directory.join(consensus::LEGACY_STATE_FILE);
+    if legacy.exists() {
+        files.legacy = Some(read(&legacy)?);
+    }
+    Ok(files)
 }
 
 /// What the main thread hears about while the node starts and serves.
@@ -411,11 +501,6 @@ fn run_shard(
     let mut handler = reactor.run().map_err(|e| e.to_string())?.inner;
     if let Some(directory) = data_dir {
         handler.finish_log(&directory, index)?;
-        if let Some(state) = handler.node.raft_state() {
-            write_file(&directory, RAFT_STATE, &state)
-                .map_err(|e| format!("cannot write the Raft state: {e}"))?;
-            info!(bytes = state.len(), "Raft state written");
-        }
     }
     Ok(())
 }
@@ -490,8 +575,11 @@ fn serve(config: Config) -> Result<(), String> {
         )?),
         None => None,
     };
-    let mut raft_state = match (&data_dir, &cluster) {
-        (Some(directory), Some(_)) => take_raft_state(directory),
+    // The cores' Raft state (an edge holds none).
+    let mut raft_store = match (&data_dir, &cluster) {
+        (Some(directory), Some(_)) if config.cluster.role == "core" => {
+            Some(read_raft_store(directory)?)
+        }
         _ => None,
     };
     // One admission table for all shards, so that the limits hold whichever shard's
@@ -591,11 +679,21 @@ fn serve(config: Config) -> Result<(), String> {
                 epoch.elapsed().as_millis() as u64,
             ),
         };
+        let mut raft_directory = None;
         if index == 0
-            && let Some(bytes) = raft_state.take()
-            && let Err(error) = node.restore_raft(&bytes)
+            && let Some(files) = raft_store.take()
         {
-            warn!(%error, "the Raft state of the last shutdown is not taken up: joining as a new voter");
+            raft_directory = data_dir.clone();
+            node.open_raft_store(files).map_err(|e| {
+                format!(
+                    "the cores' Raft store is damaged or incomplete, so this core cannot rejoin as the voter it was: {e}. \
+                     To start it as a new voter (the group must still have a majority), move {} away",
+                    data_dir
+                        .as_ref()
+                        .map(|d| d.join(consensus::RAFT_DIRECTORY).display().to_string())
+                        .unwrap_or_default()
+                )
+            })?;
         }
         let log = match &data_dir {
             Some(directory) => Some(ShardLog {
@@ -608,7 +706,12 @@ fn serve(config: Config) -> Result<(), String> {
             }),
             None => None,
         };
-        let handler = Watched::new(ShardHandler::new(node, log), index, health.clone(), fault);
+        let handler = Watched::new(
+            ShardHandler::new(node, log).with_raft_directory(raft_directory),
+            index,
+            health.clone(),
+            fault,
+        );
         let mailboxes = mailboxes.clone();
         let limits = AcceptLimits {
             admission: admission.clone(),

@@ -241,6 +241,10 @@ impl<H: Handler> Handler for Watched<H> {
     fn next_deadline_us(&self) -> Option<u64> {
         self.inner.next_deadline_us()
     }
+
+    fn files_done(&mut self, now_ms: u64, queue: u16, tag: u64, result: std::io::Result<()>) {
+        self.inner.files_done(now_ms, queue, tag, result);
+    }
 }
 
 /// Sends every panic to the log, with the thread's name and where it happened, before the

@@ -37,7 +37,11 @@ use shardmq_net::mqtt::{
     PublishProperties, QoS, ReasonCode, Sender, Subscribe, SubscribeProperties,
     SubscriptionOptions,
 };
-use shardmq_shards::cluster::{ClusterSettings, LinkSettings, NodeInput, NodeOutput, NodeShard};
+use shardmq_shards::cluster::consensus::{LEGACY_STATE_FILE, parse_segment_name};
+use shardmq_shards::cluster::{
+    ClusterSettings, LinkSettings, NodeInput, NodeOutput, NodeShard, RaftFileCall, RaftFileOp,
+    RaftStoreFiles,
+};
 use shardmq_shards::{Limits, Shard, ShardConfig, SharedStrategy, owner_shard};
 
 const SHARDS: u16 = 2;
@@ -160,6 +164,99 @@ enum Event {
     Publish {
         client: usize,
     },
+    /// A node's disk completed the first Raft file call of its queue.
+    RaftFiles {
+        node: usize,
+        generation: u64,
+    },
+}
+
+/// A node's data directory as the Raft store sees it: files by path with how much of each is
+/// synced, and the store's two file slots. A crash keeps the synced bytes and any part of the
+/// rest; a call runs whole when its completion comes.
+#[derive(Default)]
+struct SimDisk {
+    files: BTreeMap<std::path::PathBuf, (Vec<u8>, usize)>,
+    slots: [Option<std::path::PathBuf>; 2],
+    /// Calls waiting to run, in order, and when the last scheduled one completes.
+    queue: std::collections::VecDeque<RaftFileCall>,
+    free_at_ms: u64,
+}
+
+impl SimDisk {
+    fn run(&mut self, call: &RaftFileCall) -> Result<(), String> {
+        for op in &call.ops {
+            match op {
+                RaftFileOp::Open { file, path, create } => {
+                    let slot = &mut self.slots[usize::from(*file)];
+                    if slot.is_some() || (!create && !self.files.contains_key(path)) {
+                        return Err(format!("cannot open {}", path.display()));
+                    }
+                    self.files.entry(path.clone()).or_default();
+                    *slot = Some(path.clone());
+                }
+                RaftFileOp::Write {
+                    file,
+                    offset,
+                    bytes,
+                } => {
+                    let (data, _) = self.open(*file)?;
+                    data.resize(*offset as usize, 0);
+                    data.extend_from_slice(bytes);
+                }
+                RaftFileOp::Datasync { file } => {
+                    let (data, synced) = self.open(*file)?;
+                    *synced = data.len();
+                }
+                RaftFileOp::SyncDirectory { .. } => {}
+                RaftFileOp::Close { file } => {
+                    self.slots[usize::from(*file)]
+                        .take()
+                        .ok_or("close of a free slot")?;
+                }
+                RaftFileOp::Remove { path } => {
+                    self.files.remove(path).ok_or("no such file")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, file: u8) -> Result<&mut (Vec<u8>, usize), String> {
+        let path = self.slots[usize::from(file)]
+            .as_ref()
+            .ok_or("slot not open")?;
+        self.files
+            .get_mut(path)
+            .ok_or_else(|| "file gone".to_string())
+    }
+
+    /// What a crash leaves: synced bytes and some of the rest, no queued call, no open slot.
+    fn crash(&mut self, rng: &mut Rng) {
+        self.queue.clear();
+        self.slots = [None, None];
+        for (data, synced) in self.files.values_mut() {
+            let unsynced = data.len() - *synced;
+            data.truncate(*synced + rng.below(unsynced as u64 + 1) as usize);
+            *synced = data.len();
+        }
+    }
+
+    fn store_files(&self) -> RaftStoreFiles {
+        let mut files = RaftStoreFiles::default();
+        for (path, (data, _)) in &self.files {
+            if path.as_os_str() == LEGACY_STATE_FILE {
+                files.legacy = Some(data.clone());
+            } else if let Some(sequence) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(parse_segment_name)
+            {
+                files.segments.push((sequence, data.clone()));
+            }
+        }
+        files
+    }
 }
 
 struct SimNode {
@@ -171,8 +268,8 @@ struct SimNode {
     generation: u64,
     /// When it crashed.
     crashes: Vec<u64>,
-    /// The Raft state a clean stop saved, for the next boot (as `--data-dir` keeps it).
-    saved_raft: Option<Vec<u8>>,
+    /// Its data directory (the cores' Raft store).
+    disk: SimDisk,
 }
 
 /// A simulated MQTT 5.0 client.
@@ -288,7 +385,7 @@ impl Sim {
                 shards: None,
                 generation: 0,
                 crashes: Vec::new(),
-                saved_raft: None,
+                disk: SimDisk::default(),
             })
             .collect();
         let reset_per_million = rng.below(3_000);
@@ -351,11 +448,12 @@ impl Sim {
             })
             .collect();
         self.nodes[node].shards = Some(shards);
-        if let Some(state) = self.nodes[node].saved_raft.take() {
+        if role == Role::Core {
+            let files = self.nodes[node].disk.store_files();
             let shards = self.nodes[node].shards.as_mut().expect("booted");
             shards[0]
-                .restore_raft(&state)
-                .expect("a saved Raft state is taken up");
+                .open_raft_store(files)
+                .expect("what a crash leaves of the Raft store is taken up");
         }
         for shard in 0..usize::from(SHARDS) {
             self.run(node, shard, |s, now| s.handle(now, NodeInput::Tick));
@@ -368,6 +466,7 @@ impl Sim {
 
     fn crash(&mut self, node: usize) {
         let node_state = &mut self.nodes[node];
+        node_state.disk.crash(&mut self.rng);
         node_state.shards = None;
         node_state.generation += 1;
         node_state.crashes.push(self.now_ms);
@@ -637,6 +736,13 @@ impl Sim {
             }
             NodeOutput::Reply { ticket, .. } => {
                 panic!("a reply to request {ticket}, which the simulation never made")
+            }
+            NodeOutput::RaftFiles(call) => {
+                // One call after another, each taking 1 to 5 ms.
+                let at = self.nodes[node].disk.free_at_ms.max(self.now_ms) + 1 + self.rng.below(5);
+                self.nodes[node].disk.free_at_ms = at;
+                self.nodes[node].disk.queue.push_back(call);
+                self.schedule(at, Event::RaftFiles { node, generation });
             }
         }
     }
@@ -978,6 +1084,20 @@ impl Sim {
                 self.run(node, shard, |s, now| s.handle(now, NodeInput::Tick));
             }
             Event::Publish { client } => self.client_publish(client),
+            Event::RaftFiles { node, generation } => {
+                if self.nodes[node].generation != generation {
+                    return;
+                }
+                let disk = &mut self.nodes[node].disk;
+                let Some(call) = disk.queue.pop_front() else {
+                    return;
+                };
+                let result = disk.run(&call);
+                let tag = call.tag;
+                self.run(node, 0, |s, now| {
+                    s.handle(now, NodeInput::RaftFilesDone { tag, result })
+                });
+            }
         }
     }
 
@@ -1093,8 +1213,12 @@ impl Sim {
                     if clean { "stops cleanly" } else { "crashes" }
                 ));
                 if clean {
-                    let saved = self.nodes[a].shards.as_ref().expect("running")[0].raft_state();
-                    self.nodes[a].saved_raft = saved;
+                    // A reactor completes its queued file calls before it stops.
+                    let disk = &mut self.nodes[a].disk;
+                    while let Some(call) = disk.queue.pop_front() {
+                        disk.run(&call)
+                            .expect("the simulated disk takes every call");
+                    }
                 }
                 self.crash(a);
                 healing.push((self.now_ms + length, Heal::Restart(a)));

@@ -585,6 +585,13 @@ pub struct ClusterNode {
     netns: Option<String>,
 }
 
+impl ClusterNode {
+    /// The configuration file's text the node runs with (its first keys are `[server]`'s).
+    pub fn config(&self) -> &str {
+        &self.config
+    }
+}
+
 /// A local cluster: nodes 1..=cores are cores, the rest edges. Node i's cluster port listens on
 /// 127.0.0.(10 + i), its MQTT and admin ports on 127.0.0.1. Links time out fast (heartbeat
 /// 100 ms, timeout 600 ms) and a node that is down loses its routes after 2 s.

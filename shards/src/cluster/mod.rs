@@ -49,6 +49,8 @@ pub use agent::{Agent, Status};
 pub use io::Io;
 pub use link::{Link, LinkSettings};
 
+pub use consensus::{RaftFileCall, RaftFileOp, RaftStoreFiles};
+
 use crate::message::{ConnectionId, ShardIndex, ShardMessage};
 use crate::shard::{Input, Output, Shard, Transport};
 use io::{Cluster, splitmix};
@@ -135,6 +137,12 @@ pub enum NodeInput {
         ticket: u64,
         request: Request,
     },
+    /// The reactor carried out the Raft store's file call `tag` (`NodeOutput::RaftFiles`),
+    /// or failed at one of its ops.
+    RaftFilesDone {
+        tag: u64,
+        result: Result<(), String>,
+    },
     /// Time passed: the shard's and the links' deadlines are checked.
     Tick,
     /// The node is stopping: clients are told, links closed.
@@ -189,6 +197,9 @@ pub enum NodeOutput {
         ticket: u64,
         answer: Result<Answer, String>,
     },
+    /// File operations of the cores' Raft store (shard 0 of a core with a data directory),
+    /// carried out in order after every earlier call; answered with `RaftFilesDone`.
+    RaftFiles(RaftFileCall),
 }
 
 /// A shard and, in a cluster, its links.
@@ -355,6 +366,11 @@ impl NodeShard {
             NodeInput::ConnectFailed { tag, error } => self.connect_failed(tag, &error),
             NodeInput::Shard(message) => self.shard_message(message),
             NodeInput::Control { ticket, request } => self.request(ticket, request),
+            NodeInput::RaftFilesDone { tag, result } => {
+                if let Some(agent) = self.cluster.as_mut().and_then(|c| c.agent.as_mut()) {
+                    agent.raft_files_done(tag, result);
+                }
+            }
             NodeInput::Tick => {
                 self.shard.handle(now_ms, Input::Tick);
                 self.cluster_tick();
@@ -634,6 +650,12 @@ impl NodeShard {
         let applied = match &mut cluster.agent {
             Some(agent) => {
                 agent.flush(&mut cluster.io);
+                outputs.extend(
+                    agent
+                        .take_raft_file_calls()
+                        .into_iter()
+                        .map(NodeOutput::RaftFiles),
+                );
                 agent.applied()
             }
             None => 0,
@@ -660,13 +682,10 @@ impl NodeShard {
         outputs.append(&mut cluster.io.outputs);
     }
 
-    /// The Raft state to save at a clean shutdown (shard 0 of a core in a group).
-    pub fn raft_state(&self) -> Option<Vec<u8>> {
-        self.agent()?.consensus_state()
-    }
-
-    /// Takes up the Raft state saved at the last clean shutdown (shard 0, before it runs).
-    pub fn restore_raft(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.agent_mut()?.restore_consensus(bytes)
+    /// Takes up the durable Raft state of the data directory (shard 0, before it runs); from
+    /// then on the Raft state is persisted there through `NodeOutput::RaftFiles`. An error
+    /// means synced state is damaged or missing.
+    pub fn open_raft_store(&mut self, files: RaftStoreFiles) -> Result<(), String> {
+        self.agent_mut()?.open_raft_store(files)
     }
 }

@@ -39,7 +39,7 @@ use tracing::info;
 
 use self::core::Core;
 use self::edge::Edge;
-use super::consensus::{ConsensusStatus, Heard};
+use super::consensus::{ConsensusStatus, Heard, RaftFileCall, RaftStoreFiles};
 use super::view::{Change, View};
 use super::{ClusterSettings, Io, TAG_SEED};
 use crate::message::ConnectionId;
@@ -239,17 +239,27 @@ impl Agent {
         }
     }
 
-    /// The Raft state to keep in the data directory at a clean shutdown (a core in a group).
-    pub fn consensus_state(&self) -> Option<Vec<u8>> {
-        self.core()?.consensus.save()
+    /// Takes up the durable Raft state of the data directory (a core; an edge has none and
+    /// ignores it), and persists there from now on.
+    pub fn open_raft_store(&mut self, files: RaftStoreFiles) -> Result<(), String> {
+        match self.core_mut() {
+            Some(core) => core.consensus.open_store(files),
+            None => Ok(()),
+        }
     }
 
-    /// Takes up the Raft state of the last clean shutdown.
-    pub fn restore_consensus(&mut self, bytes: &[u8]) -> Result<(), String> {
+    /// The Raft store's file calls of this batch, in order.
+    pub fn take_raft_file_calls(&mut self) -> Vec<RaftFileCall> {
         self.core_mut()
-            .ok_or("this node is an edge: it has no Raft state")?
-            .consensus
-            .restore(bytes)
+            .map(|core| core.consensus.take_file_calls())
+            .unwrap_or_default()
+    }
+
+    /// The reactor completed Raft file call `tag`.
+    pub fn raft_files_done(&mut self, tag: u64, result: Result<(), String>) {
+        if let Some(core) = self.core_mut() {
+            core.consensus.files_done(tag, result);
+        }
     }
 
     /// A core's view of the Raft group (none on an edge), for status and checkers.

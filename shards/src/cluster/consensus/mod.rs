@@ -1,9 +1,11 @@
 //! The cores' Raft group: membership, roles and cluster-wide settings, agreed by consensus.
 //!
-//! Owns, on shard 0 of a core: a raft-rs [`RawNode`] over in-memory storage, the [`Registry`]
+//! Owns, on shard 0 of a core: a raft-rs [`RawNode`] over in-memory storage written through
+//! to a durable store when the node has a data directory (`durable.rs`), the [`Registry`]
 //! its committed entries build (the members with their roles, which of them are down, the
 //! cluster-wide settings), and the founding handshake.
-//! Never: does I/O, reads a clock or draws randomness of its own. Whenever raft-rs draws a
+//! Never: does I/O (the durable store emits file calls and takes their completions), reads a
+//! clock or draws randomness of its own. Whenever raft-rs draws a
 //! new randomized election timeout (from the thread's generator), it is replaced at once by
 //! one from the node's seeded generator, so a simulation replays exactly.
 //!
@@ -17,11 +19,14 @@
 //! what is committed, in order, and mirrors it into its route log, so the edges following any
 //! core see the same membership.
 //!
-//! Storage is in memory, so a Raft identity lives exactly as long as the state it stands for:
-//! a core takes a new Raft identifier (its node identifier with a fresh incarnation above it)
-//! at every start and whenever it drops its group. A restarted core therefore joins as a new
-//! voter, and the leader retires the old identifier; no voter ever forgets a vote or a log it
-//! acknowledged under the same identifier, which Raft's safety rests on.
+//! A Raft identity lives exactly as long as the state it stands for: with a durable store a
+//! core takes its identifier up again at start (votes, log and registry with it), and a
+//! message that depends on a ready leaves only once that ready is synced; without one it
+//! takes a new identifier (its node identifier with a fresh incarnation above it) at every
+//! start, joins as a new voter, and the leader retires the old identifier. Either way, and
+//! whenever a core drops its group (which also removes its stored state), no voter ever
+//! forgets a vote or a log it acknowledged under the same identifier, which Raft's safety
+//! rests on.
 //! A core whose group has had no leader for `LEADERLESS_TIMEOUTS` election timeouts (the
 //! majority of cores is gone) drops the group and founds a new one with the cores of its seed
 //! list once they agree again. The membership is rebuilt from the links; the cluster-wide
@@ -33,11 +38,12 @@
 //! follower waiting for a snapshot nothing else until the snapshot is reported, so without
 //! this a snapshot lost once would leave that follower without the log for good.
 
+mod durable;
 mod ready;
 mod registry;
 mod store;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeType, ConfState, Message, Snapshot};
@@ -46,6 +52,11 @@ use raft::{Config, ProgressState, RawNode, SnapshotStatus, StateRole};
 use shardmq_net::frame::{LogEntry, NodeId, Role, encode_entries};
 use tracing::{debug, info, warn};
 
+use self::durable::Disk;
+pub use self::durable::{
+    FRAME_LENGTH_MAX, LEGACY_STATE_FILE, RAFT_DIRECTORY, RaftFileCall, RaftFileOp, RaftStoreFiles,
+    SEGMENT_BYTES_MAX, parse_segment_name,
+};
 pub use self::registry::{Registry, SETTINGS, check_setting};
 use self::store::{Store, TracingDrain};
 use super::splitmix;
@@ -81,6 +92,8 @@ pub struct ConsensusStatus {
     pub id: u64,
     /// The voters' Raft identifiers, sorted.
     pub voter_ids: Vec<u64>,
+    /// The I/O error that stopped the durable Raft store, if one did.
+    pub store_error: Option<String>,
 }
 
 /// A group without a leader for this many election timeouts is dropped (see the module
@@ -130,6 +143,12 @@ pub struct Consensus {
     /// for a snapshot, that is, raft-rs has sent it one and sends it nothing else until the
     /// snapshot is answered or reported lost.
     snapshot_ticks: BTreeMap<u64, u64>,
+    /// The durable store (with a data directory); without one, the state is in memory only
+    /// and counts as persisted at once.
+    disk: Option<Disk>,
+    /// Messages raft-rs may send only once the ready they came with is persisted, with that
+    /// ready's number.
+    held: VecDeque<(u64, Vec<Message>)>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -167,6 +186,8 @@ impl Consensus {
             hold: false,
             retired: false,
             snapshot_ticks: BTreeMap::new(),
+            disk: None,
+            held: VecDeque::new(),
         };
         consensus.new_incarnation();
         consensus
@@ -205,6 +226,11 @@ impl Consensus {
     fn new_node(&mut self, store: Store) -> Result<RawNode<Store>, String> {
         let config = self.config();
         let mut raw = RawNode::new(&config, store, &self.logger).map_err(|e| e.to_string())?;
+        // The readies of the node before are numbered apart from this one's.
+        self.held.clear();
+        if let Some(disk) = &mut self.disk {
+            disk.new_node();
+        }
         self.seen = (StateRole::Follower, u64::MAX, 0);
         self.replace_timeout(&mut raw);
         Ok(raw)
@@ -639,6 +665,12 @@ impl Consensus {
         self.founders.clear();
         self.outbox.clear();
         self.snapshot_ticks.clear();
+        self.held.clear();
+        if let Some(disk) = &mut self.disk {
+            // The segments of the dropped group are removed at the next flush: a restart must
+            // not bring back an identifier this core gave up.
+            disk.new_node();
+        }
         self.hold = true;
     }
 
@@ -708,6 +740,7 @@ impl Consensus {
             voter_ids: self.voters().into_iter().collect(),
             founders: self.founders.iter().filter_map(|&v| node_of(v)).collect(),
             id: self.id,
+            store_error: self.store_failure().map(str::to_string),
         }
     }
 }

@@ -1,19 +1,22 @@
-//! The Raft group's storage: raft-rs's in-memory storage with snapshots that carry the
-//! registry, its saved form for the data directory, and raft-rs's log records.
+//! The Raft group's storage: raft-rs's in-memory storage (the cache raft-rs reads) with
+//! snapshots that carry the registry, the durable store's start and completions, the old
+//! shutdown file of earlier versions, and raft-rs's log records.
 //!
-//! Owns: [`Store`], [`Consensus::save`] and [`Consensus::restore`] (a saved state is a file
-//! from outside: every length is checked before use, and a bad one is an error, never a
-//! panic), and the slog drain that hands raft-rs's records to `tracing`.
-//! Invariant: a saved state holds exactly what the core acknowledged (it is written only once
-//! the core stopped taking part), so a core that takes it up rejoins as the voter it was.
+//! Owns: [`Store`], [`Consensus::open_store`], [`Consensus::take_file_calls`] and
+//! [`Consensus::files_done`] (the file format and writer are `durable.rs`), the reading of an
+//! old `raft.state` (a file from outside: every length is checked before use, and a bad one is
+//! an error, never a panic), and the slog drain that hands raft-rs's records to `tracing`.
+//! Invariant: what the durable store holds is everything this identifier acknowledged, so a
+//! core that takes it up rejoins as the voter it was.
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use shardmq_net::frame::decode_entries;
-use tracing::info;
+use tracing::{info, warn};
 
+use super::durable::{self, Disk, RaftFileCall, RaftStoreFiles};
 use super::{Committed, Consensus, Registry, node_of};
 
 /// The first bytes of a saved Raft state.
@@ -73,48 +76,108 @@ impl Storage for Store {
 }
 
 impl Consensus {
-    /// This core's Raft state at a clean shutdown, for the data directory: its identifier,
-    /// hard state, the registry as of the last applied entry, and the log after it. `None`
-    /// outside a group. Saved only once the core has stopped taking part, so that it holds
-    /// exactly what the core acknowledged.
-    pub fn save(&self) -> Option<Vec<u8>> {
-        let raw = self.raw.as_ref()?;
-        let store = raw.store();
-        if store.conf.voters.is_empty() {
-            return None;
+    /// Takes up the durable Raft state the data directory holds (shard 0 of a core, before
+    /// it runs), and from then on persists every ready there before what depends on it
+    /// leaves: the same identifier, votes and log, so the core rejoins as the voter it was,
+    /// after a crash too. Without segments, the old shutdown file (`raft.state`) is taken up
+    /// once, and removed once the store holds its state. An error means synced state is
+    /// damaged or missing: the caller refuses to start.
+    pub fn open_store(&mut self, files: RaftStoreFiles) -> Result<(), String> {
+        let recovery = durable::recover(&files.segments)?;
+        if !recovery.skipped.is_empty() {
+            warn!(
+                segments = ?recovery.skipped,
+                "Raft segments whose checkpoint a crash cut short: replaced"
+            );
         }
-        let snapshot = store.snapshot(0, 0).ok()?;
-        let hard = store.mem.rl().hard_state().clone();
-        let first = store.applied + 1;
-        let last = store.mem.last_index().ok()?;
-        let entries = if last >= first {
-            store
-                .mem
-                .entries(first, last + 1, None, GetEntriesContext::empty(false))
-                .ok()?
-        } else {
+        self.disk = Some(Disk::new(&recovery, files.legacy.is_some()));
+        let Some(state) = recovery.state else {
+            if let Some(bytes) = files.legacy
+                && let Err(error) = self.restore(&bytes)
+            {
+                warn!(%error, "the Raft state of the last shutdown is not taken up: joining as a new voter");
+            }
+            return Ok(());
+        };
+        if files.legacy.is_some() {
+            warn!(
+                "both a durable Raft store and an old raft.state: the store is taken, the old file removed"
+            );
+        }
+        if node_of(state.id) != Some(self.node) {
+            return Err(format!(
+                "the Raft store is of node {:?}, this is node {}",
+                node_of(state.id),
+                self.node
+            ));
+        }
+        if state.torn_bytes > 0 {
+            warn!(
+                bytes = state.torn_bytes,
+                segment = state.sequence,
+                "the Raft store's last write was cut short by a crash: cut"
+            );
+        }
+        let id = state.id;
+        let store = state.into_store()?;
+        let registry = if store.registry.is_empty() {
             Vec::new()
+        } else {
+            decode_entries(&store.registry)
+                .map_err(|e| format!("the stored Raft snapshot's registry does not decode: {e}"))?
         };
-        let mut out = Vec::new();
-        out.extend_from_slice(STATE_MAGIC);
-        out.extend_from_slice(&self.id.to_le_bytes());
-        let mut part = |bytes: Vec<u8>| {
-            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            out.extend_from_slice(&bytes);
-        };
-        part(hard.write_to_bytes().ok()?);
-        part(snapshot.write_to_bytes().ok()?);
-        for entry in &entries {
-            part(entry.write_to_bytes().ok()?);
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        Some(out)
+        let applied = store.applied;
+        self.id = id;
+        self.registry = Registry::from_entries(&registry);
+        self.make(store)?;
+        self.committed.push(Committed::Snapshot);
+        info!(applied, "durable Raft state taken up");
+        Ok(())
     }
 
-    /// Takes up the state [`Consensus::save`] wrote at the last clean shutdown: the same
-    /// identifier, votes and log, so the core rejoins its group as the voter it was.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+    /// The file calls the store needs carried out now, in order (one batch of the event loop:
+    /// what was staged since the last call goes out as one write and one sync).
+    pub fn take_file_calls(&mut self) -> Vec<RaftFileCall> {
+        let Some(disk) = &mut self.disk else {
+            return Vec::new();
+        };
+        disk.flush(self.raw.as_ref().map(|raw| (raw.store(), self.id)));
+        disk.take_calls()
+    }
+
+    /// The reactor completed file call `tag`: raft-rs learns what is persisted, and the
+    /// messages that waited for it are let out.
+    pub fn files_done(&mut self, tag: u64, result: Result<(), String>) {
+        let Some(disk) = &mut self.disk else {
+            return;
+        };
+        let Some(number) = disk.done(tag, result) else {
+            return;
+        };
+        if let Some(raw) = &mut self.raw {
+            raw.on_persist_ready(number);
+            super::ready::advance_applied(raw);
+        }
+        while self.held.front().is_some_and(|(n, _)| *n <= number) {
+            if let Some((_, messages)) = self.held.pop_front() {
+                self.collect(messages);
+            }
+        }
+    }
+
+    /// Whether the store has nothing staged or in flight (true without a store).
+    pub fn store_idle(&self) -> bool {
+        self.disk.as_ref().is_none_or(Disk::is_idle)
+    }
+
+    /// The error that stopped the store, if one did.
+    pub fn store_failure(&self) -> Option<&str> {
+        self.disk.as_ref()?.failed.as_deref()
+    }
+
+    /// Takes up the state an earlier version wrote at its last clean shutdown (`raft.state`):
+    /// the same identifier, votes and log, so the core rejoins its group as the voter it was.
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
         let (body, crc) = bytes
             .split_last_chunk::<4>()
             .ok_or("the Raft state is truncated")?;
