@@ -3,7 +3,6 @@
 //! connection buffers, restored records, and quoting peer input.
 
 use super::*;
-use crate::message::ClusterNode;
 use crate::snapshot::{SavedDelivery, SavedInflight, SavedSession};
 
 fn subscribe_many(packet_id: u16, filters: &[(&'static str, QoS)]) -> Packet {

@@ -200,7 +200,7 @@ fn set(core: &mut Consensus, disk: &mut MemDisk, key: &str, value: &str) {
 
 #[test]
 fn a_lone_core_recovers_its_identifier_term_and_settings_after_a_crash() {
-    let (mut core, mut disk) = lone_leader_with("forward_queue_max", "77");
+    let (core, disk) = lone_leader_with("forward_queue_max", "77");
     assert_eq!(setting_of(&core, "forward_queue_max"), Some("77"));
     let status = core.status();
     // Crash: only what was synced, nothing of any unsynced tail.
@@ -374,7 +374,7 @@ fn a_torn_tail_is_cut_and_damage_before_the_tail_refused() {
 
 #[test]
 fn a_renamed_segment_and_a_commit_beyond_the_log_are_refused() {
-    let (mut core, mut disk) = lone_leader_with("forward_queue_max", "3");
+    let (core, disk) = lone_leader_with("forward_queue_max", "3");
     let files = disk.crash(0);
     let (sequence, bytes) = files.segments[0].clone();
     let error = recover(&[(sequence + 1, bytes.clone())]).unwrap_err();
@@ -385,9 +385,11 @@ fn a_renamed_segment_and_a_commit_beyond_the_log_are_refused() {
     encode_frame(KIND_CHECKPOINT, &mut out, |out| {
         out.put_u64_le(5);
         out.put_u64_le(core.id);
-        let mut hard = HardState::default();
-        hard.term = 2;
-        hard.commit = 9;
+        let hard = HardState {
+            term: 2,
+            commit: 9,
+            ..Default::default()
+        };
         Batch {
             snapshot: None,
             entries: Vec::new(),
@@ -406,7 +408,7 @@ fn a_renamed_segment_and_a_commit_beyond_the_log_are_refused() {
 
 #[test]
 fn a_cut_checkpoint_falls_back_to_the_segment_before_it() {
-    let (mut core, mut disk) = lone_leader_with("forward_queue_max", "4");
+    let (_, disk) = lone_leader_with("forward_queue_max", "4");
     let files = disk.crash(0);
     let (sequence, bytes) = files.segments[0].clone();
     // The next segment's checkpoint was being written when the node crashed.
@@ -456,7 +458,7 @@ fn the_log_stays_bounded_and_a_restart_replaces_the_segments() {
 #[test]
 fn the_old_shutdown_file_is_taken_up_once_and_removed() {
     // An earlier version's `raft.state`, made with its format.
-    let (mut core, mut disk) = lone_leader_with("down_grace_seconds", "9");
+    let (core, _) = lone_leader_with("down_grace_seconds", "9");
     let legacy = legacy_state(&core);
     let mut disk = MemDisk::default();
     disk.files.insert(
@@ -542,7 +544,7 @@ fn an_io_error_stops_the_store_and_what_waits_for_it() {
 
 #[test]
 fn hostile_bytes_never_panic() {
-    let (mut core, mut disk) = lone_leader_with("forward_queue_max", "5");
+    let (_, disk) = lone_leader_with("forward_queue_max", "5");
     let (sequence, bytes) = disk.crash(0).segments[0].clone();
     let mut random = 0x9E37_79B9_7F4A_7C15u64;
     for _ in 0..3_000 {
@@ -597,13 +599,22 @@ fn well_framed_garbage_never_panics() {
                 }
                 if next() % 2 == 0 {
                     // Mostly well-formed protobuf: small varint fields.
-                    let mut entry = Entry::default();
-                    entry.index = next() % 8;
-                    entry.term = next() % 4;
-                    let mut hard = HardState::default();
-                    hard.commit = next() % 8;
-                    hard.term = next() % 4;
-                    hard.vote = next() % 3;
+                    let index = next() % 8;
+                    let term = next() % 4;
+                    let entry = Entry {
+                        index,
+                        term,
+                        ..Default::default()
+                    };
+                    let commit = next() % 8;
+                    let term = next() % 4;
+                    let vote = next() % 3;
+                    let hard = HardState {
+                        commit,
+                        term,
+                        vote,
+                        ..Default::default()
+                    };
                     field = match item {
                         ITEM_ENTRY => entry.write_to_bytes().unwrap(),
                         ITEM_HARD_STATE => hard.write_to_bytes().unwrap(),
