@@ -232,6 +232,13 @@ impl Shard {
                 client_id,
                 packet_id,
             });
+            // PUBCOMP lets the client reuse the identifier: a restart that still found it
+            // awaiting release would take the next QoS 2 PUBLISH under it for a duplicate,
+            // acknowledge it and drop it.
+            let barrier = durable::appended_lsn(&self.durable);
+            if let Some(connection) = self.connections.get_mut(&connection_id) {
+                connection.durable_barrier = barrier;
+            }
         }
         let reason = if known {
             ReasonCode::SUCCESS

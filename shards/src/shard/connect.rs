@@ -418,12 +418,23 @@ impl Shard {
         let Some(connection_id) = self.session(index).connection else {
             return;
         };
+        // A resent PUBLISH or PUBREL whose MessageSent / MessageReleased record is not durable
+        // yet (it was written to an earlier connection in this same log call) waits for it,
+        // as on the first connection (`Connection::durable_barrier`).
+        let barrier = if self.logs_session(index) {
+            durable::appended_lsn(&self.durable)
+        } else {
+            0
+        };
         let Some(connection) = self.connections.get_mut(&connection_id) else {
             return;
         };
         let session = self.sessions[index as usize]
             .as_mut()
             .expect("live session");
+        if !session.inflight.is_empty() {
+            connection.durable_barrier = connection.durable_barrier.max(barrier);
+        }
         // A PUBLISH now larger than the client's Maximum Packet Size (it came back with a
         // smaller one) is not sent [MQTT-3.1.2-24]; it counts as delivered, as a new delivery
         // would, rather than holding a place in the window for ever.

@@ -551,9 +551,20 @@ impl Shard {
     }
 
     /// The last bytes of a connection that is being forgotten (closed by this shard), for a
-    /// `Send` before its `Close`.
-    pub(super) fn last_bytes(connection: &mut Connection) -> Option<Bytes> {
-        connection.take_outgoing()
+    /// `Send` before its `Close`; none while its `durable_barrier` is past `released`: the
+    /// client never had them, its session keeps what they carried in flight (resent on the
+    /// next connection), and sent now they could be delivered twice after a crash.
+    pub(super) fn last_bytes(connection: &mut Connection, released: u64) -> Option<Bytes> {
+        let bytes = connection.take_outgoing()?;
+        if connection.durable_barrier > released {
+            debug!(
+                connection = connection.id,
+                bytes = bytes.len(),
+                "closing before the log covered what was written for it: its last bytes are not sent"
+            );
+            return None;
+        }
+        Some(bytes)
     }
 
     /// The reactor says how many of the connection's bytes its socket has not taken yet.

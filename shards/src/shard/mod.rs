@@ -377,10 +377,11 @@ impl Shard {
         // Closes go after the sends of the same batch, and closed connections are forgotten.
         // Taken out while forgetting connections, and put back to keep its allocation.
         let mut queued = std::mem::take(&mut self.outputs);
+        let released = self.durable_released_lsn();
         for output in queued.drain(..) {
             if let Output::Close { connection } = output
                 && let Some(mut closed) = self.remove_connection(connection)
-                && let Some(bytes) = Self::last_bytes(&mut closed)
+                && let Some(bytes) = Self::last_bytes(&mut closed, released)
             {
                 outputs.push(Output::Send { connection, bytes });
             }
