@@ -431,11 +431,22 @@ pub fn recover(segments: &[(u64, Vec<u8>)]) -> Result<Recovery, String> {
         let path = segment_path(*sequence);
         let (kind, body, mut position) = match read_frame(bytes) {
             Ok(frame) => frame,
-            Err(bad) if is_torn_tail(bytes, 0, bad) => {
+            Err(bad)
+                if is_torn_tail(bytes, 0, bad)
+                    && (*sequence == 1 || sequences.iter().any(|older| older < sequence)) =>
+            {
                 // A crash while the checkpoint was written: the segment before holds the state
-                // (it is removed only once this checkpoint is synced).
+                // (it is removed only once this checkpoint is synced), or this was the store's
+                // first segment and there was no state yet.
                 skipped.push(*sequence);
                 continue;
+            }
+            Err(bad) if is_torn_tail(bytes, 0, bad) => {
+                // No segment before it: a crash cannot explain a lost checkpoint here.
+                return Err(format!(
+                    "{}: the checkpoint is unreadable ({bad:?}) and no earlier segment holds the state: synced Raft state is damaged",
+                    path.display()
+                ));
             }
             Err(bad) => {
                 return Err(format!(

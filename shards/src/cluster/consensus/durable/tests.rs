@@ -639,3 +639,23 @@ fn well_framed_garbage_never_panics() {
         }
     }
 }
+
+#[test]
+fn an_unreadable_checkpoint_with_no_segment_before_it_is_refused_unless_it_is_the_first() {
+    // Empty, cut inside the header, a header never written: a crash explains these only
+    // while the store's first segment was created (there was no state yet).
+    for bytes in [Vec::new(), vec![0; 3], vec![0; 40]] {
+        let refused = recover(&[(7, bytes.clone())]);
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|why| why.contains("no earlier segment")),
+            "{:?}",
+            refused.map(|_| ())
+        );
+        assert!(
+            recover(&[(1, bytes)]).is_ok(),
+            "the first segment, cut: a new store"
+        );
+    }
+}
