@@ -97,6 +97,9 @@ pub fn recover(
             let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             found.snapshots.push((path, bytes));
         } else if let Ok(index) = rest.parse::<u16>()
+            // Only the name this module writes: `shard-01` or `shard-+1` would be read as
+            // shard 1 while removals and new segments go to `shard-1`.
+            && index.to_string() == rest
             && path.is_dir()
         {
             let (state, sequences) = recover_shard(&path, limits, recover_damaged)?;

@@ -430,21 +430,32 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("not a file name"))?;
+    // A fresh name, created exclusively (O_CREAT | O_EXCL also refuses a symbolic link in its
+    // place): in a directory others may write to, a planted `NAME.tmp` must not redirect the
+    // write.
+    let mut nonce = [0u8; 8];
+    getrandom::getrandom(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut temporary_name = name.to_os_string();
-    temporary_name.push(".tmp");
+    temporary_name.push(format!(".{:016x}.tmp", u64::from_le_bytes(nonce)));
     let temporary = directory.map_or_else(
         || Path::new(&temporary_name).to_path_buf(),
         |d| d.join(&temporary_name),
     );
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&temporary)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written?;
+    // The rename is durable only once the directory is.
+    std::fs::File::open(directory.unwrap_or(Path::new(".")))?.sync_all()
 }
 
 #[cfg(test)]

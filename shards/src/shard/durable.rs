@@ -427,9 +427,21 @@ impl Shard {
                 if qos == QoS::ExactlyOnce
                     && self.connections.get(&connection).and_then(|c| c.session) == Some(session)
                 {
-                    self.session_mut(session)
+                    let removed = self
+                        .session_mut(session)
                         .awaiting_release
                         .remove(&ack.packet_id);
+                    // Its InboundAwaitingRelease may be durable already: without this, a
+                    // restart would take the client's next PUBLISH under the identifier for
+                    // a duplicate of the refused one.
+                    if removed && self.logs_session(session) {
+                        let client_id = self.session(session).client_id.clone();
+                        let packet_id = ack.packet_id;
+                        self.log_record(|_| Record::InboundReleased {
+                            client_id,
+                            packet_id,
+                        });
+                    }
                 }
                 if version.is_v5() {
                     ack.reason = ReasonCode::UNSPECIFIED_ERROR;
