@@ -30,7 +30,6 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
 use shardmq_net::reactor::Mailboxes;
 use shardmq_shards::Shard;
 use shardmq_shards::storage::{Request, Ticket, file_name};
@@ -39,38 +38,11 @@ use tracing::warn;
 use crate::admin::NodeMessage;
 use crate::durable::SyncPolicy;
 
-/// One file operation, as the reactor's `FileOp` (see /work/notes/files-api.md).
-#[derive(Debug)]
-pub enum FileOp {
-    /// Opens `path` for writing (created with mode 0o600 when `create`; never truncated)
-    /// into slot `file`.
-    Open {
-        file: u32,
-        path: PathBuf,
-        create: bool,
-    },
-    /// Writes all of `bytes` at `offset`.
-    Write {
-        file: u32,
-        offset: u64,
-        bytes: Bytes,
-    },
-    Datasync {
-        file: u32,
-    },
-    /// fsync of a directory (makes created and removed names durable).
-    SyncDirectory {
-        path: PathBuf,
-    },
-    Close {
-        file: u32,
-    },
-    Remove {
-        path: PathBuf,
-    },
-}
+/// The log's file operations are the reactor's, so that `Actions::files` can take the
+/// writer thread's place without a translation.
+pub use shardmq_net::reactor::FileOp;
 
-/// The reactor's file queue of the shard's log (see /work/notes/files-api.md: 0 = the log,
+/// The reactor's file queue of the shard's log (the broker uses 0 = the log,
 /// 1 = the Raft store).
 pub const LOG_QUEUE: u16 = 0;
 
@@ -427,6 +399,7 @@ fn execute(files: &mut BTreeMap<u32, std::fs::File>, op: FileOp) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn kinds(ops: &[FileOp]) -> Vec<String> {
         ops.iter()

@@ -432,7 +432,12 @@ impl Shard {
         let session = self.sessions[index as usize]
             .as_mut()
             .expect("live session");
-        if !session.inflight.is_empty() {
+        // Only QoS 2 needs it: a QoS 1 message sent twice after a crash is within its promise.
+        if session
+            .inflight
+            .iter()
+            .any(|entry| entry.message.qos == QoS::ExactlyOnce)
+        {
             connection.durable_barrier = connection.durable_barrier.max(barrier);
         }
         // A PUBLISH now larger than the client's Maximum Packet Size (it came back with a
