@@ -335,7 +335,7 @@ impl Recovered {
         }
         if let Some(first) = batch.entries.first() {
             let floor = self.snapshot.get_metadata().index;
-            if first.index <= floor || first.index > self.last_index() + 1 {
+            if first.index <= floor || first.index > self.last_index().saturating_add(1) {
                 return Err(format!(
                     "stored Raft entries from {} do not follow the log (snapshot {floor}, last {})",
                     first.index,
@@ -358,7 +358,7 @@ impl Recovered {
         let meta = self.snapshot.get_metadata();
         let (mut index, mut term) = (meta.index, meta.term);
         for entry in &self.entries {
-            if entry.index != index + 1 || entry.term < term {
+            if Some(entry.index) != index.checked_add(1) || entry.term < term {
                 return Err(format!(
                     "stored Raft entry {} (term {}) does not follow {index} (term {term})",
                     entry.index, entry.term
