@@ -58,11 +58,6 @@ pub enum Control {
 pub enum NodeMessage {
     Shard(shardmq_shards::ShardMessage),
     Control(Control),
-    /// A call of the shard's durable log completed on its writer thread (`log_io.rs`).
-    LogDone {
-        tag: u64,
-        result: std::io::Result<()>,
-    },
 }
 
 fn role_name(role: Role) -> &'static str {

@@ -1,12 +1,8 @@
-//! A running shard's log I/O: the log's `Request`s become file operations (`LogOp`), carried
-//! out in order off the shard thread, and their completion becomes `Shard::on_log_synced` or
-//! `Shard::on_log_failed`.
-//!
-//! Interim executor: the operations run on a writer thread per shard (`LogWriter`), which
-//! posts each call's completion back to the shard's mailbox, until the reactor's file
-//! operations on its own io_uring ring (branch `reactor-files`, `Actions::files` with the
-//! same operations as `LogOp`) replace it. Either way no file syscall runs on the shard
-//! thread while it serves.
+//! A running shard's log I/O: the log's `Request`s become the reactor's file operations
+//! (`FileOp`), carried out in order on the shard's own io_uring ring (file queue 0,
+//! `Actions::files`), and each call's completion (`Handler::files_done`) becomes
+//! `Shard::on_log_synced` or `Shard::on_log_failed`. No file syscall runs on the shard thread
+//! while it serves, and no other thread takes part.
 //!
 //! Owns: the file slots of the segments open for writing (two: the current segment and the
 //! one before it, `FILE_SLOTS`), the tag of every call and the ticket it completes, and the
@@ -26,11 +22,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use shardmq_net::reactor::Mailboxes;
 use shardmq_shards::Shard;
 use shardmq_shards::storage::{Request, Ticket, file_name};
 use tracing::warn;
@@ -38,9 +29,8 @@ use tracing::warn;
 use crate::admin::NodeMessage;
 use crate::durable::SyncPolicy;
 
-/// The log's file operations are the reactor's, so that `Actions::files` can take the
-/// writer thread's place without a translation.
-pub use shardmq_net::reactor::FileOp;
+/// The log's file operations are the reactor's: a call goes to `Actions::files` as built.
+pub use shardmq_net::reactor::{Actions, FileOp};
 
 /// The reactor's file queue of the shard's log (the broker uses 0 = the log,
 /// 1 = the Raft store).
@@ -195,7 +185,7 @@ impl LogFiles {
 
     /// Once per loop, after the shard's outputs: the log's batch goes out as one call (one
     /// fdatasync for the whole batch), and with the interval policy a due sync.
-    pub fn submit(&mut self, shard: &mut Shard, now_ms: u64, writer: &impl FileCalls) {
+    pub fn submit(&mut self, shard: &mut Shard, now_ms: u64, writer: &mut impl FileCalls) {
         if self.failed {
             return;
         }
@@ -225,7 +215,7 @@ impl LogFiles {
         }
     }
 
-    fn call(&mut self, ticket: Option<Ticket>, ops: Vec<FileOp>, writer: &impl FileCalls) {
+    fn call(&mut self, ticket: Option<Ticket>, ops: Vec<FileOp>, writer: &mut impl FileCalls) {
         self.sync_count += ops
             .iter()
             .filter(|op| matches!(op, FileOp::Datasync { .. }))
@@ -274,8 +264,14 @@ impl LogFiles {
     }
 
     /// Whether the call `tag` was made and not reported yet.
+    #[cfg(test)]
     pub fn is_pending(&self, tag: u64) -> bool {
         self.calls.contains_key(&tag)
+    }
+
+    /// Whether any call was made and not reported.
+    pub fn has_pending(&self) -> bool {
+        !self.calls.is_empty()
     }
 
     pub fn failed(&self) -> bool {
@@ -284,115 +280,14 @@ impl LogFiles {
 }
 
 /// What carries out a call of file operations, in order on file queue `queue`, and reports
-/// it by `tag` (the reactor's `Actions::files` has the same shape).
+/// it by `tag`: the reactor's `Actions::files` (tests record the calls instead).
 pub trait FileCalls {
-    fn files(&self, queue: u16, tag: u64, ops: Vec<FileOp>);
+    fn files(&mut self, queue: u16, tag: u64, ops: Vec<FileOp>);
 }
 
-/// The interim executor: one thread per shard that carries out its log's calls in order
-/// (FIFO, as the reactor's file queue does) and posts each completion to the shard.
-pub struct LogWriter {
-    calls: Option<std::sync::mpsc::Sender<(u64, Vec<FileOp>)>>,
-    thread: Option<std::thread::JoinHandle<Vec<Completion>>>,
-    /// Cleared at shutdown: a reactor that stops no longer drains its mailbox, and a post
-    /// into a full one would wait for ever. `finish` hands the completions over instead.
-    posting: Arc<AtomicBool>,
-}
-
-/// A call's tag and result.
-pub type Completion = (u64, std::io::Result<()>);
-
-impl LogWriter {
-    pub fn spawn(index: u16, mailboxes: Arc<Mailboxes<NodeMessage>>) -> std::io::Result<Self> {
-        let (sender, calls) = std::sync::mpsc::channel::<(u64, Vec<FileOp>)>();
-        let posting = Arc::new(AtomicBool::new(true));
-        let post = posting.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("shard-{index}-log"))
-            .spawn(move || {
-                let mut files: BTreeMap<u32, std::fs::File> = BTreeMap::new();
-                let mut completed = Vec::new();
-                while let Ok((tag, ops)) = calls.recv() {
-                    let result = ops.into_iter().try_for_each(|op| execute(&mut files, op));
-                    if let Err(error) = &result {
-                        warn!(shard = index, %error, "a durable log operation failed");
-                    }
-                    let copy = match &result {
-                        Ok(()) => Ok(()),
-                        Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
-                    };
-                    if post.load(Ordering::Acquire) {
-                        mailboxes.post(index, NodeMessage::LogDone { tag, result: copy });
-                    }
-                    completed.push((tag, result));
-                }
-                completed
-            })?;
-        Ok(Self {
-            calls: Some(sender),
-            thread: Some(thread),
-            posting,
-        })
-    }
-
-    /// The shard is shutting down: completions wait for `finish`.
-    pub fn stop_posting(&self) {
-        self.posting.store(false, Ordering::Release);
-    }
-
-    /// Lets the thread finish what was given and returns every call's result, for the
-    /// completions the shard did not see before its reactor stopped.
-    pub fn finish(&mut self) -> Vec<Completion> {
-        self.calls = None;
-        self.thread
-            .take()
-            .and_then(|thread| thread.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl FileCalls for LogWriter {
-    fn files(&self, _queue: u16, tag: u64, ops: Vec<FileOp>) {
-        if let Some(calls) = &self.calls {
-            // The thread ends only after `finish` drops the sender.
-            let _ = calls.send((tag, ops));
-        }
-    }
-}
-
-fn execute(files: &mut BTreeMap<u32, std::fs::File>, op: FileOp) -> std::io::Result<()> {
-    let empty = |file: u32| std::io::Error::other(format!("no file in slot {file}"));
-    match op {
-        FileOp::Open { file, path, create } => {
-            if files.contains_key(&file) {
-                return Err(std::io::Error::other(format!("file slot {file} is in use")));
-            }
-            let handle = std::fs::OpenOptions::new()
-                .write(true)
-                .create(create)
-                .mode(0o600)
-                .open(path)?;
-            files.insert(file, handle);
-            Ok(())
-        }
-        FileOp::Write {
-            file,
-            offset,
-            bytes,
-        } => match files.get(&file) {
-            Some(handle) => handle.write_all_at(&bytes, offset),
-            None => Err(empty(file)),
-        },
-        FileOp::Datasync { file } => match files.get(&file) {
-            Some(handle) => handle.sync_data(),
-            None => Err(empty(file)),
-        },
-        FileOp::SyncDirectory { path } => std::fs::File::open(path)?.sync_all(),
-        FileOp::Close { file } => {
-            files.remove(&file);
-            Ok(())
-        }
-        FileOp::Remove { path } => std::fs::remove_file(path),
+impl<M> FileCalls for Actions<M> {
+    fn files(&mut self, queue: u16, tag: u64, ops: Vec<FileOp>) {
+        Actions::files(self, queue, tag, ops);
     }
 }
 
@@ -490,12 +385,12 @@ mod tests {
 
     /// Records the calls instead of carrying them out.
     #[derive(Default)]
-    struct Recorder(std::cell::RefCell<Vec<(u64, Vec<FileOp>)>>);
+    struct Recorder(Vec<(u64, Vec<FileOp>)>);
 
     impl FileCalls for Recorder {
-        fn files(&self, queue: u16, tag: u64, ops: Vec<FileOp>) {
+        fn files(&mut self, queue: u16, tag: u64, ops: Vec<FileOp>) {
             assert_eq!(queue, LOG_QUEUE);
-            self.0.borrow_mut().push((tag, ops));
+            self.0.push((tag, ops));
         }
     }
 
@@ -523,10 +418,10 @@ mod tests {
             held_acks_max: 16,
         };
         shard.attach_log(log, settings);
-        let recorder = Recorder::default();
+        let mut recorder = Recorder::default();
         let mut files = LogFiles::new(PathBuf::from("/d"), SyncPolicy::Always);
-        files.submit(&mut shard, 0, &recorder);
-        assert_eq!(recorder.0.borrow().len(), 1, "the checkpoint goes out");
+        files.submit(&mut shard, 0, &mut recorder);
+        assert_eq!(recorder.0.len(), 1, "the checkpoint goes out");
         // Persistent sessions connect while its sync is out: their records wait.
         for (connection, client_id) in [(1, "first"), (2, "second")] {
             let mut bytes = BytesMut::new();
@@ -555,15 +450,15 @@ mod tests {
                     bytes: bytes.freeze(),
                 },
             );
-            files.submit(&mut shard, connection, &recorder);
+            files.submit(&mut shard, connection, &mut recorder);
         }
-        assert_eq!(recorder.0.borrow().len(), 1, "one sync out at a time");
-        let tag = recorder.0.borrow()[0].0;
+        assert_eq!(recorder.0.len(), 1, "one sync out at a time");
+        let tag = recorder.0[0].0;
         files.done(&mut shard, tag, Ok(()));
         assert!(!files.is_pending(tag));
         // Both sessions' records go out in one call, with one fdatasync.
-        files.submit(&mut shard, 3, &recorder);
-        let calls = recorder.0.borrow();
+        files.submit(&mut shard, 3, &mut recorder);
+        let calls = &recorder.0;
         assert_eq!(calls.len(), 2);
         let syncs = calls[1]
             .1
@@ -572,54 +467,10 @@ mod tests {
             .count();
         assert_eq!(syncs, 1, "{:?}", calls[1].1);
         let tag = calls[1].0;
-        drop(calls);
         // A failure gives the log up: nothing more goes out.
         files.done(&mut shard, tag, Err(std::io::Error::from_raw_os_error(28)));
         assert!(files.failed() && shard.log_failed());
-        files.submit(&mut shard, 4, &recorder);
-        assert_eq!(recorder.0.borrow().len(), 2);
-    }
-
-    #[test]
-    fn file_operations_write_at_offsets_and_keep_to_their_slots() {
-        let directory = std::env::temp_dir().join(format!("shardmq-log-io-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&directory);
-        std::fs::create_dir_all(&directory).unwrap();
-        let mut files = BTreeMap::new();
-        let path = directory.join("a.log");
-        let ops = vec![
-            FileOp::Open {
-                file: 0,
-                path: path.clone(),
-                create: true,
-            },
-            FileOp::Write {
-                file: 0,
-                offset: 3,
-                bytes: Bytes::from_static(b"xyz"),
-            },
-            FileOp::Datasync { file: 0 },
-            FileOp::SyncDirectory {
-                path: directory.clone(),
-            },
-        ];
-        for op in ops {
-            execute(&mut files, op).unwrap();
-        }
-        assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0xyz");
-        let taken = execute(
-            &mut files,
-            FileOp::Open {
-                file: 0,
-                path: path.clone(),
-                create: false,
-            },
-        );
-        assert!(taken.is_err(), "a slot in use");
-        execute(&mut files, FileOp::Close { file: 0 }).unwrap();
-        assert!(execute(&mut files, FileOp::Datasync { file: 0 }).is_err());
-        execute(&mut files, FileOp::Remove { path: path.clone() }).unwrap();
-        assert!(!path.exists());
-        let _ = std::fs::remove_dir_all(&directory);
+        files.submit(&mut shard, 4, &mut recorder);
+        assert_eq!(recorder.0.len(), 2);
     }
 }

@@ -142,10 +142,9 @@ struct ShardHandler {
     now_ms: u64,
 }
 
-/// A shard's log I/O: the calls it makes and the writer that carries them out.
+/// A shard's log I/O: the calls it makes on the reactor's file queue 0.
 struct ShardLog {
     files: log_io::LogFiles,
-    writer: log_io::LogWriter,
 }
 
 /// The reactor's file queue of the cores' Raft store (0 is the shard log's).
@@ -168,16 +167,20 @@ impl ShardHandler {
         }
     }
 
-    /// After the reactor stopped: the completions it did not hand over, then what the shard
-    /// recorded since (disconnecting its clients), written and synced with blocking calls.
+    /// After the reactor stopped (it waits for its file queues to drain, up to
+    /// `FILES_SHUTDOWN_MAX`): what the shard recorded since its last call (disconnecting its
+    /// clients), written and synced with blocking calls. Not when a call was abandoned: its
+    /// writes may still land, and later ones must not overtake them.
     fn finish_log(&mut self, directory: &Path, index: u16) -> Result<(), String> {
         let Some(log) = &mut self.log else {
             return Ok(());
         };
-        for (tag, result) in log.writer.finish() {
-            if log.files.is_pending(tag) {
-                log.files.done(&mut self.node.shard, tag, result);
-            }
+        if log.files.has_pending() {
+            return Err(
+                "the reactor stopped with durable log writes still in flight: the records \
+                 of the last moments were not all written (none of them was acknowledged)"
+                    .into(),
+            );
         }
         if log.files.failed() {
             return Err("the durable log failed during this run: see the log above".into());
@@ -283,12 +286,6 @@ impl Handler for ShardHandler {
         self.now_ms = now_ms;
         // The reactor marks cluster links in their connection ids (`reactor::is_side`).
         let input = match event {
-            Event::Message(NodeMessage::LogDone { tag, result }) => {
-                if let Some(log) = &mut self.log {
-                    log.files.done(&mut self.node.shard, tag, result);
-                }
-                return;
-            }
             Event::Opened(connection, origin) => NodeInput::Opened {
                 connection,
                 transport: Transport {
@@ -319,12 +316,7 @@ impl Handler for ShardHandler {
             Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
             Event::Message(NodeMessage::Control(control)) => self.request(control),
             Event::Tick => NodeInput::Tick,
-            Event::Shutdown => {
-                if let Some(log) = &self.log {
-                    log.writer.stop_posting();
-                }
-                NodeInput::Shutdown
-            }
+            Event::Shutdown => NodeInput::Shutdown,
         };
         self.node.handle(now_ms, input);
     }
@@ -352,8 +344,7 @@ impl Handler for ShardHandler {
         self.outputs = outputs;
         // What this batch recorded: one call, one fdatasync (group commit).
         if let Some(log) = &mut self.log {
-            log.files
-                .submit(&mut self.node.shard, self.now_ms, &log.writer);
+            log.files.submit(&mut self.node.shard, self.now_ms, actions);
         }
     }
 
@@ -371,6 +362,16 @@ impl Handler for ShardHandler {
     }
 
     fn files_done(&mut self, now_ms: u64, queue: u16, tag: u64, result: std::io::Result<()>) {
+        self.now_ms = now_ms;
+        if queue == log_io::LOG_QUEUE {
+            if let Some(log) = &mut self.log {
+                if let Err(error) = &result {
+                    error!(%error, "a durable log file operation failed");
+                }
+                log.files.done(&mut self.node.shard, tag, result);
+            }
+            return;
+        }
         if queue != RAFT_FILE_QUEUE {
             warn!(
                 queue,
@@ -701,8 +702,6 @@ fn serve(config: Config) -> Result<(), String> {
                     durable::shard_directory(directory, index),
                     sync_policy,
                 ),
-                writer: log_io::LogWriter::spawn(index, mailboxes.clone())
-                    .map_err(|e| format!("cannot start shard {index}'s log writer: {e}"))?,
             }),
             None => None,
         };
