@@ -26,7 +26,6 @@ use shardmq_shards::Shard;
 use shardmq_shards::storage::{Request, Ticket, file_name};
 use tracing::warn;
 
-use crate::admin::NodeMessage;
 use crate::durable::SyncPolicy;
 
 /// The log's file operations are the reactor's: a call goes to `Actions::files` as built.

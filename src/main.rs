@@ -696,15 +696,9 @@ fn serve(config: Config) -> Result<(), String> {
                 )
             })?;
         }
-        let log = match &data_dir {
-            Some(directory) => Some(ShardLog {
-                files: log_io::LogFiles::new(
-                    durable::shard_directory(directory, index),
-                    sync_policy,
-                ),
-            }),
-            None => None,
-        };
+        let log = data_dir.as_ref().map(|directory| ShardLog {
+            files: log_io::LogFiles::new(durable::shard_directory(directory, index), sync_policy),
+        });
         let handler = Watched::new(
             ShardHandler::new(node, log).with_raft_directory(raft_directory),
             index,

@@ -31,8 +31,17 @@ impl Shard {
         } else {
             ReasonCode::UNSPECIFIED_ERROR
         };
-        if self.logs_session(index) && self.held_acks_full() {
-            info!(client_id = %quote(&self.session(index).client_id), "SUBSCRIBE refused: too many acknowledgements wait for the durable log");
+        let log_failed = self.logs_session(index) && self.log_failed();
+        if log_failed || (self.logs_session(index) && self.held_acks_full()) {
+            let refused = if log_failed {
+                // Nothing more can be written: the subscription would live in memory only,
+                // and come back missing after a restart. Refused before anything changes.
+                info!(client_id = %quote(&self.session(index).client_id), "SUBSCRIBE refused: the durable log failed");
+                ReasonCode::UNSPECIFIED_ERROR
+            } else {
+                info!(client_id = %quote(&self.session(index).client_id), "SUBSCRIBE refused: too many acknowledgements wait for the durable log");
+                refused
+            };
             let reasons = vec![refused; subscribe.filters.len()];
             let suback = SubAck {
                 packet_id: subscribe.packet_id,

@@ -417,6 +417,29 @@ fn a_failed_log_refuses_durable_work_and_keeps_serving_clean_sessions() {
 }
 
 #[test]
+fn a_logged_session_cannot_subscribe_after_the_log_failed() {
+    let mut node = Node::new(2, Limits::default());
+    let mut disks = Disks::attach(&mut node, true);
+    let owner = usize::from(owner_shard("keeper", 2));
+    node.connect(5, owner, v5_persistent("keeper", 3600));
+    disks.sync(&mut node);
+    node.take(5);
+    node.shards[owner].on_log_failed(&std::io::Error::from_raw_os_error(5)); // EIO
+    node.send(5, &subscribe(1, "after/failure", QoS::AtLeastOnce));
+    disks.sync(&mut node);
+    assert_eq!(
+        subacks(&node.take(5)),
+        [vec![ReasonCode::UNSPECIFIED_ERROR]],
+        "refused: the subscription could not be made durable"
+    );
+    // Refused before anything changed: nothing is routed to it.
+    node.connect(9, 1 - owner, connect(V5, "clean", true));
+    node.send(9, &publish("after/failure", QoS::AtMostOnce, 0, b"x"));
+    disks.sync(&mut node);
+    assert!(payloads(&node.take(5)).is_empty());
+}
+
+#[test]
 fn the_held_queue_is_bounded() {
     let (mut node, _disks) = offline_subscriber(true);
     // Never synced: 16 wait, the 17th is refused before it is routed.
