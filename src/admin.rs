@@ -4,8 +4,10 @@
 //! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
 //! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
 //! `GET /api/v1/cluster/status`, and the state changes `POST /api/v1/cluster/join`
-//! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`) and
-//! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`).
+//! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
+//! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`) and `POST /api/v1/tls/reload`
+//! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
+//! nothing changed, when one is bad).
 //! Never: touches a shard's state. It asks shard 0 through its mailbox and waits for the
 //! answer, so the data plane stays lock-free.
 //! Invariants (every request is hostile until checked, in this order): a request other than
@@ -58,6 +60,12 @@ pub enum Control {
 pub enum NodeMessage {
     Shard(shardmq_shards::ShardMessage),
     Control(Control),
+    /// Reloaded listener configurations (TLS certificates and keys): new connections use
+    /// them (`ingress::Reloader`).
+    Stacks(Arc<crate::ingress::ListenerStacks>),
+    /// A client connection's ingress stack, handed over with the connection
+    /// (`Actions::hand_off_carrying`, told as `Event::Adopted`); never posted on its own.
+    Carried(Box<crate::ingress::Carried>),
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -136,6 +144,8 @@ pub struct Settings {
 #[derive(Clone)]
 struct AppState {
     mailboxes: Shared,
+    /// Reloads the TLS listeners' certificates and keys (`POST /api/v1/tls/reload`).
+    reloader: Arc<crate::ingress::Reloader>,
     health: Arc<Health>,
     settings: Arc<Settings>,
     /// The last answer to "is the node a member?", and when it was had: readiness probes
@@ -505,6 +515,33 @@ async fn leave(
     }
 }
 
+/// Reload takes no parameters, but still a JSON body (`{}`), like every state change.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadBody {}
+
+/// Reads the TLS listeners' certificate, key and CA files again: 200 with the number of TLS
+/// listeners when every one was good (new connections use them, open ones keep theirs), else
+/// 422 with the reason and nothing changed.
+async fn tls_reload(
+    State(state): State<AppState>,
+    body: Result<Json<ReloadBody>, JsonRejection>,
+) -> Response {
+    if let Err(rejection) = body {
+        return rejection_response(rejection);
+    }
+    let reloader = state.reloader.clone();
+    // Reading files blocks: off the runtime's thread.
+    match tokio::task::spawn_blocking(move || reloader.reload("admin API")).await {
+        Ok(Ok(count)) => Json(json!({ "reloaded_listeners": count })).into_response(),
+        Ok(Err(message)) => error_response((StatusCode::UNPROCESSABLE_ENTITY, message)),
+        Err(_) => error_response((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the reload did not finish".into(),
+        )),
+    }
+}
+
 fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health_text))
@@ -514,6 +551,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/cluster/join", post(join))
         .route("/api/v1/cluster/leave", post(leave))
         .route("/api/v1/cluster/settings", post(set))
+        .route("/api/v1/tls/reload", post(tls_reload))
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -556,7 +594,12 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, settings: Arc<Set
 
 /// Binds the endpoint now (so that an address in use fails the start) and serves it on a
 /// thread of its own.
-pub fn start(settings: Settings, mailboxes: Shared, health: Arc<Health>) -> Result<(), String> {
+pub fn start(
+    settings: Settings,
+    mailboxes: Shared,
+    health: Arc<Health>,
+    reloader: Arc<crate::ingress::Reloader>,
+) -> Result<(), String> {
     let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
         .map_err(|e| format!("cannot listen on {address} (admin.listen): {e}"))?;
@@ -586,6 +629,7 @@ pub fn start(settings: Settings, mailboxes: Shared, health: Arc<Health>) -> Resu
                 };
                 let app = router(AppState {
                     mailboxes,
+                    reloader,
                     health,
                     settings: settings.clone(),
                     membership: Arc::default(),

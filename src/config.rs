@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use shardmq_net::frame::{Member, Role};
+use shardmq_net::ingress::names::NameFrom;
 use shardmq_net::ingress::tls::MutualTls;
 use shardmq_net::mqtt::QoS;
 use shardmq_net::reactor::admission::AdmissionLimits;
@@ -145,9 +146,34 @@ fn default_none() -> String {
 }
 
 /// How a listener carries MQTT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportKind {
     Tcp,
+    /// MQTT over TLS, with these files and client-certificate rules.
+    Tls(TlsFiles),
+}
+
+/// Whether a TLS listener asks clients for certificates (`tls_client_cert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertMode {
+    None,
+    Optional,
+    Required,
+}
+
+/// A TLS listener's settings as checked at load; the files are read when the listener's
+/// configuration is built (at start and at each reload, `ingress::load`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The listener's name in errors: `listener[N]`.
+    pub name: String,
+    pub cert_file: String,
+    pub key_file: String,
+    /// The authorities client certificates must chain to; set exactly when `client_cert`
+    /// is not `None`.
+    pub client_ca_file: String,
+    pub client_cert: ClientCertMode,
+    pub username_from: NameFrom,
 }
 
 /// A listener, checked: where it binds, what it carries, and its own limits.
@@ -157,6 +183,54 @@ pub struct Listener {
     pub transport: TransportKind,
     /// The most connections open on it at once, over all shards; 0: no limit of its own.
     pub connections_max: u32,
+}
+
+/// Checks the TLS keys of a `transport = "tls"` table: the certificate and key are needed,
+/// a client CA exactly when client certificates are asked for, and a username from the
+/// certificate only when one is.
+fn checked_tls(table: &ListenerConfig, name: &str) -> Result<TlsFiles, String> {
+    for (key, value) in [
+        ("tls_cert_file", &table.tls_cert_file),
+        ("tls_key_file", &table.tls_key_file),
+    ] {
+        if value.is_empty() {
+            return Err(format!("`{name}.{key}` must be set for a \"tls\" listener"));
+        }
+    }
+    let client_cert = match table.tls_client_cert.as_str() {
+        "optional" => ClientCertMode::Optional,
+        "required" => ClientCertMode::Required,
+        _ => ClientCertMode::None,
+    };
+    let username_from = NameFrom::parse(&table.tls_username_from).unwrap_or(NameFrom::None);
+    match (client_cert, table.tls_client_ca_file.is_empty()) {
+        (ClientCertMode::None, false) => {
+            return Err(format!(
+                "`{name}.tls_client_ca_file` is set but `{name}.tls_client_cert` is \"none\": set it to \"optional\" or \"required\" to check client certificates"
+            ));
+        }
+        (ClientCertMode::Optional | ClientCertMode::Required, true) => {
+            return Err(format!(
+                "`{name}.tls_client_cert` is {:?} but `{name}.tls_client_ca_file` is not set: client certificates are checked against that authority",
+                table.tls_client_cert
+            ));
+        }
+        _ => {}
+    }
+    if client_cert == ClientCertMode::None && username_from != NameFrom::None {
+        return Err(format!(
+            "`{name}.tls_username_from` is {:?} but `{name}.tls_client_cert` is \"none\": a username comes from a client certificate",
+            table.tls_username_from
+        ));
+    }
+    Ok(TlsFiles {
+        name: name.to_string(),
+        cert_file: table.tls_cert_file.clone(),
+        key_file: table.tls_key_file.clone(),
+        client_ca_file: table.tls_client_ca_file.clone(),
+        client_cert,
+        username_from,
+    })
 }
 
 /// Checks one `[[listener]]` table; `name` says which, for the errors. The transports and
@@ -199,9 +273,11 @@ fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, Stri
         &table.tls_username_from,
         &["none", "cn", "san"],
     )?;
-    if table.transport != "tcp" {
+    // INTEGRATION(ws): "ws" and "wss" are accepted here once `ingress/ws.rs` is wired into
+    // the stack (`net/src/ingress/stack.rs`).
+    if !matches!(table.transport.as_str(), "tcp" | "tls") {
         return Err(format!(
-            "`{name}.transport` is {:?}: only \"tcp\" is built so far (TLS and WebSocket listeners are planned)",
+            "`{name}.transport` is {:?}: only \"tcp\" and \"tls\" are built so far (WebSocket listeners are planned)",
             table.transport
         ));
     }
@@ -215,6 +291,19 @@ fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, Stri
         return Err(format!(
             "`{name}.proxy_trusted` is set but `{name}.proxy_protocol` is \"off\""
         ));
+    }
+    if table.path != default_path() {
+        return Err(format!(
+            "`{name}.path` is set but `{name}.transport` is {:?}: a path belongs to a WebSocket listener",
+            table.transport
+        ));
+    }
+    if table.transport == "tls" {
+        return Ok(Listener {
+            bind,
+            transport: TransportKind::Tls(checked_tls(table, name)?),
+            connections_max: table.connections_max,
+        });
     }
     for (key, value) in [
         ("tls_cert_file", &table.tls_cert_file),
@@ -238,12 +327,6 @@ fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, Stri
                 table.transport
             ));
         }
-    }
-    if table.path != default_path() {
-        return Err(format!(
-            "`{name}.path` is set but `{name}.transport` is {:?}: a path belongs to a WebSocket listener",
-            table.transport
-        ));
     }
     Ok(Listener {
         bind,
@@ -1060,8 +1143,24 @@ mod tests {
                 "`listener[0].transport` is \"quic\": expected one of",
             ),
             (
+                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"",
+                "only \"tcp\" and \"tls\" are built so far",
+            ),
+            (
                 "bind = \"127.0.0.1:1\"\ntransport = \"tls\"",
-                "only \"tcp\" is built so far",
+                "`listener[0].tls_cert_file` must be set",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"tls\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_client_cert = \"required\"",
+                "`listener[0].tls_client_ca_file` is not set",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"tls\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_client_ca_file = \"ca\"",
+                "`listener[0].tls_client_ca_file` is set but `listener[0].tls_client_cert` is \"none\"",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"tls\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_username_from = \"cn\"",
+                "a username comes from a client certificate",
             ),
             (
                 "bind = \"127.0.0.1:1\"\nproxy_protocol = \"v3\"",
@@ -1101,6 +1200,21 @@ mod tests {
             let error = listeners(&format!("[[listener]]\n{text}\n")).unwrap_err();
             assert!(error.contains(expected), "{text}: {error}");
         }
+        let tls = listeners(
+            "[[listener]]\nbind = \"127.0.0.1:8883\"\ntransport = \"tls\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_client_ca_file = \"ca\"\ntls_client_cert = \"required\"\ntls_username_from = \"san\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            tls[0].transport,
+            TransportKind::Tls(TlsFiles {
+                name: "listener[0]".into(),
+                cert_file: "c".into(),
+                key_file: "k".into(),
+                client_ca_file: "ca".into(),
+                client_cert: ClientCertMode::Required,
+                username_from: NameFrom::SubjectAltName,
+            })
+        );
         let error = listeners(
             "[[listener]]\nbind = \"127.0.0.1:1884\"\n[[listener]]\nbind = \"127.0.0.1:1884\"\n",
         )

@@ -7,6 +7,7 @@
 mod admin;
 mod config;
 mod durable;
+mod ingress;
 mod log_io;
 mod passwd;
 mod supervise;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use admin::{Control, NodeMessage};
+use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use shardmq_net::reactor::admission::{Admission, ListenerLimits};
 use shardmq_net::reactor::{
@@ -27,7 +29,7 @@ use shardmq_shards::cluster::consensus;
 use shardmq_shards::cluster::{
     Answer, NodeInput, NodeOutput, NodeShard, RaftFileCall, RaftFileOp, RaftStoreFiles, Request,
 };
-use shardmq_shards::{Shard, ShardConfig, Transport};
+use shardmq_shards::{Shard, ShardConfig};
 use tracing::{error, info, warn};
 
 use config::Config;
@@ -140,6 +142,10 @@ struct ShardHandler {
     log: Option<ShardLog>,
     /// The time of the last event, for the log's interval syncs.
     now_ms: u64,
+    /// The stacks (TLS) of the client connections on layered listeners.
+    ingress: ingress::Ingress,
+    /// The node inputs one reactor event became (reused).
+    inputs: Vec<NodeInput>,
 }
 
 /// A shard's log I/O: the calls it makes on the reactor's file queue 0.
@@ -155,7 +161,7 @@ const RAFT_FILE_QUEUE: u16 = 1;
 const RAFT_FILE_SLOT_FIRST: u32 = 2;
 
 impl ShardHandler {
-    fn new(node: NodeShard, log: Option<ShardLog>) -> Self {
+    fn new(node: NodeShard, log: Option<ShardLog>, ingress: ingress::Ingress) -> Self {
         Self {
             node,
             outputs: Vec::new(),
@@ -164,7 +170,56 @@ impl ShardHandler {
             log,
             now_ms: 0,
             raft_directory: None,
+            ingress,
+            inputs: Vec::new(),
         }
+    }
+
+    /// Carries out the node's outputs: client bytes through their connection's stack (if it
+    /// has one), everything else as the reactor's actions.
+    fn apply_outputs(&mut self, outputs: &mut Vec<NodeOutput>, actions: &mut Actions<NodeMessage>) {
+        for output in outputs.drain(..) {
+            match output {
+                NodeOutput::Send { connection, bytes } => {
+                    if let Some(bytes) = self.ingress.outgoing(connection, bytes, &mut self.inputs)
+                    {
+                        actions.send(connection, bytes);
+                    }
+                }
+                NodeOutput::Close { connection } => {
+                    self.ingress.close(connection, actions);
+                    actions.close(connection);
+                }
+                NodeOutput::HandOff {
+                    connection,
+                    shard,
+                    bytes,
+                } => match self.ingress.hand_off(connection, bytes, actions) {
+                    ingress::HandOff::Plain(bytes) => actions.hand_off(connection, shard, bytes),
+                    ingress::HandOff::Carrying(carried) => actions.hand_off_carrying(
+                        connection,
+                        shard,
+                        Bytes::new(),
+                        NodeMessage::Carried(carried),
+                    ),
+                },
+                NodeOutput::Post { shard, message } => {
+                    actions.post(shard, NodeMessage::Shard(message))
+                }
+                NodeOutput::Connect { address, tag } => actions.connect(address, None, tag),
+                NodeOutput::Reply { ticket, answer } => self.reply(ticket, answer),
+                NodeOutput::RaftFiles(call) => self.raft_files(actions, call),
+            }
+        }
+    }
+
+    /// Gives the node the inputs that the ingress layer made of an event.
+    fn handle_inputs(&mut self, now_ms: u64) {
+        let mut inputs = std::mem::take(&mut self.inputs);
+        for input in inputs.drain(..) {
+            self.node.handle(now_ms, input);
+        }
+        self.inputs = inputs;
     }
 
     /// After the reactor stopped (it waits for its file queues to drain, up to
@@ -286,14 +341,32 @@ impl Handler for ShardHandler {
         self.now_ms = now_ms;
         // The reactor marks cluster links in their connection ids (`reactor::is_side`).
         let input = match event {
-            Event::Opened(connection, origin) => NodeInput::Opened {
-                connection,
-                transport: Transport {
-                    listener: origin.listener,
-                    peer: origin.peer,
-                    certificate_name: None,
-                },
-            },
+            Event::Opened(connection, origin) => {
+                self.ingress
+                    .opened(now_ms, connection, origin, &mut self.inputs);
+                return self.handle_inputs(now_ms);
+            }
+            Event::Adopted(connection, _, NodeMessage::Carried(carried)) => {
+                self.ingress.adopted(connection, *carried, &mut self.inputs);
+                return self.handle_inputs(now_ms);
+            }
+            Event::Adopted(connection, _, message) => {
+                error!(
+                    connection,
+                    ?message,
+                    "a connection handed over with something other than its stack: closing it"
+                );
+                self.ingress.refuse(connection);
+                return;
+            }
+            Event::Message(NodeMessage::Stacks(stacks)) => {
+                self.ingress.replace(stacks);
+                return;
+            }
+            Event::Message(NodeMessage::Carried(_)) => {
+                error!("a connection's stack posted without its connection: dropped");
+                return;
+            }
             Event::OpenedSide(connection) => NodeInput::LinkOpened { connection },
             Event::Connected(connection, tag) => NodeInput::Connected { connection, tag },
             Event::ConnectFailed(tag, error) => NodeInput::ConnectFailed {
@@ -303,20 +376,33 @@ impl Handler for ShardHandler {
             Event::Received(connection, bytes) if reactor::is_side(connection) => {
                 NodeInput::LinkReceived { connection, bytes }
             }
-            Event::Received(connection, bytes) => NodeInput::Received { connection, bytes },
+            Event::Received(connection, bytes) => {
+                self.ingress.received(connection, bytes, &mut self.inputs);
+                return self.handle_inputs(now_ms);
+            }
             Event::Closed(connection) if reactor::is_side(connection) => {
                 NodeInput::LinkClosed { connection }
             }
             Event::Sent(connection, _) if reactor::is_side(connection) => return,
-            Event::Sent(connection, unsent_bytes) => NodeInput::Sent {
-                connection,
-                unsent_bytes,
-            },
-            Event::Closed(connection) => NodeInput::Closed { connection },
+            Event::Sent(connection, unsent_bytes) => {
+                self.ingress
+                    .sent(connection, unsent_bytes, &mut self.inputs);
+                return self.handle_inputs(now_ms);
+            }
+            Event::Closed(connection) => {
+                self.ingress.closed(connection, &mut self.inputs);
+                return self.handle_inputs(now_ms);
+            }
             Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
             Event::Message(NodeMessage::Control(control)) => self.request(control),
-            Event::Tick => NodeInput::Tick,
-            Event::Shutdown => NodeInput::Shutdown,
+            Event::Tick => {
+                self.ingress.tick(now_ms);
+                NodeInput::Tick
+            }
+            Event::Shutdown => {
+                self.ingress.shutdown();
+                NodeInput::Shutdown
+            }
         };
         self.node.handle(now_ms, input);
     }
@@ -324,23 +410,19 @@ impl Handler for ShardHandler {
     fn flush(&mut self, actions: &mut Actions<NodeMessage>) {
         let mut outputs = std::mem::take(&mut self.outputs);
         self.node.take_outputs(&mut outputs);
-        for output in outputs.drain(..) {
-            match output {
-                NodeOutput::Send { connection, bytes } => actions.send(connection, bytes),
-                NodeOutput::Close { connection } => actions.close(connection),
-                NodeOutput::HandOff {
-                    connection,
-                    shard,
-                    bytes,
-                } => actions.hand_off(connection, shard, bytes),
-                NodeOutput::Post { shard, message } => {
-                    actions.post(shard, NodeMessage::Shard(message))
-                }
-                NodeOutput::Connect { address, tag } => actions.connect(address, None, tag),
-                NodeOutput::Reply { ticket, answer } => self.reply(ticket, answer),
-                NodeOutput::RaftFiles(call) => self.raft_files(actions, call),
+        self.apply_outputs(&mut outputs, actions);
+        // A stack that failed while sending told the shard its connection closed: what the
+        // shard makes of that goes out in this batch too (a second round at most, as a
+        // close sends nothing through a stack).
+        for _ in 0..2 {
+            if self.inputs.is_empty() {
+                break;
             }
+            self.handle_inputs(self.now_ms);
+            self.node.take_outputs(&mut outputs);
+            self.apply_outputs(&mut outputs, actions);
         }
+        self.ingress.flush(actions);
         self.outputs = outputs;
         // What this batch recorded: one call, one fdatasync (group commit).
         if let Some(log) = &mut self.log {
@@ -353,11 +435,14 @@ impl Handler for ShardHandler {
             .log
             .as_ref()
             .and_then(|log| log.files.next_deadline_ms());
-        let node = self.node.next_deadline_ms();
-        match (node, log) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.node.next_deadline_ms(),
+            log,
+            self.ingress.next_deadline_ms(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
         .map(|ms| ms * 1000)
     }
 
@@ -545,6 +630,8 @@ fn serve(config: Config) -> Result<(), String> {
     let admin_settings = admin_settings(&config, cluster.is_some())?;
     // Checked again here: --listen replaces `server.listen` after the file was read.
     let listeners = config.listeners()?;
+    // The TLS listeners' certificates and keys, read and checked before anything serves.
+    let stacks = Arc::new(ingress::load(&listeners)?);
     let listener_limits = Arc::new(ListenerLimits::new(
         &listeners
             .iter()
@@ -700,7 +787,12 @@ fn serve(config: Config) -> Result<(), String> {
             files: log_io::LogFiles::new(durable::shard_directory(directory, index), sync_policy),
         });
         let handler = Watched::new(
-            ShardHandler::new(node, log).with_raft_directory(raft_directory),
+            ShardHandler::new(
+                node,
+                log,
+                ingress::Ingress::new(stacks.clone(), config.limits().connect_timeout_ms),
+            )
+            .with_raft_directory(raft_directory),
             index,
             health.clone(),
             fault,
@@ -734,6 +826,11 @@ fn serve(config: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot start shard thread {index}: {e}"))?;
         threads.push(thread);
     }
+    let reloader = Arc::new(ingress::Reloader::new(
+        listeners.clone(),
+        mailboxes.clone(),
+        shard_count,
+    ));
     let mut startup_error = None;
     let mut ready = 0;
     while ready < shard_count && startup_error.is_none() {
@@ -751,7 +848,12 @@ fn serve(config: Config) -> Result<(), String> {
     }
     if startup_error.is_none()
         && let Some(settings) = admin_settings
-        && let Err(message) = admin::start(settings, mailboxes.clone(), health.clone())
+        && let Err(message) = admin::start(
+            settings,
+            mailboxes.clone(),
+            health.clone(),
+            reloader.clone(),
+        )
     {
         startup_error = Some(message);
     }
@@ -765,12 +867,21 @@ fn serve(config: Config) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let signal_notices = notice_sender.clone();
+    let hangup_reloader = reloader.clone();
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            let _ = signal_notices.send(Notice::Signal(signal));
+        for signal in signals.forever() {
+            if signal == signal_hook::consts::SIGHUP {
+                // Reloads read files: on this thread, never a shard's. The outcome is logged.
+                let _ = hangup_reloader.reload("SIGHUP");
+                continue;
+            }
+            if signal_notices.send(Notice::Signal(signal)).is_err() {
+                break;
+            }
         }
     });
     drop(notice_sender);

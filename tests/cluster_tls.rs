@@ -8,126 +8,33 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::QoS;
+use support::pki::Pki;
 use support::{Broker, CLUSTER_SECRET, free_port_on, member_ids, payloads, v5};
 
 /// The cluster name, which every node certificate carries as its DNS subjectAltName.
 const NAME: &str = "tls-cluster";
 
-/// A folder of PEM files made by `openssl`: the cluster's authority, and certificates signed
-/// by it or by another authority.
-struct Pki {
-    directory: PathBuf,
-}
-
-fn openssl(directory: &Path, args: &[&str]) {
-    let output = Command::new("openssl")
-        .args(args)
-        .current_dir(directory)
-        .output()
-        .expect("openssl is installed (Debian: apt-get install openssl)");
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 impl Pki {
+    /// A folder with the cluster's authority `ca`.
     fn new(test: &str) -> Self {
-        let directory =
-            std::env::temp_dir().join(format!("shardmq-cluster-tls-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&directory);
-        std::fs::create_dir_all(&directory).unwrap();
-        let pki = Self { directory };
+        let pki = Pki::new_in("cluster-tls", test);
         pki.authority("ca");
         pki
     }
 
-    fn path(&self, file: &str) -> String {
-        self.directory.join(file).display().to_string()
-    }
-
-    /// A self-signed authority `name` (`name.pem`, `name.key`).
-    fn authority(&self, name: &str) {
-        openssl(
-            &self.directory,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={name}"),
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        );
-    }
-
     /// A node certificate `name` for the cluster name, signed by `authority`.
     fn node(&self, name: &str, authority: &str) {
-        openssl(
-            &self.directory,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                &format!("/CN={name}"),
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-            ],
-        );
-        let extensions = format!("{name}.ext");
-        std::fs::write(
-            self.directory.join(&extensions),
-            format!(
-                "subjectAltName=DNS:{NAME}\nbasicConstraints=CA:FALSE\n\
-                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n"
-            ),
-        )
-        .unwrap();
-        openssl(
-            &self.directory,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-days",
-                "2",
-                "-CA",
-                &format!("{authority}.pem"),
-                "-CAkey",
-                &format!("{authority}.key"),
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-extfile",
-                &extensions,
-            ],
+        self.certificate(
+            name,
+            name,
+            &format!("DNS:{NAME}"),
+            "serverAuth,clientAuth",
+            authority,
         );
     }
 

@@ -122,6 +122,19 @@ pub(crate) struct Options {
     /// Topic for `pub` and `sub`; `%i` is the client's index, `%c` its client identifier.
     #[arg(long)]
     pub(crate) topic: Option<String>,
+    /// Connect over TLS (rustls, ALPN mqtt); the broker's certificate must name the host's
+    /// IP address.
+    #[arg(long)]
+    pub(crate) tls: bool,
+    /// The authority the broker's certificate must chain to (PEM), with --tls.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    pub(crate) ca_file: Option<std::path::PathBuf>,
+    /// A client certificate chain (PEM) to present, with --tls and --key-file.
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "key_file"])]
+    pub(crate) cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    pub(crate) key_file: Option<std::path::PathBuf>,
     #[arg(long)]
     pub(crate) username: Option<String>,
     #[arg(long)]

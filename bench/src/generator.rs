@@ -21,11 +21,14 @@ use std::time::Instant;
 use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 use hdrhistogram::Histogram;
+use shardmq_net::ingress::tls::TlsSession;
 use shardmq_net::mqtt::{
     self, Connect, ConnectProperties, DecodeOptions, Packet, ProtocolVersion, PubAck, Publish,
     PublishProperties, QoS, Sender, Subscribe, SubscribeProperties, SubscriptionOptions,
 };
 use shardmq_net::reactor::{Actions, ConnectionId, Event, Handler};
+use shardmq_net::rustls;
+use shardmq_net::rustls::pki_types::ServerName;
 
 /// The bytes at the start of every payload: intended time, publisher, sequence.
 pub const HEADER_LEN: usize = 8 + 4 + 8;
@@ -72,6 +75,8 @@ pub struct RunPlan {
     pub client_prefix: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// TLS for every connection (`--tls`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub clean_start: bool,
     /// MQTT 5 Session Expiry Interval, seconds.
     pub session_expiry_seconds: Option<u32>,
@@ -204,7 +209,12 @@ struct Client {
     /// QoS 1/2 publishes awaiting their final acknowledgement: (packet id, intended time).
     unacknowledged: Vec<(u16, u64)>,
     connect_started_ns: u64,
+    /// The connection's TLS session, with `--tls`.
+    tls: Option<TlsSession>,
 }
+
+/// The most ciphertext a client's session takes before its handshake completes.
+const TLS_HANDSHAKE_LEN_MAX: usize = 64 * 1024;
 
 /// The final numbers of one reactor, merged by the main thread.
 #[derive(Debug)]
@@ -287,6 +297,7 @@ impl Generator {
                     next_packet_id: 0,
                     unacknowledged: Vec::new(),
                     connect_started_ns: 0,
+                    tls: None,
                 })
                 .collect(),
             plan,
@@ -336,7 +347,42 @@ impl Generator {
         };
         self.encode.clear();
         mqtt::encode(packet, self.plan.version, &mut self.encode);
-        self.outbox.push((connection, self.encode.split().freeze()));
+        match &mut self.clients[client].tls {
+            Some(session) => {
+                let mut wire = BytesMut::new();
+                if let Err(error) = session.send(&self.encode, &mut wire) {
+                    eprintln!("shardmq-bench: client {client}: {error}");
+                }
+                if !wire.is_empty() {
+                    self.outbox.push((connection, wire.freeze()));
+                }
+            }
+            None => self.outbox.push((connection, self.encode.split().freeze())),
+        }
+    }
+
+    /// Bytes from the socket: through the client's TLS session first, with `--tls`.
+    fn received_wire(&mut self, connection: ConnectionId, client: usize, bytes: Bytes) {
+        let Some(session) = &mut self.clients[client].tls else {
+            return self.received(client, bytes);
+        };
+        let (mut plain, mut wire) = (BytesMut::new(), BytesMut::new());
+        let result = session.receive(&bytes, &mut plain, &mut wire);
+        if !wire.is_empty() {
+            self.outbox.push((connection, wire.freeze()));
+        }
+        if let Err(error) = result {
+            eprintln!(
+                "shardmq-bench: client {} TLS: {error}",
+                self.clients[client].plan.index
+            );
+            self.clients[client].state = State::Failed;
+            self.shared.lock().expect("shared").failed += 1;
+            return;
+        }
+        if !plain.is_empty() {
+            self.received(client, plain.freeze());
+        }
     }
 
     fn start_connects(&mut self, now_ms: u64, actions: &mut Actions<Control>) {
@@ -362,6 +408,18 @@ impl Generator {
 
     fn connected(&mut self, connection: ConnectionId, client: usize) {
         self.by_connection.insert(connection, client);
+        let index = self.clients[client].plan.index as usize;
+        if let Some(config) = &self.plan.tls {
+            let host = self.plan.hosts[index % self.plan.hosts.len()];
+            match TlsSession::client(
+                config.clone(),
+                ServerName::from(host.ip()),
+                TLS_HANDSHAKE_LEN_MAX,
+            ) {
+                Ok(session) => self.clients[client].tls = Some(session),
+                Err(error) => eprintln!("shardmq-bench: client {index}: {error}"),
+            }
+        }
         let state = &mut self.clients[client];
         state.connection = Some(connection);
         state.state = State::AwaitingConnack;
@@ -611,7 +669,7 @@ impl Handler for Generator {
             }
             Event::Received(connection, bytes) => {
                 if let Some(&client) = self.by_connection.get(&connection) {
-                    self.received(client, bytes);
+                    self.received_wire(connection, client, bytes);
                 }
             }
             Event::Closed(connection) => {
@@ -664,7 +722,7 @@ impl Handler for Generator {
                 }
                 self.report_progress();
             }
-            Event::Opened(..) | Event::OpenedSide(_) | Event::Sent(..) => {}
+            Event::Opened(..) | Event::Adopted(..) | Event::OpenedSide(_) | Event::Sent(..) => {}
         }
     }
 

@@ -70,6 +70,7 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         client_prefix: plan::client_prefix(),
         username: options.username.clone(),
         password: options.password.clone(),
+        tls: tls_config(&options)?,
         clean_start: options.clean_start,
         session_expiry_seconds: options.session_expiry,
         epoch: Instant::now(),
@@ -124,4 +125,31 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The TLS client configuration of `--tls` (`--ca-file`, `--cert-file`, `--key-file`).
+fn tls_config(
+    options: &crate::cli::Options,
+) -> Result<Option<std::sync::Arc<shardmq_net::rustls::ClientConfig>>, String> {
+    if !options.tls {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let ca_file = options
+        .ca_file
+        .as_deref()
+        .ok_or("--tls needs --ca-file (the authority of the broker's certificate)")?;
+    let roots = shardmq_net::ingress::tls::roots_from_pem(&read(ca_file)?)?;
+    let identity = match (&options.cert_file, &options.key_file) {
+        (Some(cert), Some(key)) => Some((
+            shardmq_net::ingress::tls::certificates_from_pem(&read(cert)?)?,
+            shardmq_net::ingress::tls::private_key_from_pem(&read(key)?)?,
+        )),
+        _ => None,
+    };
+    let mut config = shardmq_net::ingress::tls::client_config(roots, identity)?;
+    config.alpn_protocols = vec![shardmq_net::ingress::tls::ALPN_MQTT.to_vec()];
+    Ok(Some(std::sync::Arc::new(config)))
 }

@@ -11,6 +11,9 @@
 pub mod frame;
 #[cfg(feature = "ingress")]
 pub mod ingress;
+/// The rustls of [`ingress::tls`], for callers that build a configuration of their own.
+#[cfg(feature = "ingress")]
+pub use rustls;
 pub mod mqtt;
 #[cfg(feature = "reactor")]
 pub mod reactor;

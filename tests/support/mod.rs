@@ -2,6 +2,8 @@
 //! clients (rumqttc here; mosquitto and paho from their own tests) to drive it.
 #![allow(dead_code)] // each test binary uses a part of this module
 
+pub mod pki;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

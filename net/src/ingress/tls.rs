@@ -97,6 +97,22 @@ pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// The ALPN protocol name of MQTT over TLS (IANA's registry, RFC 7301). A client listener
+/// offers it; a client that offers no ALPN at all is served too.
+pub const ALPN_MQTT: &[u8] = b"mqtt";
+
+/// Whether a server asks its clients for a certificate, and which authorities it must chain
+/// to.
+#[derive(Debug)]
+pub enum ClientCertificates {
+    /// No certificate is asked for.
+    None,
+    /// One is asked for; a client may present none, but one it presents must chain to these.
+    Optional(RootCertStore),
+    /// A client must present a certificate that chains to these.
+    Required(RootCertStore),
+}
+
 /// A server configuration (TLS 1.3 and 1.2) presenting `chain`; with `client_roots`, clients
 /// must present a certificate that chains to one of them.
 pub fn server_config(
@@ -104,18 +120,53 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     client_roots: Option<RootCertStore>,
 ) -> Result<ServerConfig, String> {
+    let clients = match client_roots {
+        Some(roots) => ClientCertificates::Required(roots),
+        None => ClientCertificates::None,
+    };
+    server_config_with(chain, key, clients)
+}
+
+/// The configuration of a client listener: TLS 1.3 and 1.2, ALPN `mqtt`, client certificates
+/// as `clients` says. Built from PEM texts; each error names the part it concerns.
+pub fn client_listener_config(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    clients: ClientCertificates,
+) -> Result<ServerConfig, String> {
+    let chain = certificates_from_pem(chain_pem).map_err(|e| format!("certificate: {e}"))?;
+    let key = private_key_from_pem(key_pem).map_err(|e| format!("key: {e}"))?;
+    let mut config = server_config_with(chain, key, clients)?;
+    config.alpn_protocols = vec![ALPN_MQTT.to_vec()];
+    Ok(config)
+}
+
+/// A server configuration (TLS 1.3 and 1.2) presenting `chain`, asking clients for
+/// certificates as `clients` says.
+pub fn server_config_with(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    clients: ClientCertificates,
+) -> Result<ServerConfig, String> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(rustls::ALL_VERSIONS)
         .map_err(|e| e.to_string())?;
-    let builder = match client_roots {
-        Some(roots) => {
+    let builder = match clients {
+        ClientCertificates::Required(roots) => {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| format!("client verifier: {e}"))?;
             builder.with_client_cert_verifier(verifier)
         }
-        None => builder.with_no_client_auth(),
+        ClientCertificates::Optional(roots) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("client verifier: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        ClientCertificates::None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(chain, key)
@@ -255,6 +306,29 @@ impl TlsSession {
 
     pub fn is_handshaking(&self) -> bool {
         self.connection.is_handshaking()
+    }
+
+    /// The peer's certificate chain (end entity first), once the handshake has verified it;
+    /// None when the peer presented none.
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.connection.peer_certificates()
+    }
+
+    /// The ALPN protocol agreed in the handshake, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.connection.alpn_protocol()
+    }
+
+    /// Ends the session from this side: queues a `close_notify` alert and moves it into
+    /// `ciphertext_out`. Nothing is sent after it.
+    pub fn close(&mut self, ciphertext_out: &mut BytesMut) {
+        self.connection.send_close_notify();
+        self.drain(ciphertext_out);
+    }
+
+    /// Plaintext this session holds for the peer until its handshake completes.
+    pub fn buffered_len(&self) -> usize {
+        self.early.len()
     }
 
     /// Up to the first four bytes the peer sent.

@@ -46,6 +46,11 @@ impl<H: Handler> Reactor<H> {
         let fd = unsafe { OwnedFd::from_raw_fd(connection.fd) };
         match connection.state {
             ConnectionState::HandingOff { target, bytes } => {
+                let carried = self
+                    .carried
+                    .iter()
+                    .position(|(carried_slot, _)| *carried_slot == slot)
+                    .map(|index| self.carried.swap_remove(index).1);
                 self.post(
                     target,
                     Envelope::Connection {
@@ -57,6 +62,7 @@ impl<H: Handler> Reactor<H> {
                             origin: connection.origin,
                             place: connection.place,
                         },
+                        carried,
                     },
                 );
             }

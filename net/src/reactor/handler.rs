@@ -29,6 +29,11 @@ pub enum Event<M> {
     /// A connection accepted on a main listener, or handed over by another reactor (which
     /// keeps the [`Origin`] it was accepted with).
     Opened(ConnectionId, Origin),
+    /// A connection handed over by another reactor with [`Actions::hand_off_carrying`]:
+    /// instead of `Opened`, with what the other reactor's handler attached (the connection's
+    /// state above the socket, say a TLS session). `Received` follows with the bytes that
+    /// arrived while it moved, as they came from the socket.
+    Adopted(ConnectionId, Origin, M),
     /// A connection accepted on the side listener
     /// ([`ReactorConfig::side_listen`](super::ReactorConfig::side_listen); for the broker, its
     /// cluster port), or a side connection handed over by another reactor. Its id is a side
@@ -90,7 +95,7 @@ pub enum FileOp {
 pub struct Actions<M> {
     pub(super) sends: Vec<(ConnectionId, Bytes)>,
     pub(super) closes: Vec<ConnectionId>,
-    pub(super) hand_offs: Vec<(ConnectionId, u16, Bytes)>,
+    pub(super) hand_offs: Vec<(ConnectionId, u16, Bytes, Option<M>)>,
     pub(super) posts: Vec<(u16, M)>,
     pub(super) connects: Vec<(SocketAddr, Option<std::net::IpAddr>, u64)>,
     pub(super) files: Vec<(u16, u64, Vec<FileOp>)>,
@@ -120,7 +125,23 @@ impl<M> Actions<M> {
     /// Moves the connection to reactor `target`, whose handler sees it open and receive `bytes`
     /// (followed by anything that arrives meanwhile).
     pub fn hand_off(&mut self, connection: ConnectionId, target: u16, bytes: Bytes) {
-        self.hand_offs.push((connection, target, bytes));
+        self.hand_offs.push((connection, target, bytes, None));
+    }
+
+    /// Moves a main listener's connection to reactor `target` with `carried` attached: that
+    /// reactor's handler sees `Adopted(id, origin, carried)`, then `Received` with `bytes`
+    /// and whatever arrived meanwhile, raw. The socket moves once the bytes queued for it
+    /// are sent, so a stream state carried along (a TLS session's record numbers) stays
+    /// consistent with what the peer got.
+    pub fn hand_off_carrying(
+        &mut self,
+        connection: ConnectionId,
+        target: u16,
+        bytes: Bytes,
+        carried: M,
+    ) {
+        self.hand_offs
+            .push((connection, target, bytes, Some(carried)));
     }
 
     pub fn post(&mut self, target: u16, message: M) {

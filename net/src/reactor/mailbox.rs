@@ -28,6 +28,8 @@ pub(super) enum Envelope<M> {
         bytes: Bytes,
         side: bool,
         counted: Counted,
+        /// What the sending handler attached (`Actions::hand_off_carrying`).
+        carried: Option<M>,
     },
 }
 
@@ -162,6 +164,7 @@ impl<H: Handler> Reactor<H> {
                     bytes,
                     side,
                     counted,
+                    carried,
                 } => {
                     let origin = counted.origin;
                     let id = self.add_connection(fd.into_raw_fd(), side, counted);
@@ -169,7 +172,12 @@ impl<H: Handler> Reactor<H> {
                         self.handler.event(now_ms, Event::OpenedSide(id));
                     } else {
                         let origin = origin.expect("a main connection keeps its origin");
-                        self.handler.event(now_ms, Event::Opened(id, origin));
+                        match carried {
+                            Some(carried) => self
+                                .handler
+                                .event(now_ms, Event::Adopted(id, origin, carried)),
+                            None => self.handler.event(now_ms, Event::Opened(id, origin)),
+                        }
                     }
                     if !bytes.is_empty() {
                         self.handler.event(now_ms, Event::Received(id, bytes));

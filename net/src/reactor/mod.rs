@@ -168,6 +168,10 @@ pub struct Reactor<H: Handler> {
     listener_limits: Option<Arc<ListenerLimits>>,
     /// The registered file table and the handler's file queues.
     files: Files,
+    /// What handlers attached to connections being handed off (`Actions::hand_off_carrying`),
+    /// by slot, until the slot is freed and the connection posted: at most one per
+    /// connection in `HandingOff`.
+    carried: Vec<(u32, H::Message)>,
 }
 
 impl<H: Handler> std::fmt::Debug for Reactor<H> {
@@ -226,6 +230,7 @@ impl<H: Handler> Reactor<H> {
             side_admission: None,
             listener_limits: None,
             files,
+            carried: Vec::new(),
         })
     }
 
@@ -500,14 +505,18 @@ impl<H: Handler> Reactor<H> {
                 }
             }
         }
-        for (id, target, bytes) in actions.hand_offs.drain(..) {
+        for (id, target, bytes, carried) in actions.hand_offs.drain(..) {
             if let Some((slot, connection)) = self.lookup(id) {
                 connection.state = ConnectionState::HandingOff {
                     target,
                     bytes: BytesMut::from(&bytes[..]),
                 };
                 let receive = user_data(KIND_RECV, slot, connection.generation);
-                if connection.receiving {
+                let receiving = connection.receiving;
+                if let Some(carried) = carried {
+                    self.carried.push((slot, carried));
+                }
+                if receiving {
                     self.push(
                         opcode::AsyncCancel::new(receive)
                             .build()

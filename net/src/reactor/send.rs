@@ -47,6 +47,12 @@ impl<H: Handler> Reactor<H> {
         if !connection.sending && matches!(connection.state, ConnectionState::Closing { .. }) {
             self.shut(slot);
             self.finish(now_ms, slot);
+        } else if !connection.sending
+            && matches!(connection.state, ConnectionState::HandingOff { .. })
+        {
+            // Everything queued before the hand-off is sent: the socket may move (once its
+            // receive has ended too).
+            self.finish(now_ms, slot);
         }
     }
 
