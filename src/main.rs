@@ -8,6 +8,7 @@ mod admin;
 mod config;
 mod durable;
 mod ingress;
+mod layout;
 mod log_io;
 mod passwd;
 mod supervise;
@@ -655,12 +656,26 @@ fn serve(config: Config) -> Result<(), String> {
         (!config.server.data_dir.is_empty()).then(|| PathBuf::from(&config.server.data_dir));
     let sync_policy = config.sync_policy()?;
     let log_config = config.log_config()?;
+    let crash_step = layout::CrashStep::from_environment()?;
     let found = match &data_dir {
-        Some(directory) => Some(durable::recover(
-            directory,
-            (&config.limits()).into(),
-            config.storage.recover_damaged,
-        )?),
+        Some(directory) => {
+            // A switch of the shard layout that a crash interrupted is finished or undone
+            // before anything is read (`layout.rs`).
+            if directory.join(layout::STAGING).exists() {
+                layout::resume(directory, crash_step)?;
+            }
+            Some(durable::recover(
+                directory,
+                (&config.limits()).into(),
+                config.storage.recover_damaged,
+                config.storage.recovery_file_bytes_max,
+            )?)
+        }
+        None => None,
+    };
+    // Every shard's first checkpoint goes into the staging directory of a two-phase switch.
+    let switch = match &data_dir {
+        Some(directory) => Some(layout::Switch::begin(directory, shard_count, crash_step)?),
         None => None,
     };
     // The cores' Raft state (an edge holds none).
@@ -683,7 +698,7 @@ fn serve(config: Config) -> Result<(), String> {
         .map_or(0, |since| since.as_millis() as u64)
         .saturating_sub(epoch.elapsed().as_millis() as u64);
     // Every shard, restored and with its log's first checkpoint synced, before any serves:
-    // only then may the logs of shards that no longer exist be removed (`durable.rs`).
+    // only then may the old logs be replaced (`layout.rs`).
     let mut shards = Vec::new();
     for index in 0..shard_count {
         let mut shard = Shard::new(ShardConfig {
@@ -694,7 +709,7 @@ fn serve(config: Config) -> Result<(), String> {
             limits: config.limits(),
             shared_strategy: config.shared_strategy()?,
         });
-        if let (Some(directory), Some(found)) = (&data_dir, &found) {
+        if let (Some(switch), Some(found)) = (&switch, &found) {
             let (sessions, retained) = shard.restore_state(&found.state, wall_clock_at_zero_ms);
             if sessions > 0 || (index == 0 && retained > 0) {
                 info!(
@@ -703,16 +718,14 @@ fn serve(config: Config) -> Result<(), String> {
                 );
             }
             restore_snapshots(&mut shard, index, &found.snapshots);
-            let existing: &[u64] = found
-                .segments
-                .iter()
-                .find(|(i, _)| *i == index)
-                .map_or(&[], |(_, sequences)| sequences);
             let state = shard.durable_state(wall_clock_at_zero_ms);
-            let mut log = shardmq_shards::storage::Log::open(log_config, state, existing);
-            durable::run_synchronously(directory, index, &mut log).map_err(|e| {
-                format!("cannot write the first checkpoint of shard {index}'s log: {e}")
+            let mut log = shardmq_shards::storage::Log::open(log_config, state, &[]);
+            durable::run_synchronously(switch.staging(), index, &mut log).map_err(|e| {
+                switch.fail(format!(
+                    "cannot write the first checkpoint of shard {index}'s log: {e}"
+                ))
             })?;
+            switch.staged(index);
             shard.attach_log(
                 log,
                 shardmq_shards::shard::LogSettings {
@@ -724,8 +737,8 @@ fn serve(config: Config) -> Result<(), String> {
         }
         shards.push(shard);
     }
-    if let (Some(directory), Some(found)) = (&data_dir, &found) {
-        durable::remove_leftovers(directory, found, shard_count)?;
+    if let Some(switch) = switch {
+        switch.commit()?;
     }
     let mut shards = shards.into_iter();
     let health = supervise::Health::new(shard_count, epoch, config.admin.stall_timeout_ms);
