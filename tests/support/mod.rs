@@ -269,8 +269,14 @@ pub fn serve_to_exit(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> (Option<std::process::ExitStatus>, String) {
-    let stderr = directory.with_extension("stderr");
-    let config_path = directory.with_extension("toml");
+    // Beside the test's files, not in `directory` (which may be on a full file system).
+    let scratch = std::env::temp_dir().join(format!(
+        "shardmq-serve-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let stderr = scratch.with_extension("stderr");
+    let config_path = scratch.with_extension("toml");
     std::fs::write(
         &config_path,
         format!(
