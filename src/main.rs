@@ -493,10 +493,16 @@ fn restore_snapshots(shard: &mut Shard, index: u16, snapshots: &[(PathBuf, Vec<u
 
 /// Reads the cores' Raft store of a data directory at start (before any shard runs, so a
 /// blocking read is fine here): the segment files of `DIR/raft/` and an earlier version's
-/// `DIR/raft.state`. Each file's size is checked before it is read.
+/// `DIR/raft.state`. Each file's size is checked before it is read, and so are the number of
+/// segments and the bytes of all of them (`SEGMENTS_MAX`, `STORE_BYTES_MAX`).
 fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
-    let read = |path: &Path| -> Result<Vec<u8>, String> {
-        let size = std::fs::metadata(path)
+    let mut total = 0u64;
+    let mut read = |path: &Path| -> Result<Vec<u8>, String> {
+        use std::io::Read;
+        let file = std::fs::File::open(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let size = file
+            .metadata()
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?
             .len();
         if size > consensus::SEGMENT_BYTES_MAX {
@@ -506,7 +512,20 @@ fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
                 consensus::SEGMENT_BYTES_MAX
             ));
         }
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        total = total.saturating_add(size);
+        if total > consensus::STORE_BYTES_MAX {
+            return Err(format!(
+                "the Raft store's files hold more than {} bytes together (at {}): not what this store writes",
+                consensus::STORE_BYTES_MAX,
+                path.display()
+            ));
+        }
+        let mut bytes = Vec::new();
+        // Bounded even if the file grew since its size was taken.
+        file.take(consensus::SEGMENT_BYTES_MAX)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Ok(bytes)
     };
     let mut files = RaftStoreFiles::default();
     let folder = directory.join(consensus::RAFT_DIRECTORY);
@@ -516,6 +535,13 @@ fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
                 let entry = entry.map_err(|e| format!("cannot list {}: {e}", folder.display()))?;
                 let name = entry.file_name();
                 match name.to_str().and_then(consensus::parse_segment_name) {
+                    Some(_) if files.segments.len() >= consensus::SEGMENTS_MAX => {
+                        return Err(format!(
+                            "{} holds more than {} Raft segments: not what this store writes",
+                            folder.display(),
+                            consensus::SEGMENTS_MAX
+                        ));
+                    }
                     Some(sequence) => files.segments.push((sequence, read(&entry.path())?)),
                     None => warn!(file = %entry.path().display(), "not a Raft segment: ignored"),
                 }

@@ -57,6 +57,15 @@ pub const FRAME_LENGTH_MAX: usize = 64 << 20;
 /// segments near `CHECKPOINT_MIN_BYTES` plus one checkpoint).
 pub const SEGMENT_BYTES_MAX: u64 = 4 * FRAME_LENGTH_MAX as u64;
 
+/// The most segment files a store holds: the writer keeps one, and two for the moment of a
+/// checkpoint (the old one is removed once the new one is synced). More is not this store's
+/// doing, and recovery refuses it rather than reading them all.
+pub const SEGMENTS_MAX: usize = 4;
+
+/// The most bytes all segments together may hold at start (two full segments: the moment of
+/// a checkpoint); recovery reads no more than this into memory.
+pub const STORE_BYTES_MAX: u64 = 2 * SEGMENT_BYTES_MAX;
+
 /// A checkpoint is written once the frames appended since the last one reach this many
 /// bytes and four times the checkpoint's size (so its cost stays a fraction of the appends).
 const CHECKPOINT_MIN_BYTES: u64 = 1 << 20;
