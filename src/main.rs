@@ -493,56 +493,28 @@ fn restore_snapshots(shard: &mut Shard, index: u16, snapshots: &[(PathBuf, Vec<u
 
 /// Reads the cores' Raft store of a data directory at start (before any shard runs, so a
 /// blocking read is fine here): the segment files of `DIR/raft/` and an earlier version's
-/// `DIR/raft.state`. Each file's size is checked before it is read, and so are the number of
-/// segments and the bytes of all of them (`SEGMENTS_MAX`, `STORE_BYTES_MAX`).
+/// `DIR/raft.state`. Before any is read, the number of segments (`SEGMENTS_MAX`), each
+/// file's size (`SEGMENT_BYTES_MAX`) and their sum (`STORE_BYTES_MAX`) are checked.
 fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
-    let mut total = 0u64;
-    let mut read = |path: &Path| -> Result<Vec<u8>, String> {
-        use std::io::Read;
-        let file = std::fs::File::open(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let size = file
-            .metadata()
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            .len();
-        if size > consensus::SEGMENT_BYTES_MAX {
-            return Err(format!(
-                "{} holds {size} bytes, more than a Raft segment may ({}): not a segment of this store",
-                path.display(),
-                consensus::SEGMENT_BYTES_MAX
-            ));
-        }
-        total = total.saturating_add(size);
-        if total > consensus::STORE_BYTES_MAX {
-            return Err(format!(
-                "the Raft store's files hold more than {} bytes together (at {}): not what this store writes",
-                consensus::STORE_BYTES_MAX,
-                path.display()
-            ));
-        }
-        let mut bytes = Vec::new();
-        // Bounded even if the file grew since its size was taken.
-        file.take(consensus::SEGMENT_BYTES_MAX)
-            .read_to_end(&mut bytes)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Ok(bytes)
-    };
-    let mut files = RaftStoreFiles::default();
     let folder = directory.join(consensus::RAFT_DIRECTORY);
+    let mut paths = Vec::new();
     match std::fs::read_dir(&folder) {
         Ok(entries) => {
             for entry in entries {
                 let entry = entry.map_err(|e| format!("cannot list {}: {e}", folder.display()))?;
-                let name = entry.file_name();
-                match name.to_str().and_then(consensus::parse_segment_name) {
-                    Some(_) if files.segments.len() >= consensus::SEGMENTS_MAX => {
+                match entry
+                    .file_name()
+                    .to_str()
+                    .and_then(consensus::parse_segment_name)
+                {
+                    Some(_) if paths.len() >= consensus::SEGMENTS_MAX => {
                         return Err(format!(
                             "{} holds more than {} Raft segments: not what this store writes",
                             folder.display(),
                             consensus::SEGMENTS_MAX
                         ));
                     }
-                    Some(sequence) => files.segments.push((sequence, read(&entry.path())?)),
+                    Some(sequence) => paths.push((Some(sequence), entry.path())),
                     None => warn!(file = %entry.path().display(), "not a Raft segment: ignored"),
                 }
             }
@@ -555,7 +527,44 @@ fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
     }
     let legacy = directory.join(consensus::LEGACY_STATE_FILE);
     if legacy.exists() {
-        files.legacy = Some(read(&legacy)?);
+        paths.push((None, legacy));
+    }
+    let mut total = 0u64;
+    for (_, path) in &paths {
+        let size = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .len();
+        if size > consensus::SEGMENT_BYTES_MAX {
+            return Err(format!(
+                "{} holds {size} bytes, more than a Raft segment may ({}): not a segment of this store",
+                path.display(),
+                consensus::SEGMENT_BYTES_MAX
+            ));
+        }
+        total = total.saturating_add(size);
+    }
+    if total > consensus::STORE_BYTES_MAX {
+        return Err(format!(
+            "the Raft store's files in {} hold {total} bytes together, more than {}: not what this store writes",
+            folder.display(),
+            consensus::STORE_BYTES_MAX
+        ));
+    }
+    let mut files = RaftStoreFiles::default();
+    for (sequence, path) in paths {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        // Bounded even if the file grew since its size was taken.
+        std::fs::File::open(&path)
+            .and_then(|file| {
+                file.take(consensus::SEGMENT_BYTES_MAX)
+                    .read_to_end(&mut bytes)
+            })
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        match sequence {
+            Some(sequence) => files.segments.push((sequence, bytes)),
+            None => files.legacy = Some(bytes),
+        }
     }
     Ok(files)
 }
@@ -699,11 +708,6 @@ fn serve(config: Config) -> Result<(), String> {
         }
         None => None,
     };
-    // Every shard's first checkpoint goes into the staging directory of a two-phase switch.
-    let switch = match &data_dir {
-        Some(directory) => Some(layout::Switch::begin(directory, shard_count, crash_step)?),
-        None => None,
-    };
     // The cores' Raft state (an edge holds none).
     let mut raft_store = match (&data_dir, &cluster) {
         (Some(directory), Some(_)) if config.cluster.role == "core" => {
@@ -725,6 +729,10 @@ fn serve(config: Config) -> Result<(), String> {
         .saturating_sub(epoch.elapsed().as_millis() as u64);
     // Every shard, restored and with its log's first checkpoint synced, before any serves:
     // only then may the old logs be replaced (`layout.rs`).
+    let switch = match &data_dir {
+        Some(directory) => Some(layout::Switch::begin(directory, shard_count, crash_step)?),
+        None => None,
+    };
     let mut shards = Vec::new();
     for index in 0..shard_count {
         let mut shard = Shard::new(ShardConfig {

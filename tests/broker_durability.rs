@@ -411,3 +411,37 @@ fn a_damaged_or_oversized_old_snapshot_stops_the_start_and_is_kept() {
     assert!(segment.exists(), "kept");
     let _ = std::fs::remove_dir_all(&directory);
 }
+
+#[test]
+fn a_raft_store_past_its_bounds_stops_a_cores_start_before_reading_it() {
+    let directory = data_dir("durability-raft-bounds");
+    let raft = directory.join("raft");
+    let core = format!(
+        "[cluster]\nenabled = true\nsecret = \"{}\"\nnode_id = 1\nrole = \"core\"\nlisten = \"127.0.0.1:{}\"\n",
+        support::CLUSTER_SECRET,
+        support::free_port()
+    );
+    let segment = |sequence: u64| raft.join(format!("{sequence:020}.raft"));
+    // Sparse files: their sizes are checked before a byte is read, so none is.
+    let sized = |sequence: u64, bytes: u64| {
+        std::fs::File::create(segment(sequence))
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+    };
+    let mib = 1024 * 1024;
+    for (case, files, expected) in [
+        ("too many segments", vec![16; 5], "more than 4 Raft segments"),
+        ("one segment too large", vec![300 * mib], "more than a Raft segment may"),
+        ("too many bytes", vec![200 * mib; 3], "bytes together, more than"),
+    ] {
+        let _ = std::fs::remove_dir_all(&raft);
+        std::fs::create_dir_all(&raft).unwrap();
+        for (i, bytes) in files.iter().enumerate() {
+            sized(i as u64 + 1, *bytes);
+        }
+        let stderr = refused_start(&directory, &core);
+        assert!(stderr.contains(expected), "{case}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&directory);
+}
