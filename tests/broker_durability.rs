@@ -431,9 +431,21 @@ fn a_raft_store_past_its_bounds_stops_a_cores_start_before_reading_it() {
     };
     let mib = 1024 * 1024;
     for (case, files, expected) in [
-        ("too many segments", vec![16; 5], "more than 4 Raft segments"),
-        ("one segment too large", vec![300 * mib], "more than a Raft segment may"),
-        ("too many bytes", vec![200 * mib; 3], "bytes together, more than"),
+        (
+            "too many segments",
+            vec![16; 5],
+            "more than 4 Raft segments",
+        ),
+        (
+            "one segment too large",
+            vec![300 * mib],
+            "more than a Raft segment may",
+        ),
+        (
+            "too many bytes",
+            vec![200 * mib; 3],
+            "bytes together, more than",
+        ),
     ] {
         let _ = std::fs::remove_dir_all(&raft);
         std::fs::create_dir_all(&raft).unwrap();

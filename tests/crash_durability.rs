@@ -1543,6 +1543,38 @@ fn a_full_disk_during_a_shard_count_change_keeps_the_old_logs() {
         !directory.join("shards.next").exists(),
         "the staged logs are removed"
     );
+    // Then a page more room at a time, until the disk fills up while a later shard's
+    // checkpoint is staged (shard 0's already in `shards.next`): refused the same way.
+    let filler = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.path.join("filler"))
+        .unwrap();
+    let mut later_shard_refused = false;
+    for _ in 0..64 {
+        let length = filler.metadata().unwrap().len();
+        filler.set_len(length.saturating_sub(4096)).unwrap();
+        let (status, stderr) =
+            support::serve_to_exit(&directory, 3, "", &[], Duration::from_secs(5));
+        if status.is_none() {
+            // Everything fitted: the change was made (the broker served and was killed).
+            break;
+        }
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("The shard layout was not changed"),
+            "{stderr}"
+        );
+        assert!(!directory.join("shards.next").exists(), "{stderr}");
+        if stderr.contains("shard 1's log") || stderr.contains("shard 2's log") {
+            later_shard_refused = true;
+            break;
+        }
+    }
+    assert!(
+        later_shard_refused,
+        "a refusal while a later shard was staged"
+    );
+    drop(filler);
     std::fs::remove_file(mount.path.join("filler")).unwrap();
     check_resharded(&directory, 3, "after a full disk refused the change");
     drop(mount);
