@@ -66,6 +66,16 @@ pub const SEGMENTS_MAX: usize = 4;
 /// a checkpoint); recovery reads no more than this into memory.
 pub const STORE_BYTES_MAX: u64 = 2 * SEGMENT_BYTES_MAX;
 
+/// The most log entries recovery keeps after the snapshot. The store holds the entries
+/// raft-rs has not compacted (about a thousand behind the applied one, and what is not yet
+/// applied), far fewer than this; the bound keeps a crafted store (a frame of empty entries
+/// costs a few bytes each on disk and far more in memory) from taking the memory.
+pub const ENTRIES_MAX: usize = 1 << 20;
+
+fn too_many_entries() -> String {
+    format!("the stored Raft log holds more than {ENTRIES_MAX} entries: not what this store writes")
+}
+
 /// A checkpoint is written once the frames appended since the last one reach this many
 /// bytes and four times the checkpoint's size (so its cost stays a fraction of the appends).
 const CHECKPOINT_MIN_BYTES: u64 = 1 << 20;
@@ -285,6 +295,9 @@ impl Batch {
                     if batch.hard.is_some() {
                         return Err(order_error());
                     }
+                    if batch.entries.len() >= ENTRIES_MAX {
+                        return Err(too_many_entries());
+                    }
                     batch.entries.push(
                         Entry::parse_from_bytes(bytes)
                             .map_err(|e| format!("a stored Raft entry does not decode: {e}"))?,
@@ -353,6 +366,9 @@ impl Recovered {
             }
             let keep = (first.index - floor - 1) as usize;
             self.entries.truncate(keep);
+            if self.entries.len().saturating_add(batch.entries.len()) > ENTRIES_MAX {
+                return Err(too_many_entries());
+            }
             self.entries.extend(batch.entries);
         }
         if let Some(hard) = batch.hard {
