@@ -20,7 +20,7 @@
 //!    start after a crash: no marker means roll back).
 //! 4. Roll forward (the marker is there, so every new checkpoint is durable): for each
 //!    staged `shard-N`, the old `DIR/shard-N` removed and the staged one renamed into its
-//!    place, `DIR` fsynced after each; then the directories of shards at or past the marker's
+//!    place, `DIR` and `DIR/shards.next` fsynced after each; then the directories of shards at or past the marker's
 //!    count and the old snapshots (`DIR/shard-N.snapshot`) removed, `DIR` fsynced; then the
 //!    marker removed and the staging directory with it, `DIR` fsynced. Every step of 4 can be
 //!    done again: a start that finds the marker does the rest of it before reading anything.
@@ -330,7 +330,10 @@ fn roll_forward(
                 target.display()
             )
         })?;
+        // Both directories of the rename: the name durable where it now is, and gone from
+        // where it was.
         sync_directory(directory)?;
+        sync_directory(&staging)?;
         moved += 1;
         if moved == 1 && shard_count > 1 {
             crash_at(fault, CrashStep::Moving);
