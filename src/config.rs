@@ -100,6 +100,7 @@ pub struct StorageConfig {
     pub compaction_min_bytes: u64,
     pub held_acks_per_shard_max: usize,
     pub recover_damaged: bool,
+    pub recovery_file_bytes_max: u64,
 }
 
 /// One `[[listener]]` table as written; [`Config::listeners`] checks it.
@@ -877,6 +878,12 @@ impl Config {
         let storage = &self.storage;
         if storage.segment_size_bytes < 4096 {
             return Err("`storage.segment_size_bytes` must be at least 4096".into());
+        }
+        if storage.recovery_file_bytes_max < storage.segment_size_bytes {
+            return Err(
+                "`storage.recovery_file_bytes_max` must be at least `storage.segment_size_bytes`"
+                    .into(),
+            );
         }
         if storage.held_acks_per_shard_max == 0 {
             return Err("`storage.held_acks_per_shard_max` must be above 0".into());

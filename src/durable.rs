@@ -4,17 +4,15 @@
 //! Owns: the layout `DIR/shard-N/{sequence:020}.log`; recovery at start (every shard
 //! directory mapped with memmap2 and replayed, refused unless crash-consistent or
 //! `--recover-damaged`, the states merged so that the shard count may change between runs);
-//! the first checkpoint of every shard's new log, written and synced here before the node
-//! serves, after which the directories of shards that no longer exist and the old shutdown
-//! snapshots (`DIR/shard-N.snapshot`, read once for the upgrade) are removed.
+//! the blocking I/O of every shard's first checkpoint, which the start writes into the staging
+//! directory of `layout.rs` (the crash-safe switch that then replaces the old logs and the
+//! old shutdown snapshots, `DIR/shard-N.snapshot`, read once for the upgrade). What recovery
+//! reads is bounded: no file above `storage.recovery_file_bytes_max` is mapped or read.
 //! Never: runs on a shard thread while it serves: what a running shard writes goes through
 //! its reactor's ring (`main.rs`, `ShardHandler`).
 //!
 //! Why the start-up I/O is synchronous: nothing is served yet, so blocking costs nothing, and
-//! it orders the one step that spans directories. A directory is removed only after every
-//! new checkpoint is synced; a crash before that leaves the old directories holding the same
-//! state as the new checkpoints (nothing was served in between), so the merge (first copy
-//! wins) gives the same result.
+//! it orders the one step that spans directories (see `layout.rs`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -43,15 +41,58 @@ pub enum SyncPolicy {
 pub struct Found {
     /// Every shard directory's recovered state, merged.
     pub state: State,
-    /// Per shard directory index: the segment sequences in it (all of them: the new log
-    /// removes them once its checkpoint is synced).
-    pub segments: Vec<(u16, Vec<u64>)>,
-    /// Old shutdown snapshots (`shard-N.snapshot`), read once for the upgrade.
+    /// Old shutdown snapshots (`shard-N.snapshot`), read once for the upgrade, each checked
+    /// to decode whole (a damaged one stops the start unless `recover_damaged`).
     pub snapshots: Vec<(PathBuf, Vec<u8>)>,
 }
 
 pub fn shard_directory(directory: &Path, index: u16) -> PathBuf {
     directory.join(format!("shard-{index}"))
+}
+
+/// The size of `path`, refused above `file_bytes_max` (`storage.recovery_file_bytes_max`):
+/// recovery maps or reads no file larger than that.
+fn checked_size(path: &Path, file: &File, file_bytes_max: u64) -> Result<u64, String> {
+    let length = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if length > file_bytes_max {
+        return Err(format!(
+            "{} holds {length} bytes, more than storage.recovery_file_bytes_max ({file_bytes_max}): not read, and kept. Raise the limit if the file is genuine, or move it away",
+            path.display()
+        ));
+    }
+    Ok(length)
+}
+
+/// An old shutdown snapshot, read (bounded) and checked to decode before anything is
+/// changed: a damaged one is kept and stops the start unless `recover_damaged`.
+fn read_snapshot(
+    path: &Path,
+    file_bytes_max: u64,
+    recover_damaged: bool,
+) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let length = checked_size(path, &file, file_bytes_max)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+    // `take`: a file that grows after the check is still read only up to the limit.
+    file.take(file_bytes_max)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let kept = "it is kept (nothing was changed); move it away to start without what it holds";
+    match shardmq_shards::snapshot::decode(&bytes, 0) {
+        Err(error) => Err(format!(
+            "old snapshot {} cannot be read: {error}; {kept}",
+            path.display()
+        )),
+        Ok((_, Some(warning))) if !recover_damaged => Err(format!(
+            "old snapshot {} is damaged: {warning}; {kept}, or start with --recover-damaged to load what it holds before the damage",
+            path.display()
+        )),
+        Ok(_) => Ok(bytes),
+    }
 }
 
 fn segment_path(directory: &Path, index: u16, sequence: u64) -> PathBuf {
@@ -65,6 +106,7 @@ pub fn recover(
     directory: &Path,
     limits: StateLimits,
     recover_damaged: bool,
+    file_bytes_max: u64,
 ) -> Result<Found, String> {
     std::fs::create_dir_all(directory)
         .map_err(|e| format!("data directory {}: {e}", directory.display()))?;
@@ -79,7 +121,6 @@ pub fn recover(
         })?;
     let mut found = Found {
         state: State::new(limits),
-        segments: Vec::new(),
         snapshots: Vec::new(),
     };
     let mut entries: Vec<PathBuf> = std::fs::read_dir(directory)
@@ -94,7 +135,7 @@ pub fn recover(
             continue;
         };
         if rest.ends_with(".snapshot") {
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let bytes = read_snapshot(&path, file_bytes_max, recover_damaged)?;
             found.snapshots.push((path, bytes));
         } else if let Ok(index) = rest.parse::<u16>()
             // Only the name this module writes: `shard-01` or `shard-+1` would be read as
@@ -102,9 +143,8 @@ pub fn recover(
             && index.to_string() == rest
             && path.is_dir()
         {
-            let (state, sequences) = recover_shard(&path, limits, recover_damaged)?;
+            let state = recover_shard(&path, limits, recover_damaged, file_bytes_max)?;
             merge(&mut found.state, state);
-            found.segments.push((index, sequences));
         }
     }
     Ok(found)
@@ -115,7 +155,8 @@ fn recover_shard(
     path: &Path,
     limits: StateLimits,
     recover_damaged: bool,
-) -> Result<(State, Vec<u64>), String> {
+    file_bytes_max: u64,
+) -> Result<State, String> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))? {
         let file = entry
@@ -134,10 +175,7 @@ fn recover_shard(
     let mut maps = Vec::with_capacity(files.len());
     for (sequence, file) in &files {
         let handle = File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let length = handle
-            .metadata()
-            .map_err(|e| format!("{}: {e}", file.display()))?
-            .len();
+        let length = checked_size(file, &handle, file_bytes_max)?;
         // An empty file (a crash right after its creation) has nothing to map.
         let map = if length == 0 {
             None
@@ -161,7 +199,6 @@ fn recover_shard(
         })
         .collect();
     let (state, recovery, ignored) = recover_state(&segments, limits);
-    let sequences: Vec<u64> = files.iter().map(|(sequence, _)| *sequence).collect();
     if let Some(stop) = &recovery.stop {
         let consistent = recovery.is_crash_consistent();
         let message = format!(
@@ -189,13 +226,13 @@ fn recover_shard(
     }
     info!(
         directory = %path.display(),
-        segments = sequences.len(),
+        segments = files.len(),
         records = recovery.records,
         sessions = state.sessions.len(),
         retained = state.retained.len(),
         "durable log recovered"
     );
-    Ok((state, sequences))
+    Ok(state)
 }
 
 /// Adds `other` to `into`, keeping what `into` has (see the module comment).
@@ -303,24 +340,4 @@ fn execute(directory: &Path, index: u16, requests: &[Request]) -> std::io::Resul
         }
     }
     Ok(())
-}
-
-/// After every shard's first checkpoint is synced: removes the directories of shards that no
-/// longer exist and the old snapshot files, then syncs the data directory.
-pub fn remove_leftovers(directory: &Path, found: &Found, shard_count: u16) -> Result<(), String> {
-    for &(index, _) in &found.segments {
-        if index >= shard_count {
-            let path = shard_directory(directory, index);
-            std::fs::remove_dir_all(&path)
-                .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
-            info!(directory = %path.display(), "log of a shard that no longer exists removed: its state is in the current shards' logs");
-        }
-    }
-    for (path, _) in &found.snapshots {
-        std::fs::remove_file(path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
-        info!(file = %path.display(), "old shutdown snapshot removed: its state is in the logs");
-    }
-    File::open(directory)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("cannot sync {}: {e}", directory.display()))
 }

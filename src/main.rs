@@ -8,6 +8,7 @@ mod admin;
 mod config;
 mod durable;
 mod ingress;
+mod layout;
 mod log_io;
 mod passwd;
 mod supervise;
@@ -492,30 +493,28 @@ fn restore_snapshots(shard: &mut Shard, index: u16, snapshots: &[(PathBuf, Vec<u
 
 /// Reads the cores' Raft store of a data directory at start (before any shard runs, so a
 /// blocking read is fine here): the segment files of `DIR/raft/` and an earlier version's
-/// `DIR/raft.state`. Each file's size is checked before it is read.
+/// `DIR/raft.state`. Before any is read, the number of segments (`SEGMENTS_MAX`), each
+/// file's size (`SEGMENT_BYTES_MAX`) and their sum (`STORE_BYTES_MAX`) are checked.
 fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
-    let read = |path: &Path| -> Result<Vec<u8>, String> {
-        let size = std::fs::metadata(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            .len();
-        if size > consensus::SEGMENT_BYTES_MAX {
-            return Err(format!(
-                "{} holds {size} bytes, more than a Raft segment may ({}): not a segment of this store",
-                path.display(),
-                consensus::SEGMENT_BYTES_MAX
-            ));
-        }
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-    };
-    let mut files = RaftStoreFiles::default();
     let folder = directory.join(consensus::RAFT_DIRECTORY);
+    let mut paths = Vec::new();
     match std::fs::read_dir(&folder) {
         Ok(entries) => {
             for entry in entries {
                 let entry = entry.map_err(|e| format!("cannot list {}: {e}", folder.display()))?;
-                let name = entry.file_name();
-                match name.to_str().and_then(consensus::parse_segment_name) {
-                    Some(sequence) => files.segments.push((sequence, read(&entry.path())?)),
+                match entry
+                    .file_name()
+                    .to_str()
+                    .and_then(consensus::parse_segment_name)
+                {
+                    Some(_) if paths.len() >= consensus::SEGMENTS_MAX => {
+                        return Err(format!(
+                            "{} holds more than {} Raft segments: not what this store writes",
+                            folder.display(),
+                            consensus::SEGMENTS_MAX
+                        ));
+                    }
+                    Some(sequence) => paths.push((Some(sequence), entry.path())),
                     None => warn!(file = %entry.path().display(), "not a Raft segment: ignored"),
                 }
             }
@@ -528,7 +527,44 @@ fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
     }
     let legacy = directory.join(consensus::LEGACY_STATE_FILE);
     if legacy.exists() {
-        files.legacy = Some(read(&legacy)?);
+        paths.push((None, legacy));
+    }
+    let mut total = 0u64;
+    for (_, path) in &paths {
+        let size = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .len();
+        if size > consensus::SEGMENT_BYTES_MAX {
+            return Err(format!(
+                "{} holds {size} bytes, more than a Raft segment may ({}): not a segment of this store",
+                path.display(),
+                consensus::SEGMENT_BYTES_MAX
+            ));
+        }
+        total = total.saturating_add(size);
+    }
+    if total > consensus::STORE_BYTES_MAX {
+        return Err(format!(
+            "the Raft store's files in {} hold {total} bytes together, more than {}: not what this store writes",
+            folder.display(),
+            consensus::STORE_BYTES_MAX
+        ));
+    }
+    let mut files = RaftStoreFiles::default();
+    for (sequence, path) in paths {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        // Bounded even if the file grew since its size was taken.
+        std::fs::File::open(&path)
+            .and_then(|file| {
+                file.take(consensus::SEGMENT_BYTES_MAX)
+                    .read_to_end(&mut bytes)
+            })
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        match sequence {
+            Some(sequence) => files.segments.push((sequence, bytes)),
+            None => files.legacy = Some(bytes),
+        }
     }
     Ok(files)
 }
@@ -655,12 +691,21 @@ fn serve(config: Config) -> Result<(), String> {
         (!config.server.data_dir.is_empty()).then(|| PathBuf::from(&config.server.data_dir));
     let sync_policy = config.sync_policy()?;
     let log_config = config.log_config()?;
+    let crash_step = layout::CrashStep::from_environment()?;
     let found = match &data_dir {
-        Some(directory) => Some(durable::recover(
-            directory,
-            (&config.limits()).into(),
-            config.storage.recover_damaged,
-        )?),
+        Some(directory) => {
+            // A switch of the shard layout that a crash interrupted is finished or undone
+            // before anything is read (`layout.rs`).
+            if directory.join(layout::STAGING).exists() {
+                layout::resume(directory, crash_step)?;
+            }
+            Some(durable::recover(
+                directory,
+                (&config.limits()).into(),
+                config.storage.recover_damaged,
+                config.storage.recovery_file_bytes_max,
+            )?)
+        }
         None => None,
     };
     // The cores' Raft state (an edge holds none).
@@ -683,7 +728,11 @@ fn serve(config: Config) -> Result<(), String> {
         .map_or(0, |since| since.as_millis() as u64)
         .saturating_sub(epoch.elapsed().as_millis() as u64);
     // Every shard, restored and with its log's first checkpoint synced, before any serves:
-    // only then may the logs of shards that no longer exist be removed (`durable.rs`).
+    // only then may the old logs be replaced (`layout.rs`).
+    let switch = match &data_dir {
+        Some(directory) => Some(layout::Switch::begin(directory, shard_count, crash_step)?),
+        None => None,
+    };
     let mut shards = Vec::new();
     for index in 0..shard_count {
         let mut shard = Shard::new(ShardConfig {
@@ -694,7 +743,7 @@ fn serve(config: Config) -> Result<(), String> {
             limits: config.limits(),
             shared_strategy: config.shared_strategy()?,
         });
-        if let (Some(directory), Some(found)) = (&data_dir, &found) {
+        if let (Some(switch), Some(found)) = (&switch, &found) {
             let (sessions, retained) = shard.restore_state(&found.state, wall_clock_at_zero_ms);
             if sessions > 0 || (index == 0 && retained > 0) {
                 info!(
@@ -703,16 +752,14 @@ fn serve(config: Config) -> Result<(), String> {
                 );
             }
             restore_snapshots(&mut shard, index, &found.snapshots);
-            let existing: &[u64] = found
-                .segments
-                .iter()
-                .find(|(i, _)| *i == index)
-                .map_or(&[], |(_, sequences)| sequences);
             let state = shard.durable_state(wall_clock_at_zero_ms);
-            let mut log = shardmq_shards::storage::Log::open(log_config, state, existing);
-            durable::run_synchronously(directory, index, &mut log).map_err(|e| {
-                format!("cannot write the first checkpoint of shard {index}'s log: {e}")
+            let mut log = shardmq_shards::storage::Log::open(log_config, state, &[]);
+            durable::run_synchronously(switch.staging(), index, &mut log).map_err(|e| {
+                switch.fail(format!(
+                    "cannot write the first checkpoint of shard {index}'s log: {e}"
+                ))
             })?;
+            switch.staged(index);
             shard.attach_log(
                 log,
                 shardmq_shards::shard::LogSettings {
@@ -724,8 +771,8 @@ fn serve(config: Config) -> Result<(), String> {
         }
         shards.push(shard);
     }
-    if let (Some(directory), Some(found)) = (&data_dir, &found) {
-        durable::remove_leftovers(directory, found, shard_count)?;
+    if let Some(switch) = switch {
+        switch.commit()?;
     }
     let mut shards = shards.into_iter();
     let health = supervise::Health::new(shard_count, epoch, config.admin.stall_timeout_ms);

@@ -155,6 +155,10 @@ impl Fault {
         let Ok(text) = std::env::var(FAULT_INJECT_VARIABLE) else {
             return Ok(None);
         };
+        if text.trim().starts_with(crate::layout::CRASH_START_PREFIX) {
+            // A fault of the start, not of a shard: `layout.rs` reads it.
+            return Ok(None);
+        }
         let fault = Self::parse(&text)?;
         if fault.shard >= shard_count {
             return Err(format!(

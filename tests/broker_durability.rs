@@ -343,3 +343,117 @@ fn an_old_snapshot_is_read_once_into_the_log_and_removed() {
     drop(second);
     let _ = std::fs::remove_dir_all(&directory);
 }
+
+/// A start on `directory` that must be refused: its stderr.
+fn refused_start(directory: &std::path::Path, config: &str) -> String {
+    let (status, stderr) =
+        support::serve_to_exit(directory, 1, config, &[], Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "refused:\n{stderr}");
+    stderr
+}
+
+#[test]
+fn a_damaged_or_oversized_old_snapshot_stops_the_start_and_is_kept() {
+    let directory = data_dir("durability-hostile-snapshot");
+    std::fs::create_dir_all(&directory).unwrap();
+    let snapshot = directory.join("shard-0.snapshot");
+
+    // Not a snapshot at all.
+    std::fs::write(&snapshot, b"not a snapshot of any kind").unwrap();
+    let stderr = refused_start(&directory, "");
+    assert!(
+        stderr.contains("shard-0.snapshot") && stderr.contains("it is kept"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&snapshot).unwrap(),
+        b"not a snapshot of any kind"
+    );
+
+    // A real one with a torn tail: refused, kept, and loaded with --recover-damaged.
+    let mut torn = old_snapshot();
+    torn.truncate(torn.len() - 3);
+    std::fs::write(&snapshot, &torn).unwrap();
+    let stderr = refused_start(&directory, "");
+    assert!(
+        stderr.contains("shard-0.snapshot")
+            && stderr.contains("is damaged")
+            && stderr.contains("--recover-damaged"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&snapshot).unwrap(), torn);
+    let config = format!(
+        "data_dir = {:?}\n[storage]\nrecover_damaged = true\n",
+        directory.to_str().unwrap()
+    );
+    let mut forced = Broker::start_with(1, &config);
+    assert!(forced.is_running(), "{}", forced.log_text());
+    drop(forced);
+    assert!(!snapshot.exists(), "loaded into the logs, then removed");
+
+    // Larger than storage.recovery_file_bytes_max: a snapshot, then a segment.
+    let small = "[storage]\nsegment_size_bytes = 4096\nrecovery_file_bytes_max = 4096\n";
+    std::fs::write(&snapshot, vec![0u8; 5000]).unwrap();
+    let stderr = refused_start(&directory, small);
+    assert!(
+        stderr.contains("shard-0.snapshot") && stderr.contains("recovery_file_bytes_max"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::metadata(&snapshot).unwrap().len(), 5000, "kept");
+    std::fs::remove_file(&snapshot).unwrap();
+    let segment = directory.join("shard-0").join(format!("{:020}.log", 999));
+    std::fs::write(&segment, vec![0u8; 5000]).unwrap();
+    let stderr = refused_start(&directory, small);
+    assert!(
+        stderr.contains(&format!("{:020}.log", 999)) && stderr.contains("recovery_file_bytes_max"),
+        "{stderr}"
+    );
+    assert!(segment.exists(), "kept");
+    let _ = std::fs::remove_dir_all(&directory);
+}
+
+#[test]
+fn a_raft_store_past_its_bounds_stops_a_cores_start_before_reading_it() {
+    let directory = data_dir("durability-raft-bounds");
+    let raft = directory.join("raft");
+    let core = format!(
+        "[cluster]\nenabled = true\nsecret = \"{}\"\nnode_id = 1\nrole = \"core\"\nlisten = \"127.0.0.1:{}\"\n",
+        support::CLUSTER_SECRET,
+        support::free_port()
+    );
+    let segment = |sequence: u64| raft.join(format!("{sequence:020}.raft"));
+    // Sparse files: their sizes are checked before a byte is read, so none is.
+    let sized = |sequence: u64, bytes: u64| {
+        std::fs::File::create(segment(sequence))
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+    };
+    let mib = 1024 * 1024;
+    for (case, files, expected) in [
+        (
+            "too many segments",
+            vec![16; 5],
+            "more than 4 Raft segments",
+        ),
+        (
+            "one segment too large",
+            vec![300 * mib],
+            "more than a Raft segment may",
+        ),
+        (
+            "too many bytes",
+            vec![200 * mib; 3],
+            "bytes together, more than",
+        ),
+    ] {
+        let _ = std::fs::remove_dir_all(&raft);
+        std::fs::create_dir_all(&raft).unwrap();
+        for (i, bytes) in files.iter().enumerate() {
+            sized(i as u64 + 1, *bytes);
+        }
+        let stderr = refused_start(&directory, &core);
+        assert!(stderr.contains(expected), "{case}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&directory);
+}

@@ -851,11 +851,22 @@ fn publish_acknowledged(
     packet_id: u16,
     payload: &str,
 ) -> ReasonCode {
+    publish_with(client, topic, false, packet_id, payload)
+}
+
+/// [`publish_acknowledged`] with the retain flag `retain`.
+fn publish_with(
+    client: &mut Client,
+    topic: &str,
+    retain: bool,
+    packet_id: u16,
+    payload: &str,
+) -> ReasonCode {
     client
         .publish(
             topic,
             QoS::AtLeastOnce,
-            false,
+            retain,
             packet_id,
             payload.as_bytes(),
         )
@@ -1262,4 +1273,309 @@ fn a_missing_middle_segment_stops_the_start_unless_recover_damaged() {
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(&config);
     let _ = std::fs::remove_dir_all(&directory);
+}
+
+// ---------------------------------------------------------------------------------------
+// A change of the shard count, interrupted at each step of the switch (`src/layout.rs`).
+
+/// Persistent sessions `reshard-keeper-I`, each subscribed to `reshard/I/#`.
+const RESHARD_SESSIONS: usize = 6;
+/// QoS 1 messages queued for each of them while offline.
+const RESHARD_QUEUED: usize = 4;
+/// Retained topics `r/0..` set; the expected set after the changes of [`reshard_base`].
+const RESHARD_RETAINED: usize = 8;
+/// The steps of the switch (`layout::CrashStep::name`), and whether a crash there rolls the
+/// switch back (no marker yet) or forward.
+const SWITCH_STEPS: [(&str, bool); 6] = [
+    ("staging", true),
+    ("staged", true),
+    ("marked", false),
+    ("moving", false),
+    ("moved", false),
+    ("removed", false),
+];
+
+fn keeper(i: usize) -> String {
+    format!("reshard-keeper-{i}")
+}
+
+fn queued(i: usize) -> Vec<String> {
+    (0..RESHARD_QUEUED).map(|k| format!("q-{i}-{k}")).collect()
+}
+
+fn expected_retained() -> Vec<(String, String)> {
+    (0..RESHARD_RETAINED)
+        .filter(|t| *t != 1 && *t != 4)
+        .map(|t| {
+            let value = if t == 2 {
+                "v2b".into()
+            } else {
+                format!("v{t}")
+            };
+            (format!("r/{t}"), value)
+        })
+        .collect()
+}
+
+/// Leaves in `directory`, by a SIGKILL of a broker with `shards` shards: the offline
+/// sessions with [`queued`] messages (and two earlier messages each, delivered and
+/// acknowledged), the retained set of [`expected_retained`] (r/1 and r/4 set then cleared,
+/// r/2 replaced) and the persistent session `reshard-ended`, ended.
+fn reshard_base(directory: &Path, shards: u16) {
+    let config = format!("data_dir = {:?}\n", directory.to_str().unwrap());
+    let mut broker = Broker::start_with(shards, &config);
+    let port = broker.port;
+    let log = || broker.log_text();
+    offline_subscriber(port, "reshard-ended", "reshard/ended/#");
+    let (ender, connack) = Client::connect(port, "reshard-ended", true, 0).unwrap();
+    assert_eq!(connack.reason, ReasonCode::SUCCESS);
+    ender.disconnect();
+    let (mut writer, _) = Client::connect(port, "reshard-writer", true, 0).unwrap();
+    let mut packet_id = 0u16;
+    let mut publish = |writer: &mut Client, topic: &str, retain: bool, payload: &str| {
+        packet_id += 1;
+        let reason = publish_with(writer, topic, retain, packet_id, payload);
+        // A retained message nobody subscribes to is taken with 0x10 (no matching
+        // subscribers); every other message here has its subscriber.
+        let taken = reason == ReasonCode::SUCCESS || (retain && reason.0 == 0x10);
+        assert!(taken, "{payload}: {reason:?}");
+    };
+    for i in 0..RESHARD_SESSIONS {
+        offline_subscriber(port, &keeper(i), &format!("reshard/{i}/#"));
+    }
+    // A subscription reaches the other shards' routes a moment after its SUBACK.
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..RESHARD_SESSIONS {
+        for k in 0..2 {
+            publish(
+                &mut writer,
+                &format!("reshard/{i}/m"),
+                false,
+                &format!("early-{i}-{k}"),
+            );
+        }
+        let marker = format!("reshard/{i}/marker");
+        let got = resume_until_marker(port, &log, &keeper(i), &marker);
+        assert_eq!(
+            got,
+            [format!("early-{i}-0"), format!("early-{i}-1")],
+            "{}",
+            log()
+        );
+        for payload in queued(i) {
+            publish(&mut writer, &format!("reshard/{i}/m"), false, &payload);
+        }
+    }
+    for t in 0..RESHARD_RETAINED {
+        publish(&mut writer, &format!("r/{t}"), true, &format!("v{t}"));
+    }
+    publish(&mut writer, "r/1", true, "");
+    publish(&mut writer, "r/4", true, "");
+    publish(&mut writer, "r/2", true, "v2b");
+    broker.kill();
+}
+
+/// The retained messages a new subscription to `r/#` gets, sorted.
+fn retained_now(port: u16) -> Vec<(String, String)> {
+    let (mut reader, _) = Client::connect(port, "reshard-reader", true, 0).unwrap();
+    reader.subscribe(1, "r/#", QoS::AtMostOnce).unwrap();
+    let mut got = Vec::new();
+    // Retained messages follow the SUBACK at once; a quiet half second ends them.
+    while let Some(packet) = reader.recv(Duration::from_millis(500)).unwrap() {
+        if let Packet::Publish(publish) = packet {
+            assert!(publish.retain);
+            got.push((
+                publish.topic.to_string(),
+                String::from_utf8_lossy(&publish.payload).into_owned(),
+            ));
+        }
+    }
+    reader.disconnect();
+    got.sort();
+    got
+}
+
+/// Starts a broker with `shards` shards on `directory` and checks that it holds exactly what
+/// [`reshard_base`] left: every session with its queue (once, in order), the retained set,
+/// the ended session still ended; and that the layout is whole (no staging directory, one
+/// directory per shard).
+fn check_resharded(directory: &Path, shards: u16, context: &str) {
+    let config = format!("data_dir = {:?}\n", directory.to_str().unwrap());
+    let broker = Broker::start_with(shards, &config);
+    let log = || format!("{context}\n{}", broker.log_text());
+    for i in 0..RESHARD_SESSIONS {
+        let marker = format!("reshard/{i}/marker");
+        let got = resume_until_marker(broker.port, &log, &keeper(i), &marker);
+        assert_eq!(got, queued(i), "{}: session {i}\n{}", context, log());
+    }
+    assert_eq!(retained_now(broker.port), expected_retained(), "{}", log());
+    let (ended, connack) = Client::connect(broker.port, "reshard-ended", false, 0).unwrap();
+    assert!(
+        !connack.session_present,
+        "an ended session came back\n{}",
+        log()
+    );
+    ended.disconnect();
+    let mut names: Vec<String> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("shard"))
+        .collect();
+    names.sort();
+    let expected: Vec<String> = (0..shards).map(|i| format!("shard-{i}")).collect();
+    assert_eq!(names, expected, "{}", log());
+    drop(broker);
+}
+
+/// Copies a data directory (files and shard directories; no deeper).
+fn copy_directory(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_directory(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_shard_count_change_crashed_at_any_step_loses_nothing() {
+    const FROM: u16 = 2;
+    const TO: u16 = 3;
+    // What the change moves: sessions and retained topics whose owner is another shard
+    // under the new count, some of them to a later shard than the one whose old log held
+    // them (the window the two-phase switch closes).
+    let owners = |name: &str| {
+        (
+            shardmq_shards::owner_shard(name, FROM),
+            shardmq_shards::owner_shard(name, TO),
+        )
+    };
+    let names: Vec<String> = (0..RESHARD_SESSIONS)
+        .map(keeper)
+        .chain((0..RESHARD_RETAINED).map(|t| format!("r/{t}")))
+        .collect();
+    assert!(
+        names.iter().any(|n| owners(n).0 < owners(n).1),
+        "the test's names move to a later shard: {:?}",
+        names.iter().map(|n| owners(n)).collect::<Vec<_>>()
+    );
+    let base = temp_dir("reshard-base");
+    reshard_base(&base, FROM);
+    for (step, rolls_back) in SWITCH_STEPS {
+        let crashed = temp_dir(&format!("reshard-{step}"));
+        copy_directory(&base, &crashed);
+        let (status, stderr) = support::serve_to_exit(
+            &crashed,
+            TO,
+            "",
+            &[("SHARDMQ_FAULT_INJECT", &format!("crash-start:{step}"))],
+            WAIT,
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.and_then(|s| s.signal()),
+            Some(6),
+            "aborted at {step}:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("aborting at the shard layout step \"{step}\"")),
+            "{stderr}"
+        );
+        assert!(
+            crashed.join("shards.next").is_dir(),
+            "{step}: the switch was under way"
+        );
+        // The same crashed directory, restarted with the new count and with the old one.
+        let again = temp_dir(&format!("reshard-{step}-again"));
+        copy_directory(&crashed, &again);
+        for (directory, shards) in [(&crashed, TO), (&again, FROM)] {
+            let context = format!("crashed at {step}, restarted with {shards} shards");
+            let config = format!("data_dir = {:?}\n", directory.to_str().unwrap());
+            {
+                // The interrupted switch is rolled the right way before anything is read.
+                let broker = Broker::start_with(shards, &config);
+                let said = if rolls_back {
+                    "rolled back"
+                } else {
+                    "finishing it"
+                };
+                assert!(
+                    broker.log_text().contains(said),
+                    "{context}: {said}\n{}",
+                    broker.log_text()
+                );
+            }
+            check_resharded(directory, shards, &context);
+            let _ = std::fs::remove_dir_all(directory);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn a_full_disk_during_a_shard_count_change_keeps_the_old_logs() {
+    let mount = match Tmpfs::mount(temp_dir("reshard-full"), "4m") {
+        Ok(mount) => mount,
+        Err(error) => {
+            eprintln!("SKIPPED: cannot mount a tmpfs for the full-disk test (needs root): {error}");
+            return;
+        }
+    };
+    let directory = mount.path.join("data");
+    reshard_base(&directory, 2);
+    fill(&mount.path.join("filler"));
+    let (status, stderr) = support::serve_to_exit(&directory, 3, "", &[], WAIT);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "the start is refused:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("os error 28") && stderr.contains("The shard layout was not changed"),
+        "the error says why and that nothing changed:\n{stderr}"
+    );
+    assert!(
+        !directory.join("shards.next").exists(),
+        "the staged logs are removed"
+    );
+    // Then a page more room at a time, until the disk fills up while a later shard's
+    // checkpoint is staged (shard 0's already in `shards.next`): refused the same way.
+    let filler = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.path.join("filler"))
+        .unwrap();
+    let mut later_shard_refused = false;
+    for _ in 0..64 {
+        let length = filler.metadata().unwrap().len();
+        filler.set_len(length.saturating_sub(4096)).unwrap();
+        let (status, stderr) =
+            support::serve_to_exit(&directory, 3, "", &[], Duration::from_secs(5));
+        if status.is_none() {
+            // Everything fitted: the change was made (the broker served and was killed).
+            break;
+        }
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("The shard layout was not changed"),
+            "{stderr}"
+        );
+        assert!(!directory.join("shards.next").exists(), "{stderr}");
+        if stderr.contains("shard 1's log") || stderr.contains("shard 2's log") {
+            later_shard_refused = true;
+            break;
+        }
+    }
+    assert!(
+        later_shard_refused,
+        "a refusal while a later shard was staged"
+    );
+    drop(filler);
+    std::fs::remove_file(mount.path.join("filler")).unwrap();
+    check_resharded(&directory, 3, "after a full disk refused the change");
+    drop(mount);
 }

@@ -258,6 +258,65 @@ impl Broker {
     }
 }
 
+/// Runs `shardmq serve --shards SHARDS` on data directory `directory` with extra TOML
+/// `config` (sections after `[server]`) and `env` set, expected to end by itself at start (a
+/// refused start, an injected abort): its exit status and stderr. Killed and reported as
+/// `None` if it still runs after `timeout` (it started serving).
+pub fn serve_to_exit(
+    directory: &std::path::Path,
+    shards: u16,
+    config: &str,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    // Beside the test's files, not in `directory` (which may be on a full file system).
+    let scratch = std::env::temp_dir().join(format!(
+        "shardmq-serve-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let stderr = scratch.with_extension("stderr");
+    let config_path = scratch.with_extension("toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\npin_cores = false\nlisten = [\"127.0.0.1:{}\"]\ndata_dir = {:?}\n{config}\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_port(),
+            directory.to_str().unwrap(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shardmq"));
+    command.env("SHARDMQ_ADMIN_TOKEN", ADMIN_TOKEN);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command
+        .args(["serve", "--shards", &shards.to_string(), "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("starting shardmq");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+    let _ = std::fs::remove_file(&stderr);
+    let _ = std::fs::remove_file(&config_path);
+    (status, text)
+}
+
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;

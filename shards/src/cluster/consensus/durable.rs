@@ -57,6 +57,25 @@ pub const FRAME_LENGTH_MAX: usize = 64 << 20;
 /// segments near `CHECKPOINT_MIN_BYTES` plus one checkpoint).
 pub const SEGMENT_BYTES_MAX: u64 = 4 * FRAME_LENGTH_MAX as u64;
 
+/// The most segment files a store holds: the writer keeps one, and two for the moment of a
+/// checkpoint (the old one is removed once the new one is synced). More is not this store's
+/// doing, and recovery refuses it rather than reading them all.
+pub const SEGMENTS_MAX: usize = 4;
+
+/// The most bytes all segments together may hold at start (two full segments: the moment of
+/// a checkpoint); recovery reads no more than this into memory.
+pub const STORE_BYTES_MAX: u64 = 2 * SEGMENT_BYTES_MAX;
+
+/// The most log entries recovery keeps after the snapshot. The store holds the entries
+/// raft-rs has not compacted (about a thousand behind the applied one, and what is not yet
+/// applied), far fewer than this; the bound keeps a crafted store (a frame of empty entries
+/// costs a few bytes each on disk and far more in memory) from taking the memory.
+pub const ENTRIES_MAX: usize = 1 << 20;
+
+fn too_many_entries() -> String {
+    format!("the stored Raft log holds more than {ENTRIES_MAX} entries: not what this store writes")
+}
+
 /// A checkpoint is written once the frames appended since the last one reach this many
 /// bytes and four times the checkpoint's size (so its cost stays a fraction of the appends).
 const CHECKPOINT_MIN_BYTES: u64 = 1 << 20;
@@ -276,6 +295,9 @@ impl Batch {
                     if batch.hard.is_some() {
                         return Err(order_error());
                     }
+                    if batch.entries.len() >= ENTRIES_MAX {
+                        return Err(too_many_entries());
+                    }
                     batch.entries.push(
                         Entry::parse_from_bytes(bytes)
                             .map_err(|e| format!("a stored Raft entry does not decode: {e}"))?,
@@ -344,6 +366,9 @@ impl Recovered {
             }
             let keep = (first.index - floor - 1) as usize;
             self.entries.truncate(keep);
+            if self.entries.len().saturating_add(batch.entries.len()) > ENTRIES_MAX {
+                return Err(too_many_entries());
+            }
             self.entries.extend(batch.entries);
         }
         if let Some(hard) = batch.hard {

@@ -55,7 +55,7 @@ use tracing::{debug, info, warn};
 use self::durable::Disk;
 pub use self::durable::{
     FRAME_LENGTH_MAX, LEGACY_STATE_FILE, RAFT_DIRECTORY, RaftFileCall, RaftFileOp, RaftStoreFiles,
-    SEGMENT_BYTES_MAX, parse_segment_name,
+    SEGMENT_BYTES_MAX, SEGMENTS_MAX, STORE_BYTES_MAX, parse_segment_name,
 };
 pub use self::registry::{Registry, SETTINGS, check_setting};
 use self::store::{Store, TracingDrain};

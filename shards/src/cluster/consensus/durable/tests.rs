@@ -659,3 +659,17 @@ fn an_unreadable_checkpoint_with_no_segment_before_it_is_refused_unless_it_is_th
         );
     }
 }
+
+#[test]
+fn a_frame_of_more_entries_than_the_bound_is_refused_without_keeping_them() {
+    // Empty entries cost five bytes each on disk: the bound, not the frame length, stops them.
+    let mut body = BytesMut::new();
+    for _ in 0..=ENTRIES_MAX {
+        put_item(&mut body, ITEM_ENTRY, &[]);
+    }
+    let error = Batch::decode(&body).unwrap_err();
+    assert!(error.contains("more than"), "{error}");
+    // Up to the bound is read.
+    let exact = &body[..ENTRIES_MAX * 5];
+    assert_eq!(Batch::decode(exact).unwrap().entries.len(), ENTRIES_MAX);
+}
