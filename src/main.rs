@@ -9,6 +9,7 @@ mod config;
 mod durable;
 mod ingress;
 mod log_io;
+mod metrics;
 mod passwd;
 mod supervise;
 
@@ -301,6 +302,7 @@ impl ShardHandler {
     fn request(&mut self, control: Control) -> NodeInput {
         let request = match &control {
             Control::Status(_) => Request::Status,
+            Control::Metrics(_) => Request::Metrics,
             Control::Join(address, _) => Request::Join(*address),
             Control::Leave(_) => Request::Leave,
             Control::Set(key, value, _) => Request::Set {
@@ -324,7 +326,17 @@ impl ShardHandler {
             Control::Status(reply) => {
                 let _ = reply.send(answer.and_then(|answer| match answer {
                     Answer::Status(status) => Ok(admin::status_json(&status)),
-                    Answer::Done => Err("the node answered a status request without one".into()),
+                    Answer::Done | Answer::Metrics(_) => {
+                        Err("the node answered a status request without one".into())
+                    }
+                }));
+            }
+            Control::Metrics(reply) => {
+                let _ = reply.send(answer.and_then(|answer| match answer {
+                    Answer::Metrics(metrics) => Ok(metrics),
+                    Answer::Done | Answer::Status(_) => {
+                        Err("the shard answered a metrics request without them".into())
+                    }
                 }));
             }
             Control::Join(_, reply) | Control::Leave(reply) | Control::Set(_, _, reply) => {
@@ -853,6 +865,7 @@ fn serve(config: Config) -> Result<(), String> {
             mailboxes.clone(),
             health.clone(),
             reloader.clone(),
+            admission.clone(),
         )
     {
         startup_error = Some(message);
