@@ -1171,12 +1171,19 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            tracing_subscriber::fmt()
+            let logs = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_target(false)
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+                .with_writer(std::io::stderr);
+            if loaded.server.log_format == "json" {
+                logs.json()
+                    .with_thread_names(true)
+                    .with_current_span(false)
+                    .init();
+            } else {
+                logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .init();
+            }
             supervise::log_panics();
             match serve(loaded) {
                 Ok(()) => ExitCode::SUCCESS,
