@@ -40,13 +40,19 @@ use shardmq_shards::cluster::consensus::check_setting;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use shardmq_net::reactor::admission::Admission;
+use shardmq_shards::shard::ShardMetrics;
+
 use crate::config::ADMIN_TOKEN_VARIABLE;
+use crate::metrics;
 use crate::supervise::Health;
 
 /// A request from the admin thread to shard 0.
 #[derive(Debug)]
 pub enum Control {
     Status(oneshot::Sender<Result<Value, String>>),
+    /// One shard's counters and gauges (posted to every shard for `GET /metrics`).
+    Metrics(oneshot::Sender<Result<Box<ShardMetrics>, String>>),
     Join(SocketAddr, oneshot::Sender<Result<(), String>>),
     Leave(oneshot::Sender<Result<(), String>>),
     Set(String, String, oneshot::Sender<Result<(), String>>),
@@ -147,6 +153,10 @@ struct AppState {
     /// Reloads the TLS listeners' certificates and keys (`POST /api/v1/tls/reload`).
     reloader: Arc<crate::ingress::Reloader>,
     health: Arc<Health>,
+    /// The client listeners' admission table, for its counts in `GET /metrics`.
+    admission: Arc<Admission>,
+    /// When the admin endpoint started (the process's uptime, near enough).
+    started: tokio::time::Instant,
     settings: Arc<Settings>,
     /// The last answer to "is the node a member?", and when it was had: readiness probes
     /// need no token, so a flood of them must not reach shard 0 more than once per
@@ -408,6 +418,64 @@ async fn ready(State(state): State<AppState>) -> Response {
     Json(json!({ "ready": true })).into_response()
 }
 
+/// How long a scrape waits for each shard (they are asked at once).
+const METRICS_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /metrics`: every shard's counters, the admission table's, shard 0's cluster status
+/// when clustered, and the process's figures, in the Prometheus text format. A shard that
+/// does not answer in time is left out and counted (`shardmq_scrape_shards_missing`).
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let shard_count = state.health.progress().len() as u16;
+    // Every shard is asked at once; the answers are awaited against one deadline.
+    let receivers: Vec<_> = (0..shard_count)
+        .map(|shard| {
+            let (sender, receiver) = oneshot::channel();
+            state
+                .mailboxes
+                .post(shard, NodeMessage::Control(Control::Metrics(sender)));
+            (shard, receiver)
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + METRICS_ASK_TIMEOUT;
+    let mut shards = Vec::with_capacity(receivers.len());
+    let mut missing = 0;
+    for (shard, receiver) in receivers {
+        match tokio::time::timeout_at(deadline, receiver).await {
+            Ok(Ok(Ok(metrics))) => shards.push((shard, *metrics)),
+            Ok(Ok(Err(message))) => {
+                warn!(shard, %message, "a shard's metrics are missing from this scrape");
+                missing += 1;
+            }
+            Ok(Err(_)) | Err(_) => {
+                warn!(shard, "a shard did not answer the metrics scrape in time");
+                missing += 1;
+            }
+        }
+    }
+    let cluster = if state.settings.clustered {
+        ask(&state.mailboxes, METRICS_ASK_TIMEOUT, Control::Status)
+            .await
+            .ok()
+    } else {
+        None
+    };
+    let scrape = metrics::Scrape {
+        shards: &shards,
+        shards_missing: missing,
+        admission: state.admission.counters().snapshot(),
+        cluster: cluster.as_ref(),
+        process: metrics::Process::read(state.started.elapsed().as_secs()),
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics::render(&scrape),
+    )
+        .into_response()
+}
+
 /// Whether the node is a member of its cluster (a core knows its Raft leader, an edge
 /// follows a core), asked of shard 0 at most once per [`MEMBERSHIP_ANSWER_TTL`].
 async fn membership(state: &AppState) -> Result<bool, String> {
@@ -552,6 +620,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/cluster/leave", post(leave))
         .route("/api/v1/cluster/settings", post(set))
         .route("/api/v1/tls/reload", post(tls_reload))
+        .route("/metrics", get(metrics_text))
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -599,6 +668,7 @@ pub fn start(
     mailboxes: Shared,
     health: Arc<Health>,
     reloader: Arc<crate::ingress::Reloader>,
+    admission: Arc<Admission>,
 ) -> Result<(), String> {
     let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
@@ -631,6 +701,8 @@ pub fn start(
                     mailboxes,
                     reloader,
                     health,
+                    admission,
+                    started: tokio::time::Instant::now(),
                     settings: settings.clone(),
                     membership: Arc::default(),
                 });

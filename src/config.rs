@@ -393,6 +393,7 @@ pub struct Server {
     pub data_dir: String,
     pub shared_subscription_strategy: String,
     pub log: String,
+    pub log_format: String,
     pub tcp_keepalive_idle_seconds: u64,
     pub tcp_keepalive_interval_seconds: u64,
     pub tcp_keepalive_count: u32,
@@ -514,6 +515,10 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
         self.listeners()?;
+        check(
+            matches!(self.server.log_format.as_str(), "text" | "json"),
+            "`server.log_format` must be \"text\" or \"json\"",
+        )?;
         check(self.server.backlog > 0, "`server.backlog` must be positive")?;
         // Servers must accept identifiers of 1 to 23 characters [MQTT-3.1.3-5]; an MQTT string
         // holds at most 65,535 bytes, so a larger limit would mean nothing.

@@ -10,6 +10,7 @@ mod durable;
 mod ingress;
 mod layout;
 mod log_io;
+mod metrics;
 mod passwd;
 mod supervise;
 
@@ -302,6 +303,7 @@ impl ShardHandler {
     fn request(&mut self, control: Control) -> NodeInput {
         let request = match &control {
             Control::Status(_) => Request::Status,
+            Control::Metrics(_) => Request::Metrics,
             Control::Join(address, _) => Request::Join(*address),
             Control::Leave(_) => Request::Leave,
             Control::Set(key, value, _) => Request::Set {
@@ -325,7 +327,17 @@ impl ShardHandler {
             Control::Status(reply) => {
                 let _ = reply.send(answer.and_then(|answer| match answer {
                     Answer::Status(status) => Ok(admin::status_json(&status)),
-                    Answer::Done => Err("the node answered a status request without one".into()),
+                    Answer::Done | Answer::Metrics(_) => {
+                        Err("the node answered a status request without one".into())
+                    }
+                }));
+            }
+            Control::Metrics(reply) => {
+                let _ = reply.send(answer.and_then(|answer| match answer {
+                    Answer::Metrics(metrics) => Ok(metrics),
+                    Answer::Done | Answer::Status(_) => {
+                        Err("the shard answered a metrics request without them".into())
+                    }
                 }));
             }
             Control::Join(_, reply) | Control::Leave(reply) | Control::Set(_, _, reply) => {
@@ -900,6 +912,7 @@ fn serve(config: Config) -> Result<(), String> {
             mailboxes.clone(),
             health.clone(),
             reloader.clone(),
+            admission.clone(),
         )
     {
         startup_error = Some(message);
@@ -1205,12 +1218,19 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            tracing_subscriber::fmt()
+            let logs = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_target(false)
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+                .with_writer(std::io::stderr);
+            if loaded.server.log_format == "json" {
+                logs.json()
+                    .with_thread_names(true)
+                    .with_current_span(false)
+                    .init();
+            } else {
+                logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .init();
+            }
             supervise::log_panics();
             match serve(loaded) {
                 Ok(()) => ExitCode::SUCCESS,

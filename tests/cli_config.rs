@@ -166,3 +166,44 @@ fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
     assert_eq!(bytes, [0xE0, 0x01, 0x8B], "DISCONNECT Server shutting down");
     assert!(closed);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_client_and_its_address() {
+    let port = support::free_port();
+    let admin_port = support::free_port();
+    let mut broker = Broker::start_env(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        None,
+        port,
+        admin_port,
+        1,
+        "log_format = \"json\"\n",
+        &[("RUST_LOG", Some("shardmq_shards=debug,info"))],
+    );
+    let client = support::v5(port, "json-log-client", |_| {});
+    drop(client);
+    broker.stop();
+    let log = broker.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|line| line["level"].is_string() && line["timestamp"].is_string())
+    );
+    let connected = lines
+        .iter()
+        .find(|line| line["fields"]["message"] == "client connected")
+        .unwrap_or_else(|| panic!("no \"client connected\" line:\n{log}"));
+    assert_eq!(connected["fields"]["client_id"], "json-log-client");
+    assert!(
+        connected["fields"]["peer"]
+            .as_str()
+            .is_some_and(|peer| peer.contains("127.0.0.1")),
+        "{connected}"
+    );
+    assert_eq!(connected["threadName"], "shard-0");
+}

@@ -44,6 +44,12 @@ if ! python3 -c "import paho.mqtt, sys; sys.exit(0 if int(paho.mqtt.__version__.
     python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt>=2,<3" \
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "paho-mqtt>=2,<3"
 fi
+# The Prometheus project's text parser, which tests/admin_metrics.rs reads /metrics with.
+if ! python3 -c "import prometheus_client.openmetrics.parser" 2>/dev/null; then
+    echo "prometheus-client (Python) missing: installing it from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check "prometheus-client>=0.20,<1" \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "prometheus-client>=0.20,<1"
+fi
 # The partition tests cut links between network namespaces with `ip` (iproute2).
 if ! command -v ip >/dev/null; then
     echo "iproute2 missing: installing it with apt-get"

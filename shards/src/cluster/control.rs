@@ -22,6 +22,7 @@ impl NodeShard {
         let now_ms = self.now_ms;
         let answer = match request {
             Request::Status => self.status(now_ms).map(|s| Answer::Status(Box::new(s))),
+            Request::Metrics => Ok(Answer::Metrics(Box::new(self.shard.metrics()))),
             Request::Join(address) => self.join(address).map(|()| Answer::Done),
             Request::Leave => self.leave().map(|()| Answer::Done),
             Request::Set { key, value } => self.set_setting(&key, &value).map(|()| Answer::Done),

@@ -153,15 +153,21 @@ pub enum NodeInput {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Status,
+    /// This shard's counters and gauges (asked of every shard, not only shard 0).
+    Metrics,
     Join(SocketAddr),
     Leave,
-    Set { key: String, value: String },
+    Set {
+        key: String,
+        value: String,
+    },
 }
 
 /// A request's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     Status(Box<Status>),
+    Metrics(Box<crate::shard::ShardMetrics>),
     /// Done (join, leave, set).
     Done,
 }

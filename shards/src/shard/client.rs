@@ -63,6 +63,9 @@ impl Shard {
         index: SessionIndex,
         mut publish: Publish,
     ) {
+        self.outbox
+            .stats
+            .received(publish.qos, publish.payload.len());
         let limits = &self.config.limits;
         let connection = self
             .connections

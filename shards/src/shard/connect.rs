@@ -165,7 +165,8 @@ impl Shard {
             assigned.then(|| client_id.clone()),
             server_keep_alive,
         );
-        debug!(connection = connection_id, %client_id, ?version, session_present, "client connected");
+        let peer = self.peer(connection_id);
+        debug!(connection = connection_id, %client_id, ?peer, ?version, session_present, "client connected");
         self.send(
             connection_id,
             &Packet::ConnAck(Box::new(ConnAck {

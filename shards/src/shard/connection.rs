@@ -138,6 +138,8 @@ pub(super) struct Outbox {
     /// PUBLISH packets not sent because they exceed their client's Maximum Packet Size
     /// (QoS 1 and 2 count as delivered).
     pub(super) dropped_too_large_count: u64,
+    /// The shard's counters for the metrics endpoint (every write path holds the outbox).
+    pub(super) stats: super::Stats,
 }
 
 impl Outbox {
@@ -148,6 +150,7 @@ impl Outbox {
             unsent_bytes_max: unsent_bytes_max.max(1),
             dropped_over_bound_count: 0,
             dropped_too_large_count: 0,
+            stats: super::Stats::default(),
         }
     }
 
@@ -296,6 +299,7 @@ impl Shard {
                 limit = self.config.limits.connections_per_shard_max,
                 "connection refused: the shard is at its connection limit"
             );
+            self.outbox.stats.connections_refused_shard_limit += 1;
             self.outputs.push(Output::Close { connection });
             return;
         }
@@ -310,6 +314,7 @@ impl Shard {
         let mut opened = Connection::new(connection, transport, self.now_ms);
         opened.connect_timer = connect_timer;
         self.connections.insert(connection, opened);
+        self.outbox.stats.connections_opened += 1;
     }
 
     pub(super) fn receive(&mut self, connection_id: ConnectionId, bytes: Bytes) {
@@ -635,6 +640,12 @@ impl Shard {
         version: ProtocolVersion,
         reason: ReasonCode,
     ) {
+        *self
+            .outbox
+            .stats
+            .connects_refused
+            .entry(reason.0)
+            .or_default() += 1;
         if let Some(connection) = self.connections.get_mut(&connection_id) {
             connection.version = version;
         }

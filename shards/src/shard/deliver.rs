@@ -60,6 +60,7 @@ impl Shard {
         groups: &[(ByteString, ByteString)],
     ) {
         if message.is_expired(self.now_ms) {
+            self.outbox.stats.dropped_expired += 1;
             return;
         }
         let mut matched = std::mem::take(&mut self.matched);
@@ -197,7 +198,14 @@ impl Shard {
             if qos == QoS::AtMostOnce {
                 return;
             }
-            return Self::enqueue(session, message, subscription_identifiers, limit, durable);
+            return Self::enqueue(
+                session,
+                message,
+                subscription_identifiers,
+                limit,
+                durable,
+                &mut outbox.stats,
+            );
         };
         // Live delivery: with nothing waiting and room in the window, straight to the
         // connection, without passing through (and allocating) the session's queue.
@@ -226,11 +234,19 @@ impl Shard {
                     back.subscription_identifiers,
                     limit,
                     durable,
+                    &mut outbox.stats,
                 );
             }
             return;
         }
-        Self::enqueue(session, message, subscription_identifiers, limit, durable);
+        Self::enqueue(
+            session,
+            message,
+            subscription_identifiers,
+            limit,
+            durable,
+            &mut outbox.stats,
+        );
         self.drain_queue(index);
     }
 
@@ -243,9 +259,11 @@ impl Shard {
         subscription_identifiers: Vec<u32>,
         limit: usize,
         durable: &mut Option<Box<Durable>>,
+        stats: &mut super::Stats,
     ) {
         if session.queue.len() >= limit {
             let dropped = session.queue.pop_front();
+            stats.dropped_queue_full += u64::from(dropped.is_some());
             if session.logged && dropped.is_some_and(|d| d.message.qos != QoS::AtMostOnce) {
                 let client_id = session.client_id.clone();
                 durable::record(durable, |_| storage::Record::QueuedDropped { client_id });
@@ -341,21 +359,28 @@ impl Shard {
             }
         };
         if message.is_expired(now_ms) {
+            outbox.stats.dropped_expired += 1;
             dropped(durable, session);
             return None;
         }
         if message.qos == QoS::AtMostOnce {
+            let payload_bytes = message.payload.len();
             // QoS 0 keeps nothing after sending: the topic, payload and properties move.
             let packet = Packet::Publish(publish_packet_owned(
                 message,
                 subscription_identifiers,
                 now_ms,
             ));
-            if connection.write(&packet, Priority::Deferrable, outbox) == Write::OverBound {
-                outbox.dropped_over_bound_count += 1;
-                if outbox.dropped_over_bound_count.is_power_of_two() {
-                    warn!(client_id = %session.client_id, dropped = outbox.dropped_over_bound_count, limit = outbox.unsent_bytes_max(), "a subscriber is not reading: dropping QoS 0 messages for connections at their unsent limit");
+            match connection.write(&packet, Priority::Deferrable, outbox) {
+                Write::Written => outbox.stats.sent(QoS::AtMostOnce, payload_bytes),
+                Write::OverBound => {
+                    outbox.dropped_over_bound_count += 1;
+                    if outbox.dropped_over_bound_count.is_power_of_two() {
+                        warn!(client_id = %session.client_id, dropped = outbox.dropped_over_bound_count, limit = outbox.unsent_bytes_max(), "a subscriber is not reading: dropping QoS 0 messages for connections at their unsent limit");
+                    }
                 }
+                // Counted by the writer (`dropped_too_large_count`).
+                Write::TooLarge => {}
             }
             return None;
         }
@@ -370,6 +395,7 @@ impl Shard {
         ));
         match connection.write(&packet, Priority::Deferrable, outbox) {
             Write::Written => {
+                outbox.stats.sent(message.qos, message.payload.len());
                 if logged {
                     let client_id = &session.client_id;
                     if !from_queue {

@@ -95,6 +95,16 @@ pub(super) struct Durable {
 }
 
 impl Durable {
+    /// Acknowledgements waiting for the log (for the metrics endpoint).
+    pub(super) fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether the log failed (full disk, I/O error): durable work is refused.
+    pub(super) fn has_failed(&self) -> bool {
+        self.failed
+    }
+
     fn appended(&self) -> Lsn {
         self.log.as_ref().map_or(0, Log::appended_lsn)
     }

@@ -156,6 +156,7 @@ impl Shard {
                 delivery.subscription_identifiers,
                 limit,
                 &mut None,
+                &mut self.outbox.stats,
             );
         }
         let subscriptions_max = limits.subscriptions_per_session_max;
