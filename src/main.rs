@@ -300,10 +300,11 @@ impl ShardHandler {
     }
 
     /// Files an operator's request under a new ticket; returns the node layer's input for it.
-    fn request(&mut self, control: Control) -> NodeInput {
-        let request = match &control {
+    fn request(&mut self, mut control: Control) -> NodeInput {
+        let request = match &mut control {
             Control::Status(_) => Request::Status,
             Control::Metrics(_) => Request::Metrics,
+            Control::Sys(values) => Request::Sys(std::mem::take(values)),
             Control::Join(address, _) => Request::Join(*address),
             Control::Leave(_) => Request::Leave,
             Control::Set(key, value, _) => Request::Set {
@@ -339,6 +340,11 @@ impl ShardHandler {
                         Err("the shard answered a metrics request without them".into())
                     }
                 }));
+            }
+            Control::Sys(_) => {
+                if let Err(message) = answer {
+                    warn!(%message, "the $SYS values were not published");
+                }
             }
             Control::Join(_, reply) | Control::Leave(reply) | Control::Set(_, _, reply) => {
                 let _ = reply.send(answer.map(|_| ()));

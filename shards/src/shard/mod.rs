@@ -60,6 +60,7 @@ mod route;
 mod session;
 mod snapshot;
 mod subscribe;
+mod sys;
 mod takeover;
 mod timers;
 
@@ -69,6 +70,7 @@ use deliver::publish_packet;
 use durable::{Durable, HeldPacket};
 pub use durable::{LogSettings, Receipt};
 pub use metrics::{ShardMetrics, Stats};
+pub use sys::{SYS_PREFIX, is_sys_topic};
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
 use timers::{Timer, TimerKey, Timers};
