@@ -539,3 +539,335 @@ fn verifier_thread(auth: &std::sync::Weak<Auth>, jobs: &Mutex<Receiver<Job>>) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const SECRET: &str = "a-unit-test-secret-of-at-least-32-bytes";
+
+    /// A directory of its own for one test's files.
+    fn directory(name: &str) -> std::path::PathBuf {
+        let directory =
+            std::env::temp_dir().join(format!("shardmq-auth-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        directory
+    }
+
+    fn config(overrides: &str) -> AuthConfig {
+        Config::from_overrides(&format!("[auth]\n{overrides}"), "test")
+            .unwrap()
+            .auth
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    fn hs256(claims: &Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn credentials(username: &str, password: &str) -> Credentials {
+        Credentials {
+            client_id: ByteString::from_static("c"),
+            username: Some(ByteString::from(username)),
+            password: Some(bytes::Bytes::copy_from_slice(password.as_bytes())),
+        }
+    }
+
+    fn username(verdict: &Verdict) -> Option<&str> {
+        match verdict {
+            Verdict::Accepted(principal) => principal.username.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn hs256_checker(name: &str, acl_claim: &str) -> Checker {
+        let directory = directory(name);
+        let key = directory.join("key");
+        std::fs::write(&key, format!("{SECRET}\n")).unwrap();
+        let config = config(&format!(
+            "jwt_key_file = \"{}\"\njwt_acl_claim = \"{acl_claim}\"\n",
+            key.display()
+        ));
+        let loaded = load(&config).unwrap();
+        assert!(
+            loaded.policy.verify && !loaded.policy.allow_anonymous,
+            "auto"
+        );
+        Arc::try_unwrap(loaded.checker).ok().unwrap()
+    }
+
+    #[test]
+    fn tokens_are_checked_for_signature_exp_and_username() {
+        let checker = hs256_checker("hs256", "");
+        let good = hs256(&serde_json::json!({ "sub": "svc", "exp": now() + 600 }));
+        assert_eq!(
+            username(&checker.check(&credentials("", &good))),
+            Some("svc")
+        );
+        let expired = hs256(&serde_json::json!({ "sub": "svc", "exp": now() - 600 }));
+        let no_exp = hs256(&serde_json::json!({ "sub": "svc" }));
+        let no_sub = hs256(&serde_json::json!({ "exp": now() + 600 }));
+        let number_sub = hs256(&serde_json::json!({ "sub": 7, "exp": now() + 600 }));
+        let other_key = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({ "sub": "svc", "exp": now() + 600 }),
+            &jsonwebtoken::EncodingKey::from_secret(b"another-secret-of-at-least-32-bytes!"),
+        )
+        .unwrap();
+        let other_algorithm = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS384),
+            &serde_json::json!({ "sub": "svc", "exp": now() + 600 }),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        for (name, token) in [
+            ("expired", expired),
+            ("without exp", no_exp),
+            ("without sub", no_sub),
+            ("a number as sub", number_sub),
+            ("another key", other_key),
+            ("another algorithm", other_algorithm),
+            ("not a token", "garbage".to_string()),
+        ] {
+            assert!(
+                matches!(
+                    checker.check(&credentials("", &token)),
+                    Verdict::BadCredentials
+                ),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tokens_acl_claim_becomes_its_rules() {
+        let checker = hs256_checker("claims", "mqtt");
+        let token = hs256(&serde_json::json!({
+            "sub": "svc", "exp": now() + 600,
+            "mqtt": { "publish": ["svc/out/#"], "subscribe": ["svc/in/+"] }
+        }));
+        let Verdict::Accepted(principal) = checker.check(&credentials("", &token)) else {
+            panic!("refused");
+        };
+        let policy = Policy::open();
+        let principal = Some(&principal);
+        assert!(policy.may_publish(principal, "c", "svc/out/a"));
+        assert!(!policy.may_publish(principal, "c", "svc/in/a"));
+        assert!(policy.may_subscribe(principal, "c", "svc/in/+"));
+        assert!(!policy.may_subscribe(principal, "c", "svc/#"));
+        // Without the claim, nothing; a malformed claim refuses the token.
+        let bare = hs256(&serde_json::json!({ "sub": "svc", "exp": now() + 600 }));
+        let Verdict::Accepted(bare) = checker.check(&credentials("", &bare)) else {
+            panic!("refused");
+        };
+        assert!(!policy.may_publish(Some(&bare), "c", "svc/out/a"));
+        for claim in [
+            serde_json::json!(["svc/#"]),
+            serde_json::json!({ "publish": "svc/#" }),
+            serde_json::json!({ "publish": [7] }),
+            serde_json::json!({ "publish": ["a\nuser x"] }),
+            serde_json::json!({ "publish": ["a/%c-x"] }),
+            serde_json::json!({ "subscribe": vec!["a"; CLAIM_FILTERS_MAX + 1] }),
+        ] {
+            let token =
+                hs256(&serde_json::json!({ "sub": "svc", "exp": now() + 600, "mqtt": claim }));
+            assert!(
+                matches!(
+                    checker.check(&credentials("", &token)),
+                    Verdict::BadCredentials
+                ),
+                "{claim}"
+            );
+        }
+    }
+
+    #[test]
+    fn es256_and_rs256_public_keys_from_pem() {
+        let directory = directory("pem");
+        for (algorithm, genpkey) in [
+            (
+                "ES256",
+                ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            ),
+            (
+                "RS256",
+                ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+            ),
+        ] {
+            let private = directory.join(format!("{algorithm}.key"));
+            let public = directory.join(format!("{algorithm}.pub"));
+            let made = std::process::Command::new("openssl")
+                .arg("genpkey")
+                .args(genpkey)
+                .arg("-out")
+                .arg(&private)
+                .status()
+                .expect("openssl is installed");
+            assert!(made.success());
+            let made = std::process::Command::new("openssl")
+                .args(["pkey", "-pubout", "-in"])
+                .arg(&private)
+                .arg("-out")
+                .arg(&public)
+                .status()
+                .unwrap();
+            assert!(made.success());
+            let config = config(&format!(
+                "jwt_algorithm = \"{algorithm}\"\njwt_key_file = \"{}\"\n",
+                public.display()
+            ));
+            let checker = load(&config).unwrap().checker;
+            let pem = std::fs::read(&private).unwrap();
+            let (header, key) = if algorithm == "ES256" {
+                (
+                    jsonwebtoken::Algorithm::ES256,
+                    jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+                )
+            } else {
+                (
+                    jsonwebtoken::Algorithm::RS256,
+                    jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+                )
+            };
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(header),
+                &serde_json::json!({ "sub": "device", "exp": now() + 600 }),
+                &key,
+            )
+            .unwrap();
+            assert_eq!(
+                username(&checker.check(&credentials("", &token))),
+                Some("device"),
+                "{algorithm}"
+            );
+            // An HS256 token made with the public key as its secret (the classic confusion).
+            let confused = jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &serde_json::json!({ "sub": "device", "exp": now() + 600 }),
+                &jsonwebtoken::EncodingKey::from_secret(&std::fs::read(&public).unwrap()),
+            )
+            .unwrap();
+            assert!(matches!(
+                checker.check(&credentials("", &confused)),
+                Verdict::BadCredentials
+            ));
+        }
+        // A private key, or garbage, where a public key belongs: refused naming the key.
+        std::fs::write(directory.join("bad.pub"), "not a key").unwrap();
+        let config = config(&format!(
+            "jwt_algorithm = \"ES256\"\njwt_key_file = \"{}\"\n",
+            directory.join("bad.pub").display()
+        ));
+        let error = load(&config).err().unwrap();
+        assert!(error.contains("auth.jwt_key_file"), "{error}");
+    }
+
+    #[test]
+    fn files_are_checked_and_costly_hashes_refused() {
+        let directory = directory("files");
+        let passwords = directory.join("passwords");
+        let entry = Entry::new_pbkdf2(b"pw").unwrap().encode();
+        std::fs::write(&passwords, format!("alice:{entry}\n")).unwrap();
+        let key = |name: &str| format!("password_file = \"{}\"\n{name}", passwords.display());
+        let loaded = load(&config(&key(""))).unwrap();
+        assert_eq!(loaded.summary().users, 1);
+        let checker = loaded.checker;
+        assert_eq!(
+            username(&checker.check(&credentials("alice", "pw"))),
+            Some("alice")
+        );
+        assert!(matches!(
+            checker.check(&credentials("alice", "PW")),
+            Verdict::BadCredentials
+        ));
+        assert!(matches!(
+            checker.check(&credentials("bob", "pw")),
+            Verdict::BadCredentials
+        ));
+        let error = load(&config(&key("pbkdf2_iterations_max = 999\n")))
+            .err()
+            .unwrap();
+        assert!(
+            error.contains("auth.pbkdf2_iterations_max") && error.contains("alice"),
+            "{error}"
+        );
+        let argon = Entry::Argon2id {
+            memory_kib: 2048,
+            passes: 1,
+            lanes: 1,
+            salt: vec![1; 16],
+            hash: vec![2; 32],
+        };
+        std::fs::write(&passwords, format!("carol:{}\n", argon.encode())).unwrap();
+        let error = load(&config(&key("argon2_memory_kib_max = 1024\n")))
+            .err()
+            .unwrap();
+        assert!(error.contains("auth.argon2_memory_kib_max"), "{error}");
+        let error = load(&config("acl_file = \"/nonexistent/acl\"\n"))
+            .err()
+            .unwrap();
+        assert!(error.contains("auth.acl_file"), "{error}");
+        std::fs::write(directory.join("short"), "short").unwrap();
+        let error = load(&config(&format!(
+            "jwt_key_file = \"{}\"\n",
+            directory.join("short").display()
+        )))
+        .err()
+        .unwrap();
+        assert!(error.contains("at least 32"), "{error}");
+        let bad = Config::from_overrides("[auth]\nallow_anonymous = \"maybe\"\n", "test");
+        assert!(bad.err().unwrap().contains("auth.allow_anonymous"));
+        let bad = Config::from_overrides("[auth]\njwt_algorithm = \"none\"\n", "test");
+        assert!(bad.err().unwrap().contains("auth.jwt_algorithm"));
+    }
+
+    #[test]
+    fn the_cache_keeps_proofs_until_a_reload() {
+        let directory = directory("cache");
+        let passwords = directory.join("passwords");
+        let entry = Entry::new_pbkdf2(b"pw").unwrap().encode();
+        std::fs::write(&passwords, format!("alice:{entry}\n")).unwrap();
+        let config = config(&format!(
+            "password_file = \"{}\"\ncredential_cache_max = 2\n",
+            passwords.display()
+        ));
+        let mailboxes = Mailboxes::new(1, 16).unwrap();
+        let (auth, _) = Auth::start(&config, mailboxes, 1).unwrap();
+        let principal = Principal {
+            username: Some(ByteString::from_static("alice")),
+            claims: None,
+        };
+        let alice = credentials("alice", "pw");
+        assert!(auth.cached(&alice).is_none());
+        auth.remember(&alice, &principal, 0);
+        assert!(auth.cached(&alice).is_some());
+        assert!(
+            auth.cached(&credentials("alice", "other")).is_none(),
+            "keyed by the password"
+        );
+        // Bounded: a third entry pushes one out.
+        auth.remember(&credentials("b", "1"), &principal, 0);
+        auth.remember(&credentials("c", "2"), &principal, 0);
+        assert_eq!(auth.cache.lock().unwrap().len(), 2);
+        auth.reload("test").unwrap();
+        assert!(auth.cache.lock().unwrap().is_empty(), "a reload empties it");
+        auth.remember(&alice, &principal, 0);
+        assert!(
+            auth.cached(&alice).is_none(),
+            "a check older than the reload is not kept"
+        );
+    }
+}
