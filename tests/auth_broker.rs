@@ -548,3 +548,31 @@ fn a_bad_auth_file_stops_the_start_naming_the_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn anonymous_clients_on_a_listener_off_loopback_are_warned_about() {
+    let wide = support::free_port();
+    let broker = Broker::start_with(1, &format!("[[listener]]\nbind = \"0.0.0.0:{wide}\"\n"));
+    let log = broker.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("anonymous clients may connect"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains(&format!("0.0.0.0:{wide}")), "{log}");
+    // With a password file, anonymous clients are refused by default: no warning.
+    let files = Files::new("no-warning");
+    let broker = Broker::start_with(
+        1,
+        &format!(
+            "{}[[listener]]\nbind = \"0.0.0.0:{}\"\n",
+            files.config(),
+            support::free_port()
+        ),
+    );
+    assert!(
+        !broker.log_text().contains("anonymous clients may connect"),
+        "{}",
+        broker.log_text()
+    );
+}
