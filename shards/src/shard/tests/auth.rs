@@ -420,3 +420,34 @@ fn a_tokens_claims_apply_besides_the_file() {
         ]
     );
 }
+
+#[test]
+fn what_a_client_sends_while_it_waits_is_bounded() {
+    let limits = Limits {
+        takeover_pending_bytes_max: 64,
+        ..Limits::default()
+    };
+    let mut node = Node::new(1, limits);
+    set_policy(
+        &mut node,
+        Policy {
+            allow_anonymous: false,
+            verify: true,
+            acl: None,
+        },
+    );
+    open_and_send(
+        &mut node,
+        1,
+        with_credentials(connect(V5, "chatty", true), "alice", b"secret"),
+    );
+    node.send(1, &publish("t", QoS::AtMostOnce, 0, &[0; 100]));
+    assert_eq!(
+        connack_reason(&node.take(1)),
+        Some(ReasonCode::QUOTA_EXCEEDED)
+    );
+    assert!(node.closed.contains(&1));
+    // The verdict that comes after finds nothing to admit.
+    answer(&mut node, accepted("alice"));
+    assert_eq!(node.shards[0].session_count(), 0);
+}
