@@ -576,3 +576,45 @@ fn anonymous_clients_on_a_listener_off_loopback_are_warned_about() {
         broker.log_text()
     );
 }
+
+#[test]
+fn a_full_verifier_queue_answers_server_unavailable() {
+    let files = Files::new("queue");
+    // A costly entry (20,000 PBKDF2 iterations; the hash does not matter, every check fails).
+    std::fs::write(
+        files.path("passwords"),
+        format!("eve:$7$20000$c2FsdHNhbHRzYWx0${}==\n", "A".repeat(86)),
+    )
+    .unwrap();
+    let config = format!(
+        "{}verifier_threads = 1\nverifier_queue_max = 1\ncredential_cache_max = 0\n",
+        files.config()
+    );
+    let broker = Broker::start_with(1, &config);
+    let port = broker.port;
+    let attempts: Vec<_> = (0..12)
+        .map(|i| {
+            std::thread::spawn(move || {
+                v4_connect(port, &format!("eve-{i}"), Some(("eve", "guess"))).err()
+            })
+        })
+        .collect();
+    let codes: Vec<_> = attempts
+        .into_iter()
+        .map(|attempt| attempt.join().unwrap())
+        .collect();
+    assert!(
+        codes.contains(&Some(rumqttc::ConnectReturnCode::ServiceUnavailable)),
+        "{codes:?}\n{}",
+        broker.log_text()
+    );
+    assert!(
+        codes.contains(&Some(rumqttc::ConnectReturnCode::BadUserNamePassword)),
+        "{codes:?}"
+    );
+    assert!(
+        codes.iter().all(Option::is_some),
+        "none was accepted: {codes:?}"
+    );
+    assert!(broker.log_text().contains("the verifier queue is full"));
+}
