@@ -451,3 +451,40 @@ fn what_a_client_sends_while_it_waits_is_bounded() {
     answer(&mut node, accepted("alice"));
     assert_eq!(node.shards[0].session_count(), 0);
 }
+
+#[test]
+fn in_a_cluster_the_claim_starts_after_the_verdict_and_what_came_waits_for_it() {
+    let mut node = verifying_node(None);
+    node.peer_up(2);
+    open_and_send(
+        &mut node,
+        1,
+        with_credentials(connect(V5, "roamer", true), "alice", b"secret"),
+    );
+    node.send(1, &subscribe(1, "t", QoS::AtMostOnce));
+    assert!(
+        node.transfers.is_empty(),
+        "no claim before the credentials are good"
+    );
+    answer(&mut node, accepted("alice"));
+    let Some((2, SessionTransfer::Claim { claim, .. })) = node.transfers.last().cloned() else {
+        panic!("no claim: {:?}", node.transfers);
+    };
+    assert!(node.take(1).is_empty(), "waiting for node 2");
+    node.run(
+        0,
+        Input::Shard(ShardMessage::Session {
+            node: 2,
+            transfer: SessionTransfer::Handover {
+                client_id: ByteString::from_static("roamer"),
+                shard: 0,
+                claim,
+                session: None,
+                completed: None,
+            },
+        }),
+    );
+    let packets = node.take(1);
+    assert_eq!(connack_reason(&packets), Some(ReasonCode::SUCCESS));
+    assert_eq!(subacks(&packets), [vec![ReasonCode::GRANTED_QOS_0]]);
+}
