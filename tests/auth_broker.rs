@@ -210,6 +210,23 @@ fn v5_connect(
     })
 }
 
+/// The reason codes of the next `count` SUBACKs `client` receives.
+fn v5_subacks(
+    client: &support::V5,
+    count: usize,
+) -> Vec<rumqttc::v5::mqttbytes::v5::SubscribeReasonCode> {
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let mut codes = Vec::new();
+    for _ in 0..count {
+        match client.wait_for(TIMEOUT, |e| matches!(e, Event::Incoming(Packet::SubAck(_)))) {
+            Some(Event::Incoming(Packet::SubAck(suback))) => codes.extend(suback.return_codes),
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+    codes
+}
+
 fn mosquitto(tool: &str, port: u16, args: &[&str]) -> Command {
     let mut command = Command::new("timeout");
     command
@@ -383,17 +400,7 @@ fn acl_refusals_of_subscribe_and_publish_in_both_versions() {
         .client
         .subscribe("sensors/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
         .unwrap();
-    let mut codes = Vec::new();
-    for _ in 0..2 {
-        match alice5.wait_for(TIMEOUT, |e| {
-            matches!(e, rumqttc::v5::Event::Incoming(P5::SubAck(_)))
-        }) {
-            Some(rumqttc::v5::Event::Incoming(P5::SubAck(suback))) => {
-                codes.extend(suback.return_codes)
-            }
-            other => panic!("no SUBACK: {other:?}"),
-        }
-    }
+    let codes = v5_subacks(&alice5, 2);
     assert_eq!(
         codes,
         [
@@ -617,4 +624,40 @@ fn a_full_verifier_queue_answers_server_unavailable() {
         "none was accepted: {codes:?}"
     );
     assert!(broker.log_text().contains("the verifier queue is full"));
+}
+
+#[test]
+fn a_tokens_acl_claim_narrows_what_it_may_do() {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as S5;
+    let files = Files::new("claims");
+    let broker = Broker::start_with(1, &format!("{}jwt_acl_claim = \"mqtt\"\n", files.config()));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // The file gives svc readwrite svc/#; the token narrows it to reading svc/in/#.
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({
+            "sub": "svc", "exp": now + 600,
+            "mqtt": { "subscribe": ["svc/in/#"] }
+        }),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let client = v5_connect(broker.port, "svc-1", Some(("svc", &token))).unwrap();
+    for filter in ["svc/in/#", "svc/out/#"] {
+        client
+            .client
+            .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+            .unwrap();
+    }
+    let codes = v5_subacks(&client, 2);
+    assert_eq!(
+        codes,
+        [
+            S5::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce),
+            S5::NotAuthorized
+        ]
+    );
 }
