@@ -84,9 +84,76 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub admin: Admin,
     pub storage: StorageConfig,
+    pub auth: AuthConfig,
     /// The `[[listener]]` tables, in file order (after the `server.listen` shorthand).
     #[serde(default)]
     pub listener: Vec<ListenerConfig>,
+}
+
+/// `[auth]`: authentication and authorization (`auth.rs` reads the files it names).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// true, false or "auto"; see [`AuthConfig::anonymous_allowed`].
+    pub allow_anonymous: toml::Value,
+    pub password_file: String,
+    pub acl_file: String,
+    pub jwt_algorithm: String,
+    pub jwt_key_file: String,
+    pub jwt_username_claim: String,
+    pub jwt_acl_claim: String,
+    pub verifier_threads: usize,
+    pub verifier_queue_max: usize,
+    pub credential_cache_max: usize,
+    pub pbkdf2_iterations_max: u32,
+    pub argon2_memory_kib_max: u32,
+}
+
+impl AuthConfig {
+    /// `allow_anonymous`, with "auto" settled: allowed unless a verifier is configured.
+    pub fn anonymous_allowed(&self) -> Result<bool, String> {
+        match &self.allow_anonymous {
+            toml::Value::Boolean(allowed) => Ok(*allowed),
+            toml::Value::String(auto) if auto == "auto" => {
+                Ok(self.password_file.is_empty() && self.jwt_key_file.is_empty())
+            }
+            other => Err(format!(
+                "`auth.allow_anonymous` must be true, false or \"auto\", not {other}"
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.anonymous_allowed()?;
+        if !["HS256", "RS256", "ES256"].contains(&self.jwt_algorithm.as_str()) {
+            return Err(format!(
+                "`auth.jwt_algorithm` must be \"HS256\", \"RS256\" or \"ES256\", not {:?}",
+                self.jwt_algorithm
+            ));
+        }
+        if self.jwt_username_claim.is_empty() {
+            return Err("`auth.jwt_username_claim` must name a claim".into());
+        }
+        if !(1..=64).contains(&self.verifier_threads) {
+            return Err("`auth.verifier_threads` must be from 1 to 64".into());
+        }
+        if self.verifier_queue_max == 0 {
+            return Err("`auth.verifier_queue_max` must be positive".into());
+        }
+        let iterations_max = crate::passwd::PBKDF2_ITERATIONS_MAX;
+        if !(1..=iterations_max).contains(&self.pbkdf2_iterations_max) {
+            return Err(format!(
+                "`auth.pbkdf2_iterations_max` must be from 1 to {iterations_max}"
+            ));
+        }
+        let memory_max = crate::passwd::ARGON2_MEMORY_KIB_MAX;
+        if !(8..=memory_max).contains(&self.argon2_memory_kib_max) {
+            return Err(format!(
+                "`auth.argon2_memory_kib_max` must be from 8 to {memory_max}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[storage]`: the durable log kept in `server.data_dir` (see `durable.rs`).
@@ -519,6 +586,7 @@ impl Config {
             matches!(self.server.log_format.as_str(), "text" | "json"),
             "`server.log_format` must be \"text\" or \"json\"",
         )?;
+        self.auth.validate()?;
         check(self.server.backlog > 0, "`server.backlog` must be positive")?;
         // Servers must accept identifiers of 1 to 23 characters [MQTT-3.1.3-5]; an MQTT string
         // holds at most 65,535 bytes, so a larger limit would mean nothing.

@@ -405,22 +405,7 @@ fn presented_subject(port: u16, ca: &str) -> String {
 
 /// `POST /api/v1/tls/reload`: the status code and body.
 fn admin_reload(admin: SocketAddr) -> (u16, String) {
-    let mut stream = TcpStream::connect(admin).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let request = format!(
-        "POST /api/v1/tls/reload HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
+    support::admin_post(admin, "/api/v1/tls/reload")
 }
 
 #[test]

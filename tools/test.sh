@@ -33,7 +33,7 @@ if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/nul
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq mosquitto-clients
 fi
-# The broker and mosquitto_passwd, for the password-file compatibility test (auth_passwd).
+# The broker and mosquitto_passwd, for the password-file tests (auth_passwd, auth_broker).
 if ! command -v mosquitto_passwd >/dev/null || ! command -v mosquitto >/dev/null; then
     echo "mosquitto missing: installing it with apt-get"
     export DEBIAN_FRONTEND=noninteractive
