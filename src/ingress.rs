@@ -25,8 +25,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
+use shardmq_net::ingress::proxy::{PROXY_HEADER_LEN_MAX, ProxyListener};
 use shardmq_net::ingress::stack::{
-    CLIENT_TLS_HANDSHAKE_LEN_MAX, IngressStack, StackConfig, TlsListener,
+    CLIENT_TLS_HANDSHAKE_LEN_MAX, IngressStack, StackConfig, StackError, TlsListener,
 };
 use shardmq_net::ingress::tls::{self, ClientCertificates};
 use shardmq_net::reactor::{Actions, ConnectionId, Mailboxes, Origin};
@@ -61,11 +62,23 @@ impl ListenerStacks {
 pub fn load(listeners: &[Listener]) -> Result<ListenerStacks, String> {
     let listeners = listeners
         .iter()
-        .map(|listener| match &listener.transport {
-            TransportKind::Tcp => Ok(None),
-            TransportKind::Tls(files) => Ok(Some(StackConfig {
-                tls: Some(tls_listener(files)?),
-            })),
+        .map(|listener| {
+            let tls = match &listener.transport {
+                TransportKind::Tcp | TransportKind::Ws { .. } => None,
+                TransportKind::Tls(files) | TransportKind::Wss { tls: files, .. } => {
+                    Some(tls_listener(files)?)
+                }
+            };
+            let proxy = listener.proxy.as_ref().map(|proxy| ProxyListener {
+                accept: proxy.accept,
+                trusted: proxy.trusted.clone(),
+                header_len_max: PROXY_HEADER_LEN_MAX,
+                name_from_ssl_cn: proxy.name_from_ssl_cn,
+            });
+            if tls.is_none() && proxy.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(StackConfig { proxy, tls }))
         })
         .collect::<Result<_, String>>()?;
     Ok(ListenerStacks { listeners })
@@ -242,7 +255,7 @@ impl Ingress {
             });
             return;
         };
-        match IngressStack::new(config) {
+        match IngressStack::new(config, origin.peer) {
             Ok(stack) => {
                 self.connections
                     .insert(connection, Layered { stack, transport });
@@ -309,6 +322,18 @@ impl Ingress {
         self.to_send.push(connection);
         match step {
             Ok(Some(established)) => {
+                if let Some(source) = established.source {
+                    debug!(
+                        connection,
+                        balancer = ?layered.transport.peer,
+                        peer = %source,
+                        vpc_endpoint = established.vpc_endpoint.as_deref().unwrap_or(""),
+                        "PROXY header read: the client's address replaces the balancer's"
+                    );
+                    layered.transport.peer = Some(source);
+                } else if let Some(endpoint) = &established.vpc_endpoint {
+                    debug!(connection, vpc_endpoint = %endpoint, "PROXY header read");
+                }
                 layered.transport.certificate_name =
                     established.certificate_name.map(ByteString::from);
                 if let Some(name) = &layered.transport.certificate_name {
@@ -320,6 +345,12 @@ impl Ingress {
                 });
             }
             Ok(None) => {}
+            Err(error @ StackError::Proxy(_)) => {
+                // A balancer misconfigured, or someone pretending to be one: say so plainly.
+                info!(connection, peer = ?layered.transport.peer, %error, "client connection refused: closed");
+                self.fail(connection, was_established, inputs);
+                return;
+            }
             Err(error) => {
                 debug!(connection, peer = ?layered.transport.peer, %error, "client connection's transport failed: closed");
                 self.fail(connection, was_established, inputs);

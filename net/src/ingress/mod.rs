@@ -10,5 +10,6 @@
 //! read afterwards (see [`tls`]).
 
 pub mod names;
+pub mod proxy;
 pub mod stack;
 pub mod tls;
