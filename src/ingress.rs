@@ -337,7 +337,7 @@ impl Ingress {
                 layered.transport.certificate_name =
                     established.certificate_name.map(ByteString::from);
                 if let Some(name) = &layered.transport.certificate_name {
-                    debug!(connection, certificate_name = %name, "TLS client certificate verified");
+                    debug!(connection, certificate_name = %name, "client certificate verified (by the listener's TLS, or by the balancer in its PROXY header)");
                 }
                 inputs.push(NodeInput::Opened {
                     connection,

@@ -4,7 +4,7 @@
 #   tools/test.sh
 #
 # Steps: install missing tools (rustfmt, clippy, cargo-fuzz, mosquitto-clients, paho-mqtt,
-# fonts-dejavu-core)
+# haproxy, fonts-dejavu-core)
 # -> cargo fmt --check -> clippy (warnings are errors) -> the
 # malformed corpus matches its generator -> a short run of every fuzz target of net/fuzz and
 # shards/fuzz -> cargo test for the whole workspace (last, so that its summary closes the
@@ -43,6 +43,12 @@ if ! python3 -c "import paho.mqtt, sys; sys.exit(0 if int(paho.mqtt.__version__.
     echo "paho-mqtt 2 missing: installing it from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt>=2,<3" \
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "paho-mqtt>=2,<3"
+fi
+# tests/broker_proxy.rs puts a real HAProxy in front of the broker.
+if ! command -v haproxy >/dev/null; then
+    echo "haproxy missing: installing it with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq haproxy
 fi
 # The partition tests cut links between network namespaces with `ip` (iproute2).
 if ! command -v ip >/dev/null; then
