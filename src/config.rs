@@ -301,13 +301,6 @@ fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, Stri
     )?;
     let proxy = checked_proxy(table, name)?;
     let websocket = matches!(table.transport.as_str(), "ws" | "wss");
-    // INTEGRATION(ws): accepted once `ingress/ws.rs` is wired into the stack.
-    if websocket {
-        return Err(format!(
-            "`{name}.transport` is {:?}: only \"tcp\" and \"tls\" are built so far (WebSocket listeners are planned)",
-            table.transport
-        ));
-    }
     if websocket && !table.path.starts_with('/') {
         return Err(format!(
             "`{name}.path` is {:?}: a WebSocket path starts with '/'",
@@ -1212,8 +1205,12 @@ mod tests {
                 "`listener[0].transport` is \"quic\": expected one of",
             ),
             (
-                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"",
-                "only \"tcp\" and \"tls\" are built so far",
+                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"\npath = \"mqtt\"",
+                "a WebSocket path starts with '/'",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"wss\"\npath = \"/ws\"",
+                "`listener[0].tls_cert_file` must be set for a \"wss\" listener",
             ),
             (
                 "bind = \"127.0.0.1:1\"\ntransport = \"tls\"",
@@ -1309,6 +1306,18 @@ mod tests {
             })
         );
         assert_eq!(proxied[0].transport, TransportKind::Tcp);
+        let ws = listeners(
+            "[[listener]]\nbind = \"127.0.0.1:8080\"\ntransport = \"ws\"\n\
+             [[listener]]\nbind = \"127.0.0.1:8081\"\ntransport = \"wss\"\npath = \"/ws\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ws[0].transport,
+            TransportKind::Ws {
+                path: "/mqtt".into()
+            }
+        );
+        assert!(matches!(&ws[1].transport, TransportKind::Wss { path, .. } if path == "/ws"));
         let error = listeners(
             "[[listener]]\nbind = \"127.0.0.1:1884\"\n[[listener]]\nbind = \"127.0.0.1:1884\"\n",
         )

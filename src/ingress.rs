@@ -30,6 +30,7 @@ use shardmq_net::ingress::stack::{
     CLIENT_TLS_HANDSHAKE_LEN_MAX, IngressStack, StackConfig, StackError, TlsListener,
 };
 use shardmq_net::ingress::tls::{self, ClientCertificates};
+use shardmq_net::ingress::ws::WsListener;
 use shardmq_net::reactor::{Actions, ConnectionId, Mailboxes, Origin};
 use shardmq_shards::Transport;
 use shardmq_shards::cluster::NodeInput;
@@ -65,9 +66,8 @@ pub fn load(listeners: &[Listener]) -> Result<ListenerStacks, String> {
         .map(|listener| {
             let tls = match &listener.transport {
                 TransportKind::Tcp | TransportKind::Ws { .. } => None,
-                TransportKind::Tls(files) | TransportKind::Wss { tls: files, .. } => {
-                    Some(tls_listener(files)?)
-                }
+                TransportKind::Tls(files) => Some(tls_listener(files, false)?),
+                TransportKind::Wss { tls: files, .. } => Some(tls_listener(files, true)?),
             };
             let proxy = listener.proxy.as_ref().map(|proxy| ProxyListener {
                 accept: proxy.accept,
@@ -75,16 +75,24 @@ pub fn load(listeners: &[Listener]) -> Result<ListenerStacks, String> {
                 header_len_max: PROXY_HEADER_LEN_MAX,
                 name_from_ssl_cn: proxy.name_from_ssl_cn,
             });
-            if tls.is_none() && proxy.is_none() {
+            let ws = match &listener.transport {
+                TransportKind::Ws { path } | TransportKind::Wss { path, .. } => {
+                    Some(WsListener { path: path.clone() })
+                }
+                TransportKind::Tcp | TransportKind::Tls(_) => None,
+            };
+            if tls.is_none() && proxy.is_none() && ws.is_none() {
                 return Ok(None);
             }
-            Ok(Some(StackConfig { proxy, tls }))
+            Ok(Some(StackConfig { proxy, tls, ws }))
         })
         .collect::<Result<_, String>>()?;
     Ok(ListenerStacks { listeners })
 }
 
-fn tls_listener(files: &TlsFiles) -> Result<TlsListener, String> {
+/// A TLS listener's configuration; `websocket`: its clients speak HTTP first, so ALPN offers
+/// `http/1.1` (what browsers and WebSocket libraries ask for) instead of `mqtt`.
+fn tls_listener(files: &TlsFiles, websocket: bool) -> Result<TlsListener, String> {
     let name = &files.name;
     let read = |key: &str, path: &str| {
         std::fs::read(path).map_err(|e| format!("`{name}.{key}` {path:?}: {e}"))
@@ -105,12 +113,15 @@ fn tls_listener(files: &TlsFiles) -> Result<TlsListener, String> {
         ClientCertMode::Optional => ClientCertificates::Optional(roots()?),
         ClientCertMode::Required => ClientCertificates::Required(roots()?),
     };
-    let server = tls::client_listener_config(&cert, &key, clients).map_err(|e| {
+    let mut server = tls::client_listener_config(&cert, &key, clients).map_err(|e| {
         format!(
             "`{name}` ({:?}, {:?}): {e}",
             files.cert_file, files.key_file
         )
     })?;
+    if websocket {
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
     Ok(TlsListener {
         server: Arc::new(server),
         name_from: files.username_from,

@@ -13,3 +13,4 @@ pub mod names;
 pub mod proxy;
 pub mod stack;
 pub mod tls;
+pub mod ws;

@@ -37,6 +37,7 @@ use rustls::ServerConfig;
 use super::names::{self, NameFrom};
 use super::proxy::{self, Parsed, ProxyError, ProxyHeader, ProxyListener};
 use super::tls::{TlsError, TlsSession};
+use super::ws::{WsError, WsListener, WsSession};
 
 /// The most ciphertext a client's TLS handshake may take before it completes: a ClientHello
 /// and a client certificate chain of a few certificates fit with room to spare.
@@ -48,9 +49,10 @@ pub const CLIENT_TLS_HANDSHAKE_LEN_MAX: usize = 32 * 1024;
 pub struct StackConfig {
     /// The PROXY protocol header every connection must start with (`proxy_protocol`).
     pub proxy: Option<ProxyListener>,
-    /// TLS, for `transport = "tls"` (and later "wss").
+    /// TLS, for `transport = "tls"` and "wss".
     pub tls: Option<TlsListener>,
-    // INTEGRATION(ws): `pub ws: Option<Arc<ws::WsConfig>>` here, for "ws" and "wss".
+    /// WebSocket, for "ws" and "wss".
+    pub ws: Option<WsListener>,
 }
 
 /// A TLS listener's settings.
@@ -85,7 +87,8 @@ pub enum StackError {
     Certificate(String),
     /// No acceptable PROXY header, or one from a peer outside `proxy_trusted`.
     Proxy(ProxyError),
-    // INTEGRATION(ws): `Ws(ws::WsError)`.
+    /// The WebSocket handshake was refused, a frame broke the rules, or the client closed.
+    Ws(WsError),
 }
 
 impl std::fmt::Display for StackError {
@@ -94,6 +97,7 @@ impl std::fmt::Display for StackError {
             StackError::Tls(error) => write!(f, "{error}"),
             StackError::Certificate(reason) => write!(f, "client certificate refused: {reason}"),
             StackError::Proxy(error) => write!(f, "{error}"),
+            StackError::Ws(error) => write!(f, "{error}"),
         }
     }
 }
@@ -120,11 +124,9 @@ pub struct IngressStack {
     proxy: Option<ProxyState>,
     tls: Option<TlsSession>,
     name_from: NameFrom,
-    // INTEGRATION(ws): `ws: Option<ws::WsSession>` after TLS: in `receive`, TLS's plaintext
-    // (or the wire bytes, for "ws") goes through `ws.read(input, app, &mut ws_out)` and
-    // `ws_out` (the 101 answer, pongs, a close) through `self.wire(..)`; in `send`,
-    // `ws.write(app, &mut framed)` first, then `self.wire(&framed)`. Established waits for
-    // `ws.is_open()`.
+    /// WebSocket, after TLS: it reads TLS's plaintext (or the wire's bytes, for "ws") and
+    /// its answers (the 101, pongs, a close) go out through TLS.
+    ws: Option<WsSession>,
     established: bool,
     /// Bytes for the wire, handed to the reactor by `take_wire`.
     wire_out: BytesMut,
@@ -175,6 +177,7 @@ impl IngressStack {
             proxy,
             tls,
             name_from,
+            ws: config.ws.as_ref().map(WsSession::new),
             established: false,
             wire_out: BytesMut::new(),
             app_unsent_bytes: 0,
@@ -198,11 +201,24 @@ impl IngressStack {
         let Some(wire) = self.after_proxy_header(wire, &mut scratch)? else {
             return Ok(None);
         };
-        match &mut self.tls {
-            Some(tls) => tls.receive(wire, app, &mut self.wire_out)?,
-            None => app.extend_from_slice(wire),
+        match (&mut self.ws, &mut self.tls) {
+            (None, Some(tls)) => tls.receive(wire, app, &mut self.wire_out)?,
+            (None, None) => app.extend_from_slice(wire),
+            (Some(ws), tls) => {
+                let mut plain = BytesMut::new();
+                let input: &[u8] = match tls {
+                    Some(tls) => {
+                        tls.receive(wire, &mut plain, &mut self.wire_out)?;
+                        &plain
+                    }
+                    None => wire,
+                };
+                let mut answers = BytesMut::new();
+                let read = ws.read(input, app, &mut answers);
+                to_wire(tls, &mut self.wire_out, &answers)?;
+                read.map_err(StackError::Ws)?;
+            }
         }
-        // INTEGRATION(ws): WebSocket reads `app` here (swap it for the unframed bytes).
         if self.established || self.handshaking() {
             return Ok(None);
         }
@@ -275,7 +291,9 @@ impl IngressStack {
             Some(ProxyState::Waiting { .. }) => true,
             Some(ProxyState::Read { local_quiet, .. }) => *local_quiet,
         };
-        proxy_pending || self.tls.as_ref().is_some_and(TlsSession::is_handshaking)
+        proxy_pending
+            || self.tls.as_ref().is_some_and(TlsSession::is_handshaking)
+            || self.ws.as_ref().is_some_and(WsSession::is_handshaking)
     }
 
     fn established_facts(&self) -> Result<Established, StackError> {
@@ -329,17 +347,26 @@ impl IngressStack {
     /// MQTT bytes from the shard: through the layers into the wire buffer.
     pub fn send(&mut self, app: &[u8]) -> Result<(), StackError> {
         self.app_unsent_bytes = self.app_unsent_bytes.saturating_add(app.len());
-        // INTEGRATION(ws): `ws.write` frames `app` here, before TLS.
-        match &mut self.tls {
-            Some(tls) => tls.send(app, &mut self.wire_out)?,
-            None => self.wire_out.extend_from_slice(app),
+        match &mut self.ws {
+            Some(ws) => {
+                let mut framed = BytesMut::new();
+                ws.write(app, &mut framed);
+                to_wire(&mut self.tls, &mut self.wire_out, &framed)?;
+            }
+            None => to_wire(&mut self.tls, &mut self.wire_out, app)?,
         }
         Ok(())
     }
 
-    /// Ends the layers from this side (TLS `close_notify`; a WebSocket close frame once it is
-    /// here), into the wire buffer.
+    /// Ends the layers from this side (a WebSocket close frame, then TLS `close_notify`),
+    /// into the wire buffer.
     pub fn close(&mut self) {
+        if let Some(ws) = &mut self.ws {
+            let mut framed = BytesMut::new();
+            ws.close(&mut framed);
+            // A TLS layer that cannot take the close frame is ended below anyway.
+            let _ = to_wire(&mut self.tls, &mut self.wire_out, &framed);
+        }
         if let Some(tls) = &mut self.tls {
             tls.close(&mut self.wire_out);
         }
@@ -372,8 +399,28 @@ impl IngressStack {
             Some(ProxyState::Waiting { buffer, .. }) => buffer.len(),
             _ => 0,
         };
-        proxy + self.wire_out.len() + self.tls.as_ref().map_or(0, TlsSession::buffered_len)
+        proxy
+            + self.wire_out.len()
+            + self.tls.as_ref().map_or(0, TlsSession::buffered_len)
+            + self.ws.as_ref().map_or(0, WsSession::buffered_len)
     }
+}
+
+/// Bytes from an inner layer (MQTT, or WebSocket frames) to the wire: through TLS when the
+/// stack has it.
+fn to_wire(
+    tls: &mut Option<TlsSession>,
+    wire_out: &mut BytesMut,
+    bytes: &[u8],
+) -> Result<(), StackError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    match tls {
+        Some(tls) => tls.send(bytes, wire_out)?,
+        None => wire_out.extend_from_slice(bytes),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -393,6 +440,7 @@ mod tests {
     fn listener(clients: ClientCertificates, name_from: NameFrom) -> StackConfig {
         StackConfig {
             proxy: None,
+            ws: None,
             tls: Some(TlsListener {
                 server: Arc::new(client_listener_config(NODE_CERT, NODE_KEY, clients).unwrap()),
                 name_from,
@@ -559,6 +607,7 @@ mod tests {
             &StackConfig {
                 proxy: None,
                 tls: None,
+                ws: None,
             },
             None,
         )
@@ -615,6 +664,7 @@ mod tests {
         let config = StackConfig {
             proxy: Some(proxy_listener(proxy::ProxyAccept::Any, false)),
             tls: None,
+            ws: None,
         };
         // Whole header and CONNECT in one read.
         let mut stack = IngressStack::new(&config, balancer()).unwrap();
@@ -649,6 +699,7 @@ mod tests {
         let config = StackConfig {
             proxy: Some(proxy_listener(proxy::ProxyAccept::V2, false)),
             tls: None,
+            ws: None,
         };
         let mut stack = IngressStack::new(&config, Some("10.9.9.9:5000".parse().unwrap())).unwrap();
         let error = stack
@@ -676,6 +727,7 @@ mod tests {
         let config = StackConfig {
             proxy: Some(proxy_listener(proxy::ProxyAccept::V2, false)),
             tls: None,
+            ws: None,
         };
         let mut stack = IngressStack::new(&config, balancer()).unwrap();
         let mut app = BytesMut::new();
@@ -692,6 +744,7 @@ mod tests {
         let named = StackConfig {
             proxy: Some(proxy_listener(proxy::ProxyAccept::V2, true)),
             tls: None,
+            ws: None,
         };
         let establish = |config: &StackConfig, tlvs: &[u8]| {
             let mut stack = IngressStack::new(config, balancer()).unwrap();
@@ -710,6 +763,7 @@ mod tests {
         let unnamed = StackConfig {
             proxy: Some(proxy_listener(proxy::ProxyAccept::V2, false)),
             tls: None,
+            ws: None,
         };
         let facts = establish(&unnamed, &ssl_cn_tlv(0, b"device-1"))
             .unwrap()
