@@ -27,15 +27,7 @@ fn broker(port: u16, proxy_protocol: &str, extra: &str) -> Broker {
          [[listener]]\nbind = \"127.0.0.1:{port}\"\nproxy_protocol = \"{proxy_protocol}\"\n\
          proxy_trusted = [\"127.0.0.1/32\"]\n{extra}\n"
     );
-    Broker::start_env(
-        std::net::IpAddr::from([127, 0, 0, 1]),
-        None,
-        free_port(),
-        free_port(),
-        1,
-        &config,
-        &[("RUST_LOG", Some("info,shardmq::ingress=debug"))],
-    )
+    Broker::start_ingress_logged(1, &config)
 }
 
 /// A TCP connection to `to` from the loopback address `from` (any free port).
@@ -162,15 +154,7 @@ fn mosquitto(program: &str, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn behind_haproxy_the_broker_sees_the_clients_address_and_verified_cn() {
-    let pki = Pki::new_in("proxy", "haproxy");
-    pki.authority("ca");
-    pki.certificate(
-        "server",
-        "haproxy",
-        "IP:127.0.0.1,DNS:localhost",
-        "serverAuth",
-        "ca",
-    );
+    let pki = Pki::with_server("proxy", "haproxy");
     pki.certificate(
         "client",
         "device-1",

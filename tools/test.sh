@@ -4,7 +4,7 @@
 #   tools/test.sh
 #
 # Steps: install missing tools (rustfmt, clippy, cargo-fuzz, mosquitto-clients, paho-mqtt,
-# haproxy, fonts-dejavu-core)
+# haproxy, nodejs/npm and MQTT.js, fonts-dejavu-core)
 # -> cargo fmt --check -> clippy (warnings are errors) -> the
 # malformed corpus matches its generator -> a short run of every fuzz target of net/fuzz and
 # shards/fuzz -> cargo test for the whole workspace (last, so that its summary closes the
@@ -49,6 +49,17 @@ if ! command -v haproxy >/dev/null; then
     echo "haproxy missing: installing it with apt-get"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq haproxy
+fi
+# tests/broker_ws.rs drives the broker with MQTT.js (npm package `mqtt`, locked in
+# tools/js/package-lock.json) under Node.js.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "nodejs/npm missing: installing them with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq nodejs npm
+fi
+if [ ! -d tools/js/node_modules/mqtt ]; then
+    echo "MQTT.js missing: installing it from npm into tools/js"
+    (cd tools/js && npm ci --no-audit --no-fund --silent)
 fi
 # The partition tests cut links between network namespaces with `ip` (iproute2).
 if ! command -v ip >/dev/null; then

@@ -177,6 +177,20 @@ impl Broker {
         broker
     }
 
+    /// A broker on 127.0.0.1 with `config`, `shards` shards and the ingress layer's (TLS,
+    /// WebSocket, PROXY) debug lines in its log.
+    pub fn start_ingress_logged(shards: u16, config: &str) -> Self {
+        Self::start_env(
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            None,
+            free_port(),
+            free_port(),
+            shards,
+            config,
+            &[("RUST_LOG", Some("info,shardmq::ingress=debug"))],
+        )
+    }
+
     pub fn start(shards: u16) -> Self {
         Self::start_with(shards, "")
     }
