@@ -82,6 +82,8 @@ impl std::error::Error for WsError {}
 #[derive(Debug)]
 pub struct WsSession {
     state: State,
+    /// The client side's mask generator seed (0 on the server side).
+    client_seed: u64,
 }
 
 #[derive(Debug)]
@@ -90,6 +92,14 @@ enum State {
     Handshake {
         path: String,
         request: Vec<u8>,
+    },
+    /// A client (the load generator's) waiting for the server's answer: the answer's bytes so
+    /// far, the `Sec-WebSocket-Accept` it must carry, and the MQTT bytes written meanwhile
+    /// (sent once the server has answered, RFC 6455 §4.1).
+    ClientHandshake {
+        response: Vec<u8>,
+        accept: String,
+        pending: BytesMut,
     },
     Open(Framing),
     /// A close frame was sent: nothing more in or out.
@@ -110,6 +120,9 @@ struct Framing {
     /// The payload of the control frame being read (unmasked); empty and unallocated
     /// otherwise.
     control: BytesMut,
+    /// None on the server side (frames in are masked, frames out are not); on the client
+    /// side, the state of the generator of the masks its frames go out with.
+    client_masks: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +149,32 @@ impl WsSession {
                 path: listener.path.clone(),
                 request: Vec::new(),
             },
+            client_seed: 0,
+        }
+    }
+
+    /// The client side, for the load generator: writes the opening handshake for `path` on
+    /// `host` into `out`. Its frames are masked with a generator seeded from the random key
+    /// (unpredictable enough for a load generator; a browser-facing client would draw every
+    /// mask from a cryptographic generator).
+    pub fn client(path: &str, host: &str, out: &mut BytesMut) -> Self {
+        let key = tungstenite::handshake::client::generate_key();
+        out.extend_from_slice(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let seed = key.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Self {
+            state: State::ClientHandshake {
+                response: Vec::new(),
+                accept: derive_accept_key(key.as_bytes()),
+                pending: BytesMut::new(),
+            },
+            client_seed: seed | 1,
         }
     }
 
@@ -146,19 +185,25 @@ impl WsSession {
 
     /// Whether the handshake is still being read.
     pub fn is_handshaking(&self) -> bool {
-        matches!(self.state, State::Handshake { .. })
+        matches!(
+            self.state,
+            State::Handshake { .. } | State::ClientHandshake { .. }
+        )
     }
 
     /// Bytes held (for memory accounting and the tests).
     pub fn buffered_len(&self) -> usize {
         match &self.state {
             State::Handshake { request, .. } => request.len(),
+            State::ClientHandshake {
+                response, pending, ..
+            } => response.len() + pending.len(),
             State::Open(framing) => framing.header_len + framing.control.len(),
             State::Closed => 0,
         }
     }
 
-    /// Bytes from the client: MQTT bytes to `app`, answers (the 101, pongs, a close) to
+    /// Bytes from the peer: MQTT bytes to `app`, answers (the 101, pongs, a close) to
     /// `out`. An error has written its answer to `out` already.
     pub fn read(
         &mut self,
@@ -177,6 +222,25 @@ impl WsSession {
                 Ok(None) => Ok(()),
                 Err(error) => Err(error),
             },
+            State::ClientHandshake {
+                response,
+                accept,
+                pending,
+            } => match client_handshake(response, accept, input) {
+                Ok(Some(rest)) => {
+                    let mut framing = Framing {
+                        client_masks: Some(self.client_seed),
+                        ..Framing::default()
+                    };
+                    let pending = std::mem::take(pending);
+                    framing.write(OpCode::Data(Data::Binary), &pending, out);
+                    let result = framing.read(&rest, app, out);
+                    self.state = State::Open(framing);
+                    result
+                }
+                Ok(None) => Ok(()),
+                Err(error) => Err(error),
+            },
             State::Open(framing) => framing.read(input, app, out),
             State::Closed => Ok(()),
         };
@@ -186,49 +250,87 @@ impl WsSession {
         result
     }
 
-    /// MQTT bytes for the client, as one binary frame, into `out`; nothing once closed (or
-    /// before the handshake, which the stack never asks).
+    /// MQTT bytes for the peer, as one binary frame, into `out`; nothing once closed. On the
+    /// client side, bytes written before the server answered wait for its answer.
     pub fn write(&mut self, app: &[u8], out: &mut BytesMut) {
-        if app.is_empty() || !self.is_open() {
-            return;
+        match &mut self.state {
+            State::Open(framing) => framing.write(OpCode::Data(Data::Binary), app, out),
+            State::ClientHandshake { pending, .. } => pending.extend_from_slice(app),
+            State::Handshake { .. } | State::Closed => {}
         }
-        write_frame(OpCode::Data(Data::Binary), app, out);
     }
 
     /// Ends the session from this side: a close frame (1000) into `out`, once.
     pub fn close(&mut self, out: &mut BytesMut) {
-        if self.is_open() {
-            write_close(CloseCode::Normal, out);
+        if let State::Open(framing) = &mut self.state {
+            framing.write_close(CloseCode::Normal, out);
         }
         self.state = State::Closed;
     }
 }
 
-/// An unmasked frame (a server's, RFC 6455 §5.1), final.
-fn write_frame(opcode: OpCode, payload: &[u8], out: &mut BytesMut) {
+/// Reads the server's answer to a client's handshake; on a 101 with the right accept key,
+/// the bytes after it.
+fn client_handshake(
+    response: &mut Vec<u8>,
+    accept: &str,
+    input: &[u8],
+) -> Result<Option<Vec<u8>>, WsError> {
+    let refused = |reason: String| WsError::Handshake { status: 0, reason };
+    let room = WS_HANDSHAKE_LEN_MAX.saturating_sub(response.len());
+    if input.len() > room {
+        return Err(refused("the server's handshake answer is too long".into()));
+    }
+    response.extend_from_slice(input);
+    let mut headers = [httparse::EMPTY_HEADER; HANDSHAKE_HEADERS_MAX];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let len = match parsed.parse(response) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(error) => return Err(refused(format!("not an HTTP answer: {error}"))),
+    };
+    if parsed.code != Some(101) {
+        return Err(refused(format!(
+            "the server answered {} instead of 101",
+            parsed.code.unwrap_or_default()
+        )));
+    }
+    let accepted = parsed.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("sec-websocket-accept")
+            && h.value.trim_ascii() == accept.as_bytes()
+    });
+    if !accepted {
+        return Err(refused("the server's Sec-WebSocket-Accept is wrong".into()));
+    }
+    let rest = response.get(len..).unwrap_or_default().to_vec();
+    *response = Vec::new();
+    Ok(Some(rest))
+}
+
+/// A final frame into `out`, masked with `mask` (a client's) or not (a server's, RFC 6455
+/// §5.1).
+fn write_frame(opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>, out: &mut BytesMut) {
     let header = FrameHeader {
         is_final: true,
         rsv1: false,
         rsv2: false,
         rsv3: false,
         opcode,
-        mask: None,
+        mask,
     };
     let length = payload.len() as u64;
     let mut head = Vec::with_capacity(header.len(length));
     // Writing into a Vec cannot fail.
     if header.format(length, &mut head).is_ok() {
         out.extend_from_slice(&head);
+        let start = out.len();
         out.extend_from_slice(payload);
+        if let (Some(mask), Some(body)) = (mask, out.get_mut(start..)) {
+            for (index, byte) in body.iter_mut().enumerate() {
+                *byte ^= mask[index % 4];
+            }
+        }
     }
-}
-
-fn write_close(code: CloseCode, out: &mut BytesMut) {
-    write_frame(
-        OpCode::Control(Control::Close),
-        &u16::from(code).to_be_bytes(),
-        out,
-    );
 }
 
 /// Refuses the handshake with `status` (the answer written to `out`).
@@ -373,16 +475,42 @@ fn handshake(
     Ok(Some(rest))
 }
 
-/// Refuses a frame: a close frame with `code` to `out`.
-fn protocol_error(code: CloseCode, reason: &str, out: &mut BytesMut) -> WsError {
-    write_close(code, out);
-    WsError::Protocol {
-        code: code.into(),
-        reason: reason.to_string(),
-    }
-}
-
 impl Framing {
+    /// The next frame's mask: None on the server side, from the xorshift generator on the
+    /// client side.
+    fn next_mask(&mut self) -> Option<[u8; 4]> {
+        let state = self.client_masks.as_mut()?;
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        Some((*state as u32).to_be_bytes())
+    }
+
+    fn write(&mut self, opcode: OpCode, payload: &[u8], out: &mut BytesMut) {
+        if opcode == OpCode::Data(Data::Binary) && payload.is_empty() {
+            return;
+        }
+        let mask = self.next_mask();
+        write_frame(opcode, payload, mask, out);
+    }
+
+    fn write_close(&mut self, code: CloseCode, out: &mut BytesMut) {
+        self.write(
+            OpCode::Control(Control::Close),
+            &u16::from(code).to_be_bytes(),
+            out,
+        );
+    }
+
+    /// Refuses a frame: a close frame with `code` to `out`.
+    fn protocol_error(&mut self, code: CloseCode, reason: &str, out: &mut BytesMut) -> WsError {
+        self.write_close(code, out);
+        WsError::Protocol {
+            code: code.into(),
+            reason: reason.to_string(),
+        }
+    }
+
     fn read(
         &mut self,
         mut input: &[u8],
@@ -436,8 +564,13 @@ impl Framing {
         let take = (self.header.len() - before).min(input.len());
         self.header[before..before + take].copy_from_slice(&input[..take]);
         let mut cursor = Cursor::new(&self.header[..before + take]);
-        let parsed = FrameHeader::parse(&mut cursor)
-            .map_err(|e| protocol_error(CloseCode::Protocol, &e.to_string(), out))?;
+        let parsed = match FrameHeader::parse(&mut cursor) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                let reason = error.to_string();
+                return Err(self.protocol_error(CloseCode::Protocol, &reason, out));
+            }
+        };
         let Some((header, length)) = parsed else {
             // A header is at most 14 bytes, so this waits only while fewer have come.
             self.header_len = before + take;
@@ -460,36 +593,48 @@ impl Framing {
         out: &mut BytesMut,
     ) -> Result<(), WsError> {
         if header.rsv1 || header.rsv2 || header.rsv3 {
-            return Err(protocol_error(
+            return Err(self.protocol_error(
                 CloseCode::Protocol,
                 "reserved bits set (no extension was agreed)",
                 out,
             ));
         }
-        let Some(mask) = header.mask else {
-            return Err(protocol_error(
-                CloseCode::Protocol,
-                "a client's frame must be masked (RFC 6455 §5.1)",
-                out,
-            ));
+        let mask = match (header.mask, self.client_masks.is_some()) {
+            (Some(mask), false) => mask,
+            // A server's frames are not masked: XOR with zeros leaves them as they are.
+            (None, true) => [0; 4],
+            (None, false) => {
+                return Err(self.protocol_error(
+                    CloseCode::Protocol,
+                    "a client's frame must be masked (RFC 6455 §5.1)",
+                    out,
+                ));
+            }
+            (Some(_), true) => {
+                return Err(self.protocol_error(
+                    CloseCode::Protocol,
+                    "a server's frame must not be masked (RFC 6455 §5.1)",
+                    out,
+                ));
+            }
         };
         let kind = match header.opcode {
             OpCode::Data(Data::Text) => {
-                return Err(protocol_error(
+                return Err(self.protocol_error(
                     CloseCode::Unsupported,
                     "text frames carry no MQTT (MQTT 5.0 §6: binary frames only)",
                     out,
                 ));
             }
             OpCode::Data(Data::Binary) if self.in_message => {
-                return Err(protocol_error(
+                return Err(self.protocol_error(
                     CloseCode::Protocol,
                     "a new message began before the fragmented one ended",
                     out,
                 ));
             }
             OpCode::Data(Data::Continue) if !self.in_message => {
-                return Err(protocol_error(
+                return Err(self.protocol_error(
                     CloseCode::Protocol,
                     "a continuation frame without a message to continue",
                     out,
@@ -501,7 +646,7 @@ impl Framing {
             }
             OpCode::Control(control) => {
                 if !header.is_final || length > CONTROL_PAYLOAD_LEN_MAX {
-                    return Err(protocol_error(
+                    return Err(self.protocol_error(
                         CloseCode::Protocol,
                         "a control frame must be final and at most 125 bytes",
                         out,
@@ -512,7 +657,7 @@ impl Framing {
                     Control::Pong => Kind::Pong,
                     Control::Close => Kind::Close,
                     Control::Reserved(_) => {
-                        return Err(protocol_error(
+                        return Err(self.protocol_error(
                             CloseCode::Protocol,
                             "reserved control opcode",
                             out,
@@ -521,11 +666,7 @@ impl Framing {
                 }
             }
             OpCode::Data(Data::Reserved(_)) => {
-                return Err(protocol_error(
-                    CloseCode::Protocol,
-                    "reserved data opcode",
-                    out,
-                ));
+                return Err(self.protocol_error(CloseCode::Protocol, "reserved data opcode", out));
             }
         };
         let frame = Frame {
@@ -547,16 +688,16 @@ impl Framing {
         match kind {
             Kind::Data | Kind::Pong => Ok(()),
             Kind::Ping => {
-                write_frame(OpCode::Control(Control::Pong), &payload, out);
+                self.write(OpCode::Control(Control::Pong), &payload, out);
                 Ok(())
             }
             Kind::Close => {
                 let Some((code, reason)) = payload.split_first_chunk::<2>() else {
                     if payload.is_empty() {
-                        write_frame(OpCode::Control(Control::Close), &[], out);
+                        self.write(OpCode::Control(Control::Close), &[], out);
                         return Err(WsError::Closed { code: None });
                     }
-                    return Err(protocol_error(
+                    return Err(self.protocol_error(
                         CloseCode::Protocol,
                         "a close frame's code must be 2 bytes",
                         out,
@@ -564,14 +705,14 @@ impl Framing {
                 };
                 let code = u16::from_be_bytes(*code);
                 if !CloseCode::from(code).is_allowed() || std::str::from_utf8(reason).is_err() {
-                    return Err(protocol_error(
+                    return Err(self.protocol_error(
                         CloseCode::Protocol,
                         "invalid close code or reason",
                         out,
                     ));
                 }
                 // Echo the client's code (RFC 6455 §5.5.1).
-                write_frame(OpCode::Control(Control::Close), &code.to_be_bytes(), out);
+                self.write(OpCode::Control(Control::Close), &code.to_be_bytes(), out);
                 Err(WsError::Closed { code: Some(code) })
             }
         }
@@ -743,6 +884,48 @@ mod tests {
             ws.write(b"z", &mut out);
             assert!(after.is_empty() && out.len() == 4);
         }
+    }
+
+    #[test]
+    fn the_client_side_talks_to_the_server_side() {
+        let mut to_server = BytesMut::new();
+        let mut client = WsSession::client("/mqtt", "127.0.0.1:1883", &mut to_server);
+        // The CONNECT written before the answer waits for it.
+        client.write(b"\x10\x00connect", &mut to_server);
+        assert!(client.is_handshaking());
+        let mut server = WsSession::new(&WsListener {
+            path: "/mqtt".into(),
+        });
+        let (mut server_app, mut to_client) = (BytesMut::new(), BytesMut::new());
+        server
+            .read(&to_server.split(), &mut server_app, &mut to_client)
+            .unwrap();
+        assert!(server.is_open() && server_app.is_empty());
+        let mut client_app = BytesMut::new();
+        client
+            .read(&to_client.split(), &mut client_app, &mut to_server)
+            .unwrap();
+        assert!(client.is_open());
+        // The held CONNECT leaves masked; the server unmasks it.
+        assert_eq!(to_server[1] & 0x80, 0x80);
+        server
+            .read(&to_server.split(), &mut server_app, &mut to_client)
+            .unwrap();
+        assert_eq!(&server_app[..], b"\x10\x00connect");
+        server.write(b"\x20\x02\x00\x00", &mut to_client);
+        client
+            .read(&to_client.split(), &mut client_app, &mut to_server)
+            .unwrap();
+        assert_eq!(&client_app[..], b"\x20\x02\x00\x00");
+        // A wrong accept key is refused.
+        let mut request = BytesMut::new();
+        let mut other = WsSession::client("/mqtt", "h", &mut request);
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: nope\r\n\r\n";
+        assert!(
+            other
+                .read(answer, &mut BytesMut::new(), &mut BytesMut::new())
+                .is_err()
+        );
     }
 
     #[test]
