@@ -3,7 +3,8 @@
 //! MQTT.js over WebSocket (`tools/js/websocket.js`, npm packages installed by tools/test.sh
 //! into tools/js), and a hand-made WebSocket client for what libraries do not send on
 //! purpose: CONNECT split over fragmented frames with a ping between, a text frame (closed
-//! with 1003), a refused subprotocol, a wrong path, and a close that is echoed.
+//! with 1003), a refused subprotocol, a wrong path, and a close that is echoed; and a
+//! WebSocket listener behind a PROXY v1 header (the header's address is the client's).
 
 mod support;
 
@@ -203,5 +204,53 @@ fn a_raw_client_fragments_pings_and_is_closed_for_text() {
         (0x88, 1000u16.to_be_bytes().to_vec())
     );
     assert!(read_until_closed(&mut stream, Duration::from_secs(5)).1);
+    assert!(broker.is_running());
+}
+
+#[test]
+fn a_websocket_listener_behind_a_proxy_header() {
+    let port = free_port();
+    let config = format!(
+        "[limits]\nconnect_timeout_ms = 1500\n\
+         [[listener]]\nbind = \"127.0.0.1:{port}\"\ntransport = \"ws\"\nproxy_protocol = \"v1\"\n\
+         proxy_trusted = [\"127.0.0.1\"]\n"
+    );
+    let mut broker = Broker::start_ingress_logged(1, &config);
+    // The PROXY header first, then the upgrade, in one write.
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut bytes = b"PROXY TCP4 198.51.100.77 127.0.0.1 41000 8080\r\n".to_vec();
+    bytes.extend_from_slice(
+        b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+    );
+    bytes.extend(frame(0x82, &connect_packet("proxied-ws")));
+    stream.write_all(&bytes).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+        answer.push(byte[0]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 101 "));
+    assert_eq!(
+        read_frame(&mut stream),
+        (0x82, vec![0x20, 0x02, 0x00, 0x00])
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !broker.log_text().contains("peer=198.51.100.77:41000") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            broker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Without the header: refused before any HTTP answer.
+    let (mut bare, answer) = upgrade(port, "/mqtt", "");
+    assert!(answer.is_empty(), "{answer}");
+    assert!(read_until_closed(&mut bare, Duration::from_secs(5)).1);
     assert!(broker.is_running());
 }
