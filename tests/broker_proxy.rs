@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::pki::Pki;
-use support::{Broker, connect_packet, free_port, read_until_closed};
+use support::{Broker, connect_packet, free_port, mosquitto, read_until_closed};
 
 /// A broker whose listener on `port` takes PROXY headers (`proxy_protocol`) from 127.0.0.1
 /// only, with the ingress layer's debug lines in its log.
@@ -131,25 +131,6 @@ impl Drop for Haproxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Runs a mosquitto client with a time bound; its exit status and output.
-fn mosquitto(program: &str, args: &[&str]) -> (bool, String) {
-    let output = Command::new("timeout")
-        .arg("20")
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("mosquitto-clients is installed");
-    (
-        output.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    )
 }
 
 #[test]

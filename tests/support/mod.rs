@@ -503,6 +503,26 @@ impl V5 {
     }
 }
 
+/// Runs a mosquitto client program (mosquitto_pub, mosquitto_sub) for at most 20 seconds;
+/// whether it succeeded, and what it printed.
+pub fn mosquitto(program: &str, args: &[&str]) -> (bool, String) {
+    let output = Command::new("timeout")
+        .arg("20")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("mosquitto-clients is installed (Debian: apt-get install mosquitto-clients)");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
 /// A raw TCP client for byte-level tests.
 pub fn raw(port: u16) -> TcpStream {
     let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();

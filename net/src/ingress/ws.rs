@@ -572,7 +572,15 @@ impl Framing {
             }
         };
         let Some((header, length)) = parsed else {
-            // A header is at most 14 bytes, so this waits only while fewer have come.
+            // A header is at most 14 bytes, so this waits only while fewer have come; were
+            // 14 ever not enough, the reader would stop here rather than spin.
+            if before + take == self.header.len() {
+                return Err(self.protocol_error(
+                    CloseCode::Protocol,
+                    "a frame header past 14 bytes",
+                    out,
+                ));
+            }
             self.header_len = before + take;
             return Ok(&input[take..]);
         };
