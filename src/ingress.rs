@@ -222,6 +222,9 @@ pub struct Ingress {
     /// Connections this layer ends in this batch; the reactor's events for them until the
     /// flush are dropped.
     to_close: Vec<ConnectionId>,
+    /// Connections on PROXY listeners that read their header in this batch, with the
+    /// client's address: the reactor checks the per-address limits for it.
+    to_admit: Vec<(ConnectionId, std::net::IpAddr)>,
 }
 
 impl Ingress {
@@ -234,6 +237,7 @@ impl Ingress {
             to_send: Vec::new(),
             last_words: Vec::new(),
             to_close: Vec::new(),
+            to_admit: Vec::new(),
         }
     }
 
@@ -333,6 +337,15 @@ impl Ingress {
         self.to_send.push(connection);
         match step {
             Ok(Some(established)) => {
+                let proxied = self
+                    .stacks
+                    .get(layered.transport.listener)
+                    .is_some_and(|config| config.proxy.is_some());
+                if let Some(client) = established.source.or(layered.transport.peer)
+                    && proxied
+                {
+                    self.to_admit.push((connection, client.ip()));
+                }
                 if let Some(source) = established.source {
                     debug!(
                         connection,
@@ -520,6 +533,9 @@ impl Ingress {
 
     /// The batch's wire bytes and closes, to the reactor.
     pub fn flush(&mut self, actions: &mut Actions<NodeMessage>) {
+        for (connection, client) in self.to_admit.drain(..) {
+            actions.admit_address(connection, client);
+        }
         for (connection, wire) in self.last_words.drain(..) {
             actions.send(connection, wire);
         }

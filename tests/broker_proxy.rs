@@ -300,3 +300,63 @@ fn untrusted_sources_hand_made_v1_headers_and_garbage() {
     ping(&mut good);
     assert!(broker.is_running());
 }
+
+#[test]
+fn per_address_limits_count_the_clients_address_not_the_balancers() {
+    let port = free_port();
+    let config = format!(
+        "[limits]\nconnect_timeout_ms = 1500\nconnections_per_address_max = 2\n\
+         [[listener]]\nbind = \"127.0.0.1:{port}\"\nproxy_protocol = \"v1\"\n\
+         proxy_trusted = [\"127.0.0.1/32\"]\n"
+    );
+    let mut broker = Broker::start_ingress_logged(1, &config);
+    let listener = SocketAddr::from(([127, 0, 0, 1], port));
+    let header = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 1883\r\n");
+    // Four clients through one balancer address: none is refused by the balancer's count.
+    let mut held = Vec::new();
+    for (index, client) in [
+        "198.51.100.1",
+        "198.51.100.2",
+        "198.51.100.3",
+        "198.51.100.4",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut stream = connect_from(Ipv4Addr::LOCALHOST, listener);
+        mqtt_connect(
+            &mut stream,
+            header(client).as_bytes(),
+            &format!("many-{index}"),
+        );
+        held.push(stream);
+    }
+    // One client address: its third connection is over the limit, closed before a CONNACK.
+    for index in 0..2 {
+        let mut stream = connect_from(Ipv4Addr::LOCALHOST, listener);
+        mqtt_connect(
+            &mut stream,
+            header("198.51.100.9").as_bytes(),
+            &format!("same-{index}"),
+        );
+        held.push(stream);
+    }
+    let mut third = connect_from(Ipv4Addr::LOCALHOST, listener);
+    let mut bytes = header("198.51.100.9").into_bytes();
+    bytes.extend(connect_packet("same-2"));
+    third.write_all(&bytes).unwrap();
+    let (answer, closed) = read_until_closed(&mut third, Duration::from_secs(5));
+    assert!(
+        closed && answer.is_empty(),
+        "refused without a CONNACK: {answer:?}"
+    );
+    // The others are unharmed; a closed one gives its count back.
+    for stream in &mut held {
+        ping(stream);
+    }
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = connect_from(Ipv4Addr::LOCALHOST, listener);
+    mqtt_connect(&mut again, header("198.51.100.9").as_bytes(), "same-3");
+    assert!(broker.is_running());
+}
