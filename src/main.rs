@@ -659,6 +659,9 @@ struct AcceptLimits {
     /// The cluster port's own admission table.
     links: Option<Arc<Admission>>,
     listeners: Arc<ListenerLimits>,
+    /// Per listener, the balancers (`proxy_trusted`) whose connections are admitted by the
+    /// address of their PROXY header instead of the socket's peer.
+    deferred: Vec<Option<shardmq_net::networks::TrustedNetworks>>,
 }
 
 /// One shard's thread: builds its reactor, runs it until the node stops, then saves its
@@ -676,7 +679,8 @@ fn run_shard(
         Ok(reactor) => {
             let reactor = reactor
                 .with_admission(limits.admission)
-                .with_listener_limits(limits.listeners);
+                .with_listener_limits(limits.listeners)
+                .with_deferred_admission(limits.deferred);
             match limits.links {
                 Some(table) => reactor.with_side_admission(table),
                 None => reactor,
@@ -936,6 +940,10 @@ fn serve(config: Config) -> Result<(), String> {
             admission: admission.clone(),
             links: link_admission.clone(),
             listeners: listener_limits.clone(),
+            deferred: listeners
+                .iter()
+                .map(|listener| listener.proxy.as_ref().map(|proxy| proxy.trusted.clone()))
+                .collect(),
         };
         let notices = notice_sender.clone();
         let data_dir = data_dir.clone();

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::pki::Pki;
-use support::{ADMIN_TOKEN, Broker, free_port};
+use support::{ADMIN_TOKEN, Broker, free_port, mosquitto};
 
 impl Pki {
     fn new(test: &str) -> Self {
@@ -78,23 +78,6 @@ fn broker(shards: u16, tables: &str) -> Broker {
         shards,
         &config,
         &[("RUST_LOG", Some("info,shardmq::ingress=debug"))],
-    )
-}
-
-/// Runs a mosquitto client with a time bound; its exit status and output.
-fn mosquitto(program: &str, args: &[&str]) -> (bool, String) {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("mosquitto-clients is installed (Debian: apt-get install mosquitto-clients)");
-    (
-        output.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
     )
 }
 
