@@ -5,9 +5,10 @@
 //! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
 //! `GET /api/v1/cluster/status`, and the state changes `POST /api/v1/cluster/join`
 //! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
-//! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`) and `POST /api/v1/tls/reload`
+//! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
 //! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
-//! nothing changed, when one is bad).
+//! nothing changed, when one is bad) and `POST /api/v1/auth/reload` (`{}`: the `[auth]`
+//! files likewise).
 //! Never: touches a shard's state. It asks shard 0 through its mailbox and waits for the
 //! answer, so the data plane stays lock-free.
 //! Invariants (every request is hostile until checked, in this order): a request other than
@@ -71,6 +72,15 @@ pub enum NodeMessage {
     /// Reloaded listener configurations (TLS certificates and keys): new connections use
     /// them (`ingress::Reloader`).
     Stacks(Arc<crate::ingress::ListenerStacks>),
+    /// A reloaded `[auth]` policy (`auth::Auth::reload`): new CONNECTs and every later check
+    /// use it.
+    Auth(Arc<shardmq_shards::auth::Policy>),
+    /// The verifier pool's answer to a shard's `NodeOutput::Verify`.
+    Verified {
+        connection: u64,
+        ticket: u64,
+        verdict: shardmq_shards::auth::Verdict,
+    },
     /// A client connection's ingress stack, handed over with the connection
     /// (`Actions::hand_off_carrying`, told as `Event::Adopted`); never posted on its own.
     Carried(Box<crate::ingress::Carried>),
@@ -154,6 +164,8 @@ struct AppState {
     mailboxes: Shared,
     /// Reloads the TLS listeners' certificates and keys (`POST /api/v1/tls/reload`).
     reloader: Arc<crate::ingress::Reloader>,
+    /// Reloads the `[auth]` files (`POST /api/v1/auth/reload`).
+    auth: Arc<crate::auth::Auth>,
     health: Arc<Health>,
     /// The client listeners' admission table, for its counts in `GET /metrics`.
     admission: Arc<Admission>,
@@ -590,6 +602,26 @@ async fn leave(
 #[serde(deny_unknown_fields)]
 struct ReloadBody {}
 
+/// A reload behind `POST`: `reload` runs off the runtime's thread (it reads files); 200 with
+/// what `render` makes of its outcome, else 422 with the reason (nothing changed).
+async fn reload_response<T: Send + 'static>(
+    body: Result<Json<ReloadBody>, JsonRejection>,
+    reload: impl FnOnce() -> Result<T, String> + Send + 'static,
+    render: impl FnOnce(T) -> Value,
+) -> Response {
+    if let Err(rejection) = body {
+        return rejection_response(rejection);
+    }
+    match tokio::task::spawn_blocking(reload).await {
+        Ok(Ok(outcome)) => Json(render(outcome)).into_response(),
+        Ok(Err(message)) => error_response((StatusCode::UNPROCESSABLE_ENTITY, message)),
+        Err(_) => error_response((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the reload did not finish".into(),
+        )),
+    }
+}
+
 /// Reads the TLS listeners' certificate, key and CA files again: 200 with the number of TLS
 /// listeners when every one was good (new connections use them, open ones keep theirs), else
 /// 422 with the reason and nothing changed.
@@ -597,19 +629,35 @@ async fn tls_reload(
     State(state): State<AppState>,
     body: Result<Json<ReloadBody>, JsonRejection>,
 ) -> Response {
-    if let Err(rejection) = body {
-        return rejection_response(rejection);
-    }
     let reloader = state.reloader.clone();
-    // Reading files blocks: off the runtime's thread.
-    match tokio::task::spawn_blocking(move || reloader.reload("admin API")).await {
-        Ok(Ok(count)) => Json(json!({ "reloaded_listeners": count })).into_response(),
-        Ok(Err(message)) => error_response((StatusCode::UNPROCESSABLE_ENTITY, message)),
-        Err(_) => error_response((
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the reload did not finish".into(),
-        )),
-    }
+    reload_response(
+        body,
+        move || reloader.reload("admin API"),
+        |count| json!({ "reloaded_listeners": count }),
+    )
+    .await
+}
+
+/// `POST /api/v1/auth/reload` (`{}`): the `[auth]` files are read again; 422 with the reason,
+/// and the rules in force kept, when one is bad.
+async fn auth_reload(
+    State(state): State<AppState>,
+    body: Result<Json<ReloadBody>, JsonRejection>,
+) -> Response {
+    let auth = state.auth.clone();
+    reload_response(
+        body,
+        move || auth.reload("admin API"),
+        |summary| {
+            json!({
+                "users": summary.users,
+                "acl_rules": summary.acl_rules,
+                "jwt": summary.jwt,
+                "allow_anonymous": summary.allow_anonymous,
+            })
+        },
+    )
+    .await
 }
 
 fn router(state: AppState) -> Router {
@@ -623,6 +671,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/cluster/settings", post(set))
         .route("/api/v1/tls/reload", post(tls_reload))
         .route("/metrics", get(metrics_text))
+        .route("/api/v1/auth/reload", post(auth_reload))
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -671,6 +720,7 @@ pub fn start(
     health: Arc<Health>,
     reloader: Arc<crate::ingress::Reloader>,
     admission: Arc<Admission>,
+    auth: Arc<crate::auth::Auth>,
 ) -> Result<(), String> {
     let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
@@ -702,6 +752,7 @@ pub fn start(
                 let app = router(AppState {
                     mailboxes,
                     reloader,
+                    auth,
                     health,
                     admission,
                     started: tokio::time::Instant::now(),

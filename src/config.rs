@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use shardmq_net::frame::{Member, Role};
 use shardmq_net::ingress::names::NameFrom;
+use shardmq_net::ingress::proxy::{ProxyAccept, TrustedNetworks};
 use shardmq_net::ingress::tls::MutualTls;
 use shardmq_net::mqtt::QoS;
 use shardmq_net::reactor::admission::AdmissionLimits;
@@ -84,9 +85,76 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub admin: Admin,
     pub storage: StorageConfig,
+    pub auth: AuthConfig,
     /// The `[[listener]]` tables, in file order (after the `server.listen` shorthand).
     #[serde(default)]
     pub listener: Vec<ListenerConfig>,
+}
+
+/// `[auth]`: authentication and authorization (`auth.rs` reads the files it names).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// true, false or "auto"; see [`AuthConfig::anonymous_allowed`].
+    pub allow_anonymous: toml::Value,
+    pub password_file: String,
+    pub acl_file: String,
+    pub jwt_algorithm: String,
+    pub jwt_key_file: String,
+    pub jwt_username_claim: String,
+    pub jwt_acl_claim: String,
+    pub verifier_threads: usize,
+    pub verifier_queue_max: usize,
+    pub credential_cache_max: usize,
+    pub pbkdf2_iterations_max: u32,
+    pub argon2_memory_kib_max: u32,
+}
+
+impl AuthConfig {
+    /// `allow_anonymous`, with "auto" settled: allowed unless a verifier is configured.
+    pub fn anonymous_allowed(&self) -> Result<bool, String> {
+        match &self.allow_anonymous {
+            toml::Value::Boolean(allowed) => Ok(*allowed),
+            toml::Value::String(auto) if auto == "auto" => {
+                Ok(self.password_file.is_empty() && self.jwt_key_file.is_empty())
+            }
+            other => Err(format!(
+                "`auth.allow_anonymous` must be true, false or \"auto\", not {other}"
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.anonymous_allowed()?;
+        if !["HS256", "RS256", "ES256"].contains(&self.jwt_algorithm.as_str()) {
+            return Err(format!(
+                "`auth.jwt_algorithm` must be \"HS256\", \"RS256\" or \"ES256\", not {:?}",
+                self.jwt_algorithm
+            ));
+        }
+        if self.jwt_username_claim.is_empty() {
+            return Err("`auth.jwt_username_claim` must name a claim".into());
+        }
+        if !(1..=64).contains(&self.verifier_threads) {
+            return Err("`auth.verifier_threads` must be from 1 to 64".into());
+        }
+        if self.verifier_queue_max == 0 {
+            return Err("`auth.verifier_queue_max` must be positive".into());
+        }
+        let iterations_max = crate::passwd::PBKDF2_ITERATIONS_MAX;
+        if !(1..=iterations_max).contains(&self.pbkdf2_iterations_max) {
+            return Err(format!(
+                "`auth.pbkdf2_iterations_max` must be from 1 to {iterations_max}"
+            ));
+        }
+        let memory_max = crate::passwd::ARGON2_MEMORY_KIB_MAX;
+        if !(8..=memory_max).contains(&self.argon2_memory_kib_max) {
+            return Err(format!(
+                "`auth.argon2_memory_kib_max` must be from 8 to {memory_max}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[storage]`: the durable log kept in `server.data_dir` (see `durable.rs`).
@@ -152,6 +220,26 @@ pub enum TransportKind {
     Tcp,
     /// MQTT over TLS, with these files and client-certificate rules.
     Tls(TlsFiles),
+    /// MQTT over WebSocket at this path.
+    Ws {
+        path: String,
+    },
+    /// MQTT over WebSocket over TLS.
+    Wss {
+        path: String,
+        tls: TlsFiles,
+    },
+}
+
+/// A listener's PROXY protocol settings (`proxy_protocol` other than "off").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub accept: ProxyAccept,
+    /// Who may send a header (`proxy_trusted`, never empty).
+    pub trusted: TrustedNetworks,
+    /// `tls_username_from = "cn"` on a listener without its own TLS: the CN of the
+    /// balancer's SSL TLV names the client.
+    pub name_from_ssl_cn: bool,
 }
 
 /// Whether a TLS listener asks clients for certificates (`tls_client_cert`).
@@ -182,6 +270,8 @@ pub struct TlsFiles {
 pub struct Listener {
     pub bind: SocketAddr,
     pub transport: TransportKind,
+    /// The PROXY header its connections start with, if any.
+    pub proxy: Option<ProxySettings>,
     /// The most connections open on it at once, over all shards; 0: no limit of its own.
     pub connections_max: u32,
 }
@@ -195,7 +285,10 @@ fn checked_tls(table: &ListenerConfig, name: &str) -> Result<TlsFiles, String> {
         ("tls_key_file", &table.tls_key_file),
     ] {
         if value.is_empty() {
-            return Err(format!("`{name}.{key}` must be set for a \"tls\" listener"));
+            return Err(format!(
+                "`{name}.{key}` must be set for a {:?} listener",
+                table.transport
+            ));
         }
     }
     let client_cert = match table.tls_client_cert.as_str() {
@@ -274,66 +367,99 @@ fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, Stri
         &table.tls_username_from,
         &["none", "cn", "san"],
     )?;
-    // INTEGRATION(ws): "ws" and "wss" are accepted here once `ingress/ws.rs` is wired into
-    // the stack (`net/src/ingress/stack.rs`).
-    if !matches!(table.transport.as_str(), "tcp" | "tls") {
+    let proxy = checked_proxy(table, name)?;
+    let websocket = matches!(table.transport.as_str(), "ws" | "wss");
+    if websocket && !table.path.starts_with('/') {
         return Err(format!(
-            "`{name}.transport` is {:?}: only \"tcp\" and \"tls\" are built so far (WebSocket listeners are planned)",
-            table.transport
+            "`{name}.path` is {:?}: a WebSocket path starts with '/'",
+            table.path
         ));
     }
-    if table.proxy_protocol != "off" {
-        return Err(format!(
-            "`{name}.proxy_protocol` is {:?}: the PROXY protocol is not built yet (only \"off\")",
-            table.proxy_protocol
-        ));
-    }
-    if !table.proxy_trusted.is_empty() {
-        return Err(format!(
-            "`{name}.proxy_trusted` is set but `{name}.proxy_protocol` is \"off\""
-        ));
-    }
-    if table.path != default_path() {
+    if !websocket && table.path != default_path() {
         return Err(format!(
             "`{name}.path` is set but `{name}.transport` is {:?}: a path belongs to a WebSocket listener",
             table.transport
         ));
     }
-    if table.transport == "tls" {
-        return Ok(Listener {
-            bind,
-            transport: TransportKind::Tls(checked_tls(table, name)?),
-            connections_max: table.connections_max,
-        });
-    }
-    for (key, value) in [
-        ("tls_cert_file", &table.tls_cert_file),
-        ("tls_key_file", &table.tls_key_file),
-        ("tls_client_ca_file", &table.tls_client_ca_file),
-    ] {
-        if !value.is_empty() {
-            return Err(format!(
-                "`{name}.{key}` is set but `{name}.transport` is {:?}: TLS settings belong to a \"tls\" or \"wss\" listener",
-                table.transport
-            ));
+    let transport = match table.transport.as_str() {
+        "tls" => TransportKind::Tls(checked_tls(table, name)?),
+        "wss" => TransportKind::Wss {
+            path: table.path.clone(),
+            tls: checked_tls(table, name)?,
+        },
+        plain => {
+            for (key, value) in [
+                ("tls_cert_file", &table.tls_cert_file),
+                ("tls_key_file", &table.tls_key_file),
+                ("tls_client_ca_file", &table.tls_client_ca_file),
+            ] {
+                if !value.is_empty() {
+                    return Err(format!(
+                        "`{name}.{key}` is set but `{name}.transport` is {:?}: TLS settings belong to a \"tls\" or \"wss\" listener",
+                        table.transport
+                    ));
+                }
+            }
+            // The one certificate setting a listener without TLS may have: the CN that a
+            // balancer in front verified, from its PROXY v2 SSL TLV.
+            let cn_from_balancer = table.tls_username_from == "cn"
+                && proxy.as_ref().is_some_and(|p| p.accept != ProxyAccept::V1);
+            for (key, value) in [
+                ("tls_client_cert", &table.tls_client_cert),
+                ("tls_username_from", &table.tls_username_from),
+            ] {
+                if value != "none" && !(key == "tls_username_from" && cn_from_balancer) {
+                    return Err(format!(
+                        "`{name}.{key}` is {value:?} but `{name}.transport` is {:?}: client certificates need a \"tls\" or \"wss\" listener (or, for `tls_username_from = \"cn\"`, `proxy_protocol = \"v2\"` or \"any\" behind a balancer that sends the certificate's CN)",
+                        table.transport
+                    ));
+                }
+            }
+            if plain == "ws" {
+                TransportKind::Ws {
+                    path: table.path.clone(),
+                }
+            } else {
+                TransportKind::Tcp
+            }
         }
-    }
-    for (key, value) in [
-        ("tls_client_cert", &table.tls_client_cert),
-        ("tls_username_from", &table.tls_username_from),
-    ] {
-        if value != "none" {
-            return Err(format!(
-                "`{name}.{key}` is {value:?} but `{name}.transport` is {:?}: client certificates need a \"tls\" or \"wss\" listener",
-                table.transport
-            ));
-        }
-    }
+    };
+    let proxy = proxy.map(|mut proxy| {
+        proxy.name_from_ssl_cn = matches!(transport, TransportKind::Tcp | TransportKind::Ws { .. })
+            && table.tls_username_from == "cn";
+        proxy
+    });
     Ok(Listener {
         bind,
-        transport: TransportKind::Tcp,
+        transport,
+        proxy,
         connections_max: table.connections_max,
     })
+}
+
+/// Checks `proxy_protocol` and `proxy_trusted`: a PROXY listener must say whom it trusts.
+fn checked_proxy(table: &ListenerConfig, name: &str) -> Result<Option<ProxySettings>, String> {
+    let Some(accept) = ProxyAccept::parse(&table.proxy_protocol) else {
+        if !table.proxy_trusted.is_empty() {
+            return Err(format!(
+                "`{name}.proxy_trusted` is set but `{name}.proxy_protocol` is \"off\""
+            ));
+        }
+        return Ok(None);
+    };
+    if table.proxy_trusted.is_empty() {
+        return Err(format!(
+            "`{name}.proxy_protocol` is {:?} but `{name}.proxy_trusted` is empty: list the balancers' networks (CIDR) allowed to send a PROXY header",
+            table.proxy_protocol
+        ));
+    }
+    let trusted = TrustedNetworks::parse(&table.proxy_trusted)
+        .map_err(|e| format!("`{name}.proxy_trusted`: {e}"))?;
+    Ok(Some(ProxySettings {
+        accept,
+        trusted,
+        name_from_ssl_cn: false,
+    }))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -519,6 +645,7 @@ impl Config {
             matches!(self.server.log_format.as_str(), "text" | "json"),
             "`server.log_format` must be \"text\" or \"json\"",
         )?;
+        self.auth.validate()?;
         check(self.server.backlog > 0, "`server.backlog` must be positive")?;
         // Servers must accept identifiers of 1 to 23 characters [MQTT-3.1.3-5]; an MQTT string
         // holds at most 65,535 bytes, so a larger limit would mean nothing.
@@ -639,6 +766,7 @@ impl Config {
             .map(|&bind| Listener {
                 bind,
                 transport: TransportKind::Tcp,
+                proxy: None,
                 connections_max: 0,
             })
             .collect();
@@ -1132,11 +1260,13 @@ mod tests {
                 Listener {
                     bind: "127.0.0.1:1884".parse().unwrap(),
                     transport: TransportKind::Tcp,
+                    proxy: None,
                     connections_max: 0,
                 },
                 Listener {
                     bind: "[::1]:1885".parse().unwrap(),
                     transport: TransportKind::Tcp,
+                    proxy: None,
                     connections_max: 7,
                 },
             ]
@@ -1155,8 +1285,12 @@ mod tests {
                 "`listener[0].transport` is \"quic\": expected one of",
             ),
             (
-                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"",
-                "only \"tcp\" and \"tls\" are built so far",
+                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"\npath = \"mqtt\"",
+                "a WebSocket path starts with '/'",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"wss\"\npath = \"/ws\"",
+                "`listener[0].tls_cert_file` must be set for a \"wss\" listener",
             ),
             (
                 "bind = \"127.0.0.1:1\"\ntransport = \"tls\"",
@@ -1180,7 +1314,19 @@ mod tests {
             ),
             (
                 "bind = \"127.0.0.1:1\"\nproxy_protocol = \"v2\"",
-                "PROXY protocol is not built yet",
+                "`listener[0].proxy_trusted` is empty",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nproxy_protocol = \"v2\"\nproxy_trusted = [\"10.0.0.0/40\"]",
+                "`listener[0].proxy_trusted`: \"10.0.0.0/40\"",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nproxy_protocol = \"v1\"\nproxy_trusted = [\"10.0.0.0/8\"]\ntls_username_from = \"cn\"",
+                "client certificates need",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nproxy_protocol = \"v2\"\nproxy_trusted = [\"10.0.0.0/8\"]\ntls_username_from = \"san\"",
+                "client certificates need",
             ),
             (
                 "bind = \"127.0.0.1:1\"\nproxy_trusted = [\"10.0.0.0/8\"]",
@@ -1227,6 +1373,31 @@ mod tests {
                 username_from: NameFrom::SubjectAltName,
             })
         );
+        let proxied = listeners(
+            "[[listener]]\nbind = \"127.0.0.1:1884\"\nproxy_protocol = \"any\"\nproxy_trusted = [\"10.0.0.0/8\", \"::1\"]\ntls_username_from = \"cn\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            proxied[0].proxy,
+            Some(ProxySettings {
+                accept: ProxyAccept::Any,
+                trusted: TrustedNetworks::parse(&["10.0.0.0/8".into(), "::1".into()]).unwrap(),
+                name_from_ssl_cn: true,
+            })
+        );
+        assert_eq!(proxied[0].transport, TransportKind::Tcp);
+        let ws = listeners(
+            "[[listener]]\nbind = \"127.0.0.1:8080\"\ntransport = \"ws\"\n\
+             [[listener]]\nbind = \"127.0.0.1:8081\"\ntransport = \"wss\"\npath = \"/ws\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ws[0].transport,
+            TransportKind::Ws {
+                path: "/mqtt".into()
+            }
+        );
+        assert!(matches!(&ws[1].transport, TransportKind::Wss { path, .. } if path == "/ws"));
         let error = listeners(
             "[[listener]]\nbind = \"127.0.0.1:1884\"\n[[listener]]\nbind = \"127.0.0.1:1884\"\n",
         )

@@ -25,10 +25,12 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
+use shardmq_net::ingress::proxy::{PROXY_HEADER_LEN_MAX, ProxyListener};
 use shardmq_net::ingress::stack::{
-    CLIENT_TLS_HANDSHAKE_LEN_MAX, IngressStack, StackConfig, TlsListener,
+    CLIENT_TLS_HANDSHAKE_LEN_MAX, IngressStack, StackConfig, StackError, TlsListener,
 };
 use shardmq_net::ingress::tls::{self, ClientCertificates};
+use shardmq_net::ingress::ws::WsListener;
 use shardmq_net::reactor::{Actions, ConnectionId, Mailboxes, Origin};
 use shardmq_shards::Transport;
 use shardmq_shards::cluster::NodeInput;
@@ -61,17 +63,36 @@ impl ListenerStacks {
 pub fn load(listeners: &[Listener]) -> Result<ListenerStacks, String> {
     let listeners = listeners
         .iter()
-        .map(|listener| match &listener.transport {
-            TransportKind::Tcp => Ok(None),
-            TransportKind::Tls(files) => Ok(Some(StackConfig {
-                tls: Some(tls_listener(files)?),
-            })),
+        .map(|listener| {
+            let tls = match &listener.transport {
+                TransportKind::Tcp | TransportKind::Ws { .. } => None,
+                TransportKind::Tls(files) => Some(tls_listener(files, false)?),
+                TransportKind::Wss { tls: files, .. } => Some(tls_listener(files, true)?),
+            };
+            let proxy = listener.proxy.as_ref().map(|proxy| ProxyListener {
+                accept: proxy.accept,
+                trusted: proxy.trusted.clone(),
+                header_len_max: PROXY_HEADER_LEN_MAX,
+                name_from_ssl_cn: proxy.name_from_ssl_cn,
+            });
+            let ws = match &listener.transport {
+                TransportKind::Ws { path } | TransportKind::Wss { path, .. } => {
+                    Some(WsListener { path: path.clone() })
+                }
+                TransportKind::Tcp | TransportKind::Tls(_) => None,
+            };
+            if tls.is_none() && proxy.is_none() && ws.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(StackConfig { proxy, tls, ws }))
         })
         .collect::<Result<_, String>>()?;
     Ok(ListenerStacks { listeners })
 }
 
-fn tls_listener(files: &TlsFiles) -> Result<TlsListener, String> {
+/// A TLS listener's configuration; `websocket`: its clients speak HTTP first, so ALPN offers
+/// `http/1.1` (what browsers and WebSocket libraries ask for) instead of `mqtt`.
+fn tls_listener(files: &TlsFiles, websocket: bool) -> Result<TlsListener, String> {
     let name = &files.name;
     let read = |key: &str, path: &str| {
         std::fs::read(path).map_err(|e| format!("`{name}.{key}` {path:?}: {e}"))
@@ -92,12 +113,15 @@ fn tls_listener(files: &TlsFiles) -> Result<TlsListener, String> {
         ClientCertMode::Optional => ClientCertificates::Optional(roots()?),
         ClientCertMode::Required => ClientCertificates::Required(roots()?),
     };
-    let server = tls::client_listener_config(&cert, &key, clients).map_err(|e| {
+    let mut server = tls::client_listener_config(&cert, &key, clients).map_err(|e| {
         format!(
             "`{name}` ({:?}, {:?}): {e}",
             files.cert_file, files.key_file
         )
     })?;
+    if websocket {
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
     Ok(TlsListener {
         server: Arc::new(server),
         name_from: files.username_from,
@@ -198,6 +222,9 @@ pub struct Ingress {
     /// Connections this layer ends in this batch; the reactor's events for them until the
     /// flush are dropped.
     to_close: Vec<ConnectionId>,
+    /// Connections on PROXY listeners that read their header in this batch, with the
+    /// client's address: the reactor checks the per-address limits for it.
+    to_admit: Vec<(ConnectionId, std::net::IpAddr)>,
 }
 
 impl Ingress {
@@ -210,6 +237,7 @@ impl Ingress {
             to_send: Vec::new(),
             last_words: Vec::new(),
             to_close: Vec::new(),
+            to_admit: Vec::new(),
         }
     }
 
@@ -242,7 +270,7 @@ impl Ingress {
             });
             return;
         };
-        match IngressStack::new(config) {
+        match IngressStack::new(config, origin.peer) {
             Ok(stack) => {
                 self.connections
                     .insert(connection, Layered { stack, transport });
@@ -309,10 +337,31 @@ impl Ingress {
         self.to_send.push(connection);
         match step {
             Ok(Some(established)) => {
+                let proxied = self
+                    .stacks
+                    .get(layered.transport.listener)
+                    .is_some_and(|config| config.proxy.is_some());
+                if let Some(client) = established.source.or(layered.transport.peer)
+                    && proxied
+                {
+                    self.to_admit.push((connection, client.ip()));
+                }
+                if let Some(source) = established.source {
+                    debug!(
+                        connection,
+                        balancer = ?layered.transport.peer,
+                        peer = %source,
+                        vpc_endpoint = established.vpc_endpoint.as_deref().unwrap_or(""),
+                        "PROXY header read: the client's address replaces the balancer's"
+                    );
+                    layered.transport.peer = Some(source);
+                } else if let Some(endpoint) = &established.vpc_endpoint {
+                    debug!(connection, vpc_endpoint = %endpoint, "PROXY header read");
+                }
                 layered.transport.certificate_name =
                     established.certificate_name.map(ByteString::from);
                 if let Some(name) = &layered.transport.certificate_name {
-                    debug!(connection, certificate_name = %name, "TLS client certificate verified");
+                    debug!(connection, certificate_name = %name, "client certificate verified (by the listener's TLS, or by the balancer in its PROXY header)");
                 }
                 inputs.push(NodeInput::Opened {
                     connection,
@@ -320,6 +369,12 @@ impl Ingress {
                 });
             }
             Ok(None) => {}
+            Err(error @ StackError::Proxy(_)) => {
+                // A balancer misconfigured, or someone pretending to be one: say so plainly.
+                info!(connection, peer = ?layered.transport.peer, %error, "client connection refused: closed");
+                self.fail(connection, was_established, inputs);
+                return;
+            }
             Err(error) => {
                 debug!(connection, peer = ?layered.transport.peer, %error, "client connection's transport failed: closed");
                 self.fail(connection, was_established, inputs);
@@ -478,6 +533,9 @@ impl Ingress {
 
     /// The batch's wire bytes and closes, to the reactor.
     pub fn flush(&mut self, actions: &mut Actions<NodeMessage>) {
+        for (connection, client) in self.to_admit.drain(..) {
+            actions.admit_address(connection, client);
+        }
         for (connection, wire) in self.last_words.drain(..) {
             actions.send(connection, wire);
         }

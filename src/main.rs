@@ -5,6 +5,7 @@
 //! which send every client DISCONNECT 0x8B (5.0) and flush before exiting.
 
 mod admin;
+mod auth;
 mod config;
 mod durable;
 mod ingress;
@@ -148,6 +149,8 @@ struct ShardHandler {
     ingress: ingress::Ingress,
     /// The node inputs one reactor event became (reused).
     inputs: Vec<NodeInput>,
+    /// The verifier pool, and this handler's shard (where the pool answers).
+    auth: Option<(Arc<auth::Auth>, u16)>,
 }
 
 /// A shard's log I/O: the calls it makes on the reactor's file queue 0.
@@ -174,7 +177,42 @@ impl ShardHandler {
             raft_directory: None,
             ingress,
             inputs: Vec::new(),
+            auth: None,
         }
+    }
+
+    /// Credentials the shard asks about go to `auth`'s pool, answers to shard `index`.
+    fn with_auth(mut self, auth: Arc<auth::Auth>, index: u16) -> Self {
+        self.auth = Some((auth, index));
+        self
+    }
+
+    /// A shard's request to check credentials: answered now (the cache, a full queue) as
+    /// an input of this batch, or later through the mailbox (`NodeMessage::Verified`).
+    fn verify(
+        &mut self,
+        connection: u64,
+        ticket: u64,
+        credentials: shardmq_shards::auth::Credentials,
+    ) {
+        let verdict = match &self.auth {
+            Some((auth, index)) => match auth.submit(*index, connection, ticket, credentials) {
+                auth::Submitted::Queued => return,
+                auth::Submitted::Answered(verdict) => verdict,
+            },
+            None => {
+                error!(
+                    connection,
+                    "credentials to check, but no verifier pool: refused"
+                );
+                shardmq_shards::auth::Verdict::Unavailable
+            }
+        };
+        self.inputs.push(NodeInput::Verified {
+            connection,
+            ticket,
+            verdict,
+        });
     }
 
     /// Carries out the node's outputs: client bytes through their connection's stack (if it
@@ -211,6 +249,11 @@ impl ShardHandler {
                 NodeOutput::Connect { address, tag } => actions.connect(address, None, tag),
                 NodeOutput::Reply { ticket, answer } => self.reply(ticket, answer),
                 NodeOutput::RaftFiles(call) => self.raft_files(actions, call),
+                NodeOutput::Verify {
+                    connection,
+                    ticket,
+                    credentials,
+                } => self.verify(connection, ticket, credentials),
             }
         }
     }
@@ -382,6 +425,19 @@ impl Handler for ShardHandler {
                 self.ingress.replace(stacks);
                 return;
             }
+            Event::Message(NodeMessage::Auth(policy)) => {
+                self.node.shard.set_auth_policy(policy);
+                return;
+            }
+            Event::Message(NodeMessage::Verified {
+                connection,
+                ticket,
+                verdict,
+            }) => NodeInput::Verified {
+                connection,
+                ticket,
+                verdict,
+            },
             Event::Message(NodeMessage::Carried(_)) => {
                 error!("a connection's stack posted without its connection: dropped");
                 return;
@@ -609,6 +665,9 @@ struct AcceptLimits {
     /// The cluster port's own admission table.
     links: Option<Arc<Admission>>,
     listeners: Arc<ListenerLimits>,
+    /// Per listener, the balancers (`proxy_trusted`) whose connections are admitted by the
+    /// address of their PROXY header instead of the socket's peer.
+    deferred: Vec<Option<shardmq_net::networks::TrustedNetworks>>,
 }
 
 /// One shard's thread: builds its reactor, runs it until the node stops, then saves its
@@ -626,7 +685,8 @@ fn run_shard(
         Ok(reactor) => {
             let reactor = reactor
                 .with_admission(limits.admission)
-                .with_listener_limits(limits.listeners);
+                .with_listener_limits(limits.listeners)
+                .with_deferred_admission(limits.deferred);
             match limits.links {
                 Some(table) => reactor.with_side_admission(table),
                 None => reactor,
@@ -704,6 +764,23 @@ fn serve(config: Config) -> Result<(), String> {
     let mailboxes: Arc<Mailboxes<NodeMessage>> =
         Mailboxes::new(shard_count, config.reactor.mailbox_capacity)
             .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
+    // The `[auth]` files, read and checked before anything serves, and the verifier pool.
+    let (auth, summary) = auth::Auth::start(&config.auth, mailboxes.clone(), shard_count)?;
+    info!(
+        users = summary.users,
+        acl_rules = summary.acl_rules,
+        jwt = summary.jwt,
+        allow_anonymous = summary.allow_anonymous,
+        "auth"
+    );
+    if summary.allow_anonymous {
+        for listener in listeners.iter().filter(|l| !l.bind.ip().is_loopback()) {
+            warn!(
+                listen = %listener.bind,
+                "anonymous clients may connect on a listener that is not on loopback (auth.allow_anonymous)"
+            );
+        }
+    }
     let cores = core_ids(config.server.pin_cores);
     let data_dir =
         (!config.server.data_dir.is_empty()).then(|| PathBuf::from(&config.server.data_dir));
@@ -761,6 +838,7 @@ fn serve(config: Config) -> Result<(), String> {
             limits: config.limits(),
             shared_strategy: config.shared_strategy()?,
         });
+        shard.set_auth_policy(auth.policy());
         if let (Some(switch), Some(found)) = (&switch, &found) {
             let (sessions, retained) = shard.restore_state(&found.state, wall_clock_at_zero_ms);
             if sessions > 0 || (index == 0 && retained > 0) {
@@ -857,7 +935,8 @@ fn serve(config: Config) -> Result<(), String> {
                 log,
                 ingress::Ingress::new(stacks.clone(), config.limits().connect_timeout_ms),
             )
-            .with_raft_directory(raft_directory),
+            .with_raft_directory(raft_directory)
+            .with_auth(auth.clone(), index),
             index,
             health.clone(),
             fault,
@@ -867,6 +946,10 @@ fn serve(config: Config) -> Result<(), String> {
             admission: admission.clone(),
             links: link_admission.clone(),
             listeners: listener_limits.clone(),
+            deferred: listeners
+                .iter()
+                .map(|listener| listener.proxy.as_ref().map(|proxy| proxy.trusted.clone()))
+                .collect(),
         };
         let notices = notice_sender.clone();
         let data_dir = data_dir.clone();
@@ -919,6 +1002,7 @@ fn serve(config: Config) -> Result<(), String> {
             health.clone(),
             reloader.clone(),
             admission.clone(),
+            auth.clone(),
         )
     {
         startup_error = Some(message);
@@ -938,11 +1022,13 @@ fn serve(config: Config) -> Result<(), String> {
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let signal_notices = notice_sender.clone();
     let hangup_reloader = reloader.clone();
+    let hangup_auth = auth.clone();
     std::thread::spawn(move || {
         for signal in signals.forever() {
             if signal == signal_hook::consts::SIGHUP {
                 // Reloads read files: on this thread, never a shard's. The outcome is logged.
                 let _ = hangup_reloader.reload("SIGHUP");
+                let _ = hangup_auth.reload("SIGHUP");
                 continue;
             }
             if signal_notices.send(Notice::Signal(signal)).is_err() {

@@ -193,9 +193,7 @@ impl Entry {
 
     /// Whether `password` is this entry's, compared in constant time. Slow by design
     /// (milliseconds): never call it on a shard thread.
-    // The broker does not check passwords yet (the verifier pool is not built, see
-    // ARCHITECTURE.md "Authentication and authorization"); the tests use it.
-    #[cfg_attr(not(test), allow(dead_code))]
+    // The verifier pool (`auth.rs`) calls it, on its own threads.
     pub fn verify(&self, password: &[u8]) -> bool {
         let computed = match self {
             Entry::Sha512 { salt, .. } => {

@@ -118,7 +118,7 @@ fn a_listener_keeps_its_own_connection_limit_across_shards_and_hand_offs() {
 }
 
 #[test]
-fn a_configuration_with_a_planned_transport_is_refused_at_start() {
+fn a_listener_table_missing_a_key_is_refused_at_start() {
     let config =
         std::env::temp_dir().join(format!("shardmq-listeners-{}.toml", std::process::id()));
     std::fs::write(
@@ -135,7 +135,7 @@ fn a_configuration_with_a_planned_transport_is_refused_at_start() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("`listener[0].transport` is \"wss\""),
+        stderr.contains("`listener[0].tls_cert_file` must be set for a \"wss\" listener"),
         "{stderr}"
     );
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::pki::Pki;
-use support::{ADMIN_TOKEN, Broker, free_port};
+use support::{ADMIN_TOKEN, Broker, free_port, mosquitto};
 
 impl Pki {
     fn new(test: &str) -> Self {
@@ -78,23 +78,6 @@ fn broker(shards: u16, tables: &str) -> Broker {
         shards,
         &config,
         &[("RUST_LOG", Some("info,shardmq::ingress=debug"))],
-    )
-}
-
-/// Runs a mosquitto client with a time bound; its exit status and output.
-fn mosquitto(program: &str, args: &[&str]) -> (bool, String) {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("mosquitto-clients is installed (Debian: apt-get install mosquitto-clients)");
-    (
-        output.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
     )
 }
 
@@ -405,22 +388,7 @@ fn presented_subject(port: u16, ca: &str) -> String {
 
 /// `POST /api/v1/tls/reload`: the status code and body.
 fn admin_reload(admin: SocketAddr) -> (u16, String) {
-    let mut stream = TcpStream::connect(admin).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let request = format!(
-        "POST /api/v1/tls/reload HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
+    support::admin_post(admin, "/api/v1/tls/reload")
 }
 
 #[test]

@@ -4,7 +4,7 @@
 #   tools/test.sh
 #
 # Steps: install missing tools (rustfmt, clippy, cargo-fuzz, mosquitto-clients, paho-mqtt,
-# fonts-dejavu-core)
+# haproxy, nodejs/npm and MQTT.js, fonts-dejavu-core)
 # -> cargo fmt --check -> clippy (warnings are errors) -> the
 # malformed corpus matches its generator -> a short run of every fuzz target of net/fuzz and
 # shards/fuzz -> cargo test for the whole workspace (last, so that its summary closes the
@@ -33,7 +33,7 @@ if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/nul
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq mosquitto-clients
 fi
-# The broker and mosquitto_passwd, for the password-file compatibility test (auth_passwd).
+# The broker and mosquitto_passwd, for the password-file tests (auth_passwd, auth_broker).
 if ! command -v mosquitto_passwd >/dev/null || ! command -v mosquitto >/dev/null; then
     echo "mosquitto missing: installing it with apt-get"
     export DEBIAN_FRONTEND=noninteractive
@@ -49,6 +49,23 @@ if ! python3 -c "import prometheus_client.openmetrics.parser" 2>/dev/null; then
     echo "prometheus-client (Python) missing: installing it from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check "prometheus-client>=0.20,<1" \
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "prometheus-client>=0.20,<1"
+fi
+# tests/broker_proxy.rs puts a real HAProxy in front of the broker.
+if ! command -v haproxy >/dev/null; then
+    echo "haproxy missing: installing it with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq haproxy
+fi
+# tests/broker_ws.rs drives the broker with MQTT.js (npm package `mqtt`, locked in
+# tools/js/package-lock.json) under Node.js.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "nodejs/npm missing: installing them with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq nodejs npm
+fi
+if [ ! -d tools/js/node_modules/mqtt ]; then
+    echo "MQTT.js missing: installing it from npm into tools/js"
+    (cd tools/js && npm ci --no-audit --no-fund --silent)
 fi
 # The partition tests cut links between network namespaces with `ip` (iproute2).
 if ! command -v ip >/dev/null; then

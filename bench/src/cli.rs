@@ -126,6 +126,9 @@ pub(crate) struct Options {
     /// IP address.
     #[arg(long)]
     pub(crate) tls: bool,
+    /// Speak MQTT over WebSocket at this path (e.g. /mqtt; WebSocket over TLS with --tls).
+    #[arg(long, value_name = "PATH", value_parser = parse_ws_path)]
+    pub(crate) ws: Option<String>,
     /// The authority the broker's certificate must chain to (PEM), with --tls.
     #[arg(long, value_name = "FILE", requires = "tls")]
     pub(crate) ca_file: Option<std::path::PathBuf>,
@@ -188,6 +191,18 @@ fn parse_sources(text: &str) -> Result<Vec<IpAddr>, String> {
                 .map(|a| IpAddr::from(std::net::Ipv4Addr::from(a)))
                 .collect())
         }
+    }
+}
+
+/// A WebSocket request path: starts with '/', no spaces or control characters (it goes into
+/// the request line as it is).
+fn parse_ws_path(path: &str) -> Result<String, String> {
+    if path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(path.to_string())
+    } else {
+        Err(format!(
+            "{path:?}: a path starts with '/' and has no spaces"
+        ))
     }
 }
 

@@ -22,6 +22,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 use hdrhistogram::Histogram;
 use shardmq_net::ingress::tls::TlsSession;
+use shardmq_net::ingress::ws::WsSession;
 use shardmq_net::mqtt::{
     self, Connect, ConnectProperties, DecodeOptions, Packet, ProtocolVersion, PubAck, Publish,
     PublishProperties, QoS, Sender, Subscribe, SubscribeProperties, SubscriptionOptions,
@@ -77,6 +78,8 @@ pub struct RunPlan {
     pub password: Option<String>,
     /// TLS for every connection (`--tls`).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// MQTT over WebSocket at this path (`--ws`), over TLS with `--tls`.
+    pub ws_path: Option<String>,
     pub clean_start: bool,
     /// MQTT 5 Session Expiry Interval, seconds.
     pub session_expiry_seconds: Option<u32>,
@@ -211,6 +214,8 @@ struct Client {
     connect_started_ns: u64,
     /// The connection's TLS session, with `--tls`.
     tls: Option<TlsSession>,
+    /// The connection's WebSocket session, with `--ws` (inside TLS with `--tls`).
+    ws: Option<WsSession>,
 }
 
 /// The most ciphertext a client's session takes before its handshake completes.
@@ -298,6 +303,7 @@ impl Generator {
                     unacknowledged: Vec::new(),
                     connect_started_ns: 0,
                     tls: None,
+                    ws: None,
                 })
                 .collect(),
             plan,
@@ -347,24 +353,64 @@ impl Generator {
         };
         self.encode.clear();
         mqtt::encode(packet, self.plan.version, &mut self.encode);
+        let mqtt = self.encode.split();
+        match &mut self.clients[client].ws {
+            Some(ws) => {
+                let mut framed = BytesMut::new();
+                ws.write(&mqtt, &mut framed);
+                self.transmit(connection, client, framed);
+            }
+            None => self.transmit(connection, client, mqtt),
+        }
+    }
+
+    /// Bytes for the socket (MQTT, or WebSocket frames): through the client's TLS session
+    /// first, with `--tls`.
+    fn transmit(&mut self, connection: ConnectionId, client: usize, bytes: BytesMut) {
+        if bytes.is_empty() {
+            return;
+        }
         match &mut self.clients[client].tls {
             Some(session) => {
                 let mut wire = BytesMut::new();
-                if let Err(error) = session.send(&self.encode, &mut wire) {
+                if let Err(error) = session.send(&bytes, &mut wire) {
                     eprintln!("shardmq-bench: client {client}: {error}");
                 }
                 if !wire.is_empty() {
                     self.outbox.push((connection, wire.freeze()));
                 }
             }
-            None => self.outbox.push((connection, self.encode.split().freeze())),
+            None => self.outbox.push((connection, bytes.freeze())),
+        }
+    }
+
+    /// Bytes out of TLS (or the socket's): through the client's WebSocket session, with
+    /// `--ws`, then to the MQTT decoder.
+    fn received_plain(&mut self, connection: ConnectionId, client: usize, bytes: Bytes) {
+        let Some(ws) = &mut self.clients[client].ws else {
+            return self.received(client, bytes);
+        };
+        let (mut mqtt, mut answers) = (BytesMut::new(), BytesMut::new());
+        let result = ws.read(&bytes, &mut mqtt, &mut answers);
+        self.transmit(connection, client, answers);
+        if let Err(error) = result {
+            eprintln!(
+                "shardmq-bench: client {} WebSocket: {error}",
+                self.clients[client].plan.index
+            );
+            self.clients[client].state = State::Failed;
+            self.shared.lock().expect("shared").failed += 1;
+            return;
+        }
+        if !mqtt.is_empty() {
+            self.received(client, mqtt.freeze());
         }
     }
 
     /// Bytes from the socket: through the client's TLS session first, with `--tls`.
     fn received_wire(&mut self, connection: ConnectionId, client: usize, bytes: Bytes) {
         let Some(session) = &mut self.clients[client].tls else {
-            return self.received(client, bytes);
+            return self.received_plain(connection, client, bytes);
         };
         let (mut plain, mut wire) = (BytesMut::new(), BytesMut::new());
         let result = session.receive(&bytes, &mut plain, &mut wire);
@@ -381,7 +427,7 @@ impl Generator {
             return;
         }
         if !plain.is_empty() {
-            self.received(client, plain.freeze());
+            self.received_plain(connection, client, plain.freeze());
         }
     }
 
@@ -420,8 +466,15 @@ impl Generator {
                 Err(error) => eprintln!("shardmq-bench: client {index}: {error}"),
             }
         }
+        self.clients[client].connection = Some(connection);
+        if let Some(path) = &self.plan.ws_path {
+            let host = self.plan.hosts[index % self.plan.hosts.len()];
+            let mut request = BytesMut::new();
+            self.clients[client].ws =
+                Some(WsSession::client(path, &host.to_string(), &mut request));
+            self.transmit(connection, client, request);
+        }
         let state = &mut self.clients[client];
-        state.connection = Some(connection);
         state.state = State::AwaitingConnack;
         let connect = Connect {
             protocol: self.plan.version,

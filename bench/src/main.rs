@@ -71,6 +71,7 @@ fn run(scenario: Scenario, options: Options) -> Result<bool, String> {
         username: options.username.clone(),
         password: options.password.clone(),
         tls: tls_config(&options)?,
+        ws_path: options.ws.clone(),
         clean_start: options.clean_start,
         session_expiry_seconds: options.session_expiry,
         epoch: Instant::now(),
@@ -150,6 +151,11 @@ fn tls_config(
         _ => None,
     };
     let mut config = shardmq_net::ingress::tls::client_config(roots, identity)?;
-    config.alpn_protocols = vec![shardmq_net::ingress::tls::ALPN_MQTT.to_vec()];
+    // WebSocket over TLS speaks HTTP first: a wss listener offers http/1.1, not mqtt.
+    config.alpn_protocols = if options.ws.is_some() {
+        vec![b"http/1.1".to_vec()]
+    } else {
+        vec![shardmq_net::ingress::tls::ALPN_MQTT.to_vec()]
+    };
     Ok(Some(std::sync::Arc::new(config)))
 }

@@ -737,6 +737,12 @@ impl Sim {
             NodeOutput::Reply { ticket, .. } => {
                 panic!("a reply to request {ticket}, which the simulation never made")
             }
+            NodeOutput::Verify { connection, .. } => {
+                // The simulated shards keep the open policy (no verifier), which never asks.
+                panic!(
+                    "connection {connection}'s credentials sent to a verifier the simulation never configured"
+                )
+            }
             NodeOutput::RaftFiles(call) => {
                 // One call after another, each taking 1 to 5 ms.
                 let at = self.nodes[node].disk.free_at_ms.max(self.now_ms) + 1 + self.rng.below(5);

@@ -177,6 +177,20 @@ impl Broker {
         broker
     }
 
+    /// A broker on 127.0.0.1 with `config`, `shards` shards and the ingress layer's (TLS,
+    /// WebSocket, PROXY) debug lines in its log.
+    pub fn start_ingress_logged(shards: u16, config: &str) -> Self {
+        Self::start_env(
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            None,
+            free_port(),
+            free_port(),
+            shards,
+            config,
+            &[("RUST_LOG", Some("info,shardmq::ingress=debug"))],
+        )
+    }
+
     pub fn start(shards: u16) -> Self {
         Self::start_with(shards, "")
     }
@@ -546,6 +560,47 @@ impl V5 {
         })
         .expect("SUBACK");
     }
+}
+
+/// `POST path` with `{}` and [`ADMIN_TOKEN`] to the admin endpoint at `admin`: the status
+/// code and the whole answer.
+pub fn admin_post(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+/// Runs a mosquitto client program (mosquitto_pub, mosquitto_sub) for at most 20 seconds;
+/// whether it succeeded, and what it printed.
+pub fn mosquitto(program: &str, args: &[&str]) -> (bool, String) {
+    let output = Command::new("timeout")
+        .arg("20")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("mosquitto-clients is installed (Debian: apt-get install mosquitto-clients)");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
 }
 
 /// A raw TCP client for byte-level tests.

@@ -31,6 +31,21 @@ impl Pki {
         Self { directory }
     }
 
+    /// A folder with authority `ca` and a server certificate `server` (CN server-a, for
+    /// 127.0.0.1 and localhost) signed by it.
+    pub fn with_server(kind: &str, test: &str) -> Self {
+        let pki = Self::new_in(kind, test);
+        pki.authority("ca");
+        pki.certificate(
+            "server",
+            "server-a",
+            "IP:127.0.0.1,DNS:localhost",
+            "serverAuth",
+            "ca",
+        );
+        pki
+    }
+
     pub fn path(&self, file: &str) -> String {
         self.directory.join(file).display().to_string()
     }

@@ -10,5 +10,7 @@
 //! read afterwards (see [`tls`]).
 
 pub mod names;
+pub mod proxy;
 pub mod stack;
 pub mod tls;
+pub mod ws;

@@ -164,7 +164,26 @@ impl<H: Handler> Reactor<H> {
             None => None,
         };
         let peer = admission::peer_address(fd).ok();
+        // From a balancer trusted to send a PROXY header: the per-address limits wait for
+        // the address the header names.
+        let deferred = self.admission.is_some()
+            && peer.is_some_and(|peer| {
+                self.deferred_admission
+                    .get(usize::from(listener))
+                    .and_then(Option::as_ref)
+                    .is_some_and(|trusted| trusted.contains(peer.ip()))
+            });
         let ticket = match &self.admission {
+            Some(admission) if deferred => match admission.admit_deferred(now_ms) {
+                Ok(()) => None,
+                Err(_) => {
+                    admission::close_refused(fd);
+                    if let (Some(limits), Some(place)) = (&self.listener_limits, place) {
+                        limits.release(place);
+                    }
+                    return;
+                }
+            },
             Some(admission) => match admit_accepted(admission, fd, peer, now_ms) {
                 Some(ticket) => Some(ticket),
                 None => {
@@ -183,6 +202,9 @@ impl<H: Handler> Reactor<H> {
             place,
         };
         let id = self.add_connection(fd, false, counted);
+        if deferred && let Some((_, connection)) = self.lookup(id) {
+            connection.admission_deferred = true;
+        }
         self.handler.event(now_ms, Event::Opened(id, origin));
     }
 }

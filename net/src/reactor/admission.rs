@@ -273,6 +273,27 @@ impl Admission {
     /// passes. The cheapest limit to undo goes first, and what an earlier check counted is
     /// given back when a later one refuses, so a refused connection leaves nothing counted.
     pub fn admit(&self, ip: IpAddr, now_ms: u64) -> Result<Ticket, Refusal> {
+        self.admit_checked(ip, now_ms, true)
+    }
+
+    /// The first half of a deferred admission, for a connection whose real address comes
+    /// later (a PROXY protocol header from a trusted balancer): only the node-wide rate is
+    /// checked now; nothing is counted that a close must undo.
+    pub fn admit_deferred(&self, now_ms: u64) -> Result<(), Refusal> {
+        let node_rate = self.limits.connect_rate_per_second_max;
+        if node_rate > 0 && !self.node_rate.take((now_ms / 1000) as u32, node_rate) {
+            return Err(self.refuse(Refusal::NodeRate));
+        }
+        Ok(())
+    }
+
+    /// The second half: the per-address limits for the connection's real address `ip`
+    /// (its node-wide rate was taken by [`Admission::admit_deferred`]).
+    pub fn admit_address(&self, ip: IpAddr, now_ms: u64) -> Result<Ticket, Refusal> {
+        self.admit_checked(ip, now_ms, false)
+    }
+
+    fn admit_checked(&self, ip: IpAddr, now_ms: u64, node: bool) -> Result<Ticket, Refusal> {
         let limits = &self.limits;
         let window = (now_ms / 1000) as u32;
         let index = self.bucket_of(ip);
@@ -296,7 +317,7 @@ impl Admission {
             return Err(self.refuse(Refusal::AddressRate));
         }
         let node_rate = limits.connect_rate_per_second_max;
-        if node_rate > 0 && !self.node_rate.take(window, node_rate) {
+        if node && node_rate > 0 && !self.node_rate.take(window, node_rate) {
             if address_rate > 0 {
                 bucket.rate.refund(window);
             }
@@ -542,6 +563,25 @@ mod tests {
         let counts = table.counters().snapshot();
         assert_eq!(counts.admitted, 4);
         assert_eq!(counts.refused_address_connections, 2);
+    }
+
+    #[test]
+    fn a_deferred_admission_takes_the_node_rate_once_and_counts_the_real_address() {
+        let table = Admission::new(limits(1, 0, 2, 1024));
+        // The node rate (2 a second) is taken at accept only.
+        table.admit_deferred(0).unwrap();
+        let first = table.admit_address(ip("198.51.100.1"), 0).unwrap();
+        table.admit_deferred(0).unwrap();
+        // The second client address is over its own count of 1 only if it is the same.
+        assert_eq!(
+            table.admit_address(ip("198.51.100.1"), 0),
+            Err(Refusal::AddressConnections)
+        );
+        let second = table.admit_address(ip("198.51.100.2"), 0).unwrap();
+        assert_eq!(table.admit_deferred(0), Err(Refusal::NodeRate));
+        table.release(first);
+        table.release(second);
+        assert_eq!(counted_connections(&table), 0);
     }
 
     #[test]

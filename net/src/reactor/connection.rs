@@ -84,6 +84,9 @@ pub(super) struct Connection {
     /// Its place on its listener's `connections_max` (None: not counted); released once,
     /// when the connection closes.
     pub(super) place: Option<Place>,
+    /// Accepted from a trusted balancer on a PROXY listener: its per-address admission waits
+    /// for `Actions::admit_address` (not kept in a hand-off, which comes after it).
+    pub(super) admission_deferred: bool,
 }
 
 impl Connection {
@@ -213,6 +216,7 @@ impl<H: Handler> Reactor<H> {
             ticket,
             origin: None,
             place: None,
+            admission_deferred: false,
         });
         slot
     }

@@ -99,6 +99,7 @@ pub struct Actions<M> {
     pub(super) posts: Vec<(u16, M)>,
     pub(super) connects: Vec<(SocketAddr, Option<std::net::IpAddr>, u64)>,
     pub(super) files: Vec<(u16, u64, Vec<FileOp>)>,
+    pub(super) admits: Vec<(ConnectionId, std::net::IpAddr)>,
 }
 
 impl<M> Actions<M> {
@@ -110,7 +111,18 @@ impl<M> Actions<M> {
             posts: Vec::new(),
             connects: Vec::new(),
             files: Vec::new(),
+            admits: Vec::new(),
         }
+    }
+
+    /// Finishes the deferred admission of a connection accepted on a listener of
+    /// [`crate::reactor::Reactor::with_deferred_admission`] from a trusted balancer: the
+    /// per-address limits are checked for `client` (the address its PROXY header named, or
+    /// the socket's peer when it named none); a refused connection is closed (the handler
+    /// hears `Closed`). Applied before the batch's hand-offs, so it reaches the connection
+    /// on this reactor; ignored for a connection not waiting for it.
+    pub fn admit_address(&mut self, connection: ConnectionId, client: std::net::IpAddr) {
+        self.admits.push((connection, client));
     }
 
     pub fn send(&mut self, connection: ConnectionId, bytes: Bytes) {

@@ -163,6 +163,9 @@ pub struct Reactor<H: Handler> {
     admission: Option<Arc<Admission>>,
     /// The same for the side listener (the cluster port), with limits of its own.
     side_admission: Option<Arc<Admission>>,
+    /// Per main listener, the balancers whose connections' per-address admission waits for
+    /// the handler's `Actions::admit_address` (a PROXY listener's `proxy_trusted`).
+    deferred_admission: Vec<Option<crate::networks::TrustedNetworks>>,
     /// Each main listener's `connections_max`, shared by the reactors of the process; None
     /// leaves the listeners unbounded.
     listener_limits: Option<Arc<ListenerLimits>>,
@@ -227,6 +230,7 @@ impl<H: Handler> Reactor<H> {
             to_wake: Vec::new(),
             to_send: Vec::new(),
             admission: None,
+            deferred_admission: Vec::new(),
             side_admission: None,
             listener_limits: None,
             files,
@@ -252,6 +256,44 @@ impl<H: Handler> Reactor<H> {
     pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
         self.admission = Some(admission);
         self
+    }
+
+    /// On the main listener of index `i`, a connection from a peer inside `trusted[i]` passes
+    /// only the node-wide rate at accept; its per-address limits are checked when the handler
+    /// names its real address (`Actions::admit_address`, after its PROXY header). Without it
+    /// every connection is admitted by its socket's peer at accept.
+    pub fn with_deferred_admission(
+        mut self,
+        trusted: Vec<Option<crate::networks::TrustedNetworks>>,
+    ) -> Self {
+        self.deferred_admission = trusted;
+        self
+    }
+
+    /// The handler named a deferred connection's real address: its per-address admission.
+    fn admit_address(&mut self, now_ms: u64, id: ConnectionId, client: std::net::IpAddr) {
+        let Some(admission) = self.admission.clone() else {
+            return;
+        };
+        let Some((slot, connection)) = self.lookup(id) else {
+            return;
+        };
+        if !connection.admission_deferred || connection.state != ConnectionState::Open {
+            return;
+        }
+        connection.admission_deferred = false;
+        match admission.admit_address(client, now_ms) {
+            Ok(ticket) => connection.ticket = Some(ticket),
+            Err(_) => {
+                // Counted and logged by the table's reports; the handler hears `Closed`.
+                // Cut at once, before this batch's sends (a CONNACK, say) can reach the
+                // client: shut both ways, freed once nothing is in flight; the handler is
+                // told it closed.
+                connection.state = ConnectionState::Closing { tell_handler: true };
+                self.shut(slot);
+                self.finish(now_ms, slot);
+            }
+        }
     }
 
     /// Bounds the open connections of each main listener (by its index in `config.listen`);
@@ -471,6 +513,12 @@ impl<H: Handler> Reactor<H> {
     }
 
     fn apply(&mut self, actions: &mut Actions<H::Message>) {
+        // Admissions first: a refused connection gets none of this batch's bytes, and one
+        // handed off in this batch is still here.
+        let now_ms = self.now_ms();
+        for (id, client) in actions.admits.drain(..) {
+            self.admit_address(now_ms, id, client);
+        }
         let mut to_send = std::mem::take(&mut self.to_send);
         for (id, bytes) in actions.sends.drain(..) {
             if let Some((slot, connection)) = self.lookup(id)

@@ -14,9 +14,9 @@
 //! - PUBLISH to a topic is allowed when no matching rule of the client's (its user's section,
 //!   or the anonymous one, and the patterns) denies, and one grants write.
 //! - SUBSCRIBE to a filter is allowed when one such rule *covers* it (every topic the filter
-//!   matches, the rule matches too) with read access, and no deny rule intersects it (no
-//!   topic matches both). So a granted subscription never needs a check per delivered message
-//!   (hence retained messages sent on subscribe also obey the reader's ACL). Stricter than
+//!   topic matches both). So under one ACL a granted subscription never needs a check per
+//!   delivered message (hence retained messages sent on subscribe also obey the reader's ACL);
+//!   the shard still checks each delivery, for subscriptions granted before a reload. Stricter than
 //!   Mosquitto in one case: `topic read #` with `topic deny secret/#` refuses a subscription
 //!   to `#`, where Mosquitto would grant it and filter each message.
 //! - A topic starting with `$` is not matched by `+` or `#` at its first level (MQTT 4.7.2).

@@ -143,6 +143,12 @@ pub enum NodeInput {
         tag: u64,
         result: Result<(), String>,
     },
+    /// The verifier pool's answer to `NodeOutput::Verify` `ticket`.
+    Verified {
+        connection: ConnectionId,
+        ticket: u64,
+        verdict: crate::auth::Verdict,
+    },
     /// Time passed: the shard's and the links' deadlines are checked.
     Tick,
     /// The node is stopping: clients are told, links closed.
@@ -204,6 +210,13 @@ pub enum NodeOutput {
     Reply {
         ticket: u64,
         answer: Result<Answer, String>,
+    },
+    /// Check a CONNECT's credentials off this thread (the verifier pool); answered with
+    /// `NodeInput::Verified` and the same ticket.
+    Verify {
+        connection: ConnectionId,
+        ticket: u64,
+        credentials: crate::auth::Credentials,
     },
     /// File operations of the cores' Raft store (shard 0 of a core with a data directory),
     /// carried out in order after every earlier call; answered with `RaftFilesDone`.
@@ -379,6 +392,18 @@ impl NodeShard {
                     agent.raft_files_done(tag, result);
                 }
             }
+            NodeInput::Verified {
+                connection,
+                ticket,
+                verdict,
+            } => self.shard.handle(
+                now_ms,
+                Input::Verified {
+                    connection,
+                    ticket,
+                    verdict,
+                },
+            ),
             NodeInput::Tick => {
                 self.shard.handle(now_ms, Input::Tick);
                 self.cluster_tick();
@@ -623,6 +648,15 @@ impl NodeShard {
                 }
                 Output::ToNode { node, forwarded } => self.forward(node, &forwarded),
                 Output::SessionToNode { node, transfer } => self.transfer(node, &transfer),
+                Output::Verify {
+                    connection,
+                    ticket,
+                    credentials,
+                } => outputs.push(NodeOutput::Verify {
+                    connection,
+                    ticket,
+                    credentials,
+                }),
                 Output::NodeRoute {
                     filter,
                     group,

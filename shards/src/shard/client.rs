@@ -2,6 +2,7 @@
 //! messages sent to it, PINGREQ and DISCONNECT.
 
 use super::*;
+use crate::limits::quote;
 
 impl Shard {
     pub(super) fn packet(&mut self, connection_id: ConnectionId, packet: Packet) {
@@ -134,6 +135,10 @@ impl Shard {
             );
             return;
         }
+        if !self.may_publish(index, &publish.topic) {
+            self.refuse_unauthorized_publish(connection_id, index, version, &publish);
+            return;
+        }
         if self.retained_store_refuses(connection_id, index, &publish) {
             return;
         }
@@ -177,6 +182,37 @@ impl Shard {
                 session: index,
             };
             self.durable_finish(before, connection_id, packet);
+        }
+    }
+
+    /// A PUBLISH the ACL refuses: not routed, not retained. 5.0 answers PUBACK or PUBREC 0x87
+    /// (which ends a QoS 2 exchange). 3.x has no refusal: the message is dropped but
+    /// acknowledged as usual, so that the
+    /// client does not send it again forever.
+    fn refuse_unauthorized_publish(
+        &mut self,
+        connection_id: ConnectionId,
+        index: SessionIndex,
+        version: ProtocolVersion,
+        publish: &Publish,
+    ) {
+        info!(client_id = %quote(&self.session(index).client_id), topic = %quote(&publish.topic), "PUBLISH refused: the ACL does not allow it");
+        let reason = if version.is_v5() {
+            ReasonCode::NOT_AUTHORIZED
+        } else {
+            ReasonCode::SUCCESS
+        };
+        let ack = PubAck {
+            packet_id: publish.packet_id,
+            reason,
+            properties: AckProperties::default(),
+        };
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(connection_id, &Packet::PubAck(ack)),
+            // A 3.x client's PUBREL then gets its PUBCOMP (`released`: 3.x has no reason
+            // code to say the identifier was unknown).
+            QoS::ExactlyOnce => self.send(connection_id, &Packet::PubRec(ack)),
         }
     }
 

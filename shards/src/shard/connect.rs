@@ -83,12 +83,8 @@ impl Shard {
             });
             return;
         }
-        if !assigned && !self.cluster_nodes_up.is_empty() {
-            // The session may live on another node, or the client be connected there.
-            self.claim(connection_id, connect, client_id);
-            return;
-        }
-        self.accept(connection_id, *connect, client_id, assigned);
+        // Who the client is, then the claim (in a cluster) or acceptance (`authorize.rs`).
+        self.authenticate(connection_id, connect, client_id, assigned);
     }
 
     /// An identifier for a client that sent none, chosen so that it hashes to this shard.
@@ -261,7 +257,12 @@ impl Shard {
     ) {
         self.set_session_expiry(index, expiry_seconds);
         let inflight_max = self.config.limits.inflight_per_session_max;
+        let principal = self
+            .connections
+            .get(&connection_id)
+            .and_then(|connection| connection.principal.clone());
         let session = self.session_mut(index);
+        session.principal = principal;
         // Back online: the timers of its time offline no longer apply.
         let offline_timers = [session.will_timer.take(), session.expiry_timer.take()];
         session.connection = Some(connection_id);

@@ -71,6 +71,8 @@ pub(super) struct Connection {
     /// meanwhile is kept in `pending` and read once the connection is accepted.
     pub(super) claiming: bool,
     pub(super) closing: bool,
+    /// Who the client is, once its credentials were checked (`authorize.rs`).
+    pub(super) principal: Option<std::sync::Arc<Principal>>,
 }
 
 /// Whether the protocol owes a packet to the client, or it may be held back.
@@ -180,6 +182,7 @@ impl Connection {
             problem_information: true,
             claiming: false,
             closing: false,
+            principal: None,
         }
     }
 
@@ -499,6 +502,8 @@ impl Shard {
     /// Forgets the connection (closed, lost or handed to another shard), with its timer.
     pub(super) fn remove_connection(&mut self, connection_id: ConnectionId) -> Option<Connection> {
         let mut connection = self.connections.remove(&connection_id)?;
+        // A verify answer that comes after the connection is gone is dropped (`verified`).
+        self.verifying.remove(&connection_id);
         self.timers.cancel(connection.keep_alive_timer.take());
         self.timers.cancel(connection.stuck_timer.take());
         self.timers.cancel(connection.connect_timer.take());

@@ -2,6 +2,7 @@
 //! the in-flight window, and the session queue.
 
 use super::*;
+use crate::limits::quote;
 
 /// A PUBLISH of `message` for one subscriber.
 pub(super) fn publish_packet(
@@ -180,6 +181,12 @@ impl Shard {
         qos: QoS,
         subscription_identifiers: Vec<u32>,
     ) {
+        if !self.may_read(index, &message.topic) {
+            // The subscription was granted, but this topic is not the reader's (a reload
+            // changed the ACL since): not delivered.
+            debug!(client_id = %quote(&self.session(index).client_id), topic = %quote(&message.topic), "delivery skipped: the ACL does not let the subscriber read the topic");
+            return;
+        }
         message.qos = qos;
         let limit = self.config.limits.queued_messages_per_session_max;
         let now_ms = self.now_ms;

@@ -122,13 +122,15 @@ impl Shard {
                 "closing connection {connection_id} still has a session"
             );
             if connection.claiming && !connection.closing {
+                // It waits for the other nodes, or for the verifier pool.
                 assert!(
                     connection.session.is_none()
-                        && self
-                            .claims
-                            .values()
-                            .any(|pending| pending.connection() == connection_id),
-                    "claiming connection {connection_id} waits on no pending claim"
+                        && (self.verifying.contains_key(&connection_id)
+                            || self
+                                .claims
+                                .values()
+                                .any(|pending| pending.connection() == connection_id)),
+                    "claiming connection {connection_id} waits on no pending claim or verify"
                 );
             }
         }

@@ -7,7 +7,8 @@
 //! packets and QoS flows), `subscribe`, `route` (route tables, messages between shards,
 //! routing a publish), `deliver` (to this shard's sessions), `timers` (the timer store and
 //! what fires), `snapshot`, `durable` (the durable log: records, held acknowledgements),
-//! `takeover` (across nodes), `invariants` (`check_invariants`).
+//! `takeover` (across nodes), `authorize` (CONNECT's credentials, the ACL checks),
+//! `invariants` (`check_invariants`).
 //!
 //! Invariants (checked by `check_invariants`, which the tests and the simulation call after
 //! every step): a session lives on the shard its client identifier hashes to
@@ -41,6 +42,7 @@ use shardmq_net::mqtt::{
 };
 use tracing::{debug, info, warn};
 
+use crate::auth::{Credentials, Policy, Principal, Verdict};
 use crate::limits::Limits;
 use crate::message::{
     ConnectionId, Forwarded, Message, NodeId, SessionTransfer, ShardIndex, ShardMessage,
@@ -49,6 +51,7 @@ use crate::retained::Retained;
 use crate::storage;
 use crate::trie::{Change, Trie};
 
+mod authorize;
 mod client;
 mod connect;
 mod connection;
@@ -117,6 +120,12 @@ pub enum Input {
     Shard(ShardMessage),
     /// A message forwarded by another node of the cluster: delivered here, never forwarded on.
     FromNode(Forwarded),
+    /// The verifier pool's answer to `Output::Verify` `ticket` of `connection`.
+    Verified {
+        connection: ConnectionId,
+        ticket: u64,
+        verdict: Verdict,
+    },
     /// Time passed: deadlines (keep alive, will delay, session expiry) are checked.
     Tick,
     /// The server is shutting down: every client gets DISCONNECT 0x8B (5.0) and is closed.
@@ -163,6 +172,13 @@ pub enum Output {
         filter: ByteString,
         group: Option<ByteString>,
         added: bool,
+    },
+    /// Check these credentials off the shard's thread (a password hash takes milliseconds);
+    /// answered with `Input::Verified` and the same ticket. The connection waits meanwhile.
+    Verify {
+        connection: ConnectionId,
+        ticket: u64,
+        credentials: Credentials,
     },
 }
 
@@ -272,6 +288,11 @@ pub struct Shard {
     plain_targets: Vec<bool>,
     /// The durable log and the acknowledgements waiting for it (with a data directory).
     durable: Option<Box<Durable>>,
+    /// Who may connect and what they may do; replaced whole on a reload.
+    auth: std::sync::Arc<Policy>,
+    /// CONNECTs waiting for the verifier pool, by connection.
+    verifying: HashMap<ConnectionId, authorize::PendingVerify>,
+    next_verify_ticket: u64,
 }
 
 const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
@@ -323,7 +344,16 @@ impl Shard {
             matched: Vec::new(),
             plain_targets: Vec::new(),
             durable: None,
+            auth: std::sync::Arc::new(Policy::open()),
+            verifying: HashMap::new(),
+            next_verify_ticket: 0,
         }
+    }
+
+    /// The authentication and authorization policy from now on: new CONNECTs and every later
+    /// check use it; connected clients stay connected.
+    pub fn set_auth_policy(&mut self, policy: std::sync::Arc<Policy>) {
+        self.auth = policy;
     }
 
     pub fn session_count(&self) -> usize {
@@ -368,6 +398,11 @@ impl Shard {
                     Some((forwarded.plain, &forwarded.groups)),
                 );
             }
+            Input::Verified {
+                connection,
+                ticket,
+                verdict,
+            } => self.verified(connection, ticket, verdict),
             Input::Tick => self.fire_timers(),
             Input::Shutdown => self.shutdown(),
         }

@@ -66,6 +66,10 @@ pub(super) struct Session {
     pub(super) dropped_messages: u64,
     /// Whether the durable log holds this session (see `durable.rs`).
     pub(super) logged: bool,
+    /// Who its client was when it last connected: each delivery is checked against the ACL
+    /// as this principal. None for a session restored from the log whose client has not
+    /// connected since the start (its deliveries are not checked until it does).
+    pub(super) principal: Option<std::sync::Arc<Principal>>,
 }
 
 impl Session {
@@ -94,6 +98,7 @@ impl Session {
             will: None,
             dropped_messages: 0,
             logged: false,
+            principal: None,
         }
     }
 

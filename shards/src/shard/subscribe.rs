@@ -122,6 +122,16 @@ impl Shard {
             };
             return (reason, None);
         }
+        if !self.may_subscribe(index, filter) {
+            // Before anything changes: no subscription, no log record, no retained messages.
+            info!(client_id = %quote(&self.session(index).client_id), filter = %quote(filter), "subscription refused: the ACL does not allow it");
+            let reason = if v5 {
+                ReasonCode::NOT_AUTHORIZED
+            } else {
+                ReasonCode::UNSPECIFIED_ERROR
+            };
+            return (reason, None);
+        }
         let session = self.session(index);
         let held = session.subscriptions.get(filter).copied();
         if held.is_none() && session.subscriptions.len() >= limits.subscriptions_per_session_max {

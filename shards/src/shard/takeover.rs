@@ -135,7 +135,8 @@ impl Shard {
         self.mark_claiming(connection_id, version);
     }
 
-    /// Bytes that arrived after CONNECT while its claim is pending: kept to be read after
+    /// Bytes that arrived after CONNECT while its claim (or its credentials check, see
+    /// `authorize.rs`) is pending: kept to be read after
     /// CONNACK, up to `takeover_pending_bytes_max`. Past it the connection gets CONNACK 0x97
     /// (return code 3 for 3.x) and is closed; its claim completes without it.
     pub(super) fn received_while_claiming(&mut self, connection_id: ConnectionId, bytes: &[u8]) {
@@ -156,7 +157,7 @@ impl Shard {
             buffered_bytes,
             arrived_bytes = bytes.len(),
             limit,
-            "closing the connection: it sent too much while its session takeover was pending"
+            "closing the connection: it sent too much while its CONNECT waited (a session takeover or a credentials check)"
         );
         self.send_connack_refusal(connection_id, version, ReasonCode::QUOTA_EXCEEDED);
         self.drop_connection(connection_id, false);

@@ -30,6 +30,8 @@ struct Node {
     /// only if the outputs came in the same order.
     log: Vec<String>,
     now_ms: u64,
+    /// Credentials the shards asked to check, in order: (shard, connection, ticket, them).
+    verifies: Vec<(usize, ConnectionId, u64, Credentials)>,
 }
 
 impl Node {
@@ -60,6 +62,7 @@ impl Node {
             stalled: HashSet::new(),
             log: Vec::new(),
             now_ms: 1_000,
+            verifies: Vec::new(),
         }
     }
 
@@ -114,6 +117,11 @@ impl Node {
                     Output::SessionToNode { node, transfer } => {
                         self.transfers.push((node, transfer))
                     }
+                    Output::Verify {
+                        connection,
+                        ticket,
+                        credentials,
+                    } => self.verifies.push((shard, connection, ticket, credentials)),
                     // A node on its own: no cluster to tell or forward to.
                     Output::ToNode { .. } | Output::NodeRoute { .. } => {}
                 }
@@ -248,6 +256,34 @@ fn subscribe(packet_id: u16, filter: &'static str, qos: QoS) -> Packet {
     })
 }
 
+/// The reason codes of each SUBACK among `packets`.
+fn subacks(packets: &[Packet]) -> Vec<Vec<ReasonCode>> {
+    packets
+        .iter()
+        .filter_map(|packet| match packet {
+            Packet::SubAck(suback) => Some(suback.reasons.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// SUBSCRIBE to several filters at one QoS.
+fn subscribe_all(packet_id: u16, filters: &[&'static str], qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        properties: SubscribeProperties::default(),
+        filters: filters
+            .iter()
+            .map(|&filter| {
+                (
+                    ByteString::from_static(filter),
+                    SubscriptionOptions::new(qos),
+                )
+            })
+            .collect(),
+    })
+}
+
 fn publish(topic: &'static str, qos: QoS, packet_id: u16, payload: &'static [u8]) -> Packet {
     Packet::Publish(Publish {
         dup: false,
@@ -290,6 +326,7 @@ fn v5_persistent(client_id: &'static str, expiry: u32) -> Connect {
     }
 }
 
+mod auth;
 mod delivery;
 mod durable;
 mod guards;

@@ -134,16 +134,6 @@ fn pubacks(packets: &[Packet]) -> Vec<(u16, ReasonCode)> {
         .collect()
 }
 
-fn subacks(packets: &[Packet]) -> Vec<Vec<ReasonCode>> {
-    packets
-        .iter()
-        .filter_map(|packet| match packet {
-            Packet::SubAck(suback) => Some(suback.reasons.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// A node of two shards with logs, a persistent subscriber of `t/#` offline (its session
 /// on shard 0 or 1, whichever owns "keeper"), and a clean publisher on the other shard.
 fn offline_subscriber(hold_acks: bool) -> (Node, Disks) {
@@ -492,4 +482,32 @@ fn retained_changes_from_different_shards_are_recorded_in_order_by_the_topics_ow
         &disks.recover().retained["shared/topic"].payload[..],
         b"again"
     );
+}
+
+#[test]
+fn a_subscription_the_acl_refuses_is_not_logged() {
+    let mut node = Node::new(1, Limits::default());
+    node.shards[0].set_auth_policy(std::sync::Arc::new(crate::auth::Policy {
+        allow_anonymous: true,
+        verify: false,
+        acl: Some(crate::auth::Acl::parse(b"topic read allowed/#\n").unwrap()),
+    }));
+    let mut disks = Disks::attach(&mut node, true);
+    node.connect(1, 0, v5_persistent("keeper", 60));
+    node.send(
+        1,
+        &subscribe_all(1, &["allowed/+", "denied/+"], QoS::AtLeastOnce),
+    );
+    disks.sync(&mut node);
+    assert_eq!(
+        subacks(&node.take(1)),
+        [vec![ReasonCode::GRANTED_QOS_1, ReasonCode::NOT_AUTHORIZED]]
+    );
+    let state = disks.recover();
+    let filters: Vec<&str> = state.sessions["keeper"]
+        .subscriptions
+        .keys()
+        .map(|filter| &filter[..])
+        .collect();
+    assert_eq!(filters, ["allowed/+"], "the refused filter left no record");
 }
