@@ -14,6 +14,7 @@ mod log_io;
 mod metrics;
 mod passwd;
 mod supervise;
+mod sys;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1038,6 +1039,16 @@ fn serve(config: Config) -> Result<(), String> {
     });
     drop(notice_sender);
     health.set_serving(true);
+    if config.server.sys_interval_seconds > 0
+        && let Err(message) = sys::start(
+            config.server.sys_interval_seconds,
+            shard_count,
+            mailboxes.clone(),
+            health.clone(),
+        )
+    {
+        warn!(%message, "no $SYS topics");
+    }
     let listen: Vec<String> = listeners
         .iter()
         .map(|listener| listener.bind.to_string())

@@ -238,7 +238,11 @@ fn shard_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
         let stats = &metrics.stats;
         set(&connections, &[("shard", shard)], metrics.connections);
         add(&opened, &[("shard", shard)], stats.connections_opened);
-        add(&packets_received, &[("shard", shard)], stats.packets_received);
+        add(
+            &packets_received,
+            &[("shard", shard)],
+            stats.packets_received,
+        );
         add(&packets_sent, &[("shard", shard)], stats.packets_sent);
         for (&reason, &count) in &stats.connects_refused {
             let reason = format!("0x{reason:02x}");

@@ -73,9 +73,9 @@ use deliver::publish_packet;
 use durable::{Durable, HeldPacket};
 pub use durable::{LogSettings, Receipt};
 pub use metrics::{ShardMetrics, Stats};
-pub use sys::{SYS_PREFIX, is_sys_topic};
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
+pub use sys::{SYS_PREFIX, is_sys_topic};
 use timers::{Timer, TimerKey, Timers};
 
 /// The shard that owns the session of `client_id`: FNV-1a of the identifier, so that every
