@@ -54,6 +54,8 @@ pub enum Control {
     Status(oneshot::Sender<Result<Value, String>>),
     /// One shard's counters and gauges (posted to every shard for `GET /metrics`).
     Metrics(oneshot::Sender<Result<Box<ShardMetrics>, String>>),
+    /// The node's `$SYS` values for shard 0 to publish (`sys.rs`); nobody waits for it.
+    Sys(Vec<(String, String)>),
     Join(SocketAddr, oneshot::Sender<Result<(), String>>),
     Leave(oneshot::Sender<Result<(), String>>),
     Set(String, String, oneshot::Sender<Result<(), String>>),

@@ -520,6 +520,7 @@ pub struct Server {
     pub shared_subscription_strategy: String,
     pub log: String,
     pub log_format: String,
+    pub sys_interval_seconds: u64,
     pub tcp_keepalive_idle_seconds: u64,
     pub tcp_keepalive_interval_seconds: u64,
     pub tcp_keepalive_count: u32,

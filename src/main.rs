@@ -14,6 +14,7 @@ mod log_io;
 mod metrics;
 mod passwd;
 mod supervise;
+mod sys;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -343,10 +344,11 @@ impl ShardHandler {
     }
 
     /// Files an operator's request under a new ticket; returns the node layer's input for it.
-    fn request(&mut self, control: Control) -> NodeInput {
-        let request = match &control {
+    fn request(&mut self, mut control: Control) -> NodeInput {
+        let request = match &mut control {
             Control::Status(_) => Request::Status,
             Control::Metrics(_) => Request::Metrics,
+            Control::Sys(values) => Request::Sys(std::mem::take(values)),
             Control::Join(address, _) => Request::Join(*address),
             Control::Leave(_) => Request::Leave,
             Control::Set(key, value, _) => Request::Set {
@@ -382,6 +384,11 @@ impl ShardHandler {
                         Err("the shard answered a metrics request without them".into())
                     }
                 }));
+            }
+            Control::Sys(_) => {
+                if let Err(message) = answer {
+                    warn!(%message, "the $SYS values were not published");
+                }
             }
             Control::Join(_, reply) | Control::Leave(reply) | Control::Set(_, _, reply) => {
                 let _ = reply.send(answer.map(|_| ()));
@@ -1032,6 +1039,16 @@ fn serve(config: Config) -> Result<(), String> {
     });
     drop(notice_sender);
     health.set_serving(true);
+    if config.server.sys_interval_seconds > 0
+        && let Err(message) = sys::start(
+            config.server.sys_interval_seconds,
+            shard_count,
+            mailboxes.clone(),
+            health.clone(),
+        )
+    {
+        warn!(%message, "no $SYS topics");
+    }
     let listen: Vec<String> = listeners
         .iter()
         .map(|listener| listener.bind.to_string())

@@ -175,6 +175,16 @@ fn shard_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
         "shared_subscription_filters",
         "Filters with shared-subscription members, per shard",
     );
+    let packets_received = counters(
+        registry,
+        "packets_received",
+        "MQTT packets of every type decoded from clients",
+    );
+    let packets_sent = counters(
+        registry,
+        "packets_sent",
+        "MQTT packets of every type written to clients",
+    );
     let received = counters(
         registry,
         "messages_received",
@@ -228,6 +238,12 @@ fn shard_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
         let stats = &metrics.stats;
         set(&connections, &[("shard", shard)], metrics.connections);
         add(&opened, &[("shard", shard)], stats.connections_opened);
+        add(
+            &packets_received,
+            &[("shard", shard)],
+            stats.packets_received,
+        );
+        add(&packets_sent, &[("shard", shard)], stats.packets_sent);
         for (&reason, &count) in &stats.connects_refused {
             let reason = format!("0x{reason:02x}");
             add(

@@ -23,6 +23,10 @@ impl NodeShard {
         let answer = match request {
             Request::Status => self.status(now_ms).map(|s| Answer::Status(Box::new(s))),
             Request::Metrics => Ok(Answer::Metrics(Box::new(self.shard.metrics()))),
+            Request::Sys(values) => {
+                self.shard.publish_sys(values);
+                Ok(Answer::Done)
+            }
             Request::Join(address) => self.join(address).map(|()| Answer::Done),
             Request::Leave => self.leave().map(|()| Answer::Done),
             Request::Set { key, value } => self.set_setting(&key, &value).map(|()| Answer::Done),

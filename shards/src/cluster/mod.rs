@@ -161,6 +161,8 @@ pub enum Request {
     Status,
     /// This shard's counters and gauges (asked of every shard, not only shard 0).
     Metrics,
+    /// Publish the node's `$SYS` values (`Shard::publish_sys`) to this node's subscribers.
+    Sys(Vec<(String, String)>),
     Join(SocketAddr),
     Leave,
     Set {

@@ -146,9 +146,10 @@ impl Shard {
         principal: Principal,
     ) {
         if let Some(will) = &connect.will
-            && !self
-                .auth
-                .may_publish(Some(&principal), &client_id, &will.topic)
+            && (sys::is_sys_topic(&will.topic)
+                || !self
+                    .auth
+                    .may_publish(Some(&principal), &client_id, &will.topic))
         {
             info!(connection = connection_id, client_id = %quote(&client_id), topic = %quote(&will.topic), "CONNECT refused: the ACL does not let the client write its will topic");
             self.refuse_connect(connection_id, connect.protocol, ReasonCode::NOT_AUTHORIZED);
@@ -176,8 +177,12 @@ impl Shard {
         self.drop_connection(connection_id, false);
     }
 
-    /// Whether the session's client may publish to `topic`.
+    /// Whether the session's client may publish to `topic`: never under `$SYS/`, which the
+    /// broker alone writes, else as the ACL says.
     pub(super) fn may_publish(&self, index: SessionIndex, topic: &str) -> bool {
+        if sys::is_sys_topic(topic) {
+            return false;
+        }
         let session = self.session(index);
         self.auth
             .may_publish(session.principal.as_deref(), &session.client_id, topic)

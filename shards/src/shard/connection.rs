@@ -210,6 +210,7 @@ impl Connection {
                 if was_empty {
                     outbox.dirty.push(self.id);
                 }
+                outbox.stats.packets_sent += 1;
                 Write::Written
             }
             Err(Refused::Invalid(why)) => {
@@ -365,6 +366,7 @@ impl Shard {
             match mqtt::decode(&buffer, &options) {
                 Ok(Some((packet, used))) => {
                     buffer = buffer.slice(used..);
+                    self.outbox.stats.packets_received += 1;
                     if connected.is_none() {
                         // Everything received so far, CONNECT first, in case the session lives
                         // on another shard.

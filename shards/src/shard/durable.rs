@@ -640,6 +640,7 @@ impl Shard {
     pub(super) fn log_retained(&mut self, message: &Message, stored: bool) {
         if self.durable.is_none()
             || owner_shard(&message.topic, self.config.shard_count) != self.config.index
+            || sys::is_sys_topic(&message.topic)
         {
             return;
         }
@@ -718,7 +719,9 @@ impl Shard {
             state.sessions.insert(session.client_id.clone(), saved);
         }
         for message in self.retained.iter() {
-            if owner_shard(&message.topic, self.config.shard_count) == self.config.index {
+            if owner_shard(&message.topic, self.config.shard_count) == self.config.index
+                && !sys::is_sys_topic(&message.topic)
+            {
                 state.retained.insert(message.topic.clone(), wall(message));
             }
         }

@@ -24,6 +24,9 @@ pub struct Stats {
     /// CONNECTs refused, by the CONNACK reason code (MQTT 5.0 numbering; a 3.1.1 return code
     /// is counted under the 5.0 reason it was mapped from).
     pub connects_refused: BTreeMap<u8, u64>,
+    /// MQTT packets of every type decoded from clients and written to them.
+    pub packets_received: u64,
+    pub packets_sent: u64,
     /// PUBLISH packets from clients, by QoS, and their payload bytes.
     pub publishes_received: [u64; 3],
     pub publish_bytes_received: u64,

@@ -63,6 +63,7 @@ mod route;
 mod session;
 mod snapshot;
 mod subscribe;
+mod sys;
 mod takeover;
 mod timers;
 
@@ -74,6 +75,7 @@ pub use durable::{LogSettings, Receipt};
 pub use metrics::{ShardMetrics, Stats};
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
+pub use sys::{SYS_PREFIX, is_sys_topic};
 use timers::{Timer, TimerKey, Timers};
 
 /// The shard that owns the session of `client_id`: FNV-1a of the identifier, so that every

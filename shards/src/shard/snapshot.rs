@@ -29,7 +29,13 @@ impl Shard {
             records.push(Record::Session(Self::saved_session(session)));
         }
         if self.config.index == 0 {
-            records.extend(self.retained.iter().cloned().map(Record::Retained));
+            records.extend(
+                self.retained
+                    .iter()
+                    .filter(|message| !sys::is_sys_topic(&message.topic))
+                    .cloned()
+                    .map(Record::Retained),
+            );
         }
         crate::snapshot::encode(&records, self.now_ms)
     }
