@@ -27,6 +27,7 @@ Build first: `cargo build --release`.
 """
 import argparse
 import asyncio
+import atexit
 import datetime
 import multiprocessing
 import os
@@ -38,7 +39,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -231,6 +231,7 @@ def start(config, log_path, shards):
     process = subprocess.Popen(
         [SHARDMQ, "serve", "--shards", str(shards), "--listen", f"127.0.0.1:{PORT}", "--config", config],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    atexit.register(lambda: process.poll() is None and process.kill())
     lines = []  # (seconds since start, line)
 
     def pump():
@@ -264,10 +265,15 @@ def first_connack(started, limit=600.0):
 def sample_session(i, queued, started):
     """Connects session rec-{i} (clean start false): CONNACK time, session present, messages."""
     with socket.create_connection(("127.0.0.1", PORT), timeout=5) as sock:
-        sock.settimeout(10)
+        # A shard may be slow to answer after "serving": wait up to 120 s and report it.
+        sock.settimeout(120)
         sent = time.monotonic()
         sock.sendall(connect(f"rec-{i}", False))
-        first, body = read_packet_blocking(sock)
+        try:
+            first, body = read_packet_blocking(sock)
+        except (socket.timeout, ConnectionError) as error:
+            return {"connack_after_start_s": time.monotonic() - started, "connack_wait_ms": None,
+                    "present": False, "received": 0, "all_received_ms": None, "error": repr(error)}
         connack = time.monotonic()
         present = bool(body[0] & 1)
         received = 0
@@ -293,9 +299,43 @@ def sample_session(i, queued, started):
     }
 
 
+def probes_after(started, lines, count=10, spacing=0.1):
+    """From the `serving` line on, COUNT new clean clients SPACING s apart, each waiting up to
+    30 s for its CONNACK: (sent at s after the start, CONNACK wait ms or None)."""
+    deadline = time.monotonic() + 600
+    while not any("serving MQTT" in line for _, line in list(lines)) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    results = []
+
+    def probe(n):
+        sent = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", PORT), timeout=5) as sock:
+                sock.settimeout(30)
+                sock.sendall(connect(f"after-{n}", True, 0))
+                first, _ = read_packet_blocking(sock)
+                waited = (time.monotonic() - sent) * 1000 if first == 0x20 else None
+        except OSError:
+            waited = None
+        results.append((sent - started, waited))
+
+    threads = []
+    for n in range(count):
+        threads.append(threading.Thread(target=probe, args=(n,)))
+        threads[-1].start()
+        time.sleep(spacing)
+    for thread in threads:
+        thread.join()
+    return sorted(results)
+
+
 def measure_restart(config, log_path, shards, sample_indices, queued):
     process, started, lines = start(config, log_path, shards)
+    after = []
+    prober = threading.Thread(target=lambda: after.extend(probes_after(started, lines)))
+    prober.start()
     connack_at, reason = first_connack(started)
+    prober.join()
 
     def line_at(pattern):
         deadline = time.monotonic() + 600
@@ -320,10 +360,17 @@ def measure_restart(config, log_path, shards, sample_indices, queued):
         "first_connack_reason": reason,
         "replay": replay,
         "restored": restored,
+        "after": after,
+        "serving": [(at, line) for at, line in lines if "serving MQTT" in line],
+        "log_tail": [(at, line) for at, line in lines][-5:],
         "samples": samples,
         "rss_kib": rss,
         "hwm_kib": hwm,
     }
+
+
+def fmt_ms(v):
+    return "-" if v is None else f"{v:.1f} ms"
 
 
 def describe(title, m, queued):
@@ -333,10 +380,19 @@ def describe(title, m, queued):
     for at, line in m["replay"]:
         fields = dict(re.findall(r"(\w+)=(\S+)", line))
         out.append(f"- `durable log recovered` at {at:.2f} s: {os.path.basename(fields.get('directory', '?'))}, segments {fields.get('segments')}, records {fields.get('records')}, sessions {fields.get('sessions')}, replay_ms {fields.get('replay_ms')}")
+    for at, line in m["serving"]:
+        out.append(f"- `shardmq serving MQTT` at {at:.2f} s")
+    if m["after"]:
+        out.append("- new clean clients from the `serving` line on, 0.1 s apart, each waiting up to 30 s: " + ", ".join(
+            f"sent at {at:.2f} s: {fmt_ms(waited)}" for at, waited in m["after"]))
     for at, line in m["restored"]:
         fields = dict(re.findall(r"(\w+)=(\S+)", line))
         out.append(f"- `restored from the durable log` at {at:.2f} s: shard {fields.get('shard')}, sessions {fields.get('sessions')}")
-    s = m["samples"]
+    for i, x in enumerate(m["samples"]):
+        out.append(f"  - sample {i}: CONNACK at {x['connack_after_start_s']:.2f} s after the start, waited {fmt_ms(x['connack_wait_ms'])}, session present {x['present']}, {x['received']} messages{', ' + x['error'] if 'error' in x else ''}")
+    s = [x for x in m["samples"] if x["connack_wait_ms"] is not None]
+    if len(s) < len(m["samples"]):
+        out.append(f"- {len(m['samples']) - len(s)} sample sessions got no CONNACK within 120 s")
     if s:
         out.append(f"- {len(s)} sample sessions reconnected one after another from {s[0]['connack_after_start_s']:.2f} s: CONNACK wait median {statistics.median(x['connack_wait_ms'] for x in s):.1f} ms, max {max(x['connack_wait_ms'] for x in s):.1f} ms; session present {sum(x['present'] for x in s)}/{len(s)}; queued messages received {sum(x['received'] for x in s)} of {queued * len(s)} expected (all of a session's within median {statistics.median(x['all_received_ms'] for x in s):.1f} ms of its CONNECT)")
     out.append(f"- RSS 2 s after the samples: {m['rss_kib'] / 1024:.0f} MiB (peak {m['hwm_kib'] / 1024:.0f} MiB)")
@@ -355,40 +411,43 @@ def main():
     args = parser.parse_args()
     sh = lambda c: subprocess.run(["sh", "-c", c], capture_output=True, text=True).stdout.strip()
     loads = {}
-    with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, "target")) as work:
-        data = os.path.join(work, "data")
-        config = os.path.join(work, "shardmq.toml")
-        with open(config, "w") as f:
-            f.write(f'[server]\ndata_dir = "{data}"\n[storage]\nsync = "{args.sync}"\n')
-        process, started, lines = start(config, os.path.join(work, "first.log"), args.shards)
-        first_connack(started, 30)
-        loads["sessions"] = open("/proc/loadavg").read().split()[0]
-        t = time.monotonic()
-        failures = in_workers("sessions", args.sessions, args.workers, args.queued)
-        sessions_s = time.monotonic() - t
-        print(f"{args.sessions} sessions in {sessions_s:.1f} s, {len(failures)} failed attempts", flush=True)
-        loads["publish"] = open("/proc/loadavg").read().split()[0]
-        t = time.monotonic()
-        publish_failures = in_workers("publish", args.sessions, args.workers, args.queued)
-        publish_s = time.monotonic() - t
-        print(f"{args.sessions * args.queued} messages in {publish_s:.1f} s, {len(publish_failures)} failures", flush=True)
-        time.sleep(1)
-        rss_before, hwm_before = rss_kib(process.pid)
-        size_before = directory_bytes(data)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        loads["crash restart"] = open("/proc/loadavg").read().split()[0]
-        process, crash = measure_restart(config, os.path.join(work, "crash.log"), args.shards, range(args.sample), args.queued)
-        print("after SIGKILL:", {k: v for k, v in crash.items() if k != "samples"}, flush=True)
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
-        size_clean = directory_bytes(data)
-        loads["clean restart"] = open("/proc/loadavg").read().split()[0]
-        process, clean = measure_restart(config, os.path.join(work, "clean.log"), args.shards, range(args.sample, 2 * args.sample), args.queued)
-        print("after SIGTERM:", {k: v for k, v in clean.items() if k != "samples"}, flush=True)
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
-        errors = failures[:5] + publish_failures[:5]
+    # The logs stay in target/bench-recovery/ after the run (the next run clears it).
+    work = os.path.join(ROOT, "target", "bench-recovery")
+    subprocess.run(["rm", "-rf", work], check=True)
+    os.makedirs(work)
+    data = os.path.join(work, "data")
+    config = os.path.join(work, "shardmq.toml")
+    with open(config, "w") as f:
+        f.write(f'[server]\ndata_dir = "{data}"\n[storage]\nsync = "{args.sync}"\n')
+    process, started, lines = start(config, os.path.join(work, "first.log"), args.shards)
+    first_connack(started, 30)
+    loads["sessions"] = open("/proc/loadavg").read().split()[0]
+    t = time.monotonic()
+    failures = in_workers("sessions", args.sessions, args.workers, args.queued)
+    sessions_s = time.monotonic() - t
+    print(f"{args.sessions} sessions in {sessions_s:.1f} s, {len(failures)} failed attempts", flush=True)
+    loads["publish"] = open("/proc/loadavg").read().split()[0]
+    t = time.monotonic()
+    publish_failures = in_workers("publish", args.sessions, args.workers, args.queued)
+    publish_s = time.monotonic() - t
+    print(f"{args.sessions * args.queued} messages in {publish_s:.1f} s, {len(publish_failures)} failures", flush=True)
+    time.sleep(1)
+    rss_before, hwm_before = rss_kib(process.pid)
+    size_before = directory_bytes(data)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    loads["crash restart"] = open("/proc/loadavg").read().split()[0]
+    process, crash = measure_restart(config, os.path.join(work, "crash.log"), args.shards, range(args.sample), args.queued)
+    print("after SIGKILL:", {k: v for k, v in crash.items() if k != "samples"}, flush=True)
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    size_clean = directory_bytes(data)
+    loads["clean restart"] = open("/proc/loadavg").read().split()[0]
+    process, clean = measure_restart(config, os.path.join(work, "clean.log"), args.shards, range(args.sample, 2 * args.sample), args.queued)
+    print("after SIGTERM:", {k: v for k, v in clean.items() if k != "samples"}, flush=True)
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    errors = failures[:5] + publish_failures[:5]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")
     lines = [

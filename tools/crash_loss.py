@@ -180,6 +180,9 @@ def receive(quiet_seconds=3.0, limit_seconds=30.0):
 def one_run(variant, messages, work):
     data = os.path.join(work, "data")
     subprocess.run(["rm", "-rf", data], check=True)
+    for name in os.listdir(work):
+        if name.endswith(".log"):
+            os.remove(os.path.join(work, name))
     os.makedirs(data)
     broker = start(variant, work, data, f"{variant}-first.log")
     try:
@@ -200,6 +203,7 @@ def one_run(variant, messages, work):
             broker.wait(30)
         except subprocess.TimeoutExpired:
             broker.kill()
+            broker.wait()
     lost = len(acknowledged - received)
     return {
         "acknowledged": len(acknowledged),
@@ -227,6 +231,13 @@ def main():
                     r = one_run(variant, args.messages, work)
                 except Exception as error:  # a failed run is reported, not hidden
                     r = {"error": str(error)}
+                    # The brokers' logs of a failed run outlive the temporary directory.
+                    keep = os.path.join(ROOT, "target", "crash-loss-failed", f"round{round_}-{variant}")
+                    os.makedirs(keep, exist_ok=True)
+                    for name in os.listdir(work):
+                        if name.endswith(".log"):
+                            subprocess.run(["cp", os.path.join(work, name), keep])
+                    r["error"] += f" (broker logs in {os.path.relpath(keep, ROOT)})"
                 print(f"round {round_} {variant}: {r}", flush=True)
                 results[variant].append(r)
     sh = lambda c: subprocess.run(["sh", "-c", c], capture_output=True, text=True).stdout.strip()
