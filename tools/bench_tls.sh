@@ -44,7 +44,10 @@ transport = "tls"
 tls_cert_file = "$work/server.pem"
 tls_key_file = "$work/server.key"
 CONF
+# user root: started as root, Mosquitto 2 drops to the `mosquitto` user, which cannot read the
+# key in this root-only temporary directory.
 cat > "$work/mosquitto.conf" <<CONF
+user root
 allow_anonymous true
 max_queued_messages 100000
 listener $tcp_port 127.0.0.1
@@ -68,7 +71,7 @@ start() {
     echo "   ($1 not listening after 20 s)"
 }
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; sleep 0.5; }
-rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
+rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0; }
 tls_args() { [ "$1" = tls ] && echo "--tls --ca-file $work/ca.pem" || true; }
 port_of() { [ "$1" = tls ] && echo $tls_port || echo $tcp_port; }
 
