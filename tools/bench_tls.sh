@@ -6,8 +6,12 @@
 #   - QoS 0 pairs throughput and end-to-end p50/p99 (50 pairs at RATE messages/s each);
 #   - the broker's RSS with CONNS idle connections held, less its RSS before they connect.
 #
-#   tools/bench_tls.sh RUNS CONNS RATE
-#   tools/bench_tls.sh 3 5000 1000
+#   tools/bench_tls.sh RUNS CONNS RATE [CONNECT_RATE]
+#   tools/bench_tls.sh 3 5000 1000              # all CONNS at once -> <date>-tls.md
+#   tools/bench_tls.sh 3 2000 1000 500          # paced at 500/s -> <date>-tls-paced-500.md
+#
+# The connect latency (TCP connect to CONNACK, p50/p99 from the generator's JSON) is the cost
+# of a handshake when the clients are paced at a rate both brokers follow.
 #
 # Certificates: a P-256 authority and a server certificate for IP 127.0.0.1 made by openssl in
 # a temporary directory; shardmq serves TCP and TLS on two [[listener]] tables, Mosquitto on
@@ -16,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs="${1:-3}"; conns="${2:-5000}"; rate="${3:-1000}"
+runs="${1:-3}"; conns="${2:-5000}"; rate="${3:-1000}"; connect_rate="${4:-1000000}"
 command -v mosquitto >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
 cargo build --release -q -p shardmq -p shardmq-bench
 work="$(mktemp -d)"
@@ -86,12 +90,12 @@ for run in $(seq 1 "$runs"); do
             sleep 0.5
             before=$(rss)
             # shellcheck disable=SC2046
-            taskset -c 1 $bench conn -c "$conns" --connect-rate 1000000 --duration 4 --warmup 0 \
+            taskset -c 1 $bench conn -c "$conns" --connect-rate "$connect_rate" --duration 4 --warmup 0 \
                 --host "127.0.0.1:$(port_of $transport)" --source 127.0.0.2-127.0.0.9 $(tls_args $transport) \
-                --json "$work/conn.json" >/dev/null 2>"$work/conn.err" &
+                --json "$work/conn-$broker-$transport-$run.json" >/dev/null 2>"$work/conn.err" &
             gen=$!
             held=""
-            for _ in $(seq 1 200); do
+            for _ in $(seq 1 $((200 + 10 * conns / (connect_rate < conns ? connect_rate : conns)))); do
                 if grep -q '^connected' "$work/conn.err"; then sleep 1; held=$(rss); break; fi
                 sleep 0.1
             done
@@ -112,10 +116,10 @@ for run in $(seq 1 "$runs"); do
     done
 done
 
-out="tuning/results/$(date +%F)-tls.md"
+if [ "$connect_rate" = 1000000 ]; then out="tuning/results/$(date +%F)-tls.md"; else out="tuning/results/$(date +%F)-tls-paced-$connect_rate.md"; fi
 CPU="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
 MOSQUITTO_VERSION="$(mosquitto -h | head -1 | cut -d' ' -f3)" \
-RESULTS="$results" WORK="$work" RUNS="$runs" CONNS="$conns" RATE="$rate" LOADS="${loads[*]}" python3 - "$out" <<'PY'
+CONNECT_RATE="$connect_rate" RESULTS="$results" WORK="$work" RUNS="$runs" CONNS="$conns" RATE="$rate" LOADS="${loads[*]}" python3 - "$out" <<'PY'
 import datetime, json, os, platform, re, statistics, subprocess, sys
 out = sys.argv[1]
 runs, conns, rate, work = int(os.environ["RUNS"]), int(os.environ["CONNS"]), float(os.environ["RATE"]), os.environ["WORK"]
@@ -128,6 +132,16 @@ for line in open(os.environ["RESULTS"]):
     ok, failed, seconds = int(m.group(1)), int(m.group(2)), float(m.group(3))
     conn.setdefault(key, []).append({"rate": ok / seconds if seconds else 0, "failed": failed,
                                      "per_conn": (int(f[5]) - int(f[4])) * 1024 / ok if ok and int(f[5]) else None})
+connect_rate = int(os.environ["CONNECT_RATE"])
+def conn_latency(broker, transport):
+    p50, p99 = [], []
+    for run in range(1, runs + 1):
+        try:
+            j = json.load(open(f"{work}/conn-{broker}-{transport}-{run}.json"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        p50.append(j["connect_us"]["p50"]); p99.append(j["connect_us"]["p99"])
+    return p50, p99
 pairs = {}
 for broker in ("shardmq", "mosquitto"):
     for transport in ("tcp", "tls"):
@@ -144,11 +158,11 @@ lines = [f"# TLS against plain TCP, shardmq beside Mosquitto, {now}", "",
          f"- Machine: {os.environ['CPU']}, `nproc` {sh('nproc')}, `uname -r` {platform.release()}; shared with other engineers' builds (noisy)",
          f"- Load average (1 min) at the start of each measurement: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}" if loads else "- Load average: not recorded",
          f"- shardmq {sh('git rev-parse --short HEAD')} release build (`--shards 1`, rustls; both ends offer TLS 1.3) and Mosquitto {os.environ['MOSQUITTO_VERSION']} (OpenSSL), each pinned to core 0, the generator (shardmq-bench, rustls) to core 1; the same P-256 certificate for both",
-         f"- {runs} rounds; in each, per broker and transport: {conns} clients connect at once (`conn -c {conns} --connect-rate 1000000 --source 127.0.0.2-127.0.0.9`, with `--tls --ca-file ca.pem` for TLS) and are held; then a fresh broker for `run pairs -c 50 --rate {rate:.0f} --qos 0 --duration 10`",
+         f"- {runs} rounds; in each, per broker and transport: {conns} clients connect ({'at once' if connect_rate >= 1000000 else f'paced at {connect_rate}/s'}: `conn -c {conns} --connect-rate {connect_rate} --source 127.0.0.2-127.0.0.9`, with `--tls --ca-file ca.pem` for TLS) and are held; then a fresh broker for `run pairs -c 50 --rate {rate:.0f} --qos 0 --duration 10`",
          "- connects/s: clients over the generator's `connected N in X s` (it polls every 100 ms: +-0.1 s); memory: broker RSS 1 s after all are connected, less its RSS before, per connection",
-         f"- Reproduce: `tools/bench_tls.sh {runs} {conns} {rate:.0f}`", "",
-         "| broker | transport | connects/s (median) | TLS vs TCP | RSS per idle connection, bytes | QoS 0 delivered msg/s | offered | end-to-end p50 us | p99 us | p99 TLS vs TCP |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         f"- Reproduce: `tools/bench_tls.sh {runs} {conns} {rate:.0f}{'' if connect_rate >= 1000000 else f' {connect_rate}'}`", "",
+         "| broker | transport | connects/s (median) | TLS vs TCP | connect p50 / p99 us | RSS per idle connection, bytes | QoS 0 delivered msg/s | offered | end-to-end p50 us | p99 us | p99 TLS vs TCP |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
 for broker in ("shardmq", "mosquitto"):
     base_rate = med([c["rate"] for c in conn.get((broker, "tcp"), [])])
     base_p99 = med([p["latency_us"]["p99"] for p in pairs.get((broker, "tcp"), [])])
@@ -158,7 +172,8 @@ for broker in ("shardmq", "mosquitto"):
         r = med([x["rate"] for x in c])
         mem = med([x["per_conn"] for x in c if x["per_conn"] is not None])
         p99 = med([x["latency_us"]["p99"] for x in p])
-        lines.append(f"| {broker} | {transport} | {fmt(r)} | {fmt(r / base_rate, 2) + 'x' if r and base_rate else '-'} | {fmt(mem)} | {fmt(med([x['messages_per_second'] for x in p]))} | {fmt(med([x['offered_per_second'] for x in p]))} | {fmt(med([x['latency_us']['p50'] for x in p]))} | {fmt(p99)} | {fmt(p99 / base_p99, 2) + 'x' if p99 and base_p99 else '-'} |")
+        c50, c99 = conn_latency(broker, transport)
+        lines.append(f"| {broker} | {transport} | {fmt(r)} | {fmt(r / base_rate, 2) + 'x' if r and base_rate else '-'} | {fmt(med(c50))} / {fmt(med(c99))} | {fmt(mem)} | {fmt(med([x['messages_per_second'] for x in p]))} | {fmt(med([x['offered_per_second'] for x in p]))} | {fmt(med([x['latency_us']['p50'] for x in p]))} | {fmt(p99)} | {fmt(p99 / base_p99, 2) + 'x' if p99 and base_p99 else '-'} |")
 lines += ["", "Per run (connects/s, failed, bytes per connection):", ""]
 for key, values in conn.items():
     lines.append(f"- {key[0]} {key[1]}: " + "; ".join(f"{v['rate']:,.0f}/s, {v['failed']} failed, {fmt(v['per_conn'])} B" for v in values))
