@@ -157,6 +157,7 @@ fn recover_shard(
     recover_damaged: bool,
     file_bytes_max: u64,
 ) -> Result<State, String> {
+    let started = std::time::Instant::now();
     let mut files = Vec::new();
     for entry in std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))? {
         let file = entry
@@ -230,6 +231,7 @@ fn recover_shard(
         records = recovery.records,
         sessions = state.sessions.len(),
         retained = state.retained.len(),
+        replay_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "durable log recovered"
     );
     Ok(state)
