@@ -5,7 +5,9 @@
 //! overflow is at its bound.
 //!
 //! Invariant: nothing posted is dropped or reordered; the overflow never holds more than the
-//! mailbox capacity plus one loop's output, because receiving pauses at that bound.
+//! mailbox capacity plus one loop's output, because receiving pauses at that bound; a message
+//! waits for no wakeup but its own: the loop drains [`MAILBOX_BATCH`] at a time and does not
+//! sleep while some are left (one wakeup read may stand for many more messages than that).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -18,6 +20,9 @@ use tracing::{info, warn};
 
 use super::connection::Counted;
 use super::{Event, Handler, Reactor};
+
+/// The most mailbox messages one loop iteration handles.
+pub(super) const MAILBOX_BATCH: usize = 4096;
 
 pub(super) enum Envelope<M> {
     Message(M),
@@ -152,8 +157,9 @@ impl<H: Handler> Reactor<H> {
     }
 
     pub(super) fn drain_mailbox(&mut self, now_ms: u64) {
-        // A bounded batch per iteration, so completions are not starved.
-        for _ in 0..4096 {
+        // A bounded batch per iteration, so completions are not starved; the loop does not
+        // sleep while messages are left (`wait_timeout`).
+        for _ in 0..MAILBOX_BATCH {
             let Some(envelope) = self.mailboxes.queues[usize::from(self.config.index)].pop() else {
                 break;
             };
@@ -197,3 +203,6 @@ impl<H: Handler> Reactor<H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::super::{Actions, Event, FileOp, Handler, Mailboxes, Reactor, ReactorConfig};
+use super::super::{Actions, Event, FileOp, Handler, Mailboxes, Reactor, test_config};
 
 type Call = (u16, u64, Vec<FileOp>);
 type Done = (u16, u64, io::Result<()>);
@@ -41,23 +41,6 @@ impl Handler for FileHandler {
     }
     fn next_deadline_us(&self) -> Option<u64> {
         None
-    }
-}
-
-/// A reactor without listeners, small, for file tests.
-fn test_config() -> ReactorConfig {
-    ReactorConfig {
-        index: 0,
-        listen: Vec::new(),
-        side_listen: None,
-        backlog: 16,
-        ring_entries: 64,
-        buffer_count: 16,
-        buffer_size: 4096,
-        core: None,
-        epoch: Instant::now(),
-        shutdown_grace: Duration::from_millis(100),
-        tcp_keepalive: None,
     }
 }
 
