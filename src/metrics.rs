@@ -210,7 +210,7 @@ fn shard_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
         "messages_dropped",
         "Messages dropped, by reason: expired, queue_full (a session queue's oldest), \
          unsent_bound (QoS 0 to a connection at its unsent limit), too_large (over the \
-         client's Maximum Packet Size)",
+         client's Maximum Packet Size), not_authorized (the reader's ACL refuses the topic)",
     );
     let queued = gauges(
         registry,
@@ -283,6 +283,7 @@ fn shard_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
         for (reason, count) in [
             ("expired", stats.dropped_expired),
             ("queue_full", stats.dropped_queue_full),
+            ("not_authorized", stats.dropped_not_authorized),
             ("unsent_bound", metrics.dropped_over_bound),
             ("too_large", metrics.dropped_too_large),
         ] {

@@ -118,6 +118,7 @@ pub fn values(shards: &[ShardMetrics], uptime_seconds: u64) -> Vec<(String, Stri
     let dropped = sum(&|m| {
         m.stats.dropped_expired
             + m.stats.dropped_queue_full
+            + m.stats.dropped_not_authorized
             + m.dropped_over_bound
             + m.dropped_too_large
     });

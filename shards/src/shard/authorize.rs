@@ -202,7 +202,8 @@ impl Shard {
 
     /// Whether the session's client may read `topic` (each delivery, retained messages
     /// too). A session restored from the log whose client has not connected since is not
-    /// checked (no principal is known for it yet).
+    /// checked here (no principal is known for it yet): what it queues is checked again
+    /// when its client is back and the queue drains (`drain_queue`).
     pub(super) fn may_read(&self, index: SessionIndex, topic: &str) -> bool {
         let session = self.session(index);
         match session.principal.as_deref() {

@@ -185,6 +185,7 @@ impl Shard {
             // The subscription was granted, but this topic is not the reader's (a reload
             // changed the ACL since): not delivered.
             debug!(client_id = %quote(&self.session(index).client_id), topic = %quote(&message.topic), "delivery skipped: the ACL does not let the subscriber read the topic");
+            self.outbox.stats.dropped_not_authorized += 1;
             return;
         }
         message.qos = qos;
@@ -308,6 +309,7 @@ impl Shard {
             connections,
             outbox,
             durable,
+            auth,
             ..
         } = self;
         let Some(connection) = connections.get_mut(&connection_id) else {
@@ -323,6 +325,19 @@ impl Shard {
                 break;
             }
             let queued = session.queue.pop_front().expect("a front");
+            // Queued while no principal was known (a session restored from the log) or under
+            // an ACL a reload has changed since: checked again now that the client is here.
+            if let Some(principal) = session.principal.as_deref()
+                && !auth.may_subscribe(Some(principal), &session.client_id, &queued.message.topic)
+            {
+                debug!(client_id = %quote(&session.client_id), topic = %quote(&queued.message.topic), "queued message dropped: the ACL does not let the subscriber read the topic");
+                outbox.stats.dropped_not_authorized += 1;
+                if session.logged && queued.message.qos != QoS::AtMostOnce {
+                    let client_id = session.client_id.clone();
+                    durable::record(durable, |_| storage::Record::QueuedDropped { client_id });
+                }
+                continue;
+            }
             let back = Self::transmit(connection, session, outbox, queued, now_ms, durable, true);
             if let Some(back) = back {
                 session.queue.push_front(back);

@@ -36,6 +36,9 @@ pub struct Stats {
     /// Messages dropped: past their expiry interval, the oldest of a full session queue.
     pub dropped_expired: u64,
     pub dropped_queue_full: u64,
+    /// Deliveries the reader's ACL does not allow (a reload narrowed it, or a session
+    /// restored from the log was queued messages before its client proved who it is).
+    pub dropped_not_authorized: u64,
 }
 
 impl Stats {

@@ -488,3 +488,41 @@ fn in_a_cluster_the_claim_starts_after_the_verdict_and_what_came_waits_for_it() 
     assert_eq!(connack_reason(&packets), Some(ReasonCode::SUCCESS));
     assert_eq!(subacks(&packets), [vec![ReasonCode::GRANTED_QOS_0]]);
 }
+
+#[test]
+fn queued_messages_are_checked_again_when_the_reader_is_back() {
+    let mut node = acl_node("user reader\ntopic read #\nuser writer\ntopic write #\n");
+    let persistent = |client_id: &'static str, clean_start: bool| Connect {
+        properties: ConnectProperties {
+            session_expiry_interval: Some(3600),
+            ..ConnectProperties::default()
+        },
+        ..with_username(connect(V5, client_id, clean_start), "reader")
+    };
+    node.connect(1, 0, persistent("reader", true));
+    node.send(1, &subscribe(1, "#", QoS::AtLeastOnce));
+    assert_eq!(subacks(&node.take(1)), [vec![ReasonCode::GRANTED_QOS_1]]);
+    node.lose(1);
+    node.connect(2, 1, with_username(connect(V5, "writer", true), "writer"));
+    node.send(2, &publish("secret/x", QoS::AtLeastOnce, 1, b"secret"));
+    node.send(2, &publish("public/y", QoS::AtLeastOnce, 2, b"public"));
+    node.take(2);
+    // Queued while the reader was away; then a reload narrows what it may read.
+    set_policy(
+        &mut node,
+        Policy {
+            allow_anonymous: true,
+            verify: false,
+            acl: Some(acl(
+                "user reader\ntopic read public/#\nuser writer\ntopic write #\n",
+            )),
+        },
+    );
+    node.connect(3, 0, persistent("reader", false));
+    assert_eq!(
+        payloads(&node.take(3)),
+        [(&b"public"[..], QoS::AtLeastOnce)],
+        "the queued secret message is dropped, the public one delivered"
+    );
+    assert_eq!(node.shards[0].metrics().stats.dropped_not_authorized, 1);
+}
