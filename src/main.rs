@@ -934,7 +934,11 @@ fn serve(config: Config) -> Result<(), String> {
             ShardHandler::new(
                 node,
                 log,
-                ingress::Ingress::new(stacks.clone(), config.limits().connect_timeout_ms),
+                ingress::Ingress::new(
+                    stacks.clone(),
+                    config.limits().connect_timeout_ms,
+                    config.limits().unsent_bytes_per_connection_max,
+                ),
             )
             .with_raft_directory(raft_directory)
             .with_auth(auth.clone(), index),

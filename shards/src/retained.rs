@@ -200,9 +200,15 @@ impl Retained {
             .values()
             .filter(|message| crate::shard::is_sys_topic(&message.topic))
             .collect();
-        assert_eq!(sys.len(), self.sys_count, "the $SYS count is the $SYS messages");
         assert_eq!(
-            sys.iter().map(|message| message_size(message)).sum::<usize>(),
+            sys.len(),
+            self.sys_count,
+            "the $SYS count is the $SYS messages"
+        );
+        assert_eq!(
+            sys.iter()
+                .map(|message| message_size(message))
+                .sum::<usize>(),
             self.sys_bytes,
             "the $SYS bytes are the $SYS messages' sizes"
         );
@@ -281,12 +287,24 @@ mod tests {
     #[test]
     fn sys_topics_take_no_room_of_the_clients() {
         let mut store = Retained::new(1, 64);
-        assert_eq!(store.store(message("$SYS/broker/uptime", b"1 seconds")), Stored::Kept);
-        assert_eq!(store.store(message("$SYS/broker/version", &[b'v'; 100])), Stored::Kept);
+        assert_eq!(
+            store.store(message("$SYS/broker/uptime", b"1 seconds")),
+            Stored::Kept
+        );
+        assert_eq!(
+            store.store(message("$SYS/broker/version", &[b'v'; 100])),
+            Stored::Kept
+        );
         assert_eq!(store.store(message("client/a", b"v")), Stored::Kept);
         assert_eq!(store.store(message("client/b", b"v")), Stored::Refused);
-        assert_eq!(store.store(message("$SYS/broker/uptime", b"2 seconds")), Stored::Kept);
-        assert_eq!(store.store(message("$SYS/broker/version", b"")), Stored::Removed);
+        assert_eq!(
+            store.store(message("$SYS/broker/uptime", b"2 seconds")),
+            Stored::Kept
+        );
+        assert_eq!(
+            store.store(message("$SYS/broker/version", b"")),
+            Stored::Removed
+        );
         store.check_invariants();
         assert_eq!(store.len(), 2);
     }

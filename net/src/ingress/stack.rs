@@ -373,6 +373,11 @@ impl IngressStack {
     }
 
     /// The bytes for the wire, if any: the whole buffer, which is left unallocated.
+    /// Wire bytes made and not yet taken by [`take_wire`](Self::take_wire).
+    pub fn wire_pending_len(&self) -> usize {
+        self.wire_out.len()
+    }
+
     pub fn take_wire(&mut self) -> Option<Bytes> {
         if self.wire_out.is_empty() {
             return None;
