@@ -547,7 +547,9 @@ impl Ingress {
         inputs: &mut Vec<NodeInput>,
     ) -> Option<Bytes> {
         let Some(layered) = self.connections.get_mut(&connection) else {
-            return Some(bytes);
+            // A layered connection this layer ended in this batch is not in the table any
+            // more: its bytes are dropped, never sent in clear on a TLS or WebSocket socket.
+            return (!self.closing(connection)).then_some(bytes);
         };
         match layered.stack.send(&bytes) {
             Ok(()) => self.to_send.push(connection),

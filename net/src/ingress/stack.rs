@@ -324,7 +324,8 @@ impl IngressStack {
                         .into(),
                 )
             })?;
-            facts.certificate_name = Some(name.to_string());
+            facts.certificate_name =
+                Some(super::names::checked(name.to_string()).map_err(StackError::Certificate)?);
         }
         Ok(facts)
     }
