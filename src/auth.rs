@@ -250,24 +250,29 @@ impl Loaded {
 }
 
 impl Checker {
-    /// The verdict on one CONNECT's credentials. Slow by design for password entries.
-    fn check(&self, credentials: &Credentials) -> Verdict {
+    /// The verdict on one CONNECT's credentials, and whether it may be cached (a password
+    /// entry's only: a token's `exp` must be checked at every CONNECT). Slow by design for
+    /// password entries.
+    fn check(&self, credentials: &Credentials) -> (Verdict, bool) {
         let password = credentials.password.as_deref();
         if let (Some(passwords), Some(user)) = (&self.passwords, &credentials.username)
             && let Some(entry) = passwords.entries.get(&**user)
         {
             return match password {
-                Some(password) if entry.verify(password) => Verdict::Accepted(Principal {
-                    username: Some(ByteString::from(&**user)),
-                    claims: None,
-                }),
-                _ => Verdict::BadCredentials,
+                Some(password) if entry.verify(password) => (
+                    Verdict::Accepted(Principal {
+                        username: Some(ByteString::from(&**user)),
+                        claims: None,
+                    }),
+                    true,
+                ),
+                _ => (Verdict::BadCredentials, false),
             };
         }
         if let (Some(jwt), Some(password)) = (&self.jwt, password) {
-            return jwt.check(password);
+            return (jwt.check(password), false);
         }
-        Verdict::BadCredentials
+        (Verdict::BadCredentials, false)
     }
 }
 
@@ -448,11 +453,11 @@ impl Auth {
             .cloned()
     }
 
-    /// Remembers a password check that passed (tokens are not cached: their `exp` must be
-    /// checked each time, and they are fast), unless a reload came since it started.
+    /// Remembers a password check that passed (the caller never gives a token's verdict:
+    /// its `exp` must be checked each time), unless a reload came since it started.
     fn remember(&self, credentials: &Credentials, principal: &Principal, generation: u64) {
         let max = self.config.credential_cache_max;
-        if max == 0 || principal.claims.is_some() {
+        if max == 0 {
             return;
         }
         let Some(key) = self.cache_key(credentials) else {
@@ -525,8 +530,8 @@ fn verifier_thread(auth: &std::sync::Weak<Auth>, jobs: &Mutex<Receiver<Job>>) {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let verdict = checker.check(&job.credentials);
-        if let Verdict::Accepted(principal) = &verdict {
+        let (verdict, cacheable) = checker.check(&job.credentials);
+        if let (Verdict::Accepted(principal), true) = (&verdict, cacheable) {
             auth.remember(&job.credentials, principal, generation);
         }
         auth.mailboxes.post(
@@ -614,7 +619,7 @@ mod tests {
         let checker = hs256_checker("hs256", "");
         let good = hs256(&serde_json::json!({ "sub": "svc", "exp": now() + 600 }));
         assert_eq!(
-            username(&checker.check(&credentials("", &good))),
+            username(&checker.check(&credentials("", &good)).0),
             Some("svc")
         );
         let expired = hs256(&serde_json::json!({ "sub": "svc", "exp": now() - 600 }));
@@ -644,7 +649,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    checker.check(&credentials("", &token)),
+                    checker.check(&credentials("", &token)).0,
                     Verdict::BadCredentials
                 ),
                 "{name}"
@@ -659,9 +664,14 @@ mod tests {
             "sub": "svc", "exp": now() + 600,
             "mqtt": { "publish": ["svc/out/#"], "subscribe": ["svc/in/+"] }
         }));
-        let Verdict::Accepted(principal) = checker.check(&credentials("", &token)) else {
+        let Verdict::Accepted(principal) = checker.check(&credentials("", &token)).0 else {
             panic!("refused");
         };
+        // Whatever its claims, a token's verdict is never cached: its `exp` is checked at
+        // every CONNECT (a cached one would outlive it).
+        let bare = hs256(&serde_json::json!({ "sub": "svc", "exp": now() + 600 }));
+        assert!(!checker.check(&credentials("", &token)).1);
+        assert!(!checker.check(&credentials("", &bare)).1);
         let policy = Policy::open();
         let principal = Some(&principal);
         assert!(policy.may_publish(principal, "c", "svc/out/a"));
@@ -670,7 +680,7 @@ mod tests {
         assert!(!policy.may_subscribe(principal, "c", "svc/#"));
         // Without the claim, nothing; a malformed claim refuses the token.
         let bare = hs256(&serde_json::json!({ "sub": "svc", "exp": now() + 600 }));
-        let Verdict::Accepted(bare) = checker.check(&credentials("", &bare)) else {
+        let Verdict::Accepted(bare) = checker.check(&credentials("", &bare)).0 else {
             panic!("refused");
         };
         assert!(!policy.may_publish(Some(&bare), "c", "svc/out/a"));
@@ -686,7 +696,7 @@ mod tests {
                 hs256(&serde_json::json!({ "sub": "svc", "exp": now() + 600, "mqtt": claim }));
             assert!(
                 matches!(
-                    checker.check(&credentials("", &token)),
+                    checker.check(&credentials("", &token)).0,
                     Verdict::BadCredentials
                 ),
                 "{claim}"
@@ -749,7 +759,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(
-                username(&checker.check(&credentials("", &token))),
+                username(&checker.check(&credentials("", &token)).0),
                 Some("device"),
                 "{algorithm}"
             );
@@ -761,7 +771,7 @@ mod tests {
             )
             .unwrap();
             assert!(matches!(
-                checker.check(&credentials("", &confused)),
+                checker.check(&credentials("", &confused)).0,
                 Verdict::BadCredentials
             ));
         }
@@ -786,15 +796,19 @@ mod tests {
         assert_eq!(loaded.summary().users, 1);
         let checker = loaded.checker;
         assert_eq!(
-            username(&checker.check(&credentials("alice", "pw"))),
+            username(&checker.check(&credentials("alice", "pw")).0),
             Some("alice")
         );
+        assert!(
+            checker.check(&credentials("alice", "pw")).1,
+            "a password entry's verdict is cached"
+        );
         assert!(matches!(
-            checker.check(&credentials("alice", "PW")),
+            checker.check(&credentials("alice", "PW")).0,
             Verdict::BadCredentials
         ));
         assert!(matches!(
-            checker.check(&credentials("bob", "pw")),
+            checker.check(&credentials("bob", "pw")).0,
             Verdict::BadCredentials
         ));
         let error = load(&config(&key("pbkdf2_iterations_max = 999\n")))

@@ -195,6 +195,9 @@ struct Layered {
     stack: IngressStack,
     /// The listener and peer from the reactor; the certificate name once established.
     transport: Transport,
+    /// Wire bytes handed to the reactor and not yet sent, as far as this layer knows: the
+    /// reactor's last count (`sent`) plus what was handed over since.
+    wire_unsent: usize,
 }
 
 /// What became of a shard's `HandOff` of a connection.
@@ -206,6 +209,10 @@ pub enum HandOff {
     Carrying(Box<Carried>),
 }
 
+/// Framing the layers add on top of the MQTT bytes the shard bounds (TLS records, WebSocket
+/// headers), allowed in a connection's wire backlog.
+const WIRE_UNSENT_MARGIN: usize = 256 * 1024;
+
 /// The stacks of one shard's connections on layered listeners.
 #[derive(Debug)]
 pub struct Ingress {
@@ -215,6 +222,11 @@ pub struct Ingress {
     /// the same timeout. Entries of connections established or gone since are skipped.
     handshakes: VecDeque<(u64, ConnectionId)>,
     handshake_timeout_ms: u64,
+    /// The most wire bytes a layered connection may leave unread: the shard bounds the MQTT
+    /// bytes (twice `unsent_bytes_per_connection_max` ends a connection), so a wire backlog
+    /// past that and a margin for framing is the layers' own bytes (WebSocket pongs, TLS
+    /// records) piling up at a client that sends but never reads.
+    wire_unsent_max: usize,
     /// Connections whose stack got wire bytes in this batch.
     to_send: Vec<ConnectionId>,
     /// Wire bytes of connections that failed in this batch (their last: an alert).
@@ -228,12 +240,19 @@ pub struct Ingress {
 }
 
 impl Ingress {
-    pub fn new(stacks: Arc<ListenerStacks>, handshake_timeout_ms: u64) -> Self {
+    pub fn new(
+        stacks: Arc<ListenerStacks>,
+        handshake_timeout_ms: u64,
+        unsent_bytes_per_connection_max: usize,
+    ) -> Self {
         Self {
             stacks,
             connections: BTreeMap::new(),
             handshakes: VecDeque::new(),
             handshake_timeout_ms,
+            wire_unsent_max: unsent_bytes_per_connection_max
+                .saturating_mul(2)
+                .saturating_add(WIRE_UNSENT_MARGIN),
             to_send: Vec::new(),
             last_words: Vec::new(),
             to_close: Vec::new(),
@@ -272,8 +291,14 @@ impl Ingress {
         };
         match IngressStack::new(config, origin.peer) {
             Ok(stack) => {
-                self.connections
-                    .insert(connection, Layered { stack, transport });
+                self.connections.insert(
+                    connection,
+                    Layered {
+                        stack,
+                        transport,
+                        wire_unsent: 0,
+                    },
+                );
                 self.handshakes
                     .push_back((now_ms.saturating_add(self.handshake_timeout_ms), connection));
             }
@@ -307,8 +332,14 @@ impl Ingress {
                 bytes: app_bytes,
             });
         }
-        self.connections
-            .insert(connection, Layered { stack, transport });
+        self.connections.insert(
+            connection,
+            Layered {
+                stack,
+                transport,
+                wire_unsent: 0,
+            },
+        );
     }
 
     /// A connection this shard cannot serve (handed over without its stack, a programmer
@@ -387,6 +418,31 @@ impl Ingress {
                 bytes: app.freeze(),
             });
         }
+        self.check_wire_backlog(connection, inputs);
+    }
+
+    /// Ends a connection whose wire backlog (what the reactor has not sent, and what the
+    /// stack has made since) is past `wire_unsent_max`: the client does not read what its
+    /// layers answer (WebSocket pongs, TLS records), which the shard cannot see.
+    fn check_wire_backlog(&mut self, connection: ConnectionId, inputs: &mut Vec<NodeInput>) {
+        let Some(layered) = self.connections.get(&connection) else {
+            return;
+        };
+        let backlog = layered
+            .wire_unsent
+            .saturating_add(layered.stack.wire_pending_len());
+        if backlog <= self.wire_unsent_max {
+            return;
+        }
+        info!(
+            connection,
+            peer = ?layered.transport.peer,
+            unsent_bytes = backlog,
+            limit = self.wire_unsent_max,
+            "client connection closed: it does not read what its transport sends (WebSocket pongs or TLS records piling up)"
+        );
+        let shard_knows = layered.stack.is_established();
+        self.fail(connection, shard_knows, inputs);
     }
 
     /// Ends a connection from this layer: its last wire bytes go out, then it closes; the
@@ -411,6 +467,9 @@ impl Ingress {
         inputs: &mut Vec<NodeInput>,
     ) {
         let closing = self.closing(connection);
+        if let Some(layered) = self.connections.get_mut(&connection) {
+            layered.wire_unsent = unsent_bytes;
+        }
         match self.connections.get_mut(&connection) {
             Some(layered) if layered.stack.is_established() => inputs.push(NodeInput::Sent {
                 connection,
@@ -488,7 +547,9 @@ impl Ingress {
         inputs: &mut Vec<NodeInput>,
     ) -> Option<Bytes> {
         let Some(layered) = self.connections.get_mut(&connection) else {
-            return Some(bytes);
+            // A layered connection this layer ended in this batch is not in the table any
+            // more: its bytes are dropped, never sent in clear on a TLS or WebSocket socket.
+            return (!self.closing(connection)).then_some(bytes);
         };
         match layered.stack.send(&bytes) {
             Ok(()) => self.to_send.push(connection),
@@ -540,11 +601,10 @@ impl Ingress {
             actions.send(connection, wire);
         }
         for connection in self.to_send.drain(..) {
-            if let Some(wire) = self
-                .connections
-                .get_mut(&connection)
-                .and_then(|layered| layered.stack.take_wire())
+            if let Some(layered) = self.connections.get_mut(&connection)
+                && let Some(wire) = layered.stack.take_wire()
             {
+                layered.wire_unsent = layered.wire_unsent.saturating_add(wire.len());
                 actions.send(connection, wire);
             }
         }

@@ -606,9 +606,16 @@ fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
     }
     let mut total = 0u64;
     for (_, path) in &paths {
-        let size = std::fs::metadata(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            .len();
+        // Not followed: a link (to /dev/zero, say) or a FIFO is not a file this store wrote.
+        let metadata = std::fs::symlink_metadata(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if !metadata.file_type().is_file() {
+            return Err(format!(
+                "{} is not a regular file: not a segment of this store",
+                path.display()
+            ));
+        }
+        let size = metadata.len();
         if size > consensus::SEGMENT_BYTES_MAX {
             return Err(format!(
                 "{} holds {size} bytes, more than a Raft segment may ({}): not a segment of this store",
@@ -626,16 +633,19 @@ fn read_raft_store(directory: &Path) -> Result<RaftStoreFiles, String> {
         ));
     }
     let mut files = RaftStoreFiles::default();
+    let mut budget = consensus::STORE_BYTES_MAX;
     for (sequence, path) in paths {
         use std::io::Read;
         let mut bytes = Vec::new();
-        // Bounded even if the file grew since its size was taken.
+        // Bounded even if the file grew since its size was taken: by a segment's limit and
+        // by what the store's total has left.
         std::fs::File::open(&path)
             .and_then(|file| {
-                file.take(consensus::SEGMENT_BYTES_MAX)
+                file.take(consensus::SEGMENT_BYTES_MAX.min(budget))
                     .read_to_end(&mut bytes)
             })
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        budget = budget.saturating_sub(bytes.len() as u64);
         match sequence {
             Some(sequence) => files.segments.push((sequence, bytes)),
             None => files.legacy = Some(bytes),
@@ -934,7 +944,11 @@ fn serve(config: Config) -> Result<(), String> {
             ShardHandler::new(
                 node,
                 log,
-                ingress::Ingress::new(stacks.clone(), config.limits().connect_timeout_ms),
+                ingress::Ingress::new(
+                    stacks.clone(),
+                    config.limits().connect_timeout_ms,
+                    config.limits().unsent_bytes_per_connection_max,
+                ),
             )
             .with_raft_directory(raft_directory)
             .with_auth(auth.clone(), index),

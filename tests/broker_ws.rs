@@ -254,3 +254,59 @@ fn a_websocket_listener_behind_a_proxy_header() {
     assert!(read_until_closed(&mut bare, Duration::from_secs(5)).1);
     assert!(broker.is_running());
 }
+
+#[test]
+fn a_client_that_pings_and_never_reads_is_closed_and_nobody_else_is() {
+    let port = free_port();
+    let broker = Broker::start_ingress_logged(
+        1,
+        &format!(
+            "[limits]\nunsent_bytes_per_connection_max = 65536\n\
+             [[listener]]\nbind = \"127.0.0.1:{port}\"\ntransport = \"ws\"\n"
+        ),
+    );
+    let (mut flood, answer) = upgrade(port, "/mqtt", "Sec-WebSocket-Protocol: mqtt\r\n");
+    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+    flood
+        .write_all(&frame(0x82, &connect_packet("ping-flood")))
+        .unwrap();
+    // 125-byte pings, each answered by a 127-byte pong this client never reads: at most
+    // 64 MiB of them, far past what the kernel's buffers and the broker's bound hold.
+    let mut burst = Vec::new();
+    for _ in 0..1000 {
+        burst.extend(frame(0x89, &[b'p'; 125]));
+    }
+    let said_why = || {
+        broker
+            .log_text()
+            .contains("it does not read what its transport sends")
+    };
+    // Writes go on succeeding for a while after the broker closed (it reads and drops what
+    // comes during its close linger), so its log says when.
+    let mut written = 0usize;
+    while written < 64 << 20 && !said_why() {
+        if flood.write_all(&burst).is_err() {
+            break;
+        }
+        written += burst.len();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !said_why() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker kept a client that never read the pongs of {written} bytes of pings:\n{}",
+            broker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The connection ends: what the kernel already holds, then the end of the stream.
+    let (_, closed) = read_until_closed(&mut flood, Duration::from_secs(10));
+    assert!(closed, "the flooding connection was not closed");
+    // Everyone else is served.
+    let (mut other, answer) = upgrade(port, "/mqtt", "Sec-WebSocket-Protocol: mqtt\r\n");
+    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+    other
+        .write_all(&frame(0x82, &connect_packet("after-flood")))
+        .unwrap();
+    assert_eq!(read_frame(&mut other), (0x82, vec![0x20, 0x02, 0x00, 0x00]));
+}

@@ -30,6 +30,11 @@ pub struct Retained {
     messages: BTreeMap<ByteString, Message>,
     /// The sum of `stored_size` over `messages`.
     bytes: usize,
+    /// How many of `messages`, and of `bytes`, are the broker's own `$SYS/` topics: a fixed
+    /// set the broker publishes, outside the clients' limits (so that `$SYS` never takes a
+    /// client's room, nor is refused for lack of it).
+    sys_count: usize,
+    sys_bytes: usize,
     count_max: usize,
     bytes_max: usize,
     /// Retained messages refused at the limits since the start (logged at powers of two).
@@ -90,6 +95,8 @@ impl Retained {
         Self {
             messages: BTreeMap::new(),
             bytes: 0,
+            sys_count: 0,
+            sys_bytes: 0,
             count_max,
             bytes_max,
             refused_count: 0,
@@ -98,14 +105,14 @@ impl Retained {
 
     /// Whether `store` would keep (or remove) a message of this topic and payload now.
     pub fn admits(&self, topic: &str, payload: &[u8], properties: &PublishProperties) -> bool {
-        if payload.is_empty() {
+        if payload.is_empty() || crate::shard::is_sys_topic(topic) {
             return true;
         }
         let held = self.messages.get(topic).map(message_size);
-        if held.is_none() && self.messages.len() >= self.count_max {
+        if held.is_none() && self.messages.len() - self.sys_count >= self.count_max {
             return false;
         }
-        let after = (self.bytes - held.unwrap_or(0))
+        let after = (self.bytes - self.sys_bytes - held.unwrap_or(0))
             .saturating_add(stored_size(topic, payload, properties));
         after <= self.bytes_max
     }
@@ -115,7 +122,7 @@ impl Retained {
     pub fn store(&mut self, message: Message) -> Stored {
         if message.payload.is_empty() {
             if let Some(old) = self.messages.remove(&message.topic) {
-                self.bytes -= message_size(&old);
+                self.forget(&old);
             }
             return Stored::Removed;
         }
@@ -123,11 +130,26 @@ impl Retained {
             self.count_refusal();
             return Stored::Refused;
         }
-        self.bytes += message_size(&message);
+        let size = message_size(&message);
+        self.bytes += size;
+        if crate::shard::is_sys_topic(&message.topic) {
+            self.sys_count += 1;
+            self.sys_bytes += size;
+        }
         if let Some(old) = self.messages.insert(message.topic.clone(), message) {
-            self.bytes -= message_size(&old);
+            self.forget(&old);
         }
         Stored::Kept
+    }
+
+    /// Takes a message that left the store out of the counts.
+    fn forget(&mut self, old: &Message) {
+        let size = message_size(old);
+        self.bytes -= size;
+        if crate::shard::is_sys_topic(&old.topic) {
+            self.sys_count -= 1;
+            self.sys_bytes -= size;
+        }
     }
 
     /// Counts a retained message refused at the limits (by `store`, or by a caller that
@@ -173,9 +195,27 @@ impl Retained {
             bytes, self.bytes,
             "the retained byte count is the sum of the messages"
         );
+        let sys: Vec<&Message> = self
+            .messages
+            .values()
+            .filter(|message| crate::shard::is_sys_topic(&message.topic))
+            .collect();
+        assert_eq!(
+            sys.len(),
+            self.sys_count,
+            "the $SYS count is the $SYS messages"
+        );
+        assert_eq!(
+            sys.iter()
+                .map(|message| message_size(message))
+                .sum::<usize>(),
+            self.sys_bytes,
+            "the $SYS bytes are the $SYS messages' sizes"
+        );
         assert!(
-            self.messages.len() <= self.count_max && self.bytes <= self.bytes_max,
-            "the retained store stays within its limits"
+            self.messages.len() - self.sys_count <= self.count_max
+                && self.bytes - self.sys_bytes <= self.bytes_max,
+            "the clients' retained messages stay within the limits"
         );
         assert!(
             self.messages
@@ -242,6 +282,31 @@ mod tests {
             expires_at_ms: None,
             publisher: None,
         }
+    }
+
+    #[test]
+    fn sys_topics_take_no_room_of_the_clients() {
+        let mut store = Retained::new(1, 64);
+        assert_eq!(
+            store.store(message("$SYS/broker/uptime", b"1 seconds")),
+            Stored::Kept
+        );
+        assert_eq!(
+            store.store(message("$SYS/broker/version", &[b'v'; 100])),
+            Stored::Kept
+        );
+        assert_eq!(store.store(message("client/a", b"v")), Stored::Kept);
+        assert_eq!(store.store(message("client/b", b"v")), Stored::Refused);
+        assert_eq!(
+            store.store(message("$SYS/broker/uptime", b"2 seconds")),
+            Stored::Kept
+        );
+        assert_eq!(
+            store.store(message("$SYS/broker/version", b"")),
+            Stored::Removed
+        );
+        store.check_invariants();
+        assert_eq!(store.len(), 2);
     }
 
     #[test]

@@ -85,8 +85,9 @@ fn subject_alt_name(certificate: &X509Certificate<'_>) -> Result<String, String>
         })
 }
 
-/// Refuses a name that no MQTT username could be.
-fn checked(name: String) -> Result<String, String> {
+/// Refuses a name that no MQTT username could be (also a CN a balancer sent in its PROXY
+/// header).
+pub fn checked(name: String) -> Result<String, String> {
     if name.is_empty() {
         return Err("the client certificate's name is empty".into());
     }

@@ -324,7 +324,8 @@ impl IngressStack {
                         .into(),
                 )
             })?;
-            facts.certificate_name = Some(name.to_string());
+            facts.certificate_name =
+                Some(super::names::checked(name.to_string()).map_err(StackError::Certificate)?);
         }
         Ok(facts)
     }
@@ -373,6 +374,11 @@ impl IngressStack {
     }
 
     /// The bytes for the wire, if any: the whole buffer, which is left unallocated.
+    /// Wire bytes made and not yet taken by [`take_wire`](Self::take_wire).
+    pub fn wire_pending_len(&self) -> usize {
+        self.wire_out.len()
+    }
+
     pub fn take_wire(&mut self) -> Option<Bytes> {
         if self.wire_out.is_empty() {
             return None;

@@ -561,6 +561,11 @@ impl<H: Handler> Reactor<H> {
         }
         for (id, target, bytes, carried) in actions.hand_offs.drain(..) {
             if let Some((slot, connection)) = self.lookup(id) {
+                // A connection this batch already closed (an admission refusal, say) is
+                // not handed on: its CONNECT must not run anywhere.
+                if connection.state != ConnectionState::Open {
+                    continue;
+                }
                 connection.state = ConnectionState::HandingOff {
                     target,
                     bytes: BytesMut::from(&bytes[..]),
