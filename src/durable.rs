@@ -134,7 +134,14 @@ pub fn recover(
         let Some(rest) = name.strip_prefix("shard-") else {
             continue;
         };
-        if rest.ends_with(".snapshot") {
+        if let Some(index) = rest.strip_suffix(".snapshot") {
+            // Only the names the old shutdown wrote (`shard-N.snapshot`), the ones the
+            // layout switch removes once their state is in the logs: another name would be
+            // read again at every start, bringing back what was deleted since.
+            if index.parse::<u16>().ok().map(|i| i.to_string()).as_deref() != Some(index) {
+                warn!(file = %path.display(), "not an old shutdown snapshot's name (shard-N.snapshot): ignored");
+                continue;
+            }
             let bytes = read_snapshot(&path, file_bytes_max, recover_damaged)?;
             found.snapshots.push((path, bytes));
         } else if let Ok(index) = rest.parse::<u16>()

@@ -447,6 +447,22 @@ impl Shard {
         // would, rather than holding a place in the window for ever.
         let mut refused: Vec<u16> = Vec::new();
         for entry in &session.inflight {
+            // A PUBLISH the client now connected may not read (the session resumed under
+            // another principal, or a reload narrowed its ACL) is not sent again: it ends as
+            // delivered, like one over the Maximum Packet Size.
+            if entry.state == InflightState::Published
+                && let Some(principal) = session.principal.as_deref()
+                && !self.auth.may_subscribe(
+                    Some(principal),
+                    &session.client_id,
+                    &entry.message.topic,
+                )
+            {
+                debug!(client_id = %crate::limits::quote(&session.client_id), topic = %crate::limits::quote(&entry.message.topic), "in-flight message not resent: the ACL does not let the client read the topic");
+                self.outbox.stats.dropped_not_authorized += 1;
+                refused.push(entry.packet_id);
+                continue;
+            }
             let packet = match entry.state {
                 InflightState::Published => Packet::Publish(publish_packet(
                     &entry.message,

@@ -526,3 +526,41 @@ fn queued_messages_are_checked_again_when_the_reader_is_back() {
     );
     assert_eq!(node.shards[0].metrics().stats.dropped_not_authorized, 1);
 }
+
+#[test]
+fn in_flight_messages_are_not_resent_to_a_reader_who_may_no_longer_read_them() {
+    let mut node = acl_node("user reader\ntopic read #\nuser writer\ntopic write #\n");
+    let persistent = |clean_start: bool| Connect {
+        properties: ConnectProperties {
+            session_expiry_interval: Some(3600),
+            ..ConnectProperties::default()
+        },
+        ..with_username(connect(V5, "reader", clean_start), "reader")
+    };
+    node.connect(1, 0, persistent(true));
+    node.send(1, &subscribe(1, "#", QoS::AtLeastOnce));
+    node.take(1);
+    node.connect(2, 1, with_username(connect(V5, "writer", true), "writer"));
+    node.send(2, &publish("secret/x", QoS::AtLeastOnce, 1, b"secret"));
+    node.send(2, &publish("public/y", QoS::AtLeastOnce, 2, b"public"));
+    // Sent, never acknowledged: both in flight when the connection is lost.
+    assert_eq!(payloads(&node.take(1)).len(), 2);
+    node.lose(1);
+    set_policy(
+        &mut node,
+        Policy {
+            allow_anonymous: true,
+            verify: false,
+            acl: Some(acl(
+                "user reader\ntopic read public/#\nuser writer\ntopic write #\n",
+            )),
+        },
+    );
+    node.connect(3, 0, persistent(false));
+    assert_eq!(
+        payloads(&node.take(3)),
+        [(&b"public"[..], QoS::AtLeastOnce)],
+        "only the readable message is resent"
+    );
+    assert_eq!(node.shards[0].metrics().stats.dropped_not_authorized, 1);
+}
