@@ -53,6 +53,22 @@ struct Loaded {
 struct Checker {
     passwords: Option<PasswordFile>,
     jwt: Option<Jwt>,
+    /// The file's costliest entry: checked (and its answer ignored) for a username the file
+    /// does not hold, so that a refusal takes as long whether or not the user exists.
+    decoy: Option<crate::passwd::Entry>,
+}
+
+/// How long an entry takes to check, to pick the decoy: argon2id above PBKDF2 above SHA-512,
+/// then by its parameters.
+fn cost(entry: &crate::passwd::Entry) -> (u8, u64) {
+    use crate::passwd::Entry;
+    match entry {
+        Entry::Sha512 { .. } => (0, 0),
+        Entry::Pbkdf2Sha512 { iterations, .. } => (1, u64::from(*iterations)),
+        Entry::Argon2id {
+            memory_kib, passes, ..
+        } => (2, u64::from(*memory_kib) * u64::from(*passes)),
+    }
 }
 
 struct Jwt {
@@ -182,10 +198,23 @@ fn load_jwt(config: &AuthConfig) -> Result<Option<Jwt>, String> {
         other => return Err(format!("`auth.jwt_algorithm`: unknown algorithm {other:?}")),
     };
     let mut validation = Validation::new(algorithm);
-    validation.set_required_spec_claims(&["exp"]);
+    let mut required = vec!["exp"];
     validation.validate_exp = true;
-    // No audience is configured: a token's `aud` is not checked.
-    validation.validate_aud = false;
+    validation.validate_nbf = true;
+    if config.jwt_issuer.is_empty() {
+        validation.iss = None;
+    } else {
+        validation.set_issuer(&[config.jwt_issuer.as_str()]);
+        required.push("iss");
+    }
+    if config.jwt_audience.is_empty() {
+        // No audience is configured: a token's `aud` is not checked.
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&[config.jwt_audience.as_str()]);
+        required.push("aud");
+    }
+    validation.set_required_spec_claims(&required);
     Ok(Some(Jwt {
         key,
         validation,
@@ -230,7 +259,16 @@ fn load(config: &AuthConfig) -> Result<Loaded, String> {
     };
     Ok(Loaded {
         policy: Arc::new(policy),
-        checker: Arc::new(Checker { passwords, jwt }),
+        checker: Arc::new(Checker {
+            decoy: passwords.as_ref().and_then(|file| {
+                file.entries
+                    .values()
+                    .max_by_key(|entry| cost(entry))
+                    .cloned()
+            }),
+            passwords,
+            jwt,
+        }),
     })
 }
 
@@ -270,7 +308,14 @@ impl Checker {
             };
         }
         if let (Some(jwt), Some(password)) = (&self.jwt, password) {
-            return (jwt.check(password), false);
+            let verdict = jwt.check(password);
+            if matches!(verdict, Verdict::Accepted(_)) {
+                return (verdict, false);
+            }
+        }
+        // A user the file does not hold costs a hash too (the answer is thrown away).
+        if let Some(decoy) = &self.decoy {
+            let _ = decoy.verify(password.unwrap_or_default());
         }
         (Verdict::BadCredentials, false)
     }
@@ -655,6 +700,92 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn an_unknown_user_costs_the_files_costliest_hash() {
+        let directory = directory("decoy");
+        let passwords = directory.join("passwords");
+        let pbkdf2 = crate::passwd::Entry::new_pbkdf2(b"pw").unwrap();
+        let argon = crate::passwd::Entry::new_argon2id(b"pw").unwrap();
+        std::fs::write(
+            &passwords,
+            format!("alice:{}\nbob:{}\n", pbkdf2.encode(), argon.encode()),
+        )
+        .unwrap();
+        let loaded = load(&config(&format!(
+            "password_file = \"{}\"\n",
+            passwords.display()
+        )))
+        .unwrap();
+        assert_eq!(loaded.checker.decoy.as_ref(), Some(&argon));
+        assert!(matches!(
+            loaded.checker.check(&credentials("mallory", "pw")).0,
+            Verdict::BadCredentials
+        ));
+    }
+
+    #[test]
+    fn issuer_audience_and_not_before_are_checked() {
+        let directory = directory("issuer");
+        let key = directory.join("key");
+        std::fs::write(&key, format!("{SECRET}\n")).unwrap();
+        let checker = |extra: &str| {
+            let config = config(&format!("jwt_key_file = \"{}\"\n{extra}", key.display()));
+            Arc::try_unwrap(load(&config).unwrap().checker)
+                .ok()
+                .unwrap()
+        };
+        let accepted = |checker: &Checker, claims: Value| {
+            matches!(
+                checker.check(&credentials("", &hs256(&claims))).0,
+                Verdict::Accepted(_)
+            )
+        };
+        let exp = now() + 600;
+        let open = checker("");
+        assert!(accepted(
+            &open,
+            serde_json::json!({ "sub": "a", "exp": exp, "iss": "anyone" })
+        ));
+        assert!(
+            !accepted(
+                &open,
+                serde_json::json!({ "sub": "a", "exp": exp, "nbf": now() + 600 })
+            ),
+            "a token not valid yet is refused"
+        );
+        let strict = checker("jwt_issuer = \"https://idp.example\"\njwt_audience = \"mqtt\"\n");
+        let claims = |iss: Option<&str>, aud: Option<&str>| {
+            let mut claims = serde_json::json!({ "sub": "a", "exp": exp });
+            if let Some(iss) = iss {
+                claims["iss"] = iss.into();
+            }
+            if let Some(aud) = aud {
+                claims["aud"] = aud.into();
+            }
+            claims
+        };
+        assert!(accepted(
+            &strict,
+            claims(Some("https://idp.example"), Some("mqtt"))
+        ));
+        assert!(!accepted(
+            &strict,
+            claims(Some("https://other.example"), Some("mqtt"))
+        ));
+        assert!(!accepted(
+            &strict,
+            claims(Some("https://idp.example"), Some("billing"))
+        ));
+        assert!(
+            !accepted(&strict, claims(None, Some("mqtt"))),
+            "iss required"
+        );
+        assert!(
+            !accepted(&strict, claims(Some("https://idp.example"), None)),
+            "aud required"
+        );
     }
 
     #[test]

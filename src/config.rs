@@ -103,6 +103,8 @@ pub struct AuthConfig {
     pub jwt_key_file: String,
     pub jwt_username_claim: String,
     pub jwt_acl_claim: String,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
     pub verifier_threads: usize,
     pub verifier_queue_max: usize,
     pub credential_cache_max: usize,
