@@ -49,6 +49,43 @@ struct Loaded {
     checker: Arc<Checker>,
 }
 
+/// Verified credentials by their HMAC key, at most `max` of them: when full, the oldest
+/// entry makes room (constant time: the insertion order is kept beside the map).
+#[derive(Default)]
+struct CredentialCache {
+    entries: HashMap<[u8; 32], Principal>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl CredentialCache {
+    fn get(&self, key: &[u8; 32]) -> Option<&Principal> {
+        self.entries.get(key)
+    }
+
+    fn insert(&mut self, key: [u8; 32], principal: Principal, max: usize) {
+        if self.entries.insert(key, principal).is_some() {
+            return;
+        }
+        self.order.push_back(key);
+        while self.entries.len() > max {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.order.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 /// Checks credentials against the password file and the JWT key.
 struct Checker {
     passwords: Option<PasswordFile>,
@@ -110,7 +147,7 @@ pub struct Auth {
     checker: RwLock<Arc<Checker>>,
     policy: RwLock<Arc<Policy>>,
     queue: SyncSender<Job>,
-    cache: Mutex<HashMap<[u8; 32], Principal>>,
+    cache: Mutex<CredentialCache>,
     cache_key: [u8; 32],
     /// Bumped by each reload: a check of an older generation does not fill the cache.
     generation: AtomicU64,
@@ -417,7 +454,7 @@ impl Auth {
             checker: RwLock::new(loaded.checker),
             policy: RwLock::new(loaded.policy),
             queue,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(CredentialCache::default()),
             cache_key,
             generation: AtomicU64::new(0),
             reloading: Mutex::new(()),
@@ -512,13 +549,7 @@ impl Auth {
         if self.generation.load(Ordering::Acquire) != generation {
             return;
         }
-        if cache.len() >= max && !cache.contains_key(&key) {
-            // Full: one entry makes room (which one does not matter for a cache of proofs).
-            if let Some(old) = cache.keys().next().copied() {
-                cache.remove(&old);
-            }
-        }
-        cache.insert(key, principal.clone());
+        cache.insert(key, principal.clone(), max);
     }
 
     /// Reads the files again; if all are good, the pool and every shard use them from now
@@ -1007,8 +1038,10 @@ mod tests {
         auth.remember(&credentials("b", "1"), &principal, 0);
         auth.remember(&credentials("c", "2"), &principal, 0);
         assert_eq!(auth.cache.lock().unwrap().len(), 2);
+        assert!(auth.cached(&alice).is_none(), "the oldest entry made room");
+        assert!(auth.cached(&credentials("c", "2")).is_some());
         auth.reload("test").unwrap();
-        assert!(auth.cache.lock().unwrap().is_empty(), "a reload empties it");
+        assert_eq!(auth.cache.lock().unwrap().len(), 0, "a reload empties it");
         auth.remember(&alice, &principal, 0);
         assert!(
             auth.cached(&alice).is_none(),
