@@ -182,6 +182,8 @@ pub struct ListenerConfig {
     pub transport: String,
     #[serde(default = "default_path")]
     pub path: String,
+    #[serde(default)]
+    pub ws_allowed_origins: Vec<String>,
     #[serde(default = "default_off")]
     pub proxy_protocol: String,
     #[serde(default)]
@@ -222,13 +224,16 @@ pub enum TransportKind {
     Tcp,
     /// MQTT over TLS, with these files and client-certificate rules.
     Tls(TlsFiles),
-    /// MQTT over WebSocket at this path.
+    /// MQTT over WebSocket at this path, for pages of these browser origins (and for
+    /// clients that send no `Origin`).
     Ws {
         path: String,
+        allowed_origins: Vec<String>,
     },
     /// MQTT over WebSocket over TLS.
     Wss {
         path: String,
+        allowed_origins: Vec<String>,
         tls: TlsFiles,
     },
 }
@@ -383,10 +388,18 @@ fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, Stri
             table.transport
         ));
     }
+    if !websocket && !table.ws_allowed_origins.is_empty() {
+        return Err(format!(
+            "`{name}.ws_allowed_origins` is set but `{name}.transport` is {:?}: allowed origins belong to a \"ws\" or \"wss\" listener",
+            table.transport
+        ));
+    }
+    let allowed_origins = checked_origins(&table.ws_allowed_origins, name)?;
     let transport = match table.transport.as_str() {
         "tls" => TransportKind::Tls(checked_tls(table, name)?),
         "wss" => TransportKind::Wss {
             path: table.path.clone(),
+            allowed_origins,
             tls: checked_tls(table, name)?,
         },
         plain => {
@@ -420,6 +433,7 @@ fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, Stri
             if plain == "ws" {
                 TransportKind::Ws {
                     path: table.path.clone(),
+                    allowed_origins,
                 }
             } else {
                 TransportKind::Tcp
@@ -437,6 +451,46 @@ fn checked_listener(table: &ListenerConfig, name: &str) -> Result<Listener, Stri
         proxy,
         connections_max: table.connections_max,
     })
+}
+
+/// The longest `ws_allowed_origins` entry: an origin is a scheme, a host name (at most 253
+/// bytes) and a port.
+const ORIGIN_LEN_MAX: usize = 256;
+
+/// Checks `ws_allowed_origins`: each entry is `"*"` or an origin as browsers send it,
+/// `scheme://host[:port]` with no path, printable ASCII, at most [`ORIGIN_LEN_MAX`] bytes.
+fn checked_origins(origins: &[String], name: &str) -> Result<Vec<String>, String> {
+    for (index, origin) in origins.iter().enumerate() {
+        let problem = if origin.is_empty() {
+            Some("it is empty")
+        } else if origin.len() > ORIGIN_LEN_MAX {
+            Some("it is longer than 256 bytes")
+        } else if !origin.bytes().all(|b| b.is_ascii_graphic()) {
+            Some(
+                "it holds a control character, a space or a non-ASCII byte (a browser sends an internationalised host in its xn-- form)",
+            )
+        } else if origin == shardmq_net::ingress::ws::ANY_ORIGIN {
+            None
+        } else {
+            match origin.split_once("://") {
+                Some((scheme, host)) if !scheme.is_empty() && !host.is_empty() => {
+                    host.contains(['/', '?', '#']).then_some(
+                        "an origin has no path: scheme://host[:port], as a browser sends it",
+                    )
+                }
+                _ => {
+                    Some("expected scheme://host[:port] (as a browser sends it in Origin) or \"*\"")
+                }
+            }
+        };
+        if let Some(problem) = problem {
+            let shown: String = origin.chars().take(64).collect();
+            return Err(format!(
+                "`{name}.ws_allowed_origins[{index}]` is {shown:?}: {problem}"
+            ));
+        }
+    }
+    Ok(origins.to_vec())
 }
 
 /// Checks `proxy_protocol` and `proxy_trusted`: a PROXY listener must say whom it trusts.
@@ -1351,6 +1405,34 @@ mod tests {
                 "bind = \"127.0.0.1:1\"\npath = \"/ws\"",
                 "a path belongs to a WebSocket listener",
             ),
+            (
+                "bind = \"127.0.0.1:1\"\nws_allowed_origins = [\"https://app.example\"]",
+                "`listener[0].ws_allowed_origins` is set but `listener[0].transport` is \"tcp\"",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"\nws_allowed_origins = [\"https://a.example\", \"\"]",
+                "`listener[0].ws_allowed_origins[1]` is \"\": it is empty",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"\nws_allowed_origins = [\"https://a.example\\r\\nX: 1\"]",
+                "`listener[0].ws_allowed_origins[0]` is \"https://a.example\\r\\nX: 1\": it holds a control character",
+            ),
+            (
+                format!(
+                    "bind = \"127.0.0.1:1\"\ntransport = \"ws\"\nws_allowed_origins = [\"https://{}.example\"]",
+                    "a".repeat(250)
+                )
+                .as_str(),
+                "\": it is longer than 256 bytes",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"\nws_allowed_origins = [\"https://a.example/\"]",
+                "`listener[0].ws_allowed_origins[0]` is \"https://a.example/\": an origin has no path",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntransport = \"ws\"\nws_allowed_origins = [\"a.example\"]",
+                "`listener[0].ws_allowed_origins[0]` is \"a.example\": expected scheme://host[:port]",
+            ),
             ("bind = \"127.0.0.1:1\"\nbogus = 1", "bogus"),
             ("transport = \"tcp\"", "bind"),
             (
@@ -1397,10 +1479,20 @@ mod tests {
         assert_eq!(
             ws[0].transport,
             TransportKind::Ws {
-                path: "/mqtt".into()
+                path: "/mqtt".into(),
+                allowed_origins: Vec::new(),
             }
         );
         assert!(matches!(&ws[1].transport, TransportKind::Wss { path, .. } if path == "/ws"));
+        let origins = listeners(
+            "[[listener]]\nbind = \"127.0.0.1:8081\"\ntransport = \"wss\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\nws_allowed_origins = [\"https://app.example\", \"http://localhost:3000\", \"*\"]\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            &origins[0].transport,
+            TransportKind::Wss { allowed_origins, .. }
+                if allowed_origins == &["https://app.example", "http://localhost:3000", "*"]
+        ));
         let error = listeners(
             "[[listener]]\nbind = \"127.0.0.1:1884\"\n[[listener]]\nbind = \"127.0.0.1:1884\"\n",
         )

@@ -30,7 +30,7 @@ use shardmq_net::ingress::stack::{
     CLIENT_TLS_HANDSHAKE_LEN_MAX, IngressStack, StackConfig, StackError, TlsListener,
 };
 use shardmq_net::ingress::tls::{self, ClientCertificates};
-use shardmq_net::ingress::ws::WsListener;
+use shardmq_net::ingress::ws::{WsError, WsListener};
 use shardmq_net::reactor::{Actions, ConnectionId, Mailboxes, Origin};
 use shardmq_shards::Transport;
 use shardmq_shards::cluster::NodeInput;
@@ -76,9 +76,18 @@ pub fn load(listeners: &[Listener]) -> Result<ListenerStacks, String> {
                 name_from_ssl_cn: proxy.name_from_ssl_cn,
             });
             let ws = match &listener.transport {
-                TransportKind::Ws { path } | TransportKind::Wss { path, .. } => {
-                    Some(WsListener { path: path.clone() })
+                TransportKind::Ws {
+                    path,
+                    allowed_origins,
                 }
+                | TransportKind::Wss {
+                    path,
+                    allowed_origins,
+                    ..
+                } => Some(WsListener {
+                    path: path.clone(),
+                    allowed_origins: allowed_origins.as_slice().into(),
+                }),
                 TransportKind::Tcp | TransportKind::Tls(_) => None,
             };
             if tls.is_none() && proxy.is_none() && ws.is_none() {
@@ -400,8 +409,10 @@ impl Ingress {
                 });
             }
             Ok(None) => {}
-            Err(error @ StackError::Proxy(_)) => {
-                // A balancer misconfigured, or someone pretending to be one: say so plainly.
+            Err(error @ (StackError::Proxy(_) | StackError::Ws(WsError::ForeignOrigin { .. }))) => {
+                // A balancer misconfigured, or someone pretending to be one; or a web page of
+                // an origin that `ws_allowed_origins` does not list (cross-site WebSocket
+                // hijacking, or a page the operator forgot to list): say so plainly.
                 info!(connection, peer = ?layered.transport.peer, %error, "client connection refused: closed");
                 self.fail(connection, was_established, inputs);
                 return;

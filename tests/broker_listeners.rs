@@ -117,25 +117,37 @@ fn a_listener_keeps_its_own_connection_limit_across_shards_and_hand_offs() {
     );
 }
 
-#[test]
-fn a_listener_table_missing_a_key_is_refused_at_start() {
-    let config =
-        std::env::temp_dir().join(format!("shardmq-listeners-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        "[[listener]]\nbind = \"127.0.0.1:1\"\ntransport = \"wss\"\n",
-    )
-    .unwrap();
+/// Starts the broker on `config`; asserts it stopped with the configuration's exit code and
+/// returns what it wrote on stderr.
+fn refused_at_start(config: &str) -> String {
+    let path = std::env::temp_dir().join(format!("shardmq-listeners-{}.toml", std::process::id()));
+    std::fs::write(&path, config).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_shardmq"))
         .args(["serve", "--config"])
-        .arg(&config)
+        .arg(&path)
         .output()
         .unwrap();
-    let _ = std::fs::remove_file(&config);
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_listener_table_missing_a_key_is_refused_at_start() {
+    let stderr = refused_at_start("[[listener]]\nbind = \"127.0.0.1:1\"\ntransport = \"wss\"\n");
     assert!(
         stderr.contains("`listener[0].tls_cert_file` must be set for a \"wss\" listener"),
+        "{stderr}"
+    );
+    // An allowed origin with a line break in it (a header injection) stops the start too.
+    let stderr = refused_at_start(
+        "[[listener]]\nbind = \"127.0.0.1:1\"\ntransport = \"ws\"\nws_allowed_origins = [\"http://a\\nX: 1\"]\n",
+    );
+    assert!(
+        stderr.contains(
+            "`listener[0].ws_allowed_origins[0]` is \"http://a\\nX: 1\": it holds a control character"
+        ),
         "{stderr}"
     );
 }

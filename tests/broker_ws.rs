@@ -4,7 +4,8 @@
 //! into tools/js), and a hand-made WebSocket client for what libraries do not send on
 //! purpose: CONNECT split over fragmented frames with a ping between, a text frame (closed
 //! with 1003), a refused subprotocol, a wrong path, and a close that is echoed; and a
-//! WebSocket listener behind a PROXY v1 header (the header's address is the client's).
+//! WebSocket listener behind a PROXY v1 header (the header's address is the client's); and
+//! `ws_allowed_origins`: a page of another origin is answered 403, a listed one is served.
 
 mod support;
 
@@ -17,15 +18,18 @@ use support::pki::Pki;
 use support::{Broker, connect_packet, free_port, read_until_closed};
 
 /// A broker with a WebSocket listener on `ws_port` (path /mqtt) and, when given, a WSS one on
-/// `wss` (port, certificate directory) at path /secure.
+/// `wss` (port, certificate directory) at path /secure. Each lists the origin paho-mqtt
+/// (Python) sends, `http(s)://` and the address it dialed; MQTT.js under Node sends none.
 fn broker(ws_port: u16, wss: Option<(u16, &Pki)>) -> Broker {
     let mut config = format!(
         "[limits]\nconnect_timeout_ms = 1500\n\
-         [[listener]]\nbind = \"127.0.0.1:{ws_port}\"\ntransport = \"ws\"\n"
+         [[listener]]\nbind = \"127.0.0.1:{ws_port}\"\ntransport = \"ws\"\n\
+         ws_allowed_origins = [\"http://127.0.0.1:{ws_port}\"]\n"
     );
     if let Some((port, pki)) = wss {
         config.push_str(&format!(
             "[[listener]]\nbind = \"127.0.0.1:{port}\"\ntransport = \"wss\"\npath = \"/secure\"\n\
+             ws_allowed_origins = [\"https://127.0.0.1:{port}\"]\n\
              tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
             pki.path("server.pem"),
             pki.path("server.key")
@@ -143,6 +147,19 @@ fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
     (head[0], payload)
 }
 
+/// Waits up to 5 s for the broker's log to satisfy `logged`.
+fn wait_logged(broker: &Broker, logged: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !logged(&broker.log_text()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            broker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_raw_client_fragments_pings_and_is_closed_for_text() {
     let port = free_port();
@@ -239,19 +256,58 @@ fn a_websocket_listener_behind_a_proxy_header() {
         read_frame(&mut stream),
         (0x82, vec![0x20, 0x02, 0x00, 0x00])
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !broker.log_text().contains("peer=198.51.100.77:41000") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            broker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_logged(&broker, |log| log.contains("peer=198.51.100.77:41000"));
     // Without the header: refused before any HTTP answer.
     let (mut bare, answer) = upgrade(port, "/mqtt", "");
     assert!(answer.is_empty(), "{answer}");
     assert!(read_until_closed(&mut bare, Duration::from_secs(5)).1);
+    assert!(broker.is_running());
+}
+
+#[test]
+fn a_foreign_origin_is_refused_with_403_and_a_listed_one_is_served() {
+    let port = free_port();
+    let mut broker = Broker::start_ingress_logged(
+        1,
+        &format!(
+            "[limits]\nconnect_timeout_ms = 1500\n\
+             [[listener]]\nbind = \"127.0.0.1:{port}\"\ntransport = \"ws\"\n\
+             ws_allowed_origins = [\"https://app.example\", \"http://localhost:3000\"]\n"
+        ),
+    );
+    // A page elsewhere: refused before the upgrade, closed, and the log says who and why.
+    let (mut foreign, answer) = upgrade(
+        port,
+        "/mqtt",
+        "Sec-WebSocket-Protocol: mqtt\r\nOrigin: https://evil.example\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    assert!(read_until_closed(&mut foreign, Duration::from_secs(5)).1);
+    wait_logged(&broker, |log| {
+        log.lines().any(|line| {
+            line.contains("INFO")
+                && line.contains("peer=Some(127.0.0.1:")
+                && line.contains(
+                    "Origin \"https://evil.example\" is not in the listener's ws_allowed_origins",
+                )
+        })
+    });
+    // A listed page (the host's case does not matter), and a client that sends no Origin.
+    for origin in ["Origin: https://APP.example\r\n", ""] {
+        let (mut stream, answer) = upgrade(
+            port,
+            "/mqtt",
+            &format!("Sec-WebSocket-Protocol: mqtt\r\n{origin}"),
+        );
+        assert!(answer.starts_with("HTTP/1.1 101 "), "{origin}: {answer}");
+        stream
+            .write_all(&frame(0x82, &connect_packet("from-a-listed-page")))
+            .unwrap();
+        assert_eq!(
+            read_frame(&mut stream),
+            (0x82, vec![0x20, 0x02, 0x00, 0x00])
+        );
+    }
     assert!(broker.is_running());
 }
 

@@ -150,6 +150,7 @@ fn main() {
     };
     let ws = WsListener {
         path: "/mqtt".into(),
+        allowed_origins: Vec::new().into(),
     };
     let server = Arc::new(client_listener_config(CERT, KEY, ClientCertificates::None).unwrap());
     let tls = |alpn: &[u8]| {

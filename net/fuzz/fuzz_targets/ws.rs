@@ -40,6 +40,8 @@ fuzz_target!(|data: &[u8]| {
         tls: None,
         ws: Some(WsListener {
             path: "/mqtt".into(),
+            // One listed origin, so that both the served and the refused Origin are reached.
+            allowed_origins: vec!["https://app.example".to_string()].into(),
         }),
     };
     let mut stack = IngressStack::new(&config, None).unwrap();

@@ -20,6 +20,7 @@
 //!   the RFC's code after it) before the error is returned.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tungstenite::handshake::derive_accept_key;
@@ -40,12 +41,36 @@ const SUBPROTOCOL: &str = "mqtt";
 /// Control frames carry at most 125 bytes (RFC 6455 §5.5).
 const CONTROL_PAYLOAD_LEN_MAX: u64 = 125;
 
+/// The most bytes of a refused `Origin` kept for the log line.
+const ORIGIN_LOGGED_LEN_MAX: usize = 128;
+
+/// The `ws_allowed_origins` entry that allows every origin.
+pub const ANY_ORIGIN: &str = "*";
+
 /// A WebSocket listener's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WsListener {
     /// The request path MQTT is served at (`path`, default `/mqtt`); a query string is
     /// ignored.
     pub path: String,
+    /// The browser origins (`ws_allowed_origins`: `scheme://host[:port]`, compared ASCII
+    /// case-insensitively; [`ANY_ORIGIN`] allows any) whose pages may open the WebSocket.
+    /// Empty (the default) checks nothing, as Mosquitto and EMQX do by default: Eclipse
+    /// Paho's Python client sends an `Origin` of its own, so a check on by default would
+    /// refuse it. A request without an `Origin` header (not from a browser) is served
+    /// whatever this holds.
+    pub allowed_origins: Arc<[String]>,
+}
+
+impl WsListener {
+    /// Whether a request's `Origin` value may open the WebSocket.
+    fn allows_origin(&self, origin: &[u8]) -> bool {
+        let origin = origin.trim_ascii();
+        self.allowed_origins.is_empty()
+            || self.allowed_origins.iter().any(|allowed| {
+                allowed == ANY_ORIGIN || allowed.as_bytes().eq_ignore_ascii_case(origin)
+            })
+    }
 }
 
 /// Why a WebSocket connection ends.
@@ -53,6 +78,10 @@ pub struct WsListener {
 pub enum WsError {
     /// The opening handshake was refused with this HTTP status.
     Handshake { status: u16, reason: String },
+    /// The request came from a web page whose origin `ws_allowed_origins` does not list; it
+    /// was answered 403. `origin` is the header's value, escaped and cut to
+    /// [`ORIGIN_LOGGED_LEN_MAX`] bytes.
+    ForeignOrigin { origin: String },
     /// A frame broke the protocol, or was not MQTT's; a close frame with this code was sent.
     Protocol { code: u16, reason: String },
     /// The client closed the WebSocket (the close was answered).
@@ -65,6 +94,10 @@ impl std::fmt::Display for WsError {
             WsError::Handshake { status, reason } => {
                 write!(f, "WebSocket handshake refused ({status}): {reason}")
             }
+            WsError::ForeignOrigin { origin } => write!(
+                f,
+                "WebSocket handshake refused (403): Origin {origin} is not in the listener's ws_allowed_origins"
+            ),
             WsError::Protocol { code, reason } => {
                 write!(f, "WebSocket closed with {code}: {reason}")
             }
@@ -90,7 +123,7 @@ pub struct WsSession {
 enum State {
     /// Reading the opening handshake: the request's bytes so far.
     Handshake {
-        path: String,
+        listener: WsListener,
         request: Vec<u8>,
     },
     /// A client (the load generator's) waiting for the server's answer: the answer's bytes so
@@ -146,7 +179,7 @@ impl WsSession {
     pub fn new(listener: &WsListener) -> Self {
         Self {
             state: State::Handshake {
-                path: listener.path.clone(),
+                listener: listener.clone(),
                 request: Vec::new(),
             },
             client_seed: 0,
@@ -212,16 +245,18 @@ impl WsSession {
         out: &mut BytesMut,
     ) -> Result<(), WsError> {
         let result = match &mut self.state {
-            State::Handshake { path, request } => match handshake(path, request, input, out) {
-                Ok(Some(rest)) => {
-                    let mut framing = Framing::default();
-                    let result = framing.read(&rest, app, out);
-                    self.state = State::Open(framing);
-                    result
+            State::Handshake { listener, request } => {
+                match handshake(listener, request, input, out) {
+                    Ok(Some(rest)) => {
+                        let mut framing = Framing::default();
+                        let result = framing.read(&rest, app, out);
+                        self.state = State::Open(framing);
+                        result
+                    }
+                    Ok(None) => Ok(()),
+                    Err(error) => Err(error),
                 }
-                Ok(None) => Ok(()),
-                Err(error) => Err(error),
-            },
+            }
             State::ClientHandshake {
                 response,
                 accept,
@@ -337,6 +372,7 @@ fn write_frame(opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>, out: &mut 
 fn refuse(status: u16, reason: &str, out: &mut BytesMut, extra: &str) -> WsError {
     let text = match status {
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
@@ -365,7 +401,7 @@ fn lists_token(value: &[u8], token: &str) -> bool {
 /// Reads the opening handshake; on success the 101 answer is in `out` and the bytes after
 /// the request are returned.
 fn handshake(
-    path: &str,
+    listener: &WsListener,
     request: &mut Vec<u8>,
     input: &[u8],
     out: &mut BytesMut,
@@ -406,7 +442,7 @@ fn handshake(
     }
     let target = parsed.path.unwrap_or_default();
     let asked = target.split_once('?').map_or(target, |(path, _)| path);
-    if asked != path {
+    if asked != listener.path {
         return Err(refuse(404, &format!("no WebSocket at {asked:?}"), out, ""));
     }
     let header = |name: &'static str| {
@@ -425,6 +461,18 @@ fn handshake(
             out,
             "",
         ));
+    }
+    // A browser names the page's origin (RFC 6455 §4.1, RFC 6454 §7); any web page can ask a
+    // visitor's browser to connect, with the visitor's client certificate on "wss", so only
+    // listed origins are served. Clients that are not browsers send no Origin.
+    if let Some(value) = header("origin").find(|origin| !listener.allows_origin(origin)) {
+        let shown = value.get(..ORIGIN_LOGGED_LEN_MAX).unwrap_or(value);
+        let mut origin = format!("{:?}", String::from_utf8_lossy(shown));
+        if shown.len() < value.len() {
+            origin.push_str("...");
+        }
+        refuse(403, "", out, "");
+        return Err(WsError::ForeignOrigin { origin });
     }
     if !header("sec-websocket-version").any(|v| v.trim_ascii() == b"13") {
         return Err(refuse(
@@ -760,10 +808,109 @@ mod tests {
         frame
     }
 
-    fn open(extra: &str) -> (WsSession, BytesMut) {
-        let mut ws = WsSession::new(&WsListener {
+    fn listener(origins: &[&str]) -> WsListener {
+        WsListener {
             path: "/mqtt".into(),
-        });
+            allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
+        }
+    }
+
+    /// Reads a whole handshake request with `extra` header lines on a listener allowing
+    /// `origins`: the session, what it answered, and the error if it refused.
+    fn handshake_with(origins: &[&str], extra: &str) -> (WsSession, String, Option<WsError>) {
+        let mut ws = WsSession::new(&listener(origins));
+        let mut out = BytesMut::new();
+        let error = ws
+            .read(&request("/mqtt", extra), &mut BytesMut::new(), &mut out)
+            .err();
+        (ws, String::from_utf8(out.to_vec()).unwrap(), error)
+    }
+
+    #[test]
+    fn a_request_without_an_origin_is_served_whatever_the_list() {
+        for origins in [&[][..], &["https://app.example"][..]] {
+            let (ws, answer, error) = handshake_with(origins, "");
+            assert!(error.is_none() && ws.is_open(), "{error:?}");
+            assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+        }
+    }
+
+    #[test]
+    fn a_listed_origin_is_served_ascii_case_insensitively() {
+        let origins = ["https://app.example", "http://localhost:8080"];
+        for origin in [
+            "https://app.example",
+            "HTTPS://App.Example",
+            "http://LOCALHOST:8080",
+        ] {
+            let (ws, answer, error) = handshake_with(&origins, &format!("Origin: {origin}\r\n"));
+            assert!(error.is_none() && ws.is_open(), "{origin}: {error:?}");
+            assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+        }
+    }
+
+    #[test]
+    fn another_origin_is_refused_with_403() {
+        let origins = ["https://app.example"];
+        for origin in [
+            "https://evil.example",
+            "http://app.example",
+            "https://app.example:444",
+            "https://app.example.evil.example",
+            "https://app.example/",
+            "null",
+            "",
+        ] {
+            let (ws, answer, error) = handshake_with(&origins, &format!("Origin: {origin}\r\n"));
+            assert!(
+                matches!(&error, Some(WsError::ForeignOrigin { origin: o }) if *o == format!("{origin:?}")),
+                "{origin}: {error:?}"
+            );
+            assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+            assert!(answer.contains("Connection: close\r\n"), "{answer}");
+            assert!(!ws.is_open() && ws.buffered_len() == 0);
+        }
+        // With no list at all (the default), nothing is checked.
+        let (ws, answer, error) = handshake_with(&[], "Origin: https://app.example\r\n");
+        assert!(error.is_none() && ws.is_open(), "{error:?}");
+        assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+        // A second Origin header cannot smuggle a foreign one past a listed one.
+        let (_, _, error) = handshake_with(
+            &origins,
+            "Origin: https://app.example\r\nOrigin: https://evil.example\r\n",
+        );
+        assert!(
+            matches!(error, Some(WsError::ForeignOrigin { .. })),
+            "{error:?}"
+        );
+        // What is logged is escaped and cut.
+        let long = format!("https://\"é{}", "a".repeat(300));
+        let (_, _, error) = handshake_with(&origins, &format!("Origin: {long}\r\n"));
+        let Some(WsError::ForeignOrigin { origin }) = error else {
+            panic!("{error:?}");
+        };
+        assert!(
+            origin.starts_with("\"https://\\\"é")
+                && origin.len() < ORIGIN_LOGGED_LEN_MAX + 8
+                && origin.ends_with("aa\"..."),
+            "{origin}"
+        );
+    }
+
+    #[test]
+    fn a_star_allows_any_origin() {
+        for origin in ["https://evil.example", "null"] {
+            let (ws, answer, error) = handshake_with(
+                &["https://app.example", ANY_ORIGIN],
+                &format!("Origin: {origin}\r\n"),
+            );
+            assert!(error.is_none() && ws.is_open(), "{origin}: {error:?}");
+            assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+        }
+    }
+
+    fn open(extra: &str) -> (WsSession, BytesMut) {
+        let mut ws = WsSession::new(&listener(&[]));
         let mut out = BytesMut::new();
         ws.read(&request("/mqtt?x=1", extra), &mut BytesMut::new(), &mut out)
             .unwrap();
@@ -812,9 +959,7 @@ mod tests {
             ),
         ];
         for (input, status) in cases {
-            let mut ws = WsSession::new(&WsListener {
-                path: "/mqtt".into(),
-            });
+            let mut ws = WsSession::new(&listener(&[]));
             let mut out = BytesMut::new();
             let error = ws.read(&input, &mut BytesMut::new(), &mut out).unwrap_err();
             assert!(
@@ -828,9 +973,7 @@ mod tests {
 
     #[test]
     fn a_request_in_pieces_then_frames_in_the_same_read() {
-        let mut ws = WsSession::new(&WsListener {
-            path: "/mqtt".into(),
-        });
+        let mut ws = WsSession::new(&listener(&[]));
         let mut input = request("/mqtt", "Sec-WebSocket-Protocol: mqtt\r\n");
         input.extend(frame(0x82, b"\x10\x00"));
         let (mut app, mut out) = (BytesMut::new(), BytesMut::new());
@@ -901,9 +1044,7 @@ mod tests {
         // The CONNECT written before the answer waits for it.
         client.write(b"\x10\x00connect", &mut to_server);
         assert!(client.is_handshaking());
-        let mut server = WsSession::new(&WsListener {
-            path: "/mqtt".into(),
-        });
+        let mut server = WsSession::new(&listener(&[]));
         let (mut server_app, mut to_client) = (BytesMut::new(), BytesMut::new());
         server
             .read(&to_server.split(), &mut server_app, &mut to_client)
