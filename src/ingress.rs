@@ -209,6 +209,16 @@ struct Layered {
     wire_unsent: usize,
 }
 
+impl Layered {
+    fn new(stack: IngressStack, transport: Transport) -> Self {
+        Self {
+            stack,
+            transport,
+            wire_unsent: 0,
+        }
+    }
+}
+
 /// What became of a shard's `HandOff` of a connection.
 #[derive(Debug)]
 pub enum HandOff {
@@ -300,14 +310,8 @@ impl Ingress {
         };
         match IngressStack::new(config, origin.peer) {
             Ok(stack) => {
-                self.connections.insert(
-                    connection,
-                    Layered {
-                        stack,
-                        transport,
-                        wire_unsent: 0,
-                    },
-                );
+                self.connections
+                    .insert(connection, Layered::new(stack, transport));
                 self.handshakes
                     .push_back((now_ms.saturating_add(self.handshake_timeout_ms), connection));
             }
@@ -341,14 +345,8 @@ impl Ingress {
                 bytes: app_bytes,
             });
         }
-        self.connections.insert(
-            connection,
-            Layered {
-                stack,
-                transport,
-                wire_unsent: 0,
-            },
-        );
+        self.connections
+            .insert(connection, Layered::new(stack, transport));
     }
 
     /// A connection this shard cannot serve (handed over without its stack, a programmer

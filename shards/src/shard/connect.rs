@@ -161,8 +161,8 @@ impl Shard {
             assigned.then(|| client_id.clone()),
             server_keep_alive,
         );
-        let peer = self.peer(connection_id);
-        debug!(connection = connection_id, %client_id, ?peer, ?version, session_present, "client connected");
+        // Field values are evaluated only when the line is enabled: no lookup otherwise.
+        debug!(connection = connection_id, %client_id, peer = ?self.peer(connection_id), ?version, session_present, "client connected");
         self.send(
             connection_id,
             &Packet::ConnAck(Box::new(ConnAck {
