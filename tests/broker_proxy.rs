@@ -169,7 +169,7 @@ fn behind_haproxy_the_broker_sees_the_clients_address_and_verified_cn() {
         pki.path("client.pem"),
         pki.path("client.key"),
     );
-    let mut sub = Command::new("timeout")
+    let sub = Command::new("timeout")
         .args(["20", "mosquitto_sub", "-h", "127.0.0.1", "-p"])
         .arg(haproxy.mqtt_port.to_string())
         .args([
@@ -188,36 +188,29 @@ fn behind_haproxy_the_broker_sees_the_clients_address_and_verified_cn() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (ok, output) = mosquitto(
-            "mosquitto_pub",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &haproxy.mqtts_port.to_string(),
-                "--cafile",
-                &ca,
-                "--cert",
-                &cert,
-                "--key",
-                &key,
-                "-q",
-                "1",
-                "-t",
-                "proxy/cn",
-                "-m",
-                "hello-proxy",
-            ],
-        );
-        assert!(ok, "mosquitto_pub through HAProxy's TLS: {output}");
-        if sub.try_wait().unwrap().is_some() || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let output = sub.wait_with_output().unwrap();
+    let port = haproxy.mqtts_port.to_string();
+    let output = support::publish_until_received(
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "-q",
+            "1",
+            "-t",
+            "proxy/cn",
+            "-m",
+            "hello-proxy",
+        ],
+        sub,
+        Duration::from_secs(15),
+    );
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
         "hello-proxy"

@@ -105,21 +105,11 @@ fn subscriber(port: u16, topic: &str, tls: &[&str]) -> std::process::Child {
 /// Publishes until the subscriber got one message (it may not have subscribed yet); what it
 /// printed.
 fn deliver(port: u16, topic: &str, tls: &[&str], sub: std::process::Child) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut sub = sub;
-    loop {
-        let mut args = vec!["-h", "127.0.0.1", "-q", "1", "-t", topic, "-m", "hello-tls"];
-        let port = port.to_string();
-        args.extend(["-p", &port]);
-        args.extend(tls);
-        let (ok, output) = mosquitto("mosquitto_pub", &args);
-        assert!(ok, "mosquitto_pub over TLS: {output}");
-        if sub.try_wait().unwrap().is_some() || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let output = sub.wait_with_output().unwrap();
+    let port = port.to_string();
+    let mut args = vec!["-h", "127.0.0.1", "-q", "1", "-t", topic, "-m", "hello-tls"];
+    args.extend(["-p", &port]);
+    args.extend(tls);
+    let output = support::publish_until_received(&args, sub, Duration::from_secs(10));
     assert!(
         output.status.success(),
         "mosquitto_sub: {}",

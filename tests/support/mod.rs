@@ -603,6 +603,27 @@ pub fn mosquitto(program: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Runs `mosquitto_pub ARGS` until `subscriber` (a mosquitto_sub waiting for one message,
+/// which may not have subscribed yet) has exited or `timeout` passed; each publish must
+/// succeed. Returns the subscriber's output.
+pub fn publish_until_received(
+    args: &[&str],
+    subscriber: Child,
+    timeout: Duration,
+) -> std::process::Output {
+    let mut subscriber = subscriber;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (ok, output) = mosquitto("mosquitto_pub", args);
+        assert!(ok, "mosquitto_pub {args:?}: {output}");
+        if subscriber.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    subscriber.wait_with_output().unwrap()
+}
+
 /// A raw TCP client for byte-level tests.
 pub fn raw(port: u16) -> TcpStream {
     let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
