@@ -3,7 +3,7 @@
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
 //! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
 //! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
-//! `GET /api/v1/cluster/status`, and the state changes `POST /api/v1/cluster/join`
+//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` (`api.rs`), and the state changes `POST /api/v1/cluster/join`
 //! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
 //! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
@@ -142,7 +142,7 @@ pub fn status_json(status: &Status) -> Value {
     })
 }
 
-type Shared = Arc<Mailboxes<NodeMessage>>;
+pub(crate) type Shared = Arc<Mailboxes<NodeMessage>>;
 
 /// How the endpoint is served and guarded (from `[admin]`).
 #[derive(Debug, Clone)]
@@ -160,22 +160,24 @@ pub struct Settings {
 }
 
 #[derive(Clone)]
-struct AppState {
-    mailboxes: Shared,
+pub(crate) struct AppState {
+    pub(crate) mailboxes: Shared,
     /// Reloads the TLS listeners' certificates and keys (`POST /api/v1/tls/reload`).
-    reloader: Arc<crate::ingress::Reloader>,
+    pub(crate) reloader: Arc<crate::ingress::Reloader>,
     /// Reloads the `[auth]` files (`POST /api/v1/auth/reload`).
-    auth: Arc<crate::auth::Auth>,
-    health: Arc<Health>,
+    pub(crate) auth: Arc<crate::auth::Auth>,
+    pub(crate) health: Arc<Health>,
     /// The client listeners' admission table, for its counts in `GET /metrics`.
-    admission: Arc<Admission>,
+    pub(crate) admission: Arc<Admission>,
     /// When the admin endpoint started (the process's uptime, near enough).
-    started: tokio::time::Instant,
-    settings: Arc<Settings>,
+    pub(crate) started: tokio::time::Instant,
+    pub(crate) settings: Arc<Settings>,
     /// The last answer to "is the node a member?", and when it was had: readiness probes
     /// need no token, so a flood of them must not reach shard 0 more than once per
     /// [`MEMBERSHIP_ANSWER_TTL`] (the lock also makes concurrent probes share one question).
-    membership: Arc<tokio::sync::Mutex<Option<MembershipAnswer>>>,
+    pub(crate) membership: Arc<tokio::sync::Mutex<Option<MembershipAnswer>>>,
+    /// The last message counters sampled for the rates in `GET /api/v1/nodes`.
+    pub(crate) rates: Arc<tokio::sync::Mutex<Option<crate::api::RateSample>>>,
 }
 
 /// When shard 0 said whether the node is a member, and what it said.
@@ -191,9 +193,9 @@ const HEADER_SIZE_MAX: usize = 16 * 1024;
 const READY_ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long an admin call waits for shard 0.
-const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn ask<T>(
+pub(crate) async fn ask<T>(
     mailboxes: &Shared,
     timeout: Duration,
     request: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Control,
@@ -214,7 +216,7 @@ async fn ask<T>(
     }
 }
 
-fn error_response((status, message): (StatusCode, String)) -> Response {
+pub(crate) fn error_response((status, message): (StatusCode, String)) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
@@ -433,14 +435,12 @@ async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// How long a scrape waits for each shard (they are asked at once).
-const METRICS_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const METRICS_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `GET /metrics`: every shard's counters, the admission table's, shard 0's cluster status
-/// when clustered, and the process's figures, in the Prometheus text format. A shard that
-/// does not answer in time is left out and counted (`shardmq_scrape_shards_missing`).
-async fn metrics_text(State(state): State<AppState>) -> Response {
+/// Every shard's counters and gauges, asked of all shards at once and awaited against one
+/// deadline, and how many shards did not answer in time (left out, and logged).
+pub(crate) async fn shard_metrics(state: &AppState) -> (Vec<(u16, ShardMetrics)>, u64) {
     let shard_count = state.health.progress().len() as u16;
-    // Every shard is asked at once; the answers are awaited against one deadline.
     let receivers: Vec<_> = (0..shard_count)
         .map(|shard| {
             let (sender, receiver) = oneshot::channel();
@@ -457,15 +457,23 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         match tokio::time::timeout_at(deadline, receiver).await {
             Ok(Ok(Ok(metrics))) => shards.push((shard, *metrics)),
             Ok(Ok(Err(message))) => {
-                warn!(shard, %message, "a shard's metrics are missing from this scrape");
+                warn!(shard, %message, "a shard's metrics are missing from this answer");
                 missing += 1;
             }
             Ok(Err(_)) | Err(_) => {
-                warn!(shard, "a shard did not answer the metrics scrape in time");
+                warn!(shard, "a shard did not answer its metrics in time");
                 missing += 1;
             }
         }
     }
+    (shards, missing)
+}
+
+/// `GET /metrics`: every shard's counters, the admission table's, shard 0's cluster status
+/// when clustered, and the process's figures, in the Prometheus text format. A shard that
+/// does not answer in time is left out and counted (`shardmq_scrape_shards_missing`).
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let (shards, missing) = shard_metrics(&state).await;
     let cluster = if state.settings.clustered {
         ask(&state.mailboxes, METRICS_ASK_TIMEOUT, Control::Status)
             .await
@@ -672,6 +680,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/tls/reload", post(tls_reload))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/auth/reload", post(auth_reload))
+        .route("/api/v1/nodes", get(crate::api::nodes))
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -758,6 +767,7 @@ pub fn start(
                     started: tokio::time::Instant::now(),
                     settings: settings.clone(),
                     membership: Arc::default(),
+                    rates: Arc::default(),
                 });
                 info!(%address, "admin endpoint serving");
                 serve(listener, app, settings).await;

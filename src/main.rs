@@ -5,6 +5,7 @@
 //! which send every client DISCONNECT 0x8B (5.0) and flush before exiting.
 
 mod admin;
+mod api;
 mod auth;
 mod config;
 mod durable;

@@ -172,6 +172,24 @@ fn counters_move_by_exactly_what_the_workload_did() {
     assert_eq!(total(&after, "shardmq_subscriptions", &[]), 1.0);
     assert_eq!(total(&after, "shardmq_connections", &[]), 2.0);
     assert_eq!(total(&after, "shardmq_routes", &[]), 1.0);
+
+    // The node summary of the admin API counts the same workload.
+    let (status, _) = http_get(broker.admin_address(), "/api/v1/nodes", None);
+    assert_eq!(status, 401, "/api/v1/nodes without the token");
+    let (status, body) = http_get(broker.admin_address(), "/api/v1/nodes", Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let nodes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let [node] = nodes["nodes"].as_array().unwrap().as_slice() else {
+        panic!("one node: {nodes}");
+    };
+    assert_eq!(node["role"], "standalone");
+    assert_eq!(node["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(node["connections"], 2);
+    assert_eq!(node["sessions_online"], 2);
+    assert_eq!(node["subscriptions"], 1);
+    assert_eq!(node["messages_received"], 15);
+    assert_eq!(node["messages_sent"], 15);
+    assert_eq!(node["bytes_received"], 1500);
 }
 
 #[test]
