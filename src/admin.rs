@@ -59,6 +59,12 @@ pub enum Control {
     Join(SocketAddr, oneshot::Sender<Result<(), String>>),
     Leave(oneshot::Sender<Result<(), String>>),
     Set(String, String, oneshot::Sender<Result<(), String>>),
+    /// A question about one shard's clients, subscriptions, routes or retained messages, or a
+    /// kick or retained deletion (`api.rs`; posted to the shards it concerns).
+    Inspect(
+        shardmq_shards::shard::inspect::Query,
+        oneshot::Sender<Result<shardmq_shards::shard::inspect::Reply, String>>,
+    ),
 }
 
 /// What travels through the shards' mailboxes: shard traffic, or an admin request.
@@ -681,6 +687,18 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/auth/reload", post(auth_reload))
         .route("/api/v1/nodes", get(crate::api::nodes))
+        .route("/api/v1/clients", get(crate::api::clients))
+        .route(
+            "/api/v1/clients/{client_id}",
+            get(crate::api::client).delete(crate::api::kick),
+        )
+        .route("/api/v1/subscriptions", get(crate::api::subscriptions))
+        .route("/api/v1/routes", get(crate::api::routes))
+        .route("/api/v1/retained", get(crate::api::retained))
+        .route(
+            "/api/v1/retained/{*topic}",
+            get(crate::api::retained_get).delete(crate::api::retained_delete),
+        )
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)

@@ -356,6 +356,7 @@ impl ShardHandler {
                 key: key.clone(),
                 value: value.clone(),
             },
+            Control::Inspect(query, _) => Request::Inspect(query.clone()),
         };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
@@ -373,7 +374,7 @@ impl ShardHandler {
             Control::Status(reply) => {
                 let _ = reply.send(answer.and_then(|answer| match answer {
                     Answer::Status(status) => Ok(admin::status_json(&status)),
-                    Answer::Done | Answer::Metrics(_) => {
+                    Answer::Done | Answer::Metrics(_) | Answer::Inspect(_) => {
                         Err("the node answered a status request without one".into())
                     }
                 }));
@@ -381,8 +382,16 @@ impl ShardHandler {
             Control::Metrics(reply) => {
                 let _ = reply.send(answer.and_then(|answer| match answer {
                     Answer::Metrics(metrics) => Ok(metrics),
-                    Answer::Done | Answer::Status(_) => {
+                    Answer::Done | Answer::Status(_) | Answer::Inspect(_) => {
                         Err("the shard answered a metrics request without them".into())
+                    }
+                }));
+            }
+            Control::Inspect(_, reply) => {
+                let _ = reply.send(answer.and_then(|answer| match answer {
+                    Answer::Inspect(reply) => Ok(reply),
+                    Answer::Done | Answer::Status(_) | Answer::Metrics(_) => {
+                        Err("the shard answered an inspection without its reply".into())
                     }
                 }));
             }

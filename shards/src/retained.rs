@@ -184,7 +184,10 @@ impl Retained {
     /// B-tree, however many topics there are.
     pub fn with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Message> + 'a {
         self.messages
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
             .map(|(_, message)| message)
             .take_while(move |message| message.topic.starts_with(prefix))
     }

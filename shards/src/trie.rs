@@ -347,7 +347,10 @@ impl<T> Trie<T> {
                 .take_while(|edge| edge.0 == node)
                 .map(|edge| (edge.1, edge.2))
                 .collect();
-            let wildcards = [(&b"+"[..], self.nodes[node as usize].plus), (&b"#"[..], self.nodes[node as usize].hash)];
+            let wildcards = [
+                (&b"+"[..], self.nodes[node as usize].plus),
+                (&b"#"[..], self.nodes[node as usize].hash),
+            ];
             children.extend(wildcards.into_iter().filter(|(_, child)| *child != NONE));
             children.sort_unstable();
             // Reversed onto the stack, so that the first child is walked first.
@@ -510,13 +513,19 @@ mod tests {
             found
         };
         let filters = |found: Vec<(String, Vec<u32>)>| {
-            found.into_iter().map(|(filter, _)| filter).collect::<Vec<_>>()
+            found
+                .into_iter()
+                .map(|(filter, _)| filter)
+                .collect::<Vec<_>>()
         };
         assert_eq!(
             filters(listed("", 100)),
             ["/x", "a//c", "a/#", "a/+", "a/b", "a/b/c", "ab"]
         );
-        assert_eq!(filters(listed("a/", 100)), ["a//c", "a/#", "a/+", "a/b", "a/b/c"]);
+        assert_eq!(
+            filters(listed("a/", 100)),
+            ["a//c", "a/#", "a/+", "a/b", "a/b/c"]
+        );
         assert_eq!(filters(listed("a/b", 100)), ["a/b", "a/b/c"]);
         assert_eq!(listed("a/b", 1), [("a/b".to_string(), vec![0])]);
         assert!(listed("b", 100).is_empty(), "a removed filter is gone");

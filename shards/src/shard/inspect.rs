@@ -40,11 +40,18 @@ pub struct ClientFilter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Query {
     /// Connected clients matching the filter, at most `limit`.
-    Clients { filter: ClientFilter, limit: usize },
+    Clients {
+        filter: ClientFilter,
+        limit: usize,
+    },
     /// One connected client and its subscriptions.
-    Client { client_id: String },
+    Client {
+        client_id: String,
+    },
     /// End the client's connection (DISCONNECT 0x98 for 5.0, a close for 3.x).
-    Kick { client_id: String },
+    Kick {
+        client_id: String,
+    },
     /// Subscriptions of every session here (connected or not), at most `limit`.
     Subscriptions {
         client_id_prefix: Option<String>,
@@ -62,9 +69,13 @@ pub enum Query {
         filter: Option<String>,
         limit: usize,
     },
-    RetainedGet { topic: String },
+    RetainedGet {
+        topic: String,
+    },
     /// Clear the topic's retained message everywhere (as an empty retained PUBLISH does).
-    RetainedDelete { topic: String },
+    RetainedDelete {
+        topic: String,
+    },
 }
 
 /// One connected client.
@@ -234,7 +245,8 @@ impl Shard {
                 filter_prefix,
                 limit,
             } => {
-                let (routes, truncated) = self.route_list(&filter_prefix.unwrap_or_default(), limit);
+                let (routes, truncated) =
+                    self.route_list(&filter_prefix.unwrap_or_default(), limit);
                 Reply::Routes { routes, truncated }
             }
             Query::Retained {
@@ -249,7 +261,9 @@ impl Shard {
                     payload_bytes: message.payload.len(),
                 };
                 let (retained, truncated) = match &filter {
-                    Some(filter) => bounded(self.retained.matching(filter, now_ms).map(info), limit),
+                    Some(filter) => {
+                        bounded(self.retained.matching(filter, now_ms).map(info), limit)
+                    }
                     None => bounded(
                         self.retained
                             .with_prefix(topic_prefix.as_deref().unwrap_or(""))
