@@ -795,14 +795,23 @@ pub fn start(
     Ok(())
 }
 
-/// `shardmq ctl`: one request to a node's admin endpoint, with the token if there is one and
-/// a JSON body for a POST; returns the JSON answer, pretty-printed.
+/// What `shardmq ctl` sends: a GET, a POST with its JSON body, or a DELETE (which carries
+/// `Content-Type: application/json`, as the guard asks of every state change).
+#[derive(Debug, Clone)]
+pub enum CtlRequest {
+    Get,
+    Post(Value),
+    Delete,
+}
+
+/// `shardmq ctl`: one request to a node's admin endpoint, with the token if there is one;
+/// returns the JSON answer, or the endpoint's error.
 pub fn ctl(
     admin: &str,
     token: Option<&str>,
     path: &str,
-    body: Option<Value>,
-) -> Result<String, String> {
+    request: CtlRequest,
+) -> Result<Value, String> {
     let url = format!("http://{admin}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -810,16 +819,25 @@ pub fn ctl(
         .build()
         .into();
     let authorization = token.map(|token| format!("Bearer {token}"));
-    let response = match body {
-        Some(body) => {
+    let response = match request {
+        CtlRequest::Post(body) => {
             let mut request = agent.post(&url);
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
             }
             request.send_json(body)
         }
-        None => {
+        CtlRequest::Get => {
             let mut request = agent.get(&url);
+            if let Some(authorization) = &authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.call()
+        }
+        CtlRequest::Delete => {
+            let mut request = agent
+                .delete(&url)
+                .header("Content-Type", "application/json");
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
             }
@@ -836,7 +854,7 @@ pub fn ctl(
     let body: Value =
         serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
     if status.is_success() {
-        serde_json::to_string_pretty(&body).map_err(|e| e.to_string())
+        Ok(body)
     } else {
         Err(format!(
             "{}: {}",

@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod auth;
 mod config;
+mod ctl;
 mod durable;
 mod ingress;
 mod layout;
@@ -107,6 +108,9 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: CtlCommand,
+        /// Print the endpoint's JSON answer instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
     },
 }
 
@@ -115,6 +119,17 @@ enum CtlCommand {
     /// The cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Every node's role, version, uptime, connections and message rates.
+    Nodes,
+    /// Connected clients (list, `show ID`, `kick ID`).
+    Clients(ctl::ClientsArgs),
+    /// Subscriptions of the sessions.
+    Subscriptions(ctl::SubscriptionsArgs),
+    /// The route table as this node sees it.
+    Routes(ctl::RoutesArgs),
+    /// Retained messages.
+    #[command(subcommand)]
+    Retained(ctl::RetainedCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -1215,6 +1230,7 @@ fn ctl(
     token_file: Option<PathBuf>,
     config: Option<PathBuf>,
     command: &CtlCommand,
+    json: bool,
 ) -> Result<String, String> {
     let config = config.map(|path| Config::load(Some(&path))).transpose()?;
     let admin = match (admin, &config) {
@@ -1241,21 +1257,35 @@ fn ctl(
     if let Some(warning) = &token.warning {
         eprintln!("shardmq ctl: warning: {warning}");
     }
-    let (path, body) = match command {
-        CtlCommand::Cluster(ClusterCommand::Status) => ("/api/v1/cluster/status", None),
-        CtlCommand::Cluster(ClusterCommand::Join { address }) => (
+    let post = |path: &str, body| (path.to_string(), admin::CtlRequest::Post(body));
+    let (path, request) = match command {
+        CtlCommand::Cluster(ClusterCommand::Status) => {
+            ("/api/v1/cluster/status".to_string(), admin::CtlRequest::Get)
+        }
+        CtlCommand::Cluster(ClusterCommand::Join { address }) => post(
             "/api/v1/cluster/join",
-            Some(serde_json::json!({ "address": address.to_string() })),
+            serde_json::json!({ "address": address.to_string() }),
         ),
         CtlCommand::Cluster(ClusterCommand::Leave) => {
-            ("/api/v1/cluster/leave", Some(serde_json::json!({})))
+            post("/api/v1/cluster/leave", serde_json::json!({}))
         }
-        CtlCommand::Cluster(ClusterCommand::Set { key, value }) => (
+        CtlCommand::Cluster(ClusterCommand::Set { key, value }) => post(
             "/api/v1/cluster/settings",
-            Some(serde_json::json!({ "key": key, "value": value })),
+            serde_json::json!({ "key": key, "value": value }),
         ),
+        CtlCommand::Nodes
+        | CtlCommand::Clients(_)
+        | CtlCommand::Subscriptions(_)
+        | CtlCommand::Routes(_)
+        | CtlCommand::Retained(_) => ctl::request(command),
     };
-    admin::ctl(&admin, token.token.as_deref(), path, body)
+    let answer = admin::ctl(&admin, token.token.as_deref(), &path, request)?;
+    let table = !json && !matches!(command, CtlCommand::Cluster(_));
+    if table {
+        Ok(ctl::render(command, &answer))
+    } else {
+        serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())
+    }
 }
 
 fn main() -> ExitCode {
@@ -1302,7 +1332,8 @@ fn main() -> ExitCode {
             token_file,
             config,
             command,
-        } => match ctl(admin, token_file, config, &command) {
+            json,
+        } => match ctl(admin, token_file, config, &command, json) {
             Ok(text) => {
                 println!("{text}");
                 ExitCode::SUCCESS
