@@ -330,6 +330,7 @@ mod auth;
 mod delivery;
 mod durable;
 mod guards;
+mod inspect;
 mod rules;
 mod sessions;
 mod slow_subscriber;
