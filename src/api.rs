@@ -34,6 +34,9 @@ pub const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum NodeQuery {
     /// The node's role, version, uptime, connection and session counts, message counters
     /// and rates.
+    // Strict like the struct variants: serde lets a unit variant of an internally tagged
+    // enum ignore extra fields once the enum has struct variants.
+    #[serde(deserialize_with = "no_fields")]
     Summary,
     /// The node's connected clients matching every given filter, at most `limit`
     /// (clamped to [`LIST_LIMIT_MAX`]).
@@ -53,6 +56,14 @@ pub enum NodeQuery {
         filter_prefix: Option<String>,
         limit: usize,
     },
+}
+
+/// A query that takes no fields has none.
+fn no_fields<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<(), D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    Empty::deserialize(deserializer).map(|_| ())
 }
 
 /// The most entries one listing answers (per node, and after merging).
