@@ -64,6 +64,7 @@ pub enum Query {
         limit: usize,
     },
     /// Retained messages by topic prefix, or matching an MQTT topic filter, at most `limit`.
+    /// Topics starting with `$` only for a prefix (or a filter's first level) that does.
     Retained {
         topic_prefix: Option<String>,
         filter: Option<String>,
@@ -264,13 +265,20 @@ impl Shard {
                     Some(filter) => {
                         bounded(self.retained.matching(filter, now_ms).map(info), limit)
                     }
-                    None => bounded(
-                        self.retained
-                            .with_prefix(topic_prefix.as_deref().unwrap_or(""))
-                            .filter(|message| !message.is_expired(now_ms))
-                            .map(info),
-                        limit,
-                    ),
+                    None => {
+                        let prefix = topic_prefix.as_deref().unwrap_or("");
+                        // `$` topics (the broker's `$SYS`) only when the prefix asks for
+                        // them, as a wildcard matches them only when its first level does.
+                        let dollar = prefix.starts_with('$');
+                        bounded(
+                            self.retained
+                                .with_prefix(prefix)
+                                .filter(|message| dollar || !message.topic.starts_with('$'))
+                                .filter(|message| !message.is_expired(now_ms))
+                                .map(info),
+                            limit,
+                        )
+                    }
                 };
                 Reply::Retained {
                     retained,
