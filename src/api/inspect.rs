@@ -102,21 +102,16 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
                 },
                 limit,
             };
-            let mut clients = Vec::new();
-            let mut truncated = false;
-            for reply in ask_shards(state, every_shard(state), &query).await? {
-                if let Reply::Clients {
-                    clients: found,
-                    truncated: more,
-                } = reply
-                {
-                    clients.extend(found);
-                    truncated |= more;
-                }
-            }
-            clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-            truncated |= clients.len() > limit;
-            clients.truncate(limit);
+            let replies = ask_shards(state, every_shard(state), &query).await?;
+            let (clients, truncated) = merge_shards(
+                replies,
+                limit,
+                |reply| match reply {
+                    Reply::Clients { clients, truncated } => Some((clients, truncated)),
+                    _ => None,
+                },
+                |a, b| a.client_id.cmp(&b.client_id),
+            );
             Ok(json!({
                 "node": node,
                 "clients": clients.iter().map(|c| client_json(c, node, now_ms)).collect::<Vec<_>>(),
@@ -160,21 +155,19 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
                 filter_prefix: filter_prefix.clone(),
                 limit,
             };
-            let mut subscriptions = Vec::new();
-            let mut truncated = false;
-            for reply in ask_shards(state, every_shard(state), &query).await? {
-                if let Reply::Subscriptions {
-                    subscriptions: found,
-                    truncated: more,
-                } = reply
-                {
-                    subscriptions.extend(found);
-                    truncated |= more;
-                }
-            }
-            subscriptions.sort_by(|a, b| (&a.client_id, &a.filter).cmp(&(&b.client_id, &b.filter)));
-            truncated |= subscriptions.len() > limit;
-            subscriptions.truncate(limit);
+            let replies = ask_shards(state, every_shard(state), &query).await?;
+            let (subscriptions, truncated) = merge_shards(
+                replies,
+                limit,
+                |reply| match reply {
+                    Reply::Subscriptions {
+                        subscriptions,
+                        truncated,
+                    } => Some((subscriptions, truncated)),
+                    _ => None,
+                },
+                |a, b| (&a.client_id, &a.filter).cmp(&(&b.client_id, &b.filter)),
+            );
             Ok(json!({
                 "node": node,
                 "subscriptions": subscriptions.iter().map(|s| json!({
@@ -188,6 +181,26 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
         }
         NodeQuery::Summary => Err("not an inspection".into()),
     }
+}
+
+/// The shards' lists of one listing in one: sorted by `order`, at most `limit`, truncated
+/// when a shard's was or the merge is longer.
+fn merge_shards<T>(
+    replies: Vec<Reply>,
+    limit: usize,
+    list: impl Fn(Reply) -> Option<(Vec<T>, bool)>,
+    order: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> (Vec<T>, bool) {
+    let mut entries = Vec::new();
+    let mut truncated = false;
+    for (found, more) in replies.into_iter().filter_map(list) {
+        entries.extend(found);
+        truncated |= more;
+    }
+    entries.sort_by(order);
+    truncated |= entries.len() > limit;
+    entries.truncate(limit);
+    (entries, truncated)
 }
 
 fn wall_clock_ms() -> u64 {

@@ -17,20 +17,12 @@ fn ask(node: &mut Node, shard: usize, query: Query) -> Reply {
 /// connections without a transport).
 fn connect_from(node: &mut Node, id: ConnectionId, connect: Connect, peer: &str) -> usize {
     let shard = usize::from(owner_shard(&connect.client_id, node.shards.len() as u16));
-    node.versions.insert(id, connect.protocol);
-    node.location.insert(id, shard);
-    node.run(
-        shard,
-        Input::Opened {
-            connection: id,
-            transport: Transport {
-                listener: 1,
-                peer: Some(peer.parse().unwrap()),
-                certificate_name: None,
-            },
-        },
-    );
-    node.send(id, &Packet::Connect(Box::new(connect)));
+    let transport = Transport {
+        listener: 1,
+        peer: Some(peer.parse().unwrap()),
+        certificate_name: None,
+    };
+    node.connect_over(id, shard, connect, transport);
     node.take(id);
     shard
 }
