@@ -448,3 +448,55 @@ fn ctl_prints_tables_for_people_and_json_for_scripts() {
     let (ok, text) = ctl_text(&broker, &["clients", "kick", "ctl-client"]);
     assert!(!ok && text.contains("404"), "{text}");
 }
+
+#[test]
+fn in_a_cluster_routes_name_their_nodes_and_a_retained_deletion_reaches_every_member() {
+    let cluster = support::TestCluster::start(1, 1);
+    let (core, edge) = (&cluster.node(1).broker, &cluster.node(2).broker);
+    let subscriber = v5(edge.port, "cl-subscriber", |_| {});
+    subscriber.subscribe("cl/+/x", QoS::AtLeastOnce);
+    cluster.wait_routes(1, 2, 1);
+    let local = v5(core.port, "cl-local", |_| {});
+    local.subscribe("cl/local", QoS::AtMostOnce);
+    let routes = wait_answer(core, "/api/v1/routes?filter_prefix=cl/", |answer| {
+        answer["routes"]
+            .as_array()
+            .is_some_and(|list| list.len() == 2)
+    });
+    assert_eq!(
+        routes["routes"],
+        serde_json::json!([
+            { "filter": "cl/+/x", "nodes": [2] },
+            { "filter": "cl/local", "nodes": [1] },
+        ]),
+        "the core's own route and the edge's"
+    );
+    let (_, clients) = get(core, "/api/v1/clients?client_id_prefix=cl-");
+    assert_eq!(clients["clients"][0]["node"], 1, "{clients}");
+    assert_eq!(
+        get(core, "/api/v1/clients?node=1").1["clients"][0]["client_id"],
+        "cl-local"
+    );
+
+    local
+        .client
+        .publish("cl/kept", QoS::AtLeastOnce, true, "value")
+        .unwrap();
+    let kept = |answer: &Value| {
+        answer["retained"]
+            .as_array()
+            .is_some_and(|list| list.iter().any(|r| r["topic"] == "cl/kept"))
+    };
+    wait_answer(edge, "/api/v1/retained?topic_prefix=cl/", kept);
+    let (status, answer) = delete(core, "/api/v1/retained/cl%2Fkept", true);
+    assert_eq!(status, 200, "{answer}");
+    wait_answer(edge, "/api/v1/retained?topic_prefix=cl/", |answer| {
+        !kept(answer)
+    });
+    let late = v5(edge.port, "cl-late", |_| {});
+    late.subscribe("cl/#", QoS::AtMostOnce);
+    assert!(
+        late.publishes(1, Duration::from_secs(1)).is_empty(),
+        "no retained message on the other node either"
+    );
+}
