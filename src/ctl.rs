@@ -10,8 +10,23 @@ use clap::{Args, Subcommand};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 
-use crate::CtlCommand;
 use crate::admin::CtlRequest;
+
+/// The inspection commands of `shardmq ctl` (flattened into its command list).
+#[derive(Debug, Subcommand)]
+pub enum Inspect {
+    /// Every node's role, version, uptime, connections and message rates.
+    Nodes,
+    /// Connected clients (list, `show ID`, `kick ID`).
+    Clients(ClientsArgs),
+    /// Subscriptions of the sessions.
+    Subscriptions(SubscriptionsArgs),
+    /// The route table as this node sees it.
+    Routes(RoutesArgs),
+    /// Retained messages.
+    #[command(subcommand)]
+    Retained(RetainedCommand),
+}
 
 #[derive(Debug, Args)]
 pub struct ClientsArgs {
@@ -98,12 +113,12 @@ fn segment(text: &str) -> String {
 }
 
 /// The request an inspection command makes.
-pub fn request(command: &CtlCommand) -> (String, CtlRequest) {
+pub fn request(command: &Inspect) -> (String, CtlRequest) {
     let limit = |limit: &Option<usize>| limit.map(|l| l.to_string());
     let get = |path: String| (path, CtlRequest::Get);
     match command {
-        CtlCommand::Nodes => get("/api/v1/nodes".into()),
-        CtlCommand::Clients(args) => match &args.command {
+        Inspect::Nodes => get("/api/v1/nodes".into()),
+        Inspect::Clients(args) => match &args.command {
             Some(ClientsCommand::Show { client_id }) => {
                 get(format!("/api/v1/clients/{}", segment(client_id)))
             }
@@ -122,7 +137,7 @@ pub fn request(command: &CtlCommand) -> (String, CtlRequest) {
                 ],
             )),
         },
-        CtlCommand::Subscriptions(args) => get(with_query(
+        Inspect::Subscriptions(args) => get(with_query(
             "/api/v1/subscriptions",
             &[
                 ("client_id_prefix", args.client_id_prefix.clone()),
@@ -130,14 +145,14 @@ pub fn request(command: &CtlCommand) -> (String, CtlRequest) {
                 ("limit", limit(&args.limit)),
             ],
         )),
-        CtlCommand::Routes(args) => get(with_query(
+        Inspect::Routes(args) => get(with_query(
             "/api/v1/routes",
             &[
                 ("filter_prefix", args.filter_prefix.clone()),
                 ("limit", limit(&args.limit)),
             ],
         )),
-        CtlCommand::Retained(RetainedCommand::List {
+        Inspect::Retained(RetainedCommand::List {
             topic_prefix,
             filter,
             limit: count,
@@ -149,14 +164,29 @@ pub fn request(command: &CtlCommand) -> (String, CtlRequest) {
                 ("limit", limit(count)),
             ],
         )),
-        CtlCommand::Retained(RetainedCommand::Get { topic }) => {
+        Inspect::Retained(RetainedCommand::Get { topic }) => {
             get(format!("/api/v1/retained/{}", segment(topic)))
         }
-        CtlCommand::Retained(RetainedCommand::Delete { topic }) => (
+        Inspect::Retained(RetainedCommand::Delete { topic }) => (
             format!("/api/v1/retained/{}", segment(topic)),
             CtlRequest::Delete,
         ),
-        CtlCommand::Cluster(_) => unreachable!("cluster commands print JSON (main.rs)"),
+    }
+}
+
+/// How long ago a Unix time in ms was, as `1h02m`, `3m07s` or `12s`.
+fn age(since_ms: &Value) -> String {
+    let Some(since_ms) = since_ms.as_u64() else {
+        return "-".into();
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let seconds = now_ms.saturating_sub(since_ms) / 1000;
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
     }
 }
 
@@ -229,9 +259,9 @@ fn listing(answer: &Value, key: &str, header: &[&str], fields: &[&str]) -> Strin
 }
 
 /// The answer to an inspection command, for a person.
-pub fn render(command: &CtlCommand, answer: &Value) -> String {
+pub fn render(command: &Inspect, answer: &Value) -> String {
     match command {
-        CtlCommand::Nodes => {
+        Inspect::Nodes => {
             let rows: Vec<Vec<String>> = answer["nodes"]
                 .as_array()
                 .into_iter()
@@ -274,35 +304,41 @@ pub fn render(command: &CtlCommand, answer: &Value) -> String {
                 &rows,
             )
         }
-        CtlCommand::Clients(args) => match &args.command {
-            None => listing(
-                answer,
-                "clients",
-                &[
-                    "CLIENT_ID",
-                    "NODE",
-                    "USERNAME",
-                    "ADDRESS",
-                    "PROTO",
-                    "KEEPALIVE",
-                    "SUBS",
-                    "QUEUED",
-                    "INFLIGHT",
-                    "CONNECTED_SINCE_MS",
-                ],
-                &[
-                    "client_id",
-                    "node",
-                    "username",
-                    "address",
-                    "protocol",
-                    "keep_alive",
-                    "subscriptions",
-                    "queued",
-                    "inflight",
-                    "connected_since_ms",
-                ],
-            ),
+        Inspect::Clients(args) => match &args.command {
+            None => {
+                let mut answer = answer.clone();
+                for client in answer["clients"].as_array_mut().into_iter().flatten() {
+                    client["connected_for"] = age(&client["connected_since_ms"]).into();
+                }
+                listing(
+                    &answer,
+                    "clients",
+                    &[
+                        "CLIENT_ID",
+                        "NODE",
+                        "USERNAME",
+                        "ADDRESS",
+                        "PROTO",
+                        "KEEPALIVE",
+                        "SUBS",
+                        "QUEUED",
+                        "INFLIGHT",
+                        "CONNECTED",
+                    ],
+                    &[
+                        "client_id",
+                        "node",
+                        "username",
+                        "address",
+                        "protocol",
+                        "keep_alive",
+                        "subscriptions",
+                        "queued",
+                        "inflight",
+                        "connected_for",
+                    ],
+                )
+            }
             Some(ClientsCommand::Show { .. }) => {
                 let fields = [
                     "client_id",
@@ -353,22 +389,20 @@ pub fn render(command: &CtlCommand, answer: &Value) -> String {
                 format!("kicked {client_id} (node {})", cell(&answer["node"]))
             }
         },
-        CtlCommand::Subscriptions(_) => listing(
+        Inspect::Subscriptions(_) => listing(
             answer,
             "subscriptions",
             &["CLIENT_ID", "NODE", "FILTER", "QOS"],
             &["client_id", "node", "filter", "qos"],
         ),
-        CtlCommand::Routes(_) => {
-            listing(answer, "routes", &["FILTER", "NODES"], &["filter", "nodes"])
-        }
-        CtlCommand::Retained(RetainedCommand::List { .. }) => listing(
+        Inspect::Routes(_) => listing(answer, "routes", &["FILTER", "NODES"], &["filter", "nodes"]),
+        Inspect::Retained(RetainedCommand::List { .. }) => listing(
             answer,
             "retained",
             &["TOPIC", "QOS", "BYTES"],
             &["topic", "qos", "bytes"],
         ),
-        CtlCommand::Retained(RetainedCommand::Get { .. }) => {
+        Inspect::Retained(RetainedCommand::Get { .. }) => {
             let payload = match &answer["payload_text"] {
                 Value::String(text) => text.clone(),
                 _ => format!("(base64) {}", cell(&answer["payload_base64"])),
@@ -384,8 +418,7 @@ pub fn render(command: &CtlCommand, answer: &Value) -> String {
             }
             table(&["FIELD", "VALUE"], &rows)
         }
-        CtlCommand::Retained(RetainedCommand::Delete { topic }) => format!("deleted {topic}"),
-        CtlCommand::Cluster(_) => unreachable!("cluster commands print JSON (main.rs)"),
+        Inspect::Retained(RetainedCommand::Delete { topic }) => format!("deleted {topic}"),
     }
 }
 
@@ -407,11 +440,11 @@ mod tests {
 
     #[test]
     fn ids_and_topics_are_one_path_segment() {
-        let (path, _) = request(&CtlCommand::Retained(RetainedCommand::Get {
+        let (path, _) = request(&Inspect::Retained(RetainedCommand::Get {
             topic: "a/b c".into(),
         }));
         assert_eq!(path, "/api/v1/retained/a%2Fb%20c");
-        let (path, _) = request(&CtlCommand::Routes(RoutesArgs {
+        let (path, _) = request(&Inspect::Routes(RoutesArgs {
             filter_prefix: Some("a/#".into()),
             limit: Some(5),
         }));

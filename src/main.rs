@@ -119,17 +119,9 @@ enum CtlCommand {
     /// The cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// Every node's role, version, uptime, connections and message rates.
-    Nodes,
-    /// Connected clients (list, `show ID`, `kick ID`).
-    Clients(ctl::ClientsArgs),
-    /// Subscriptions of the sessions.
-    Subscriptions(ctl::SubscriptionsArgs),
-    /// The route table as this node sees it.
-    Routes(ctl::RoutesArgs),
-    /// Retained messages.
-    #[command(subcommand)]
-    Retained(ctl::RetainedCommand),
+    /// Nodes, clients, subscriptions, routes, retained messages.
+    #[command(flatten)]
+    Inspect(ctl::Inspect),
 }
 
 #[derive(Debug, Subcommand)]
@@ -1273,18 +1265,12 @@ fn ctl(
             "/api/v1/cluster/settings",
             serde_json::json!({ "key": key, "value": value }),
         ),
-        CtlCommand::Nodes
-        | CtlCommand::Clients(_)
-        | CtlCommand::Subscriptions(_)
-        | CtlCommand::Routes(_)
-        | CtlCommand::Retained(_) => ctl::request(command),
+        CtlCommand::Inspect(inspect) => ctl::request(inspect),
     };
     let answer = admin::ctl(&admin, token.token.as_deref(), &path, request)?;
-    let table = !json && !matches!(command, CtlCommand::Cluster(_));
-    if table {
-        Ok(ctl::render(command, &answer))
-    } else {
-        serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())
+    match command {
+        CtlCommand::Inspect(inspect) if !json => Ok(ctl::render(inspect, &answer)),
+        _ => serde_json::to_string_pretty(&answer).map_err(|e| e.to_string()),
     }
 }
 

@@ -85,7 +85,8 @@ fn clamp(limit: usize) -> usize {
 /// Answers one of the inspection queries of [`NodeQuery`] for this node.
 pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value, String> {
     let node = this_node(state).await?;
-    let now_ms = wall_clock_ms();
+    // The shards' clock now and the wall clock now: a shard's time + `offset` is wall time.
+    let wall_at_zero_ms = wall_clock_ms().saturating_sub(state.health.shard_clock_ms());
     match query {
         NodeQuery::Clients {
             client_id_prefix,
@@ -114,7 +115,7 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
             );
             Ok(json!({
                 "node": node,
-                "clients": clients.iter().map(|c| client_json(c, node, now_ms)).collect::<Vec<_>>(),
+                "clients": clients.iter().map(|c| client_json(c, node, wall_at_zero_ms)).collect::<Vec<_>>(),
                 "truncated": truncated,
             }))
         }
@@ -131,7 +132,7 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
                 });
             Ok(json!({
                 "node": node,
-                "client": found.map(|detail| detail_json(&detail, node, now_ms)),
+                "client": found.map(|detail| detail_json(&detail, node, wall_at_zero_ms)),
             }))
         }
         NodeQuery::Kick { client_id } => {
@@ -209,7 +210,8 @@ fn wall_clock_ms() -> u64 {
         .map_or(0, |since| since.as_millis() as u64)
 }
 
-fn client_json(client: &ClientInfo, node: Option<u64>, now_ms: u64) -> Value {
+/// `wall_at_zero_ms`: the wall clock at the shards' clock's zero.
+fn client_json(client: &ClientInfo, node: Option<u64>, wall_at_zero_ms: u64) -> Value {
     json!({
         "client_id": client.client_id,
         "node": node,
@@ -217,7 +219,7 @@ fn client_json(client: &ClientInfo, node: Option<u64>, now_ms: u64) -> Value {
         "address": client.address.map(|a| a.to_string()),
         "listener": client.listener,
         "protocol": client.protocol,
-        "connected_since_ms": now_ms.saturating_sub(client.connected_for_ms),
+        "connected_since_ms": wall_at_zero_ms.saturating_add(client.connected_at_ms),
         "keep_alive": client.keep_alive_seconds,
         "clean_start": client.clean_start,
         "session_expiry": client.session_expiry_seconds,
@@ -238,8 +240,8 @@ fn subscription_json(subscription: &SubscriptionInfo) -> Value {
     })
 }
 
-fn detail_json(detail: &ClientDetail, node: Option<u64>, now_ms: u64) -> Value {
-    let mut value = client_json(&detail.client, node, now_ms);
+fn detail_json(detail: &ClientDetail, node: Option<u64>, wall_at_zero_ms: u64) -> Value {
+    let mut value = client_json(&detail.client, node, wall_at_zero_ms);
     value["subscription_list"] = detail
         .subscriptions
         .iter()

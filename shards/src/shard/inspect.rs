@@ -88,9 +88,9 @@ pub struct ClientInfo {
     /// The index of the listener that accepted it.
     pub listener: u16,
     pub protocol: &'static str,
-    /// How long ago its CONNECT was accepted (the shard's clock; the caller makes wall
-    /// time of it).
-    pub connected_for_ms: u64,
+    /// When its CONNECT was accepted, on the shard's clock (the caller makes wall time of
+    /// it: the shard's own `now` lags while it is idle).
+    pub connected_at_ms: u64,
     pub keep_alive_seconds: u64,
     pub clean_start: bool,
     /// `u32::MAX`: the session never expires.
@@ -362,7 +362,7 @@ impl Shard {
             address: connection.transport.peer,
             listener: connection.transport.listener,
             protocol: protocol_name(session.version),
-            connected_for_ms: self.now_ms.saturating_sub(connection.connected_at_ms),
+            connected_at_ms: connection.connected_at_ms,
             keep_alive_seconds: connection.keep_alive_ms / 1000,
             clean_start: connection.clean_start,
             session_expiry_seconds: session.expiry_seconds,

@@ -91,7 +91,10 @@ fn clients_are_listed_with_their_fields_and_filtered() {
     assert_eq!(client.address, Some("10.0.0.7:5000".parse().unwrap()));
     assert_eq!(client.listener, 1);
     assert_eq!(client.protocol, "5.0");
-    assert_eq!(client.connected_for_ms, 1_500);
+    assert_eq!(
+        client.connected_at_ms, 1_000,
+        "the harness's clock at the CONNECT"
+    );
     assert_eq!(client.keep_alive_seconds, 30);
     assert!(client.clean_start);
     assert_eq!(client.session_expiry_seconds, 0);
