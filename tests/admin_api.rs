@@ -241,6 +241,27 @@ fn a_kick_disconnects_5_0_with_0x98_closes_3_1_1_and_keeps_a_persistent_session(
     let (status, _) = delete(&broker, "/api/v1/clients/kick-v5", true);
     assert_eq!(status, 404);
 
+    // An identifier with a slash and a space is one percent-encoded path segment.
+    let odd = v5(broker.port, "odd/id 1", |_| {});
+    let (status, detail) = get(&broker, "/api/v1/clients/odd%2Fid%201");
+    assert_eq!(
+        (status, &detail["client_id"]),
+        (200, &Value::from("odd/id 1"))
+    );
+    let (status, _) = delete(&broker, "/api/v1/clients/odd%2Fid%201", true);
+    assert_eq!(status, 200);
+    odd.ended
+        .recv_timeout(WAIT)
+        .expect("odd/id 1 is disconnected");
+    let (status, body) = http_raw(
+        broker.admin_address(),
+        &format!(
+            "DELETE /api/v1/clients/kick-v311 HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+            broker.admin_address()
+        ),
+    );
+    assert_eq!(status, 401, "a kick needs the token: {body}");
+
     let (status, _) = delete(&broker, "/api/v1/clients/kick-v311", true);
     assert_eq!(status, 200);
     old.ended
