@@ -59,6 +59,12 @@ pub enum Control {
     Join(SocketAddr, oneshot::Sender<Result<(), String>>),
     Leave(oneshot::Sender<Result<(), String>>),
     Set(String, String, oneshot::Sender<Result<(), String>>),
+    /// The client identifiers to trace from now on, replacing the set before (posted to every
+    /// shard by `trace.rs`).
+    Trace(
+        Vec<bytestring::ByteString>,
+        oneshot::Sender<Result<(), String>>,
+    ),
 }
 
 /// What travels through the shards' mailboxes: shard traffic, or an admin request.
@@ -178,6 +184,8 @@ pub(crate) struct AppState {
     pub(crate) membership: Arc<tokio::sync::Mutex<Option<MembershipAnswer>>>,
     /// The last message counters sampled for the rates in `GET /api/v1/nodes`.
     pub(crate) rates: Arc<tokio::sync::Mutex<Option<crate::api::RateSample>>>,
+    /// This node's per-client traces (`trace.rs`).
+    pub(crate) traces: Arc<crate::trace::Traces>,
 }
 
 /// When shard 0 said whether the node is a member, and what it said.
@@ -668,6 +676,93 @@ async fn auth_reload(
     .await
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TraceBody {
+    client_id: String,
+    minutes: u64,
+}
+
+/// `POST /api/v1/traces` (`{"client_id": ID, "minutes": N}`): 201 with the trace's state once
+/// every shard traces the client; 400 for bad minutes or identifier, 409 when that client is
+/// traced already, 429 at `admin.traces_max`.
+async fn trace_start(
+    State(state): State<AppState>,
+    body: Result<Json<TraceBody>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return rejection_response(rejection),
+    };
+    let (trace, answers) = match state.traces.begin(&body.client_id, body.minutes) {
+        Ok(started) => started,
+        Err(refusal) => return error_response(refusal),
+    };
+    let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
+    for answer in answers {
+        if !matches!(
+            tokio::time::timeout_at(deadline, answer).await,
+            Ok(Ok(Ok(())))
+        ) {
+            warn!(
+                "a shard did not confirm a trace in time: it may miss the client's first packets"
+            );
+        }
+    }
+    (StatusCode::CREATED, Json(trace)).into_response()
+}
+
+/// `GET /api/v1/traces`: every trace of this node.
+async fn trace_list(State(state): State<AppState>) -> Response {
+    Json(state.traces.list()).into_response()
+}
+
+/// `GET /api/v1/traces/{client_id}`: the trace file, as a text download.
+async fn trace_get(
+    State(state): State<AppState>,
+    axum::extract::Path(client_id): axum::extract::Path<String>,
+) -> Response {
+    let Some(path) = state.traces.path(&client_id) else {
+        return error_response((StatusCode::NOT_FOUND, "no trace of this client".into()));
+    };
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match tokio::task::spawn_blocking(move || std::fs::read(&path)).await {
+        Ok(Ok(bytes)) => (
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{name}\""),
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Ok(Err(error)) => error_response((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the trace file: {error}"),
+        )),
+        Err(_) => error_response((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the read did not finish".into(),
+        )),
+    }
+}
+
+/// `DELETE /api/v1/traces/{client_id}`: stops the trace (its file is kept).
+async fn trace_stop(
+    State(state): State<AppState>,
+    axum::extract::Path(client_id): axum::extract::Path<String>,
+) -> Response {
+    match state.traces.stop(&client_id) {
+        Some(trace) => Json(trace).into_response(),
+        None => error_response((StatusCode::NOT_FOUND, "no trace of this client".into())),
+    }
+}
+
 fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health_text))
@@ -681,6 +776,11 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/auth/reload", post(auth_reload))
         .route("/api/v1/nodes", get(crate::api::nodes))
+        .route("/api/v1/traces", get(trace_list).post(trace_start))
+        .route(
+            "/api/v1/traces/{client_id}",
+            get(trace_get).delete(trace_stop),
+        )
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -730,6 +830,7 @@ pub fn start(
     reloader: Arc<crate::ingress::Reloader>,
     admission: Arc<Admission>,
     auth: Arc<crate::auth::Auth>,
+    traces: Arc<crate::trace::Traces>,
 ) -> Result<(), String> {
     let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
@@ -768,6 +869,7 @@ pub fn start(
                     settings: settings.clone(),
                     membership: Arc::default(),
                     rates: Arc::default(),
+                    traces,
                 });
                 info!(%address, "admin endpoint serving");
                 serve(listener, app, settings).await;
@@ -785,6 +887,20 @@ pub fn ctl(
     path: &str,
     body: Option<Value>,
 ) -> Result<String, String> {
+    let method = if body.is_some() { "POST" } else { "GET" };
+    ctl_call(admin, token, method, path, body, true)
+}
+
+/// One request of `shardmq ctl`: `method` (GET, POST or DELETE) with a JSON body for a POST;
+/// the answer pretty-printed when `json_answer`, else as text (a trace file).
+pub fn ctl_call(
+    admin: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    json_answer: bool,
+) -> Result<String, String> {
     let url = format!("http://{admin}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -792,15 +908,25 @@ pub fn ctl(
         .build()
         .into();
     let authorization = token.map(|token| format!("Bearer {token}"));
-    let response = match body {
-        Some(body) => {
+    let response = match (method, body) {
+        ("POST", Some(body)) => {
             let mut request = agent.post(&url);
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
             }
             request.send_json(body)
         }
-        None => {
+        ("DELETE", body) => {
+            let mut request = agent.delete(&url);
+            if let Some(authorization) = &authorization {
+                request = request.header("Authorization", authorization);
+            }
+            // A state change: the endpoint wants a JSON body, even an empty one.
+            request
+                .force_send_body()
+                .send_json(body.unwrap_or_else(|| json!({})))
+        }
+        _ => {
             let mut request = agent.get(&url);
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
@@ -815,6 +941,9 @@ pub fn ctl(
         .body_mut()
         .read_to_string()
         .map_err(|e| format!("{url}: cannot read the answer: {e}"))?;
+    if !json_answer && status.is_success() {
+        return Ok(text);
+    }
     let body: Value =
         serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
     if status.is_success() {

@@ -30,6 +30,10 @@ impl NodeShard {
             Request::Join(address) => self.join(address).map(|()| Answer::Done),
             Request::Leave => self.leave().map(|()| Answer::Done),
             Request::Set { key, value } => self.set_setting(&key, &value).map(|()| Answer::Done),
+            Request::Trace(client_ids) => {
+                self.shard.set_traced(client_ids);
+                Ok(Answer::Done)
+            }
         };
         let reply = NodeOutput::Reply { ticket, answer };
         match &mut self.cluster {

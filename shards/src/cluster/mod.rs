@@ -169,6 +169,9 @@ pub enum Request {
         key: String,
         value: String,
     },
+    /// Trace these client identifiers from now on, and no others (`Shard::set_traced`); asked
+    /// of every shard.
+    Trace(Vec<bytestring::ByteString>),
 }
 
 /// A request's answer.

@@ -10,11 +10,18 @@ impl Shard {
         connection_id: ConnectionId,
         packet: Packet,
         received: Bytes,
+        size_bytes: usize,
     ) {
         // The first packet has come: the CONNECT deadline is over, whatever it is.
         if let Some(connection) = self.connections.get_mut(&connection_id) {
             self.timers.cancel(connection.connect_timer.take());
         }
+        // Traced from its CONNECT when the identifier it asks for is traced; on the shard
+        // that owns it (a refusal is traced where it happens, a hand-off by the owner).
+        let traced = self.is_traced(match &packet {
+            Packet::Connect(connect) => &connect.client_id,
+            _ => "",
+        });
         let Packet::Connect(connect) = packet else {
             info!(
                 connection = connection_id,
@@ -59,6 +66,11 @@ impl Shard {
         } else {
             None
         };
+        let owner = owner_shard(&connect.client_id, self.config.shard_count);
+        if traced && (refusal.is_some() || owner == self.config.index) {
+            let client_id = ByteString::from(&*connect.client_id);
+            self.trace_connect(connection_id, &client_id, &connect, size_bytes);
+        }
         if let Some(reason) = refusal {
             info!(connection = connection_id, client_id = %quote(&connect.client_id), %reason, "CONNECT refused");
             self.send_connack_refusal(connection_id, version, reason);
@@ -163,6 +175,13 @@ impl Shard {
         );
         // Field values are evaluated only when the line is enabled: no lookup otherwise.
         debug!(connection = connection_id, %client_id, peer = ?self.peer(connection_id), ?version, session_present, "client connected");
+        self.trace_event(
+            connection_id,
+            format_args!(
+                "client connected: session_present={}",
+                u8::from(session_present)
+            ),
+        );
         self.send(
             connection_id,
             &Packet::ConnAck(Box::new(ConnAck {

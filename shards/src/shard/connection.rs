@@ -73,6 +73,9 @@ pub(super) struct Connection {
     pub(super) closing: bool,
     /// Who the client is, once its credentials were checked (`authorize.rs`).
     pub(super) principal: Option<std::sync::Arc<Principal>>,
+    /// The client identifier this connection is traced under (`trace.rs`); None when it is
+    /// not traced, which is the one check a packet costs.
+    pub(super) trace: Option<ByteString>,
 }
 
 /// Whether the protocol owes a packet to the client, or it may be held back.
@@ -142,11 +145,14 @@ pub(super) struct Outbox {
     pub(super) dropped_too_large_count: u64,
     /// The shard's counters for the metrics endpoint (every write path holds the outbox).
     pub(super) stats: super::Stats,
+    /// This node, for the trace records the writer emits.
+    pub(super) node: NodeId,
 }
 
 impl Outbox {
-    pub(super) fn new(unsent_bytes_max: usize) -> Self {
+    pub(super) fn new(unsent_bytes_max: usize, node: NodeId) -> Self {
         Self {
+            node,
             dirty: Vec::new(),
             barred: Vec::new(),
             unsent_bytes_max: unsent_bytes_max.max(1),
@@ -183,6 +189,7 @@ impl Connection {
             claiming: false,
             closing: false,
             principal: None,
+            trace: None,
         }
     }
 
@@ -200,6 +207,7 @@ impl Connection {
             return Write::OverBound;
         }
         let was_empty = self.outgoing.is_empty();
+        let before_bytes = self.outgoing.len();
         match encode_limited(
             packet,
             self.version,
@@ -211,6 +219,16 @@ impl Connection {
                     outbox.dirty.push(self.id);
                 }
                 outbox.stats.packets_sent += 1;
+                if let Some(client_id) = &self.trace {
+                    let size_bytes = self.outgoing.len().saturating_sub(before_bytes);
+                    trace::record(
+                        client_id,
+                        outbox.node,
+                        self.transport.peer,
+                        trace::Direction::Out,
+                        &trace::describe(packet, size_bytes),
+                    );
+                }
                 Write::Written
             }
             Err(Refused::Invalid(why)) => {
@@ -371,7 +389,7 @@ impl Shard {
                         // Everything received so far, CONNECT first, in case the session lives
                         // on another shard.
                         let received = connect_bytes.clone().unwrap_or_default();
-                        self.first_packet(connection_id, packet, received);
+                        self.first_packet(connection_id, packet, received, used);
                         let Some(connection) = self.connections.get_mut(&connection_id) else {
                             return;
                         };
@@ -381,6 +399,15 @@ impl Shard {
                             return;
                         }
                     } else {
+                        if let Some(client_id) = &connection.trace {
+                            trace::record(
+                                client_id,
+                                self.config.node,
+                                connection.transport.peer,
+                                trace::Direction::In,
+                                &trace::describe(&packet, used),
+                            );
+                        }
                         self.packet(connection_id, packet);
                     }
                 }
@@ -479,6 +506,7 @@ impl Shard {
         if connection.closing {
             return;
         }
+        self.trace_event(connection_id, format_args!("closing the connection"));
         let session = self.mark_closing(connection_id);
         self.outputs.push(Output::Close {
             connection: connection_id,
@@ -511,6 +539,7 @@ impl Shard {
     }
 
     pub(super) fn connection_lost(&mut self, connection_id: ConnectionId, why: &str) {
+        self.trace_event(connection_id, format_args!("connection lost: {why}"));
         if let Some(connection) = self.remove_connection(connection_id) {
             if connection.closing {
                 return;

@@ -66,6 +66,7 @@ mod subscribe;
 mod sys;
 mod takeover;
 mod timers;
+mod trace;
 
 pub use connection::Transport;
 use connection::{Connection, Outbox, Priority, Write};
@@ -77,6 +78,7 @@ use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
 pub use sys::{SYS_PREFIX, is_sys_topic};
 use timers::{Timer, TimerKey, Timers};
+pub use trace::{PAYLOAD_QUOTE_BYTES_MAX, TRACE_TARGET};
 
 /// The shard that owns the session of `client_id`: FNV-1a of the identifier, so that every
 /// shard (and every restart) computes the same owner.
@@ -293,6 +295,8 @@ pub struct Shard {
     /// CONNECTs waiting for the verifier pool, by connection.
     verifying: HashMap<ConnectionId, authorize::PendingVerify>,
     next_verify_ticket: u64,
+    /// The client identifiers an operator traces (`trace.rs`); empty when no trace runs.
+    traced: HashSet<ByteString>,
 }
 
 const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
@@ -308,7 +312,7 @@ impl Shard {
             config.index < config.shard_count,
             "shard index out of range"
         );
-        let outbox = Outbox::new(config.limits.unsent_bytes_per_connection_max);
+        let outbox = Outbox::new(config.limits.unsent_bytes_per_connection_max, config.node);
         let (retained_messages_max, retained_bytes_max) = (
             config.limits.retained_messages_max,
             config.limits.retained_bytes_max,
@@ -347,6 +351,7 @@ impl Shard {
             auth: std::sync::Arc::new(Policy::open()),
             verifying: HashMap::new(),
             next_verify_ticket: 0,
+            traced: HashSet::new(),
         }
     }
 
