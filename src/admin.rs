@@ -8,7 +8,7 @@
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
 //! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
 //! nothing changed, when one is bad) and `POST /api/v1/auth/reload` (`{}`: the `[auth]`
-//! files likewise).
+//! files likewise); the per-client traces `/api/v1/traces` (`trace_api.rs`).
 //! Never: touches a shard's state. It asks shard 0 through its mailbox and waits for the
 //! answer, so the data plane stays lock-free.
 //! Invariants (every request is hostile until checked, in this order): a request other than
@@ -229,7 +229,7 @@ pub(crate) fn error_response((status, message): (StatusCode, String)) -> Respons
 }
 
 /// A JSON body that did not parse (or had another content type), as a JSON error.
-fn rejection_response(rejection: JsonRejection) -> Response {
+pub(crate) fn rejection_response(rejection: JsonRejection) -> Response {
     error_response((rejection.status(), rejection.body_text()))
 }
 
@@ -676,93 +676,6 @@ async fn auth_reload(
     .await
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TraceBody {
-    client_id: String,
-    minutes: u64,
-}
-
-/// `POST /api/v1/traces` (`{"client_id": ID, "minutes": N}`): 201 with the trace's state once
-/// every shard traces the client; 400 for bad minutes or identifier, 409 when that client is
-/// traced already, 429 at `admin.traces_max`.
-async fn trace_start(
-    State(state): State<AppState>,
-    body: Result<Json<TraceBody>, JsonRejection>,
-) -> Response {
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => return rejection_response(rejection),
-    };
-    let (trace, answers) = match state.traces.begin(&body.client_id, body.minutes) {
-        Ok(started) => started,
-        Err(refusal) => return error_response(refusal),
-    };
-    let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
-    for answer in answers {
-        if !matches!(
-            tokio::time::timeout_at(deadline, answer).await,
-            Ok(Ok(Ok(())))
-        ) {
-            warn!(
-                "a shard did not confirm a trace in time: it may miss the client's first packets"
-            );
-        }
-    }
-    (StatusCode::CREATED, Json(trace)).into_response()
-}
-
-/// `GET /api/v1/traces`: every trace of this node.
-async fn trace_list(State(state): State<AppState>) -> Response {
-    Json(state.traces.list()).into_response()
-}
-
-/// `GET /api/v1/traces/{client_id}`: the trace file, as a text download.
-async fn trace_get(
-    State(state): State<AppState>,
-    axum::extract::Path(client_id): axum::extract::Path<String>,
-) -> Response {
-    let Some(path) = state.traces.path(&client_id) else {
-        return error_response((StatusCode::NOT_FOUND, "no trace of this client".into()));
-    };
-    let name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    match tokio::task::spawn_blocking(move || std::fs::read(&path)).await {
-        Ok(Ok(bytes)) => (
-            [
-                (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
-                (
-                    header::CONTENT_DISPOSITION,
-                    format!("attachment; filename=\"{name}\""),
-                ),
-            ],
-            bytes,
-        )
-            .into_response(),
-        Ok(Err(error)) => error_response((
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot read the trace file: {error}"),
-        )),
-        Err(_) => error_response((
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the read did not finish".into(),
-        )),
-    }
-}
-
-/// `DELETE /api/v1/traces/{client_id}`: stops the trace (its file is kept).
-async fn trace_stop(
-    State(state): State<AppState>,
-    axum::extract::Path(client_id): axum::extract::Path<String>,
-) -> Response {
-    match state.traces.stop(&client_id) {
-        Some(trace) => Json(trace).into_response(),
-        None => error_response((StatusCode::NOT_FOUND, "no trace of this client".into())),
-    }
-}
-
 fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health_text))
@@ -776,10 +689,13 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/auth/reload", post(auth_reload))
         .route("/api/v1/nodes", get(crate::api::nodes))
-        .route("/api/v1/traces", get(trace_list).post(trace_start))
+        .route(
+            "/api/v1/traces",
+            get(crate::trace_api::list).post(crate::trace_api::start),
+        )
         .route(
             "/api/v1/traces/{client_id}",
-            get(trace_get).delete(trace_stop),
+            get(crate::trace_api::get).delete(crate::trace_api::stop),
         )
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))

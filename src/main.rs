@@ -17,6 +17,7 @@ mod passwd;
 mod supervise;
 mod sys;
 mod trace;
+mod trace_api;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1307,7 +1308,7 @@ fn ctl(
             Some(serde_json::json!({ "key": key, "value": value })),
         ),
         CtlCommand::Trace(command) => {
-            return trace::ctl(&admin, token.token.as_deref(), command);
+            return trace_api::ctl(&admin, token.token.as_deref(), command);
         }
     };
     admin::ctl(&admin, token.token.as_deref(), path, body)
@@ -1359,7 +1360,12 @@ fn main() -> ExitCode {
             command,
         } => match ctl(admin, token_file, config, &command) {
             Ok(text) => {
-                println!("{text}");
+                // A trace file ends with its own newline; JSON answers do not.
+                if text.ends_with('\n') {
+                    print!("{text}");
+                } else {
+                    println!("{text}");
+                }
                 ExitCode::SUCCESS
             }
             Err(message) => {

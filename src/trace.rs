@@ -568,49 +568,6 @@ impl Visit for Fields {
     }
 }
 
-/// A client identifier as a URL path segment: unreserved characters as they are, every
-/// other byte percent-encoded (RFC 3986 §2).
-pub fn path_segment(client_id: &str) -> String {
-    let mut out = String::with_capacity(client_id.len());
-    for byte in client_id.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-/// `shardmq ctl trace ...`.
-pub fn ctl(
-    admin: &str,
-    token: Option<&str>,
-    command: &crate::TraceCommand,
-) -> Result<String, String> {
-    use crate::TraceCommand;
-    use crate::admin::ctl_call;
-    match command {
-        TraceCommand::Start { client_id, minutes } => ctl_call(
-            admin,
-            token,
-            "POST",
-            "/api/v1/traces",
-            Some(json!({ "client_id": client_id, "minutes": minutes })),
-            true,
-        ),
-        TraceCommand::List => ctl_call(admin, token, "GET", "/api/v1/traces", None, true),
-        TraceCommand::Get { client_id } => {
-            let path = format!("/api/v1/traces/{}", path_segment(client_id));
-            ctl_call(admin, token, "GET", &path, None, false)
-        }
-        TraceCommand::Stop { client_id } => {
-            let path = format!("/api/v1/traces/{}", path_segment(client_id));
-            ctl_call(admin, token, "DELETE", &path, None, true)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
