@@ -1010,7 +1010,8 @@ fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
                     stacks.clone(),
                     config.limits().connect_timeout_ms,
                     config.limits().unsent_bytes_per_connection_max,
-                ),
+                )
+                .with_node(config.cluster.node_id_if_enabled()),
             )
             .with_raft_directory(raft_directory)
             .with_auth(auth.clone(), index),

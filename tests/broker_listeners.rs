@@ -103,7 +103,7 @@ fn a_listener_keeps_its_own_connection_limit_across_shards_and_hand_offs() {
             .filter(|line| {
                 line.contains("connection opened")
                     && line.contains(&format!("listener={listener} "))
-                    && line.contains("peer=Some(127.0.0.1:")
+                    && line.contains("address=127.0.0.1:")
             })
             .count()
     };

@@ -168,6 +168,17 @@ impl Outbox {
 }
 
 impl Connection {
+    /// This connection, for a line written where its session is out of reach (the writer):
+    /// its address and identifier, no client identifier.
+    pub(super) fn who(&self, node: NodeId) -> Who<'static> {
+        Who {
+            node,
+            client_id: None,
+            address: self.transport.peer,
+            connection: Some(self.id),
+        }
+    }
+
     fn new(id: ConnectionId, transport: Transport, now_ms: u64) -> Self {
         Self {
             id,
@@ -232,9 +243,11 @@ impl Connection {
                 Write::Written
             }
             Err(Refused::Invalid(why)) => {
-                warn!(
-                    connection = self.id,
-                    why, "a packet for the client cannot be encoded: not sent"
+                client_log!(
+                    WARN,
+                    self.who(outbox.node),
+                    why,
+                    "a packet for the client cannot be encoded: not sent"
                 );
                 Write::TooLarge
             }
@@ -242,8 +255,9 @@ impl Connection {
                 if matches!(packet, Packet::Publish(_)) {
                     outbox.dropped_too_large_count += 1;
                 }
-                debug!(
-                    connection = self.id,
+                client_log!(
+                    DEBUG,
+                    self.who(outbox.node),
                     limit = self.client_packet_size_max,
                     "packet larger than the client's maximum packet size: not sent"
                 );
@@ -315,9 +329,15 @@ impl Shard {
 
     pub(super) fn open(&mut self, connection: ConnectionId, transport: Transport) {
         if self.connections.len() >= self.config.limits.connections_per_shard_max {
-            warn!(
-                connection,
-                peer = ?transport.peer,
+            let who = Who {
+                node: self.config.node,
+                client_id: None,
+                address: transport.peer,
+                connection: Some(connection),
+            };
+            client_log!(
+                WARN,
+                who,
                 limit = self.config.limits.connections_per_shard_max,
                 "connection refused: the shard is at its connection limit"
             );
@@ -332,8 +352,13 @@ impl Shard {
             "connection {connection} opened twice"
         );
         let connect_timer = Some(self.arm_connect_deadline(connection));
-        debug!(connection, listener = transport.listener, peer = ?transport.peer, "connection opened");
         let mut opened = Connection::new(connection, transport, self.now_ms);
+        client_log!(
+            DEBUG,
+            opened.who(self.config.node),
+            listener = opened.transport.listener,
+            "connection opened"
+        );
         opened.connect_timer = connect_timer;
         self.connections.insert(connection, opened);
         self.outbox.stats.connections_opened += 1;
@@ -431,8 +456,7 @@ impl Shard {
         connected: Option<ProtocolVersion>,
         error: &DecodeError,
     ) {
-        let peer = self.peer(connection_id);
-        info!(connection = connection_id, ?peer, %error, "closing the connection: the client broke the protocol");
+        client_log!(INFO, self.who(connection_id), %error, "closing the connection: the client broke the protocol");
         match error.response(connected) {
             ErrorResponse::ConnackV5(reason) => {
                 self.send_connack_refusal(connection_id, ProtocolVersion::V5, reason)
@@ -461,11 +485,10 @@ impl Shard {
         why: &str,
         publish_will: bool,
     ) {
-        let peer = self.peer(connection_id);
         if reason == SERVER_SHUTTING_DOWN {
-            debug!(connection = connection_id, ?peer, %reason, why, "closing the connection");
+            client_log!(DEBUG, self.who(connection_id), %reason, why, "closing the connection");
         } else {
-            info!(connection = connection_id, ?peer, %reason, why, "closing the connection");
+            client_log!(INFO, self.who(connection_id), %reason, why, "closing the connection");
         }
         if let Some(connection) = self.connections.get(&connection_id)
             && connection.session.is_some()
@@ -544,7 +567,15 @@ impl Shard {
             if connection.closing {
                 return;
             }
-            debug!(connection = connection_id, why, "connection lost");
+            let who = Who {
+                client_id: connection
+                    .session
+                    .and_then(|index| self.sessions.get(index as usize))
+                    .and_then(Option::as_ref)
+                    .map(|session| session.client_id.as_ref()),
+                ..connection.who(self.config.node)
+            };
+            client_log!(DEBUG, who, why, "connection lost");
             if let Some(session) = connection.session {
                 self.detach(session, true);
             }
@@ -595,11 +626,12 @@ impl Shard {
     /// `Send` before its `Close`; none while its `durable_barrier` is past `released`: the
     /// client never had them, its session keeps what they carried in flight (resent on the
     /// next connection), and sent now they could be delivered twice after a crash.
-    pub(super) fn last_bytes(connection: &mut Connection, released: u64) -> Option<Bytes> {
+    pub(super) fn last_bytes(&self, connection: &mut Connection, released: u64) -> Option<Bytes> {
         let bytes = connection.take_outgoing()?;
         if connection.durable_barrier > released {
-            debug!(
-                connection = connection.id,
+            client_log!(
+                DEBUG,
+                connection.who(self.config.node),
                 bytes = bytes.len(),
                 "closing before the log covered what was written for it: its last bytes are not sent"
             );

@@ -40,7 +40,7 @@ use shardmq_net::mqtt::{
     ReasonCode, RetainHandling, Sender, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
     Unsubscribe, topic,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::auth::{Credentials, Policy, Principal, Verdict};
 use crate::limits::Limits;
@@ -51,6 +51,8 @@ use crate::retained::Retained;
 use crate::storage;
 use crate::trie::{Change, Trie};
 
+#[macro_use]
+mod client_log;
 mod authorize;
 mod client;
 mod connect;
@@ -68,6 +70,7 @@ mod takeover;
 mod timers;
 mod trace;
 
+use client_log::Who;
 pub use connection::Transport;
 use connection::{Connection, Outbox, Priority, Write};
 use deliver::publish_packet;
@@ -425,7 +428,7 @@ impl Shard {
         for output in queued.drain(..) {
             if let Output::Close { connection } = output
                 && let Some(mut closed) = self.remove_connection(connection)
-                && let Some(bytes) = Self::last_bytes(&mut closed, released)
+                && let Some(bytes) = self.last_bytes(&mut closed, released)
             {
                 outputs.push(Output::Send { connection, bytes });
             }
