@@ -368,30 +368,35 @@ impl Traces {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
-            let mut traces = self.lock();
-            let mut changed = false;
-            let dropped = self.dropped.swap(0, Ordering::Relaxed);
-            if dropped > 0 {
-                for trace in traces.values_mut() {
-                    trace.dropped += dropped;
-                }
-            }
-            if let Some(line) = line
-                && let Some(trace) = traces.get_mut(&line.client_id)
-            {
-                changed |= self.append(trace, &line.text);
-            }
-            let now = now_ms();
+            self.step(line, now_ms());
+        }
+    }
+
+    /// One step of the writer: `line` (if one came) appended, the traces past their end at
+    /// `now` ended, and the shards told when the set changed.
+    fn step(&self, line: Option<Line>, now: u64) {
+        let mut traces = self.lock();
+        let mut changed = false;
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
             for trace in traces.values_mut() {
-                if trace.state == State::Active && now >= trace.ends_ms {
-                    let note = format!("the trace's {} minutes are over", trace.minutes);
-                    end(trace, "expired", &note);
-                    changed = true;
-                }
+                trace.dropped += dropped;
             }
-            if changed {
-                drop(self.publish(&traces));
+        }
+        if let Some(line) = line
+            && let Some(trace) = traces.get_mut(&line.client_id)
+        {
+            changed |= self.append(trace, &line.text);
+        }
+        for trace in traces.values_mut() {
+            if trace.state == State::Active && now >= trace.ends_ms {
+                let note = format!("the trace's {} minutes are over", trace.minutes);
+                end(trace, "expired", &note);
+                changed = true;
             }
+        }
+        if changed {
+            drop(self.publish(&traces));
         }
     }
 
@@ -595,5 +600,79 @@ mod tests {
         }
         assert_ne!(file_name("a"), file_name("b"));
         assert_eq!(quoted("a\n\"b"), "\"a\\x0a\\\"b\"");
+    }
+
+    fn traces_in(directory: &Path, bytes_max: u64) -> Arc<Traces> {
+        let _ = std::fs::remove_dir_all(directory);
+        Traces::start(Settings {
+            traces_max: 2,
+            bytes_max,
+            directory: Some(directory.to_path_buf()),
+        })
+        .unwrap()
+    }
+
+    fn line(client_id: &str, text: &str) -> Option<Line> {
+        Some(Line {
+            client_id: client_id.into(),
+            text: text.into(),
+        })
+    }
+
+    #[test]
+    fn a_trace_ends_at_its_end_time_and_at_its_cap_and_says_why() {
+        let directory =
+            std::env::temp_dir().join(format!("shardmq-trace-unit-{}", std::process::id()));
+        let traces = traces_in(&directory, 4096);
+        let (started, _) = traces.begin("a", 1).unwrap();
+        assert_eq!(started["state"], "active");
+        traces.begin("b", 1).unwrap();
+        assert_eq!(
+            traces.begin("c", 1).unwrap_err().0,
+            axum::http::StatusCode::TOO_MANY_REQUESTS
+        );
+        traces.step(line("a", "record one\n"), now_ms());
+        traces.step(line("nobody", "dropped: no such trace\n"), now_ms());
+        // One minute later "a" is over; "b" fills its file first.
+        traces.step(line("b", &"x".repeat(5000)), now_ms());
+        traces.step(None, now_ms() + 61_000);
+        let list = traces.list();
+        assert_eq!(list[0]["client_id"], "a");
+        assert_eq!(list[0]["state"], "expired");
+        assert_eq!(list[1]["state"], "capped");
+        let a = std::fs::read_to_string(traces.path("a").unwrap()).unwrap();
+        let lines: Vec<&str> = a.lines().collect();
+        assert_eq!(lines.len(), 3, "{a}");
+        assert_eq!(lines[1], "record one");
+        assert!(
+            lines[2].ends_with("trace ended: the trace's 1 minutes are over"),
+            "{a}"
+        );
+        assert_eq!(list[0]["bytes_written"], a.len() as u64);
+        let b = std::fs::read_to_string(traces.path("b").unwrap()).unwrap();
+        assert!(!b.contains("xxx"), "{b}");
+        assert!(b.ends_with("trace ended: the file reached admin.trace_bytes_max (4096 bytes)\n"));
+        // Ended traces leave room; a record for an ended trace is not written.
+        traces.step(line("a", "late\n"), now_ms());
+        assert!(
+            !std::fs::read_to_string(traces.path("a").unwrap())
+                .unwrap()
+                .contains("late")
+        );
+        traces.begin("c", 1).unwrap();
+        // A new start of the node removes the files of the last run.
+        let again = traces_in_keep(&directory);
+        assert!(again.list().as_array().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(&directory).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+
+    fn traces_in_keep(directory: &Path) -> Arc<Traces> {
+        Traces::start(Settings {
+            traces_max: 2,
+            bytes_max: 4096,
+            directory: Some(directory.to_path_buf()),
+        })
+        .unwrap()
     }
 }

@@ -169,6 +169,14 @@ fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
     assert!(closed);
 }
 
+/// Each line of a JSON log, parsed (a line that is not JSON fails the test).
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect()
+}
+
 #[test]
 fn json_logs_are_one_object_per_line_with_the_client_and_its_address() {
     let port = support::free_port();
@@ -186,11 +194,7 @@ fn json_logs_are_one_object_per_line_with_the_client_and_its_address() {
     drop(client);
     broker.stop();
     let log = broker.log_text();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
-        .collect();
+    let lines = json_lines(&log);
     assert!(
         lines
             .iter()
@@ -255,11 +259,7 @@ fn every_json_log_line_about_a_client_carries_its_id_address_and_node() {
     broker.stop();
 
     let log = broker.log_text();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
-        .collect();
+    let lines = json_lines(&log);
     let has_who = |line: &serde_json::Value| {
         let fields = &line["fields"];
         fields["node"] == 0
