@@ -166,6 +166,7 @@ impl Shard {
             will,
             session_present,
         );
+        self.mark_traced(connection_id, &client_id);
         let server_keep_alive = self.set_up_connection(connection_id, index, &connect);
         let properties = self.connack_properties(
             &connect,

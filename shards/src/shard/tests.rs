@@ -333,3 +333,4 @@ mod guards;
 mod rules;
 mod sessions;
 mod slow_subscriber;
+mod traces;

@@ -245,10 +245,20 @@ impl Shard {
         self.traced = client_ids.into_iter().collect();
         let node = self.config.node;
         for connection in self.connections.values_mut() {
-            let Some(index) = connection.session else {
-                continue;
-            };
-            let Some(session) = self.sessions.get(index as usize).and_then(Option::as_ref) else {
+            let session = connection
+                .session
+                .and_then(|index| self.sessions.get(index as usize))
+                .and_then(Option::as_ref);
+            let Some(session) = session else {
+                // Its CONNECT is being checked: unmarked if its client is no longer traced;
+                // `accept` marks it (or not) again when its session is bound.
+                if connection
+                    .trace
+                    .as_ref()
+                    .is_some_and(|client_id| !self.traced.contains(client_id))
+                {
+                    connection.trace = None;
+                }
                 continue;
             };
             let wanted = self.traced.contains(&session.client_id);
@@ -266,6 +276,32 @@ impl Shard {
                 (Some(_), false) => connection.trace = None,
                 _ => {}
             }
+        }
+    }
+
+    /// A session is bound to the connection: it is marked exactly when its client is traced
+    /// (the set may have changed while its CONNECT was checked).
+    pub(super) fn mark_traced(&mut self, connection_id: ConnectionId, client_id: &ByteString) {
+        let wanted = self.is_traced(client_id);
+        if let Some(connection) = self.connections.get_mut(&connection_id) {
+            connection.trace = wanted.then(|| client_id.clone());
+        }
+    }
+
+    /// The trace invariant: an open connection with a session is marked exactly when its
+    /// client is in the traced set, under its client identifier.
+    pub(super) fn check_traces(&self) {
+        for (id, connection) in &self.connections {
+            let Some(index) = connection.session else {
+                continue;
+            };
+            let client_id = &self.session(index).client_id;
+            let expected = self.traced.contains(client_id).then_some(client_id);
+            assert_eq!(
+                connection.trace.as_ref(),
+                expected,
+                "connection {id} is marked for tracing wrongly"
+            );
         }
     }
 
