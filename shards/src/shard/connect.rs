@@ -66,8 +66,10 @@ impl Shard {
         } else {
             None
         };
-        let owner = owner_shard(&connect.client_id, self.config.shard_count);
-        if traced && (refusal.is_some() || owner == self.config.index) {
+        if traced
+            && (refusal.is_some()
+                || owner_shard(&connect.client_id, self.config.shard_count) == self.config.index)
+        {
             let client_id = ByteString::from(&*connect.client_id);
             self.trace_connect(connection_id, &client_id, &connect, size_bytes);
         }
