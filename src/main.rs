@@ -14,6 +14,7 @@ mod layout;
 mod log_io;
 mod metrics;
 mod passwd;
+mod resolve;
 mod supervise;
 mod sys;
 
@@ -153,6 +154,8 @@ struct ShardHandler {
     inputs: Vec<NodeInput>,
     /// The verifier pool, and this handler's shard (where the pool answers).
     auth: Option<(Arc<auth::Auth>, u16)>,
+    /// The seed resolver (shard 0 of a member with seed names).
+    resolver: Option<Arc<resolve::Resolver>>,
 }
 
 /// A shard's log I/O: the calls it makes on the reactor's file queue 0.
@@ -180,6 +183,28 @@ impl ShardHandler {
             ingress,
             inputs: Vec::new(),
             auth: None,
+            resolver: None,
+        }
+    }
+
+    /// Seed names shard 0 asks about go to `resolver`.
+    fn with_resolver(mut self, resolver: Option<Arc<resolve::Resolver>>) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Shard 0's request to resolve a seed name: queued for the resolver thread, or failed
+    /// now (an input of this batch) if it cannot be.
+    fn resolve(&mut self, index: usize, name: shardmq_shards::cluster::SeedName) {
+        let queued = match &self.resolver {
+            Some(resolver) => resolver.submit(index, name),
+            None => Err("no seed resolver on this shard".to_string()),
+        };
+        if let Err(error) = queued {
+            self.inputs.push(NodeInput::Resolved {
+                index,
+                result: Err(error),
+            });
         }
     }
 
@@ -256,6 +281,7 @@ impl ShardHandler {
                     ticket,
                     credentials,
                 } => self.verify(connection, ticket, credentials),
+                NodeOutput::Resolve { index, name } => self.resolve(index, name),
             }
         }
     }
@@ -440,6 +466,9 @@ impl Handler for ShardHandler {
                 ticket,
                 verdict,
             },
+            Event::Message(NodeMessage::Resolved { index, result }) => {
+                NodeInput::Resolved { index, result }
+            }
             Event::Message(NodeMessage::Carried(_)) => {
                 error!("a connection's stack posted without its connection: dropped");
                 return;
@@ -778,6 +807,13 @@ fn serve(config: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
     // The `[auth]` files, read and checked before anything serves, and the verifier pool.
     let (auth, summary) = auth::Auth::start(&config.auth, mailboxes.clone(), shard_count)?;
+    // Seed names are resolved on a thread of their own, never on a shard's.
+    let resolver = match &cluster {
+        Some(settings) if !settings.seed_names.is_empty() => Some(Arc::new(
+            resolve::Resolver::start(config.dns_server()?, mailboxes.clone())?,
+        )),
+        _ => None,
+    };
     info!(
         users = summary.users,
         acl_rules = summary.acl_rules,
@@ -952,7 +988,8 @@ fn serve(config: Config) -> Result<(), String> {
                 ),
             )
             .with_raft_directory(raft_directory)
-            .with_auth(auth.clone(), index),
+            .with_auth(auth.clone(), index)
+            .with_resolver(resolver.clone().filter(|_| index == 0)),
             index,
             health.clone(),
             fault,
@@ -1081,7 +1118,7 @@ fn serve(config: Config) -> Result<(), String> {
             role = config.cluster.role,
             cluster_listen = %config.cluster.listen,
             advertise = settings.link.member.cluster_address,
-            seeds = ?settings.seeds,
+            seeds = ?config.cluster.seeds,
             "cluster member"
         );
     }
