@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::super::{Io, SEED_ADDRESSES_PER_NAME_MAX};
 use super::{Agent, Seed, SeedNameStatus, Shared};
@@ -108,11 +108,12 @@ impl Shared {
         if named.resolving {
             return false;
         }
-        // Seeds whose address left the last answer wait for a new address, not for the name.
+        // The seeds of the last answer (seeds whose address left it wait for a new address,
+        // not for the name).
         let mut seeds = self
             .seeds
             .iter()
-            .filter(|s| s.name == Some(index) && named.addresses.contains(&s.address));
+            .filter(|s| named.addresses.contains(&s.address));
         !named.answered || seeds.clone().any(|s| s.awaiting_name) || seeds.all(|s| s.is_self)
     }
 
@@ -123,9 +124,11 @@ impl Shared {
         for &address in addresses {
             if let Some(seed) = self.seeds.iter_mut().find(|s| s.address == address) {
                 // Known already (from this name, another, or the member list): dial it
-                // now if it waits.
+                // now if it waits. One learnt from the member list or from a core that
+                // dialled us follows this name from now on.
                 seed.awaiting_name = false;
                 seed.configured = true;
+                seed.name.get_or_insert(index);
                 continue;
             }
             let fresh = Seed {
@@ -150,7 +153,8 @@ impl Shared {
                 Some(slot) => *slot = fresh,
                 None if of_name < SEED_ADDRESSES_PER_NAME_MAX => self.seeds.push(fresh),
                 None => {
-                    warn!(%address, "a seed name's new address is not used: its older addresses still have links");
+                    // At most once per answer, so at most once per reconnect interval.
+                    debug!(%address, "a seed name's new address is not used yet: its older addresses still have links");
                 }
             }
         }
@@ -250,5 +254,41 @@ mod tests {
         assert_eq!(dials.len(), SEED_ADDRESSES_PER_NAME_MAX - 1, "{dials:?}");
         assert!(!dials.contains(&dial(many[0])));
         assert_eq!(agent.status(350).seeds.len(), SEED_ADDRESSES_PER_NAME_MAX);
+    }
+
+    /// An address the node knew already (a core learnt from the member list) that a name
+    /// then gives is not dialled twice, follows the name from then on, and the name, having
+    /// its address, is not asked again while the seed is up or connecting.
+    #[test]
+    fn a_known_address_that_a_name_gives_is_one_seed() {
+        let mut settings = settings(1, Role::Edge);
+        settings.seed_names = vec![SeedName::Srv("_cluster._tcp.cores".into())];
+        let mut agent = Agent::new(&settings, 1, 0);
+        let mut io = Io::new(settings.clone(), 0);
+        let known = address("127.0.0.2:7000");
+        agent.add_seed(known, false);
+        agent.tick(&mut io);
+        let outputs = std::mem::take(&mut io.outputs);
+        assert_eq!(outputs.len(), 2, "{outputs:?}");
+        agent.seed_resolved(0, Ok(vec![known]), &io);
+        io.now_ms = 1_000;
+        agent.tick(&mut io);
+        assert_eq!(
+            io.outputs,
+            vec![],
+            "the seed is dialling and the name answered"
+        );
+        assert_eq!(agent.status(1_000).seeds, vec![(known, "connecting")]);
+        // Its dial fails: it waits for the name, which is asked again.
+        agent.seed_connected(0, None, 1_000, 100);
+        io.now_ms = 1_100;
+        agent.tick(&mut io);
+        assert_eq!(
+            io.outputs,
+            vec![NodeOutput::Resolve {
+                index: 0,
+                name: SeedName::Srv("_cluster._tcp.cores".into())
+            }]
+        );
     }
 }
