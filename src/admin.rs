@@ -114,6 +114,11 @@ pub enum NodeMessage {
     /// A client connection's ingress stack, handed over with the connection
     /// (`Actions::hand_off_carrying`, told as `Event::Adopted`); never posted on its own.
     Carried(Box<crate::ingress::Carried>),
+    /// The seed resolver's answer to shard 0's `NodeOutput::Resolve` (`resolve::Resolver`).
+    Resolved {
+        index: usize,
+        result: Result<Vec<std::net::SocketAddr>, String>,
+    },
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -141,6 +146,11 @@ pub fn status_json(status: &Status) -> Value {
         "seeds": status.seeds.iter().map(|(address, state)| json!({
             "address": address.to_string(),
             "state": state,
+        })).collect::<Vec<_>>(),
+        "seed_names": status.seed_names.iter().map(|n| json!({
+            "name": n.name,
+            "addresses": n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "error": n.error,
         })).collect::<Vec<_>>(),
         "following": status.following.map(|(core, applied)| json!({
             "core": core,
@@ -550,11 +560,57 @@ async fn membership(state: &AppState) -> Result<bool, String> {
     answer
 }
 
+/// `GET /api/v1/cluster/status`: shard 0's status, with every shard's cluster links and
+/// forward queues (asked of all shards, as a scrape does).
 async fn status(State(state): State<AppState>) -> Response {
     match ask(&state.mailboxes, ASK_TIMEOUT, Control::Status).await {
-        Ok(value) => Json(value).into_response(),
+        Ok(mut value) => {
+            let (shards, _) = shard_metrics(&state).await;
+            if let Some(object) = value.as_object_mut() {
+                let (links, queues) = links_json(&shards);
+                object.insert("links".into(), links);
+                object.insert("forward_queues".into(), queues);
+            }
+            Json(value).into_response()
+        }
         Err(e) => error_response(e),
     }
+}
+
+/// Every shard's cluster links and forward queues as JSON, in shard order.
+fn links_json(shards: &[(u16, ShardMetrics)]) -> (Value, Value) {
+    let links = shards
+        .iter()
+        .flat_map(|(shard, m)| {
+            m.links.iter().map(move |l| {
+                json!({
+                    "shard": shard,
+                    "peer": l.peer,
+                    "purpose": l.purpose,
+                    "up": l.up,
+                    "frames_sent": l.frames_sent,
+                    "frames_received": l.frames_received,
+                    "bytes_sent": l.bytes_sent,
+                    "bytes_received": l.bytes_received,
+                })
+            })
+        })
+        .collect();
+    let queues = shards
+        .iter()
+        .flat_map(|(shard, m)| {
+            m.forward_queues.iter().map(move |q| {
+                json!({
+                    "shard": shard,
+                    "peer": q.peer,
+                    "messages": q.messages,
+                    "bytes": q.bytes,
+                    "dropped": q.dropped,
+                })
+            })
+        })
+        .collect();
+    (Value::Array(links), Value::Array(queues))
 }
 
 #[derive(serde::Deserialize)]
