@@ -2,7 +2,9 @@
 //!
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
 //! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
-//! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
+//! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. The web dashboard's static files
+//! (`dashboard.rs`: `/` and its `/assets/...`), behind the Host check but not the token.
+//! Behind the bearer token:
 //! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` (`api.rs`), and the state changes `POST /api/v1/cluster/join`
 //! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
@@ -276,13 +278,9 @@ fn token_matches(expected: &str, given: &str) -> bool {
     std::hint::black_box(difference) == 0
 }
 
-/// Why a request is refused before it reaches its handler, if it is.
-fn refusal(
-    settings: &Settings,
-    method: &Method,
-    query: bool,
-    headers: &HeaderMap,
-) -> Option<(StatusCode, String)> {
+/// Why a request is refused for its Host header (421), if it is: the one check the
+/// dashboard's static files get.
+fn host_refusal(settings: &Settings, headers: &HeaderMap) -> Option<(StatusCode, String)> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -295,6 +293,19 @@ fn refusal(
                 settings.address.port()
             ),
         ));
+    }
+    None
+}
+
+/// Why a request is refused before it reaches its handler, if it is.
+fn refusal(
+    settings: &Settings,
+    method: &Method,
+    query: bool,
+    headers: &HeaderMap,
+) -> Option<(StatusCode, String)> {
+    if let Some(refused) = host_refusal(settings, headers) {
+        return Some(refused);
     }
     let Some(token) = &settings.token else {
         return Some((
@@ -340,17 +351,24 @@ fn refusal(
     None
 }
 
-/// Runs every request but a health probe through [`refusal`], and every request within the
-/// request timeout.
+/// Runs every request but a health probe through [`refusal`] (the dashboard's static files
+/// through the Host check only: they hold nothing secret, and the page sends the token with
+/// its API calls), and every request within the request timeout.
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if !is_health_probe(request.uri().path())
-        && let Some(refused) = refusal(
+    let path = request.uri().path();
+    let refused = if is_health_probe(path) {
+        None
+    } else if crate::dashboard::is_static(path) {
+        host_refusal(&state.settings, request.headers())
+    } else {
+        refusal(
             &state.settings,
             request.method(),
             request.uri().query().is_some(),
             request.headers(),
         )
-    {
+    };
+    if let Some(refused) = refused {
         let unauthorized = refused.0 == StatusCode::UNAUTHORIZED;
         let mut response = error_response(refused);
         if unauthorized {
@@ -681,6 +699,7 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/auth/reload", post(auth_reload))
         .route("/api/v1/nodes", get(crate::api::nodes))
+        .merge(crate::dashboard::routes())
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)

@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod auth;
 mod config;
+mod dashboard;
 mod durable;
 mod ingress;
 mod layout;

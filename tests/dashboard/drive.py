@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Drives the shardmq dashboard in a real headless Chromium (Debian's chromium and
+chromium-driver) through Selenium, for tests/dashboard.rs.
+
+    drive.py --url http://127.0.0.1:PORT/ --token TOKEN --nodes 1,2,3 [--leader N --members 1,2,3]
+             [--kick CLIENT_ID --kick-node N | --clients-unavailable] [--traffic]
+
+Steps: the login refuses a wrong token with a message and shows no dashboard; the right token
+opens it; the nodes table lists exactly the nodes of --nodes, the cluster section names --leader
+as the Raft leader and lists --members (without either, a standalone node shows no cluster section);
+the rate chart takes samples (and shows a non-zero inbound rate with --traffic); the clients
+view finds --kick by its prefix on --kick-node and its Kick button, confirmed, disconnects it
+(the caller checks the MQTT side); or, with --clients-unavailable, the view says the endpoint
+is not available on this node. Logging out returns to the login. Every wait is bounded.
+Prints one line per step; exits 1 with the page's text and console on a failure.
+
+Environment: SHARDMQ_DASHBOARD_SCREENSHOTS=DIR saves PNGs of the views there.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import urllib.parse
+
+# Selenium must never try to download a driver or a browser: it gets Debian's.
+os.environ["SE_OFFLINE"] = "true"
+
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException, TimeoutException, WebDriverException)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+WAIT = 20
+
+
+def step(text):
+    print(f"step: {text}", flush=True)
+
+
+class Failure(Exception):
+    pass
+
+
+def browser(host):
+    options = webdriver.ChromeOptions()
+    options.binary_location = os.environ.get("SHARDMQ_CHROMIUM", "/usr/bin/chromium")
+    for argument in [
+        "--headless=new",
+        "--no-sandbox",  # tests run as root
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,900",
+        "--no-first-run",
+        "--no-default-browser-check",
+        # Loopback only: no update checks, sync, metrics or name lookups of its own.
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--disable-domain-reliability",
+        "--disable-client-side-phishing-detection",
+        "--no-proxy-server",
+        f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE {host}",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='shardmq-chromium-')}",
+    ]:
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=os.environ.get("SHARDMQ_CHROMEDRIVER", "/usr/bin/chromedriver"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(WAIT)
+    driver.set_script_timeout(WAIT)
+    return driver
+
+
+def wait(driver, what, condition, timeout=WAIT):
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: condition(d))
+    except TimeoutException:
+        raise Failure(f"not within {timeout} s: {what}") from None
+
+
+def by_id(driver, ident):
+    return driver.find_element(By.ID, ident)
+
+
+def visible(driver, ident):
+    return by_id(driver, ident).is_displayed()
+
+
+def screenshot(driver, name):
+    folder = os.environ.get("SHARDMQ_DASHBOARD_SCREENSHOTS")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"dashboard-{name}.png")
+        # The whole page, not just the window.
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1280, max(900, min(int(height) + 140, 2400)))
+        driver.save_screenshot(path)
+        driver.set_window_size(1280, 900)
+        step(f"screenshot {path}")
+
+
+def table_rows(driver, table):
+    return driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+
+
+def node_rows(driver):
+    """The nodes table as {node: [cell texts]}, read in one script (it is redrawn every 2 s)."""
+    return driver.execute_script("""
+        const rows = {};
+        for (const tr of document.querySelectorAll('#nodes-table tbody tr')) {
+          if (tr.dataset.node) rows[tr.dataset.node] = [...tr.cells].map((td) => td.textContent);
+        }
+        return rows;""")
+
+
+def log_in(driver, token):
+    field = by_id(driver, "token")
+    field.clear()
+    field.send_keys(token)
+    by_id(driver, "login-button").click()
+
+
+def run(driver, args):
+    driver.get(args.url)
+    wait(driver, "the login form shows", lambda d: visible(d, "login"))
+    if visible(driver, "app"):
+        raise Failure("the dashboard shows before a login")
+    screenshot(driver, "login")
+
+    step("a wrong token is refused")
+    log_in(driver, args.token + "-wrong")
+    wait(driver, "the login says the token is wrong",
+         lambda d: "401" in by_id(d, "login-message").text)
+    if visible(driver, "app") or not visible(driver, "login"):
+        raise Failure("a wrong token opened the dashboard")
+    step(f"login message: {by_id(driver, 'login-message').text}")
+
+    step("the right token opens the dashboard")
+    log_in(driver, args.token)
+    wait(driver, "the dashboard shows", lambda d: visible(d, "app") and not visible(d, "login"))
+
+    expected = sorted(args.nodes.split(","))
+    step(f"the nodes table lists nodes {expected}")
+    wait(driver, f"nodes {expected} listed, each with a version",
+         lambda d: sorted(node_rows(d)) == expected
+         and all(cells[3] not in ("", "—") for cells in node_rows(d).values()))
+    for node, cells in sorted(node_rows(driver).items()):
+        step(f"node row {node}: {' | '.join(cells)}")
+    if args.leader:
+        wait(driver, f"node {args.leader} shown as the Raft leader",
+             lambda d: d.find_element(By.CSS_SELECTOR, '#cluster-facts dd[data-fact="Raft leader"]').text
+             == args.leader)
+        # Marked in the nodes table if listed there, and no other node is.
+        wait(driver, "the leader's row marked",
+             lambda d: args.leader not in node_rows(d) or node_rows(d)[args.leader][9] == "leader")
+        for node, cells in node_rows(driver).items():
+            if node != args.leader and cells[9] == "leader":
+                raise Failure(f"node {node} is also shown as leader")
+    if args.members:
+        members = sorted(args.members.split(","))
+        wait(driver, f"members {members} in the cluster section",
+             lambda d: sorted(d.execute_script(
+                 "return [...document.querySelectorAll('#members-table tbody tr')].map((tr) => tr.dataset.node)"))
+             == members)
+        step(f"members table lists {members}")
+    if not args.leader and not args.members:
+        wait(driver, "no cluster section on a standalone node",
+             lambda d: not visible(d, "cluster-section"))
+
+    step("the rate chart samples every 2 s")
+    chart = by_id(driver, "rates-chart")
+    wait(driver, "3 chart samples", lambda d: int(chart.get_attribute("data-samples") or 0) >= 3)
+    if args.traffic:
+        wait(driver, "a non-zero inbound rate",
+             lambda d: not by_id(d, "rates-now").text.startswith("now: 0 in"))
+        step(f"rates: {by_id(driver, 'rates-now').text}")
+    screenshot(driver, "overview")
+
+    by_id(driver, "tabs").find_element(By.CSS_SELECTOR, 'button[data-view="clients"]').click()
+    wait(driver, "the clients view shows", lambda d: visible(d, "view-clients"))
+    if args.clients_unavailable:
+        step("the clients view says the API is not available")
+        wait(driver, "'not available on this node'",
+             lambda d: "Not available on this node" in by_id(d, "clients-message").text)
+    elif args.kick:
+        step(f"the clients table lists {args.kick!r} on node {args.kick_node}")
+        prefix = by_id(driver, "clients-prefix")
+        prefix.clear()
+        prefix.send_keys(args.kick[:-1])
+
+        def row_of(d):
+            for row in table_rows(d, "clients-table"):
+                if row.get_attribute("data-client-id") == args.kick:
+                    return row
+            return None
+
+        wait(driver, f"a row for {args.kick!r}", lambda d: row_of(d) is not None)
+        cells = [c.text for c in row_of(driver).find_elements(By.TAG_NAME, "td")]
+        step(f"client row: {' | '.join(cells)}")
+        if cells[1] != args.kick_node:
+            raise Failure(f"client {args.kick!r} shown on node {cells[1]!r}, not {args.kick_node}")
+        screenshot(driver, "clients")
+        row_of(driver).find_element(By.CSS_SELECTOR, 'button[data-action="ask"]').click()
+        wait(driver, "the kick asks for confirmation",
+             lambda d: row_of(d).find_elements(By.CSS_SELECTOR, 'button[data-action="confirm"]'))
+        row_of(driver).find_element(By.CSS_SELECTOR, 'button[data-action="confirm"]').click()
+        wait(driver, "the page says the client was kicked",
+             lambda d: by_id(d, "clients-message").text.startswith("Kicked"))
+        step(f"clients message: {by_id(driver, 'clients-message').text}")
+
+    step("logging out returns to the login")
+    by_id(driver, "logout").click()
+    wait(driver, "the login shows again", lambda d: visible(d, "login") and not visible(d, "app"))
+    if driver.execute_script("return sessionStorage.length") != 0:
+        raise Failure("the token is still in session storage after logout")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--nodes", required=True, help="node ids the table must list, comma-separated")
+    parser.add_argument("--leader")
+    parser.add_argument("--members", help="node ids the cluster section's members table must list")
+    parser.add_argument("--kick")
+    parser.add_argument("--kick-node")
+    parser.add_argument("--clients-unavailable", action="store_true")
+    parser.add_argument("--traffic", action="store_true")
+    args = parser.parse_args()
+    driver = browser(urllib.parse.urlsplit(args.url).hostname)
+    try:
+        run(driver, args)
+        step("done")
+        return 0
+    except (Failure, WebDriverException) as error:
+        print(f"FAILED: {error}", flush=True)
+        try:
+            print("--- page text ---\n" + driver.find_element(By.TAG_NAME, "body").text)
+            for entry in driver.get_log("browser"):
+                print(f"console: {entry.get('level')} {entry.get('message')}")
+        except WebDriverException:
+            pass
+        return 1
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
