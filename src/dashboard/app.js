@@ -146,10 +146,9 @@ let token = null;
 async function request(method, path, body, given) {
   const headers = { Authorization: 'Bearer ' + (given || token || '') };
   const init = { method, headers, cache: 'no-store', credentials: 'omit', redirect: 'error' };
-  if (body !== undefined) {
-    headers['Content-Type'] = 'application/json';
-    init.body = JSON.stringify(body);
-  }
+  // Every state change is JSON (the endpoint refuses anything else, a body-less DELETE too).
+  if (method !== 'GET') headers['Content-Type'] = 'application/json';
+  if (body !== undefined) init.body = JSON.stringify(body);
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
   init.signal = controller.signal;
@@ -512,7 +511,7 @@ function loadRoutes() {
   const path = '/api/v1/routes' + query({ filter_prefix: $('routes-filter').value, limit: 500 });
   return loadList('routes', path, 'routes', (r) => {
     const tr = el('tr');
-    tr.append(cell(show(r.filter), 'wrap mono'), cell(Array.isArray(r.nodes) ? r.nodes.join(', ') : show(r.nodes)));
+    tr.append(cell(show(r.filter), 'wrap mono'), cell(Array.isArray(r.nodes) ? r.nodes.map(show).join(', ') : show(r.nodes)));
     return tr;
   }, 'No route matches.');
 }
