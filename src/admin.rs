@@ -600,10 +600,38 @@ async fn set(
     })
     .await
     {
-        Ok(()) => Json(json!({ "proposed": { key: value } })).into_response(),
-        Err(e) => error_response(e),
+        Ok(()) => {}
+        Err(e) => return error_response(e),
+    }
+    // The proposal is in the leader's log; the answer waits until this node has applied it
+    // (its status shows the value), so a script that sets and then reads sees its change.
+    let deadline = tokio::time::Instant::now() + SET_COMMIT_TIMEOUT;
+    loop {
+        if let Ok(status) = ask(&state.mailboxes, ASK_TIMEOUT, Control::Status).await
+            && status["settings"][&key] == value.as_str()
+        {
+            return Json(json!({ "proposed": { &key: &value }, "committed": true }))
+                .into_response();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "proposed": { key: value },
+                    "committed": false,
+                    "error": format!("proposed, but not applied on this node within {SET_COMMIT_TIMEOUT:?} (is a majority of the cores up?)"),
+                })),
+            )
+                .into_response();
+        }
+        tokio::time::sleep(SET_COMMIT_POLL).await;
     }
 }
+
+/// How long `POST /api/v1/cluster/settings` waits for its proposal to be applied here.
+const SET_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often it looks.
+const SET_COMMIT_POLL: Duration = Duration::from_millis(50);
 
 /// Leave takes no parameters, but still a JSON body (`{}`), like every state change.
 #[derive(serde::Deserialize)]

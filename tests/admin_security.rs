@@ -483,6 +483,7 @@ fn ctl_with_the_token_changes_a_cluster_setting() {
         answer["proposed"]["forward_queue_max"], "4242",
         "{answer:#}"
     );
+    assert_eq!(answer["committed"], true, "{answer:#}");
     cluster.wait_status(
         1,
         Duration::from_secs(10),

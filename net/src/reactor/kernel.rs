@@ -46,6 +46,7 @@ pub fn check_kernel() -> Result<(), String> {
         (opcode::Fsync::CODE, "fsync"),
         (opcode::Close::CODE, "close"),
         (opcode::UnlinkAt::CODE, "unlinkat"),
+        (opcode::Connect::CODE, "connect"),
     ] {
         if !probe.is_supported(code) {
             return Err(format!(
