@@ -606,8 +606,12 @@ function renderSettings() {
 
 async function setSetting(key, value) {
   try {
-    await api('POST', '/api/v1/cluster/settings', { key: String(key), value: String(value) });
-    setMessage('settings-message', `Proposed ${key} = ${value}: it applies once the cores commit it.`, 'ok');
+    const answer = await api('POST', '/api/v1/cluster/settings', { key: String(key), value: String(value) });
+    if (answer && answer.committed === false) {
+      setMessage('settings-message', `Proposed ${key} = ${value}, not committed yet (no majority of the cores answered in time).`, 'error');
+    } else {
+      setMessage('settings-message', `Set ${key} = ${value}: committed, and applied on this node.`, 'ok');
+    }
     poll();
   } catch (error) {
     showError('settings-message', error);
