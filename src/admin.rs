@@ -716,6 +716,7 @@ async fn auth_reload(
 
 fn router(state: AppState) -> Router {
     Router::new()
+        .merge(crate::dashboard::routes())
         .route("/health", get(health_text))
         .route("/api/v1/health/live", get(live))
         .route("/api/v1/health/ready", get(ready))
@@ -727,7 +728,6 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/auth/reload", post(auth_reload))
         .route("/api/v1/nodes", get(crate::api::nodes))
-        .merge(crate::dashboard::routes())
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
