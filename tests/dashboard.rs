@@ -213,6 +213,19 @@ fn the_dashboard_in_a_browser_lists_the_nodes_and_kicks_a_client() {
         })
     };
 
+    // A retained message whose topic and payload are markup.
+    let retained_topic = "dash/retained/<img src=x>&\"1\"";
+    let retained_payload = "hello <script>alert(1)</script>";
+    publisher
+        .client
+        .publish(
+            retained_topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            retained_payload,
+        )
+        .unwrap();
+
     // A client on node 3 with an id that is markup: the page must show it as text.
     let kicked_id = "dash <b>kick</b> & 'x'";
     let kicked = support::v5(cluster.node(3).broker.port, kicked_id, |_| {});
@@ -248,7 +261,21 @@ fn the_dashboard_in_a_browser_lists_the_nodes_and_kicks_a_client() {
     .collect();
     let kicking = clients_status != 404;
     if kicking {
-        args.extend(["--kick", kicked_id, "--kick-node", "3"].map(String::from));
+        args.extend(
+            [
+                "--kick",
+                kicked_id,
+                "--kick-node",
+                "3",
+                "--subscription",
+                "dash-subscriber dash/#",
+                "--retained",
+                retained_topic,
+                "--retained-payload",
+                retained_payload,
+            ]
+            .map(String::from),
+        );
     } else {
         args.push("--clients-unavailable".into());
     }
@@ -264,6 +291,15 @@ fn the_dashboard_in_a_browser_lists_the_nodes_and_kicks_a_client() {
             kicked.ended_within(Duration::from_secs(10)),
             "the client kicked from the page is disconnected"
         );
+        // The retained message deleted from the page is gone.
+        let (status, body) = http_get(
+            admin,
+            "/api/v1/retained?topic_prefix=dash/retained/",
+            Some(ADMIN_TOKEN),
+        );
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["retained"], serde_json::json!([]), "{answer:#}");
     }
     stop.store(true, Ordering::Relaxed);
     publishing.join().unwrap();

@@ -511,6 +511,7 @@ function loadRoutes() {
   const path = '/api/v1/routes' + query({ filter_prefix: $('routes-filter').value, limit: 500 });
   return loadList('routes', path, 'routes', (r) => {
     const tr = el('tr');
+    tr.dataset.filter = show(r.filter);
     tr.append(cell(show(r.filter), 'wrap mono'), cell(Array.isArray(r.nodes) ? r.nodes.map(show).join(', ') : show(r.nodes)));
     return tr;
   }, 'No route matches.');
@@ -557,10 +558,10 @@ async function deleteRetained() {
   const topic = shownTopic;
   try {
     await api('DELETE', retainedPath(topic));
-    setMessage('retained-message', `Deleted the retained message of ${topic}.`, 'ok');
     $('retained-detail').hidden = true;
     shownTopic = null;
-    loadRetained();
+    await loadRetained();
+    setMessage('retained-message', `Deleted the retained message of ${topic}.`, 'ok');
   } catch (error) {
     showError('retained-message', error);
   }

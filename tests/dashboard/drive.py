@@ -11,7 +11,9 @@ as the Raft leader and lists --members (without either, a standalone node shows 
 the rate chart takes samples (and shows a non-zero inbound rate with --traffic); the clients
 view finds --kick by its prefix on --kick-node and its Kick button, confirmed, disconnects it
 (the caller checks the MQTT side); or, with --clients-unavailable, the view says the endpoint
-is not available on this node. Logging out returns to the login. Every wait is bounded.
+is not available on this node. --subscription 'CLIENT FILTER' must be listed in the
+subscriptions view; --retained TOPIC is found by its prefix, viewed (--retained-payload is its
+text) and deleted. Logging out returns to the login. Every wait is bounded.
 Prints one line per step; exits 1 with the page's text and console on a failure.
 
 Environment: SHARDMQ_DASHBOARD_SCREENSHOTS=DIR saves PNGs of the views there.
@@ -118,6 +120,31 @@ def node_rows(driver):
         return rows;""")
 
 
+def column(driver, table, key):
+    """The data-KEY attribute of every row of a table, read in one script."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#' + arguments[0] + ' tbody tr')]"
+        ".map((tr) => tr.dataset[arguments[1]]).filter((v) => v !== undefined)", table, key)
+
+
+def open_view(driver, name):
+    by_id(driver, "tabs").find_element(By.CSS_SELECTOR, f'button[data-view="{name}"]').click()
+    wait(driver, f"the {name} view shows", lambda d: visible(d, f"view-{name}"))
+
+
+def click_in(row_of, selector):
+    """A wait condition that clicks `selector` in the row `row_of` finds, found again on every
+    try (a table may be redrawn under a click)."""
+    def attempt(d):
+        row = row_of(d)
+        buttons = row.find_elements(By.CSS_SELECTOR, selector) if row else []
+        if not buttons:
+            return False
+        buttons[0].click()
+        return True
+    return attempt
+
+
 def log_in(driver, token):
     field = by_id(driver, "token")
     field.clear()
@@ -181,8 +208,7 @@ def run(driver, args):
         step(f"rates: {by_id(driver, 'rates-now').text}")
     screenshot(driver, "overview")
 
-    by_id(driver, "tabs").find_element(By.CSS_SELECTOR, 'button[data-view="clients"]').click()
-    wait(driver, "the clients view shows", lambda d: visible(d, "view-clients"))
+    open_view(driver, "clients")
     if args.clients_unavailable:
         step("the clients view says the API is not available")
         wait(driver, "'not available on this node'",
@@ -199,19 +225,58 @@ def run(driver, args):
                     return row
             return None
 
-        wait(driver, f"a row for {args.kick!r}", lambda d: row_of(d) is not None)
-        cells = [c.text for c in row_of(driver).find_elements(By.TAG_NAME, "td")]
+        wait(driver, f"a row for {args.kick!r}, and only rows of the prefix",
+             lambda d: row_of(d) is not None
+             and all(i.startswith(args.kick[:-1]) for i in column(d, "clients-table", "clientId")))
+        cells = wait(driver, "the row's cells",
+                     lambda d: [c.text for c in row_of(d).find_elements(By.TAG_NAME, "td")])
         step(f"client row: {' | '.join(cells)}")
         if cells[1] != args.kick_node:
             raise Failure(f"client {args.kick!r} shown on node {cells[1]!r}, not {args.kick_node}")
         screenshot(driver, "clients")
-        row_of(driver).find_element(By.CSS_SELECTOR, 'button[data-action="ask"]').click()
-        wait(driver, "the kick asks for confirmation",
-             lambda d: row_of(d).find_elements(By.CSS_SELECTOR, 'button[data-action="confirm"]'))
-        row_of(driver).find_element(By.CSS_SELECTOR, 'button[data-action="confirm"]').click()
+        wait(driver, "the Kick button clicked", click_in(row_of, 'button[data-action="ask"]'))
+        wait(driver, "the kick confirmed", click_in(row_of, 'button[data-action="confirm"]'))
         wait(driver, "the page says the client was kicked",
              lambda d: by_id(d, "clients-message").text.startswith("Kicked"))
         step(f"clients message: {by_id(driver, 'clients-message').text}")
+
+    if args.subscription:
+        client, filter_ = args.subscription.split(" ", 1)
+        step(f"the subscriptions view lists {client!r} on {filter_!r}")
+        open_view(driver, "subscriptions")
+        wait(driver, "the subscription listed",
+             lambda d: [client, filter_] in d.execute_script(
+                 "return [...document.querySelectorAll('#subscriptions-table tbody tr')]"
+                 ".map((tr) => [...tr.cells].map((td) => td.textContent)).map((c) => [c[0], c[2]])"))
+        wait(driver, f"the route of {filter_!r} listed", lambda d: filter_ in column(d, "routes-table", "filter"))
+        screenshot(driver, "subscriptions")
+
+    if args.retained:
+        step(f"the retained view shows {args.retained!r} and deletes it")
+        open_view(driver, "retained")
+        prefix = by_id(driver, "retained-prefix")
+        prefix.clear()
+        prefix.send_keys(args.retained[:-1])
+        by_id(driver, "retained-form").submit()
+
+        def retained_row(d):
+            for row in table_rows(d, "retained-table"):
+                if row.get_attribute("data-topic") == args.retained:
+                    return row
+            return None
+
+        wait(driver, "its row, and only rows of the prefix",
+             lambda d: retained_row(d) is not None
+             and all(t.startswith(args.retained[:-1]) for t in column(d, "retained-table", "topic")))
+        wait(driver, "View clicked", click_in(retained_row, "button"))
+        wait(driver, "its payload shown as text",
+             lambda d: visible(d, "retained-detail") and by_id(d, "retained-payload").text == args.retained_payload)
+        screenshot(driver, "retained")
+        detail = lambda d: d.find_element(By.ID, "retained-detail")  # noqa: E731
+        wait(driver, "Delete clicked", click_in(detail, 'button[data-action="ask"]'))
+        wait(driver, "the delete confirmed", click_in(detail, 'button[data-action="confirm"]'))
+        wait(driver, "the page says it was deleted, and the row is gone",
+             lambda d: by_id(d, "retained-message").text.startswith("Deleted") and retained_row(d) is None)
 
     step("logging out returns to the login")
     by_id(driver, "logout").click()
@@ -231,6 +296,9 @@ def main():
     parser.add_argument("--kick-node")
     parser.add_argument("--clients-unavailable", action="store_true")
     parser.add_argument("--traffic", action="store_true")
+    parser.add_argument("--subscription", help="'CLIENT_ID FILTER' the subscriptions view must list")
+    parser.add_argument("--retained", help="a retained topic the retained view must show, then delete")
+    parser.add_argument("--retained-payload", help="its payload (text)")
     args = parser.parse_args()
     driver = browser(urllib.parse.urlsplit(args.url).hostname)
     try:
