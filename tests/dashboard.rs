@@ -192,13 +192,16 @@ fn the_dashboard_in_a_browser_lists_the_nodes_and_kicks_a_client() {
     // Traffic for the rate chart: a publisher on node 1, and a subscriber there.
     let subscriber = support::v5(cluster.node(1).broker.port, "dash-subscriber", |_| {});
     subscriber.subscribe("dash/#", rumqttc::v5::mqttbytes::QoS::AtMostOnce);
+    let rate_subscriber = support::v5(cluster.node(1).broker.port, "dash-rates", |_| {});
+    rate_subscriber.subscribe("dash/rate/#", rumqttc::v5::mqttbytes::QoS::AtMostOnce);
     let publisher = support::v5(cluster.node(1).broker.port, "dash-publisher", |_| {});
     let stop = Arc::new(AtomicBool::new(false));
     let publishing = {
         let stop = stop.clone();
         let client = publisher.client.clone();
         std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(180);
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs(300);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let _ = client.try_publish(
@@ -208,7 +211,10 @@ fn the_dashboard_in_a_browser_lists_the_nodes_and_kicks_a_client() {
                     n.to_string(),
                 );
                 n += 1;
-                std::thread::sleep(Duration::from_millis(20));
+                // 25 to 100 messages a second, in a 40 s cycle, so that the chart moves.
+                let phase = (started.elapsed().as_secs() % 40) as f64 / 40.0;
+                let pause = 25.0 - 15.0 * (phase * std::f64::consts::TAU).sin();
+                std::thread::sleep(Duration::from_millis(pause as u64));
             }
         })
     };
@@ -255,6 +261,8 @@ fn the_dashboard_in_a_browser_lists_the_nodes_and_kicks_a_client() {
         "--members",
         "1,2,3",
         "--traffic",
+        "--setting",
+        "down_grace_seconds=7",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -283,9 +291,15 @@ fn the_dashboard_in_a_browser_lists_the_nodes_and_kicks_a_client() {
         !kicked.ended_within(Duration::from_millis(10)),
         "the client is connected before the kick"
     );
-    let output = drive(&args, Duration::from_secs(150));
+    let output = drive(&args, Duration::from_secs(240));
     eprintln!("{output}");
     assert!(output.contains("step: done"), "{output}");
+    // The setting made from the page is the cluster's, on every node.
+    for id in 1..=3 {
+        cluster.wait_status(id, Duration::from_secs(10), "the page's setting", |s| {
+            s["settings"]["down_grace_seconds"] == "7"
+        });
+    }
     if kicking {
         assert!(
             kicked.ended_within(Duration::from_secs(10)),

@@ -13,15 +13,18 @@ view finds --kick by its prefix on --kick-node and its Kick button, confirmed, d
 (the caller checks the MQTT side); or, with --clients-unavailable, the view says the endpoint
 is not available on this node. --subscription 'CLIENT FILTER' must be listed in the
 subscriptions view; --retained TOPIC is found by its prefix, viewed (--retained-payload is its
-text) and deleted. Logging out returns to the login. Every wait is bounded.
+text) and deleted. --setting KEY=VALUE is set from the settings view and committed. Logging
+out returns to the login. Every wait is bounded.
 Prints one line per step; exits 1 with the page's text and console on a failure.
 
-Environment: SHARDMQ_DASHBOARD_SCREENSHOTS=DIR saves PNGs of the views there.
+Environment: SHARDMQ_DASHBOARD_SCREENSHOTS=DIR saves PNGs of the views there (and waits a
+minute of chart samples first).
 """
 import argparse
 import os
 import sys
 import tempfile
+import time
 import urllib.parse
 
 # Selenium must never try to download a driver or a browser: it gets Debian's.
@@ -206,6 +209,9 @@ def run(driver, args):
         wait(driver, "a non-zero inbound rate",
              lambda d: not by_id(d, "rates-now").text.startswith("now: 0 in"))
         step(f"rates: {by_id(driver, 'rates-now').text}")
+    if os.environ.get("SHARDMQ_DASHBOARD_SCREENSHOTS"):
+        # A minute of samples, so that the chart in the screenshot shows a curve.
+        wait(driver, "30 chart samples", lambda d: int(chart.get_attribute("data-samples") or 0) >= 30, 90)
     screenshot(driver, "overview")
 
     open_view(driver, "clients")
@@ -278,6 +284,31 @@ def run(driver, args):
         wait(driver, "the page says it was deleted, and the row is gone",
              lambda d: by_id(d, "retained-message").text.startswith("Deleted") and retained_row(d) is None)
 
+    if args.setting:
+        key, value = args.setting.split("=", 1)
+        step(f"the settings view sets {key} = {value}")
+        open_view(driver, "settings")
+        for ident, text in (("settings-key", key), ("settings-value", value)):
+            field = by_id(driver, ident)
+            field.clear()
+            field.send_keys(text)
+        by_id(driver, "settings-form").find_element(By.CSS_SELECTOR, "button").click()
+        wait(driver, "the page says it was committed",
+             lambda d: by_id(d, "settings-message").text.startswith(f"Set {key} = {value}: committed"))
+        wait(driver, "the table shows the new value",
+             lambda d: d.execute_script(
+                 "const tr = document.querySelector('#settings-table tbody tr[data-key=\"' + arguments[0] + '\"]');"
+                 "return tr ? tr.cells[1].textContent : null", key) == value)
+        screenshot(driver, "settings")
+
+    if os.environ.get("SHARDMQ_DASHBOARD_SCREENSHOTS"):
+        open_view(driver, "overview")
+        driver.set_window_size(420, 900)
+        time.sleep(0.5)
+        folder = os.environ["SHARDMQ_DASHBOARD_SCREENSHOTS"]
+        driver.save_screenshot(os.path.join(folder, "dashboard-narrow.png"))
+        driver.set_window_size(1280, 900)
+
     step("logging out returns to the login")
     by_id(driver, "logout").click()
     wait(driver, "the login shows again", lambda d: visible(d, "login") and not visible(d, "app"))
@@ -299,6 +330,7 @@ def main():
     parser.add_argument("--subscription", help="'CLIENT_ID FILTER' the subscriptions view must list")
     parser.add_argument("--retained", help="a retained topic the retained view must show, then delete")
     parser.add_argument("--retained-payload", help="its payload (text)")
+    parser.add_argument("--setting", help="KEY=VALUE to set in the settings view")
     args = parser.parse_args()
     driver = browser(urllib.parse.urlsplit(args.url).hostname)
     try:
