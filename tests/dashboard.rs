@@ -143,7 +143,13 @@ fn the_static_files_need_no_token_but_the_host_check_and_carry_the_security_head
 /// runs past `timeout` (then its whole process group, Chromium included, is killed).
 fn drive(args: &[String], timeout: Duration) -> String {
     use std::os::unix::process::CommandExt;
-    let output = std::env::temp_dir().join(format!("shardmq-dashboard-{}.log", std::process::id()));
+    // One file per run: the tests of this file run at once.
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let output = std::env::temp_dir().join(format!(
+        "shardmq-dashboard-{}-{}.log",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
     let file = std::fs::File::create(&output).unwrap();
     let mut child = Command::new("python3")
         .arg(concat!(
@@ -317,4 +323,25 @@ fn the_dashboard_in_a_browser_lists_the_nodes_and_kicks_a_client() {
     }
     stop.store(true, Ordering::Relaxed);
     publishing.join().unwrap();
+}
+
+#[test]
+fn a_standalone_node_shows_itself_and_no_cluster_section() {
+    let broker = Broker::start(2);
+    let admin = broker.admin_address();
+    // A standalone node's summary has no node id: its row is named "—".
+    let args: Vec<String> = [
+        "--url",
+        &format!("http://{admin}/"),
+        "--token",
+        ADMIN_TOKEN,
+        "--nodes",
+        "—",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let output = drive(&args, Duration::from_secs(120));
+    eprintln!("{output}");
+    assert!(output.contains("step: done"), "{output}");
 }

@@ -283,10 +283,16 @@ async function poll() {
   if (token === null) return;
   lastNodes = nodes.status === 'fulfilled' ? nodes.value : null;
   lastStatus = status.status === 'fulfilled' ? status.value : null;
-  renderOverview(nodes, status);
-  if (!$('view-settings').hidden) renderSettings();
-  $('poll-state').textContent = 'updated ' + new Date().toLocaleTimeString();
-  pollTimer = setTimeout(poll, POLL_MS);
+  try {
+    renderOverview(nodes, status);
+    if (!$('view-settings').hidden) renderSettings();
+    $('poll-state').textContent = 'updated ' + new Date().toLocaleTimeString();
+  } catch (error) {
+    // An answer of a shape this page does not know: say so, and keep polling.
+    $('poll-state').textContent = 'cannot show the answer: ' + String(error && error.message);
+  } finally {
+    pollTimer = setTimeout(poll, POLL_MS);
+  }
 }
 
 function renderOverview(nodes, status) {

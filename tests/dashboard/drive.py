@@ -199,8 +199,14 @@ def run(driver, args):
              == members)
         step(f"members table lists {members}")
     if not args.leader and not args.members:
+        step("a standalone node shows no cluster section and no settings")
         wait(driver, "no cluster section on a standalone node",
-             lambda d: not visible(d, "cluster-section"))
+             lambda d: not visible(d, "cluster-section")
+             and node_rows(d).get(expected[0], [""] * 3)[1:3] == ["standalone", "self"])
+        open_view(driver, "settings")
+        wait(driver, "the settings view says they need a cluster",
+             lambda d: "only on a clustered node" in by_id(d, "settings-message").text)
+        open_view(driver, "overview")
 
     step("the rate chart samples every 2 s")
     chart = by_id(driver, "rates-chart")
