@@ -2,9 +2,7 @@
 //!
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
 //! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
-//! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. The web dashboard's static files
-//! (`dashboard.rs`: `/` and its `/assets/...`), behind the Host check but not the token.
-//! Behind the bearer token:
+//! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
 //! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` (`api.rs`), and the state changes `POST /api/v1/cluster/join`
 //! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
@@ -23,6 +21,9 @@
 //! `admin.header_read_timeout_ms` (which also closes idle connections), a request is done
 //! within `admin.request_timeout_ms`, a body is at most `admin.body_size_max` bytes, and at
 //! most `admin.connections_max` connections are served at once.
+//! The web dashboard's static files (`dashboard.rs`: `/` and its `/assets/...`, exactly those
+//! paths) get the Host check but not the token: they hold nothing secret, and the page sends
+//! the token with its API calls.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
