@@ -20,6 +20,11 @@ use serde_json::{Value, json};
 
 use crate::admin::{ASK_TIMEOUT, AppState, Control, ask, error_response, shard_metrics};
 
+mod inspect;
+pub use inspect::{
+    client, clients, kick, retained, retained_delete, retained_get, routes, subscriptions,
+};
+
 /// How long [`gather`] waits for the nodes' answers.
 pub const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -29,8 +34,46 @@ pub const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum NodeQuery {
     /// The node's role, version, uptime, connection and session counts, message counters
     /// and rates.
+    // Strict like the struct variants: serde lets a unit variant of an internally tagged
+    // enum ignore extra fields once the enum has struct variants.
+    #[serde(deserialize_with = "no_fields")]
     Summary,
+    /// The node's connected clients matching every given filter, at most `limit`
+    /// (clamped to [`LIST_LIMIT_MAX`]).
+    Clients {
+        client_id_prefix: Option<String>,
+        username: Option<String>,
+        address: Option<String>,
+        limit: usize,
+    },
+    /// One connected client and its subscriptions (`null` when it is not connected here).
+    Client { client_id: String },
+    /// End the client's connection if it is connected here.
+    Kick { client_id: String },
+    /// The subscriptions of the node's sessions, at most `limit`.
+    Subscriptions {
+        client_id_prefix: Option<String>,
+        filter_prefix: Option<String>,
+        limit: usize,
+    },
 }
+
+/// A query that takes no fields has none.
+fn no_fields<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<(), D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    Empty::deserialize(deserializer).map(|_| ())
+}
+
+/// The most entries one listing answers (per node, and after merging).
+pub const LIST_LIMIT_MAX: usize = 1000;
+
+/// The entries a listing answers when it does not say.
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+
+/// How long an inspection waits for the shards it asks (all at once).
+const INSPECT_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The message counters of this node at one moment, to compute rates from.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +92,10 @@ const RATE_INTERVAL_MIN: Duration = Duration::from_secs(1);
 pub async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value, String> {
     match query {
         NodeQuery::Summary => summary(state).await,
+        NodeQuery::Clients { .. }
+        | NodeQuery::Client { .. }
+        | NodeQuery::Kick { .. }
+        | NodeQuery::Subscriptions { .. } => inspect::answer(state, query).await,
     }
 }
 
