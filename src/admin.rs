@@ -3,10 +3,10 @@
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
 //! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
 //! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
-//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` (`api.rs`), the clients, subscriptions,
-//! routes and retained endpoints (`api/inspect.rs`, with the state changes
-//! `DELETE /api/v1/clients/{id}` and `DELETE /api/v1/retained/{topic}`), and the state
-//! changes `POST /api/v1/cluster/join`
+//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` and `GET /api/v1/nodes/{node}`
+//! (`api.rs`), the clients, subscriptions, routes and retained endpoints (`api/inspect.rs`,
+//! with the state changes `DELETE /api/v1/clients/{id}` and `DELETE /api/v1/retained/{topic}`),
+//! and the state changes `POST /api/v1/cluster/join`
 //! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
 //! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
@@ -71,6 +71,21 @@ pub enum Control {
         shardmq_shards::shard::inspect::Query,
         oneshot::Sender<Result<shardmq_shards::shard::inspect::Reply, String>>,
     ),
+    /// Ask node `node` a `NodeQuery` (its JSON) over the cluster's control links (shard 0
+    /// relays it, `api::ask_node`); the reply is the node's answer as JSON, or why there is
+    /// none.
+    AskNode {
+        node: u32,
+        query: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    /// The admin thread's answer to a peer's question (`api::PeerQuery`), for shard 0 to send
+    /// back on the link it came by; nobody waits for it.
+    AnswerNode {
+        connection: u64,
+        id: u64,
+        answer: Result<Vec<u8>, String>,
+    },
 }
 
 /// What travels through the shards' mailboxes: shard traffic, or an admin request.
@@ -750,6 +765,7 @@ fn router(state: AppState) -> Router {
             "/api/v1/retained/{*topic}",
             get(crate::api::retained_get).delete(crate::api::retained_delete),
         )
+        .route("/api/v1/nodes/{node}", get(crate::api::node))
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -791,7 +807,8 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, settings: Arc<Set
 }
 
 /// Binds the endpoint now (so that an address in use fails the start) and serves it on a
-/// thread of its own.
+/// thread of its own; with `peer_queries`, it also answers the other nodes' questions that
+/// shard 0 hands it (`api::answer_peers`).
 pub fn start(
     settings: Settings,
     mailboxes: Shared,
@@ -799,6 +816,7 @@ pub fn start(
     reloader: Arc<crate::ingress::Reloader>,
     admission: Arc<Admission>,
     auth: Arc<crate::auth::Auth>,
+    peer_queries: Option<tokio::sync::mpsc::Receiver<crate::api::PeerQuery>>,
 ) -> Result<(), String> {
     let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
@@ -827,7 +845,7 @@ pub fn start(
                         return;
                     }
                 };
-                let app = router(AppState {
+                let state = AppState {
                     mailboxes,
                     reloader,
                     auth,
@@ -837,7 +855,11 @@ pub fn start(
                     settings: settings.clone(),
                     membership: Arc::default(),
                     rates: Arc::default(),
-                });
+                };
+                if let Some(queries) = peer_queries {
+                    tokio::spawn(crate::api::answer_peers(state.clone(), queries));
+                }
+                let app = router(state);
                 info!(%address, "admin endpoint serving");
                 serve(listener, app, settings).await;
             });

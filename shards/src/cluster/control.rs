@@ -57,6 +57,17 @@ impl NodeShard {
         body: shardmq_net::frame::Body,
     ) -> Result<(), String> {
         let now_ms = self.now_ms;
+        let body = match body {
+            shardmq_net::frame::Body::NodeQuery { id, query } => {
+                self.node_query_frame(connection, id, query);
+                return Ok(());
+            }
+            shardmq_net::frame::Body::NodeAnswer { id, answer } => {
+                self.node_answer_frame(connection, id, answer);
+                return Ok(());
+            }
+            body => body,
+        };
         let cluster = self.cluster.as_mut().expect("a link means a cluster");
         match &mut cluster.agent {
             Some(agent) => {
