@@ -3,15 +3,15 @@
 chromium-driver) through Selenium, for tests/dashboard.rs.
 
     drive.py --url http://127.0.0.1:PORT/ --token TOKEN --nodes 1,2,3 [--leader N --members 1,2,3]
-             [--kick CLIENT_ID --kick-node N | --clients-unavailable] [--traffic]
+             [--kick CLIENT_ID --kick-node N] [--traffic] [--subscription 'CLIENT FILTER']
+             [--retained TOPIC --retained-payload TEXT] [--setting KEY=VALUE]
 
 Steps: the login refuses a wrong token with a message and shows no dashboard; the right token
 opens it; the nodes table lists exactly the nodes of --nodes, the cluster section names --leader
 as the Raft leader and lists --members (without either, a standalone node shows no cluster section);
 the rate chart takes samples (and shows a non-zero inbound rate with --traffic); the clients
 view finds --kick by its prefix on --kick-node and its Kick button, confirmed, disconnects it
-(the caller checks the MQTT side); or, with --clients-unavailable, the view says the endpoint
-is not available on this node. --subscription 'CLIENT FILTER' must be listed in the
+(the caller checks the MQTT side). --subscription 'CLIENT FILTER' must be listed in the
 subscriptions view; --retained TOPIC is found by its prefix, viewed (--retained-payload is its
 text) and deleted. --setting KEY=VALUE is set from the settings view and committed. Logging
 out returns to the login. Every wait is bounded.
@@ -221,11 +221,7 @@ def run(driver, args):
     screenshot(driver, "overview")
 
     open_view(driver, "clients")
-    if args.clients_unavailable:
-        step("the clients view says the API is not available")
-        wait(driver, "'not available on this node'",
-             lambda d: "Not available on this node" in by_id(d, "clients-message").text)
-    elif args.kick:
+    if args.kick:
         step(f"the clients table lists {args.kick!r} on node {args.kick_node}")
         prefix = by_id(driver, "clients-prefix")
         prefix.clear()
@@ -331,7 +327,6 @@ def main():
     parser.add_argument("--members", help="node ids the cluster section's members table must list")
     parser.add_argument("--kick")
     parser.add_argument("--kick-node")
-    parser.add_argument("--clients-unavailable", action="store_true")
     parser.add_argument("--traffic", action="store_true")
     parser.add_argument("--subscription", help="'CLIENT_ID FILTER' the subscriptions view must list")
     parser.add_argument("--retained", help="a retained topic the retained view must show, then delete")
