@@ -80,7 +80,11 @@ function since(ms) {
   const v = number(ms);
   if (v === null) return show(ms);
   const date = new Date(v);
-  return Number.isNaN(date.getTime()) ? show(ms) : date.toLocaleString();
+  if (Number.isNaN(date.getTime())) return show(ms);
+  // Local time, compact and the same in every locale: 2026-12-03 15:47:33.
+  const two = (n) => String(n).padStart(2, '0');
+  return `${date.getFullYear()}-${two(date.getMonth() + 1)}-${two(date.getDate())} ` +
+    `${two(date.getHours())}:${two(date.getMinutes())}:${two(date.getSeconds())}`;
 }
 
 /** A button whose first click asks again in place; `action` runs on the second. */
