@@ -11,7 +11,7 @@
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
 //! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
 //! nothing changed, when one is bad) and `POST /api/v1/auth/reload` (`{}`: the `[auth]`
-//! files likewise).
+//! files likewise); the per-client traces `/api/v1/traces` (`trace_api.rs`).
 //! Never: touches a shard's state. It asks shard 0 through its mailbox and waits for the
 //! answer, so the data plane stays lock-free.
 //! Invariants (every request is hostile until checked, in this order): a request other than
@@ -86,6 +86,12 @@ pub enum Control {
         id: u64,
         answer: Result<Vec<u8>, String>,
     },
+    /// The client identifiers to trace from now on, replacing the set before (posted to every
+    /// shard by `trace.rs`).
+    Trace(
+        Vec<bytestring::ByteString>,
+        oneshot::Sender<Result<(), String>>,
+    ),
 }
 
 /// What travels through the shards' mailboxes: shard traffic, or an admin request.
@@ -205,6 +211,8 @@ pub(crate) struct AppState {
     pub(crate) membership: Arc<tokio::sync::Mutex<Option<MembershipAnswer>>>,
     /// The last message counters sampled for the rates in `GET /api/v1/nodes`.
     pub(crate) rates: Arc<tokio::sync::Mutex<Option<crate::api::RateSample>>>,
+    /// This node's per-client traces (`trace.rs`).
+    pub(crate) traces: Arc<crate::trace::Traces>,
 }
 
 /// When shard 0 said whether the node is a member, and what it said.
@@ -248,7 +256,7 @@ pub(crate) fn error_response((status, message): (StatusCode, String)) -> Respons
 }
 
 /// A JSON body that did not parse (or had another content type), as a JSON error.
-fn rejection_response(rejection: JsonRejection) -> Response {
+pub(crate) fn rejection_response(rejection: JsonRejection) -> Response {
     error_response((rejection.status(), rejection.body_text()))
 }
 
@@ -766,6 +774,14 @@ fn router(state: AppState) -> Router {
             get(crate::api::retained_get).delete(crate::api::retained_delete),
         )
         .route("/api/v1/nodes/{node}", get(crate::api::node))
+        .route(
+            "/api/v1/traces",
+            get(crate::trace_api::list).post(crate::trace_api::start),
+        )
+        .route(
+            "/api/v1/traces/{client_id}",
+            get(crate::trace_api::get).delete(crate::trace_api::stop),
+        )
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -806,6 +822,14 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, settings: Arc<Set
     }
 }
 
+/// The node's parts the endpoint reloads or reads, besides the shards' mailboxes.
+pub struct Services {
+    pub reloader: Arc<crate::ingress::Reloader>,
+    pub admission: Arc<Admission>,
+    pub auth: Arc<crate::auth::Auth>,
+    pub traces: Arc<crate::trace::Traces>,
+}
+
 /// Binds the endpoint now (so that an address in use fails the start) and serves it on a
 /// thread of its own; with `peer_queries`, it also answers the other nodes' questions that
 /// shard 0 hands it (`api::answer_peers`).
@@ -813,11 +837,15 @@ pub fn start(
     settings: Settings,
     mailboxes: Shared,
     health: Arc<Health>,
-    reloader: Arc<crate::ingress::Reloader>,
-    admission: Arc<Admission>,
-    auth: Arc<crate::auth::Auth>,
+    services: Services,
     peer_queries: Option<tokio::sync::mpsc::Receiver<crate::api::PeerQuery>>,
 ) -> Result<(), String> {
+    let Services {
+        reloader,
+        admission,
+        auth,
+        traces,
+    } = services;
     let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
         .map_err(|e| format!("cannot listen on {address} (admin.listen): {e}"))?;
@@ -855,6 +883,7 @@ pub fn start(
                     settings: settings.clone(),
                     membership: Arc::default(),
                     rates: Arc::default(),
+                    traces,
                 };
                 if let Some(queries) = peer_queries {
                     tokio::spawn(crate::api::answer_peers(state.clone(), queries));
@@ -885,6 +914,45 @@ pub fn ctl(
     path: &str,
     request: CtlRequest,
 ) -> Result<Value, String> {
+    let (url, status, text) = ctl_call(admin, token, path, request)?;
+    let body: Value =
+        serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!(
+            "{}: {}",
+            status,
+            body.get("error").and_then(Value::as_str).unwrap_or("error")
+        ))
+    }
+}
+
+/// `shardmq ctl` for an answer that is text, not JSON (a trace file): the text on success,
+/// the endpoint's error otherwise.
+pub fn ctl_text(admin: &str, token: Option<&str>, path: &str) -> Result<String, String> {
+    let (url, status, text) = ctl_call(admin, token, path, CtlRequest::Get)?;
+    if status.is_success() {
+        return Ok(text);
+    }
+    let error = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|body| {
+            body.get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("{url}: {}", text.trim()));
+    Err(format!("{status}: {error}"))
+}
+
+/// One request of `shardmq ctl`: the URL asked, the answer's status and its text.
+fn ctl_call(
+    admin: &str,
+    token: Option<&str>,
+    path: &str,
+    request: CtlRequest,
+) -> Result<(String, axum::http::StatusCode, String), String> {
     let url = format!("http://{admin}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -924,17 +992,9 @@ pub fn ctl(
         .body_mut()
         .read_to_string()
         .map_err(|e| format!("{url}: cannot read the answer: {e}"))?;
-    let body: Value =
-        serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
-    if status.is_success() {
-        Ok(body)
-    } else {
-        Err(format!(
-            "{}: {}",
-            status,
-            body.get("error").and_then(Value::as_str).unwrap_or("error")
-        ))
-    }
+    let status =
+        axum::http::StatusCode::from_u16(status.as_u16()).map_err(|e| format!("{url}: {e}"))?;
+    Ok((url, status, text))
 }
 
 #[cfg(test)]

@@ -562,6 +562,10 @@ pub struct Admin {
     pub body_size_max: usize,
     pub connections_max: usize,
     pub stall_timeout_ms: u64,
+    /// Per-client traces running at once on this node (`trace.rs`); 0 turns traces off.
+    pub traces_max: usize,
+    /// The largest trace file, in bytes: past it the trace stops.
+    pub trace_bytes_max: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -805,6 +809,14 @@ impl Config {
         check(
             (2000..=3_600_000).contains(&a.stall_timeout_ms),
             "`admin.stall_timeout_ms` must be from 2000 to 3600000",
+        )?;
+        check(
+            a.traces_max <= 1024,
+            "`admin.traces_max` must be from 0 to 1024",
+        )?;
+        check(
+            (4096..=1 << 30).contains(&a.trace_bytes_max),
+            "`admin.trace_bytes_max` must be from 4096 to 1073741824 bytes",
         )?;
         if self.cluster.enabled {
             self.cluster_settings()?;

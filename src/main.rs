@@ -18,6 +18,8 @@ mod metrics;
 mod passwd;
 mod supervise;
 mod sys;
+mod trace;
+mod trace_api;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -123,6 +125,25 @@ enum CtlCommand {
     /// Nodes, clients, subscriptions, routes, retained messages.
     #[command(flatten)]
     Inspect(ctl::Inspect),
+    /// Per-client traces of this node (every packet of one client, to a file).
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TraceCommand {
+    /// Trace CLIENT_ID's packets for N minutes (1 to 60).
+    Start {
+        client_id: String,
+        #[arg(long, value_name = "N")]
+        minutes: u64,
+    },
+    /// The node's traces: client, start, end, bytes written, state.
+    List,
+    /// Print CLIENT_ID's trace file.
+    Get { client_id: String },
+    /// Stop CLIENT_ID's trace (its file is kept).
+    Stop { client_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -477,6 +498,7 @@ impl ShardHandler {
             Control::AskNode { .. } | Control::AnswerNode { .. } => {
                 unreachable!("the relay's controls are taken in `event`")
             }
+            Control::Trace(client_ids, _) => Request::Trace(std::mem::take(client_ids)),
         };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
@@ -520,7 +542,10 @@ impl ShardHandler {
                     warn!(%message, "the $SYS values were not published");
                 }
             }
-            Control::Join(_, reply) | Control::Leave(reply) | Control::Set(_, _, reply) => {
+            Control::Join(_, reply)
+            | Control::Leave(reply)
+            | Control::Set(_, _, reply)
+            | Control::Trace(_, reply) => {
                 let _ = reply.send(answer.map(|_| ()));
             }
             Control::AskNode { .. } | Control::AnswerNode { .. } => {
@@ -886,7 +911,42 @@ fn admin_settings(config: &Config, clustered: bool) -> Result<Option<admin::Sett
     }))
 }
 
-fn serve(config: Config) -> Result<(), String> {
+/// The node's logs: lines to stderr (text or JSON, as `server.log_format` says) through the
+/// `server.log` filter, and the shards' trace records to the trace files only.
+fn init_logs(config: &Config, filter: tracing_subscriber::EnvFilter, traces: &Arc<trace::Traces>) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = match format!("{}=off", shardmq_shards::shard::TRACE_TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
+    let logs = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    let logs = if config.server.log_format == "json" {
+        logs.json()
+            .with_thread_names(true)
+            .with_current_span(false)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(filter)
+            .boxed()
+    };
+    let records = traces
+        .layer()
+        .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+            metadata.target() == shardmq_shards::shard::TRACE_TARGET
+        }));
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(records)
+        .init();
+}
+
+fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
     reactor::check_kernel()?;
     let shard_count = match config.server.shards {
         0 => std::thread::available_parallelism()
@@ -923,6 +983,7 @@ fn serve(config: Config) -> Result<(), String> {
     let mailboxes: Arc<Mailboxes<NodeMessage>> =
         Mailboxes::new(shard_count, config.reactor.mailbox_capacity)
             .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
+    traces.attach(mailboxes.clone(), shard_count);
     // The `[auth]` files, read and checked before anything serves, and the verifier pool.
     let (auth, summary) = auth::Auth::start(&config.auth, mailboxes.clone(), shard_count)?;
     info!(
@@ -1105,7 +1166,8 @@ fn serve(config: Config) -> Result<(), String> {
                     stacks.clone(),
                     config.limits().connect_timeout_ms,
                     config.limits().unsent_bytes_per_connection_max,
-                ),
+                )
+                .with_node(config.cluster.node_id_if_enabled()),
             )
             .with_raft_directory(raft_directory)
             .with_auth(auth.clone(), index)
@@ -1177,9 +1239,12 @@ fn serve(config: Config) -> Result<(), String> {
             settings,
             mailboxes.clone(),
             health.clone(),
-            reloader.clone(),
-            admission.clone(),
-            auth.clone(),
+            admin::Services {
+                reloader: reloader.clone(),
+                admission: admission.clone(),
+                auth: auth.clone(),
+                traces: traces.clone(),
+            },
             peer_query_receiver,
         )
     {
@@ -1412,6 +1477,9 @@ fn ctl(
             serde_json::json!({ "key": key, "value": value }),
         ),
         CtlCommand::Inspect(inspect) => ctl::request(inspect),
+        CtlCommand::Trace(command) => {
+            return trace_api::ctl(&admin, token.token.as_deref(), command);
+        }
     };
     let answer = admin::ctl(&admin, token.token.as_deref(), &path, request)?;
     match command {
@@ -1467,7 +1535,12 @@ fn main() -> ExitCode {
             json,
         } => match ctl(admin, token_file, config, &command, json) {
             Ok(text) => {
-                println!("{text}");
+                // A trace file ends with its own newline; JSON answers do not.
+                if text.ends_with('\n') {
+                    print!("{text}");
+                } else {
+                    println!("{text}");
+                }
                 ExitCode::SUCCESS
             }
             Err(message) => {
@@ -1508,21 +1581,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let logs = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_target(false)
-                .with_writer(std::io::stderr);
-            if loaded.server.log_format == "json" {
-                logs.json()
-                    .with_thread_names(true)
-                    .with_current_span(false)
-                    .init();
-            } else {
-                logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .init();
-            }
+            let traces = match trace::Traces::start(trace::Settings {
+                traces_max: loaded.admin.traces_max,
+                bytes_max: loaded.admin.trace_bytes_max,
+                directory: (!loaded.server.data_dir.is_empty())
+                    .then(|| PathBuf::from(&loaded.server.data_dir).join("traces")),
+            }) {
+                Ok(traces) => traces,
+                Err(message) => {
+                    eprintln!("shardmq: {message}");
+                    return ExitCode::from(1);
+                }
+            };
+            init_logs(&loaded, filter, &traces);
             supervise::log_panics();
-            match serve(loaded) {
+            match serve(loaded, traces) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => {
                     error!("{message}");

@@ -31,6 +31,10 @@ impl NodeShard {
             Request::Leave => self.leave().map(|()| Answer::Done),
             Request::Set { key, value } => self.set_setting(&key, &value).map(|()| Answer::Done),
             Request::Inspect(query) => Ok(Answer::Inspect(self.shard.inspect(query))),
+            Request::Trace(client_ids) => {
+                self.shard.set_traced(client_ids);
+                Ok(Answer::Done)
+            }
         };
         let reply = NodeOutput::Reply { ticket, answer };
         match &mut self.cluster {

@@ -187,6 +187,9 @@ pub enum Request {
     /// The admin API's question about this shard's clients, subscriptions, routes or
     /// retained messages, or its kick or retained deletion (`shard::inspect`).
     Inspect(crate::shard::inspect::Query),
+    /// Trace these client identifiers from now on, and no others (`Shard::set_traced`); asked
+    /// of every shard.
+    Trace(Vec<bytestring::ByteString>),
 }
 
 /// A request's answer.
