@@ -24,6 +24,9 @@
 //! `admin.header_read_timeout_ms` (which also closes idle connections), a request is done
 //! within `admin.request_timeout_ms`, a body is at most `admin.body_size_max` bytes, and at
 //! most `admin.connections_max` connections are served at once.
+//! The web dashboard's static files (`dashboard.rs`: `/` and its `/assets/...`, exactly those
+//! paths) get the Host check but not the token: they hold nothing secret, and the page sends
+//! the token with its API calls.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -318,13 +321,9 @@ fn token_matches(expected: &str, given: &str) -> bool {
     std::hint::black_box(difference) == 0
 }
 
-/// Why a request is refused before it reaches its handler, if it is.
-fn refusal(
-    settings: &Settings,
-    method: &Method,
-    query: bool,
-    headers: &HeaderMap,
-) -> Option<(StatusCode, String)> {
+/// Why a request is refused for its Host header (421), if it is: the one check the
+/// dashboard's static files get.
+fn host_refusal(settings: &Settings, headers: &HeaderMap) -> Option<(StatusCode, String)> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -337,6 +336,19 @@ fn refusal(
                 settings.address.port()
             ),
         ));
+    }
+    None
+}
+
+/// Why a request is refused before it reaches its handler, if it is.
+fn refusal(
+    settings: &Settings,
+    method: &Method,
+    query: bool,
+    headers: &HeaderMap,
+) -> Option<(StatusCode, String)> {
+    if let Some(refused) = host_refusal(settings, headers) {
+        return Some(refused);
     }
     let Some(token) = &settings.token else {
         return Some((
@@ -382,17 +394,24 @@ fn refusal(
     None
 }
 
-/// Runs every request but a health probe through [`refusal`], and every request within the
-/// request timeout.
+/// Runs every request but a health probe through [`refusal`] (the dashboard's static files
+/// through the Host check only: they hold nothing secret, and the page sends the token with
+/// its API calls), and every request within the request timeout.
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if !is_health_probe(request.uri().path())
-        && let Some(refused) = refusal(
+    let path = request.uri().path();
+    let refused = if is_health_probe(path) {
+        None
+    } else if crate::dashboard::is_static(path) {
+        host_refusal(&state.settings, request.headers())
+    } else {
+        refusal(
             &state.settings,
             request.method(),
             request.uri().query().is_some(),
             request.headers(),
         )
-    {
+    };
+    if let Some(refused) = refused {
         let unauthorized = refused.0 == StatusCode::UNAUTHORIZED;
         let mut response = error_response(refused);
         if unauthorized {
@@ -786,6 +805,7 @@ async fn auth_reload(
 
 fn router(state: AppState) -> Router {
     Router::new()
+        .merge(crate::dashboard::routes())
         .route("/health", get(health_text))
         .route("/api/v1/health/live", get(live))
         .route("/api/v1/health/ready", get(ready))

@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod config;
 mod ctl;
+mod dashboard;
 mod durable;
 mod ingress;
 mod layout;

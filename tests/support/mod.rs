@@ -1116,6 +1116,12 @@ pub fn voters(status: &serde_json::Value) -> Vec<u64> {
 /// Sends one raw HTTP/1.1 request to `address` and reads until the server closes (send
 /// `Connection: close`); returns the status code (0 if there was no answer) and the body.
 pub fn http_raw(address: SocketAddr, request: &str) -> (u16, String) {
+    let (status, _, body) = http_response(address, request);
+    (status, body)
+}
+
+/// [`http_raw`] with the response's header lines too (names lower-cased).
+pub fn http_response(address: SocketAddr, request: &str) -> (u16, Vec<(String, String)>, String) {
     let mut stream = TcpStream::connect(address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -1129,11 +1135,14 @@ pub fn http_raw(address: SocketAddr, request: &str) -> (u16, String) {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
 }
 
 /// `GET path` on the admin endpoint at `address`, with the bearer token if given.
