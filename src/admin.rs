@@ -3,7 +3,10 @@
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
 //! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
 //! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
-//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` (`api.rs`), and the state changes `POST /api/v1/cluster/join`
+//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` and `GET /api/v1/nodes/{node}`
+//! (`api.rs`), the clients, subscriptions, routes and retained endpoints (`api/inspect.rs`,
+//! with the state changes `DELETE /api/v1/clients/{id}` and `DELETE /api/v1/retained/{topic}`),
+//! and the state changes `POST /api/v1/cluster/join`
 //! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
 //! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
@@ -59,6 +62,27 @@ pub enum Control {
     Join(SocketAddr, oneshot::Sender<Result<(), String>>),
     Leave(oneshot::Sender<Result<(), String>>),
     Set(String, String, oneshot::Sender<Result<(), String>>),
+    /// A question about one shard's clients, subscriptions, routes or retained messages, or a
+    /// kick or retained deletion (`api.rs`; posted to the shards it concerns).
+    Inspect(
+        shardmq_shards::shard::inspect::Query,
+        oneshot::Sender<Result<shardmq_shards::shard::inspect::Reply, String>>,
+    ),
+    /// Ask node `node` a `NodeQuery` (its JSON) over the cluster's control links (shard 0
+    /// relays it, `api::ask_node`); the reply is the node's answer as JSON, or why there is
+    /// none.
+    AskNode {
+        node: u32,
+        query: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    /// The admin thread's answer to a peer's question (`api::PeerQuery`), for shard 0 to send
+    /// back on the link it came by; nobody waits for it.
+    AnswerNode {
+        connection: u64,
+        id: u64,
+        answer: Result<Vec<u8>, String>,
+    },
     /// The client identifiers to trace from now on, replacing the set before (posted to every
     /// shard by `trace.rs`).
     Trace(
@@ -717,6 +741,19 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/auth/reload", post(auth_reload))
         .route("/api/v1/nodes", get(crate::api::nodes))
+        .route("/api/v1/clients", get(crate::api::clients))
+        .route(
+            "/api/v1/clients/{client_id}",
+            get(crate::api::client).delete(crate::api::kick),
+        )
+        .route("/api/v1/subscriptions", get(crate::api::subscriptions))
+        .route("/api/v1/routes", get(crate::api::routes))
+        .route("/api/v1/retained", get(crate::api::retained))
+        .route(
+            "/api/v1/retained/{*topic}",
+            get(crate::api::retained_get).delete(crate::api::retained_delete),
+        )
+        .route("/api/v1/nodes/{node}", get(crate::api::node))
         .route(
             "/api/v1/traces",
             get(crate::trace_api::list).post(crate::trace_api::start),
@@ -766,7 +803,11 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, settings: Arc<Set
 }
 
 /// Binds the endpoint now (so that an address in use fails the start) and serves it on a
-/// thread of its own.
+/// thread of its own; with `peer_queries`, it also answers the other nodes' questions that
+/// shard 0 hands it (`api::answer_peers`).
+// Each argument is one of the node's shared parts the endpoint serves from; a struct of
+// them would only be built here.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     settings: Settings,
     mailboxes: Shared,
@@ -774,6 +815,7 @@ pub fn start(
     reloader: Arc<crate::ingress::Reloader>,
     admission: Arc<Admission>,
     auth: Arc<crate::auth::Auth>,
+    peer_queries: Option<tokio::sync::mpsc::Receiver<crate::api::PeerQuery>>,
     traces: Arc<crate::trace::Traces>,
 ) -> Result<(), String> {
     let address = settings.address;
@@ -803,7 +845,7 @@ pub fn start(
                         return;
                     }
                 };
-                let app = router(AppState {
+                let state = AppState {
                     mailboxes,
                     reloader,
                     auth,
@@ -814,7 +856,11 @@ pub fn start(
                     membership: Arc::default(),
                     rates: Arc::default(),
                     traces,
-                });
+                };
+                if let Some(queries) = peer_queries {
+                    tokio::spawn(crate::api::answer_peers(state.clone(), queries));
+                }
+                let app = router(state);
                 info!(%address, "admin endpoint serving");
                 serve(listener, app, settings).await;
             });
@@ -823,28 +869,25 @@ pub fn start(
     Ok(())
 }
 
-/// `shardmq ctl`: one request to a node's admin endpoint, with the token if there is one and
-/// a JSON body for a POST; returns the JSON answer, pretty-printed.
+/// What `shardmq ctl` sends: a GET, a POST with its JSON body, or a DELETE (which carries
+/// `Content-Type: application/json`, as the guard asks of every state change).
+#[derive(Debug, Clone)]
+pub enum CtlRequest {
+    Get,
+    Post(Value),
+    Delete,
+    /// A GET whose answer is text, not JSON (a trace file): returned as a JSON string.
+    GetText,
+}
+
+/// `shardmq ctl`: one request to a node's admin endpoint, with the token if there is one;
+/// returns the JSON answer, or the endpoint's error.
 pub fn ctl(
     admin: &str,
     token: Option<&str>,
     path: &str,
-    body: Option<Value>,
-) -> Result<String, String> {
-    let method = if body.is_some() { "POST" } else { "GET" };
-    ctl_call(admin, token, method, path, body, true)
-}
-
-/// One request of `shardmq ctl`: `method` (GET, POST or DELETE) with a JSON body for a POST;
-/// the answer pretty-printed when `json_answer`, else as text (a trace file).
-pub fn ctl_call(
-    admin: &str,
-    token: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-    json_answer: bool,
-) -> Result<String, String> {
+    request: CtlRequest,
+) -> Result<Value, String> {
     let url = format!("http://{admin}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -852,26 +895,26 @@ pub fn ctl_call(
         .build()
         .into();
     let authorization = token.map(|token| format!("Bearer {token}"));
-    let response = match (method, body) {
-        ("POST", Some(body)) => {
+    let text_answer = matches!(request, CtlRequest::GetText);
+    let response = match request {
+        CtlRequest::Post(body) => {
             let mut request = agent.post(&url);
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
             }
             request.send_json(body)
         }
-        ("DELETE", body) => {
-            let mut request = agent.delete(&url);
+        CtlRequest::Get | CtlRequest::GetText => {
+            let mut request = agent.get(&url);
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
             }
-            // A state change: the endpoint wants a JSON body, even an empty one.
-            request
-                .force_send_body()
-                .send_json(body.unwrap_or_else(|| json!({})))
+            request.call()
         }
-        _ => {
-            let mut request = agent.get(&url);
+        CtlRequest::Delete => {
+            let mut request = agent
+                .delete(&url)
+                .header("Content-Type", "application/json");
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
             }
@@ -885,13 +928,13 @@ pub fn ctl_call(
         .body_mut()
         .read_to_string()
         .map_err(|e| format!("{url}: cannot read the answer: {e}"))?;
-    if !json_answer && status.is_success() {
-        return Ok(text);
+    if text_answer && status.is_success() {
+        return Ok(Value::String(text));
     }
     let body: Value =
         serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
     if status.is_success() {
-        serde_json::to_string_pretty(&body).map_err(|e| e.to_string())
+        Ok(body)
     } else {
         Err(format!(
             "{}: {}",

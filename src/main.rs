@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod auth;
 mod config;
+mod ctl;
 mod durable;
 mod ingress;
 mod layout;
@@ -109,6 +110,9 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: CtlCommand,
+        /// Print the endpoint's JSON answer instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
     },
 }
 
@@ -117,6 +121,9 @@ enum CtlCommand {
     /// The cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Nodes, clients, subscriptions, routes, retained messages.
+    #[command(flatten)]
+    Inspect(ctl::Inspect),
     /// Per-client traces of this node (every packet of one client, to a file).
     #[command(subcommand)]
     Trace(TraceCommand),
@@ -174,7 +181,23 @@ struct ShardHandler {
     inputs: Vec<NodeInput>,
     /// The verifier pool, and this handler's shard (where the pool answers).
     auth: Option<(Arc<auth::Auth>, u16)>,
+    /// The admin thread's questions to other nodes (shard 0) waiting for their answers, by
+    /// the id sent with them: the node asked and where its answer goes. At most
+    /// [`ASKS_MAX`]; one whose asker stopped waiting is dropped at the next question.
+    asks: BTreeMap<u64, (u32, AnswerReply)>,
+    next_ask: u64,
+    /// Where other nodes' questions to this node go (shard 0, with an admin endpoint).
+    peer_queries: Option<tokio::sync::mpsc::Sender<api::PeerQuery>>,
+    /// Other nodes' questions answered with an error because the admin thread's queue was
+    /// full or gone.
+    peer_queries_refused: u64,
 }
+
+/// Where a node's answer to the admin thread's question goes.
+type AnswerReply = tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>;
+
+/// Questions to other nodes that shard 0 keeps waiting at once; one past it is refused.
+const ASKS_MAX: usize = 256;
 
 /// A shard's log I/O: the calls it makes on the reactor's file queue 0.
 struct ShardLog {
@@ -201,7 +224,93 @@ impl ShardHandler {
             ingress,
             inputs: Vec::new(),
             auth: None,
+            asks: BTreeMap::new(),
+            next_ask: 0,
+            peer_queries: None,
+            peer_queries_refused: 0,
         }
+    }
+
+    /// Other nodes' questions to this one go to the admin thread through `queries`.
+    fn with_peer_queries(
+        mut self,
+        queries: Option<tokio::sync::mpsc::Sender<api::PeerQuery>>,
+    ) -> Self {
+        self.peer_queries = queries;
+        self
+    }
+
+    /// The admin thread asks another node: filed under a new id for the node layer to send,
+    /// or refused at once when [`ASKS_MAX`] wait already.
+    fn ask_node(&mut self, node: u32, query: Vec<u8>, reply: AnswerReply) -> Option<NodeInput> {
+        self.asks.retain(|_, (_, reply)| !reply.is_closed());
+        if self.asks.len() >= ASKS_MAX {
+            warn!(
+                node,
+                waiting = ASKS_MAX,
+                "a query to a node refused: too many wait for answers"
+            );
+            let _ = reply.send(Err(format!(
+                "{ASKS_MAX} queries to nodes are waiting for answers already: try again later"
+            )));
+            return None;
+        }
+        let id = self.next_ask;
+        self.next_ask += 1;
+        self.asks.insert(id, (node, reply));
+        Some(NodeInput::AskNode { id, node, query })
+    }
+
+    /// Node `node`'s answer to question `id`, for the admin thread if it still waits; an
+    /// answer from another node than the one asked is dropped.
+    fn node_answered(&mut self, id: u64, node: u32, answer: Result<Vec<u8>, String>) {
+        match self.asks.get(&id) {
+            Some(&(asked, _)) if asked == node => {
+                if let Some((_, reply)) = self.asks.remove(&id) {
+                    let _ = reply.send(answer);
+                }
+            }
+            Some(&(asked, _)) => {
+                warn!(
+                    id,
+                    asked, node, "an answer to a query from another node than asked: dropped"
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// Another node's question: to the admin thread, or answered at once with why not.
+    fn node_asked(&mut self, connection: u64, node: u32, id: u64, query: Vec<u8>) {
+        use tokio::sync::mpsc::error::TrySendError;
+        let refusal = match &self.peer_queries {
+            None => {
+                "this node's admin endpoint is off (admin.listen = \"\"): it answers no queries"
+            }
+            Some(queries) => match queries.try_send(api::PeerQuery {
+                connection,
+                node,
+                id,
+                query,
+            }) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => "this node's admin thread is busy: ask again later",
+                Err(TrySendError::Closed(_)) => "this node's admin endpoint is not running",
+            },
+        };
+        self.peer_queries_refused += 1;
+        warn!(
+            node,
+            id,
+            refused = self.peer_queries_refused,
+            reason = refusal,
+            "a query from a node answered with an error"
+        );
+        self.inputs.push(NodeInput::AnswerNode {
+            connection,
+            id,
+            answer: Err(refusal.to_string()),
+        });
     }
 
     /// Credentials the shard asks about go to `auth`'s pool, answers to shard `index`.
@@ -277,6 +386,13 @@ impl ShardHandler {
                     ticket,
                     credentials,
                 } => self.verify(connection, ticket, credentials),
+                NodeOutput::NodeQuery {
+                    connection,
+                    node,
+                    id,
+                    query,
+                } => self.node_asked(connection, node, id, query),
+                NodeOutput::NodeAnswer { id, node, answer } => self.node_answered(id, node, answer),
             }
         }
     }
@@ -377,6 +493,10 @@ impl ShardHandler {
                 key: key.clone(),
                 value: value.clone(),
             },
+            Control::Inspect(query, _) => Request::Inspect(query.clone()),
+            Control::AskNode { .. } | Control::AnswerNode { .. } => {
+                unreachable!("the relay's controls are taken in `event`")
+            }
             Control::Trace(client_ids, _) => Request::Trace(std::mem::take(client_ids)),
         };
         let ticket = self.next_ticket;
@@ -395,7 +515,7 @@ impl ShardHandler {
             Control::Status(reply) => {
                 let _ = reply.send(answer.and_then(|answer| match answer {
                     Answer::Status(status) => Ok(admin::status_json(&status)),
-                    Answer::Done | Answer::Metrics(_) => {
+                    Answer::Done | Answer::Metrics(_) | Answer::Inspect(_) => {
                         Err("the node answered a status request without one".into())
                     }
                 }));
@@ -403,8 +523,16 @@ impl ShardHandler {
             Control::Metrics(reply) => {
                 let _ = reply.send(answer.and_then(|answer| match answer {
                     Answer::Metrics(metrics) => Ok(metrics),
-                    Answer::Done | Answer::Status(_) => {
+                    Answer::Done | Answer::Status(_) | Answer::Inspect(_) => {
                         Err("the shard answered a metrics request without them".into())
+                    }
+                }));
+            }
+            Control::Inspect(_, reply) => {
+                let _ = reply.send(answer.and_then(|answer| match answer {
+                    Answer::Inspect(reply) => Ok(reply),
+                    Answer::Done | Answer::Status(_) | Answer::Metrics(_) => {
+                        Err("the shard answered an inspection without its reply".into())
                     }
                 }));
             }
@@ -418,6 +546,9 @@ impl ShardHandler {
             | Control::Set(_, _, reply)
             | Control::Trace(_, reply) => {
                 let _ = reply.send(answer.map(|_| ()));
+            }
+            Control::AskNode { .. } | Control::AnswerNode { .. } => {
+                unreachable!("the relay's controls are never filed under a ticket")
             }
         }
     }
@@ -496,6 +627,21 @@ impl Handler for ShardHandler {
                 return self.handle_inputs(now_ms);
             }
             Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
+            Event::Message(NodeMessage::Control(Control::AskNode { node, query, reply })) => {
+                match self.ask_node(node, query, reply) {
+                    Some(input) => input,
+                    None => return,
+                }
+            }
+            Event::Message(NodeMessage::Control(Control::AnswerNode {
+                connection,
+                id,
+                answer,
+            })) => NodeInput::AnswerNode {
+                connection,
+                id,
+                answer,
+            },
             Event::Message(NodeMessage::Control(control)) => self.request(control),
             Event::Tick => {
                 self.ingress.tick(now_ms);
@@ -949,6 +1095,15 @@ fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
     // thread that created it (IORING_SETUP_SINGLE_ISSUER). Start-up errors (an address in use,
     // an old kernel) come back before the node reports that it serves.
     let (notice_sender, notices) = std::sync::mpsc::channel::<Notice>();
+    // Other nodes' admin questions, from shard 0 to the admin thread (clustered, with an
+    // admin endpoint).
+    let (mut peer_query_sender, peer_query_receiver) = match (&cluster, &admin_settings) {
+        (Some(_), Some(_)) => {
+            let (sender, receiver) = tokio::sync::mpsc::channel(api::PEER_QUERIES_QUEUED_MAX);
+            (Some(sender), Some(receiver))
+        }
+        _ => (None, None),
+    };
     let mut threads = Vec::new();
     for index in 0..shard_count {
         let reactor_config = ReactorConfig {
@@ -1014,7 +1169,12 @@ fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
                 .with_node(config.cluster.node_id_if_enabled()),
             )
             .with_raft_directory(raft_directory)
-            .with_auth(auth.clone(), index),
+            .with_auth(auth.clone(), index)
+            .with_peer_queries(if index == 0 {
+                peer_query_sender.take()
+            } else {
+                None
+            }),
             index,
             health.clone(),
             fault,
@@ -1081,6 +1241,7 @@ fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
             reloader.clone(),
             admission.clone(),
             auth.clone(),
+            peer_query_receiver,
             traces.clone(),
         )
     {
@@ -1269,6 +1430,7 @@ fn ctl(
     token_file: Option<PathBuf>,
     config: Option<PathBuf>,
     command: &CtlCommand,
+    json: bool,
 ) -> Result<String, String> {
     let config = config.map(|path| Config::load(Some(&path))).transpose()?;
     let admin = match (admin, &config) {
@@ -1295,24 +1457,32 @@ fn ctl(
     if let Some(warning) = &token.warning {
         eprintln!("shardmq ctl: warning: {warning}");
     }
-    let (path, body) = match command {
-        CtlCommand::Cluster(ClusterCommand::Status) => ("/api/v1/cluster/status", None),
-        CtlCommand::Cluster(ClusterCommand::Join { address }) => (
+    let post = |path: &str, body| (path.to_string(), admin::CtlRequest::Post(body));
+    let (path, request) = match command {
+        CtlCommand::Cluster(ClusterCommand::Status) => {
+            ("/api/v1/cluster/status".to_string(), admin::CtlRequest::Get)
+        }
+        CtlCommand::Cluster(ClusterCommand::Join { address }) => post(
             "/api/v1/cluster/join",
-            Some(serde_json::json!({ "address": address.to_string() })),
+            serde_json::json!({ "address": address.to_string() }),
         ),
         CtlCommand::Cluster(ClusterCommand::Leave) => {
-            ("/api/v1/cluster/leave", Some(serde_json::json!({})))
+            post("/api/v1/cluster/leave", serde_json::json!({}))
         }
-        CtlCommand::Cluster(ClusterCommand::Set { key, value }) => (
+        CtlCommand::Cluster(ClusterCommand::Set { key, value }) => post(
             "/api/v1/cluster/settings",
-            Some(serde_json::json!({ "key": key, "value": value })),
+            serde_json::json!({ "key": key, "value": value }),
         ),
+        CtlCommand::Inspect(inspect) => ctl::request(inspect),
         CtlCommand::Trace(command) => {
             return trace_api::ctl(&admin, token.token.as_deref(), command);
         }
     };
-    admin::ctl(&admin, token.token.as_deref(), path, body)
+    let answer = admin::ctl(&admin, token.token.as_deref(), &path, request)?;
+    match command {
+        CtlCommand::Inspect(inspect) if !json => Ok(ctl::render(inspect, &answer)),
+        _ => serde_json::to_string_pretty(&answer).map_err(|e| e.to_string()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -1359,7 +1529,8 @@ fn main() -> ExitCode {
             token_file,
             config,
             command,
-        } => match ctl(admin, token_file, config, &command) {
+            json,
+        } => match ctl(admin, token_file, config, &command, json) {
             Ok(text) => {
                 // A trace file ends with its own newline; JSON answers do not.
                 if text.ends_with('\n') {

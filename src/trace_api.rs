@@ -108,31 +108,32 @@ pub fn path_segment(client_id: &str) -> String {
     out
 }
 
-/// `shardmq ctl trace ...`.
+/// `shardmq ctl trace ...`: the answer pretty-printed, or the trace file as it is.
 pub fn ctl(
     admin: &str,
     token: Option<&str>,
     command: &crate::TraceCommand,
 ) -> Result<String, String> {
     use crate::TraceCommand;
-    use crate::admin::ctl_call;
-    match command {
-        TraceCommand::Start { client_id, minutes } => ctl_call(
+    use crate::admin::{CtlRequest, ctl};
+    let file = |client_id: &str| format!("/api/v1/traces/{}", path_segment(client_id));
+    let answer = match command {
+        TraceCommand::Start { client_id, minutes } => ctl(
             admin,
             token,
-            "POST",
             "/api/v1/traces",
-            Some(json!({ "client_id": client_id, "minutes": minutes })),
-            true,
-        ),
-        TraceCommand::List => ctl_call(admin, token, "GET", "/api/v1/traces", None, true),
+            CtlRequest::Post(json!({ "client_id": client_id, "minutes": minutes })),
+        )?,
+        TraceCommand::List => ctl(admin, token, "/api/v1/traces", CtlRequest::Get)?,
         TraceCommand::Get { client_id } => {
-            let path = format!("/api/v1/traces/{}", path_segment(client_id));
-            ctl_call(admin, token, "GET", &path, None, false)
+            ctl(admin, token, &file(client_id), CtlRequest::GetText)?
         }
         TraceCommand::Stop { client_id } => {
-            let path = format!("/api/v1/traces/{}", path_segment(client_id));
-            ctl_call(admin, token, "DELETE", &path, None, true)
+            ctl(admin, token, &file(client_id), CtlRequest::Delete)?
         }
+    };
+    match answer {
+        serde_json::Value::String(text) => Ok(text),
+        answer => serde_json::to_string_pretty(&answer).map_err(|e| e.to_string()),
     }
 }

@@ -743,6 +743,12 @@ impl Sim {
                     "connection {connection}'s credentials sent to a verifier the simulation never configured"
                 )
             }
+            NodeOutput::NodeQuery { node: from, id, .. } => {
+                panic!("admin query {id} from node {from}, which the simulation never asks")
+            }
+            NodeOutput::NodeAnswer { id, .. } => {
+                panic!("an answer to admin query {id}, which the simulation never made")
+            }
             NodeOutput::RaftFiles(call) => {
                 // One call after another, each taking 1 to 5 ms.
                 let at = self.nodes[node].disk.free_at_ms.max(self.now_ms) + 1 + self.rng.below(5);

@@ -30,6 +30,7 @@ impl NodeShard {
             Request::Join(address) => self.join(address).map(|()| Answer::Done),
             Request::Leave => self.leave().map(|()| Answer::Done),
             Request::Set { key, value } => self.set_setting(&key, &value).map(|()| Answer::Done),
+            Request::Inspect(query) => Ok(Answer::Inspect(self.shard.inspect(query))),
             Request::Trace(client_ids) => {
                 self.shard.set_traced(client_ids);
                 Ok(Answer::Done)
@@ -60,6 +61,17 @@ impl NodeShard {
         body: shardmq_net::frame::Body,
     ) -> Result<(), String> {
         let now_ms = self.now_ms;
+        let body = match body {
+            shardmq_net::frame::Body::NodeQuery { id, query } => {
+                self.node_query_frame(connection, id, query);
+                return Ok(());
+            }
+            shardmq_net::frame::Body::NodeAnswer { id, answer } => {
+                self.node_answer_frame(connection, id, answer);
+                return Ok(());
+            }
+            body => body,
+        };
         let cluster = self.cluster.as_mut().expect("a link means a cluster");
         match &mut cluster.agent {
             Some(agent) => {

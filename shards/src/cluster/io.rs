@@ -89,6 +89,9 @@ pub(super) struct Cluster {
     /// Accepted links closed at once because [`super::link::PENDING_LINKS_MAX`] were in
     /// their handshake.
     pub(super) refused_pending: u64,
+    /// Answers this node owes its peers' admin questions (`query.rs`), by link and the
+    /// peer's id: when each question came.
+    pub(super) owed: BTreeMap<(ConnectionId, u64), u64>,
 }
 
 impl Cluster {

@@ -259,6 +259,12 @@ impl Link {
         }
     }
 
+    /// The protocol version of the peer's frames (authenticated by the handshake, whose
+    /// transcript covers both sides' versions), once it has sent one.
+    pub fn peer_version(&self) -> Option<u16> {
+        self.decoder.peer_version
+    }
+
     /// When this link must close unless something happens first: `link_timeout_ms` after the
     /// last frame received, and, until it is up, the end of its handshake time.
     pub fn deadline_ms(&self, link_timeout_ms: u64) -> u64 {

@@ -37,6 +37,7 @@ mod accept;
 mod control;
 mod data;
 mod io;
+mod query;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -153,6 +154,20 @@ pub enum NodeInput {
     Tick,
     /// The node is stopping: clients are told, links closed.
     Shutdown,
+    /// An admin question (the API's `NodeQuery` as JSON) for node `node` (shard 0): sent as
+    /// a `NodeQuery` frame on the control link to it, answered with `NodeOutput::NodeAnswer`
+    /// and the same `id`, at once with an error when no link can carry it (`query.rs`).
+    AskNode {
+        id: u64,
+        node: NodeId,
+        query: Vec<u8>,
+    },
+    /// This node's answer to the peer's question `NodeOutput::NodeQuery` `connection`/`id`.
+    AnswerNode {
+        connection: ConnectionId,
+        id: u64,
+        answer: Result<Vec<u8>, String>,
+    },
 }
 
 /// What an operator asks of the cluster side (`ctl cluster ...`).
@@ -169,6 +184,9 @@ pub enum Request {
         key: String,
         value: String,
     },
+    /// The admin API's question about this shard's clients, subscriptions, routes or
+    /// retained messages, or its kick or retained deletion (`shard::inspect`).
+    Inspect(crate::shard::inspect::Query),
     /// Trace these client identifiers from now on, and no others (`Shard::set_traced`); asked
     /// of every shard.
     Trace(Vec<bytestring::ByteString>),
@@ -181,6 +199,7 @@ pub enum Answer {
     Metrics(Box<crate::shard::ShardMetrics>),
     /// Done (join, leave, set).
     Done,
+    Inspect(crate::shard::inspect::Reply),
 }
 
 /// What the node layer asks the reactor to do; nothing else leaves it.
@@ -224,6 +243,21 @@ pub enum NodeOutput {
     /// File operations of the cores' Raft store (shard 0 of a core with a data directory),
     /// carried out in order after every earlier call; answered with `RaftFilesDone`.
     RaftFiles(RaftFileCall),
+    /// A peer's admin question about this node, from an authenticated control link (at most
+    /// `frame::NODE_QUERY_LEN_MAX` bytes, not parsed here): answer it with
+    /// `NodeInput::AnswerNode` and the same connection and id.
+    NodeQuery {
+        connection: ConnectionId,
+        node: NodeId,
+        id: u64,
+        query: Vec<u8>,
+    },
+    /// Node `node`'s answer to `NodeInput::AskNode` `id` (or why there is none).
+    NodeAnswer {
+        id: u64,
+        node: NodeId,
+        answer: Result<Vec<u8>, String>,
+    },
 }
 
 /// A shard and, in a cluster, its links.
@@ -292,6 +326,7 @@ impl NodeShard {
                 data_out: BTreeMap::new(),
                 delivered: forward::Delivered::default(),
                 refused_pending: 0,
+                owed: BTreeMap::new(),
             }),
             now_ms,
             scratch: Vec::new(),
@@ -335,6 +370,7 @@ impl NodeShard {
                 self.index == 0,
                 "the agent lives on shard 0 alone"
             );
+            query::check_invariants(cluster);
         }
     }
 
@@ -411,6 +447,12 @@ impl NodeShard {
                 self.shard.handle(now_ms, Input::Tick);
                 self.cluster_tick();
             }
+            NodeInput::AskNode { id, node, query } => self.ask_node(id, node, query),
+            NodeInput::AnswerNode {
+                connection,
+                id,
+                answer,
+            } => self.answer_node(connection, id, answer),
             NodeInput::Shutdown => {
                 self.shard.handle(now_ms, Input::Shutdown);
                 if let Some(cluster) = &mut self.cluster {
@@ -551,6 +593,7 @@ impl NodeShard {
         }
         debug!(connection, why, "cluster link gone");
         cluster.io.now_ms = now_ms;
+        query::link_gone(cluster, connection);
         let io = &mut cluster.io;
         io.close(connection);
         if let Some(agent) = &mut cluster.agent {

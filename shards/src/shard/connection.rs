@@ -73,6 +73,10 @@ pub(super) struct Connection {
     pub(super) closing: bool,
     /// Who the client is, once its credentials were checked (`authorize.rs`).
     pub(super) principal: Option<std::sync::Arc<Principal>>,
+    /// When its CONNECT was accepted (shard clock) and whether it asked for a clean start,
+    /// for the admin API (`inspect.rs`).
+    pub(super) connected_at_ms: u64,
+    pub(super) clean_start: bool,
     /// The client identifier this connection is traced under (`trace.rs`); None when it is
     /// not traced, which is the one check a packet costs.
     pub(super) trace: Option<ByteString>,
@@ -200,6 +204,8 @@ impl Connection {
             claiming: false,
             closing: false,
             principal: None,
+            connected_at_ms: now_ms,
+            clean_start: true,
             trace: None,
         }
     }

@@ -599,6 +599,21 @@ impl Agent {
         }
     }
 
+    /// An up control link to `node`: the one this node dialled if there is one, else the
+    /// one `node` dialled (an edge is reached only on the link it dialled to this core).
+    pub fn control_link_to(&self, node: NodeId) -> Option<ConnectionId> {
+        let links = || {
+            self.shared
+                .up_links
+                .iter()
+                .filter(move |&(_, &(n, _))| n == node)
+                .map(|(&c, _)| c)
+        };
+        links()
+            .find(|&c| self.shared.is_seed_link(c))
+            .or_else(|| links().next())
+    }
+
     pub fn is_control_link(&self, connection: ConnectionId) -> bool {
         self.shared.up_links.contains_key(&connection) || self.shared.is_seed_link(connection)
     }
