@@ -114,6 +114,11 @@ pub enum NodeMessage {
     /// A client connection's ingress stack, handed over with the connection
     /// (`Actions::hand_off_carrying`, told as `Event::Adopted`); never posted on its own.
     Carried(Box<crate::ingress::Carried>),
+    /// The seed resolver's answer to shard 0's `NodeOutput::Resolve` (`resolve::Resolver`).
+    Resolved {
+        index: usize,
+        result: Result<Vec<std::net::SocketAddr>, String>,
+    },
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -141,6 +146,11 @@ pub fn status_json(status: &Status) -> Value {
         "seeds": status.seeds.iter().map(|(address, state)| json!({
             "address": address.to_string(),
             "state": state,
+        })).collect::<Vec<_>>(),
+        "seed_names": status.seed_names.iter().map(|n| json!({
+            "name": n.name,
+            "addresses": n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "error": n.error,
         })).collect::<Vec<_>>(),
         "following": status.following.map(|(core, applied)| json!({
             "core": core,
@@ -550,11 +560,57 @@ async fn membership(state: &AppState) -> Result<bool, String> {
     answer
 }
 
+/// `GET /api/v1/cluster/status`: shard 0's status, with every shard's cluster links and
+/// forward queues (asked of all shards, as a scrape does).
 async fn status(State(state): State<AppState>) -> Response {
     match ask(&state.mailboxes, ASK_TIMEOUT, Control::Status).await {
-        Ok(value) => Json(value).into_response(),
+        Ok(mut value) => {
+            let (shards, _) = shard_metrics(&state).await;
+            if let Some(object) = value.as_object_mut() {
+                let (links, queues) = links_json(&shards);
+                object.insert("links".into(), links);
+                object.insert("forward_queues".into(), queues);
+            }
+            Json(value).into_response()
+        }
         Err(e) => error_response(e),
     }
+}
+
+/// Every shard's cluster links and forward queues as JSON, in shard order.
+fn links_json(shards: &[(u16, ShardMetrics)]) -> (Value, Value) {
+    let links = shards
+        .iter()
+        .flat_map(|(shard, m)| {
+            m.links.iter().map(move |l| {
+                json!({
+                    "shard": shard,
+                    "peer": l.peer,
+                    "purpose": l.purpose,
+                    "up": l.up,
+                    "frames_sent": l.frames_sent,
+                    "frames_received": l.frames_received,
+                    "bytes_sent": l.bytes_sent,
+                    "bytes_received": l.bytes_received,
+                })
+            })
+        })
+        .collect();
+    let queues = shards
+        .iter()
+        .flat_map(|(shard, m)| {
+            m.forward_queues.iter().map(move |q| {
+                json!({
+                    "shard": shard,
+                    "peer": q.peer,
+                    "messages": q.messages,
+                    "bytes": q.bytes,
+                    "dropped": q.dropped,
+                })
+            })
+        })
+        .collect();
+    (Value::Array(links), Value::Array(queues))
 }
 
 #[derive(serde::Deserialize)]
@@ -802,22 +858,30 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, settings: Arc<Set
     }
 }
 
+/// The node's parts the endpoint reloads or reads, besides the shards' mailboxes.
+pub struct Services {
+    pub reloader: Arc<crate::ingress::Reloader>,
+    pub admission: Arc<Admission>,
+    pub auth: Arc<crate::auth::Auth>,
+    pub traces: Arc<crate::trace::Traces>,
+}
+
 /// Binds the endpoint now (so that an address in use fails the start) and serves it on a
 /// thread of its own; with `peer_queries`, it also answers the other nodes' questions that
 /// shard 0 hands it (`api::answer_peers`).
-// Each argument is one of the node's shared parts the endpoint serves from; a struct of
-// them would only be built here.
-#[allow(clippy::too_many_arguments)]
 pub fn start(
     settings: Settings,
     mailboxes: Shared,
     health: Arc<Health>,
-    reloader: Arc<crate::ingress::Reloader>,
-    admission: Arc<Admission>,
-    auth: Arc<crate::auth::Auth>,
+    services: Services,
     peer_queries: Option<tokio::sync::mpsc::Receiver<crate::api::PeerQuery>>,
-    traces: Arc<crate::trace::Traces>,
 ) -> Result<(), String> {
+    let Services {
+        reloader,
+        admission,
+        auth,
+        traces,
+    } = services;
     let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
         .map_err(|e| format!("cannot listen on {address} (admin.listen): {e}"))?;
@@ -876,8 +940,6 @@ pub enum CtlRequest {
     Get,
     Post(Value),
     Delete,
-    /// A GET whose answer is text, not JSON (a trace file): returned as a JSON string.
-    GetText,
 }
 
 /// `shardmq ctl`: one request to a node's admin endpoint, with the token if there is one;
@@ -888,6 +950,45 @@ pub fn ctl(
     path: &str,
     request: CtlRequest,
 ) -> Result<Value, String> {
+    let (url, status, text) = ctl_call(admin, token, path, request)?;
+    let body: Value =
+        serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!(
+            "{}: {}",
+            status,
+            body.get("error").and_then(Value::as_str).unwrap_or("error")
+        ))
+    }
+}
+
+/// `shardmq ctl` for an answer that is text, not JSON (a trace file): the text on success,
+/// the endpoint's error otherwise.
+pub fn ctl_text(admin: &str, token: Option<&str>, path: &str) -> Result<String, String> {
+    let (url, status, text) = ctl_call(admin, token, path, CtlRequest::Get)?;
+    if status.is_success() {
+        return Ok(text);
+    }
+    let error = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|body| {
+            body.get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("{url}: {}", text.trim()));
+    Err(format!("{status}: {error}"))
+}
+
+/// One request of `shardmq ctl`: the URL asked, the answer's status and its text.
+fn ctl_call(
+    admin: &str,
+    token: Option<&str>,
+    path: &str,
+    request: CtlRequest,
+) -> Result<(String, axum::http::StatusCode, String), String> {
     let url = format!("http://{admin}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -895,7 +996,6 @@ pub fn ctl(
         .build()
         .into();
     let authorization = token.map(|token| format!("Bearer {token}"));
-    let text_answer = matches!(request, CtlRequest::GetText);
     let response = match request {
         CtlRequest::Post(body) => {
             let mut request = agent.post(&url);
@@ -904,7 +1004,7 @@ pub fn ctl(
             }
             request.send_json(body)
         }
-        CtlRequest::Get | CtlRequest::GetText => {
+        CtlRequest::Get => {
             let mut request = agent.get(&url);
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
@@ -928,20 +1028,9 @@ pub fn ctl(
         .body_mut()
         .read_to_string()
         .map_err(|e| format!("{url}: cannot read the answer: {e}"))?;
-    if text_answer && status.is_success() {
-        return Ok(Value::String(text));
-    }
-    let body: Value =
-        serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
-    if status.is_success() {
-        Ok(body)
-    } else {
-        Err(format!(
-            "{}: {}",
-            status,
-            body.get("error").and_then(Value::as_str).unwrap_or("error")
-        ))
-    }
+    let status =
+        axum::http::StatusCode::from_u16(status.as_u16()).map_err(|e| format!("{url}: {e}"))?;
+    Ok((url, status, text))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod layout;
 mod log_io;
 mod metrics;
 mod passwd;
+mod resolve;
 mod supervise;
 mod sys;
 mod trace;
@@ -191,6 +192,8 @@ struct ShardHandler {
     /// Other nodes' questions answered with an error because the admin thread's queue was
     /// full or gone.
     peer_queries_refused: u64,
+    /// The seed resolver (shard 0 of a member with seed names).
+    resolver: Option<Arc<resolve::Resolver>>,
 }
 
 /// Where a node's answer to the admin thread's question goes.
@@ -228,6 +231,28 @@ impl ShardHandler {
             next_ask: 0,
             peer_queries: None,
             peer_queries_refused: 0,
+            resolver: None,
+        }
+    }
+
+    /// Seed names shard 0 asks about go to `resolver`.
+    fn with_resolver(mut self, resolver: Option<Arc<resolve::Resolver>>) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Shard 0's request to resolve a seed name: queued for the resolver thread, or failed
+    /// now (an input of this batch) if it cannot be.
+    fn resolve(&mut self, index: usize, name: shardmq_shards::cluster::SeedName) {
+        let queued = match &self.resolver {
+            Some(resolver) => resolver.submit(index, name),
+            None => Err("no seed resolver on this shard".to_string()),
+        };
+        if let Err(error) = queued {
+            self.inputs.push(NodeInput::Resolved {
+                index,
+                result: Err(error),
+            });
         }
     }
 
@@ -393,6 +418,7 @@ impl ShardHandler {
                     query,
                 } => self.node_asked(connection, node, id, query),
                 NodeOutput::NodeAnswer { id, node, answer } => self.node_answered(id, node, answer),
+                NodeOutput::Resolve { index, name } => self.resolve(index, name),
             }
         }
     }
@@ -596,6 +622,9 @@ impl Handler for ShardHandler {
                 ticket,
                 verdict,
             },
+            Event::Message(NodeMessage::Resolved { index, result }) => {
+                NodeInput::Resolved { index, result }
+            }
             Event::Message(NodeMessage::Carried(_)) => {
                 error!("a connection's stack posted without its connection: dropped");
                 return;
@@ -985,6 +1014,13 @@ fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
     traces.attach(mailboxes.clone(), shard_count);
     // The `[auth]` files, read and checked before anything serves, and the verifier pool.
     let (auth, summary) = auth::Auth::start(&config.auth, mailboxes.clone(), shard_count)?;
+    // Seed names are resolved on a thread of their own, never on a shard's.
+    let resolver = match &cluster {
+        Some(settings) if !settings.seed_names.is_empty() => Some(Arc::new(
+            resolve::Resolver::start(config.dns_server()?, mailboxes.clone())?,
+        )),
+        _ => None,
+    };
     info!(
         users = summary.users,
         acl_rules = summary.acl_rules,
@@ -1174,7 +1210,8 @@ fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
                 peer_query_sender.take()
             } else {
                 None
-            }),
+            })
+            .with_resolver(resolver.clone().filter(|_| index == 0)),
             index,
             health.clone(),
             fault,
@@ -1238,11 +1275,13 @@ fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
             settings,
             mailboxes.clone(),
             health.clone(),
-            reloader.clone(),
-            admission.clone(),
-            auth.clone(),
+            admin::Services {
+                reloader: reloader.clone(),
+                admission: admission.clone(),
+                auth: auth.clone(),
+                traces: traces.clone(),
+            },
             peer_query_receiver,
-            traces.clone(),
         )
     {
         startup_error = Some(message);
@@ -1305,7 +1344,7 @@ fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
             role = config.cluster.role,
             cluster_listen = %config.cluster.listen,
             advertise = settings.link.member.cluster_address,
-            seeds = ?settings.seeds,
+            seeds = ?config.cluster.seeds,
             "cluster member"
         );
     }

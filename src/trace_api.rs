@@ -94,46 +94,30 @@ pub(crate) async fn stop(State(state): State<AppState>, Path(client_id): Path<St
     }
 }
 
-/// A client identifier as a URL path segment: unreserved characters as they are, every
-/// other byte percent-encoded (RFC 3986 §2).
-pub fn path_segment(client_id: &str) -> String {
-    let mut out = String::with_capacity(client_id.len());
-    for byte in client_id.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-/// `shardmq ctl trace ...`: the answer pretty-printed, or the trace file as it is.
+/// `shardmq ctl trace ...`: the JSON answer pretty-printed, or the trace file as it is.
 pub fn ctl(
     admin: &str,
     token: Option<&str>,
     command: &crate::TraceCommand,
 ) -> Result<String, String> {
     use crate::TraceCommand;
-    use crate::admin::{CtlRequest, ctl};
-    let file = |client_id: &str| format!("/api/v1/traces/{}", path_segment(client_id));
+    use crate::admin::{CtlRequest, ctl, ctl_text};
     let answer = match command {
         TraceCommand::Start { client_id, minutes } => ctl(
             admin,
             token,
             "/api/v1/traces",
             CtlRequest::Post(json!({ "client_id": client_id, "minutes": minutes })),
-        )?,
-        TraceCommand::List => ctl(admin, token, "/api/v1/traces", CtlRequest::Get)?,
+        ),
+        TraceCommand::List => ctl(admin, token, "/api/v1/traces", CtlRequest::Get),
         TraceCommand::Get { client_id } => {
-            ctl(admin, token, &file(client_id), CtlRequest::GetText)?
+            let path = format!("/api/v1/traces/{}", crate::ctl::segment(client_id));
+            return ctl_text(admin, token, &path);
         }
         TraceCommand::Stop { client_id } => {
-            ctl(admin, token, &file(client_id), CtlRequest::Delete)?
+            let path = format!("/api/v1/traces/{}", crate::ctl::segment(client_id));
+            ctl(admin, token, &path, CtlRequest::Delete)
         }
-    };
-    match answer {
-        serde_json::Value::String(text) => Ok(text),
-        answer => serde_json::to_string_pretty(&answer).map_err(|e| e.to_string()),
-    }
+    }?;
+    serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())
 }

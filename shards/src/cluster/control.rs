@@ -22,7 +22,7 @@ impl NodeShard {
         let now_ms = self.now_ms;
         let answer = match request {
             Request::Status => self.status(now_ms).map(|s| Answer::Status(Box::new(s))),
-            Request::Metrics => Ok(Answer::Metrics(Box::new(self.shard.metrics()))),
+            Request::Metrics => Ok(Answer::Metrics(Box::new(self.metrics()))),
             Request::Sys(values) => {
                 self.shard.publish_sys(values);
                 Ok(Answer::Done)

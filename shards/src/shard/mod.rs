@@ -78,7 +78,7 @@ use connection::{Connection, Outbox, Priority, Write};
 use deliver::publish_packet;
 use durable::{Durable, HeldPacket};
 pub use durable::{LogSettings, Receipt};
-pub use metrics::{ShardMetrics, Stats};
+pub use metrics::{ForwardQueueMetrics, LinkMetrics, ShardMetrics, Stats};
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
 pub use sys::{SYS_PREFIX, is_sys_topic};
