@@ -3,8 +3,10 @@
 //!
 //! Owns: [`NodeQuery`], the questions one node answers about itself (the same JSON whether
 //! asked by this node's endpoint or by another node's, relayed over a cluster link);
-//! [`answer`], which answers one for this node; [`gather`], which asks every node of the
-//! cluster; and the endpoints built on them (`GET /api/v1/nodes`).
+//! [`answer`], which answers one for this node; [`ask_node`] and [`gather`], which ask one
+//! node or every node of the cluster (shard 0 relays the JSON of a query over the control
+//! link to a node, and its answer back); [`answer_peers`], which answers the other nodes'
+//! questions; and the endpoints built on them (`GET /api/v1/nodes`, `GET /api/v1/nodes/{node}`).
 //! Never: touches a shard's state. The shards are asked through their mailboxes, as for
 //! `GET /metrics`.
 //! Invariants: a query is hostile (it may come from another node): it is parsed strictly
@@ -13,12 +15,14 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::admin::{ASK_TIMEOUT, AppState, Control, ask, error_response, shard_metrics};
+use crate::admin::{
+    ASK_TIMEOUT, AppState, Control, NodeMessage, ask, error_response, shard_metrics,
+};
 
 mod inspect;
 pub use inspect::{
@@ -178,39 +182,274 @@ fn rates_of(sample: &RateSample) -> (f64, f64) {
 
 /// One node's answer to a gathered query: the node (None when not clustered) and its answer
 /// or why there is none.
+// The shared contract for the other queries' endpoints (clients, kick, subscriptions);
+// `GET /api/v1/nodes` uses `gather_members`, which also gives each member's state.
+#[allow(dead_code)]
 pub type NodeAnswer = (Option<u64>, Result<Value, String>);
 
-/// Asks `query` of every node of the cluster. Today only this node answers: the relay to
-/// the other nodes over the cluster links is not built yet.
-pub async fn gather(state: &AppState, query: &NodeQuery) -> Vec<NodeAnswer> {
-    let answer = match tokio::time::timeout(GATHER_TIMEOUT, answer(state, query)).await {
-        Ok(answer) => answer,
-        Err(_) => Err(format!("no answer within {GATHER_TIMEOUT:?}")),
-    };
-    let node = answer
-        .as_ref()
-        .ok()
-        .and_then(|value| value["node"].as_u64());
-    vec![(node, answer)]
+/// One member's answer to a gathered query, with its state in the cluster status as this
+/// node sees it ("self", "up" or "down"; None when not clustered).
+#[derive(Debug)]
+pub struct MemberAnswer {
+    pub node: Option<u64>,
+    pub state: Option<String>,
+    pub answer: Result<Value, String>,
 }
 
-/// `GET /api/v1/nodes`: every node's summary; a node that did not answer is listed with its
-/// error.
+/// How long this node takes to answer another node's question: less than the asker waits
+/// ([`GATHER_TIMEOUT`]), so that a slow answer arrives as an error rather than not at all.
+const PEER_ANSWER_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// A question another node asked this one over a control link, handed over by shard 0
+/// (unparsed: it is parsed here, strictly).
+#[derive(Debug)]
+pub struct PeerQuery {
+    /// The link it came by (shard 0's connection), where its answer goes.
+    pub connection: u64,
+    /// The node that asked.
+    pub node: u32,
+    /// The asker's id of the question, returned with the answer.
+    pub id: u64,
+    pub query: Vec<u8>,
+}
+
+/// Questions that shard 0 may hand the admin thread before it answers a new one with an error
+/// at once (the per-link cap, `QUERIES_PER_LINK_MAX`, bounds what one peer asks).
+pub const PEER_QUERIES_QUEUED_MAX: usize = 64;
+
+/// Answers the other nodes' questions as shard 0 hands them over, each in a task of its own
+/// (at most `PEER_QUERIES_QUEUED_MAX` waiting, and what the per-link caps let in), posting
+/// every answer back to shard 0.
+pub async fn answer_peers(state: AppState, mut queries: tokio::sync::mpsc::Receiver<PeerQuery>) {
+    while let Some(query) = queries.recv().await {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let answer = answer_peer(&state, &query.query).await;
+            if let Err(error) = &answer {
+                tracing::debug!(node = query.node, id = query.id, %error, "an admin query from a node answered with an error");
+            }
+            state.mailboxes.post(
+                0,
+                NodeMessage::Control(Control::AnswerNode {
+                    connection: query.connection,
+                    id: query.id,
+                    answer,
+                }),
+            );
+        });
+    }
+}
+
+/// This node's answer to a question another node sent as JSON: parsed strictly (what does
+/// not parse as a [`NodeQuery`] is answered with an error), answered within
+/// [`PEER_ANSWER_TIMEOUT`].
+pub async fn answer_peer(state: &AppState, query: &[u8]) -> Result<Vec<u8>, String> {
+    let query = parse_query(query)?;
+    let value = match tokio::time::timeout(PEER_ANSWER_TIMEOUT, answer(state, &query)).await {
+        Ok(answer) => answer?,
+        Err(_) => return Err(format!("no answer within {PEER_ANSWER_TIMEOUT:?}")),
+    };
+    serde_json::to_vec(&value).map_err(|e| format!("the answer does not serialize: {e}"))
+}
+
+/// Parses a query strictly: what is not a [`NodeQuery`], or names a field the query does
+/// not have, is refused. serde's `deny_unknown_fields` does not reach the fields beside the
+/// tag of a unit variant (`{"query":"summary","x":1}` would pass), so every field given must
+/// also be one the parsed query serializes (a field left out, such as an `Option`, is fine).
+pub fn parse_query(bytes: &[u8]) -> Result<NodeQuery, String> {
+    let refused = |e: String| format!("not a query this node answers: {e}");
+    let given: Value = serde_json::from_slice(bytes).map_err(|e| refused(e.to_string()))?;
+    let query: NodeQuery =
+        serde_json::from_value(given.clone()).map_err(|e| refused(e.to_string()))?;
+    let known = serde_json::to_value(&query).map_err(|e| refused(e.to_string()))?;
+    if let (Some(given), Some(known)) = (given.as_object(), known.as_object())
+        && let Some(field) = given.keys().find(|field| !known.contains_key(*field))
+    {
+        return Err(refused(format!("unknown field {field:?}")));
+    }
+    Ok(query)
+}
+
+/// This node's answer to `query` by `deadline`.
+async fn answer_by(
+    state: &AppState,
+    query: &NodeQuery,
+    deadline: tokio::time::Instant,
+) -> Result<Value, String> {
+    match tokio::time::timeout_at(deadline, answer(state, query)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("no answer within {GATHER_TIMEOUT:?}")),
+    }
+}
+
+/// Asks `query` of node `node` through shard 0, over the control link to it, by `deadline`.
+async fn relay(
+    state: &AppState,
+    node: u32,
+    query: &NodeQuery,
+    deadline: tokio::time::Instant,
+) -> Result<Value, String> {
+    let query =
+        serde_json::to_vec(query).map_err(|e| format!("the query does not serialize: {e}"))?;
+    let (reply, receiver) = tokio::sync::oneshot::channel();
+    state.mailboxes.post(
+        0,
+        NodeMessage::Control(Control::AskNode { node, query, reply }),
+    );
+    match tokio::time::timeout_at(deadline, receiver).await {
+        Ok(Ok(Ok(bytes))) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("node {node} answered with what is not JSON: {e}")),
+        Ok(Ok(Err(message))) => Err(message),
+        Ok(Err(_)) => Err("the node is stopping".into()),
+        Err(_) => Err(format!("no answer within {GATHER_TIMEOUT:?}")),
+    }
+}
+
+/// Asks `query` of one node of the cluster: this node answers itself, another is asked over
+/// the control link to it (see [`gather`] for which nodes a node reaches), within
+/// [`GATHER_TIMEOUT`].
+pub async fn ask_node(state: &AppState, node: u32, query: &NodeQuery) -> Result<Value, String> {
+    let deadline = tokio::time::Instant::now() + GATHER_TIMEOUT;
+    if !state.settings.clustered {
+        return Err("this node is not in a cluster (no [cluster] configured)".into());
+    }
+    let status = ask(&state.mailboxes, GATHER_TIMEOUT, Control::Status)
+        .await
+        .map_err(|(_, message)| message)?;
+    if status["node"].as_u64() == Some(u64::from(node)) {
+        answer_by(state, query, deadline).await
+    } else {
+        relay(state, node, query, deadline).await
+    }
+}
+
+/// Asks `query` of every node of the cluster (each member of this node's cluster status)
+/// concurrently, against one deadline ([`GATHER_TIMEOUT`]): this node answers itself, a
+/// member shown down is answered "down" without being asked, every other one is asked over
+/// the control link to it. A core has a control link to every node; an edge only to the
+/// cores, so the other edges are listed with "no control link to node N".
+#[allow(dead_code)]
+pub async fn gather(state: &AppState, query: &NodeQuery) -> Vec<NodeAnswer> {
+    gather_members(state, query)
+        .await
+        .into_iter()
+        .map(|member| (member.node, member.answer))
+        .collect()
+}
+
+/// [`gather`], with each member's state.
+pub async fn gather_members(state: &AppState, query: &NodeQuery) -> Vec<MemberAnswer> {
+    let deadline = tokio::time::Instant::now() + GATHER_TIMEOUT;
+    if !state.settings.clustered {
+        let answer = answer_by(state, query, deadline).await;
+        let node = answer
+            .as_ref()
+            .ok()
+            .and_then(|value| value["node"].as_u64());
+        return vec![MemberAnswer {
+            node,
+            state: None,
+            answer,
+        }];
+    }
+    let status = match ask(&state.mailboxes, GATHER_TIMEOUT, Control::Status).await {
+        Ok(status) => status,
+        Err((_, message)) => {
+            return vec![MemberAnswer {
+                node: None,
+                state: None,
+                answer: Err(message),
+            }];
+        }
+    };
+    let members: Vec<(u64, String)> = status["members"]
+        .as_array()
+        .map(|members| {
+            members
+                .iter()
+                .filter_map(|m| Some((m["node"].as_u64()?, m["state"].as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut asks = tokio::task::JoinSet::new();
+    for (index, (node, member_state)) in members.iter().cloned().enumerate() {
+        let state = state.clone();
+        let query = query.clone();
+        asks.spawn(async move {
+            let answer = match (member_state.as_str(), u32::try_from(node)) {
+                ("self", _) => answer_by(&state, &query, deadline).await,
+                ("down", _) => Err("down".to_string()),
+                (_, Ok(node)) => relay(&state, node, &query, deadline).await,
+                (_, Err(_)) => Err(format!("node {node} is not a node identifier")),
+            };
+            (index, answer)
+        });
+    }
+    let mut answers: Vec<Option<Result<Value, String>>> = members.iter().map(|_| None).collect();
+    while let Some(joined) = asks.join_next().await {
+        if let Ok((index, answer)) = joined
+            && let Some(slot) = answers.get_mut(index)
+        {
+            *slot = Some(answer);
+        }
+    }
+    members
+        .into_iter()
+        .zip(answers)
+        .map(|((node, member_state), answer)| MemberAnswer {
+            node: Some(node),
+            state: Some(member_state),
+            answer: answer.unwrap_or_else(|| Err("the question was lost".into())),
+        })
+        .collect()
+}
+
+/// `GET /api/v1/nodes`: every node's summary, each with its state in the cluster status; a
+/// node that did not answer is listed with its error.
 pub async fn nodes(State(state): State<AppState>) -> Response {
-    let answers = gather(&state, &NodeQuery::Summary).await;
-    if let [(_, Err(message))] = answers.as_slice()
+    let answers = gather_members(&state, &NodeQuery::Summary).await;
+    if let [
+        MemberAnswer {
+            answer: Err(message),
+            ..
+        },
+    ] = answers.as_slice()
         && !state.settings.clustered
     {
         return error_response((axum::http::StatusCode::SERVICE_UNAVAILABLE, message.clone()));
     }
     let nodes: Vec<Value> = answers
         .into_iter()
-        .map(|(node, answer)| match answer {
-            Ok(summary) => summary,
-            Err(error) => json!({ "node": node, "error": error }),
+        .map(|member| match member.answer {
+            Ok(mut summary) => {
+                if let (Some(object), Some(member_state)) = (summary.as_object_mut(), member.state)
+                {
+                    object.insert("state".into(), Value::from(member_state));
+                }
+                summary
+            }
+            Err(error) => json!({ "node": member.node, "state": member.state, "error": error }),
         })
         .collect();
     Json(json!({ "nodes": nodes })).into_response()
+}
+
+/// `GET /api/v1/nodes/{node}`: one node's summary, asked of it wherever it is
+/// ([`ask_node`]); 502 with the reason when it does not answer.
+pub async fn node(
+    State(state): State<AppState>,
+    node: Result<Path<u32>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let Ok(Path(node)) = node else {
+        return error_response((
+            axum::http::StatusCode::BAD_REQUEST,
+            "a node identifier is a number (cluster.node_id)".into(),
+        ));
+    };
+    match ask_node(&state, node, &NodeQuery::Summary).await {
+        Ok(summary) => Json(summary).into_response(),
+        Err(error) => error_response((axum::http::StatusCode::BAD_GATEWAY, error)),
+    }
 }
 
 #[cfg(test)]
@@ -221,11 +460,15 @@ mod tests {
     fn queries_are_tagged_json_and_unknown_fields_are_refused() {
         let text = serde_json::to_string(&NodeQuery::Summary).unwrap();
         assert_eq!(text, r#"{"query":"summary"}"#);
-        assert_eq!(
-            serde_json::from_str::<NodeQuery>(&text).unwrap(),
-            NodeQuery::Summary
+        assert_eq!(parse_query(text.as_bytes()).unwrap(), NodeQuery::Summary);
+        assert!(parse_query(br#"{"query":"summary","x":1}"#).is_err());
+        assert!(parse_query(br#"{"query":"drop_tables"}"#).is_err());
+        assert!(parse_query(br#"{"x":1}"#).is_err());
+        assert!(parse_query(b"[]").is_err());
+        assert!(parse_query(&[0xFF; 9]).is_err());
+        assert!(
+            parse_query(&[b'['; 10_000]).is_err(),
+            "deep nesting is refused"
         );
-        assert!(serde_json::from_str::<NodeQuery>(r#"{"query":"summary","x":1}"#).is_err());
-        assert!(serde_json::from_str::<NodeQuery>(r#"{"query":"drop_tables"}"#).is_err());
     }
 }

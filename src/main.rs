@@ -9,14 +9,18 @@ mod api;
 mod auth;
 mod config;
 mod ctl;
+mod dashboard;
 mod durable;
 mod ingress;
 mod layout;
 mod log_io;
 mod metrics;
 mod passwd;
+mod resolve;
 mod supervise;
 mod sys;
+mod trace;
+mod trace_api;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -122,6 +126,25 @@ enum CtlCommand {
     /// Nodes, clients, subscriptions, routes, retained messages.
     #[command(flatten)]
     Inspect(ctl::Inspect),
+    /// Per-client traces of this node (every packet of one client, to a file).
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TraceCommand {
+    /// Trace CLIENT_ID's packets for N minutes (1 to 60).
+    Start {
+        client_id: String,
+        #[arg(long, value_name = "N")]
+        minutes: u64,
+    },
+    /// The node's traces: client, start, end, bytes written, state.
+    List,
+    /// Print CLIENT_ID's trace file.
+    Get { client_id: String },
+    /// Stop CLIENT_ID's trace (its file is kept).
+    Stop { client_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,7 +183,25 @@ struct ShardHandler {
     inputs: Vec<NodeInput>,
     /// The verifier pool, and this handler's shard (where the pool answers).
     auth: Option<(Arc<auth::Auth>, u16)>,
+    /// The admin thread's questions to other nodes (shard 0) waiting for their answers, by
+    /// the id sent with them: the node asked and where its answer goes. At most
+    /// [`ASKS_MAX`]; one whose asker stopped waiting is dropped at the next question.
+    asks: BTreeMap<u64, (u32, AnswerReply)>,
+    next_ask: u64,
+    /// Where other nodes' questions to this node go (shard 0, with an admin endpoint).
+    peer_queries: Option<tokio::sync::mpsc::Sender<api::PeerQuery>>,
+    /// Other nodes' questions answered with an error because the admin thread's queue was
+    /// full or gone.
+    peer_queries_refused: u64,
+    /// The seed resolver (shard 0 of a member with seed names).
+    resolver: Option<Arc<resolve::Resolver>>,
 }
+
+/// Where a node's answer to the admin thread's question goes.
+type AnswerReply = tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>;
+
+/// Questions to other nodes that shard 0 keeps waiting at once; one past it is refused.
+const ASKS_MAX: usize = 256;
 
 /// A shard's log I/O: the calls it makes on the reactor's file queue 0.
 struct ShardLog {
@@ -187,7 +228,115 @@ impl ShardHandler {
             ingress,
             inputs: Vec::new(),
             auth: None,
+            asks: BTreeMap::new(),
+            next_ask: 0,
+            peer_queries: None,
+            peer_queries_refused: 0,
+            resolver: None,
         }
+    }
+
+    /// Seed names shard 0 asks about go to `resolver`.
+    fn with_resolver(mut self, resolver: Option<Arc<resolve::Resolver>>) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Shard 0's request to resolve a seed name: queued for the resolver thread, or failed
+    /// now (an input of this batch) if it cannot be.
+    fn resolve(&mut self, index: usize, name: shardmq_shards::cluster::SeedName) {
+        let queued = match &self.resolver {
+            Some(resolver) => resolver.submit(index, name),
+            None => Err("no seed resolver on this shard".to_string()),
+        };
+        if let Err(error) = queued {
+            self.inputs.push(NodeInput::Resolved {
+                index,
+                result: Err(error),
+            });
+        }
+    }
+
+    /// Other nodes' questions to this one go to the admin thread through `queries`.
+    fn with_peer_queries(
+        mut self,
+        queries: Option<tokio::sync::mpsc::Sender<api::PeerQuery>>,
+    ) -> Self {
+        self.peer_queries = queries;
+        self
+    }
+
+    /// The admin thread asks another node: filed under a new id for the node layer to send,
+    /// or refused at once when [`ASKS_MAX`] wait already.
+    fn ask_node(&mut self, node: u32, query: Vec<u8>, reply: AnswerReply) -> Option<NodeInput> {
+        self.asks.retain(|_, (_, reply)| !reply.is_closed());
+        if self.asks.len() >= ASKS_MAX {
+            warn!(
+                node,
+                waiting = ASKS_MAX,
+                "a query to a node refused: too many wait for answers"
+            );
+            let _ = reply.send(Err(format!(
+                "{ASKS_MAX} queries to nodes are waiting for answers already: try again later"
+            )));
+            return None;
+        }
+        let id = self.next_ask;
+        self.next_ask += 1;
+        self.asks.insert(id, (node, reply));
+        Some(NodeInput::AskNode { id, node, query })
+    }
+
+    /// Node `node`'s answer to question `id`, for the admin thread if it still waits; an
+    /// answer from another node than the one asked is dropped.
+    fn node_answered(&mut self, id: u64, node: u32, answer: Result<Vec<u8>, String>) {
+        match self.asks.get(&id) {
+            Some(&(asked, _)) if asked == node => {
+                if let Some((_, reply)) = self.asks.remove(&id) {
+                    let _ = reply.send(answer);
+                }
+            }
+            Some(&(asked, _)) => {
+                warn!(
+                    id,
+                    asked, node, "an answer to a query from another node than asked: dropped"
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// Another node's question: to the admin thread, or answered at once with why not.
+    fn node_asked(&mut self, connection: u64, node: u32, id: u64, query: Vec<u8>) {
+        use tokio::sync::mpsc::error::TrySendError;
+        let refusal = match &self.peer_queries {
+            None => {
+                "this node's admin endpoint is off (admin.listen = \"\"): it answers no queries"
+            }
+            Some(queries) => match queries.try_send(api::PeerQuery {
+                connection,
+                node,
+                id,
+                query,
+            }) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => "this node's admin thread is busy: ask again later",
+                Err(TrySendError::Closed(_)) => "this node's admin endpoint is not running",
+            },
+        };
+        self.peer_queries_refused += 1;
+        warn!(
+            node,
+            id,
+            refused = self.peer_queries_refused,
+            reason = refusal,
+            "a query from a node answered with an error"
+        );
+        self.inputs.push(NodeInput::AnswerNode {
+            connection,
+            id,
+            answer: Err(refusal.to_string()),
+        });
     }
 
     /// Credentials the shard asks about go to `auth`'s pool, answers to shard `index`.
@@ -263,6 +412,14 @@ impl ShardHandler {
                     ticket,
                     credentials,
                 } => self.verify(connection, ticket, credentials),
+                NodeOutput::NodeQuery {
+                    connection,
+                    node,
+                    id,
+                    query,
+                } => self.node_asked(connection, node, id, query),
+                NodeOutput::NodeAnswer { id, node, answer } => self.node_answered(id, node, answer),
+                NodeOutput::Resolve { index, name } => self.resolve(index, name),
             }
         }
     }
@@ -364,6 +521,10 @@ impl ShardHandler {
                 value: value.clone(),
             },
             Control::Inspect(query, _) => Request::Inspect(query.clone()),
+            Control::AskNode { .. } | Control::AnswerNode { .. } => {
+                unreachable!("the relay's controls are taken in `event`")
+            }
+            Control::Trace(client_ids, _) => Request::Trace(std::mem::take(client_ids)),
         };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
@@ -407,8 +568,14 @@ impl ShardHandler {
                     warn!(%message, "the $SYS values were not published");
                 }
             }
-            Control::Join(_, reply) | Control::Leave(reply) | Control::Set(_, _, reply) => {
+            Control::Join(_, reply)
+            | Control::Leave(reply)
+            | Control::Set(_, _, reply)
+            | Control::Trace(_, reply) => {
                 let _ = reply.send(answer.map(|_| ()));
+            }
+            Control::AskNode { .. } | Control::AnswerNode { .. } => {
+                unreachable!("the relay's controls are never filed under a ticket")
             }
         }
     }
@@ -456,6 +623,9 @@ impl Handler for ShardHandler {
                 ticket,
                 verdict,
             },
+            Event::Message(NodeMessage::Resolved { index, result }) => {
+                NodeInput::Resolved { index, result }
+            }
             Event::Message(NodeMessage::Carried(_)) => {
                 error!("a connection's stack posted without its connection: dropped");
                 return;
@@ -487,6 +657,21 @@ impl Handler for ShardHandler {
                 return self.handle_inputs(now_ms);
             }
             Event::Message(NodeMessage::Shard(message)) => NodeInput::Shard(message),
+            Event::Message(NodeMessage::Control(Control::AskNode { node, query, reply })) => {
+                match self.ask_node(node, query, reply) {
+                    Some(input) => input,
+                    None => return,
+                }
+            }
+            Event::Message(NodeMessage::Control(Control::AnswerNode {
+                connection,
+                id,
+                answer,
+            })) => NodeInput::AnswerNode {
+                connection,
+                id,
+                answer,
+            },
             Event::Message(NodeMessage::Control(control)) => self.request(control),
             Event::Tick => {
                 self.ingress.tick(now_ms);
@@ -755,7 +940,42 @@ fn admin_settings(config: &Config, clustered: bool) -> Result<Option<admin::Sett
     }))
 }
 
-fn serve(config: Config) -> Result<(), String> {
+/// The node's logs: lines to stderr (text or JSON, as `server.log_format` says) through the
+/// `server.log` filter, and the shards' trace records to the trace files only.
+fn init_logs(config: &Config, filter: tracing_subscriber::EnvFilter, traces: &Arc<trace::Traces>) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = match format!("{}=off", shardmq_shards::shard::TRACE_TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
+    let logs = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    let logs = if config.server.log_format == "json" {
+        logs.json()
+            .with_thread_names(true)
+            .with_current_span(false)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(filter)
+            .boxed()
+    };
+    let records = traces
+        .layer()
+        .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+            metadata.target() == shardmq_shards::shard::TRACE_TARGET
+        }));
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(records)
+        .init();
+}
+
+fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
     reactor::check_kernel()?;
     let shard_count = match config.server.shards {
         0 => std::thread::available_parallelism()
@@ -792,8 +1012,16 @@ fn serve(config: Config) -> Result<(), String> {
     let mailboxes: Arc<Mailboxes<NodeMessage>> =
         Mailboxes::new(shard_count, config.reactor.mailbox_capacity)
             .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
+    traces.attach(mailboxes.clone(), shard_count);
     // The `[auth]` files, read and checked before anything serves, and the verifier pool.
     let (auth, summary) = auth::Auth::start(&config.auth, mailboxes.clone(), shard_count)?;
+    // Seed names are resolved on a thread of their own, never on a shard's.
+    let resolver = match &cluster {
+        Some(settings) if !settings.seed_names.is_empty() => Some(Arc::new(
+            resolve::Resolver::start(config.dns_server()?, mailboxes.clone())?,
+        )),
+        _ => None,
+    };
     info!(
         users = summary.users,
         acl_rules = summary.acl_rules,
@@ -904,6 +1132,15 @@ fn serve(config: Config) -> Result<(), String> {
     // thread that created it (IORING_SETUP_SINGLE_ISSUER). Start-up errors (an address in use,
     // an old kernel) come back before the node reports that it serves.
     let (notice_sender, notices) = std::sync::mpsc::channel::<Notice>();
+    // Other nodes' admin questions, from shard 0 to the admin thread (clustered, with an
+    // admin endpoint).
+    let (mut peer_query_sender, peer_query_receiver) = match (&cluster, &admin_settings) {
+        (Some(_), Some(_)) => {
+            let (sender, receiver) = tokio::sync::mpsc::channel(api::PEER_QUERIES_QUEUED_MAX);
+            (Some(sender), Some(receiver))
+        }
+        _ => (None, None),
+    };
     let mut threads = Vec::new();
     for index in 0..shard_count {
         let reactor_config = ReactorConfig {
@@ -965,10 +1202,17 @@ fn serve(config: Config) -> Result<(), String> {
                     stacks.clone(),
                     config.limits().connect_timeout_ms,
                     config.limits().unsent_bytes_per_connection_max,
-                ),
+                )
+                .with_node(config.cluster.node_id_if_enabled()),
             )
             .with_raft_directory(raft_directory)
-            .with_auth(auth.clone(), index),
+            .with_auth(auth.clone(), index)
+            .with_peer_queries(if index == 0 {
+                peer_query_sender.take()
+            } else {
+                None
+            })
+            .with_resolver(resolver.clone().filter(|_| index == 0)),
             index,
             health.clone(),
             fault,
@@ -1032,9 +1276,13 @@ fn serve(config: Config) -> Result<(), String> {
             settings,
             mailboxes.clone(),
             health.clone(),
-            reloader.clone(),
-            admission.clone(),
-            auth.clone(),
+            admin::Services {
+                reloader: reloader.clone(),
+                admission: admission.clone(),
+                auth: auth.clone(),
+                traces: traces.clone(),
+            },
+            peer_query_receiver,
         )
     {
         startup_error = Some(message);
@@ -1097,7 +1345,7 @@ fn serve(config: Config) -> Result<(), String> {
             role = config.cluster.role,
             cluster_listen = %config.cluster.listen,
             advertise = settings.link.member.cluster_address,
-            seeds = ?settings.seeds,
+            seeds = ?config.cluster.seeds,
             "cluster member"
         );
     }
@@ -1266,6 +1514,9 @@ fn ctl(
             serde_json::json!({ "key": key, "value": value }),
         ),
         CtlCommand::Inspect(inspect) => ctl::request(inspect),
+        CtlCommand::Trace(command) => {
+            return trace_api::ctl(&admin, token.token.as_deref(), command);
+        }
     };
     let answer = admin::ctl(&admin, token.token.as_deref(), &path, request)?;
     match command {
@@ -1321,7 +1572,12 @@ fn main() -> ExitCode {
             json,
         } => match ctl(admin, token_file, config, &command, json) {
             Ok(text) => {
-                println!("{text}");
+                // A trace file ends with its own newline; JSON answers do not.
+                if text.ends_with('\n') {
+                    print!("{text}");
+                } else {
+                    println!("{text}");
+                }
                 ExitCode::SUCCESS
             }
             Err(message) => {
@@ -1362,21 +1618,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let logs = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_target(false)
-                .with_writer(std::io::stderr);
-            if loaded.server.log_format == "json" {
-                logs.json()
-                    .with_thread_names(true)
-                    .with_current_span(false)
-                    .init();
-            } else {
-                logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .init();
-            }
+            let traces = match trace::Traces::start(trace::Settings {
+                traces_max: loaded.admin.traces_max,
+                bytes_max: loaded.admin.trace_bytes_max,
+                directory: (!loaded.server.data_dir.is_empty())
+                    .then(|| PathBuf::from(&loaded.server.data_dir).join("traces")),
+            }) {
+                Ok(traces) => traces,
+                Err(message) => {
+                    eprintln!("shardmq: {message}");
+                    return ExitCode::from(1);
+                }
+            };
+            init_logs(&loaded, filter, &traces);
             supervise::log_panics();
-            match serve(loaded) {
+            match serve(loaded, traces) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => {
                     error!("{message}");

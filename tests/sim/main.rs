@@ -353,6 +353,7 @@ fn settings(id: NodeId, role: Role, address: SocketAddr, seeds: &[SocketAddr]) -
             tls: None,
         },
         seeds: seeds.to_vec(),
+        seed_names: Vec::new(),
         heartbeat_ms: 100,
         link_timeout_ms: 500,
         reconnect_ms: 100,
@@ -743,12 +744,21 @@ impl Sim {
                     "connection {connection}'s credentials sent to a verifier the simulation never configured"
                 )
             }
+            NodeOutput::NodeQuery { node: from, id, .. } => {
+                panic!("admin query {id} from node {from}, which the simulation never asks")
+            }
+            NodeOutput::NodeAnswer { id, .. } => {
+                panic!("an answer to admin query {id}, which the simulation never made")
+            }
             NodeOutput::RaftFiles(call) => {
                 // One call after another, each taking 1 to 5 ms.
                 let at = self.nodes[node].disk.free_at_ms.max(self.now_ms) + 1 + self.rng.below(5);
                 self.nodes[node].disk.free_at_ms = at;
                 self.nodes[node].disk.queue.push_back(call);
                 self.schedule(at, Event::RaftFiles { node, generation });
+            }
+            NodeOutput::Resolve { name, .. } => {
+                panic!("seed name {name} sent to a resolver: the simulation configures none")
             }
         }
     }

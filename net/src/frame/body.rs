@@ -239,7 +239,27 @@ pub enum Body {
         id: u64,
         founders: Vec<u64>,
     },
+    /// On a control link, either way (protocol version 2 on): an admin question for the
+    /// receiving node about itself (the admin API's `NodeQuery` as JSON, at most
+    /// [`NODE_QUERY_LEN_MAX`] bytes), answered with a `NodeAnswer` of the same `id`.
+    NodeQuery { id: u64, query: Vec<u8> },
+    /// The answer to `NodeQuery` `id`: the answer as JSON, or why there is none (at most
+    /// [`NODE_ERROR_LEN_MAX`] bytes). The whole frame stays within the link's frame budget.
+    NodeAnswer {
+        id: u64,
+        answer: Result<Vec<u8>, String>,
+    },
 }
+
+/// The longest `NodeQuery` a node sends or answers: a question is a small JSON object.
+pub const NODE_QUERY_LEN_MAX: usize = 4 * 1024;
+
+/// The longest error a `NodeAnswer` carries; a longer one is cut (at a character boundary).
+pub const NODE_ERROR_LEN_MAX: usize = 1024;
+
+/// The first protocol version that has `NodeQuery` and `NodeAnswer`: a peer of an older
+/// version would refuse their kinds (and close the link), so they are never sent to one.
+pub const NODE_QUERY_VERSION: u16 = 2;
 
 impl Body {
     /// The kind byte of the header.
@@ -261,6 +281,8 @@ impl Body {
             Body::Raft { .. } => 14,
             Body::GroupState { .. } => 15,
             Body::SnapshotRoutes { .. } => 16,
+            Body::NodeQuery { .. } => 17,
+            Body::NodeAnswer { .. } => 18,
         }
     }
 }

@@ -126,6 +126,17 @@ impl Forwarded {
     }
 }
 
+/// An upper bound of the encoded body of a `NodeAnswer` carrying `answer`: a node checks it
+/// against its frame budget before it sends one, and sends "too large; ask for fewer" in its
+/// place when the answer does not fit.
+pub fn node_answer_len_bound(answer: &Result<Vec<u8>, String>) -> usize {
+    let variable = match answer {
+        Ok(bytes) => bytes.len(),
+        Err(error) => error.len(),
+    };
+    variable + 4 * FIELD_LEN_BOUND
+}
+
 /// Cuts `items` into runs, in order, each of whose bounds sum to at most `budget`; an item
 /// whose bound alone is above it gets a run of its own (the caller decides whether such an
 /// item can go at all).

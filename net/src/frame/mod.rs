@@ -22,11 +22,12 @@ mod header;
 mod tests;
 
 pub use body::{
-    Body, Forwarded, Hello, Item, LogEntry, Member, NodeId, Purpose, Role, Route, RouteDelta,
-    Welcome, WireMessage, decode_entries, encode_entries,
+    Body, Forwarded, Hello, Item, LogEntry, Member, NODE_ERROR_LEN_MAX, NODE_QUERY_LEN_MAX,
+    NODE_QUERY_VERSION, NodeId, Purpose, Role, Route, RouteDelta, Welcome, WireMessage,
+    decode_entries, encode_entries,
 };
 pub use decoder::{Decoder, decode_body};
-pub use encode::{FRAME_BUDGET_DIVISOR, cut_by_len, encode};
+pub use encode::{FRAME_BUDGET_DIVISOR, cut_by_len, encode, node_answer_len_bound};
 pub use header::{HEADER_LEN, Header, MAGIC, PROTOCOL_VERSION, cluster_id, version_compatible};
 
 /// Why a frame was refused. The link ends; nothing else does.

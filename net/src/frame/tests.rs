@@ -57,6 +57,18 @@ fn sample() -> Vec<Body> {
             id: 1 << 63 | 2,
             founders: vec![1 << 63 | 1, 1 << 63 | 2],
         },
+        Body::NodeQuery {
+            id: 7,
+            query: br#"{"query":"summary"}"#.to_vec(),
+        },
+        Body::NodeAnswer {
+            id: 7,
+            answer: Ok(br#"{"node":3}"#.to_vec()),
+        },
+        Body::NodeAnswer {
+            id: u64::MAX,
+            answer: Err("down".into()),
+        },
         Body::Forward {
             messages: vec![
                 Forwarded {
@@ -325,6 +337,114 @@ fn length_bounds_hold_for_encoded_bodies() {
         routes,
     };
     assert!(encoded_len(&body) <= bound + 64);
+}
+
+/// A node's answer is checked against the frame budget by its bound before it is sent: the
+/// bound holds for small and large answers, and an answer within it always encodes under a
+/// limit of twice the budget.
+#[test]
+fn node_answer_bounds_hold_and_an_answer_within_the_budget_encodes() {
+    let cluster = cluster_id("test");
+    for len in [0usize, 1, 15, 16, 17, 1000, 100_000] {
+        for answer in [Ok(vec![b'x'; len]), Err("e".repeat(len))] {
+            let bound = node_answer_len_bound(&answer);
+            let body = Body::NodeAnswer { id: 1, answer };
+            let encoded = rkyv::to_bytes::<rancor::Error>(&body).unwrap().len();
+            assert!(encoded <= bound, "{len}: {encoded} > {bound}");
+            let mut out = BytesMut::new();
+            encode(&body, cluster, bound * FRAME_BUDGET_DIVISOR, &mut out).unwrap();
+        }
+    }
+    // Above the limit the encoder refuses it whole (the node layer never gets there).
+    let body = Body::NodeAnswer {
+        id: 1,
+        answer: Ok(vec![0; 5000]),
+    };
+    let mut out = BytesMut::new();
+    assert!(matches!(
+        encode(&body, cluster, 4096, &mut out),
+        Err(FrameError::TooLong(_))
+    ));
+    assert!(out.is_empty());
+}
+
+/// Hostile bytes under the new kinds: a body of another kind than its header says, a body cut
+/// short, and garbage with correct checksums are all refused as frame errors (the link ends),
+/// never a panic.
+#[test]
+fn hostile_node_query_frames_are_refused_not_panicked_on() {
+    let cluster = cluster_id("test");
+    let refused = |bytes: &[u8]| {
+        let mut decoder = Decoder::new(cluster, 1 << 20);
+        decoder.extend(bytes);
+        decoder.next_frame()
+    };
+    let rechecksum = |frame: &mut Vec<u8>| {
+        let body = frame[HEADER_LEN..].to_vec();
+        frame[16..20].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        frame[20..24].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        let crc = crc32fast::hash(&frame[0..24]);
+        frame[24..28].copy_from_slice(&crc.to_le_bytes());
+    };
+    let mut query = BytesMut::new();
+    encode(
+        &Body::NodeQuery {
+            id: 3,
+            query: b"{}".to_vec(),
+        },
+        cluster,
+        1 << 20,
+        &mut query,
+    )
+    .unwrap();
+    // The header names the answer kind for a query body.
+    let mut wrong_kind = query.to_vec();
+    wrong_kind[6] = 18;
+    rechecksum(&mut wrong_kind);
+    assert!(matches!(refused(&wrong_kind), Err(FrameError::Body(_))));
+    // The body cut short by 8 bytes, checksums made right again.
+    let mut short = query.to_vec();
+    short.truncate(short.len() - 8);
+    rechecksum(&mut short);
+    assert!(matches!(refused(&short), Err(FrameError::Body(_))));
+    // Garbage of every byte value under both kinds (and a kind no version has).
+    for kind in [17u8, 18, 19, 255] {
+        for fill in [0x00u8, 0x11, 0x7F, 0xFF] {
+            let mut garbage = query[..HEADER_LEN].to_vec();
+            garbage[6] = kind;
+            garbage.extend_from_slice(&[fill; 48]);
+            rechecksum(&mut garbage);
+            assert!(refused(&garbage).is_err(), "kind {kind} fill {fill:#x}");
+        }
+    }
+    // An answer whose length field claims more than the body holds.
+    let mut answer = BytesMut::new();
+    encode(
+        &Body::NodeAnswer {
+            id: 3,
+            answer: Ok(vec![b'a'; 64]),
+        },
+        cluster,
+        1 << 20,
+        &mut answer,
+    )
+    .unwrap();
+    let mut lying = answer.to_vec();
+    let at = lying
+        .windows(4)
+        .rposition(|w| w == 64u32.to_le_bytes())
+        .expect("the answer's length is in its body");
+    lying[at..at + 4].copy_from_slice(&100_000u32.to_le_bytes());
+    rechecksum(&mut lying);
+    assert!(matches!(refused(&lying), Err(FrameError::Body(_))));
+}
+
+/// Version 2 added kinds 17 and 18; a version 1 peer stays in the window (rolling upgrade),
+/// and the node layer sends the new kinds only to peers of version 2 or later.
+#[test]
+fn the_previous_version_stays_compatible() {
+    assert_eq!(NODE_QUERY_VERSION, PROTOCOL_VERSION);
+    assert!(version_compatible(PROTOCOL_VERSION - 1));
 }
 
 #[test]

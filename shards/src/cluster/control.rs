@@ -22,7 +22,7 @@ impl NodeShard {
         let now_ms = self.now_ms;
         let answer = match request {
             Request::Status => self.status(now_ms).map(|s| Answer::Status(Box::new(s))),
-            Request::Metrics => Ok(Answer::Metrics(Box::new(self.shard.metrics()))),
+            Request::Metrics => Ok(Answer::Metrics(Box::new(self.metrics()))),
             Request::Sys(values) => {
                 self.shard.publish_sys(values);
                 Ok(Answer::Done)
@@ -31,6 +31,10 @@ impl NodeShard {
             Request::Leave => self.leave().map(|()| Answer::Done),
             Request::Set { key, value } => self.set_setting(&key, &value).map(|()| Answer::Done),
             Request::Inspect(query) => Ok(Answer::Inspect(self.shard.inspect(query))),
+            Request::Trace(client_ids) => {
+                self.shard.set_traced(client_ids);
+                Ok(Answer::Done)
+            }
         };
         let reply = NodeOutput::Reply { ticket, answer };
         match &mut self.cluster {
@@ -57,6 +61,17 @@ impl NodeShard {
         body: shardmq_net::frame::Body,
     ) -> Result<(), String> {
         let now_ms = self.now_ms;
+        let body = match body {
+            shardmq_net::frame::Body::NodeQuery { id, query } => {
+                self.node_query_frame(connection, id, query);
+                return Ok(());
+            }
+            shardmq_net::frame::Body::NodeAnswer { id, answer } => {
+                self.node_answer_frame(connection, id, answer);
+                return Ok(());
+            }
+            body => body,
+        };
         let cluster = self.cluster.as_mut().expect("a link means a cluster");
         match &mut cluster.agent {
             Some(agent) => {
