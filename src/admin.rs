@@ -3,7 +3,10 @@
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
 //! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
 //! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
-//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` and `GET /api/v1/nodes/{node}` (`api.rs`), and the state changes `POST /api/v1/cluster/join`
+//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` and `GET /api/v1/nodes/{node}` (`api.rs`), the clients, subscriptions,
+//! routes and retained endpoints (`api/inspect.rs`, with the state changes
+//! `DELETE /api/v1/clients/{id}` and `DELETE /api/v1/retained/{topic}`), and the state
+//! changes `POST /api/v1/cluster/join`
 //! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
 //! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
@@ -59,6 +62,12 @@ pub enum Control {
     Join(SocketAddr, oneshot::Sender<Result<(), String>>),
     Leave(oneshot::Sender<Result<(), String>>),
     Set(String, String, oneshot::Sender<Result<(), String>>),
+    /// A question about one shard's clients, subscriptions, routes or retained messages, or a
+    /// kick or retained deletion (`api.rs`; posted to the shards it concerns).
+    Inspect(
+        shardmq_shards::shard::inspect::Query,
+        oneshot::Sender<Result<shardmq_shards::shard::inspect::Reply, String>>,
+    ),
     /// Ask node `node` a `NodeQuery` (its JSON) over the cluster's control links (shard 0
     /// relays it, `api::ask_node`); the reply is the node's answer as JSON, or why there is
     /// none.
@@ -725,6 +734,18 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/auth/reload", post(auth_reload))
         .route("/api/v1/nodes", get(crate::api::nodes))
         .route("/api/v1/nodes/{node}", get(crate::api::node))
+        .route("/api/v1/clients", get(crate::api::clients))
+        .route(
+            "/api/v1/clients/{client_id}",
+            get(crate::api::client).delete(crate::api::kick),
+        )
+        .route("/api/v1/subscriptions", get(crate::api::subscriptions))
+        .route("/api/v1/routes", get(crate::api::routes))
+        .route("/api/v1/retained", get(crate::api::retained))
+        .route(
+            "/api/v1/retained/{*topic}",
+            get(crate::api::retained_get).delete(crate::api::retained_delete),
+        )
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -827,14 +848,23 @@ pub fn start(
     Ok(())
 }
 
-/// `shardmq ctl`: one request to a node's admin endpoint, with the token if there is one and
-/// a JSON body for a POST; returns the JSON answer, pretty-printed.
+/// What `shardmq ctl` sends: a GET, a POST with its JSON body, or a DELETE (which carries
+/// `Content-Type: application/json`, as the guard asks of every state change).
+#[derive(Debug, Clone)]
+pub enum CtlRequest {
+    Get,
+    Post(Value),
+    Delete,
+}
+
+/// `shardmq ctl`: one request to a node's admin endpoint, with the token if there is one;
+/// returns the JSON answer, or the endpoint's error.
 pub fn ctl(
     admin: &str,
     token: Option<&str>,
     path: &str,
-    body: Option<Value>,
-) -> Result<String, String> {
+    request: CtlRequest,
+) -> Result<Value, String> {
     let url = format!("http://{admin}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -842,16 +872,25 @@ pub fn ctl(
         .build()
         .into();
     let authorization = token.map(|token| format!("Bearer {token}"));
-    let response = match body {
-        Some(body) => {
+    let response = match request {
+        CtlRequest::Post(body) => {
             let mut request = agent.post(&url);
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
             }
             request.send_json(body)
         }
-        None => {
+        CtlRequest::Get => {
             let mut request = agent.get(&url);
+            if let Some(authorization) = &authorization {
+                request = request.header("Authorization", authorization);
+            }
+            request.call()
+        }
+        CtlRequest::Delete => {
+            let mut request = agent
+                .delete(&url)
+                .header("Content-Type", "application/json");
             if let Some(authorization) = &authorization {
                 request = request.header("Authorization", authorization);
             }
@@ -868,7 +907,7 @@ pub fn ctl(
     let body: Value =
         serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
     if status.is_success() {
-        serde_json::to_string_pretty(&body).map_err(|e| e.to_string())
+        Ok(body)
     } else {
         Err(format!(
             "{}: {}",

@@ -24,6 +24,11 @@ use crate::admin::{
     ASK_TIMEOUT, AppState, Control, NodeMessage, ask, error_response, shard_metrics,
 };
 
+mod inspect;
+pub use inspect::{
+    client, clients, kick, retained, retained_delete, retained_get, routes, subscriptions,
+};
+
 /// How long [`gather`] waits for the nodes' answers.
 pub const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -33,8 +38,46 @@ pub const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum NodeQuery {
     /// The node's role, version, uptime, connection and session counts, message counters
     /// and rates.
+    // Strict like the struct variants: serde lets a unit variant of an internally tagged
+    // enum ignore extra fields once the enum has struct variants.
+    #[serde(deserialize_with = "no_fields")]
     Summary,
+    /// The node's connected clients matching every given filter, at most `limit`
+    /// (clamped to [`LIST_LIMIT_MAX`]).
+    Clients {
+        client_id_prefix: Option<String>,
+        username: Option<String>,
+        address: Option<String>,
+        limit: usize,
+    },
+    /// One connected client and its subscriptions (`null` when it is not connected here).
+    Client { client_id: String },
+    /// End the client's connection if it is connected here.
+    Kick { client_id: String },
+    /// The subscriptions of the node's sessions, at most `limit`.
+    Subscriptions {
+        client_id_prefix: Option<String>,
+        filter_prefix: Option<String>,
+        limit: usize,
+    },
 }
+
+/// A query that takes no fields has none.
+fn no_fields<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<(), D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    Empty::deserialize(deserializer).map(|_| ())
+}
+
+/// The most entries one listing answers (per node, and after merging).
+pub const LIST_LIMIT_MAX: usize = 1000;
+
+/// The entries a listing answers when it does not say.
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+
+/// How long an inspection waits for the shards it asks (all at once).
+const INSPECT_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The message counters of this node at one moment, to compute rates from.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +96,10 @@ const RATE_INTERVAL_MIN: Duration = Duration::from_secs(1);
 pub async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value, String> {
     match query {
         NodeQuery::Summary => summary(state).await,
+        NodeQuery::Clients { .. }
+        | NodeQuery::Client { .. }
+        | NodeQuery::Kick { .. }
+        | NodeQuery::Subscriptions { .. } => inspect::answer(state, query).await,
     }
 }
 
@@ -135,9 +182,6 @@ fn rates_of(sample: &RateSample) -> (f64, f64) {
 
 /// One node's answer to a gathered query: the node (None when not clustered) and its answer
 /// or why there is none.
-// The shared contract for the other queries' endpoints (clients, kick, subscriptions);
-// `GET /api/v1/nodes` uses `gather_members`, which also gives each member's state.
-#[allow(dead_code)]
 pub type NodeAnswer = (Option<u64>, Result<Value, String>);
 
 /// One member's answer to a gathered query, with its state in the cluster status as this
@@ -205,22 +249,10 @@ pub async fn answer_peer(state: &AppState, query: &[u8]) -> Result<Vec<u8>, Stri
     serde_json::to_vec(&value).map_err(|e| format!("the answer does not serialize: {e}"))
 }
 
-/// Parses a query strictly: what is not a [`NodeQuery`], or names a field the query does
-/// not have, is refused. serde's `deny_unknown_fields` does not reach the fields beside the
-/// tag of a unit variant (`{"query":"summary","x":1}` would pass), so every field given must
-/// also be one the parsed query serializes (a field left out, such as an `Option`, is fine).
+/// Parses a query another node sent: what is not a [`NodeQuery`] (an unknown query, an
+/// unknown or missing field, bytes that are not JSON) is refused with the reason.
 pub fn parse_query(bytes: &[u8]) -> Result<NodeQuery, String> {
-    let refused = |e: String| format!("not a query this node answers: {e}");
-    let given: Value = serde_json::from_slice(bytes).map_err(|e| refused(e.to_string()))?;
-    let query: NodeQuery =
-        serde_json::from_value(given.clone()).map_err(|e| refused(e.to_string()))?;
-    let known = serde_json::to_value(&query).map_err(|e| refused(e.to_string()))?;
-    if let (Some(given), Some(known)) = (given.as_object(), known.as_object())
-        && let Some(field) = given.keys().find(|field| !known.contains_key(*field))
-    {
-        return Err(refused(format!("unknown field {field:?}")));
-    }
-    Ok(query)
+    serde_json::from_slice(bytes).map_err(|e| format!("not a query this node answers: {e}"))
 }
 
 /// This node's answer to `query` by `deadline`.
@@ -281,7 +313,6 @@ pub async fn ask_node(state: &AppState, node: u32, query: &NodeQuery) -> Result<
 /// member shown down is answered "down" without being asked, every other one is asked over
 /// the control link to it. A core has a control link to every node; an edge only to the
 /// cores, so the other edges are listed with "no control link to node N".
-#[allow(dead_code)]
 pub async fn gather(state: &AppState, query: &NodeQuery) -> Vec<NodeAnswer> {
     gather_members(state, query)
         .await

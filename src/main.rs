@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod auth;
 mod config;
+mod ctl;
 mod durable;
 mod ingress;
 mod layout;
@@ -107,6 +108,9 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: CtlCommand,
+        /// Print the endpoint's JSON answer instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
     },
 }
 
@@ -115,6 +119,9 @@ enum CtlCommand {
     /// The cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Nodes, clients, subscriptions, routes, retained messages.
+    #[command(flatten)]
+    Inspect(ctl::Inspect),
 }
 
 #[derive(Debug, Subcommand)]
@@ -465,6 +472,7 @@ impl ShardHandler {
                 key: key.clone(),
                 value: value.clone(),
             },
+            Control::Inspect(query, _) => Request::Inspect(query.clone()),
             Control::AskNode { .. } | Control::AnswerNode { .. } => {
                 unreachable!("the relay's controls are taken in `event`")
             }
@@ -485,7 +493,7 @@ impl ShardHandler {
             Control::Status(reply) => {
                 let _ = reply.send(answer.and_then(|answer| match answer {
                     Answer::Status(status) => Ok(admin::status_json(&status)),
-                    Answer::Done | Answer::Metrics(_) => {
+                    Answer::Done | Answer::Metrics(_) | Answer::Inspect(_) => {
                         Err("the node answered a status request without one".into())
                     }
                 }));
@@ -493,8 +501,16 @@ impl ShardHandler {
             Control::Metrics(reply) => {
                 let _ = reply.send(answer.and_then(|answer| match answer {
                     Answer::Metrics(metrics) => Ok(metrics),
-                    Answer::Done | Answer::Status(_) => {
+                    Answer::Done | Answer::Status(_) | Answer::Inspect(_) => {
                         Err("the shard answered a metrics request without them".into())
+                    }
+                }));
+            }
+            Control::Inspect(_, reply) => {
+                let _ = reply.send(answer.and_then(|answer| match answer {
+                    Answer::Inspect(reply) => Ok(reply),
+                    Answer::Done | Answer::Status(_) | Answer::Metrics(_) => {
+                        Err("the shard answered an inspection without its reply".into())
                     }
                 }));
             }
@@ -1351,6 +1367,7 @@ fn ctl(
     token_file: Option<PathBuf>,
     config: Option<PathBuf>,
     command: &CtlCommand,
+    json: bool,
 ) -> Result<String, String> {
     let config = config.map(|path| Config::load(Some(&path))).transpose()?;
     let admin = match (admin, &config) {
@@ -1377,21 +1394,29 @@ fn ctl(
     if let Some(warning) = &token.warning {
         eprintln!("shardmq ctl: warning: {warning}");
     }
-    let (path, body) = match command {
-        CtlCommand::Cluster(ClusterCommand::Status) => ("/api/v1/cluster/status", None),
-        CtlCommand::Cluster(ClusterCommand::Join { address }) => (
+    let post = |path: &str, body| (path.to_string(), admin::CtlRequest::Post(body));
+    let (path, request) = match command {
+        CtlCommand::Cluster(ClusterCommand::Status) => {
+            ("/api/v1/cluster/status".to_string(), admin::CtlRequest::Get)
+        }
+        CtlCommand::Cluster(ClusterCommand::Join { address }) => post(
             "/api/v1/cluster/join",
-            Some(serde_json::json!({ "address": address.to_string() })),
+            serde_json::json!({ "address": address.to_string() }),
         ),
         CtlCommand::Cluster(ClusterCommand::Leave) => {
-            ("/api/v1/cluster/leave", Some(serde_json::json!({})))
+            post("/api/v1/cluster/leave", serde_json::json!({}))
         }
-        CtlCommand::Cluster(ClusterCommand::Set { key, value }) => (
+        CtlCommand::Cluster(ClusterCommand::Set { key, value }) => post(
             "/api/v1/cluster/settings",
-            Some(serde_json::json!({ "key": key, "value": value })),
+            serde_json::json!({ "key": key, "value": value }),
         ),
+        CtlCommand::Inspect(inspect) => ctl::request(inspect),
     };
-    admin::ctl(&admin, token.token.as_deref(), path, body)
+    let answer = admin::ctl(&admin, token.token.as_deref(), &path, request)?;
+    match command {
+        CtlCommand::Inspect(inspect) if !json => Ok(ctl::render(inspect, &answer)),
+        _ => serde_json::to_string_pretty(&answer).map_err(|e| e.to_string()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -1438,7 +1463,8 @@ fn main() -> ExitCode {
             token_file,
             config,
             command,
-        } => match ctl(admin, token_file, config, &command) {
+            json,
+        } => match ctl(admin, token_file, config, &command, json) {
             Ok(text) => {
                 println!("{text}");
                 ExitCode::SUCCESS

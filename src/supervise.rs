@@ -56,6 +56,12 @@ impl Health {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// The shards' clock now (milliseconds since the epoch they count from), to turn a time
+    /// a shard tells into wall time.
+    pub fn shard_clock_ms(&self) -> u64 {
+        self.now_ms()
+    }
+
     fn bump(&self, shard: u16) {
         if let Some(stamp) = self.last_loop_ms.get(usize::from(shard)) {
             stamp.store(self.now_ms(), Ordering::Relaxed);

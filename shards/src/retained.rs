@@ -175,6 +175,23 @@ impl Retained {
         self.messages.values()
     }
 
+    /// The retained message of exactly `topic`, expired or not.
+    pub fn get(&self, topic: &str) -> Option<&Message> {
+        self.messages.get(topic)
+    }
+
+    /// The retained messages whose topic starts with `prefix`, by topic: one range of the
+    /// B-tree, however many topics there are.
+    pub fn with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Message> + 'a {
+        self.messages
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(_, message)| message)
+            .take_while(move |message| message.topic.starts_with(prefix))
+    }
+
     pub fn len(&self) -> usize {
         self.messages.len()
     }

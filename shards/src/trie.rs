@@ -320,6 +320,54 @@ impl<T> Trie<T> {
             .flat_map(|subscribers| subscribers.as_slice())
     }
 
+    /// Every filter with subscribers that starts with `prefix`, with its subscribers, until
+    /// `visit` returns false. Filters come level by level, the children of each level in the
+    /// order of their bytes (`+` and `#` among them), so the order is a function of the
+    /// filters alone. Costs a sort of every literal edge (O(E log E)) and then a walk of the
+    /// branches that can hold such a filter: for an operator's listing, never the message path.
+    pub fn for_each_filter(&self, prefix: &str, mut visit: impl FnMut(&str, &[T]) -> bool) {
+        let mut literal: Vec<(NodeIndex, &[u8], NodeIndex)> = self
+            .edges
+            .iter()
+            .map(|edge| (edge.parent, edge_level(&self.levels, edge), edge.child))
+            .collect();
+        literal.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        // (node, its filter); the root's is empty and never visited as a filter.
+        let mut stack: Vec<(NodeIndex, String)> = vec![(ROOT, String::new())];
+        while let Some((node, path)) = stack.pop() {
+            if node != ROOT && path.starts_with(prefix) {
+                let subscribers = self.subscribers_of(node);
+                if !subscribers.is_empty() && !visit(&path, subscribers) {
+                    return;
+                }
+            }
+            let first = literal.partition_point(|edge| edge.0 < node);
+            let mut children: Vec<(&[u8], NodeIndex)> = literal[first..]
+                .iter()
+                .take_while(|edge| edge.0 == node)
+                .map(|edge| (edge.1, edge.2))
+                .collect();
+            let wildcards = [
+                (&b"+"[..], self.nodes[node as usize].plus),
+                (&b"#"[..], self.nodes[node as usize].hash),
+            ];
+            children.extend(wildcards.into_iter().filter(|(_, child)| *child != NONE));
+            children.sort_unstable();
+            // Reversed onto the stack, so that the first child is walked first.
+            for (level, child) in children.into_iter().rev() {
+                let level = String::from_utf8_lossy(level);
+                let child_path = if node == ROOT {
+                    level.into_owned()
+                } else {
+                    format!("{path}/{level}")
+                };
+                if child_path.starts_with(prefix) || prefix.starts_with(child_path.as_str()) {
+                    stack.push((child, child_path));
+                }
+            }
+        }
+    }
+
     /// The subscribers of exactly `filter`.
     pub fn get(&self, filter: &str) -> &[T] {
         match self.find(filter) {
@@ -445,6 +493,44 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use shardmq_net::mqtt::topic::matches;
+
+    #[test]
+    fn filters_are_listed_by_prefix_in_level_order_and_the_walk_stops_when_told() {
+        let mut trie = Trie::new();
+        for (value, filter) in ["a/b", "a/+", "a/#", "b", "/x", "a//c", "ab", "a/b/c"]
+            .into_iter()
+            .enumerate()
+        {
+            trie.insert(filter, value as u32);
+        }
+        trie.remove("b", |_| true);
+        let listed = |prefix: &str, limit: usize| {
+            let mut found = Vec::new();
+            trie.for_each_filter(prefix, |filter, values| {
+                found.push((filter.to_string(), values.to_vec()));
+                found.len() < limit
+            });
+            found
+        };
+        let filters = |found: Vec<(String, Vec<u32>)>| {
+            found
+                .into_iter()
+                .map(|(filter, _)| filter)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            filters(listed("", 100)),
+            ["/x", "a//c", "a/#", "a/+", "a/b", "a/b/c", "ab"]
+        );
+        assert_eq!(
+            filters(listed("a/", 100)),
+            ["a//c", "a/#", "a/+", "a/b", "a/b/c"]
+        );
+        assert_eq!(filters(listed("a/b", 100)), ["a/b", "a/b/c"]);
+        assert_eq!(listed("a/b", 1), [("a/b".to_string(), vec![0])]);
+        assert!(listed("b", 100).is_empty(), "a removed filter is gone");
+        assert!(listed("zz", 100).is_empty());
+    }
 
     fn matched(trie: &Trie<u32>, topic: &str) -> Vec<u32> {
         let mut found = Vec::new();

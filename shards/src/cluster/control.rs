@@ -30,6 +30,7 @@ impl NodeShard {
             Request::Join(address) => self.join(address).map(|()| Answer::Done),
             Request::Leave => self.leave().map(|()| Answer::Done),
             Request::Set { key, value } => self.set_setting(&key, &value).map(|()| Answer::Done),
+            Request::Inspect(query) => Ok(Answer::Inspect(self.shard.inspect(query))),
         };
         let reply = NodeOutput::Reply { ticket, answer };
         match &mut self.cluster {

@@ -184,6 +184,9 @@ pub enum Request {
         key: String,
         value: String,
     },
+    /// The admin API's question about this shard's clients, subscriptions, routes or
+    /// retained messages, or its kick or retained deletion (`shard::inspect`).
+    Inspect(crate::shard::inspect::Query),
 }
 
 /// A request's answer.
@@ -193,6 +196,7 @@ pub enum Answer {
     Metrics(Box<crate::shard::ShardMetrics>),
     /// Done (join, leave, set).
     Done,
+    Inspect(crate::shard::inspect::Reply),
 }
 
 /// What the node layer asks the reactor to do; nothing else leaves it.

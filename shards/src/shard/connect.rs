@@ -313,6 +313,8 @@ impl Shard {
         connection.session = Some(index);
         connection.version = connect.protocol;
         connection.keep_alive_ms = u64::from(keep_alive) * 1000;
+        connection.connected_at_ms = self.now_ms;
+        connection.clean_start = connect.clean_start;
         connection.client_packet_size_max = connect
             .properties
             .maximum_packet_size

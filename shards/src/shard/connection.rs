@@ -73,6 +73,10 @@ pub(super) struct Connection {
     pub(super) closing: bool,
     /// Who the client is, once its credentials were checked (`authorize.rs`).
     pub(super) principal: Option<std::sync::Arc<Principal>>,
+    /// When its CONNECT was accepted (shard clock) and whether it asked for a clean start,
+    /// for the admin API (`inspect.rs`).
+    pub(super) connected_at_ms: u64,
+    pub(super) clean_start: bool,
 }
 
 /// Whether the protocol owes a packet to the client, or it may be held back.
@@ -183,6 +187,8 @@ impl Connection {
             claiming: false,
             closing: false,
             principal: None,
+            connected_at_ms: now_ms,
+            clean_start: true,
         }
     }
 

@@ -8,7 +8,8 @@
 //! routing a publish), `deliver` (to this shard's sessions), `timers` (the timer store and
 //! what fires), `snapshot`, `durable` (the durable log: records, held acknowledgements),
 //! `takeover` (across nodes), `authorize` (CONNECT's credentials, the ACL checks),
-//! `invariants` (`check_invariants`).
+//! `invariants` (`check_invariants`), `inspect` (the admin API's questions and its kick and
+//! retained deletion).
 //!
 //! Invariants (checked by `check_invariants`, which the tests and the simulation call after
 //! every step): a session lives on the shard its client identifier hashes to
@@ -57,6 +58,7 @@ mod connect;
 mod connection;
 mod deliver;
 mod durable;
+pub mod inspect;
 mod invariants;
 mod metrics;
 mod route;

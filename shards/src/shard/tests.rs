@@ -162,13 +162,25 @@ impl Node {
 
     /// Opens connection `id` on `shard` and sends `connect`.
     fn connect(&mut self, id: ConnectionId, shard: usize, connect: Connect) -> ConnAck {
+        self.connect_over(id, shard, connect, Transport::default())
+    }
+
+    /// [`Node::connect`] over `transport` (kept only if `shard` owns the client: a
+    /// hand-off opens the connection again without one).
+    fn connect_over(
+        &mut self,
+        id: ConnectionId,
+        shard: usize,
+        connect: Connect,
+        transport: Transport,
+    ) -> ConnAck {
         self.versions.insert(id, connect.protocol);
         self.location.insert(id, shard);
         self.run(
             shard,
             Input::Opened {
                 connection: id,
-                transport: Transport::default(),
+                transport,
             },
         );
         self.send(id, &Packet::Connect(Box::new(connect)));
@@ -330,6 +342,7 @@ mod auth;
 mod delivery;
 mod durable;
 mod guards;
+mod inspect;
 mod rules;
 mod sessions;
 mod slow_subscriber;
