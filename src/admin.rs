@@ -3,15 +3,15 @@
 //! Owns: one thread outside the data-plane cores running a single-threaded tokio runtime with
 //! axum on hyper (DESIGN §6). Health probes, open to anyone: `GET /health` (as live),
 //! `GET /api/v1/health/live`, `GET /api/v1/health/ready`. Behind the bearer token:
-//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` and `GET /api/v1/nodes/{node}` (`api.rs`), the clients, subscriptions,
-//! routes and retained endpoints (`api/inspect.rs`, with the state changes
-//! `DELETE /api/v1/clients/{id}` and `DELETE /api/v1/retained/{topic}`), and the state
-//! changes `POST /api/v1/cluster/join`
+//! `GET /api/v1/cluster/status`, `GET /api/v1/nodes` and `GET /api/v1/nodes/{node}`
+//! (`api.rs`), the clients, subscriptions, routes and retained endpoints (`api/inspect.rs`,
+//! with the state changes `DELETE /api/v1/clients/{id}` and `DELETE /api/v1/retained/{topic}`),
+//! and the state changes `POST /api/v1/cluster/join`
 //! (`{"address": ADDR}`), `POST /api/v1/cluster/leave` (`{}`),
 //! `POST /api/v1/cluster/settings` (`{"key": K, "value": V}`), `POST /api/v1/tls/reload`
 //! (`{}`: the TLS listeners' certificates and keys are read again; 422 with the reason, and
 //! nothing changed, when one is bad) and `POST /api/v1/auth/reload` (`{}`: the `[auth]`
-//! files likewise).
+//! files likewise); the per-client traces `/api/v1/traces` (`trace_api.rs`).
 //! Never: touches a shard's state. It asks shard 0 through its mailbox and waits for the
 //! answer, so the data plane stays lock-free.
 //! Invariants (every request is hostile until checked, in this order): a request other than
@@ -24,6 +24,9 @@
 //! `admin.header_read_timeout_ms` (which also closes idle connections), a request is done
 //! within `admin.request_timeout_ms`, a body is at most `admin.body_size_max` bytes, and at
 //! most `admin.connections_max` connections are served at once.
+//! The web dashboard's static files (`dashboard.rs`: `/` and its `/assets/...`, exactly those
+//! paths) get the Host check but not the token: they hold nothing secret, and the page sends
+//! the token with its API calls.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,6 +86,12 @@ pub enum Control {
         id: u64,
         answer: Result<Vec<u8>, String>,
     },
+    /// The client identifiers to trace from now on, replacing the set before (posted to every
+    /// shard by `trace.rs`).
+    Trace(
+        Vec<bytestring::ByteString>,
+        oneshot::Sender<Result<(), String>>,
+    ),
 }
 
 /// What travels through the shards' mailboxes: shard traffic, or an admin request.
@@ -108,6 +117,11 @@ pub enum NodeMessage {
     /// A client connection's ingress stack, handed over with the connection
     /// (`Actions::hand_off_carrying`, told as `Event::Adopted`); never posted on its own.
     Carried(Box<crate::ingress::Carried>),
+    /// The seed resolver's answer to shard 0's `NodeOutput::Resolve` (`resolve::Resolver`).
+    Resolved {
+        index: usize,
+        result: Result<Vec<std::net::SocketAddr>, String>,
+    },
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -135,6 +149,11 @@ pub fn status_json(status: &Status) -> Value {
         "seeds": status.seeds.iter().map(|(address, state)| json!({
             "address": address.to_string(),
             "state": state,
+        })).collect::<Vec<_>>(),
+        "seed_names": status.seed_names.iter().map(|n| json!({
+            "name": n.name,
+            "addresses": n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "error": n.error,
         })).collect::<Vec<_>>(),
         "following": status.following.map(|(core, applied)| json!({
             "core": core,
@@ -202,6 +221,8 @@ pub(crate) struct AppState {
     pub(crate) membership: Arc<tokio::sync::Mutex<Option<MembershipAnswer>>>,
     /// The last message counters sampled for the rates in `GET /api/v1/nodes`.
     pub(crate) rates: Arc<tokio::sync::Mutex<Option<crate::api::RateSample>>>,
+    /// This node's per-client traces (`trace.rs`).
+    pub(crate) traces: Arc<crate::trace::Traces>,
 }
 
 /// When shard 0 said whether the node is a member, and what it said.
@@ -245,7 +266,7 @@ pub(crate) fn error_response((status, message): (StatusCode, String)) -> Respons
 }
 
 /// A JSON body that did not parse (or had another content type), as a JSON error.
-fn rejection_response(rejection: JsonRejection) -> Response {
+pub(crate) fn rejection_response(rejection: JsonRejection) -> Response {
     error_response((rejection.status(), rejection.body_text()))
 }
 
@@ -300,13 +321,9 @@ fn token_matches(expected: &str, given: &str) -> bool {
     std::hint::black_box(difference) == 0
 }
 
-/// Why a request is refused before it reaches its handler, if it is.
-fn refusal(
-    settings: &Settings,
-    method: &Method,
-    query: bool,
-    headers: &HeaderMap,
-) -> Option<(StatusCode, String)> {
+/// Why a request is refused for its Host header (421), if it is: the one check the
+/// dashboard's static files get.
+fn host_refusal(settings: &Settings, headers: &HeaderMap) -> Option<(StatusCode, String)> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -319,6 +336,19 @@ fn refusal(
                 settings.address.port()
             ),
         ));
+    }
+    None
+}
+
+/// Why a request is refused before it reaches its handler, if it is.
+fn refusal(
+    settings: &Settings,
+    method: &Method,
+    query: bool,
+    headers: &HeaderMap,
+) -> Option<(StatusCode, String)> {
+    if let Some(refused) = host_refusal(settings, headers) {
+        return Some(refused);
     }
     let Some(token) = &settings.token else {
         return Some((
@@ -364,17 +394,24 @@ fn refusal(
     None
 }
 
-/// Runs every request but a health probe through [`refusal`], and every request within the
-/// request timeout.
+/// Runs every request but a health probe through [`refusal`] (the dashboard's static files
+/// through the Host check only: they hold nothing secret, and the page sends the token with
+/// its API calls), and every request within the request timeout.
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if !is_health_probe(request.uri().path())
-        && let Some(refused) = refusal(
+    let path = request.uri().path();
+    let refused = if is_health_probe(path) {
+        None
+    } else if crate::dashboard::is_static(path) {
+        host_refusal(&state.settings, request.headers())
+    } else {
+        refusal(
             &state.settings,
             request.method(),
             request.uri().query().is_some(),
             request.headers(),
         )
-    {
+    };
+    if let Some(refused) = refused {
         let unauthorized = refused.0 == StatusCode::UNAUTHORIZED;
         let mut response = error_response(refused);
         if unauthorized {
@@ -542,11 +579,57 @@ async fn membership(state: &AppState) -> Result<bool, String> {
     answer
 }
 
+/// `GET /api/v1/cluster/status`: shard 0's status, with every shard's cluster links and
+/// forward queues (asked of all shards, as a scrape does).
 async fn status(State(state): State<AppState>) -> Response {
     match ask(&state.mailboxes, ASK_TIMEOUT, Control::Status).await {
-        Ok(value) => Json(value).into_response(),
+        Ok(mut value) => {
+            let (shards, _) = shard_metrics(&state).await;
+            if let Some(object) = value.as_object_mut() {
+                let (links, queues) = links_json(&shards);
+                object.insert("links".into(), links);
+                object.insert("forward_queues".into(), queues);
+            }
+            Json(value).into_response()
+        }
         Err(e) => error_response(e),
     }
+}
+
+/// Every shard's cluster links and forward queues as JSON, in shard order.
+fn links_json(shards: &[(u16, ShardMetrics)]) -> (Value, Value) {
+    let links = shards
+        .iter()
+        .flat_map(|(shard, m)| {
+            m.links.iter().map(move |l| {
+                json!({
+                    "shard": shard,
+                    "peer": l.peer,
+                    "purpose": l.purpose,
+                    "up": l.up,
+                    "frames_sent": l.frames_sent,
+                    "frames_received": l.frames_received,
+                    "bytes_sent": l.bytes_sent,
+                    "bytes_received": l.bytes_received,
+                })
+            })
+        })
+        .collect();
+    let queues = shards
+        .iter()
+        .flat_map(|(shard, m)| {
+            m.forward_queues.iter().map(move |q| {
+                json!({
+                    "shard": shard,
+                    "peer": q.peer,
+                    "messages": q.messages,
+                    "bytes": q.bytes,
+                    "dropped": q.dropped,
+                })
+            })
+        })
+        .collect();
+    (Value::Array(links), Value::Array(queues))
 }
 
 #[derive(serde::Deserialize)]
@@ -722,6 +805,7 @@ async fn auth_reload(
 
 fn router(state: AppState) -> Router {
     Router::new()
+        .merge(crate::dashboard::routes())
         .route("/health", get(health_text))
         .route("/api/v1/health/live", get(live))
         .route("/api/v1/health/ready", get(ready))
@@ -733,7 +817,6 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/auth/reload", post(auth_reload))
         .route("/api/v1/nodes", get(crate::api::nodes))
-        .route("/api/v1/nodes/{node}", get(crate::api::node))
         .route("/api/v1/clients", get(crate::api::clients))
         .route(
             "/api/v1/clients/{client_id}",
@@ -745,6 +828,15 @@ fn router(state: AppState) -> Router {
         .route(
             "/api/v1/retained/{*topic}",
             get(crate::api::retained_get).delete(crate::api::retained_delete),
+        )
+        .route("/api/v1/nodes/{node}", get(crate::api::node))
+        .route(
+            "/api/v1/traces",
+            get(crate::trace_api::list).post(crate::trace_api::start),
+        )
+        .route(
+            "/api/v1/traces/{client_id}",
+            get(crate::trace_api::get).delete(crate::trace_api::stop),
         )
         .layer(DefaultBodyLimit::max(state.settings.body_size_max))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -786,6 +878,14 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, settings: Arc<Set
     }
 }
 
+/// The node's parts the endpoint reloads or reads, besides the shards' mailboxes.
+pub struct Services {
+    pub reloader: Arc<crate::ingress::Reloader>,
+    pub admission: Arc<Admission>,
+    pub auth: Arc<crate::auth::Auth>,
+    pub traces: Arc<crate::trace::Traces>,
+}
+
 /// Binds the endpoint now (so that an address in use fails the start) and serves it on a
 /// thread of its own; with `peer_queries`, it also answers the other nodes' questions that
 /// shard 0 hands it (`api::answer_peers`).
@@ -793,11 +893,15 @@ pub fn start(
     settings: Settings,
     mailboxes: Shared,
     health: Arc<Health>,
-    reloader: Arc<crate::ingress::Reloader>,
-    admission: Arc<Admission>,
-    auth: Arc<crate::auth::Auth>,
+    services: Services,
     peer_queries: Option<tokio::sync::mpsc::Receiver<crate::api::PeerQuery>>,
 ) -> Result<(), String> {
+    let Services {
+        reloader,
+        admission,
+        auth,
+        traces,
+    } = services;
     let address = settings.address;
     let listener = std::net::TcpListener::bind(address)
         .map_err(|e| format!("cannot listen on {address} (admin.listen): {e}"))?;
@@ -835,6 +939,7 @@ pub fn start(
                     settings: settings.clone(),
                     membership: Arc::default(),
                     rates: Arc::default(),
+                    traces,
                 };
                 if let Some(queries) = peer_queries {
                     tokio::spawn(crate::api::answer_peers(state.clone(), queries));
@@ -865,6 +970,45 @@ pub fn ctl(
     path: &str,
     request: CtlRequest,
 ) -> Result<Value, String> {
+    let (url, status, text) = ctl_call(admin, token, path, request)?;
+    let body: Value =
+        serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!(
+            "{}: {}",
+            status,
+            body.get("error").and_then(Value::as_str).unwrap_or("error")
+        ))
+    }
+}
+
+/// `shardmq ctl` for an answer that is text, not JSON (a trace file): the text on success,
+/// the endpoint's error otherwise.
+pub fn ctl_text(admin: &str, token: Option<&str>, path: &str) -> Result<String, String> {
+    let (url, status, text) = ctl_call(admin, token, path, CtlRequest::Get)?;
+    if status.is_success() {
+        return Ok(text);
+    }
+    let error = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|body| {
+            body.get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("{url}: {}", text.trim()));
+    Err(format!("{status}: {error}"))
+}
+
+/// One request of `shardmq ctl`: the URL asked, the answer's status and its text.
+fn ctl_call(
+    admin: &str,
+    token: Option<&str>,
+    path: &str,
+    request: CtlRequest,
+) -> Result<(String, axum::http::StatusCode, String), String> {
     let url = format!("http://{admin}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -904,17 +1048,9 @@ pub fn ctl(
         .body_mut()
         .read_to_string()
         .map_err(|e| format!("{url}: cannot read the answer: {e}"))?;
-    let body: Value =
-        serde_json::from_str(&text).map_err(|_| format!("{url}: {status}: {}", text.trim()))?;
-    if status.is_success() {
-        Ok(body)
-    } else {
-        Err(format!(
-            "{}: {}",
-            status,
-            body.get("error").and_then(Value::as_str).unwrap_or("error")
-        ))
-    }
+    let status =
+        axum::http::StatusCode::from_u16(status.as_u16()).map_err(|e| format!("{url}: {e}"))?;
+    Ok((url, status, text))
 }
 
 #[cfg(test)]

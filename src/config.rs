@@ -12,7 +12,7 @@ use shardmq_net::ingress::proxy::{ProxyAccept, TrustedNetworks};
 use shardmq_net::ingress::tls::MutualTls;
 use shardmq_net::mqtt::QoS;
 use shardmq_net::reactor::admission::AdmissionLimits;
-use shardmq_shards::cluster::{ClusterSettings, LinkSettings};
+use shardmq_shards::cluster::{ClusterSettings, LinkSettings, SeedName};
 use shardmq_shards::{Limits, SharedStrategy};
 
 /// The environment variable that holds the admin token (it wins over `admin.token_file`).
@@ -518,6 +518,66 @@ fn checked_proxy(table: &ListenerConfig, name: &str) -> Result<Option<ProxySetti
     }))
 }
 
+/// `cluster.seeds`: addresses (`10.0.0.1:7883`, `[fd00::1]:7883`) are dialled as they are;
+/// `host:port` and `srv:NAME` entries are names, resolved before each redial.
+fn parse_seeds(entries: &[String]) -> Result<(Vec<SocketAddr>, Vec<SeedName>), String> {
+    let mut addresses = Vec::new();
+    let mut names = Vec::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let shown: String = entry.chars().take(64).collect();
+        let problem = |why: &str| format!("`cluster.seeds[{index}]` is {shown:?}: {why}");
+        if let Some(name) = entry.strip_prefix("srv:") {
+            if !is_dns_name(name) {
+                return Err(problem(
+                    "expected srv:NAME with a DNS name (such as srv:_cluster._tcp.shardmq.default.svc.cluster.local)",
+                ));
+            }
+            names.push(SeedName::Srv(name.trim_end_matches('.').to_string()));
+        } else if let Ok(address) = entry.parse::<SocketAddr>() {
+            addresses.push(address);
+        } else {
+            let expected = "expected ADDRESS:PORT, HOST:PORT or srv:NAME";
+            let (host, port) = entry.rsplit_once(':').ok_or_else(|| problem(expected))?;
+            let port: u16 = port
+                .parse()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| problem("the port must be a number from 1 to 65535"))?;
+            if !is_dns_name(host) {
+                return Err(problem(expected));
+            }
+            names.push(SeedName::Host {
+                host: host.to_string(),
+                port,
+            });
+        }
+    }
+    if names.len() > SEED_NAMES_MAX {
+        return Err(format!(
+            "`cluster.seeds` has {} names: at most {SEED_NAMES_MAX}",
+            names.len()
+        ));
+    }
+    Ok((addresses, names))
+}
+
+/// Seed names one node may list (each may stand for several addresses).
+const SEED_NAMES_MAX: usize = 64;
+
+/// A DNS name as RFC 1035 allows it (with `_` for SRV labels): labels of 1 to 63 letters,
+/// digits, `-` or `_`, 253 characters at most, an optional final dot.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -528,7 +588,8 @@ pub struct ClusterConfig {
     pub role: String,
     pub listen: SocketAddr,
     pub advertise: String,
-    pub seeds: Vec<SocketAddr>,
+    pub seeds: Vec<String>,
+    pub dns_server: String,
     pub heartbeat_ms: u64,
     pub link_timeout_ms: u64,
     pub reconnect_ms: u64,
@@ -562,6 +623,10 @@ pub struct Admin {
     pub body_size_max: usize,
     pub connections_max: usize,
     pub stall_timeout_ms: u64,
+    /// Per-client traces running at once on this node (`trace.rs`); 0 turns traces off.
+    pub traces_max: usize,
+    /// The largest trace file, in bytes: past it the trace stops.
+    pub trace_bytes_max: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -806,6 +871,14 @@ impl Config {
             (2000..=3_600_000).contains(&a.stall_timeout_ms),
             "`admin.stall_timeout_ms` must be from 2000 to 3600000",
         )?;
+        check(
+            a.traces_max <= 1024,
+            "`admin.traces_max` must be from 0 to 1024",
+        )?;
+        check(
+            (4096..=1 << 30).contains(&a.trace_bytes_max),
+            "`admin.trace_bytes_max` must be from 4096 to 1073741824 bytes",
+        )?;
         if self.cluster.enabled {
             self.cluster_settings()?;
         }
@@ -898,6 +971,18 @@ impl Config {
         admin_token(&self.admin.token_file)
     }
 
+    /// The DNS server seed names are asked of (`cluster.dns_server`), or None for the
+    /// system's: getaddrinfo for `host:port` (so /etc/hosts works) and resolv.conf for SRV.
+    pub fn dns_server(&self) -> Result<Option<SocketAddr>, String> {
+        let server = &self.cluster.dns_server;
+        if server.is_empty() {
+            return Ok(None);
+        }
+        server.parse().map(Some).map_err(|_| {
+            format!("`cluster.dns_server` is {server:?}: expected ADDRESS:PORT (such as \"10.96.0.10:53\") or \"\" for the system's resolver")
+        })
+    }
+
     /// The cluster settings for the shards, checked; `server.listen` gives the MQTT address
     /// other nodes show in their status.
     pub fn cluster_settings(&self) -> Result<ClusterSettings, String> {
@@ -925,6 +1010,8 @@ impl Config {
             role == Role::Core || !c.seeds.is_empty(),
             "`cluster.seeds` must name at least one core when `cluster.role` is \"edge\"",
         )?;
+        let (seeds, seed_names) = parse_seeds(&c.seeds)?;
+        self.dns_server()?;
         let advertise: SocketAddr = if c.advertise.is_empty() {
             c.listen
         } else {
@@ -993,7 +1080,8 @@ impl Config {
                 epoch: 0,
                 tls,
             },
-            seeds: c.seeds.clone(),
+            seeds,
+            seed_names,
             heartbeat_ms: c.heartbeat_ms,
             link_timeout_ms: c.link_timeout_ms,
             reconnect_ms: c.reconnect_ms,
@@ -1234,6 +1322,88 @@ mod tests {
         let error =
             Config::from_overrides("[admin]\nlisten = \"nowhere\"\n", "f.toml").unwrap_err();
         assert!(error.contains("admin.listen"), "{error}");
+    }
+
+    #[test]
+    fn seeds_are_addresses_host_names_or_srv_names() {
+        let entries: Vec<String> = [
+            "10.0.0.1:7883",
+            "[fd00::1]:7883",
+            "core-0.shardmq.default.svc:7883",
+            "localhost:7001",
+            "srv:_cluster._tcp.shardmq.default.svc.cluster.local.",
+        ]
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+        let (addresses, names) = parse_seeds(&entries).unwrap();
+        assert_eq!(
+            addresses,
+            vec![
+                "10.0.0.1:7883".parse::<SocketAddr>().unwrap(),
+                "[fd00::1]:7883".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            names,
+            vec![
+                SeedName::Host {
+                    host: "core-0.shardmq.default.svc".into(),
+                    port: 7883
+                },
+                SeedName::Host {
+                    host: "localhost".into(),
+                    port: 7001
+                },
+                SeedName::Srv("_cluster._tcp.shardmq.default.svc.cluster.local".into()),
+            ]
+        );
+        assert_eq!(
+            names[2].to_string(),
+            "srv:_cluster._tcp.shardmq.default.svc.cluster.local"
+        );
+        for (bad, says) in [
+            ("core-0", "expected ADDRESS:PORT, HOST:PORT or srv:NAME"),
+            ("core-0:0", "port"),
+            ("core-0:70000", "port"),
+            ("core-0:", "port"),
+            (":7883", "expected"),
+            ("core 0:7883", "expected"),
+            ("srv:", "srv:NAME"),
+            ("srv:bad..name", "srv:NAME"),
+            ("10.0.0.1", "expected"),
+        ] {
+            let error = parse_seeds(&[bad.to_string()]).unwrap_err();
+            assert!(
+                error.contains("cluster.seeds[0]") && error.contains(says),
+                "{bad}: {error}"
+            );
+        }
+        let long = format!("{}.example:7883", "a".repeat(64));
+        assert!(parse_seeds(&[long]).is_err());
+        let many: Vec<String> = (0..=SEED_NAMES_MAX)
+            .map(|i| format!("core-{i}:7883"))
+            .collect();
+        assert!(parse_seeds(&many).unwrap_err().contains("at most"));
+    }
+
+    #[test]
+    fn dns_server_is_an_address_or_empty() {
+        let config = |value: &str| {
+            Config::from_overrides(&format!("[cluster]\ndns_server = \"{value}\"\n"), "f.toml")
+                .unwrap()
+        };
+        assert_eq!(config("").dns_server().unwrap(), None);
+        assert_eq!(
+            config("127.0.0.1:5353").dns_server().unwrap(),
+            Some("127.0.0.1:5353".parse().unwrap())
+        );
+        assert!(
+            config("dns.local")
+                .dns_server()
+                .unwrap_err()
+                .contains("cluster.dns_server")
+        );
     }
 
     #[test]

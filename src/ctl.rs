@@ -108,7 +108,8 @@ fn with_query(path: &str, parameters: &[(&str, Option<String>)]) -> String {
     }
 }
 
-fn segment(text: &str) -> String {
+/// `text` as one URL path segment (every byte but ASCII letters and digits percent-encoded).
+pub fn segment(text: &str) -> String {
     utf8_percent_encode(text, NON_ALPHANUMERIC).to_string()
 }
 

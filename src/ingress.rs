@@ -248,6 +248,8 @@ pub struct Ingress {
     wire_unsent_max: usize,
     /// Connections whose stack got wire bytes in this batch.
     to_send: Vec<ConnectionId>,
+    /// This node's identifier, a field of every log line about a client connection.
+    node: u32,
     /// Wire bytes of connections that failed in this batch (their last: an alert).
     last_words: Vec<(ConnectionId, Bytes)>,
     /// Connections this layer ends in this batch; the reactor's events for them until the
@@ -259,6 +261,12 @@ pub struct Ingress {
 }
 
 impl Ingress {
+    /// The node's identifier for the log lines (0, a standalone node's, until set).
+    pub fn with_node(mut self, node: u32) -> Self {
+        self.node = node;
+        self
+    }
+
     pub fn new(
         stacks: Arc<ListenerStacks>,
         handshake_timeout_ms: u64,
@@ -273,6 +281,7 @@ impl Ingress {
                 .saturating_mul(2)
                 .saturating_add(WIRE_UNSENT_MARGIN),
             to_send: Vec::new(),
+            node: 0,
             last_words: Vec::new(),
             to_close: Vec::new(),
             to_admit: Vec::new(),
@@ -316,7 +325,7 @@ impl Ingress {
                     .push_back((now_ms.saturating_add(self.handshake_timeout_ms), connection));
             }
             Err(error) => {
-                warn!(%error, listener = origin.listener, "cannot start a connection's TLS session: closed");
+                warn!(node = self.node, connection, address = origin.peer.map(tracing::field::display), %error, listener = origin.listener, "cannot start a connection's TLS session: closed");
                 self.to_close.push(connection);
             }
         }
@@ -386,20 +395,21 @@ impl Ingress {
                 }
                 if let Some(source) = established.source {
                     debug!(
+                        node = self.node,
                         connection,
                         balancer = ?layered.transport.peer,
-                        peer = %source,
+                        address = %source,
                         vpc_endpoint = established.vpc_endpoint.as_deref().unwrap_or(""),
                         "PROXY header read: the client's address replaces the balancer's"
                     );
                     layered.transport.peer = Some(source);
                 } else if let Some(endpoint) = &established.vpc_endpoint {
-                    debug!(connection, vpc_endpoint = %endpoint, "PROXY header read");
+                    debug!(node = self.node, connection, address = layered.transport.peer.map(tracing::field::display), vpc_endpoint = %endpoint, "PROXY header read");
                 }
                 layered.transport.certificate_name =
                     established.certificate_name.map(ByteString::from);
                 if let Some(name) = &layered.transport.certificate_name {
-                    debug!(connection, certificate_name = %name, "client certificate verified (by the listener's TLS, or by the balancer in its PROXY header)");
+                    debug!(node = self.node, connection, address = layered.transport.peer.map(tracing::field::display), certificate_name = %name, "client certificate verified (by the listener's TLS, or by the balancer in its PROXY header)");
                 }
                 inputs.push(NodeInput::Opened {
                     connection,
@@ -411,12 +421,12 @@ impl Ingress {
                 // A balancer misconfigured, or someone pretending to be one; or a web page of
                 // an origin that `ws_allowed_origins` does not list (cross-site WebSocket
                 // hijacking, or a page the operator forgot to list): say so plainly.
-                info!(connection, peer = ?layered.transport.peer, %error, "client connection refused: closed");
+                info!(node = self.node, connection, address = layered.transport.peer.map(tracing::field::display), %error, "client connection refused: closed");
                 self.fail(connection, was_established, inputs);
                 return;
             }
             Err(error) => {
-                debug!(connection, peer = ?layered.transport.peer, %error, "client connection's transport failed: closed");
+                debug!(node = self.node, connection, address = layered.transport.peer.map(tracing::field::display), %error, "client connection's transport failed: closed");
                 self.fail(connection, was_established, inputs);
                 return;
             }
@@ -444,8 +454,9 @@ impl Ingress {
             return;
         }
         info!(
+            node = self.node,
             connection,
-            peer = ?layered.transport.peer,
+            address = layered.transport.peer.map(tracing::field::display),
             unsent_bytes = backlog,
             limit = self.wire_unsent_max,
             "client connection closed: it does not read what its transport sends (WebSocket pongs or TLS records piling up)"
@@ -518,7 +529,13 @@ impl Ingress {
             self.handshakes.pop_front();
             if pending {
                 debug!(
+                    node = self.node,
                     connection,
+                    address = self
+                        .connections
+                        .get(&connection)
+                        .and_then(|layered| layered.transport.peer)
+                        .map(tracing::field::display),
                     timeout_ms = self.handshake_timeout_ms,
                     "client connection's handshake not done in time: closed"
                 );
@@ -563,7 +580,7 @@ impl Ingress {
         match layered.stack.send(&bytes) {
             Ok(()) => self.to_send.push(connection),
             Err(error) => {
-                debug!(connection, %error, "client connection's transport failed while sending: closed");
+                debug!(node = self.node, connection, address = layered.transport.peer.map(tracing::field::display), %error, "client connection's transport failed while sending: closed");
                 self.fail(connection, true, inputs);
             }
         }

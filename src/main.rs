@@ -9,14 +9,18 @@ mod api;
 mod auth;
 mod config;
 mod ctl;
+mod dashboard;
 mod durable;
 mod ingress;
 mod layout;
 mod log_io;
 mod metrics;
 mod passwd;
+mod resolve;
 mod supervise;
 mod sys;
+mod trace;
+mod trace_api;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -122,6 +126,25 @@ enum CtlCommand {
     /// Nodes, clients, subscriptions, routes, retained messages.
     #[command(flatten)]
     Inspect(ctl::Inspect),
+    /// Per-client traces of this node (every packet of one client, to a file).
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TraceCommand {
+    /// Trace CLIENT_ID's packets for N minutes (1 to 60).
+    Start {
+        client_id: String,
+        #[arg(long, value_name = "N")]
+        minutes: u64,
+    },
+    /// The node's traces: client, start, end, bytes written, state.
+    List,
+    /// Print CLIENT_ID's trace file.
+    Get { client_id: String },
+    /// Stop CLIENT_ID's trace (its file is kept).
+    Stop { client_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,6 +193,8 @@ struct ShardHandler {
     /// Other nodes' questions answered with an error because the admin thread's queue was
     /// full or gone.
     peer_queries_refused: u64,
+    /// The seed resolver (shard 0 of a member with seed names).
+    resolver: Option<Arc<resolve::Resolver>>,
 }
 
 /// Where a node's answer to the admin thread's question goes.
@@ -207,6 +232,28 @@ impl ShardHandler {
             next_ask: 0,
             peer_queries: None,
             peer_queries_refused: 0,
+            resolver: None,
+        }
+    }
+
+    /// Seed names shard 0 asks about go to `resolver`.
+    fn with_resolver(mut self, resolver: Option<Arc<resolve::Resolver>>) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Shard 0's request to resolve a seed name: queued for the resolver thread, or failed
+    /// now (an input of this batch) if it cannot be.
+    fn resolve(&mut self, index: usize, name: shardmq_shards::cluster::SeedName) {
+        let queued = match &self.resolver {
+            Some(resolver) => resolver.submit(index, name),
+            None => Err("no seed resolver on this shard".to_string()),
+        };
+        if let Err(error) = queued {
+            self.inputs.push(NodeInput::Resolved {
+                index,
+                result: Err(error),
+            });
         }
     }
 
@@ -372,6 +419,7 @@ impl ShardHandler {
                     query,
                 } => self.node_asked(connection, node, id, query),
                 NodeOutput::NodeAnswer { id, node, answer } => self.node_answered(id, node, answer),
+                NodeOutput::Resolve { index, name } => self.resolve(index, name),
             }
         }
     }
@@ -476,6 +524,7 @@ impl ShardHandler {
             Control::AskNode { .. } | Control::AnswerNode { .. } => {
                 unreachable!("the relay's controls are taken in `event`")
             }
+            Control::Trace(client_ids, _) => Request::Trace(std::mem::take(client_ids)),
         };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
@@ -519,7 +568,10 @@ impl ShardHandler {
                     warn!(%message, "the $SYS values were not published");
                 }
             }
-            Control::Join(_, reply) | Control::Leave(reply) | Control::Set(_, _, reply) => {
+            Control::Join(_, reply)
+            | Control::Leave(reply)
+            | Control::Set(_, _, reply)
+            | Control::Trace(_, reply) => {
                 let _ = reply.send(answer.map(|_| ()));
             }
             Control::AskNode { .. } | Control::AnswerNode { .. } => {
@@ -571,6 +623,9 @@ impl Handler for ShardHandler {
                 ticket,
                 verdict,
             },
+            Event::Message(NodeMessage::Resolved { index, result }) => {
+                NodeInput::Resolved { index, result }
+            }
             Event::Message(NodeMessage::Carried(_)) => {
                 error!("a connection's stack posted without its connection: dropped");
                 return;
@@ -885,7 +940,42 @@ fn admin_settings(config: &Config, clustered: bool) -> Result<Option<admin::Sett
     }))
 }
 
-fn serve(config: Config) -> Result<(), String> {
+/// The node's logs: lines to stderr (text or JSON, as `server.log_format` says) through the
+/// `server.log` filter, and the shards' trace records to the trace files only.
+fn init_logs(config: &Config, filter: tracing_subscriber::EnvFilter, traces: &Arc<trace::Traces>) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = match format!("{}=off", shardmq_shards::shard::TRACE_TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
+    let logs = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    let logs = if config.server.log_format == "json" {
+        logs.json()
+            .with_thread_names(true)
+            .with_current_span(false)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(filter)
+            .boxed()
+    };
+    let records = traces
+        .layer()
+        .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+            metadata.target() == shardmq_shards::shard::TRACE_TARGET
+        }));
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(records)
+        .init();
+}
+
+fn serve(config: Config, traces: Arc<trace::Traces>) -> Result<(), String> {
     reactor::check_kernel()?;
     let shard_count = match config.server.shards {
         0 => std::thread::available_parallelism()
@@ -922,8 +1012,16 @@ fn serve(config: Config) -> Result<(), String> {
     let mailboxes: Arc<Mailboxes<NodeMessage>> =
         Mailboxes::new(shard_count, config.reactor.mailbox_capacity)
             .map_err(|e| format!("cannot create the shard mailboxes: {e}"))?;
+    traces.attach(mailboxes.clone(), shard_count);
     // The `[auth]` files, read and checked before anything serves, and the verifier pool.
     let (auth, summary) = auth::Auth::start(&config.auth, mailboxes.clone(), shard_count)?;
+    // Seed names are resolved on a thread of their own, never on a shard's.
+    let resolver = match &cluster {
+        Some(settings) if !settings.seed_names.is_empty() => Some(Arc::new(
+            resolve::Resolver::start(config.dns_server()?, mailboxes.clone())?,
+        )),
+        _ => None,
+    };
     info!(
         users = summary.users,
         acl_rules = summary.acl_rules,
@@ -1104,7 +1202,8 @@ fn serve(config: Config) -> Result<(), String> {
                     stacks.clone(),
                     config.limits().connect_timeout_ms,
                     config.limits().unsent_bytes_per_connection_max,
-                ),
+                )
+                .with_node(config.cluster.node_id_if_enabled()),
             )
             .with_raft_directory(raft_directory)
             .with_auth(auth.clone(), index)
@@ -1112,7 +1211,8 @@ fn serve(config: Config) -> Result<(), String> {
                 peer_query_sender.take()
             } else {
                 None
-            }),
+            })
+            .with_resolver(resolver.clone().filter(|_| index == 0)),
             index,
             health.clone(),
             fault,
@@ -1176,9 +1276,12 @@ fn serve(config: Config) -> Result<(), String> {
             settings,
             mailboxes.clone(),
             health.clone(),
-            reloader.clone(),
-            admission.clone(),
-            auth.clone(),
+            admin::Services {
+                reloader: reloader.clone(),
+                admission: admission.clone(),
+                auth: auth.clone(),
+                traces: traces.clone(),
+            },
             peer_query_receiver,
         )
     {
@@ -1242,7 +1345,7 @@ fn serve(config: Config) -> Result<(), String> {
             role = config.cluster.role,
             cluster_listen = %config.cluster.listen,
             advertise = settings.link.member.cluster_address,
-            seeds = ?settings.seeds,
+            seeds = ?config.cluster.seeds,
             "cluster member"
         );
     }
@@ -1411,6 +1514,9 @@ fn ctl(
             serde_json::json!({ "key": key, "value": value }),
         ),
         CtlCommand::Inspect(inspect) => ctl::request(inspect),
+        CtlCommand::Trace(command) => {
+            return trace_api::ctl(&admin, token.token.as_deref(), command);
+        }
     };
     let answer = admin::ctl(&admin, token.token.as_deref(), &path, request)?;
     match command {
@@ -1466,7 +1572,12 @@ fn main() -> ExitCode {
             json,
         } => match ctl(admin, token_file, config, &command, json) {
             Ok(text) => {
-                println!("{text}");
+                // A trace file ends with its own newline; JSON answers do not.
+                if text.ends_with('\n') {
+                    print!("{text}");
+                } else {
+                    println!("{text}");
+                }
                 ExitCode::SUCCESS
             }
             Err(message) => {
@@ -1507,21 +1618,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let logs = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_target(false)
-                .with_writer(std::io::stderr);
-            if loaded.server.log_format == "json" {
-                logs.json()
-                    .with_thread_names(true)
-                    .with_current_span(false)
-                    .init();
-            } else {
-                logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .init();
-            }
+            let traces = match trace::Traces::start(trace::Settings {
+                traces_max: loaded.admin.traces_max,
+                bytes_max: loaded.admin.trace_bytes_max,
+                directory: (!loaded.server.data_dir.is_empty())
+                    .then(|| PathBuf::from(&loaded.server.data_dir).join("traces")),
+            }) {
+                Ok(traces) => traces,
+                Err(message) => {
+                    eprintln!("shardmq: {message}");
+                    return ExitCode::from(1);
+                }
+            };
+            init_logs(&loaded, filter, &traces);
             supervise::log_panics();
-            match serve(loaded) {
+            match serve(loaded, traces) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => {
                     error!("{message}");

@@ -104,6 +104,7 @@ const QOS: [&str; 3] = ["0", "1", "2"];
 pub fn render(scrape: &Scrape) -> String {
     let mut registry = Registry::with_prefix("shardmq");
     shard_metrics(&mut registry, scrape.shards);
+    link_metrics(&mut registry, scrape.shards);
     let missing = gauges(
         &mut registry,
         "scrape_shards_missing",
@@ -318,6 +319,79 @@ fn shard_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
             "Bytes the retained messages hold (one shard's copy)",
         );
         set(&retained_bytes, &[], first.retained_bytes);
+    }
+}
+
+/// The cluster links and forward queues of every shard (none on a node on its own).
+fn link_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
+    if shards
+        .iter()
+        .all(|(_, m)| m.links.is_empty() && m.forward_queues.is_empty())
+    {
+        return;
+    }
+    let up = gauges(
+        registry,
+        "cluster_links_up",
+        "Cluster links up (handshake done) to a peer node, by purpose (control, data) and shard",
+    );
+    let frames_sent = counters(
+        registry,
+        "cluster_link_frames_sent",
+        "Cluster frames written to a peer node's links, by purpose and shard",
+    );
+    let frames_received = counters(
+        registry,
+        "cluster_link_frames_received",
+        "Cluster frames decoded from a peer node's links, by purpose and shard",
+    );
+    let bytes_sent = counters(
+        registry,
+        "cluster_link_bytes_sent",
+        "Bytes handed to a peer node's link sockets (TLS records included), by purpose and shard",
+    );
+    let bytes_received = counters(
+        registry,
+        "cluster_link_bytes_received",
+        "Bytes received on a peer node's link sockets (TLS records included), by purpose and shard",
+    );
+    let queue_messages = gauges(
+        registry,
+        "cluster_forward_queue_messages",
+        "Messages a shard holds for a peer node: not yet sent, or sent and not acknowledged",
+    );
+    let queue_bytes = gauges(
+        registry,
+        "cluster_forward_queue_bytes",
+        "Estimated encoded bytes of the messages in a shard's forward queue to a peer node",
+    );
+    let queue_dropped = counters(
+        registry,
+        "cluster_forward_queue_dropped",
+        "Oldest messages a full forward queue (cluster.forward_queue_max) dropped to make room",
+    );
+    for (index, metrics) in shards {
+        let shard = index.to_string();
+        for link in &metrics.links {
+            let peer = link.peer.to_string();
+            let pairs = [
+                ("peer", peer.as_str()),
+                ("purpose", link.purpose),
+                ("shard", shard.as_str()),
+            ];
+            set(&up, &pairs, link.up);
+            add(&frames_sent, &pairs, link.frames_sent);
+            add(&frames_received, &pairs, link.frames_received);
+            add(&bytes_sent, &pairs, link.bytes_sent);
+            add(&bytes_received, &pairs, link.bytes_received);
+        }
+        for queue in &metrics.forward_queues {
+            let peer = queue.peer.to_string();
+            let pairs = [("peer", peer.as_str()), ("shard", shard.as_str())];
+            set(&queue_messages, &pairs, queue.messages);
+            set(&queue_bytes, &pairs, queue.bytes);
+            add(&queue_dropped, &pairs, queue.dropped);
+        }
     }
 }
 

@@ -225,3 +225,134 @@ fn a_core_reports_its_cluster_and_raft_state() {
         "an edge reports no Raft term"
     );
 }
+
+/// A 2-core cluster: messages published on node 1 reach a subscriber on node 2 over the data
+/// links. The link counters move (frames on the data links both ways, at least the payload
+/// bytes, control and data links up), the forward queue is empty once idle, and the cluster
+/// status shows the same links.
+#[test]
+fn cluster_links_count_frames_and_bytes_and_the_forward_queue_drains() {
+    let cluster = support::TestCluster::start(2, 0);
+    cluster.wait_leader(&[1, 2]);
+    let subscriber = v5(cluster.node(2).broker.port, "links-subscriber", |_| {});
+    subscriber.subscribe("links/#", QoS::AtLeastOnce);
+    cluster.wait_routes(1, 2, 1);
+    let publisher = v5(cluster.node(1).broker.port, "links-publisher", |_| {});
+    let (count, payload) = (40, vec![b'p'; 200]);
+    for i in 0..count {
+        publisher
+            .client
+            .publish(
+                format!("links/{i}"),
+                QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .unwrap();
+    }
+    let received = subscriber.publishes(count, Duration::from_secs(10));
+    assert_eq!(received.len(), count, "every message crossed");
+    let payload_bytes = (count * payload.len()) as f64;
+    let link = |samples: &BTreeMap<Key, f64>, name: &str, purpose: &str, peer: &str| {
+        total(samples, name, &[("purpose", purpose), ("peer", peer)])
+    };
+    let sender = scrape(&cluster.node(1).broker);
+    let receiver = scrape(&cluster.node(2).broker);
+    for (samples, peer) in [(&sender, "2"), (&receiver, "1")] {
+        assert!(link(samples, "shardmq_cluster_links_up", "control", peer) >= 1.0);
+        assert!(link(samples, "shardmq_cluster_links_up", "data", peer) >= 1.0);
+        assert!(
+            link(
+                samples,
+                "shardmq_cluster_link_frames_sent_total",
+                "control",
+                peer
+            ) > 0.0
+        );
+        assert!(
+            link(
+                samples,
+                "shardmq_cluster_link_frames_received_total",
+                "data",
+                peer
+            ) > 0.0
+        );
+    }
+    assert!(
+        link(
+            &sender,
+            "shardmq_cluster_link_frames_sent_total",
+            "data",
+            "2"
+        ) > 0.0
+    );
+    assert!(
+        link(
+            &sender,
+            "shardmq_cluster_link_bytes_sent_total",
+            "data",
+            "2"
+        ) >= payload_bytes,
+        "node 1 sent at least the payloads on its data links"
+    );
+    assert!(
+        link(
+            &receiver,
+            "shardmq_cluster_link_bytes_received_total",
+            "data",
+            "1"
+        ) >= payload_bytes,
+        "node 2 received at least the payloads on its data links"
+    );
+    // Once idle (the QoS 1 messages acknowledged), nothing waits for node 2.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = scrape(&cluster.node(1).broker);
+        let waiting = total(
+            &samples,
+            "shardmq_cluster_forward_queue_messages",
+            &[("peer", "2")],
+        );
+        let bytes = total(
+            &samples,
+            "shardmq_cluster_forward_queue_bytes",
+            &[("peer", "2")],
+        );
+        assert!(
+            samples.keys().any(
+                |(name, labels)| name == "shardmq_cluster_forward_queue_messages"
+                    && labels.get("peer").map(String::as_str) == Some("2")
+            ),
+            "node 1 reports its forward queues to node 2"
+        );
+        if waiting == 0.0 && bytes == 0.0 {
+            assert_eq!(
+                total(&samples, "shardmq_cluster_forward_queue_dropped_total", &[]),
+                0.0
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{waiting} messages still queued"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = cluster.status(1);
+    let links = status["links"].as_array().unwrap();
+    assert!(
+        links.iter().any(|l| l["peer"] == 2
+            && l["purpose"] == "data"
+            && l["up"].as_u64() >= Some(1)
+            && l["bytes_sent"].as_u64() >= Some(payload_bytes as u64)),
+        "the status shows the data links: {links:?}"
+    );
+    assert!(
+        status["forward_queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["peer"] == 2 && q["messages"] == 0),
+        "{status}"
+    );
+}

@@ -154,11 +154,11 @@ fn behind_haproxy_the_broker_sees_the_clients_address_and_verified_cn() {
     let local = client.local_addr().unwrap();
     mqtt_connect(&mut client, b"", "through-haproxy");
     ping(&mut client);
-    wait_log(&broker, &format!("peer={local}"));
+    wait_log(&broker, &format!("address={local}"));
     let log = broker.log_text();
     let line = log
         .lines()
-        .find(|line| line.contains(&format!("peer={local}")))
+        .find(|line| line.contains(&format!("address={local}")))
         .unwrap();
     assert!(line.contains("balancer=Some(127.0.0.1:"), "{line}");
 
@@ -256,7 +256,7 @@ fn untrusted_sources_hand_made_v1_headers_and_garbage() {
         b"PROXY TCP4 198.51.100.20 127.0.0.1 40123 1883\r\n",
         "v1-by-hand",
     );
-    wait_log(&broker, "peer=198.51.100.20:40123");
+    wait_log(&broker, "address=198.51.100.20:40123");
 
     // A v2 header from 127.0.0.2, outside `proxy_trusted`: refused and closed, with the
     // reason in the log.

@@ -256,7 +256,7 @@ fn a_websocket_listener_behind_a_proxy_header() {
         read_frame(&mut stream),
         (0x82, vec![0x20, 0x02, 0x00, 0x00])
     );
-    wait_logged(&broker, |log| log.contains("peer=198.51.100.77:41000"));
+    wait_logged(&broker, |log| log.contains("address=198.51.100.77:41000"));
     // Without the header: refused before any HTTP answer.
     let (mut bare, answer) = upgrade(port, "/mqtt", "");
     assert!(answer.is_empty(), "{answer}");
@@ -286,7 +286,7 @@ fn a_foreign_origin_is_refused_with_403_and_a_listed_one_is_served() {
     wait_logged(&broker, |log| {
         log.lines().any(|line| {
             line.contains("INFO")
-                && line.contains("peer=Some(127.0.0.1:")
+                && line.contains("address=127.0.0.1:")
                 && line.contains(
                     "Origin \"https://evil.example\" is not in the listener's ws_allowed_origins",
                 )

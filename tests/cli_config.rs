@@ -5,6 +5,8 @@ mod support;
 
 use std::process::Command;
 
+use std::time::Duration;
+
 use support::Broker;
 
 fn shardmq(args: &[&str]) -> std::process::Output {
@@ -167,6 +169,14 @@ fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
     assert!(closed);
 }
 
+/// Each line of a JSON log, parsed (a line that is not JSON fails the test).
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect()
+}
+
 #[test]
 fn json_logs_are_one_object_per_line_with_the_client_and_its_address() {
     let port = support::free_port();
@@ -184,11 +194,7 @@ fn json_logs_are_one_object_per_line_with_the_client_and_its_address() {
     drop(client);
     broker.stop();
     let log = broker.log_text();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
-        .collect();
+    let lines = json_lines(&log);
     assert!(
         lines
             .iter()
@@ -200,10 +206,113 @@ fn json_logs_are_one_object_per_line_with_the_client_and_its_address() {
         .unwrap_or_else(|| panic!("no \"client connected\" line:\n{log}"));
     assert_eq!(connected["fields"]["client_id"], "json-log-client");
     assert!(
-        connected["fields"]["peer"]
+        connected["fields"]["address"]
             .as_str()
-            .is_some_and(|peer| peer.contains("127.0.0.1")),
+            .is_some_and(|address| address.contains("127.0.0.1")),
         "{connected}"
     );
     assert_eq!(connected["threadName"], "shard-0");
+}
+
+/// Every JSON line about a client carries `node`, `client_id` (once known) and `address`:
+/// a CONNECT refused for its identifier, a malformed packet after CONNECT, and a client that
+/// connects, subscribes and leaves.
+#[test]
+fn every_json_log_line_about_a_client_carries_its_id_address_and_node() {
+    use std::io::Read;
+    let port = support::free_port();
+    let mut broker = Broker::start_env(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        None,
+        port,
+        support::free_port(),
+        2,
+        "log_format = \"json\"\n[limits]\nclient_id_length_max = 23\n",
+        &[("RUST_LOG", Some("shardmq_shards=debug,info"))],
+    );
+    // Refused: the identifier is longer than the limit.
+    let refused_id = "refused-for-its-long-identifier";
+    let mut refused = support::raw(port);
+    support::write_all(&mut refused, &support::connect_packet(refused_id));
+    let (bytes, closed) = support::read_until_closed(&mut refused, Duration::from_secs(3));
+    assert_eq!(
+        bytes,
+        [0x20, 0x02, 0x00, 0x02],
+        "CONNACK 2: identifier rejected"
+    );
+    assert!(closed);
+    // Malformed after CONNECT: packet type 0 is reserved.
+    let malformed_id = "log-fields-malformed";
+    let mut malformed = support::raw(port);
+    support::write_all(&mut malformed, &support::connect_packet(malformed_id));
+    let mut connack = [0u8; 4];
+    malformed.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    support::write_all(&mut malformed, &[0x00, 0x00]);
+    let (_, closed) = support::read_until_closed(&mut malformed, Duration::from_secs(3));
+    assert!(closed);
+    // A plain client.
+    let plain_id = "log-fields-plain";
+    let plain = support::v5(port, plain_id, |_| {});
+    plain.subscribe("log/fields", rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
+    drop(plain);
+    broker.stop();
+
+    let log = broker.log_text();
+    let lines = json_lines(&log);
+    let has_who = |line: &serde_json::Value| {
+        let fields = &line["fields"];
+        fields["node"] == 0
+            && fields["address"]
+                .as_str()
+                .is_some_and(|address| address.starts_with("127.0.0.1:"))
+    };
+    let mut connections = Vec::new();
+    for id in [refused_id, malformed_id, plain_id] {
+        let about: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|line| line["fields"].to_string().contains(id))
+            .collect();
+        assert!(!about.is_empty(), "no line about {id}:\n{log}");
+        for line in about {
+            assert_eq!(line["fields"]["client_id"], id, "{line}");
+            assert_eq!(line["fields"]["node"], 0, "{line}");
+            // A line about a connection has its address; one about a session with no
+            // connection any more (\"session ended\") has none to give.
+            match line["fields"]["connection"].as_u64() {
+                Some(connection) => {
+                    assert!(has_who(line), "{line}");
+                    connections.push(connection);
+                }
+                None => assert!(line["fields"]["address"].is_null(), "{line}"),
+            }
+        }
+    }
+    // Lines about those clients' connections before their identifier is known (the
+    // connection opened) carry the rest.
+    for line in lines.iter().filter(|line| {
+        line["fields"]["connection"]
+            .as_u64()
+            .is_some_and(|connection| connections.contains(&connection))
+    }) {
+        assert!(has_who(line), "{line}");
+    }
+    let message = |text: &str, id: &str| {
+        lines.iter().any(|line| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(text))
+                && line["fields"]["client_id"] == id
+        })
+    };
+    assert!(message("CONNECT refused", refused_id), "{log}");
+    assert!(
+        message(
+            "closing the connection: the client broke the protocol",
+            malformed_id
+        ),
+        "{log}"
+    );
+    assert!(message("client connected", plain_id), "{log}");
+    assert!(message("closing the connection", plain_id), "{log}");
 }

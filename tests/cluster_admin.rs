@@ -4,6 +4,7 @@
 //! an error; a stopped or killed node is listed with an error within the gather timeout, and
 //! the call does not hang; a client on node 3 is listed and kicked from core 1. A hostile peer that has the cluster secret gets error answers to
 //! queries that do not parse or are too long, past the per-link cap, and the node stays up.
+//! A client on node 3 is listed and kicked from node 1, through the API and `ctl`.
 
 mod support;
 
@@ -394,4 +395,81 @@ fn hostile_queries_from_a_peer_with_the_secret_get_error_answers() {
         Some(ADMIN_TOKEN),
     );
     assert_eq!(status, 200, "{body}");
+}
+
+/// A client connected to node 3 of three cores is listed by node 1's API and by `ctl`
+/// against node 1, with its node, and kicked from node 1: it gets DISCONNECT 0x98 and is gone
+/// from every node's list.
+#[test]
+fn a_client_on_node_3_is_listed_and_kicked_from_node_1() {
+    let cluster = TestCluster::start(3, 0);
+    cluster.wait_all_members(Duration::from_secs(30));
+    let far = v5(cluster.node(3).broker.port, "far-client", |_| {});
+    let _near = v5(cluster.node(1).broker.port, "near-client", |_| {});
+    let first = cluster.node(1).broker.admin_address();
+    let listed = |body: &str| -> Vec<(String, u64)> {
+        let value: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        value["clients"]
+            .as_array()
+            .expect("a client list")
+            .iter()
+            .map(|c| {
+                (
+                    c["client_id"].as_str().unwrap_or_default().to_string(),
+                    c["node"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let (status, body) = http_get(first, "/api/v1/clients", Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        listed(&body),
+        vec![
+            ("far-client".to_string(), 3),
+            ("near-client".to_string(), 1)
+        ],
+        "{body}"
+    );
+    let (status, body) = http_get(first, "/api/v1/clients?node=3", Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(listed(&body), vec![("far-client".to_string(), 3)]);
+    let shown = cluster
+        .node(1)
+        .broker
+        .ctl(&["--json", "clients", "show", "far-client"])
+        .unwrap();
+    assert_eq!(shown["node"], 3, "{shown:#}");
+
+    let kicked = cluster
+        .node(1)
+        .broker
+        .ctl(&["--json", "clients", "kick", "far-client"])
+        .unwrap();
+    assert_eq!(
+        kicked,
+        serde_json::json!({ "kicked": true, "node": 3 }),
+        "{kicked:#}"
+    );
+    let ended = far
+        .ended
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the client on node 3 is disconnected");
+    assert!(
+        format!("{ended:?}").contains("AdministrativeAction"),
+        "DISCONNECT 0x98: {ended:?}"
+    );
+    for id in [1, 2, 3] {
+        let (status, body) = http_get(
+            cluster.node(id).broker.admin_address(),
+            "/api/v1/clients/far-client",
+            Some(ADMIN_TOKEN),
+        );
+        assert_eq!(status, 404, "node {id} no longer has it: {body}");
+    }
+    let output = cluster
+        .node(1)
+        .broker
+        .ctl(&["clients", "kick", "far-client"]);
+    assert!(output.is_err(), "a second kick finds no client: {output:?}");
 }

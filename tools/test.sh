@@ -4,7 +4,7 @@
 #   tools/test.sh
 #
 # Steps: install missing tools (rustfmt, clippy, cargo-fuzz, mosquitto-clients, paho-mqtt,
-# haproxy, nodejs/npm and MQTT.js, fonts-dejavu-core)
+# haproxy, nodejs/npm and MQTT.js, fonts-dejavu-core, chromium, chromium-driver and selenium)
 # -> cargo fmt --check -> clippy (warnings are errors) -> the
 # malformed corpus matches its generator -> a short run of every fuzz target of net/fuzz and
 # shards/fuzz -> cargo test for the whole workspace (last, so that its summary closes the
@@ -49,6 +49,18 @@ if ! python3 -c "import prometheus_client.openmetrics.parser" 2>/dev/null; then
     echo "prometheus-client (Python) missing: installing it from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check "prometheus-client>=0.20,<1" \
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "prometheus-client>=0.20,<1"
+fi
+# tests/dashboard.rs drives the web dashboard in Debian's headless Chromium with Selenium
+# (pointed at /usr/bin/chromedriver, so Selenium Manager downloads nothing).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "chromium/chromium-driver missing: installing them with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq chromium chromium-driver
+fi
+if ! python3 -c "import selenium, sys; sys.exit(0 if int(selenium.__version__.split('.')[0]) >= 4 else 1)" 2>/dev/null; then
+    echo "selenium 4 missing: installing it from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check "selenium>=4.10,<5" \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "selenium>=4.10,<5"
 fi
 # tests/broker_proxy.rs puts a real HAProxy in front of the broker.
 if ! command -v haproxy >/dev/null; then

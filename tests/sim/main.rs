@@ -365,6 +365,7 @@ fn settings(id: NodeId, role: Role, address: SocketAddr, seeds: &[SocketAddr]) -
             tls: None,
         },
         seeds: seeds.to_vec(),
+        seed_names: Vec::new(),
         heartbeat_ms: 100,
         link_timeout_ms: 500,
         reconnect_ms: 100,
@@ -845,6 +846,9 @@ impl Sim {
                 self.nodes[node].disk.free_at_ms = at;
                 self.nodes[node].disk.queue.push_back(call);
                 self.schedule(at, Event::RaftFiles { node, generation });
+            }
+            NodeOutput::Resolve { name, .. } => {
+                panic!("seed name {name} sent to a resolver: the simulation configures none")
             }
         }
     }

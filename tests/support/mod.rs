@@ -729,6 +729,19 @@ impl ClusterNode {
     }
 }
 
+/// Where a test cluster's nodes listen and what seeds they list ([`TestCluster::start_named`]):
+/// by default node i on 127.0.0.(10 + i), the cores' addresses as seeds.
+#[derive(Default)]
+pub struct Naming {
+    /// Node i's (from 1) cluster address.
+    pub address: Option<Box<dyn Fn(usize) -> SocketAddr>>,
+    /// The seed entries, from the cores' cluster addresses.
+    pub seeds: Option<Box<SeedsOf>>,
+}
+
+/// The seed entries a test cluster lists, from its cores' cluster addresses.
+pub type SeedsOf = dyn Fn(&[SocketAddr]) -> Vec<String>;
+
 /// A local cluster: nodes 1..=cores are cores, the rest edges. Node i's cluster port listens on
 /// 127.0.0.(10 + i), its MQTT and admin ports on 127.0.0.1. Links time out fast (heartbeat
 /// 100 ms, timeout 600 ms) and a node that is down loses its routes after 2 s.
@@ -743,18 +756,38 @@ impl TestCluster {
 
     /// `extra(id)` adds TOML keys to node `id`'s `[cluster]` table.
     pub fn start_with(cores: usize, edges: usize, extra: impl Fn(u32) -> String) -> Self {
-        Self::start_on(cores, edges, None, None, extra)
+        Self::start_on(cores, edges, None, None, &Naming::default(), extra)
     }
 
     /// A cluster whose node i runs in namespace i of `namespaces`, on its address there
     /// (MQTT on port 1883, admin on 8883, cluster on 7883), so that a test can cut it off.
     pub fn start_isolated(cores: usize, edges: usize, namespaces: &Namespaces) -> Self {
-        Self::start_on(cores, edges, Some(namespaces), None, |_| String::new())
+        Self::start_on(
+            cores,
+            edges,
+            Some(namespaces),
+            None,
+            &Naming::default(),
+            |_| String::new(),
+        )
     }
 
     /// A cluster whose node i keeps its state in `root/node-i` (`server.data_dir`).
     pub fn start_persistent(cores: usize, edges: usize, root: &std::path::Path) -> Self {
-        Self::start_on(cores, edges, None, Some(root), |_| String::new())
+        Self::start_on(cores, edges, None, Some(root), &Naming::default(), |_| {
+            String::new()
+        })
+    }
+
+    /// A cluster whose nodes listen where `naming` says and list the seeds it makes (names
+    /// rather than addresses, say).
+    pub fn start_named(
+        cores: usize,
+        edges: usize,
+        naming: &Naming,
+        extra: impl Fn(u32) -> String,
+    ) -> Self {
+        Self::start_on(cores, edges, None, None, naming, extra)
     }
 
     fn start_on(
@@ -762,6 +795,7 @@ impl TestCluster {
         edges: usize,
         namespaces: Option<&Namespaces>,
         data_root: Option<&std::path::Path>,
+        naming: &Naming,
         extra: impl Fn(u32) -> String,
     ) -> Self {
         let addresses: Vec<SocketAddr> = (1..=cores + edges)
@@ -769,14 +803,18 @@ impl TestCluster {
                 if let Some(namespaces) = namespaces {
                     return SocketAddr::new(namespaces.address(i), 7883);
                 }
+                if let Some(address) = &naming.address {
+                    return address(i);
+                }
                 let ip = std::net::Ipv4Addr::new(127, 0, 0, 10 + i as u8);
                 SocketAddr::from((ip, free_port_on(ip)))
             })
             .collect();
-        let seeds: Vec<String> = addresses[..cores]
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect();
+        let seeds: Vec<String> = match &naming.seeds {
+            Some(seeds) => seeds(&addresses[..cores]),
+            None => addresses[..cores].iter().map(ToString::to_string).collect(),
+        };
+        let seeds: Vec<String> = seeds.iter().map(|a| format!("\"{a}\"")).collect();
         let nodes = addresses
             .iter()
             .enumerate()
@@ -1078,6 +1116,12 @@ pub fn voters(status: &serde_json::Value) -> Vec<u64> {
 /// Sends one raw HTTP/1.1 request to `address` and reads until the server closes (send
 /// `Connection: close`); returns the status code (0 if there was no answer) and the body.
 pub fn http_raw(address: SocketAddr, request: &str) -> (u16, String) {
+    let (status, _, body) = http_response(address, request);
+    (status, body)
+}
+
+/// [`http_raw`] with the response's header lines too (names lower-cased).
+pub fn http_response(address: SocketAddr, request: &str) -> (u16, Vec<(String, String)>, String) {
     let mut stream = TcpStream::connect(address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -1091,11 +1135,14 @@ pub fn http_raw(address: SocketAddr, request: &str) -> (u16, String) {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
 }
 
 /// `GET path` on the admin endpoint at `address`, with the bearer token if given.

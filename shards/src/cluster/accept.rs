@@ -231,6 +231,7 @@ mod tests {
         let settings = ClusterSettings {
             link: link_settings(1),
             seeds: Vec::new(),
+            seed_names: Vec::new(),
             heartbeat_ms: 100,
             link_timeout_ms: 600,
             reconnect_ms: 100,

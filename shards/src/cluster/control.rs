@@ -22,7 +22,7 @@ impl NodeShard {
         let now_ms = self.now_ms;
         let answer = match request {
             Request::Status => self.status(now_ms).map(|s| Answer::Status(Box::new(s))),
-            Request::Metrics => Ok(Answer::Metrics(Box::new(self.shard.metrics()))),
+            Request::Metrics => Ok(Answer::Metrics(Box::new(self.metrics()))),
             Request::Sys(values) => {
                 self.shard.publish_sys(values);
                 Ok(Answer::Done)
@@ -31,6 +31,10 @@ impl NodeShard {
             Request::Leave => self.leave().map(|()| Answer::Done),
             Request::Set { key, value } => self.set_setting(&key, &value).map(|()| Answer::Done),
             Request::Inspect(query) => Ok(Answer::Inspect(self.shard.inspect(query))),
+            Request::Trace(client_ids) => {
+                self.shard.set_traced(client_ids);
+                Ok(Answer::Done)
+            }
         };
         let reply = NodeOutput::Reply { ticket, answer };
         match &mut self.cluster {

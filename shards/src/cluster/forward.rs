@@ -107,19 +107,23 @@ pub fn encode_cut(
     cluster: u64,
     body_len_max: usize,
     out: &mut BytesMut,
-) -> Result<usize, frame::FrameError> {
+) -> Result<Cut, frame::FrameError> {
     let budget = body_len_max / frame::FRAME_BUDGET_DIVISOR;
+    let one = Cut {
+        frames: 1,
+        dropped: 0,
+    };
     let Body::Forward { messages } = body else {
-        return frame::encode(body, cluster, body_len_max, out).map(|()| 0);
+        return frame::encode(body, cluster, body_len_max, out).map(|()| one);
     };
     let total = messages
         .iter()
         .map(frame::Forwarded::len_bound)
         .sum::<usize>();
     if total <= budget {
-        return frame::encode(body, cluster, body_len_max, out).map(|()| 0);
+        return frame::encode(body, cluster, body_len_max, out).map(|()| one);
     }
-    let mut dropped = 0;
+    let (mut frames, mut dropped) = (0, 0);
     for run in frame::cut_by_len(messages, |m| m.len_bound(), budget) {
         let count = run.len();
         let first_sequence = run.first().map(|m| m.sequence);
@@ -127,17 +131,27 @@ pub fn encode_cut(
             messages: run.into_iter().cloned().collect(),
         };
         // A run of several items is within the budget, so only a lone item can fail here.
-        if let Err(error) = frame::encode(&part, cluster, body_len_max, out) {
-            warn!(
-                sequence = first_sequence,
-                count,
-                %error,
-                "forwarded item longer than a cluster frame: dropped"
-            );
-            dropped += count;
+        match frame::encode(&part, cluster, body_len_max, out) {
+            Ok(()) => frames += 1,
+            Err(error) => {
+                warn!(
+                    sequence = first_sequence,
+                    count,
+                    %error,
+                    "forwarded item longer than a cluster frame: dropped"
+                );
+                dropped += count;
+            }
         }
     }
-    Ok(dropped)
+    Ok(Cut { frames, dropped })
+}
+
+/// What [`encode_cut`] wrote: how many frames, and how many forwarded items it dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    pub frames: usize,
+    pub dropped: usize,
 }
 
 /// What one received item is for this node. Lives for one item: the message inline costs
@@ -419,6 +433,23 @@ impl Peer {
     pub fn unacked_count(&self) -> usize {
         self.unacked.len()
     }
+
+    /// Messages waiting (to be sent, or sent and not acknowledged), each counted once, and
+    /// their estimated encoded bytes. Walks the queue: for scrapes, not the message path.
+    pub fn depth(&self) -> (u64, u64) {
+        // A reliable message not yet sent is in both `unacked` and `unsent`.
+        let unsent_only = self.unsent.iter().filter(|f| {
+            self.unacked
+                .binary_search_by_key(&f.sequence, |u| u.sequence)
+                .is_err()
+        });
+        self.unacked
+            .iter()
+            .chain(unsent_only)
+            .fold((0, 0), |(count, bytes), f| {
+                (count + 1, bytes + f.len_bound() as u64)
+            })
+    }
 }
 
 /// The receiving side: the highest message number delivered per sending shard, and the
@@ -663,9 +694,17 @@ mod tests {
         }
         let body = peer.take_frame().expect("a backlog");
         let mut bytes = BytesMut::new();
-        assert_eq!(encode_cut(&body, 9, body_len_max, &mut bytes), Ok(0));
+        let cut = encode_cut(&body, 9, body_len_max, &mut bytes).unwrap();
         let frames = frames_within(&bytes, body_len_max);
         assert!(frames.len() >= 4, "{} frames", frames.len());
+        assert_eq!(
+            cut,
+            Cut {
+                frames: frames.len(),
+                dropped: 0
+            },
+            "the cut counts the frames it wrote"
+        );
         // The receiver takes each, in order, and acknowledges how far it got.
         let mut delivered = Delivered::default();
         let mut taken = Vec::new();
@@ -711,7 +750,10 @@ mod tests {
         peer.push(&large(3, 100), 0, 100);
         let mut bytes = BytesMut::new();
         let body = peer.take_frame().unwrap();
-        assert_eq!(encode_cut(&body, 9, body_len_max, &mut bytes), Ok(1));
+        assert_eq!(
+            encode_cut(&body, 9, body_len_max, &mut bytes).map(|c| c.dropped),
+            Ok(1)
+        );
         let sent: Vec<u64> = frames_within(&bytes, body_len_max)
             .into_iter()
             .flatten()

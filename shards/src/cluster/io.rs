@@ -10,10 +10,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use shardmq_net::frame::{Body, NodeId};
+use shardmq_net::frame::{Body, NodeId, Purpose};
 use tracing::warn;
 
 use super::accept::Accepting;
+use super::link::LinkCounters;
 use super::{Agent, ClusterSettings, Link, NodeOutput, forward};
 use crate::message::ConnectionId;
 
@@ -24,9 +25,31 @@ pub struct Io {
     pub outputs: Vec<NodeOutput>,
     pub settings: ClusterSettings,
     pub now_ms: u64,
+    /// What the links that closed had carried, by peer node and purpose, so that the
+    /// counters of `GET /metrics` never go back when a link is replaced.
+    pub closed_links: BTreeMap<(NodeId, &'static str), LinkCounters>,
+}
+
+/// A link's purpose as the metrics label it.
+pub fn purpose_name(purpose: Purpose) -> &'static str {
+    match purpose {
+        Purpose::Control => "control",
+        Purpose::Data => "data",
+    }
 }
 
 impl Io {
+    /// No links yet, at `now_ms`.
+    pub fn new(settings: ClusterSettings, now_ms: u64) -> Self {
+        Self {
+            links: BTreeMap::new(),
+            outputs: Vec::new(),
+            settings,
+            now_ms,
+            closed_links: BTreeMap::new(),
+        }
+    }
+
     pub fn send(&mut self, connection: ConnectionId, body: &Body) {
         if let Some(link) = self.links.get_mut(&connection) {
             link.send(&self.settings.link, body, self.now_ms);
@@ -37,11 +60,26 @@ impl Io {
         self.outputs.push(NodeOutput::Connect { address, tag });
     }
 
+    /// Asks for seed name `index` to be resolved (`NodeInput::Resolved` answers).
+    pub fn resolve(&mut self, index: usize, name: &super::SeedName) {
+        self.outputs.push(NodeOutput::Resolve {
+            index,
+            name: name.clone(),
+        });
+    }
+
     /// Closes the link once what is queued for it is sent.
     pub fn close(&mut self, connection: ConnectionId) {
         if let Some(mut link) = self.links.remove(&connection) {
             if let Some(bytes) = link.take_outgoing() {
                 self.outputs.push(NodeOutput::Send { connection, bytes });
+            }
+            // A link that never finished its handshake has no peer to count under.
+            if let Some(peer) = link.up_peer() {
+                *self
+                    .closed_links
+                    .entry((peer.node, purpose_name(peer.purpose)))
+                    .or_default() += link.counters;
             }
             self.outputs.push(NodeOutput::Close { connection });
         }

@@ -145,6 +145,26 @@ impl Peer {
     }
 }
 
+/// What a link has carried: plain increments where frames and bytes pass, read only when an
+/// operator scrapes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    /// Bytes on the wire (TLS records included, under TLS).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl std::ops::AddAssign for LinkCounters {
+    fn add_assign(&mut self, other: Self) {
+        self.frames_sent += other.frames_sent;
+        self.frames_received += other.frames_received;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+    }
+}
+
 #[derive(Debug)]
 pub struct Link {
     pub connection: ConnectionId,
@@ -167,6 +187,7 @@ pub struct Link {
     pub last_sent_ms: u64,
     /// Forwarded items dropped because one alone is longer than a frame may be.
     pub forward_items_dropped: u64,
+    pub counters: LinkCounters,
 }
 
 impl Link {
@@ -240,6 +261,7 @@ impl Link {
             tls,
             received_any: false,
             forward_items_dropped: 0,
+            counters: LinkCounters::default(),
             failure,
             opened_ms: now_ms,
             last_received_ms: now_ms,
@@ -308,7 +330,10 @@ impl Link {
             &mut self.outgoing,
         );
         match result {
-            Ok(dropped) => self.forward_items_dropped += dropped as u64,
+            Ok(cut) => {
+                self.forward_items_dropped += cut.dropped as u64;
+                self.counters.frames_sent += cut.frames as u64;
+            }
             Err(error) => {
                 tracing::error!(
                     kind = body.kind(),
@@ -329,6 +354,7 @@ impl Link {
         // The buffer itself is handed over (`take`, not `split`): a view left behind would
         // keep the whole allocation of a burst alive on an idle link.
         let Some((session, wire)) = &mut self.tls else {
+            self.counters.bytes_sent += self.outgoing.len() as u64;
             return (!self.outgoing.is_empty())
                 .then(|| std::mem::take(&mut self.outgoing).freeze());
         };
@@ -341,6 +367,7 @@ impl Link {
         } else {
             self.outgoing.clear();
         }
+        self.counters.bytes_sent += wire.len() as u64;
         (!wire.is_empty()).then(|| std::mem::take(wire).freeze())
     }
 
@@ -396,13 +423,17 @@ impl Link {
         bodies: &mut Vec<Body>,
     ) -> Result<(), String> {
         self.last_received_ms = now_ms;
+        self.counters.bytes_received += bytes.len() as u64;
         if let Some(failure) = &self.failure {
             return Err(failure.clone());
         }
         self.take_in(settings, bytes, now_ms)?;
         loop {
             let (version, body) = match self.decoder.next_versioned() {
-                Ok(Some(frame)) => frame,
+                Ok(Some(frame)) => {
+                    self.counters.frames_received += 1;
+                    frame
+                }
                 Ok(None) => return Ok(()),
                 Err(error) => {
                     // Tell the peer why, where it can still read us (same cluster framing).

@@ -38,6 +38,7 @@ mod control;
 mod data;
 mod io;
 mod query;
+mod stats;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,6 +68,9 @@ pub struct ClusterSettings {
     pub link: LinkSettings,
     /// Cluster addresses of core nodes to dial.
     pub seeds: Vec<SocketAddr>,
+    /// Seeds given by name: resolved off the shard threads (`NodeOutput::Resolve`) before
+    /// each redial of their links, each address found becoming a seed.
+    pub seed_names: Vec<SeedName>,
     /// A control or data link sends a heartbeat when it has been quiet this long.
     pub heartbeat_ms: u64,
     /// A link silent this long is closed (and redialled, if it is ours).
@@ -82,6 +86,28 @@ pub struct ClusterSettings {
     /// When this run started (wall clock, ms): the high bits of its epoch, so that a later
     /// run's epoch is larger and a peer can tell news of a restart from stale news.
     pub start_ms: u64,
+}
+
+/// Addresses one seed name may stand for: a name that resolves to more (or SRV records with
+/// more targets) is cut to the first this many, in the resolver's order.
+pub const SEED_ADDRESSES_PER_NAME_MAX: usize = 16;
+
+/// A seed given by name in `cluster.seeds`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SeedName {
+    /// `host:port`: the name's A and AAAA records at `port`.
+    Host { host: String, port: u16 },
+    /// `srv:NAME`: the targets of NAME's SRV records, each at the port its record gives.
+    Srv(String),
+}
+
+impl std::fmt::Display for SeedName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SeedName::Host { host, port } => write!(f, "{host}:{port}"),
+            SeedName::Srv(name) => write!(f, "srv:{name}"),
+        }
+    }
 }
 
 /// What the reactor tells the node layer. Client connections and cluster links come apart
@@ -168,6 +194,12 @@ pub enum NodeInput {
         id: u64,
         answer: Result<Vec<u8>, String>,
     },
+    /// The resolver's answer to `NodeOutput::Resolve` of seed name `index` (shard 0): the
+    /// addresses found (at most [`SEED_ADDRESSES_PER_NAME_MAX`]), or why none were.
+    Resolved {
+        index: usize,
+        result: Result<Vec<SocketAddr>, String>,
+    },
 }
 
 /// What an operator asks of the cluster side (`ctl cluster ...`).
@@ -187,6 +219,9 @@ pub enum Request {
     /// The admin API's question about this shard's clients, subscriptions, routes or
     /// retained messages, or its kick or retained deletion (`shard::inspect`).
     Inspect(crate::shard::inspect::Query),
+    /// Trace these client identifiers from now on, and no others (`Shard::set_traced`); asked
+    /// of every shard.
+    Trace(Vec<bytestring::ByteString>),
 }
 
 /// A request's answer.
@@ -255,6 +290,9 @@ pub enum NodeOutput {
         node: NodeId,
         answer: Result<Vec<u8>, String>,
     },
+    /// Resolve seed name `index` off the shard threads (blocking DNS); answered with
+    /// `NodeInput::Resolved` on this shard (shard 0).
+    Resolve { index: usize, name: SeedName },
 }
 
 /// A shard and, in a cluster, its links.
@@ -309,12 +347,7 @@ impl NodeShard {
             index,
             shard_count,
             cluster: Some(Cluster {
-                io: Io {
-                    links: BTreeMap::new(),
-                    outputs: Vec::new(),
-                    settings,
-                    now_ms,
-                },
+                io: Io::new(settings, now_ms),
                 accepting: BTreeMap::new(),
                 epoch,
                 random,
@@ -440,6 +473,14 @@ impl NodeShard {
                     verdict,
                 },
             ),
+            NodeInput::Resolved { index, result } => {
+                if let Some(cluster) = &mut self.cluster
+                    && let Some(agent) = &mut cluster.agent
+                {
+                    cluster.io.now_ms = now_ms;
+                    agent.seed_resolved(index, result, &cluster.io);
+                }
+            }
             NodeInput::Tick => {
                 self.shard.handle(now_ms, Input::Tick);
                 self.cluster_tick();

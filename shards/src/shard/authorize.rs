@@ -81,7 +81,11 @@ impl Shard {
                 claims: None,
             }
         } else {
-            info!(connection = connection_id, client_id = %quote(&client_id), "CONNECT refused: anonymous clients are not allowed");
+            client_log!(
+                INFO,
+                self.who_connecting(connection_id, &client_id),
+                "CONNECT refused: anonymous clients are not allowed"
+            );
             self.refuse_connect(connection_id, version, ReasonCode::NOT_AUTHORIZED);
             return;
         };
@@ -131,7 +135,7 @@ impl Shard {
             Verdict::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
             Verdict::Unavailable => ReasonCode::SERVER_UNAVAILABLE,
         };
-        info!(connection = connection_id, client_id = %quote(&pending.client_id), username = ?pending.connect.username.as_deref().map(quote), %reason, "CONNECT refused by the credentials check");
+        client_log!(INFO, self.who_connecting(connection_id, &pending.client_id), username = ?pending.connect.username.as_deref().map(quote), %reason, "CONNECT refused by the credentials check");
         self.refuse_connect(connection_id, version, reason);
     }
 
@@ -151,7 +155,7 @@ impl Shard {
                     .auth
                     .may_publish(Some(&principal), &client_id, &will.topic))
         {
-            info!(connection = connection_id, client_id = %quote(&client_id), topic = %quote(&will.topic), "CONNECT refused: the ACL does not let the client write its will topic");
+            client_log!(INFO, self.who_connecting(connection_id, &client_id), topic = %quote(&will.topic), "CONNECT refused: the ACL does not let the client write its will topic");
             self.refuse_connect(connection_id, connect.protocol, ReasonCode::NOT_AUTHORIZED);
             return;
         }

@@ -196,7 +196,7 @@ impl Shard {
         version: ProtocolVersion,
         publish: &Publish,
     ) {
-        info!(client_id = %quote(&self.session(index).client_id), topic = %quote(&publish.topic), "PUBLISH refused: the ACL does not allow it");
+        client_log!(INFO, self.who_session(index), topic = %quote(&publish.topic), "PUBLISH refused: the ACL does not allow it");
         let reason = if version.is_v5() {
             ReasonCode::NOT_AUTHORIZED
         } else {
@@ -362,9 +362,11 @@ impl Shard {
                 self.log_acknowledged(index, packet_id);
                 self.drain_queue(index);
             }
-            None => debug!(
-                connection = connection_id,
-                packet_id, "acknowledgement for an unknown packet identifier ignored"
+            None => client_log!(
+                DEBUG,
+                self.who(connection_id),
+                packet_id,
+                "acknowledgement for an unknown packet identifier ignored"
             ),
         }
     }
@@ -392,10 +394,9 @@ impl Shard {
             self.log_session_changed(index);
             self.log_session_presence(index);
         }
-        let session = self.session(index);
         // A normal DISCONNECT discards the will, except 0x04 (MQTT 5.0 §3.14.2.1).
         let publish_will = disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE;
-        debug!(connection = connection_id, client_id = %session.client_id, reason = %disconnect.reason, "client disconnected");
+        client_log!(DEBUG, self.who(connection_id), reason = %disconnect.reason, "client disconnected");
         self.drop_connection(connection_id, publish_will);
     }
 }

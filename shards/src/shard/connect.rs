@@ -2,7 +2,6 @@
 //! new session, keep alive, CONNACK), takeover of a live connection, and resending on resume.
 
 use super::*;
-use crate::limits::quote;
 
 impl Shard {
     pub(super) fn first_packet(
@@ -10,14 +9,22 @@ impl Shard {
         connection_id: ConnectionId,
         packet: Packet,
         received: Bytes,
+        size_bytes: usize,
     ) {
         // The first packet has come: the CONNECT deadline is over, whatever it is.
         if let Some(connection) = self.connections.get_mut(&connection_id) {
             self.timers.cancel(connection.connect_timer.take());
         }
+        // Traced from its CONNECT when the identifier it asks for is traced; on the shard
+        // that owns it (a refusal is traced where it happens, a hand-off by the owner).
+        let traced = self.is_traced(match &packet {
+            Packet::Connect(connect) => &connect.client_id,
+            _ => "",
+        });
         let Packet::Connect(connect) = packet else {
-            info!(
-                connection = connection_id,
+            client_log!(
+                INFO,
+                self.who(connection_id),
                 packet = packet.name(),
                 "closing the connection: the first packet is not CONNECT [MQTT-3.1.0-1]"
             );
@@ -59,8 +66,15 @@ impl Shard {
         } else {
             None
         };
+        if traced
+            && (refusal.is_some()
+                || owner_shard(&connect.client_id, self.config.shard_count) == self.config.index)
+        {
+            let client_id = ByteString::from(&*connect.client_id);
+            self.trace_connect(connection_id, &client_id, &connect, size_bytes);
+        }
         if let Some(reason) = refusal {
-            info!(connection = connection_id, client_id = %quote(&connect.client_id), %reason, "CONNECT refused");
+            client_log!(INFO, self.who_connecting(connection_id, &connect.client_id), %reason, "CONNECT refused");
             self.send_connack_refusal(connection_id, version, reason);
             self.drop_connection(connection_id, false);
             return;
@@ -118,9 +132,9 @@ impl Shard {
         let version = connect.protocol;
         let expiry_seconds = self.granted_expiry_seconds(&connect);
         if expiry_seconds > 0 && self.log_refuses_persistent() {
-            warn!(
-                connection = connection_id,
-                client_id = %quote(&client_id),
+            client_log!(
+                WARN,
+                self.who_connecting(connection_id, &client_id),
                 "CONNECT refused: a persistent session cannot be kept, the durable log failed"
             );
             self.send_connack_refusal(connection_id, version, ReasonCode::SERVER_UNAVAILABLE);
@@ -128,9 +142,9 @@ impl Shard {
             return;
         }
         if self.persistent_quota_refuses(&client_id, expiry_seconds) {
-            warn!(
-                connection = connection_id,
-                client_id = %quote(&client_id),
+            client_log!(
+                WARN,
+                self.who_connecting(connection_id, &client_id),
                 limit = self.config.limits.persistent_sessions_per_shard_max,
                 "CONNECT refused: the shard holds its maximum of persistent sessions"
             );
@@ -154,6 +168,7 @@ impl Shard {
             will,
             session_present,
         );
+        self.mark_traced(connection_id, &client_id);
         let server_keep_alive = self.set_up_connection(connection_id, index, &connect);
         let properties = self.connack_properties(
             &connect,
@@ -162,7 +177,20 @@ impl Shard {
             server_keep_alive,
         );
         // Field values are evaluated only when the line is enabled: no lookup otherwise.
-        debug!(connection = connection_id, %client_id, peer = ?self.peer(connection_id), ?version, session_present, "client connected");
+        client_log!(
+            DEBUG,
+            self.who(connection_id),
+            ?version,
+            session_present,
+            "client connected"
+        );
+        self.trace_event(
+            connection_id,
+            format_args!(
+                "client connected: session_present={}",
+                u8::from(session_present)
+            ),
+        );
         self.send(
             connection_id,
             &Packet::ConnAck(Box::new(ConnAck {
@@ -393,7 +421,12 @@ impl Shard {
                 .will
                 .as_ref()
                 .is_some_and(|will| will.delay_seconds > 0);
-        info!(client_id = %self.session(index).client_id, old = old_connection, "session taken over by a new connection");
+        client_log!(
+            INFO,
+            self.who_session(index),
+            old_connection,
+            "session taken over by a new connection"
+        );
         if let Some(connection) = self.connections.get(&old_connection)
             && connection.version.is_v5()
         {
@@ -460,7 +493,13 @@ impl Shard {
                     &entry.message.topic,
                 )
             {
-                debug!(client_id = %crate::limits::quote(&session.client_id), topic = %crate::limits::quote(&entry.message.topic), "in-flight message not resent: the ACL does not let the client read the topic");
+                let who = Who {
+                    node: self.config.node,
+                    client_id: Some(&session.client_id),
+                    address: connection.transport.peer,
+                    connection: Some(connection_id),
+                };
+                client_log!(DEBUG, who, topic = %crate::limits::quote(&entry.message.topic), "in-flight message not resent: the ACL does not let the client read the topic");
                 self.outbox.stats.dropped_not_authorized += 1;
                 refused.push(entry.packet_id);
                 continue;

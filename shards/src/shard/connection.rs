@@ -77,6 +77,9 @@ pub(super) struct Connection {
     /// for the admin API (`inspect.rs`).
     pub(super) connected_at_ms: u64,
     pub(super) clean_start: bool,
+    /// The client identifier this connection is traced under (`trace.rs`); None when it is
+    /// not traced, which is the one check a packet costs.
+    pub(super) trace: Option<ByteString>,
 }
 
 /// Whether the protocol owes a packet to the client, or it may be held back.
@@ -146,11 +149,14 @@ pub(super) struct Outbox {
     pub(super) dropped_too_large_count: u64,
     /// The shard's counters for the metrics endpoint (every write path holds the outbox).
     pub(super) stats: super::Stats,
+    /// This node, for the trace records the writer emits.
+    pub(super) node: NodeId,
 }
 
 impl Outbox {
-    pub(super) fn new(unsent_bytes_max: usize) -> Self {
+    pub(super) fn new(unsent_bytes_max: usize, node: NodeId) -> Self {
         Self {
+            node,
             dirty: Vec::new(),
             barred: Vec::new(),
             unsent_bytes_max: unsent_bytes_max.max(1),
@@ -166,6 +172,17 @@ impl Outbox {
 }
 
 impl Connection {
+    /// This connection, for a line written where its session is out of reach (the writer):
+    /// its address and identifier, no client identifier.
+    pub(super) fn who(&self, node: NodeId) -> Who<'static> {
+        Who {
+            node,
+            client_id: None,
+            address: self.transport.peer,
+            connection: Some(self.id),
+        }
+    }
+
     fn new(id: ConnectionId, transport: Transport, now_ms: u64) -> Self {
         Self {
             id,
@@ -189,6 +206,7 @@ impl Connection {
             principal: None,
             connected_at_ms: now_ms,
             clean_start: true,
+            trace: None,
         }
     }
 
@@ -206,6 +224,7 @@ impl Connection {
             return Write::OverBound;
         }
         let was_empty = self.outgoing.is_empty();
+        let before_bytes = self.outgoing.len();
         match encode_limited(
             packet,
             self.version,
@@ -217,12 +236,24 @@ impl Connection {
                     outbox.dirty.push(self.id);
                 }
                 outbox.stats.packets_sent += 1;
+                if let Some(client_id) = &self.trace {
+                    let size_bytes = self.outgoing.len().saturating_sub(before_bytes);
+                    trace::record(
+                        client_id,
+                        outbox.node,
+                        self.transport.peer,
+                        trace::Direction::Out,
+                        &trace::describe(packet, size_bytes),
+                    );
+                }
                 Write::Written
             }
             Err(Refused::Invalid(why)) => {
-                warn!(
-                    connection = self.id,
-                    why, "a packet for the client cannot be encoded: not sent"
+                client_log!(
+                    WARN,
+                    self.who(outbox.node),
+                    why,
+                    "a packet for the client cannot be encoded: not sent"
                 );
                 Write::TooLarge
             }
@@ -230,8 +261,9 @@ impl Connection {
                 if matches!(packet, Packet::Publish(_)) {
                     outbox.dropped_too_large_count += 1;
                 }
-                debug!(
-                    connection = self.id,
+                client_log!(
+                    DEBUG,
+                    self.who(outbox.node),
                     limit = self.client_packet_size_max,
                     "packet larger than the client's maximum packet size: not sent"
                 );
@@ -303,9 +335,15 @@ impl Shard {
 
     pub(super) fn open(&mut self, connection: ConnectionId, transport: Transport) {
         if self.connections.len() >= self.config.limits.connections_per_shard_max {
-            warn!(
-                connection,
-                peer = ?transport.peer,
+            let who = Who {
+                node: self.config.node,
+                client_id: None,
+                address: transport.peer,
+                connection: Some(connection),
+            };
+            client_log!(
+                WARN,
+                who,
                 limit = self.config.limits.connections_per_shard_max,
                 "connection refused: the shard is at its connection limit"
             );
@@ -320,8 +358,13 @@ impl Shard {
             "connection {connection} opened twice"
         );
         let connect_timer = Some(self.arm_connect_deadline(connection));
-        debug!(connection, listener = transport.listener, peer = ?transport.peer, "connection opened");
         let mut opened = Connection::new(connection, transport, self.now_ms);
+        client_log!(
+            DEBUG,
+            opened.who(self.config.node),
+            listener = opened.transport.listener,
+            "connection opened"
+        );
         opened.connect_timer = connect_timer;
         self.connections.insert(connection, opened);
         self.outbox.stats.connections_opened += 1;
@@ -377,7 +420,7 @@ impl Shard {
                         // Everything received so far, CONNECT first, in case the session lives
                         // on another shard.
                         let received = connect_bytes.clone().unwrap_or_default();
-                        self.first_packet(connection_id, packet, received);
+                        self.first_packet(connection_id, packet, received, used);
                         let Some(connection) = self.connections.get_mut(&connection_id) else {
                             return;
                         };
@@ -387,6 +430,15 @@ impl Shard {
                             return;
                         }
                     } else {
+                        if let Some(client_id) = &connection.trace {
+                            trace::record(
+                                client_id,
+                                self.config.node,
+                                connection.transport.peer,
+                                trace::Direction::In,
+                                &trace::describe(&packet, used),
+                            );
+                        }
                         self.packet(connection_id, packet);
                     }
                 }
@@ -410,8 +462,7 @@ impl Shard {
         connected: Option<ProtocolVersion>,
         error: &DecodeError,
     ) {
-        let peer = self.peer(connection_id);
-        info!(connection = connection_id, ?peer, %error, "closing the connection: the client broke the protocol");
+        client_log!(INFO, self.who(connection_id), %error, "closing the connection: the client broke the protocol");
         match error.response(connected) {
             ErrorResponse::ConnackV5(reason) => {
                 self.send_connack_refusal(connection_id, ProtocolVersion::V5, reason)
@@ -440,11 +491,10 @@ impl Shard {
         why: &str,
         publish_will: bool,
     ) {
-        let peer = self.peer(connection_id);
         if reason == SERVER_SHUTTING_DOWN {
-            debug!(connection = connection_id, ?peer, %reason, why, "closing the connection");
+            client_log!(DEBUG, self.who(connection_id), %reason, why, "closing the connection");
         } else {
-            info!(connection = connection_id, ?peer, %reason, why, "closing the connection");
+            client_log!(INFO, self.who(connection_id), %reason, why, "closing the connection");
         }
         if let Some(connection) = self.connections.get(&connection_id)
             && connection.session.is_some()
@@ -485,6 +535,7 @@ impl Shard {
         if connection.closing {
             return;
         }
+        self.trace_event(connection_id, format_args!("closing the connection"));
         let session = self.mark_closing(connection_id);
         self.outputs.push(Output::Close {
             connection: connection_id,
@@ -517,11 +568,20 @@ impl Shard {
     }
 
     pub(super) fn connection_lost(&mut self, connection_id: ConnectionId, why: &str) {
+        self.trace_event(connection_id, format_args!("connection lost: {why}"));
         if let Some(connection) = self.remove_connection(connection_id) {
             if connection.closing {
                 return;
             }
-            debug!(connection = connection_id, why, "connection lost");
+            let who = Who {
+                client_id: connection
+                    .session
+                    .and_then(|index| self.sessions.get(index as usize))
+                    .and_then(Option::as_ref)
+                    .map(|session| session.client_id.as_ref()),
+                ..connection.who(self.config.node)
+            };
+            client_log!(DEBUG, who, why, "connection lost");
             if let Some(session) = connection.session {
                 self.detach(session, true);
             }
@@ -572,11 +632,12 @@ impl Shard {
     /// `Send` before its `Close`; none while its `durable_barrier` is past `released`: the
     /// client never had them, its session keeps what they carried in flight (resent on the
     /// next connection), and sent now they could be delivered twice after a crash.
-    pub(super) fn last_bytes(connection: &mut Connection, released: u64) -> Option<Bytes> {
+    pub(super) fn last_bytes(&self, connection: &mut Connection, released: u64) -> Option<Bytes> {
         let bytes = connection.take_outgoing()?;
         if connection.durable_barrier > released {
-            debug!(
-                connection = connection.id,
+            client_log!(
+                DEBUG,
+                connection.who(self.config.node),
                 bytes = bytes.len(),
                 "closing before the log covered what was written for it: its last bytes are not sent"
             );

@@ -184,7 +184,7 @@ impl Shard {
         if !self.may_read(index, &message.topic) {
             // The subscription was granted, but this topic is not the reader's (a reload
             // changed the ACL since): not delivered.
-            debug!(client_id = %quote(&self.session(index).client_id), topic = %quote(&message.topic), "delivery skipped: the ACL does not let the subscriber read the topic");
+            client_log!(DEBUG, self.who_session(index), topic = %quote(&message.topic), "delivery skipped: the ACL does not let the subscriber read the topic");
             self.outbox.stats.dropped_not_authorized += 1;
             return;
         }
@@ -212,7 +212,7 @@ impl Shard {
                 subscription_identifiers,
                 limit,
                 durable,
-                &mut outbox.stats,
+                outbox,
             );
         };
         // Live delivery: with nothing waiting and room in the window, straight to the
@@ -242,7 +242,7 @@ impl Shard {
                     back.subscription_identifiers,
                     limit,
                     durable,
-                    &mut outbox.stats,
+                    outbox,
                 );
             }
             return;
@@ -253,7 +253,7 @@ impl Shard {
             subscription_identifiers,
             limit,
             durable,
-            &mut outbox.stats,
+            outbox,
         );
         self.drain_queue(index);
     }
@@ -267,8 +267,9 @@ impl Shard {
         subscription_identifiers: Vec<u32>,
         limit: usize,
         durable: &mut Option<Box<Durable>>,
-        stats: &mut super::Stats,
+        outbox: &mut Outbox,
     ) {
+        let stats = &mut outbox.stats;
         if session.queue.len() >= limit {
             let dropped = session.queue.pop_front();
             stats.dropped_queue_full += u64::from(dropped.is_some());
@@ -278,7 +279,13 @@ impl Shard {
             }
             session.dropped_messages += 1;
             if session.dropped_messages.is_power_of_two() {
-                warn!(client_id = %session.client_id, dropped = session.dropped_messages, limit, "session queue full: dropping its oldest messages");
+                client_log!(
+                    WARN,
+                    session.who(outbox.node),
+                    dropped = session.dropped_messages,
+                    limit,
+                    "session queue full: dropping its oldest messages"
+                );
             }
         }
         if session.logged && message.qos != QoS::AtMostOnce {
@@ -330,7 +337,11 @@ impl Shard {
             if let Some(principal) = session.principal.as_deref()
                 && !auth.may_subscribe(Some(principal), &session.client_id, &queued.message.topic)
             {
-                debug!(client_id = %quote(&session.client_id), topic = %quote(&queued.message.topic), "queued message dropped: the ACL does not let the subscriber read the topic");
+                let who = Who {
+                    client_id: Some(&session.client_id),
+                    ..connection.who(outbox.node)
+                };
+                client_log!(DEBUG, who, topic = %quote(&queued.message.topic), "queued message dropped: the ACL does not let the subscriber read the topic");
                 outbox.stats.dropped_not_authorized += 1;
                 if session.logged && queued.message.qos != QoS::AtMostOnce {
                     let client_id = session.client_id.clone();
@@ -398,7 +409,17 @@ impl Shard {
                 Write::OverBound => {
                     outbox.dropped_over_bound_count += 1;
                     if outbox.dropped_over_bound_count.is_power_of_two() {
-                        warn!(client_id = %session.client_id, dropped = outbox.dropped_over_bound_count, limit = outbox.unsent_bytes_max(), "a subscriber is not reading: dropping QoS 0 messages for connections at their unsent limit");
+                        let who = Who {
+                            client_id: Some(&session.client_id),
+                            ..connection.who(outbox.node)
+                        };
+                        client_log!(
+                            WARN,
+                            who,
+                            dropped = outbox.dropped_over_bound_count,
+                            limit = outbox.unsent_bytes_max(),
+                            "a subscriber is not reading: dropping QoS 0 messages for connections at their unsent limit"
+                        );
                     }
                 }
                 // Counted by the writer (`dropped_too_large_count`).

@@ -32,7 +32,6 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::limits::quote;
 use crate::storage::{Log, Lsn, PendingWill, Record, Request, SessionState, State, Ticket};
 
 /// How a shard uses its log (from the binary's sync policy).
@@ -755,7 +754,12 @@ impl Shard {
                 continue;
             }
             if self.persistent_quota_refuses(client_id, saved.expiry_seconds) {
-                warn!(client_id = %quote(client_id), limit = self.config.limits.persistent_sessions_per_shard_max, "a recovered session is not loaded: the shard holds its maximum of persistent sessions");
+                client_log!(
+                    WARN,
+                    Who::client(self.config.node, client_id),
+                    limit = self.config.limits.persistent_sessions_per_shard_max,
+                    "a recovered session is not loaded: the shard holds its maximum of persistent sessions"
+                );
                 continue;
             }
             let delivery = |d: &storage::record::SavedDelivery| crate::snapshot::SavedDelivery {

@@ -400,7 +400,7 @@ impl Shard {
         let Some(connection) = self.session(index).connection else {
             return false;
         };
-        info!(client_id = %crate::limits::quote(client_id), address = ?self.peer(connection), "client kicked by the admin API");
+        client_log!(INFO, self.who(connection), "client kicked by the admin API");
         self.disconnect(
             connection,
             ReasonCode::ADMINISTRATIVE_ACTION,

@@ -38,6 +38,7 @@ impl Shard {
         self.check_timers();
         self.check_guards();
         self.check_durable();
+        self.check_traces();
     }
 
     fn live_sessions(&self) -> impl Iterator<Item = (SessionIndex, &Session)> {

@@ -85,6 +85,36 @@ pub struct ShardMetrics {
     pub durable_held_acknowledgements: u64,
     /// Whether this shard's durable log failed (durable work refused until a restart).
     pub durable_failed: bool,
+    /// The cluster links this shard carries, by peer node and purpose (filled in by the
+    /// node layer; empty on a node on its own).
+    pub links: Vec<LinkMetrics>,
+    /// This shard's forward queue to each peer node.
+    pub forward_queues: Vec<ForwardQueueMetrics>,
+}
+
+/// What the cluster links of one shard to one peer node, of one purpose, have carried
+/// since the shard started (links that closed included), and how many are up now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkMetrics {
+    pub peer: u32,
+    /// "control" or "data".
+    pub purpose: &'static str,
+    pub up: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    /// Bytes on the wire (TLS records included, under TLS).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// One shard's forward queue to one peer node: messages waiting to be sent or acknowledged,
+/// their estimated encoded bytes, and the oldest dropped for room since it was made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardQueueMetrics {
+    pub peer: u32,
+    pub messages: u64,
+    pub bytes: u64,
+    pub dropped: u64,
 }
 
 impl Shard {

@@ -41,7 +41,7 @@ use shardmq_net::mqtt::{
     ReasonCode, RetainHandling, Sender, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
     Unsubscribe, topic,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::auth::{Credentials, Policy, Principal, Verdict};
 use crate::limits::Limits;
@@ -52,6 +52,8 @@ use crate::retained::Retained;
 use crate::storage;
 use crate::trie::{Change, Trie};
 
+#[macro_use]
+mod client_log;
 mod authorize;
 mod client;
 mod connect;
@@ -68,17 +70,20 @@ mod subscribe;
 mod sys;
 mod takeover;
 mod timers;
+mod trace;
 
+use client_log::Who;
 pub use connection::Transport;
 use connection::{Connection, Outbox, Priority, Write};
 use deliver::publish_packet;
 use durable::{Durable, HeldPacket};
 pub use durable::{LogSettings, Receipt};
-pub use metrics::{ShardMetrics, Stats};
+pub use metrics::{ForwardQueueMetrics, LinkMetrics, ShardMetrics, Stats};
 use route::pick_member;
 use session::{Inflight, InflightState, Queued, Session, StoredWill};
 pub use sys::{SYS_PREFIX, is_sys_topic};
 use timers::{Timer, TimerKey, Timers};
+pub use trace::{PAYLOAD_QUOTE_BYTES_MAX, TRACE_TARGET};
 
 /// The shard that owns the session of `client_id`: FNV-1a of the identifier, so that every
 /// shard (and every restart) computes the same owner.
@@ -295,6 +300,8 @@ pub struct Shard {
     /// CONNECTs waiting for the verifier pool, by connection.
     verifying: HashMap<ConnectionId, authorize::PendingVerify>,
     next_verify_ticket: u64,
+    /// The client identifiers an operator traces (`trace.rs`); empty when no trace runs.
+    traced: HashSet<ByteString>,
 }
 
 const SERVER_SHUTTING_DOWN: ReasonCode = ReasonCode::SERVER_SHUTTING_DOWN;
@@ -310,7 +317,7 @@ impl Shard {
             config.index < config.shard_count,
             "shard index out of range"
         );
-        let outbox = Outbox::new(config.limits.unsent_bytes_per_connection_max);
+        let outbox = Outbox::new(config.limits.unsent_bytes_per_connection_max, config.node);
         let (retained_messages_max, retained_bytes_max) = (
             config.limits.retained_messages_max,
             config.limits.retained_bytes_max,
@@ -349,6 +356,7 @@ impl Shard {
             auth: std::sync::Arc::new(Policy::open()),
             verifying: HashMap::new(),
             next_verify_ticket: 0,
+            traced: HashSet::new(),
         }
     }
 
@@ -422,7 +430,7 @@ impl Shard {
         for output in queued.drain(..) {
             if let Output::Close { connection } = output
                 && let Some(mut closed) = self.remove_connection(connection)
-                && let Some(bytes) = Self::last_bytes(&mut closed, released)
+                && let Some(bytes) = self.last_bytes(&mut closed, released)
             {
                 outputs.push(Output::Send { connection, bytes });
             }

@@ -64,7 +64,7 @@ impl Shard {
             return false;
         }
         self.retained.count_refusal();
-        debug!(connection = connection_id, topic = %quote(&publish.topic), "retained PUBLISH refused: the retained store is full");
+        client_log!(DEBUG, self.who(connection_id), topic = %quote(&publish.topic), "retained PUBLISH refused: the retained store is full");
         let ack = PubAck {
             packet_id: publish.packet_id,
             reason: ReasonCode::QUOTA_EXCEEDED,

@@ -229,7 +229,7 @@ impl Shard {
         let session = self.sessions[index as usize]
             .take()
             .expect("a live session index");
-        debug!(client_id = %session.client_id, "session ended");
+        client_log!(DEBUG, self.who_client(&session.client_id), "session ended");
         if session.expiry_seconds > 0 {
             self.persistent_sessions -= 1;
         }

@@ -97,7 +97,12 @@ impl Shard {
                         continue;
                     }
                     if self.persistent_quota_refuses(&saved.client_id, saved.expiry_seconds) {
-                        warn!(client_id = %quote(&saved.client_id), limit = self.config.limits.persistent_sessions_per_shard_max, "a saved session is not loaded: the shard holds its maximum of persistent sessions");
+                        client_log!(
+                            WARN,
+                            Who::client(self.config.node, &saved.client_id),
+                            limit = self.config.limits.persistent_sessions_per_shard_max,
+                            "a saved session is not loaded: the shard holds its maximum of persistent sessions"
+                        );
                         continue;
                     }
                     sessions += 1;
@@ -127,7 +132,12 @@ impl Shard {
             if !seen.insert(entry.packet_id) {
                 // Two entries of one identifier: an acknowledgement could end only one, and
                 // the invariants (and the client) expect identifiers to be unique.
-                warn!(client_id = %quote(&session.client_id), packet_id = entry.packet_id, "a saved session names an in-flight packet identifier twice: the first is kept");
+                client_log!(
+                    WARN,
+                    Who::client(self.config.node, &session.client_id),
+                    packet_id = entry.packet_id,
+                    "a saved session names an in-flight packet identifier twice: the first is kept"
+                );
                 continue;
             }
             let mut message = entry.delivery.message;
@@ -162,7 +172,7 @@ impl Shard {
                 delivery.subscription_identifiers,
                 limit,
                 &mut None,
-                &mut self.outbox.stats,
+                &mut self.outbox,
             );
         }
         let subscriptions_max = limits.subscriptions_per_session_max;
@@ -176,7 +186,7 @@ impl Shard {
                 continue;
             }
             if session.subscriptions.len() >= subscriptions_max {
-                warn!(client_id = %quote(&session.client_id), filter = %quote(&filter), limit = subscriptions_max, "a saved session holds more subscriptions than the limit: the rest are dropped");
+                client_log!(WARN, Who::client(self.config.node, &session.client_id), filter = %quote(&filter), limit = subscriptions_max, "a saved session holds more subscriptions than the limit: the rest are dropped");
                 break;
             }
             let filter = ByteString::from(&*filter);

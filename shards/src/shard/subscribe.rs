@@ -36,10 +36,18 @@ impl Shard {
             let refused = if log_failed {
                 // Nothing more can be written: the subscription would live in memory only,
                 // and come back missing after a restart. Refused before anything changes.
-                info!(client_id = %quote(&self.session(index).client_id), "SUBSCRIBE refused: the durable log failed");
+                client_log!(
+                    INFO,
+                    self.who_session(index),
+                    "SUBSCRIBE refused: the durable log failed"
+                );
                 ReasonCode::UNSPECIFIED_ERROR
             } else {
-                info!(client_id = %quote(&self.session(index).client_id), "SUBSCRIBE refused: too many acknowledgements wait for the durable log");
+                client_log!(
+                    INFO,
+                    self.who_session(index),
+                    "SUBSCRIBE refused: too many acknowledgements wait for the durable log"
+                );
                 refused
             };
             let reasons = vec![refused; subscribe.filters.len()];
@@ -58,7 +66,13 @@ impl Shard {
             .subscribe_filters_max
             .min(subscribe.filters.len());
         if taken < subscribe.filters.len() {
-            info!(client_id = %quote(&self.session(index).client_id), filters = subscribe.filters.len(), limit = taken, "SUBSCRIBE names more filters than the limit: the rest are refused");
+            client_log!(
+                INFO,
+                self.who_session(index),
+                filters = subscribe.filters.len(),
+                limit = taken,
+                "SUBSCRIBE names more filters than the limit: the rest are refused"
+            );
         }
         // Where each filter last appears among those taken. Looked up only, never iterated.
         let mut last_place: HashMap<&str, usize> = HashMap::with_capacity(taken);
@@ -124,7 +138,7 @@ impl Shard {
         }
         if !self.may_subscribe(index, filter) {
             // Before anything changes: no subscription, no log record, no retained messages.
-            info!(client_id = %quote(&self.session(index).client_id), filter = %quote(filter), "subscription refused: the ACL does not allow it");
+            client_log!(INFO, self.who_session(index), filter = %quote(filter), "subscription refused: the ACL does not allow it");
             let reason = if v5 {
                 ReasonCode::NOT_AUTHORIZED
             } else {
@@ -135,7 +149,7 @@ impl Shard {
         let session = self.session(index);
         let held = session.subscriptions.get(filter).copied();
         if held.is_none() && session.subscriptions.len() >= limits.subscriptions_per_session_max {
-            info!(client_id = %quote(&session.client_id), filter = %quote(filter), "subscription refused: the session holds the maximum number of subscriptions");
+            client_log!(INFO, self.who_client(&session.client_id), filter = %quote(filter), "subscription refused: the session holds the maximum number of subscriptions");
             let reason = if v5 {
                 ReasonCode::QUOTA_EXCEEDED
             } else {
@@ -207,7 +221,7 @@ impl Shard {
                 .cloned()
                 .collect();
             if messages.len() > budget {
-                info!(client_id = %quote(&self.session(index).client_id), filter = %quote(filter), limit = self.config.limits.retained_per_subscribe_max, "more retained messages match a SUBSCRIBE than the limit: the rest are not sent");
+                client_log!(INFO, self.who_session(index), filter = %quote(filter), limit = self.config.limits.retained_per_subscribe_max, "more retained messages match a SUBSCRIBE than the limit: the rest are not sent");
             }
             for mut message in messages.into_iter().take(budget) {
                 budget -= 1;

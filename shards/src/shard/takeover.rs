@@ -37,7 +37,6 @@
 //! client is here.
 
 use super::*;
-use crate::limits::quote;
 use crate::snapshot::{self, Record, SavedSession};
 
 /// A CONNECT waiting for the other nodes to hand over (or disclaim) its client's session.
@@ -86,7 +85,13 @@ impl Shard {
             // CONNACK, so it was never connected).
             let older = std::mem::replace(&mut earlier.connection, connection_id);
             earlier.connect = connect;
-            debug!(client_id = %quote(&client_id), older, newer = connection_id, "a second CONNECT during a takeover: the first connection is closed");
+            client_log!(
+                DEBUG,
+                self.who_client(&client_id),
+                older,
+                newer = connection_id,
+                "a second CONNECT during a takeover: the first connection is closed"
+            );
             self.drop_connection(older, false);
             self.mark_claiming(connection_id, version);
             return;
@@ -114,7 +119,7 @@ impl Shard {
                 },
             });
         }
-        debug!(client_id = %quote(&client_id), claim, nodes = ?waiting, "claiming the session from the other nodes");
+        client_log!(DEBUG, self.who_client(&client_id), claim, nodes = ?waiting, "claiming the session from the other nodes");
         let timer = self.timers.arm(
             self.now_ms + self.config.takeover_timeout_ms,
             Timer::Claim(claim),
@@ -152,8 +157,9 @@ impl Shard {
         connection.pending = BytesMut::new();
         connection.claiming = false;
         let version = connection.version;
-        info!(
-            connection = connection_id,
+        client_log!(
+            INFO,
+            connection.who(self.config.node),
             buffered_bytes,
             arrived_bytes = bytes.len(),
             limit,
@@ -232,7 +238,12 @@ impl Shard {
         clean_start: bool,
     ) {
         let session = self.client_ids.get(&client_id).copied().map(|index| {
-            info!(client_id = %quote(&client_id), node = to, "session taken over by a connection on another node");
+            client_log!(
+                INFO,
+                self.who_client(&client_id),
+                peer_node = to,
+                "session taken over by a connection on another node"
+            );
             self.take_over(index, clean_start);
             let moved = (!clean_start && self.session(index).expiry_seconds > 0).then(|| {
                 let saved = Self::saved_session(self.session(index));
@@ -287,7 +298,7 @@ impl Shard {
                 _ => None,
             }),
             Err(error) => {
-                warn!(client_id = %quote(&client_id), node = from, %error, "a handed-over session does not decode: dropped");
+                client_log!(WARN, self.who_client(&client_id), peer_node = from, %error, "a handed-over session does not decode: dropped");
                 None
             }
         });
@@ -313,9 +324,19 @@ impl Shard {
         }
         if let Some(saved) = saved {
             if pending.session.is_some() {
-                warn!(client_id = %quote(&client_id), node = from, "two nodes handed over a session of one client: the first is kept");
+                client_log!(
+                    WARN,
+                    Who::client(self.config.node, &client_id),
+                    peer_node = from,
+                    "two nodes handed over a session of one client: the first is kept"
+                );
             } else {
-                debug!(client_id = %quote(&client_id), node = from, "session handed over");
+                client_log!(
+                    DEBUG,
+                    Who::client(self.config.node, &client_id),
+                    peer_node = from,
+                    "session handed over"
+                );
                 pending.session = Some(saved);
             }
         }
@@ -328,20 +349,40 @@ impl Shard {
     /// has a session here by now (which is newer).
     fn keep_late_session(&mut self, from: NodeId, saved: SavedSession) {
         if self.client_ids.contains_key(&saved.client_id) {
-            warn!(client_id = %quote(&saved.client_id), node = from, "a session handed over after its takeover timed out, while the client has a newer one here: dropped");
+            client_log!(
+                WARN,
+                self.who_client(&saved.client_id),
+                peer_node = from,
+                "a session handed over after its takeover timed out, while the client has a newer one here: dropped"
+            );
             return;
         }
         // A handover nobody here asked for must still be one this shard would hold: its
         // client identifier's own, and within the persistent-session quota.
         if owner_shard(&saved.client_id, self.config.shard_count) != self.config.index {
-            warn!(client_id = %quote(&saved.client_id), node = from, "a session handed over to a shard that does not own its client identifier: dropped");
+            client_log!(
+                WARN,
+                self.who_client(&saved.client_id),
+                peer_node = from,
+                "a session handed over to a shard that does not own its client identifier: dropped"
+            );
             return;
         }
         if self.persistent_quota_refuses(&saved.client_id, saved.expiry_seconds) {
-            warn!(client_id = %quote(&saved.client_id), node = from, "a late handed-over session would pass the persistent-session quota: dropped");
+            client_log!(
+                WARN,
+                self.who_client(&saved.client_id),
+                peer_node = from,
+                "a late handed-over session would pass the persistent-session quota: dropped"
+            );
             return;
         }
-        warn!(client_id = %quote(&saved.client_id), node = from, "a session handed over after its takeover timed out: kept offline");
+        client_log!(
+            WARN,
+            self.who_client(&saved.client_id),
+            peer_node = from,
+            "a session handed over after its takeover timed out: kept offline"
+        );
         self.restore_session(saved);
     }
 
@@ -357,7 +398,7 @@ impl Shard {
             .get_mut(&client_id)
             .expect("a claim number names a pending claim");
         pending.timer = None;
-        warn!(client_id = %quote(&client_id), silent = ?pending.waiting, timeout_ms = self.config.takeover_timeout_ms, "nodes did not answer a session claim in time: connecting without them");
+        client_log!(WARN, Who::client(self.config.node, &client_id), silent = ?pending.waiting, timeout_ms = self.config.takeover_timeout_ms, "nodes did not answer a session claim in time: connecting without them");
         self.complete_claim(&client_id);
     }
 
@@ -389,11 +430,19 @@ impl Shard {
         self.remember_completed(client_id, pending.claim);
         if let Some(saved) = pending.session {
             if self.client_ids.contains_key(client_id) {
-                warn!(client_id = %quote(client_id), "a session was handed over while one is here too: the one here is kept");
+                client_log!(
+                    WARN,
+                    self.who_client(client_id),
+                    "a session was handed over while one is here too: the one here is kept"
+                );
             } else if self.persistent_quota_refuses(client_id, saved.expiry_seconds) {
                 // The CONNECT that claimed it is then refused by the quota (0x97), as it
                 // would be for a new persistent session.
-                warn!(client_id = %quote(client_id), "a handed-over session would pass the persistent-session quota: dropped");
+                client_log!(
+                    WARN,
+                    self.who_client(client_id),
+                    "a handed-over session would pass the persistent-session quota: dropped"
+                );
             } else {
                 // Offline until accepted; its expiry timer is of no account once it is.
                 self.restore_session(saved);

@@ -346,3 +346,4 @@ mod inspect;
 mod rules;
 mod sessions;
 mod slow_subscriber;
+mod traces;

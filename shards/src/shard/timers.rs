@@ -148,8 +148,9 @@ impl Shard {
         );
         connection.connect_timer = None;
         let buffered_bytes = connection.pending.len();
-        info!(
-            connection = connection_id,
+        client_log!(
+            INFO,
+            connection.who(self.config.node),
             timeout_ms = self.config.limits.connect_timeout_ms,
             buffered_bytes,
             "closing the connection: no CONNECT in time"

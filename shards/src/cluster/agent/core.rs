@@ -467,7 +467,7 @@ impl Core {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use bytes::BytesMut;
     use shardmq_net::frame::{Decoder, Role};
 
@@ -487,7 +487,7 @@ mod tests {
         }
     }
 
-    fn settings(node: NodeId, role: Role) -> ClusterSettings {
+    pub(in super::super) fn settings(node: NodeId, role: Role) -> ClusterSettings {
         ClusterSettings {
             link: LinkSettings {
                 member: member(node, role),
@@ -498,6 +498,7 @@ mod tests {
                 tls: None,
             },
             seeds: Vec::new(),
+            seed_names: Vec::new(),
             heartbeat_ms: 100,
             link_timeout_ms: 500,
             reconnect_ms: 100,
@@ -539,12 +540,7 @@ mod tests {
 
         let settings = settings(1, Role::Core);
         let mut agent = Agent::new(&settings, 1, 0);
-        let mut io = Io {
-            links: BTreeMap::new(),
-            outputs: Vec::new(),
-            settings: settings.clone(),
-            now_ms: 0,
-        };
+        let mut io = Io::new(settings.clone(), 0);
         let RoleState::Core(core) = &mut agent.role else {
             panic!("a core")
         };

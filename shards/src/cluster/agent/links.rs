@@ -32,6 +32,7 @@ impl Agent {
         seed.connection = connection;
         if connection.is_none() {
             seed.retry_at_ms = now_ms + reconnect_ms;
+            seed.awaiting_name = seed.name.is_some();
         }
     }
 
@@ -133,6 +134,7 @@ impl Agent {
             if seed.connection == Some(connection) {
                 seed.connection = None;
                 seed.retry_at_ms = now_ms + io.settings.reconnect_ms;
+                seed.awaiting_name = seed.name.is_some();
             }
         }
         let node = shared.up_links.remove(&connection).map(|(node, _)| node);
@@ -202,6 +204,7 @@ impl Agent {
             self.link_closed(connection, io);
         }
         self.shared.seeds.clear();
+        self.shared.names.clear();
         match &mut self.role {
             RoleState::Core(core) => core.leave(),
             RoleState::Edge(edge) => edge.stop(),
@@ -241,6 +244,10 @@ impl Shared {
     /// The voters this core would found the Raft group with: itself and the cores of its
     /// configured seeds, once every one of those has answered; none before. Sorted.
     pub(super) fn founders(&self) -> Vec<NodeId> {
+        // A name that has not answered may stand for cores not known yet.
+        if self.names.iter().any(|n| !n.answered) {
+            return Vec::new();
+        }
         let configured = self.seeds.iter().filter(|s| s.configured);
         let mut founders = vec![self.node];
         // Addresses of this node itself, of an edge, or a second address of a core: skipped.

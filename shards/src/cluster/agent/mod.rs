@@ -30,6 +30,7 @@ mod core;
 mod edge;
 mod govern;
 mod links;
+mod names;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -41,7 +42,7 @@ use self::core::Core;
 use self::edge::Edge;
 use super::consensus::{ConsensusStatus, Heard, RaftFileCall, RaftStoreFiles};
 use super::view::{Change, View};
-use super::{ClusterSettings, Io, TAG_SEED};
+use super::{ClusterSettings, Io, SeedName, TAG_SEED};
 use crate::message::ConnectionId;
 
 /// The estimated length one frame of the agent may fill: half the frame size limit
@@ -101,6 +102,30 @@ struct Seed {
     /// From the configuration or `ctl cluster join` (not learnt from the member list or from
     /// a core that dialled us): a core founds the Raft group with the cores of these.
     configured: bool,
+    /// The seed name (index into `Shared::names`) whose answer gave this address, if any.
+    name: Option<usize>,
+    /// A seed of a name waits for a fresh answer of that name before each dial, so that a
+    /// core that came back at a new address is found there.
+    awaiting_name: bool,
+}
+
+/// A seed given by name, and what its resolution last said.
+#[derive(Debug)]
+struct NamedSeed {
+    name: SeedName,
+    /// A `NodeOutput::Resolve` is out and not answered yet.
+    resolving: bool,
+    /// Not asked again before this time (the reconnect interval after each answer).
+    retry_at_ms: u64,
+    /// The last answer's addresses, at most [`super::SEED_ADDRESSES_PER_NAME_MAX`].
+    addresses: Vec<SocketAddr>,
+    /// Whether any answer came (a core founds no Raft group before every name answered).
+    answered: bool,
+    /// Failures in a row, and when one was last logged (a warning at most once a minute).
+    failures: u64,
+    failure_logged_ms: Option<u64>,
+    /// The last failure, for status.
+    error: Option<String>,
 }
 
 /// Status of the cluster as this node sees it.
@@ -110,6 +135,9 @@ pub struct Status {
     pub role: Role,
     pub members: Vec<MemberStatus>,
     pub seeds: Vec<(SocketAddr, &'static str)>,
+    /// The seed names: the name, its last addresses, and its last failure if the last answer
+    /// was one.
+    pub seed_names: Vec<SeedNameStatus>,
     /// An edge's core and how far it has applied that core's log.
     pub following: Option<(NodeId, u64)>,
     /// A core's log: epoch and next entry number.
@@ -121,6 +149,13 @@ pub struct Status {
     pub consensus: Option<ConsensusStatus>,
     /// Cluster-wide settings as committed (on an edge: as its core's log said).
     pub settings: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedNameStatus {
+    pub name: String,
+    pub addresses: Vec<SocketAddr>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +188,8 @@ struct Shared {
     /// In the order they were added (the configuration's first): a seed's index is its dial
     /// tag.
     seeds: Vec<Seed>,
+    /// The configuration's seed names, in its order: an index is its resolve tag.
+    names: Vec<NamedSeed>,
     /// Control links that finished their handshake: to cores we dialled, and (on a core) from
     /// nodes that dialled us.
     up_links: BTreeMap<ConnectionId, (NodeId, Role)>,
@@ -192,6 +229,20 @@ impl Agent {
                 sequence: 0,
                 pending: Vec::new(),
                 seeds: Vec::new(),
+                names: settings
+                    .seed_names
+                    .iter()
+                    .map(|name| NamedSeed {
+                        name: name.clone(),
+                        resolving: false,
+                        retry_at_ms: 0,
+                        addresses: Vec::new(),
+                        answered: false,
+                        failures: 0,
+                        failure_logged_ms: None,
+                        error: None,
+                    })
+                    .collect(),
                 up_links: BTreeMap::new(),
                 view: View::default(),
                 changes: Vec::new(),
@@ -331,10 +382,12 @@ impl Agent {
             self.finish_leave(io);
         }
         if !self.shared.leaving {
+            self.shared.resolve_due_names(io);
             for (index, seed) in self.shared.seeds.iter_mut().enumerate() {
                 if seed.connection.is_none()
                     && !seed.connecting
                     && !seed.is_self
+                    && !seed.awaiting_name
                     && now_ms >= seed.retry_at_ms
                 {
                     seed.connecting = true;
@@ -354,10 +407,12 @@ impl Agent {
             .shared
             .seeds
             .iter()
-            .filter(|s| s.connection.is_none() && !s.connecting && !s.is_self && !leaving)
+            .filter(|s| s.connection.is_none() && !s.connecting && !s.is_self && !s.awaiting_name)
             .map(|s| s.retry_at_ms);
+        let names = self.shared.names_deadline_ms();
         let core = self.core().and_then(|core| core.next_deadline_ms(settings));
-        seeds.chain(core).min()
+        let dials = seeds.chain(names).filter(|_| !leaving);
+        dials.chain(core).min()
     }
 
     /// A frame on an up control link.
@@ -584,6 +639,7 @@ impl Agent {
             role,
             members,
             seeds,
+            seed_names: shared.names_status(),
             following,
             log,
             followers,
@@ -633,6 +689,8 @@ impl Shared {
                 node: None,
                 is_self: false,
                 configured,
+                name: None,
+                awaiting_name: false,
             });
         }
         if configured {

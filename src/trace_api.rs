@@ -1,0 +1,123 @@
+//! The admin API of per-client traces (`/api/v1/traces`, behind the admin guard) and
+//! `shardmq ctl trace ...`, its client. The traces themselves live in `trace.rs`.
+//!
+//! A trace is per node: these endpoints answer for the node that serves them.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tracing::warn;
+
+use crate::admin::{ASK_TIMEOUT, AppState, error_response, rejection_response};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TraceBody {
+    client_id: String,
+    minutes: u64,
+}
+
+/// `POST /api/v1/traces` (`{"client_id": ID, "minutes": N}`): 201 with the trace's state once
+/// every shard traces the client; 400 for bad minutes or identifier, 409 when that client is
+/// traced already, 429 at `admin.traces_max`.
+pub(crate) async fn start(
+    State(state): State<AppState>,
+    body: Result<Json<TraceBody>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return rejection_response(rejection),
+    };
+    let (trace, answers) = match state.traces.begin(&body.client_id, body.minutes) {
+        Ok(started) => started,
+        Err(refusal) => return error_response(refusal),
+    };
+    let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
+    for answer in answers {
+        if !matches!(
+            tokio::time::timeout_at(deadline, answer).await,
+            Ok(Ok(Ok(())))
+        ) {
+            warn!(
+                "a shard did not confirm a trace in time: it may miss the client's first packets"
+            );
+        }
+    }
+    (StatusCode::CREATED, Json(trace)).into_response()
+}
+
+/// `GET /api/v1/traces`: every trace of this node.
+pub(crate) async fn list(State(state): State<AppState>) -> Response {
+    Json(state.traces.list()).into_response()
+}
+
+/// `GET /api/v1/traces/{client_id}`: the trace file, as a text download.
+pub(crate) async fn get(State(state): State<AppState>, Path(client_id): Path<String>) -> Response {
+    let Some(path) = state.traces.path(&client_id) else {
+        return error_response((StatusCode::NOT_FOUND, "no trace of this client".into()));
+    };
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match tokio::task::spawn_blocking(move || std::fs::read(&path)).await {
+        Ok(Ok(bytes)) => (
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{name}\""),
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Ok(Err(error)) => error_response((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the trace file: {error}"),
+        )),
+        Err(_) => error_response((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the read did not finish".into(),
+        )),
+    }
+}
+
+/// `DELETE /api/v1/traces/{client_id}`: stops the trace (its file is kept).
+pub(crate) async fn stop(State(state): State<AppState>, Path(client_id): Path<String>) -> Response {
+    match state.traces.stop(&client_id) {
+        Some(trace) => Json(trace).into_response(),
+        None => error_response((StatusCode::NOT_FOUND, "no trace of this client".into())),
+    }
+}
+
+/// `shardmq ctl trace ...`: the JSON answer pretty-printed, or the trace file as it is.
+pub fn ctl(
+    admin: &str,
+    token: Option<&str>,
+    command: &crate::TraceCommand,
+) -> Result<String, String> {
+    use crate::TraceCommand;
+    use crate::admin::{CtlRequest, ctl, ctl_text};
+    let answer = match command {
+        TraceCommand::Start { client_id, minutes } => ctl(
+            admin,
+            token,
+            "/api/v1/traces",
+            CtlRequest::Post(json!({ "client_id": client_id, "minutes": minutes })),
+        ),
+        TraceCommand::List => ctl(admin, token, "/api/v1/traces", CtlRequest::Get),
+        TraceCommand::Get { client_id } => {
+            let path = format!("/api/v1/traces/{}", crate::ctl::segment(client_id));
+            return ctl_text(admin, token, &path);
+        }
+        TraceCommand::Stop { client_id } => {
+            let path = format!("/api/v1/traces/{}", crate::ctl::segment(client_id));
+            ctl(admin, token, &path, CtlRequest::Delete)
+        }
+    }?;
+    serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())
+}
