@@ -191,11 +191,23 @@ fn age(since_ms: &Value) -> String {
     }
 }
 
-/// A JSON value as a table cell: strings bare, null as `-`.
+/// A JSON value as a table cell: strings bare but for their control characters (escaped:
+/// a client identifier or a topic must not move the operator's cursor or start a new row),
+/// null as `-`.
 fn cell(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
-        Value::String(text) => text.clone(),
+        Value::String(text) => {
+            let mut out = String::with_capacity(text.len());
+            for c in text.chars() {
+                if c.is_control() {
+                    out.extend(c.escape_default());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
         Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(","),
         other => other.to_string(),
     }
@@ -437,6 +449,13 @@ mod tests {
             ],
         );
         assert_eq!(text, "A          LONGER\nwide cell  x\nb          y");
+    }
+
+    #[test]
+    fn cells_escape_control_characters() {
+        assert_eq!(cell(&Value::from("a\nb\u{1b}[2J")), "a\\nb\\u{1b}[2J");
+        assert_eq!(cell(&Value::from("caf\u{e9}")), "caf\u{e9}");
+        assert_eq!(cell(&Value::Null), "-");
     }
 
     #[test]

@@ -173,8 +173,12 @@ fn clients_are_listed_with_their_fields_filtered_and_bounded() {
         subscriptions["subscriptions"],
         serde_json::json!([{ "client_id": "api-v5", "node": null, "filter": "api/+/state", "qos": 1 }])
     );
-    let (_, mosq) = get(&broker, "/api/v1/subscriptions?client_id_prefix=mosq");
-    assert_eq!(mosq["subscriptions"][0]["filter"], "mosq/#");
+    // mosquitto_sub subscribes after its CONNACK: wait for it.
+    wait_answer(
+        &broker,
+        "/api/v1/subscriptions?client_id_prefix=mosq",
+        |answer| answer["subscriptions"][0]["filter"] == "mosq/#",
+    );
     let (status, routes) = get(&broker, "/api/v1/routes?filter_prefix=api/");
     assert_eq!(status, 200);
     assert_eq!(

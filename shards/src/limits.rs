@@ -115,16 +115,30 @@ impl Limits {
 pub const QUOTE_BYTES_MAX: usize = 64;
 
 /// `text` for a reason string or a log line: whole if it is at most [`QUOTE_BYTES_MAX`]
-/// bytes, else its first bytes up to that limit (cut on a character boundary) and `...`.
+/// bytes, else its first bytes up to that limit (cut on a character boundary) and `...`;
+/// control characters escaped (`\n`, `\u{1b}`), so that a client identifier or a topic
+/// cannot start a forged log line or drive the operator's terminal.
 pub fn quote(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.len() <= QUOTE_BYTES_MAX {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut end = QUOTE_BYTES_MAX;
+    let mut end = text.len().min(QUOTE_BYTES_MAX);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    std::borrow::Cow::Owned(format!("{}...", &text[..end]))
+    let (shown, cut) = text.split_at(end);
+    if cut.is_empty() && !shown.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(shown.len() + 3);
+    for c in shown.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if !cut.is_empty() {
+        out.push_str("...");
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 impl Default for Limits {
@@ -160,6 +174,20 @@ impl Default for Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quote_escapes_control_characters() {
+        assert_eq!(
+            quote("x\n2026-12-03T00:00:00Z INFO forged"),
+            "x\\n2026-12-03T00:00:00Z INFO forged"
+        );
+        assert_eq!(quote("\u{1b}[2Jz\r"), "\\u{1b}[2Jz\\r");
+        assert_eq!(
+            quote("caf\u{e9}/+"),
+            "caf\u{e9}/+",
+            "printable text is kept"
+        );
+    }
 
     #[test]
     fn quote_keeps_short_text_and_cuts_long_text_on_a_character_boundary() {

@@ -323,15 +323,17 @@ impl<T> Trie<T> {
     /// Every filter with subscribers that starts with `prefix`, with its subscribers, until
     /// `visit` returns false. Filters come level by level, the children of each level in the
     /// order of their bytes (`+` and `#` among them), so the order is a function of the
-    /// filters alone. Costs a sort of every literal edge (O(E log E)) and then a walk of the
-    /// branches that can hold such a filter: for an operator's listing, never the message path.
+    /// filters alone. Costs a sort of every literal edge by its parent (O(E log E)) and then a
+    /// walk of the branches that can hold such a filter: for an operator's listing, never the
+    /// message path.
     pub fn for_each_filter(&self, prefix: &str, mut visit: impl FnMut(&str, &[T]) -> bool) {
         let mut literal: Vec<(NodeIndex, &[u8], NodeIndex)> = self
             .edges
             .iter()
             .map(|edge| (edge.parent, edge_level(&self.levels, edge), edge.child))
             .collect();
-        literal.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        // By parent alone (a cheap integer key): siblings are ordered where they are walked.
+        literal.sort_unstable_by_key(|edge| edge.0);
         // (node, its filter); the root's is empty and never visited as a filter.
         let mut stack: Vec<(NodeIndex, String)> = vec![(ROOT, String::new())];
         while let Some((node, path)) = stack.pop() {
