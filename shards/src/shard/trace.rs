@@ -236,10 +236,19 @@ const CUT_MARK: &str = " \u{2026}";
 /// Peer text in quotes, at most `QUOTE_BYTES_MAX` bytes of it, everything but printable
 /// ASCII escaped (a newline or a NUL in a topic stays on the record's line).
 pub(super) fn escaped(text: &str) -> String {
-    let quoted = crate::limits::quote(text);
-    let mut out = String::with_capacity(quoted.len() + 2);
+    // Cut here rather than by `limits::quote`, which escapes control characters its own way
+    // (they would be escaped twice).
+    let mut end = text.len().min(crate::limits::QUOTE_BYTES_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let (shown, cut) = text.split_at(end);
+    let mut out = String::with_capacity(shown.len() + 5);
     out.push('"');
-    escape_bytes(quoted.as_bytes(), &mut out);
+    escape_bytes(shown.as_bytes(), &mut out);
+    if !cut.is_empty() {
+        out.push_str("...");
+    }
     out.push('"');
     out
 }
@@ -391,6 +400,11 @@ mod tests {
         assert_eq!(escaped("a/b"), "\"a/b\"");
         assert_eq!(escaped("a\nb\0\"\\"), "\"a\\x0ab\\x00\\\"\\\\\"");
         assert_eq!(payload(b"hi\xff"), "3:\"hi\\xff\"");
+        let long_topic = "t".repeat(100);
+        assert_eq!(
+            escaped(&long_topic),
+            format!("\"{}...\"", "t".repeat(crate::limits::QUOTE_BYTES_MAX))
+        );
         let long = vec![b'x'; 100];
         assert_eq!(
             payload(&long),
