@@ -980,6 +980,39 @@ mod tests {
         let _ = std::fs::remove_dir_all(&directory);
     }
 
+    #[test]
+    fn the_list_and_the_writer_go_on_while_a_post_to_a_full_mailbox_waits() {
+        use std::sync::mpsc::channel;
+        let directory =
+            std::env::temp_dir().join(format!("shardmq-trace-post-{}", std::process::id()));
+        let traces = traces_in(&directory, 1 << 20);
+        traces.begin("a", 1).unwrap();
+        // One shard whose mailbox (one message) is full and never drained: a post waits.
+        let mailboxes = shardmq_net::reactor::Mailboxes::new(1, 1).unwrap();
+        let (sender, _receiver) = oneshot::channel();
+        mailboxes.post(0, NodeMessage::Control(Control::Trace(Vec::new(), sender)));
+        traces.attach(mailboxes, 1);
+        let posting = traces.clone();
+        // This thread stays in `post` (yielding) until the test binary ends.
+        std::thread::spawn(move || drop(posting.begin("b", 1)));
+        std::thread::sleep(Duration::from_millis(200));
+        let (done, answers) = channel();
+        let asking = traces.clone();
+        std::thread::spawn(move || {
+            let list = asking.list();
+            asking.step(line("a", "written while a post waits\n"), now_ms());
+            let _ = done.send(list);
+        });
+        let list = answers
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the list's lock was held across a post to a full mailbox");
+        assert_eq!(list[1]["client_id"], "b");
+        assert_eq!(list[1]["state"], "active");
+        let a = std::fs::read_to_string(traces.path("a").unwrap()).unwrap();
+        assert!(a.contains("written while a post waits"), "{a}");
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+
     fn traces_in_keep(directory: &Path) -> Arc<Traces> {
         Traces::start(Settings {
             traces_max: 2,
