@@ -1632,14 +1632,17 @@ fn main() -> ExitCode {
             };
             init_logs(&loaded, filter, &traces);
             supervise::log_panics();
-            match serve(loaded, traces) {
+            let traces_at_exit = traces.clone();
+            let code = match serve(loaded, traces) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => {
                     error!("{message}");
                     eprintln!("shardmq: {message}");
                     ExitCode::from(1)
                 }
-            }
+            };
+            traces_at_exit.remove_private_directory();
+            code
         }
     }
 }

@@ -3,21 +3,26 @@
 //! the trace files.
 //!
 //! Owns: every trace of this node (client identifier, start, end, bytes written, state, file),
-//! the directory of the files (`DATA_DIR/traces/`, or a directory of its own under the temp
-//! directory without a data directory), and the set of traced client identifiers that every
-//! shard is told (`Control::Trace`, posted under the list's lock, so the last set posted is
-//! the one in force).
+//! the directory of the files (`DATA_DIR/traces/`, checked to be a real directory of the
+//! node's user; or, without a data directory, a private directory of random name under the
+//! temp directory, removed when the node ends), and the set of traced client identifiers that
+//! every shard is told (`Control::Trace`, read and posted under one lock of its own, so the
+//! last set posted is the one in force).
 //! Never: writes a file on a shard thread. A shard emits a record as a `tracing` event of
 //! `TRACE_TARGET`; the layer formats it into one line and hands it to the writer thread over a
 //! bounded channel (a full channel drops the record and counts it; the file says how many).
 //! Never names a file after the client identifier: a file is named by a hash of it, so no
-//! identifier (`../../etc/passwd`, NUL, newlines) reaches the file system.
+//! identifier (`../../etc/passwd`, NUL, newlines) reaches the file system; never opens a file
+//! through a symbolic link or one it did not create. Never holds the list's lock across a
+//! file write or a post to a mailbox.
 //! Invariants: at most `admin.traces_max` traces are active; a file holds at most
 //! `admin.trace_bytes_max` bytes of records (the closing note may pass it by its own length);
 //! an active trace ends at its end time, at its cap, or when stopped, and its file is kept
-//! until a new trace of the same client identifier or the next start of the node.
+//! until a new trace of the same client identifier, the next start of the node, or until
+//! more than `ENDED_PER_ACTIVE * admin.traces_max` ended traces are kept: then the oldest
+//! ended one is forgotten and its file removed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -48,12 +53,17 @@ const CHANNEL_RECORDS_MAX: usize = 8192;
 /// How often the writer thread looks for traces past their end when no record comes.
 const EXPIRY_CHECK: Duration = Duration::from_millis(200);
 
+/// Ended traces kept (listed, their files downloadable) per `admin.traces_max`: past
+/// `ENDED_PER_ACTIVE * traces_max` the oldest ended trace is forgotten and its file removed.
+pub const ENDED_PER_ACTIVE: usize = 4;
+
 /// What an operator set in `[admin]`, and where the files go.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub traces_max: usize,
     pub bytes_max: u64,
-    /// `DATA_DIR/traces`, or None for a directory of this process under the temp directory.
+    /// `DATA_DIR/traces`, or None for a private directory of random name under the temp
+    /// directory.
     pub directory: Option<PathBuf>,
 }
 
@@ -65,18 +75,51 @@ enum State {
     Ended(String),
 }
 
+/// A trace's open file: written by the writer thread only, without the list's lock.
+type SharedFile = Arc<File>;
+
 #[derive(Debug)]
 struct Trace {
     path: PathBuf,
     started_ms: u64,
     ends_ms: u64,
+    /// When it ended (0 while active): the oldest ended trace is forgotten first.
+    ended_ms: u64,
     minutes: u64,
     bytes_written: u64,
     /// Open while the trace is active.
-    file: Option<File>,
+    file: Option<SharedFile>,
     state: State,
     /// Records the channel dropped while it was full, not yet noted in the file.
     dropped: u64,
+}
+
+/// Every trace, and the client identifiers of the active ones (what the writer walks per
+/// record, at most `admin.traces_max` of them).
+#[derive(Debug, Default)]
+struct Book {
+    traces: BTreeMap<String, Trace>,
+    active: BTreeSet<String>,
+    /// Closing notes of traces stopped by the operator, for the writer thread to write (after
+    /// every record it took before the stop).
+    closings: Vec<Closing>,
+}
+
+/// A trace that has just ended: its closing note, for the writer thread to write once the
+/// list's lock is released.
+#[derive(Debug)]
+struct Closing {
+    file: SharedFile,
+    note: String,
+    path: PathBuf,
+}
+
+impl Closing {
+    fn write(self) {
+        if let Err(error) = (&*self.file).write_all(self.note.as_bytes()) {
+            warn!(%error, path = %self.path.display(), "cannot write a trace file's closing note");
+        }
+    }
 }
 
 /// One record for the writer: the client identifier it belongs to and its line.
@@ -96,12 +139,29 @@ pub type Refusal = (axum::http::StatusCode, String);
 #[derive(Debug)]
 pub struct Traces {
     settings: Settings,
-    traces: Mutex<BTreeMap<String, Trace>>,
+    /// Where the files are: `settings.directory`, or the private temporary directory.
+    directory: PathBuf,
+    /// The private temporary directory without a data directory, removed (with its files)
+    /// by [`Traces::remove_private_directory`] when the node ends.
+    private: Mutex<Option<tempfile::TempDir>>,
+    /// The list. Held only to read or change it: never across a file write or a post.
+    book: Mutex<Book>,
+    /// Serialises `begin` and `stop`, whose file work runs without the list's lock.
+    changes: Mutex<()>,
+    /// Serialises the posts of the traced set, so that the last set posted is the newest.
+    publishing: Mutex<()>,
     /// The shards' mailboxes and their count, once the shards run.
     mailboxes: OnceLock<(Shared, u16)>,
     sender: SyncSender<Line>,
     /// Records dropped because the channel was full, since the last count the writer took.
     dropped: AtomicU64,
+}
+
+/// A panic while a lock was held leaves plain data behind: keep using it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn now_ms() -> u64 {
@@ -175,15 +235,39 @@ fn quoted(client_id: &str) -> String {
 }
 
 impl Traces {
-    /// The node's traces, with their writer thread running.
+    /// The node's traces, with their writer thread running. Under a data directory, its
+    /// `traces/` must be a real directory of the node's user (not a symbolic link); without
+    /// one, a private directory of random name is made under the temp directory.
     pub fn start(settings: Settings) -> Result<Arc<Self>, String> {
-        if let Some(directory) = &settings.directory {
-            remove_old_files(directory);
-        }
+        let (directory, private) = match &settings.directory {
+            Some(directory) => {
+                own_directory(directory)
+                    .map_err(|e| format!("the trace directory {}: {e}", directory.display()))?;
+                remove_old_files(directory);
+                (directory.clone(), None)
+            }
+            None => {
+                use std::os::unix::fs::PermissionsExt;
+                let private = tempfile::Builder::new()
+                    .prefix("shardmq-traces-")
+                    .permissions(std::fs::Permissions::from_mode(0o700))
+                    .tempdir()
+                    .map_err(|e| {
+                        format!(
+                            "cannot make a private trace directory under the temp directory: {e}"
+                        )
+                    })?;
+                (private.path().to_path_buf(), Some(private))
+            }
+        };
         let (sender, receiver) = std::sync::mpsc::sync_channel(CHANNEL_RECORDS_MAX);
         let traces = Arc::new(Self {
             settings,
-            traces: Mutex::new(BTreeMap::new()),
+            directory,
+            private: Mutex::new(private),
+            book: Mutex::new(Book::default()),
+            changes: Mutex::new(()),
+            publishing: Mutex::new(()),
             mailboxes: OnceLock::new(),
             sender,
             dropped: AtomicU64::new(0),
@@ -208,31 +292,47 @@ impl Traces {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Trace>> {
-        // A panic while the lock was held leaves plain data behind: keep using it.
-        self.traces
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Where the trace files are.
+    #[cfg(test)]
+    fn directory(&self) -> &Path {
+        &self.directory
     }
 
-    fn directory(&self) -> PathBuf {
-        match &self.settings.directory {
-            Some(directory) => directory.clone(),
-            None => std::env::temp_dir().join(format!("shardmq-traces-{}", std::process::id())),
+    /// The node ends: its private temporary directory (none under a data directory) is
+    /// removed with its files.
+    pub fn remove_private_directory(&self) {
+        if let Some(private) = lock(&self.private).take()
+            && let Err(error) = private.close()
+        {
+            warn!(%error, "cannot remove the private trace directory");
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        lock(&self.book)
+    }
+
+    /// The most ended traces kept.
+    fn ended_max(&self) -> usize {
+        self.settings
+            .traces_max
+            .saturating_mul(ENDED_PER_ACTIVE)
+            .max(1)
+    }
+
     /// Tells every shard the active traces' client identifiers; returns the shards' answers
-    /// (None before the shards run). Called with the lock held, so that sets reach each
-    /// mailbox in the order they were made.
-    fn publish(&self, traces: &BTreeMap<String, Trace>) -> Vec<Confirmation> {
+    /// (none before the shards run). The set is read under `publishing`, and posted without
+    /// the list's lock: the last post always carries the newest set.
+    fn publish(&self) -> Vec<Confirmation> {
         let Some((mailboxes, shard_count)) = self.mailboxes.get() else {
             return Vec::new();
         };
-        let client_ids: Vec<ByteString> = traces
+        let _publishing = lock(&self.publishing);
+        let client_ids: Vec<ByteString> = self
+            .lock()
+            .active
             .iter()
-            .filter(|(_, trace)| trace.state == State::Active)
-            .map(|(client_id, _)| ByteString::from(client_id.as_str()))
+            .map(|client_id| ByteString::from(client_id.as_str()))
             .collect();
         (0..*shard_count)
             .map(|shard| {
@@ -248,7 +348,7 @@ impl Traces {
 
     /// Starts a trace of `client_id` for `minutes`: 201's body, or why not. The answers of
     /// the shards are returned to be awaited, so that the caller answers once every shard
-    /// traces the client.
+    /// traces the client. Blocking (file-system calls): call it off the async runtime.
     pub fn begin(
         &self,
         client_id: &str,
@@ -267,31 +367,29 @@ impl Traces {
                 format!("client_id must be 1 to {CLIENT_ID_BYTES_MAX} bytes"),
             ));
         }
-        let mut traces = self.lock();
-        if traces
-            .get(client_id)
-            .is_some_and(|trace| trace.state == State::Active)
+        // Only `begin` makes a trace active, and `changes` lets one run at a time: what is
+        // checked here still holds when the trace is inserted below.
+        let _changes = lock(&self.changes);
         {
-            return Err((
-                StatusCode::CONFLICT,
-                "a trace of this client is already running: stop it first".into(),
-            ));
+            let book = self.lock();
+            if book.active.contains(client_id) {
+                return Err((
+                    StatusCode::CONFLICT,
+                    "a trace of this client is already running: stop it first".into(),
+                ));
+            }
+            let active = book.active.len();
+            if active >= self.settings.traces_max {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{active} traces are running, the most admin.traces_max allows ({}): stop one first",
+                        self.settings.traces_max
+                    ),
+                ));
+            }
         }
-        let active = traces
-            .values()
-            .filter(|trace| trace.state == State::Active)
-            .count();
-        if active >= self.settings.traces_max {
-            return Err((
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "{active} traces are running, the most admin.traces_max allows ({}): stop one first",
-                    self.settings.traces_max
-                ),
-            ));
-        }
-        let directory = self.directory();
-        let path = directory.join(file_name(client_id));
+        let path = self.directory.join(file_name(client_id));
         let started_ms = now_ms();
         let ends_ms = started_ms.saturating_add(minutes * 60_000);
         let header = format!(
@@ -300,39 +398,44 @@ impl Traces {
             rfc3339(started_ms),
             rfc3339(ends_ms)
         );
-        let file = create_file(&directory, &path, header.as_bytes()).map_err(|e| {
+        let file = create_file(&path, header.as_bytes()).map_err(|e| {
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot create the trace file {}: {e}", path.display()),
             )
         })?;
-        traces.insert(
-            client_id.to_owned(),
-            Trace {
-                path,
-                started_ms,
-                ends_ms,
-                minutes,
-                bytes_written: header.len() as u64,
-                file: Some(file),
-                state: State::Active,
-                dropped: 0,
-            },
-        );
+        let trace = Trace {
+            path,
+            started_ms,
+            ends_ms,
+            ended_ms: 0,
+            minutes,
+            bytes_written: header.len() as u64,
+            file: Some(Arc::new(file)),
+            state: State::Active,
+            dropped: 0,
+        };
+        let body = trace_json(client_id, &trace);
+        let forgotten = {
+            let mut book = self.lock();
+            book.active.insert(client_id.to_owned());
+            book.traces.insert(client_id.to_owned(), trace);
+            forget_oldest_ended(&mut book, self.ended_max())
+        };
+        for path in forgotten {
+            if let Err(error) = std::fs::remove_file(&path) {
+                warn!(%error, path = %path.display(), "cannot remove a forgotten trace's file");
+            }
+        }
         info!(client_id = %quoted(client_id), minutes, "trace started");
-        let answers = self.publish(&traces);
-        let body = traces
-            .get(client_id)
-            .map(|trace| trace_json(client_id, trace))
-            .unwrap_or(Value::Null);
-        Ok((body, answers))
+        Ok((body, self.publish()))
     }
 
     /// Every trace of this node, in client identifier order.
     pub fn list(&self) -> Value {
-        let traces = self.lock();
+        let book = self.lock();
         Value::Array(
-            traces
+            book.traces
                 .iter()
                 .map(|(client_id, trace)| trace_json(client_id, trace))
                 .collect(),
@@ -341,22 +444,34 @@ impl Traces {
 
     /// The path of `client_id`'s trace file, if it has one.
     pub fn path(&self, client_id: &str) -> Option<PathBuf> {
-        self.lock().get(client_id).map(|trace| trace.path.clone())
+        self.lock()
+            .traces
+            .get(client_id)
+            .map(|trace| trace.path.clone())
     }
 
-    /// Stops `client_id`'s trace (its file stays): its state, or None when there is none.
+    /// Stops `client_id`'s trace (its file stays; the writer thread writes its closing note):
+    /// its state, or None when there is none. Blocking (the posts): call it off the async
+    /// runtime.
     pub fn stop(&self, client_id: &str) -> Option<Value> {
-        let mut traces = self.lock();
-        let trace = traces.get_mut(client_id)?;
-        if trace.state == State::Active {
-            end(trace, "stopped", "stopped by the operator");
+        let _changes = lock(&self.changes);
+        let (body, stopped) = {
+            let mut book = self.lock();
+            let closing = end(&mut book, client_id, "stopped", "stopped by the operator");
+            let stopped = closing.is_some();
+            book.closings.extend(closing);
+            let body = book
+                .traces
+                .get(client_id)
+                .map(|trace| trace_json(client_id, trace))?;
+            (body, stopped)
+        };
+        if stopped {
             info!(client_id = %quoted(client_id), "trace stopped");
             // Nobody waits for the shards: they stop tracing at their next loop.
-            drop(self.publish(&traces));
+            drop(self.publish());
         }
-        traces
-            .get(client_id)
-            .map(|trace| trace_json(client_id, trace))
+        Some(body)
     }
 
     /// The writer thread: appends each record to its trace's file, and ends traces at their
@@ -373,45 +488,75 @@ impl Traces {
     }
 
     /// One step of the writer: `line` (if one came) appended, the traces past their end at
-    /// `now` ended, and the shards told when the set changed.
+    /// `now` ended, and the shards told when the set changed. The list's lock is held only
+    /// to decide; the writes and the posts come after it is released.
     fn step(&self, line: Option<Line>, now: u64) {
-        let mut traces = self.lock();
         let mut changed = false;
-        let dropped = self.dropped.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
-            for trace in traces.values_mut() {
-                trace.dropped += dropped;
-            }
-        }
-        if let Some(line) = line
-            && let Some(trace) = traces.get_mut(&line.client_id)
+        let mut closings = std::mem::take(&mut self.lock().closings);
         {
-            changed |= self.append(trace, &line.text);
-        }
-        for trace in traces.values_mut() {
-            if trace.state == State::Active && now >= trace.ends_ms {
-                let note = format!("the trace's {} minutes are over", trace.minutes);
-                end(trace, "expired", &note);
+            let mut book = self.lock();
+            let dropped = self.dropped.swap(0, Ordering::Relaxed);
+            if dropped > 0 {
+                let Book { traces, active, .. } = &mut *book;
+                for client_id in active.iter() {
+                    if let Some(trace) = traces.get_mut(client_id) {
+                        trace.dropped += dropped;
+                    }
+                }
+            }
+            let expired: Vec<String> = {
+                let Book { traces, active, .. } = &*book;
+                active
+                    .iter()
+                    .filter(|client_id| traces.get(*client_id).is_some_and(|t| now >= t.ends_ms))
+                    .cloned()
+                    .collect()
+            };
+            for client_id in expired {
+                let minutes = book.traces.get(&client_id).map_or(0, |t| t.minutes);
+                let note = format!("the trace's {minutes} minutes are over");
+                closings.extend(end(&mut book, &client_id, "expired", &note));
                 changed = true;
             }
+            if let Some(line) = line {
+                match self.reserve(&mut book, &line.client_id, &line.text) {
+                    Reserved::Nothing => {}
+                    Reserved::Capped(closing) => {
+                        closings.push(closing);
+                        changed = true;
+                    }
+                    Reserved::Write(file, text) => {
+                        drop(book);
+                        if let Err(error) = (&*file).write_all(text.as_bytes()) {
+                            changed |= self.write_failed(&line.client_id, &file, &error);
+                        }
+                    }
+                }
+            }
+        }
+        for closing in closings {
+            closing.write();
         }
         if changed {
-            drop(self.publish(&traces));
+            drop(self.publish());
         }
     }
 
-    /// Appends one record to an active trace; true when that ended it (its cap, an error).
-    fn append(&self, trace: &mut Trace, text: &str) -> bool {
-        if trace.state != State::Active {
-            return false;
-        }
-        let mut text = std::borrow::Cow::Borrowed(text);
+    /// Decides what to do with one record of `client_id`: nothing (no active trace), end its
+    /// trace at its cap, or write it (the bytes counted now).
+    fn reserve(&self, book: &mut Book, client_id: &str, text: &str) -> Reserved {
+        let Some(trace) = book.traces.get_mut(client_id) else {
+            return Reserved::Nothing;
+        };
+        let Some(file) = trace.file.clone().filter(|_| trace.state == State::Active) else {
+            return Reserved::Nothing;
+        };
+        let mut text = text.to_owned();
         if trace.dropped > 0 {
             text = format!(
                 "# {} records dropped: the trace writer fell behind\n{text}",
                 trace.dropped
-            )
-            .into();
+            );
             trace.dropped = 0;
         }
         let size = text.len() as u64;
@@ -420,25 +565,100 @@ impl Traces {
                 "the file reached admin.trace_bytes_max ({} bytes)",
                 self.settings.bytes_max
             );
-            end(trace, "capped", &note);
-            return true;
+            return match end(book, client_id, "capped", &note) {
+                Some(closing) => Reserved::Capped(closing),
+                None => Reserved::Nothing,
+            };
         }
-        let Some(file) = trace.file.as_mut() else {
+        trace.bytes_written += size;
+        Reserved::Write(file, text)
+    }
+
+    /// A record could not be written: the trace ends (if `file` is still its file). True
+    /// when it did.
+    fn write_failed(&self, client_id: &str, file: &SharedFile, error: &std::io::Error) -> bool {
+        let mut book = self.lock();
+        let Some(trace) = book.traces.get_mut(client_id) else {
             return false;
         };
-        match file.write_all(text.as_bytes()) {
-            Ok(()) => {
-                trace.bytes_written += size;
-                false
-            }
-            Err(error) => {
-                warn!(%error, path = %trace.path.display(), "cannot write a trace file: the trace ends");
-                trace.file = None;
-                trace.state = State::Ended(format!("write error: {error}"));
-                true
-            }
+        if !trace
+            .file
+            .as_ref()
+            .is_some_and(|own| Arc::ptr_eq(own, file))
+        {
+            return false;
         }
+        warn!(%error, path = %trace.path.display(), "cannot write a trace file: the trace ends");
+        trace.file = None;
+        trace.state = State::Ended(format!("write error: {error}"));
+        trace.ended_ms = now_ms();
+        book.active.remove(client_id);
+        true
     }
+}
+
+/// What the writer does with a record.
+#[derive(Debug)]
+enum Reserved {
+    Nothing,
+    Capped(Closing),
+    Write(SharedFile, String),
+}
+
+/// Forgets the oldest ended traces past `ended_max`: their paths, for the caller to remove
+/// without the list's lock.
+fn forget_oldest_ended(book: &mut Book, ended_max: usize) -> Vec<PathBuf> {
+    let mut forgotten = Vec::new();
+    while book.traces.len().saturating_sub(book.active.len()) > ended_max {
+        let oldest = book
+            .traces
+            .iter()
+            .filter(|(_, trace)| trace.state != State::Active)
+            .min_by_key(|(_, trace)| trace.ended_ms)
+            .map(|(client_id, _)| client_id.clone());
+        let Some(trace) = oldest.and_then(|client_id| book.traces.remove(&client_id)) else {
+            break;
+        };
+        forgotten.push(trace.path);
+    }
+    forgotten
+}
+
+/// Makes `directory` (0700) if it is not there, and checks it is a real directory (not a
+/// symbolic link) owned by the node's user and closed to others.
+fn own_directory(directory: &Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(directory) {
+        Ok(()) => {}
+        Err(error) if error.kind() == ErrorKind::AlreadyExists => {}
+        Err(error) if error.kind() == ErrorKind::NotFound => {
+            // The data directory itself is not there yet.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(directory)?;
+        }
+        Err(error) => return Err(error),
+    }
+    let metadata = std::fs::symlink_metadata(directory)?;
+    if !metadata.file_type().is_dir() {
+        return Err(Error::other(
+            "it is not a directory (a symbolic link?): remove it",
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let user = unsafe { libc::geteuid() };
+    if metadata.uid() != user {
+        return Err(Error::other(format!(
+            "it belongs to user {}, not to the node's user {user}",
+            metadata.uid()
+        )));
+    }
+    if metadata.mode() & 0o077 != 0 {
+        std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// The files of the traces of the node's last run: kept until this start, removed now.
@@ -455,30 +675,43 @@ fn remove_old_files(directory: &Path) {
     }
 }
 
-/// Ends an active trace: a last line says why, and the file is closed.
-fn end(trace: &mut Trace, state: &str, why: &str) {
-    if let Some(mut file) = trace.file.take() {
-        let note = format!("# {} trace ended: {why}\n", rfc3339(now_ms()));
-        if file.write_all(note.as_bytes()).is_ok() {
-            trace.bytes_written += note.len() as u64;
-        }
+/// Ends `client_id`'s trace if it is active: its state, its end, and its closing note (to
+/// be written by the caller once the list's lock is released; its bytes counted now).
+fn end(book: &mut Book, client_id: &str, state: &str, why: &str) -> Option<Closing> {
+    let trace = book.traces.get_mut(client_id)?;
+    if trace.state != State::Active {
+        return None;
     }
+    book.active.remove(client_id);
+    let now = now_ms();
     trace.state = State::Ended(state.to_owned());
+    trace.ended_ms = now;
+    let file = trace.file.take()?;
+    let note = format!("# {} trace ended: {why}\n", rfc3339(now));
+    trace.bytes_written += note.len() as u64;
+    Some(Closing {
+        file,
+        note,
+        path: trace.path.clone(),
+    })
 }
 
-/// Creates (or truncates) a trace file, readable by the node's user only, in a directory
-/// likewise, and writes its header.
-fn create_file(directory: &Path, path: &Path, header: &[u8]) -> std::io::Result<File> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(directory)?;
+/// Creates a trace file, readable by the node's user only, and writes its header. A file
+/// left at the path (an older trace of the client, or anything planted there) is removed
+/// first, and the new one is made with `O_CREAT | O_EXCL | O_NOFOLLOW`: never through a
+/// symbolic link, never someone else's file.
+fn create_file(path: &Path, header: &[u8]) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     file.write_all(header)?;
     Ok(file)
@@ -664,6 +897,119 @@ mod tests {
         let again = traces_in_keep(&directory);
         assert!(again.list().as_array().unwrap().is_empty());
         assert_eq!(std::fs::read_dir(&directory).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+
+    #[test]
+    fn files_go_to_a_private_directory_and_never_through_a_link() {
+        use std::os::unix::fs::{MetadataExt, symlink};
+        let traces = Traces::start(Settings {
+            traces_max: 2,
+            bytes_max: 4096,
+            directory: None,
+        })
+        .unwrap();
+        let private = traces.directory().to_path_buf();
+        let predictable =
+            std::env::temp_dir().join(format!("shardmq-traces-{}", std::process::id()));
+        assert_ne!(private, predictable);
+        let metadata = std::fs::symlink_metadata(&private).unwrap();
+        assert!(metadata.file_type().is_dir());
+        assert_eq!(metadata.mode() & 0o777, 0o700);
+        // A link planted where a trace's file goes is replaced; its target is untouched.
+        let victim = private.with_extension("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        symlink(&victim, private.join(file_name("a"))).unwrap();
+        traces.begin("a", 1).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let path = traces.path("a").unwrap();
+        let metadata = std::fs::symlink_metadata(&path).unwrap();
+        assert!(metadata.file_type().is_file());
+        assert_eq!(metadata.mode() & 0o777, 0o600);
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .starts_with("# shardmq trace of client \"a\"")
+        );
+        traces.remove_private_directory();
+        assert!(!private.exists());
+        let _ = std::fs::remove_file(&victim);
+
+        // Under a data directory, a `traces` that is a symbolic link is refused.
+        let data = std::env::temp_dir().join(format!("shardmq-trace-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(data.join("elsewhere")).unwrap();
+        std::fs::write(data.join("elsewhere").join(file_name("b")), "kept").unwrap();
+        symlink(data.join("elsewhere"), data.join("traces")).unwrap();
+        let refused = Traces::start(Settings {
+            traces_max: 2,
+            bytes_max: 4096,
+            directory: Some(data.join("traces")),
+        })
+        .unwrap_err();
+        assert!(refused.contains("not a directory"), "{refused}");
+        // Nothing behind the link was removed as an old file.
+        assert!(data.join("elsewhere").join(file_name("b")).exists());
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    #[test]
+    fn ended_traces_are_forgotten_past_their_bound_with_their_files() {
+        let directory =
+            std::env::temp_dir().join(format!("shardmq-trace-forget-{}", std::process::id()));
+        let traces = traces_in(&directory, 4096);
+        let kept = 2 * ENDED_PER_ACTIVE;
+        for n in 0..kept + 5 {
+            let client_id = format!("c{n}");
+            traces.begin(&client_id, 1).unwrap();
+            traces.stop(&client_id).unwrap();
+            // Distinct end times: the oldest is forgotten first.
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        traces.begin("live", 1).unwrap();
+        assert_eq!(traces.list().as_array().unwrap().len(), kept + 1);
+        for n in 0..5 {
+            assert!(traces.path(&format!("c{n}")).is_none(), "c{n} kept");
+            assert!(!directory.join(file_name(&format!("c{n}"))).exists());
+        }
+        for n in 5..kept + 5 {
+            assert!(traces.path(&format!("c{n}")).unwrap().exists(), "c{n}");
+        }
+        assert_eq!(std::fs::read_dir(&directory).unwrap().count(), kept + 1);
+        assert_eq!(traces.lock().active.len(), 1);
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+
+    #[test]
+    fn the_list_and_the_writer_go_on_while_a_post_to_a_full_mailbox_waits() {
+        use std::sync::mpsc::channel;
+        let directory =
+            std::env::temp_dir().join(format!("shardmq-trace-post-{}", std::process::id()));
+        let traces = traces_in(&directory, 1 << 20);
+        traces.begin("a", 1).unwrap();
+        // One shard whose mailbox (one message) is full and never drained: a post waits.
+        let mailboxes = shardmq_net::reactor::Mailboxes::new(1, 1).unwrap();
+        let (sender, _receiver) = oneshot::channel();
+        mailboxes.post(0, NodeMessage::Control(Control::Trace(Vec::new(), sender)));
+        traces.attach(mailboxes, 1);
+        let posting = traces.clone();
+        // This thread stays in `post` (yielding) until the test binary ends.
+        std::thread::spawn(move || drop(posting.begin("b", 1)));
+        std::thread::sleep(Duration::from_millis(200));
+        let (done, answers) = channel();
+        let asking = traces.clone();
+        std::thread::spawn(move || {
+            let list = asking.list();
+            asking.step(line("a", "written while a post waits\n"), now_ms());
+            let _ = done.send(list);
+        });
+        let list = answers
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the list's lock was held across a post to a full mailbox");
+        assert_eq!(list[1]["client_id"], "b");
+        assert_eq!(list[1]["state"], "active");
+        let a = std::fs::read_to_string(traces.path("a").unwrap()).unwrap();
+        assert!(a.contains("written while a post waits"), "{a}");
         let _ = std::fs::remove_dir_all(&directory);
     }
 

@@ -337,7 +337,19 @@ fn limits_hold_and_hostile_identifiers_stay_out_of_the_file_system() {
         }
     };
     assert_eq!(state, "capped");
-    let (_, file) = call(admin, "GET", "/api/v1/traces/capped", None);
+    // The download is streamed with the file's length as it was when asked.
+    let (status, headers, file) = support::http_response(
+        admin,
+        &format!(
+            "GET /api/v1/traces/capped HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "{file}");
+    let length = headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .map(|(_, value)| value.clone());
+    assert_eq!(length, Some(file.len().to_string()), "{headers:?}");
     let last = file.lines().last().unwrap_or_default();
     assert!(
         last.contains("trace ended: the file reached admin.trace_bytes_max (4096 bytes)"),

@@ -25,6 +25,12 @@ pub const TRACE_TARGET: &str = "shardmq::trace";
 /// The most payload bytes a record quotes (escaped); the length is always given.
 pub const PAYLOAD_QUOTE_BYTES_MAX: usize = 32;
 
+/// The most filters or reason codes a record lists; the rest are counted (`… N more`).
+pub const LIST_ITEMS_MAX: usize = 16;
+
+/// The longest record text, in bytes (plus a closing ` …` when cut), whatever the packet.
+pub const RECORD_BYTES_MAX: usize = 4096;
+
 /// The direction or kind of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Direction {
@@ -54,13 +60,14 @@ pub(super) fn record(
     direction: Direction,
     text: &str,
 ) {
+    let text = capped_str(text);
     tracing::info!(
         target: TRACE_TARGET,
         client_id,
         node,
         address = ?address,
         direction = direction.name(),
-        record = text,
+        record = &*text,
     );
 }
 
@@ -99,48 +106,36 @@ pub(super) fn describe(packet: &Packet, size_bytes: usize) -> String {
             let _ = write!(line, " id={} reason={}", ack.packet_id, reason(ack.reason));
         }
         Packet::Subscribe(subscribe) => {
-            let _ = write!(line, " id={} filters=[", subscribe.packet_id);
-            for (position, (filter, options)) in subscribe.filters.iter().enumerate() {
+            let _ = write!(line, " id={} filters=", subscribe.packet_id);
+            listed(&mut line, &subscribe.filters, |line, (filter, options)| {
                 let _ = write!(
                     line,
-                    "{}{} qos={} no_local={} retain_as_published={} retain_handling={:?}",
-                    if position == 0 { "" } else { ", " },
+                    "{} qos={} no_local={} retain_as_published={} retain_handling={:?}",
                     escaped(filter),
                     options.qos as u8,
                     u8::from(options.no_local),
                     u8::from(options.retain_as_published),
                     options.retain_handling,
                 );
-            }
-            line.push(']');
+            });
         }
         Packet::SubAck(ack) => {
-            let _ = write!(
-                line,
-                " id={} reasons={}",
-                ack.packet_id,
-                reasons(&ack.reasons)
-            );
+            let _ = write!(line, " id={} reasons=", ack.packet_id);
+            listed(&mut line, &ack.reasons, |line, code| {
+                line.push_str(&reason(*code))
+            });
         }
         Packet::Unsubscribe(unsubscribe) => {
-            let _ = write!(line, " id={} filters=[", unsubscribe.packet_id);
-            for (position, filter) in unsubscribe.filters.iter().enumerate() {
-                let _ = write!(
-                    line,
-                    "{}{}",
-                    if position == 0 { "" } else { ", " },
-                    escaped(filter)
-                );
-            }
-            line.push(']');
+            let _ = write!(line, " id={} filters=", unsubscribe.packet_id);
+            listed(&mut line, &unsubscribe.filters, |line, filter| {
+                line.push_str(&escaped(filter));
+            });
         }
         Packet::UnsubAck(ack) => {
-            let _ = write!(
-                line,
-                " id={} reasons={}",
-                ack.packet_id,
-                reasons(&ack.reasons)
-            );
+            let _ = write!(line, " id={} reasons=", ack.packet_id);
+            listed(&mut line, &ack.reasons, |line, code| {
+                line.push_str(&reason(*code))
+            });
         }
         Packet::PingReq | Packet::PingResp => {}
         Packet::Disconnect(disconnect) => {
@@ -153,7 +148,7 @@ pub(super) fn describe(packet: &Packet, size_bytes: usize) -> String {
             let _ = write!(line, " reason={}", reason(auth.reason));
         }
     }
-    line
+    capped(line)
 }
 
 /// A CONNECT as one line (the password only as present or not).
@@ -180,32 +175,80 @@ pub(super) fn describe_connect(connect: &Connect, size_bytes: usize) -> String {
             payload(&will.payload),
         );
     }
-    line
+    capped(line)
 }
 
 fn reason(code: ReasonCode) -> String {
     format!("0x{:02x}", code.0)
 }
 
-fn reasons(codes: &[ReasonCode]) -> String {
-    let mut text = String::from("[");
-    for (position, code) in codes.iter().enumerate() {
+/// `[a, b, ...]` of at most [`LIST_ITEMS_MAX`] items, then how many more there were:
+/// a SUBSCRIBE of 260 000 filters is 16 of them and `… 259984 more`.
+fn listed<T>(line: &mut String, items: &[T], mut item: impl FnMut(&mut String, &T)) {
+    line.push('[');
+    for (position, one) in items.iter().take(LIST_ITEMS_MAX).enumerate() {
         if position > 0 {
-            text.push_str(", ");
+            line.push_str(", ");
         }
-        text.push_str(&reason(*code));
+        item(line, one);
     }
-    text.push(']');
-    text
+    if let Some(more) = items
+        .len()
+        .checked_sub(LIST_ITEMS_MAX)
+        .filter(|&more| more > 0)
+    {
+        let _ = write!(line, ", \u{2026} {more} more");
+    }
+    line.push(']');
 }
+
+/// Where a record longer than [`RECORD_BYTES_MAX`] is cut: the last character boundary at
+/// or before it (None when the text fits).
+fn cut_at(text: &str) -> Option<usize> {
+    if text.len() <= RECORD_BYTES_MAX {
+        return None;
+    }
+    (0..=RECORD_BYTES_MAX)
+        .rev()
+        .find(|&end| text.is_char_boundary(end))
+}
+
+/// A record cut to at most [`RECORD_BYTES_MAX`] bytes, on a character boundary, marked ` …`.
+fn capped(mut line: String) -> String {
+    if let Some(end) = cut_at(&line) {
+        line.truncate(end);
+        line.push_str(CUT_MARK);
+    }
+    line
+}
+
+/// [`capped`] for text the record does not own (an event's words).
+fn capped_str(text: &str) -> std::borrow::Cow<'_, str> {
+    match cut_at(text).and_then(|end| text.get(..end)) {
+        Some(kept) => std::borrow::Cow::Owned(format!("{kept}{CUT_MARK}")),
+        None => std::borrow::Cow::Borrowed(text),
+    }
+}
+
+/// The end of a record that was cut.
+const CUT_MARK: &str = " \u{2026}";
 
 /// Peer text in quotes, at most `QUOTE_BYTES_MAX` bytes of it, everything but printable
 /// ASCII escaped (a newline or a NUL in a topic stays on the record's line).
 pub(super) fn escaped(text: &str) -> String {
-    let quoted = crate::limits::quote(text);
-    let mut out = String::with_capacity(quoted.len() + 2);
+    // Cut here rather than by `limits::quote`, which escapes control characters its own way
+    // (they would be escaped twice).
+    let mut end = text.len().min(crate::limits::QUOTE_BYTES_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let (shown, cut) = text.split_at(end);
+    let mut out = String::with_capacity(shown.len() + 5);
     out.push('"');
-    escape_bytes(quoted.as_bytes(), &mut out);
+    escape_bytes(shown.as_bytes(), &mut out);
+    if !cut.is_empty() {
+        out.push_str("...");
+    }
     out.push('"');
     out
 }
@@ -357,11 +400,65 @@ mod tests {
         assert_eq!(escaped("a/b"), "\"a/b\"");
         assert_eq!(escaped("a\nb\0\"\\"), "\"a\\x0ab\\x00\\\"\\\\\"");
         assert_eq!(payload(b"hi\xff"), "3:\"hi\\xff\"");
+        let long_topic = "t".repeat(100);
+        assert_eq!(
+            escaped(&long_topic),
+            format!("\"{}...\"", "t".repeat(crate::limits::QUOTE_BYTES_MAX))
+        );
         let long = vec![b'x'; 100];
         assert_eq!(
             payload(&long),
             format!("100:\"{}\"...", "x".repeat(PAYLOAD_QUOTE_BYTES_MAX))
         );
+    }
+
+    #[test]
+    fn a_huge_subscribe_or_suback_is_listed_in_part_and_capped() {
+        let options = SubscriptionOptions::new(QoS::AtMostOnce);
+        let filters: Vec<(ByteString, SubscriptionOptions)> = (0..260_000)
+            .map(|n| (ByteString::from(format!("f/{n}")), options))
+            .collect();
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: 3,
+            filters,
+            properties: Default::default(),
+        });
+        let line = describe(&subscribe, 1 << 20);
+        assert!(
+            line.len() <= RECORD_BYTES_MAX + CUT_MARK.len(),
+            "{}",
+            line.len()
+        );
+        assert!(line.contains("\"f/15\""), "{line}");
+        assert!(!line.contains("\"f/16\""), "{line}");
+        assert!(line.ends_with(", \u{2026} 259984 more]"), "{line}");
+        let suback = Packet::SubAck(SubAck {
+            packet_id: 3,
+            reasons: vec![ReasonCode(0); 20],
+            properties: Default::default(),
+        });
+        let line = describe(&suback, 30);
+        assert_eq!(line.matches("0x00").count(), LIST_ITEMS_MAX, "{line}");
+        assert!(line.ends_with(", \u{2026} 4 more]"), "{line}");
+        // Sixteen filters of escaped bytes pass 4 KiB: cut on a character boundary.
+        let wide = ByteString::from("\u{e9}\n".repeat(40));
+        let unsubscribe = Packet::Unsubscribe(Unsubscribe {
+            packet_id: 4,
+            filters: vec![wide; 40],
+            properties: Default::default(),
+        });
+        let line = describe(&unsubscribe, 1 << 16);
+        assert!(
+            line.len() <= RECORD_BYTES_MAX + CUT_MARK.len(),
+            "{}",
+            line.len()
+        );
+        assert!(line.ends_with(CUT_MARK), "{line}");
+        let event = "\u{e9}".repeat(RECORD_BYTES_MAX);
+        let cut = capped_str(&event);
+        assert!(cut.len() <= RECORD_BYTES_MAX + CUT_MARK.len());
+        assert!(cut.starts_with('\u{e9}') && cut.ends_with(CUT_MARK));
+        assert_eq!(capped_str("short"), "short");
     }
 
     #[test]
