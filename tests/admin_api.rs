@@ -97,6 +97,10 @@ fn clients_are_listed_with_their_fields_filtered_and_bounded() {
     let after = unix_ms();
     assert_eq!(client_ids(&all), ["api-v311", "api-v5", "mosq-api"]);
     assert_eq!(all["truncated"], false);
+    assert_eq!(
+        all["scan_limited"], false,
+        "three sessions are far below the budget"
+    );
     assert_eq!(all["errors"], serde_json::json!([]));
     let client = |id: &str| {
         all["clients"]
@@ -152,6 +156,7 @@ fn clients_are_listed_with_their_fields_filtered_and_bounded() {
         "sorted, then cut"
     );
     assert_eq!(limited["truncated"], true);
+    assert_eq!(limited["scan_limited"], false);
     // A node alone has no number: a node filter keeps nothing.
     assert!(ids("/api/v1/clients?node=1").is_empty());
 
@@ -331,6 +336,7 @@ fn retained_messages_are_listed_read_and_deleted_on_every_shard() {
     assert_eq!(filtered["retained"][0]["topic"], "other/c");
     let (_, limited) = get(&broker, "/api/v1/retained?limit=1");
     assert_eq!(limited["truncated"], true);
+    assert_eq!(limited["scan_limited"], false);
 
     let (status, message) = get(&broker, "/api/v1/retained/ret%2Fa");
     assert_eq!(status, 200, "{message}");
