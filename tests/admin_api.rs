@@ -245,6 +245,12 @@ fn a_kick_disconnects_5_0_with_0x98_closes_3_1_1_and_keeps_a_persistent_session(
         format!("{ended:?}").contains("AdministrativeAction"),
         "DISCONNECT 0x98: {ended:?}"
     );
+    let log = broker.log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains("client kicked by the admin API"))
+        .unwrap_or_else(|| panic!("the kick is logged:\n{log}"));
+    assert!(line.contains(r#"asked_by="this node""#), "{line}");
     let (status, _) = get(&broker, "/api/v1/clients/kick-v5");
     assert_eq!(status, 404, "gone from the list");
     let (status, _) = delete(&broker, "/api/v1/clients/kick-v5", true);

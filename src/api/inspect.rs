@@ -82,8 +82,13 @@ fn clamp(limit: usize) -> usize {
     limit.min(LIST_LIMIT_MAX)
 }
 
-/// Answers one of the inspection queries of [`NodeQuery`] for this node.
-pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value, String> {
+/// Answers one of the inspection queries of [`NodeQuery`] for this node; `asked_by` (the
+/// node that asked, None for this node's own endpoint) goes with a kick into its log line.
+pub(super) async fn answer(
+    state: &AppState,
+    query: &NodeQuery,
+    asked_by: Option<u32>,
+) -> Result<Value, String> {
     let node = this_node(state).await?;
     // The shards' clock now and the wall clock now: a shard's time + `offset` is wall time.
     let wall_at_zero_ms = wall_clock_ms().saturating_sub(state.health.shard_clock_ms());
@@ -139,6 +144,7 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
         NodeQuery::Kick { client_id } => {
             let query = Query::Kick {
                 client_id: client_id.clone(),
+                asked_by,
             };
             let kicked = ask_shards(state, every_shard(state), &query)
                 .await?

@@ -53,6 +53,8 @@ pub enum Query {
     /// End the client's connection (DISCONNECT 0x98 for 5.0, a close for 3.x).
     Kick {
         client_id: String,
+        /// The node whose operator asked, through its API; None for this node's own.
+        asked_by: Option<NodeId>,
     },
     /// Subscriptions of every session here (connected or not), at most `limit`.
     Subscriptions {
@@ -322,7 +324,10 @@ impl Shard {
                     .and_then(|index| self.client_detail(index))
                     .map(Box::new),
             ),
-            Query::Kick { client_id } => Reply::Kicked(self.kick(&client_id)),
+            Query::Kick {
+                client_id,
+                asked_by,
+            } => Reply::Kicked(self.kick(&client_id, asked_by)),
             Query::Subscriptions {
                 client_id_prefix,
                 filter_prefix,
@@ -518,14 +523,28 @@ impl Shard {
     /// Ends the client's connection as any server-side close does: 5.0 clients get
     /// DISCONNECT 0x98 (Administrative action), the will is published (the client did not
     /// send DISCONNECT), and the session stays or ends by its expiry. Whether it was here.
-    fn kick(&mut self, client_id: &str) -> bool {
+    /// Logged with the node that asked (`asked_by`: its number, or `this node`).
+    fn kick(&mut self, client_id: &str, asked_by: Option<NodeId>) -> bool {
         let Some(index) = self.connected_session(client_id) else {
             return false;
         };
         let Some(connection) = self.session(index).connection else {
             return false;
         };
-        client_log!(INFO, self.who(connection), "client kicked by the admin API");
+        match asked_by {
+            Some(node) => client_log!(
+                INFO,
+                self.who(connection),
+                asked_by = node,
+                "client kicked by the admin API"
+            ),
+            None => client_log!(
+                INFO,
+                self.who(connection),
+                asked_by = "this node",
+                "client kicked by the admin API"
+            ),
+        }
         self.disconnect(
             connection,
             ReasonCode::ADMINISTRATIVE_ACTION,

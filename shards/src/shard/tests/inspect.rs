@@ -189,7 +189,8 @@ fn a_kicked_client_is_disconnected_its_will_published_and_a_persistent_session_k
             &mut node,
             0,
             Query::Kick {
-                client_id: "kicked".into()
+                client_id: "kicked".into(),
+                asked_by: None,
             }
         ),
         Reply::Kicked(true)
@@ -211,7 +212,8 @@ fn a_kicked_client_is_disconnected_its_will_published_and_a_persistent_session_k
             &mut node,
             0,
             Query::Kick {
-                client_id: "kicked".into()
+                client_id: "kicked".into(),
+                asked_by: None,
             }
         ),
         Reply::Kicked(false),
@@ -223,7 +225,8 @@ fn a_kicked_client_is_disconnected_its_will_published_and_a_persistent_session_k
             &mut node,
             0,
             Query::Kick {
-                client_id: "old".into()
+                client_id: "old".into(),
+                asked_by: Some(2),
             }
         ),
         Reply::Kicked(true)
