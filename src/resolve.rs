@@ -9,7 +9,10 @@
 //! hickory instead.
 //! Invariants: the queue of requests is bounded (a full queue is answered at once with an
 //! error, which the agent retries at the reconnect interval); an answer holds at most
-//! [`SEED_ADDRESSES_PER_NAME_MAX`] addresses; a lookup gives up after a few seconds.
+//! [`SEED_ADDRESSES_PER_NAME_MAX`] addresses; a lookup through hickory gives up after
+//! [`LOOKUP_DEADLINE`] (targets included; SRV records for port 0 are skipped); a
+//! getaddrinfo lookup is bounded only by the system resolver's own timeouts (resolv.conf's
+//! `timeout` and `attempts`).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -33,6 +36,11 @@ const QUEUE_MAX: usize = 64;
 /// How long one DNS query waits for its server, and how often it is sent.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const QUERY_ATTEMPTS: usize = 2;
+
+/// The longest one seed name's lookup takes through hickory (an SRV answer and all its
+/// targets): past it the name fails for this round, so a slow or hostile DNS server cannot
+/// hold the thread (and the other names behind it) for long.
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(8);
 
 /// SRV targets looked up per answer (each is one more query).
 const SRV_TARGETS_MAX: usize = SEED_ADDRESSES_PER_NAME_MAX;
@@ -89,7 +97,13 @@ fn resolver_thread(
         let result = match (&name, dns_server, &dns) {
             (SeedName::Host { host, port }, None, _) => system_lookup(host, *port),
             (_, _, Err(error)) => Err(error.clone()),
-            (name, _, Ok((runtime, resolver))) => runtime.block_on(dns_lookup(resolver, name)),
+            (name, _, Ok((runtime, resolver))) => runtime.block_on(async {
+                tokio::time::timeout(LOOKUP_DEADLINE, dns_lookup(resolver, name))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!("{name:?}: no answer within {LOOKUP_DEADLINE:?}"))
+                    })
+            }),
         };
         let result = result.map(|mut addresses| {
             addresses.dedup();
@@ -137,6 +151,8 @@ async fn dns_lookup(resolver: &TokioResolver, name: &SeedName) -> Result<Vec<Soc
             // As many records as one DNS message holds at most.
             let mut targets: Vec<(u16, String, u16)> = records
                 .iter()
+                // Port 0 is no service (RFC 2782 gives it no meaning; nothing listens there).
+                .filter(|srv| srv.port() != 0)
                 .map(|srv| (srv.priority(), srv.target().to_utf8(), srv.port()))
                 .collect();
             // Lowest priority first: when the cap cuts, the preferred targets stay.

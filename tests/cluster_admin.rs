@@ -2,7 +2,7 @@
 //! core lists every node with its own summary (relayed over the control links), asked of an
 //! edge it lists the cores and itself and the other edges (which an edge has no link to) with
 //! an error; a stopped or killed node is listed with an error within the gather timeout, and
-//! the call does not hang. A hostile peer that has the cluster secret gets error answers to
+//! the call does not hang; a client on node 3 is listed and kicked from core 1. A hostile peer that has the cluster secret gets error answers to
 //! queries that do not parse or are too long, past the per-link cap, and the node stays up.
 //! A client on node 3 is listed and kicked from node 1, through the API and `ctl`.
 
@@ -63,7 +63,7 @@ fn wait_nodes(cluster: &TestCluster, id: u32, what: &str, check: impl Fn(&[Value
 #[test]
 fn every_node_is_listed_from_any_node_and_a_lost_one_with_an_error() {
     let mut cluster = TestCluster::start(3, 2);
-    let _client = v5(cluster.node(3).broker.port, "on-node-3", |_| {});
+    let client = v5(cluster.node(3).broker.port, "on-node-3", |_| {});
 
     // From core 1: five nodes, each answering for itself.
     wait_nodes(&cluster, 1, "every node answers", |entries| {
@@ -173,6 +173,33 @@ fn every_node_is_listed_from_any_node_and_a_lost_one_with_an_error() {
     );
     let (_, took) = nodes(&cluster, 1);
     assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // The client on node 3, listed and kicked from core 1 (the queries of `api/inspect.rs`
+    // ride the same relay).
+    let admin = cluster.node(1).broker.admin_address();
+    let (status, body) = http_get(admin, "/api/v1/clients", Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let clients = listed["clients"].as_array().expect("a client list");
+    assert!(
+        clients
+            .iter()
+            .any(|c| c["client_id"] == "on-node-3" && c["node"] == 3),
+        "{listed:#}"
+    );
+    let (status, body) = support::http_raw(
+        admin,
+        &format!(
+            "DELETE /api/v1/clients/on-node-3 HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    let kicked: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(kicked, serde_json::json!({ "kicked": true, "node": 3 }));
+    assert!(
+        client.ended_within(Duration::from_secs(5)),
+        "the client on node 3 is disconnected"
+    );
 }
 
 const CLUSTER_NAME: &str = "shardmq";

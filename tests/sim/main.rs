@@ -13,6 +13,9 @@
 //! - per-publisher order holds at every subscriber;
 //! - Raft election safety: no two cores lead one configuration in one term (sampled every
 //!   20 ms), and after the heal every core follows one leader whose voters are all the cores;
+//! - the admin relay: every answer to a relayed question reaches the node that asked it,
+//!   once, from the node asked, and is that node's own; after the heal every core's question
+//!   to every other node is answered;
 //! - one owner per client identifier: once the network has healed, pairs of clients connect
 //!   with one identifier on two nodes at once, and exactly one connection of each pair
 //!   remains (the other is taken over).
@@ -169,6 +172,8 @@ enum Event {
         node: usize,
         generation: u64,
     },
+    /// A node's admin thread asks another node a question over the relay (`query.rs`).
+    Ask,
 }
 
 /// A node's data directory as the Raft store sees it: files by path with how much of each is
@@ -334,6 +339,13 @@ struct Sim {
     /// Every output of every node so far (see [`Digest`]).
     digest: Digest,
     outputs_digested: u64,
+    /// Admin questions relayed between nodes and not yet answered: by id, the asking node's
+    /// index and incarnation, and the node asked.
+    asks: BTreeMap<u64, (usize, u64, NodeId)>,
+    next_ask: u64,
+    /// Answers to relayed questions: the node's own, and errors (no link, say).
+    answers_ok: u64,
+    answers_refused: u64,
 }
 
 fn settings(id: NodeId, role: Role, address: SocketAddr, seeds: &[SocketAddr]) -> ClusterSettings {
@@ -411,6 +423,10 @@ impl Sim {
             events_processed: 0,
             digest: Digest::new(),
             outputs_digested: 0,
+            asks: BTreeMap::new(),
+            next_ask: 0,
+            answers_ok: 0,
+            answers_refused: 0,
         };
         sim.faults.push(format!(
             "{cores} core(s), {edges} edge(s), link resets {reset_per_million} per million chunks"
@@ -418,7 +434,57 @@ impl Sim {
         for node in 0..sim.nodes.len() {
             sim.boot(node);
         }
+        sim.schedule(1_200, Event::Ask);
         sim
+    }
+
+    /// Node `asker`'s admin thread asks node `asked` (an index) a question over the relay.
+    fn ask(&mut self, asker: usize, asked: usize) {
+        if self.nodes[asker].shards.is_none() {
+            return;
+        }
+        let id = self.next_ask;
+        self.next_ask += 1;
+        let node = self.nodes[asked].id;
+        self.asks
+            .insert(id, (asker, self.nodes[asker].generation, node));
+        self.run(asker, 0, |s, now| {
+            s.handle(
+                now,
+                NodeInput::AskNode {
+                    id,
+                    node,
+                    query: br#"{"query":"summary"}"#.to_vec(),
+                },
+            )
+        });
+    }
+
+    /// An answer to relayed question `id`, at node `at`: it must be one asked there and not
+    /// answered yet, come from the node asked, and, when it is an answer, be that node's.
+    fn answered(&mut self, at: usize, id: u64, from: NodeId, answer: &Result<Vec<u8>, String>) {
+        let Some((asker, generation, asked)) = self.asks.remove(&id) else {
+            panic!(
+                "an answer to question {id} at node {}, asked by no one or answered twice",
+                at + 1
+            );
+        };
+        assert_eq!(
+            (asker, generation, asked),
+            (at, self.nodes[at].generation, from),
+            "question {id}'s answer reached another node or came from another one"
+        );
+        match answer {
+            Ok(bytes) => {
+                assert_eq!(
+                    bytes,
+                    format!("{{\"node\":{from}}}").as_bytes(),
+                    "node {from} answered question {id} with another node's answer"
+                );
+                self.answers_ok += 1;
+            }
+            Err(_) => self.answers_refused += 1,
+        }
     }
 
     fn boot(&mut self, node: usize) {
@@ -744,12 +810,36 @@ impl Sim {
                     "connection {connection}'s credentials sent to a verifier the simulation never configured"
                 )
             }
-            NodeOutput::NodeQuery { node: from, id, .. } => {
-                panic!("admin query {id} from node {from}, which the simulation never asks")
+            NodeOutput::NodeQuery {
+                connection,
+                node: from,
+                id,
+                query,
+            } => {
+                assert_eq!(shard, 0, "a question from node {from} off shard 0");
+                assert!(query.len() <= shardmq_net::frame::NODE_QUERY_LEN_MAX);
+                // The admin thread answers a few ms later: this node's own summary.
+                let answer = Ok(format!("{{\"node\":{}}}", self.nodes[node].id).into_bytes());
+                let at = self.now_ms + 1 + self.rng.below(5);
+                self.schedule(
+                    at,
+                    Event::Mailbox {
+                        node,
+                        shard,
+                        generation,
+                        input: NodeInput::AnswerNode {
+                            connection,
+                            id,
+                            answer,
+                        },
+                    },
+                );
             }
-            NodeOutput::NodeAnswer { id, .. } => {
-                panic!("an answer to admin query {id}, which the simulation never made")
-            }
+            NodeOutput::NodeAnswer {
+                id,
+                node: from,
+                answer,
+            } => self.answered(node, id, from, &answer),
             NodeOutput::RaftFiles(call) => {
                 // One call after another, each taking 1 to 5 ms.
                 let at = self.nodes[node].disk.free_at_ms.max(self.now_ms) + 1 + self.rng.below(5);
@@ -1100,6 +1190,17 @@ impl Sim {
                 self.run(node, shard, |s, now| s.handle(now, NodeInput::Tick));
             }
             Event::Publish { client } => self.client_publish(client),
+            Event::Ask => {
+                let count = self.nodes.len() as u64;
+                let asker = self.rng.below(count) as usize;
+                let asked = self.rng.below(count) as usize;
+                self.ask(asker, asked);
+                // Through the fault phase (the final round after the heal asks on its own).
+                if self.now_ms < 1_000 + FAULT_PHASE_MS {
+                    let at = self.now_ms + 20 + self.rng.below(200);
+                    self.schedule(at, Event::Ask);
+                }
+            }
             Event::RaftFiles { node, generation } => {
                 if self.nodes[node].generation != generation {
                     return;
@@ -1464,15 +1565,42 @@ fn simulate(seed: u64) -> Result<Run, String> {
     }
     let end = sim.now_ms + HEAL_MS / 2;
     sim.run_until(end, false);
+    // Healed and settled: every core's question to every other node is answered by that
+    // node (a core has a control link to every node).
+    if sim.members_settled() {
+        let before = sim.answers_ok;
+        let cores: Vec<usize> = (0..sim.nodes.len())
+            .filter(|&n| sim.nodes[n].role == Role::Core)
+            .collect();
+        let mut asked = 0;
+        let first = sim.next_ask;
+        for &core in &cores {
+            for node in (0..sim.nodes.len()).filter(|&n| n != core) {
+                sim.ask(core, node);
+                asked += 1;
+            }
+        }
+        let end = sim.now_ms + 500;
+        sim.run_until(end, false);
+        let unanswered: Vec<_> = sim.asks.range(first..).collect();
+        if !unanswered.is_empty() || sim.answers_ok - before != asked {
+            return Err(format!(
+                "after the heal, {} of {asked} questions from the cores were answered by their nodes; unanswered: {unanswered:?}",
+                sim.answers_ok - before
+            ));
+        }
+    }
     let received: usize = sim.clients.iter().map(|c| c.received.len()).sum();
     sim.check()
         .map(|()| Run {
             summary: format!(
-                "{} events, {} outputs, {} acknowledged, {received} received, {} faults, digest {:016x}",
+                "{} events, {} outputs, {} acknowledged, {received} received, {} faults, {} relayed answers ({} refused), digest {:016x}",
                 sim.events_processed,
                 sim.outputs_digested,
                 sim.acked.len(),
                 sim.faults.len() - 1,
+                sim.answers_ok,
+                sim.answers_refused,
                 sim.digest.0
             ),
             digest: sim.digest.0,

@@ -251,8 +251,10 @@ pub enum Body {
     },
 }
 
-/// The longest `NodeQuery` a node sends or answers: a question is a small JSON object.
-pub const NODE_QUERY_LEN_MAX: usize = 4 * 1024;
+/// The longest `NodeQuery` a node sends or answers: a question is a small JSON object, but
+/// it may name a client identifier, which can be 65,535 bytes (`client_id_length_max`), and
+/// JSON escaping can double that.
+pub const NODE_QUERY_LEN_MAX: usize = 160 * 1024;
 
 /// The longest error a `NodeAnswer` carries; a longer one is cut (at a character boundary).
 pub const NODE_ERROR_LEN_MAX: usize = 1024;
