@@ -92,14 +92,19 @@ pub struct RateSample {
 /// The shortest interval a rate is computed over; a sooner question gets the last rate.
 const RATE_INTERVAL_MIN: Duration = Duration::from_secs(1);
 
-/// Answers `query` for this node.
-pub async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value, String> {
+/// Answers `query` for this node; `asked_by` is the node that asked over a control link
+/// (None for this node's own endpoint), for the audit log of what the query changes.
+pub async fn answer(
+    state: &AppState,
+    query: &NodeQuery,
+    asked_by: Option<u32>,
+) -> Result<Value, String> {
     match query {
         NodeQuery::Summary => summary(state).await,
         NodeQuery::Clients { .. }
         | NodeQuery::Client { .. }
         | NodeQuery::Kick { .. }
-        | NodeQuery::Subscriptions { .. } => inspect::answer(state, query).await,
+        | NodeQuery::Subscriptions { .. } => inspect::answer(state, query, asked_by).await,
     }
 }
 
@@ -221,7 +226,7 @@ pub async fn answer_peers(state: AppState, mut queries: tokio::sync::mpsc::Recei
     while let Some(query) = queries.recv().await {
         let state = state.clone();
         tokio::spawn(async move {
-            let answer = answer_peer(&state, &query.query).await;
+            let answer = answer_peer(&state, query.node, &query.query).await;
             if let Err(error) = &answer {
                 tracing::debug!(node = query.node, id = query.id, %error, "an admin query from a node answered with an error");
             }
@@ -239,10 +244,11 @@ pub async fn answer_peers(state: AppState, mut queries: tokio::sync::mpsc::Recei
 
 /// This node's answer to a question another node sent as JSON: parsed strictly (what does
 /// not parse as a [`NodeQuery`] is answered with an error), answered within
-/// [`PEER_ANSWER_TIMEOUT`].
-pub async fn answer_peer(state: &AppState, query: &[u8]) -> Result<Vec<u8>, String> {
+/// [`PEER_ANSWER_TIMEOUT`]. `node` is the node that asked.
+pub async fn answer_peer(state: &AppState, node: u32, query: &[u8]) -> Result<Vec<u8>, String> {
     let query = parse_query(query)?;
-    let value = match tokio::time::timeout(PEER_ANSWER_TIMEOUT, answer(state, &query)).await {
+    let answered = answer(state, &query, Some(node));
+    let value = match tokio::time::timeout(PEER_ANSWER_TIMEOUT, answered).await {
         Ok(answer) => answer?,
         Err(_) => return Err(format!("no answer within {PEER_ANSWER_TIMEOUT:?}")),
     };
@@ -255,13 +261,13 @@ pub fn parse_query(bytes: &[u8]) -> Result<NodeQuery, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("not a query this node answers: {e}"))
 }
 
-/// This node's answer to `query` by `deadline`.
+/// This node's answer to its own endpoint's `query` by `deadline`.
 async fn answer_by(
     state: &AppState,
     query: &NodeQuery,
     deadline: tokio::time::Instant,
 ) -> Result<Value, String> {
-    match tokio::time::timeout_at(deadline, answer(state, query)).await {
+    match tokio::time::timeout_at(deadline, answer(state, query, None)).await {
         Ok(answer) => answer,
         Err(_) => Err(format!("no answer within {GATHER_TIMEOUT:?}")),
     }

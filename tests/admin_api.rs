@@ -97,6 +97,10 @@ fn clients_are_listed_with_their_fields_filtered_and_bounded() {
     let after = unix_ms();
     assert_eq!(client_ids(&all), ["api-v311", "api-v5", "mosq-api"]);
     assert_eq!(all["truncated"], false);
+    assert_eq!(
+        all["scan_limited"], false,
+        "three sessions are far below the budget"
+    );
     assert_eq!(all["errors"], serde_json::json!([]));
     let client = |id: &str| {
         all["clients"]
@@ -152,6 +156,7 @@ fn clients_are_listed_with_their_fields_filtered_and_bounded() {
         "sorted, then cut"
     );
     assert_eq!(limited["truncated"], true);
+    assert_eq!(limited["scan_limited"], false);
     // A node alone has no number: a node filter keeps nothing.
     assert!(ids("/api/v1/clients?node=1").is_empty());
 
@@ -240,6 +245,12 @@ fn a_kick_disconnects_5_0_with_0x98_closes_3_1_1_and_keeps_a_persistent_session(
         format!("{ended:?}").contains("AdministrativeAction"),
         "DISCONNECT 0x98: {ended:?}"
     );
+    let log = broker.log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains("client kicked by the admin API"))
+        .unwrap_or_else(|| panic!("the kick is logged:\n{log}"));
+    assert!(line.contains(r#"asked_by="this node""#), "{line}");
     let (status, _) = get(&broker, "/api/v1/clients/kick-v5");
     assert_eq!(status, 404, "gone from the list");
     let (status, _) = delete(&broker, "/api/v1/clients/kick-v5", true);
@@ -331,6 +342,7 @@ fn retained_messages_are_listed_read_and_deleted_on_every_shard() {
     assert_eq!(filtered["retained"][0]["topic"], "other/c");
     let (_, limited) = get(&broker, "/api/v1/retained?limit=1");
     assert_eq!(limited["truncated"], true);
+    assert_eq!(limited["scan_limited"], false);
 
     let (status, message) = get(&broker, "/api/v1/retained/ret%2Fa");
     assert_eq!(status, 200, "{message}");

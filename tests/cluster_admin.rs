@@ -459,6 +459,13 @@ fn a_client_on_node_3_is_listed_and_kicked_from_node_1() {
         format!("{ended:?}").contains("AdministrativeAction"),
         "DISCONNECT 0x98: {ended:?}"
     );
+    // The kick is logged on node 3 with the node whose operator asked.
+    let log = cluster.node(3).broker.log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains("client kicked by the admin API"))
+        .unwrap_or_else(|| panic!("node 3 logs the kick:\n{log}"));
+    assert!(line.contains("asked_by=1"), "{line}");
     for id in [1, 2, 3] {
         let (status, body) = http_get(
             cluster.node(id).broker.admin_address(),

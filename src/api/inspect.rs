@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use shardmq_shards::shard::inspect::{
-    ClientDetail, ClientFilter, ClientInfo, Query, Reply, RetainedInfo, SubscriptionInfo,
+    ClientDetail, ClientFilter, ClientInfo, Listing, Query, Reply, RetainedInfo, SubscriptionInfo,
 };
 use tokio::sync::oneshot;
 
@@ -82,8 +82,13 @@ fn clamp(limit: usize) -> usize {
     limit.min(LIST_LIMIT_MAX)
 }
 
-/// Answers one of the inspection queries of [`NodeQuery`] for this node.
-pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value, String> {
+/// Answers one of the inspection queries of [`NodeQuery`] for this node; `asked_by` (the
+/// node that asked, None for this node's own endpoint) goes with a kick into its log line.
+pub(super) async fn answer(
+    state: &AppState,
+    query: &NodeQuery,
+    asked_by: Option<u32>,
+) -> Result<Value, String> {
     let node = this_node(state).await?;
     // The shards' clock now and the wall clock now: a shard's time + `offset` is wall time.
     let wall_at_zero_ms = wall_clock_ms().saturating_sub(state.health.shard_clock_ms());
@@ -104,19 +109,20 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
                 limit,
             };
             let replies = ask_shards(state, every_shard(state), &query).await?;
-            let (clients, truncated) = merge_shards(
+            let merged = merge_shards(
                 replies,
                 limit,
                 |reply| match reply {
-                    Reply::Clients { clients, truncated } => Some((clients, truncated)),
+                    Reply::Clients(listing) => Some(listing),
                     _ => None,
                 },
                 |a, b| a.client_id.cmp(&b.client_id),
             );
             Ok(json!({
                 "node": node,
-                "clients": clients.iter().map(|c| client_json(c, node, wall_at_zero_ms)).collect::<Vec<_>>(),
-                "truncated": truncated,
+                "clients": merged.entries.iter().map(|c| client_json(c, node, wall_at_zero_ms)).collect::<Vec<_>>(),
+                "truncated": merged.truncated,
+                "scan_limited": merged.scan_limited,
             }))
         }
         NodeQuery::Client { client_id } => {
@@ -138,6 +144,7 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
         NodeQuery::Kick { client_id } => {
             let query = Query::Kick {
                 client_id: client_id.clone(),
+                asked_by,
             };
             let kicked = ask_shards(state, every_shard(state), &query)
                 .await?
@@ -157,27 +164,25 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
                 limit,
             };
             let replies = ask_shards(state, every_shard(state), &query).await?;
-            let (subscriptions, truncated) = merge_shards(
+            let merged = merge_shards(
                 replies,
                 limit,
                 |reply| match reply {
-                    Reply::Subscriptions {
-                        subscriptions,
-                        truncated,
-                    } => Some((subscriptions, truncated)),
+                    Reply::Subscriptions(listing) => Some(listing),
                     _ => None,
                 },
                 |a, b| (&a.client_id, &a.filter).cmp(&(&b.client_id, &b.filter)),
             );
             Ok(json!({
                 "node": node,
-                "subscriptions": subscriptions.iter().map(|s| json!({
+                "subscriptions": merged.entries.iter().map(|s| json!({
                     "client_id": s.client_id,
                     "node": node,
                     "filter": s.filter,
                     "qos": s.options.qos as u8,
                 })).collect::<Vec<_>>(),
-                "truncated": truncated,
+                "truncated": merged.truncated,
+                "scan_limited": merged.scan_limited,
             }))
         }
         NodeQuery::Summary => Err("not an inspection".into()),
@@ -185,23 +190,28 @@ pub(super) async fn answer(state: &AppState, query: &NodeQuery) -> Result<Value,
 }
 
 /// The shards' lists of one listing in one: sorted by `order`, at most `limit`, truncated
-/// when a shard's was or the merge is longer.
+/// when a shard's was or the merge is longer, scan-limited when a shard's was. Each shard
+/// kept its smallest `limit`, so these are the first `limit` of what the shards examined.
 fn merge_shards<T>(
     replies: Vec<Reply>,
     limit: usize,
-    list: impl Fn(Reply) -> Option<(Vec<T>, bool)>,
+    list: impl Fn(Reply) -> Option<Listing<T>>,
     order: impl Fn(&T, &T) -> std::cmp::Ordering,
-) -> (Vec<T>, bool) {
-    let mut entries = Vec::new();
-    let mut truncated = false;
-    for (found, more) in replies.into_iter().filter_map(list) {
-        entries.extend(found);
-        truncated |= more;
+) -> Listing<T> {
+    let mut merged = Listing {
+        entries: Vec::new(),
+        truncated: false,
+        scan_limited: false,
+    };
+    for listing in replies.into_iter().filter_map(list) {
+        merged.entries.extend(listing.entries);
+        merged.truncated |= listing.truncated;
+        merged.scan_limited |= listing.scan_limited;
     }
-    entries.sort_by(order);
-    truncated |= entries.len() > limit;
-    entries.truncate(limit);
-    (entries, truncated)
+    merged.entries.sort_by(order);
+    merged.truncated |= merged.entries.len() > limit;
+    merged.entries.truncate(limit);
+    merged
 }
 
 fn wall_clock_ms() -> u64 {
@@ -306,8 +316,8 @@ impl Params {
 }
 
 /// Merges the lists under `key` of every node's answer: sorted by `order`, at most `limit`,
-/// truncated when any node's was or the merge is longer; a node that failed is listed in
-/// `errors`.
+/// truncated when any node's was or the merge is longer, scan-limited when any node's was;
+/// a node that failed is listed in `errors`.
 fn merge(
     answers: Vec<super::NodeAnswer>,
     key: &str,
@@ -316,6 +326,7 @@ fn merge(
 ) -> Value {
     let mut entries = Vec::new();
     let mut truncated = false;
+    let mut scan_limited = false;
     let mut errors = Vec::new();
     for (node, answer) in answers {
         match answer {
@@ -323,6 +334,7 @@ fn merge(
                 Some(list) => {
                     entries.extend(list.iter().cloned());
                     truncated |= value["truncated"].as_bool().unwrap_or(false);
+                    scan_limited |= value["scan_limited"].as_bool().unwrap_or(false);
                 }
                 None => errors
                     .push(json!({ "node": node, "error": format!("an answer without {key}") })),
@@ -333,7 +345,7 @@ fn merge(
     entries.sort_by_cached_key(|entry| order(entry));
     truncated |= entries.len() > limit;
     entries.truncate(limit);
-    json!({ key: entries, "truncated": truncated, "errors": errors })
+    json!({ key: entries, "truncated": truncated, "scan_limited": scan_limited, "errors": errors })
 }
 
 fn text_of(value: &Value, key: &str) -> String {
@@ -523,12 +535,10 @@ pub async fn retained(State(state): State<AppState>, RawQuery(query): RawQuery) 
         limit: params.limit,
     };
     match ask_shard_zero(&state, query).await {
-        Ok(Reply::Retained {
-            retained,
-            truncated,
-        }) => Json(json!({
-            "retained": retained.iter().map(retained_json).collect::<Vec<_>>(),
-            "truncated": truncated,
+        Ok(Reply::Retained(listing)) => Json(json!({
+            "retained": listing.entries.iter().map(retained_json).collect::<Vec<_>>(),
+            "truncated": listing.truncated,
+            "scan_limited": listing.scan_limited,
         }))
         .into_response(),
         Ok(_) => unexpected(),

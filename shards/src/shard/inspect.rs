@@ -4,9 +4,11 @@
 //!
 //! Owns: [`Query`] and [`Reply`], the shard's side of `cluster::Request::Inspect`: plain
 //! values read off the shard's state when an operator asks (no counters, no atomics).
-//! Never: walks more than it answers: a listing stops once it found one more entry than its
-//! limit (that one only says the answer is truncated), and a walk that must sort (routes)
-//! sorts the trie's edges, never the sessions. Nothing here runs on the message path.
+//! Never: examines more than [`SCAN_BUDGET`] entries for a listing of clients, subscriptions
+//! or retained messages (the reply then says `scan_limited`), or keeps more than `limit` of
+//! them: each listing keeps the smallest `limit` by key of those it examined. A walk in key
+//! order (retained) stops one past the limit; routes sort the trie's edges, never the
+//! sessions. Nothing here runs on the message path.
 //! Invariants: a reply holds at most `limit` entries (the caller clamps the limit), and a
 //! payload at most [`PAYLOAD_BYTES_MAX`] bytes; a kick ends a connection the way any
 //! server-side close does (the will is published, the session kept or ended by its expiry),
@@ -16,7 +18,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use bytestring::ByteString;
-use shardmq_net::mqtt::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions};
+use shardmq_net::mqtt::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, topic};
 use tracing::info;
 
 use super::{Shard, Target};
@@ -51,6 +53,8 @@ pub enum Query {
     /// End the client's connection (DISCONNECT 0x98 for 5.0, a close for 3.x).
     Kick {
         client_id: String,
+        /// The node whose operator asked, through its API; None for this node's own.
+        asked_by: Option<NodeId>,
     },
     /// Subscriptions of every session here (connected or not), at most `limit`.
     Subscriptions {
@@ -141,25 +145,19 @@ pub struct RetainedMessage {
 /// A shard's answer to a [`Query`], variant for variant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Clients {
-        clients: Vec<ClientInfo>,
-        truncated: bool,
-    },
+    /// By client identifier.
+    Clients(Listing<ClientInfo>),
     Client(Option<Box<ClientDetail>>),
     /// Whether the client was connected here.
     Kicked(bool),
-    Subscriptions {
-        subscriptions: Vec<SubscriptionInfo>,
-        truncated: bool,
-    },
+    /// By client identifier, then filter.
+    Subscriptions(Listing<SubscriptionInfo>),
     Routes {
         routes: Vec<RouteInfo>,
         truncated: bool,
     },
-    Retained {
-        retained: Vec<RetainedInfo>,
-        truncated: bool,
-    },
+    /// By topic.
+    Retained(Listing<RetainedInfo>),
     RetainedMessage(Option<Box<RetainedMessage>>),
     /// Whether the topic had a retained message here.
     RetainedDeleted(bool),
@@ -174,13 +172,115 @@ pub fn protocol_name(version: ProtocolVersion) -> &'static str {
     }
 }
 
-/// Keeps at most `limit` of what `entries` yields, and says whether there was more: it takes
-/// one past the limit, never the rest.
-fn bounded<T>(entries: impl Iterator<Item = T>, limit: usize) -> (Vec<T>, bool) {
-    let mut kept: Vec<T> = entries.take(limit.saturating_add(1)).collect();
-    let truncated = kept.len() > limit;
-    kept.truncate(limit);
-    (kept, truncated)
+/// The most entries (session slots, subscriptions, retained messages) one listing examines
+/// on one shard: a filter that matches nothing stops here rather than walking everything the
+/// shard holds, and the reply says `scan_limited`.
+pub const SCAN_BUDGET: usize = 100_000;
+
+/// A listing's answer from one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing<T> {
+    /// At most `limit`, sorted by key: the smallest of those examined.
+    pub entries: Vec<T>,
+    /// More matched than `limit`, or the scan stopped at its budget.
+    pub truncated: bool,
+    /// The scan stopped at its budget: entries past it were not examined.
+    pub scan_limited: bool,
+}
+
+/// An entry with the key it is ordered by.
+struct Keyed<K, T>(K, T);
+
+impl<K: Ord, T> PartialEq for Keyed<K, T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl<K: Ord, T> Eq for Keyed<K, T> {}
+impl<K: Ord, T> PartialOrd for Keyed<K, T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<K: Ord, T> Ord for Keyed<K, T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+/// Keeps the `limit` smallest entries by key of a scan of at most `budget` entries: a
+/// max-heap of `limit`, so memory is bounded by the limit and the kept entries are the first
+/// in key order of those examined, whatever order the scan runs in.
+struct Scan<K, T> {
+    kept: std::collections::BinaryHeap<Keyed<K, T>>,
+    limit: usize,
+    budget: usize,
+    matched: usize,
+    scan_limited: bool,
+}
+
+impl<K: Ord, T> Scan<K, T> {
+    fn new(limit: usize, budget: usize) -> Self {
+        Self {
+            kept: std::collections::BinaryHeap::with_capacity(limit.min(1024)),
+            limit,
+            budget,
+            matched: 0,
+            scan_limited: false,
+        }
+    }
+
+    /// Counts one examined entry; false (and `scan_limited`) once the budget is spent.
+    fn examine(&mut self) -> bool {
+        match self.budget.checked_sub(1) {
+            Some(left) => {
+                self.budget = left;
+                true
+            }
+            None => {
+                self.scan_limited = true;
+                false
+            }
+        }
+    }
+
+    /// Whether an entry of `key` would be kept (so that only those are built).
+    fn wants(&self, key: &K) -> bool {
+        self.kept.len() < self.limit || self.kept.peek().is_some_and(|largest| *key < largest.0)
+    }
+
+    /// Counts a match, keeping it (built by `make`) if it is among the smallest so far.
+    fn offer(&mut self, key: K, make: impl FnOnce() -> Option<T>) {
+        self.matched = self.matched.saturating_add(1);
+        if !self.wants(&key) {
+            return;
+        }
+        let Some(value) = make() else {
+            return;
+        };
+        self.kept.push(Keyed(key, value));
+        if self.kept.len() > self.limit {
+            self.kept.pop();
+        }
+    }
+
+    /// Whether a scan in key order can stop: one past the limit matched.
+    fn full(&self) -> bool {
+        self.matched > self.limit
+    }
+
+    fn finish(self) -> Listing<T> {
+        Listing {
+            entries: self
+                .kept
+                .into_sorted_vec()
+                .into_iter()
+                .map(|keyed| keyed.1)
+                .collect(),
+            truncated: self.matched > self.limit || self.scan_limited,
+            scan_limited: self.scan_limited,
+        }
+    }
 }
 
 fn address_matches(peer: Option<SocketAddr>, wanted: &str) -> bool {
@@ -195,23 +295,39 @@ fn address_matches(peer: Option<SocketAddr>, wanted: &str) -> bool {
 
 impl Shard {
     /// Answers an operator's question; a kick or a deletion changes the state as it says.
+    /// A listing examines at most [`SCAN_BUDGET`] entries.
     pub fn inspect(&mut self, query: Query) -> Reply {
+        self.inspect_within(query, SCAN_BUDGET)
+    }
+
+    /// [`Shard::inspect`] with a listing's scan budget of `budget` (at most [`SCAN_BUDGET`]):
+    /// tests use a small one.
+    pub(crate) fn inspect_within(&mut self, query: Query, budget: usize) -> Reply {
+        let budget = budget.min(SCAN_BUDGET);
         match query {
             Query::Clients { filter, limit } => {
-                let (clients, truncated) = bounded(
-                    self.client_slots()
-                        .filter(|&index| self.client_matches(index, &filter))
-                        .filter_map(|index| self.client_info(index)),
-                    limit,
-                );
-                Reply::Clients { clients, truncated }
+                let mut scan = Scan::new(limit, budget);
+                for (index, session) in self.sessions.iter().enumerate() {
+                    if !scan.examine() {
+                        break;
+                    }
+                    let Some(session) = session else { continue };
+                    let index = index as super::SessionIndex;
+                    if session.connection.is_some() && self.client_matches(index, &filter) {
+                        scan.offer(session.client_id.to_string(), || self.client_info(index));
+                    }
+                }
+                Reply::Clients(scan.finish())
             }
             Query::Client { client_id } => Reply::Client(
                 self.connected_session(&client_id)
                     .and_then(|index| self.client_detail(index))
                     .map(Box::new),
             ),
-            Query::Kick { client_id } => Reply::Kicked(self.kick(&client_id)),
+            Query::Kick {
+                client_id,
+                asked_by,
+            } => Reply::Kicked(self.kick(&client_id, asked_by)),
             Query::Subscriptions {
                 client_id_prefix,
                 filter_prefix,
@@ -219,28 +335,33 @@ impl Shard {
             } => {
                 let client_id_prefix = client_id_prefix.unwrap_or_default();
                 let filter_prefix = filter_prefix.unwrap_or_default();
-                let (subscriptions, truncated) = bounded(
-                    self.sessions
-                        .iter()
-                        .flatten()
-                        .filter(|session| session.client_id.starts_with(&client_id_prefix))
-                        .flat_map(|session| {
-                            session
-                                .subscriptions
-                                .iter()
-                                .filter(|(filter, _)| filter.starts_with(&filter_prefix))
-                                .map(|(filter, (options, _))| SubscriptionInfo {
-                                    client_id: session.client_id.to_string(),
-                                    filter: filter.to_string(),
-                                    options: *options,
-                                })
-                        }),
-                    limit,
-                );
-                Reply::Subscriptions {
-                    subscriptions,
-                    truncated,
+                let mut scan = Scan::new(limit, budget);
+                'sessions: for session in &self.sessions {
+                    if !scan.examine() {
+                        break;
+                    }
+                    let Some(session) = session else { continue };
+                    if !session.client_id.starts_with(&client_id_prefix) {
+                        continue;
+                    }
+                    for (filter, (options, _)) in &session.subscriptions {
+                        if !scan.examine() {
+                            break 'sessions;
+                        }
+                        if !filter.starts_with(&filter_prefix) {
+                            continue;
+                        }
+                        let key = (session.client_id.to_string(), filter.to_string());
+                        scan.offer(key, || {
+                            Some(SubscriptionInfo {
+                                client_id: session.client_id.to_string(),
+                                filter: filter.to_string(),
+                                options: *options,
+                            })
+                        });
+                    }
                 }
+                Reply::Subscriptions(scan.finish())
             }
             Query::Routes {
                 filter_prefix,
@@ -256,34 +377,52 @@ impl Shard {
                 limit,
             } => {
                 let now_ms = self.now_ms;
-                let info = |message: &Message| RetainedInfo {
-                    topic: message.topic.to_string(),
-                    qos: message.qos,
-                    payload_bytes: message.payload.len(),
+                // A filter's messages lie in the range of its levels before the first
+                // wildcard; a prefix's in its own. Both walks run in topic order, so one
+                // past the limit ends them, and every message walked counts to the budget.
+                // (Without its last `/`: `a/#` matches `a` too.)
+                let range = match &filter {
+                    Some(filter) => filter.find(['+', '#']).map(|wildcard| {
+                        let before = filter.get(..wildcard).unwrap_or("");
+                        before.strip_suffix('/').unwrap_or(before)
+                    }),
+                    None => Some(topic_prefix.as_deref().unwrap_or("")),
                 };
-                let (retained, truncated) = match &filter {
-                    Some(filter) => {
-                        bounded(self.retained.matching(filter, now_ms).map(info), limit)
-                    }
-                    None => {
-                        let prefix = topic_prefix.as_deref().unwrap_or("");
-                        // `$` topics (the broker's `$SYS`) only when the prefix asks for
-                        // them, as a wildcard matches them only when its first level does.
-                        let dollar = prefix.starts_with('$');
-                        bounded(
-                            self.retained
-                                .with_prefix(prefix)
-                                .filter(|message| dollar || !message.topic.starts_with('$'))
-                                .filter(|message| !message.is_expired(now_ms))
-                                .map(info),
-                            limit,
-                        )
-                    }
+                let walked: Box<dyn Iterator<Item = &Message>> = match (range, &filter) {
+                    (Some(range), _) => Box::new(self.retained.with_prefix(range)),
+                    // A filter without wildcards is one topic.
+                    (None, Some(filter)) => Box::new(self.retained.get(filter).into_iter()),
+                    (None, None) => Box::new(std::iter::empty()),
                 };
-                Reply::Retained {
-                    retained,
-                    truncated,
+                let wanted = |message: &Message| {
+                    !message.is_expired(now_ms)
+                        && match &filter {
+                            Some(filter) => topic::matches(filter, &message.topic),
+                            // `$` topics (the broker's `$SYS`) only when the prefix asks for
+                            // them, as a wildcard matches them only when its first level does.
+                            None => {
+                                range.is_some_and(|range| range.starts_with('$'))
+                                    || !message.topic.starts_with('$')
+                            }
+                        }
+                };
+                let mut scan = Scan::new(limit, budget);
+                for message in walked {
+                    if scan.full() || !scan.examine() {
+                        break;
+                    }
+                    if !wanted(message) {
+                        continue;
+                    }
+                    scan.offer(message.topic.to_string(), || {
+                        Some(RetainedInfo {
+                            topic: message.topic.to_string(),
+                            qos: message.qos,
+                            payload_bytes: message.payload.len(),
+                        })
+                    });
                 }
+                Reply::Retained(scan.finish())
             }
             Query::RetainedGet { topic } => {
                 let now_ms = self.now_ms;
@@ -307,15 +446,6 @@ impl Shard {
             }
             Query::RetainedDelete { topic } => Reply::RetainedDeleted(self.delete_retained(&topic)),
         }
-    }
-
-    /// The slots of sessions with a connection, in slot order.
-    fn client_slots(&self) -> impl Iterator<Item = super::SessionIndex> + '_ {
-        self.sessions
-            .iter()
-            .enumerate()
-            .filter(|(_, session)| session.as_ref().is_some_and(|s| s.connection.is_some()))
-            .map(|(index, _)| index as super::SessionIndex)
     }
 
     fn connected_session(&self, client_id: &str) -> Option<super::SessionIndex> {
@@ -393,14 +523,28 @@ impl Shard {
     /// Ends the client's connection as any server-side close does: 5.0 clients get
     /// DISCONNECT 0x98 (Administrative action), the will is published (the client did not
     /// send DISCONNECT), and the session stays or ends by its expiry. Whether it was here.
-    fn kick(&mut self, client_id: &str) -> bool {
+    /// Logged with the node that asked (`asked_by`: its number, or `this node`).
+    fn kick(&mut self, client_id: &str, asked_by: Option<NodeId>) -> bool {
         let Some(index) = self.connected_session(client_id) else {
             return false;
         };
         let Some(connection) = self.session(index).connection else {
             return false;
         };
-        client_log!(INFO, self.who(connection), "client kicked by the admin API");
+        match asked_by {
+            Some(node) => client_log!(
+                INFO,
+                self.who(connection),
+                asked_by = node,
+                "client kicked by the admin API"
+            ),
+            None => client_log!(
+                INFO,
+                self.who(connection),
+                asked_by = "this node",
+                "client kicked by the admin API"
+            ),
+        }
         self.disconnect(
             connection,
             ReasonCode::ADMINISTRATIVE_ACTION,

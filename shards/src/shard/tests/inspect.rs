@@ -3,7 +3,7 @@
 //! reaches every shard.
 
 use super::*;
-use crate::shard::inspect::{ClientFilter, PAYLOAD_BYTES_MAX, Query, Reply};
+use crate::shard::inspect::{ClientFilter, Listing, PAYLOAD_BYTES_MAX, Query, Reply};
 
 /// Asks `shard` and carries out what the answer changed (a kick's DISCONNECT, a deletion's
 /// messages to the other shards).
@@ -31,10 +31,11 @@ fn listed(node: &mut Node, filter: ClientFilter, limit: usize) -> (Vec<String>, 
     let mut ids = Vec::new();
     let mut truncated = false;
     for shard in 0..node.shards.len() {
-        let Reply::Clients {
-            clients,
+        let Reply::Clients(Listing {
+            entries: clients,
             truncated: more,
-        } = ask(
+            ..
+        }) = ask(
             node,
             shard,
             Query::Clients {
@@ -69,7 +70,11 @@ fn clients_are_listed_with_their_fields_and_filtered() {
     node.send(1, &subscribe(1, "a/#", QoS::AtLeastOnce));
     node.advance(1_500);
 
-    let Reply::Clients { clients, truncated } = ask(
+    let Reply::Clients(Listing {
+        entries: clients,
+        truncated,
+        ..
+    }) = ask(
         &mut node,
         shard,
         Query::Clients {
@@ -79,7 +84,8 @@ fn clients_are_listed_with_their_fields_and_filtered() {
             },
             limit: 10,
         },
-    ) else {
+    )
+    else {
         panic!("a clients reply");
     };
     assert!(!truncated);
@@ -183,7 +189,8 @@ fn a_kicked_client_is_disconnected_its_will_published_and_a_persistent_session_k
             &mut node,
             0,
             Query::Kick {
-                client_id: "kicked".into()
+                client_id: "kicked".into(),
+                asked_by: None,
             }
         ),
         Reply::Kicked(true)
@@ -205,7 +212,8 @@ fn a_kicked_client_is_disconnected_its_will_published_and_a_persistent_session_k
             &mut node,
             0,
             Query::Kick {
-                client_id: "kicked".into()
+                client_id: "kicked".into(),
+                asked_by: None,
             }
         ),
         Reply::Kicked(false),
@@ -217,7 +225,8 @@ fn a_kicked_client_is_disconnected_its_will_published_and_a_persistent_session_k
             &mut node,
             0,
             Query::Kick {
-                client_id: "old".into()
+                client_id: "old".into(),
+                asked_by: Some(2),
             }
         ),
         Reply::Kicked(true)
@@ -243,10 +252,11 @@ fn subscriptions_and_routes_are_listed_by_prefix_within_the_limit() {
         &subscribe_all(1, &["x/1", "$share/g/z/+"], QoS::AtMostOnce),
     );
     let subscriptions = |node: &mut Node, client: Option<&str>, filter: Option<&str>, limit| {
-        let Reply::Subscriptions {
-            subscriptions,
+        let Reply::Subscriptions(Listing {
+            entries: subscriptions,
             truncated,
-        } = ask(
+            ..
+        }) = ask(
             node,
             0,
             Query::Subscriptions {
@@ -331,10 +341,11 @@ fn retained_messages_are_listed_read_and_deleted_on_every_shard() {
     node.send(1, &retained_publish("r/b", &[0xff, 0xfe]));
     node.send(1, &retained_publish("s/c", b"three"));
     let list = |node: &mut Node, prefix: Option<&str>, filter: Option<&str>, limit| {
-        let Reply::Retained {
-            retained,
+        let Reply::Retained(Listing {
+            entries: retained,
             truncated,
-        } = ask(
+            ..
+        }) = ask(
             node,
             0,
             Query::Retained {
@@ -450,4 +461,95 @@ fn a_large_retained_payload_is_cut_to_the_answer_bound() {
     assert_eq!(message.payload.len(), PAYLOAD_BYTES_MAX);
     assert_eq!(message.info.payload_bytes, PAYLOAD_BYTES_MAX + 10);
     assert!(message.payload_truncated);
+}
+
+/// A listing on one shard with a scan budget of `budget` entries examined.
+fn scanned(node: &mut Node, query: Query, budget: usize) -> Listing<String> {
+    match node.shards[0].inspect_within(query, budget) {
+        Reply::Clients(listing) => Listing {
+            entries: listing.entries.into_iter().map(|c| c.client_id).collect(),
+            truncated: listing.truncated,
+            scan_limited: listing.scan_limited,
+        },
+        Reply::Subscriptions(listing) => Listing {
+            entries: (listing.entries.into_iter())
+                .map(|s| format!("{} {}", s.client_id, s.filter))
+                .collect(),
+            truncated: listing.truncated,
+            scan_limited: listing.scan_limited,
+        },
+        Reply::Retained(listing) => Listing {
+            entries: listing.entries.into_iter().map(|r| r.topic).collect(),
+            truncated: listing.truncated,
+            scan_limited: listing.scan_limited,
+        },
+        other => panic!("a listing: {other:?}"),
+    }
+}
+
+#[test]
+fn listings_stop_at_their_scan_budget_and_keep_the_smallest_keys() {
+    let mut node = Node::new(1, Limits::default());
+    // Slot order d, b, e, a, c: not the order of the identifiers.
+    for (id, client) in (1..).zip(["d", "b", "e", "a", "c"]) {
+        node.connect(id, 0, connect(V5, client, true));
+    }
+    node.send(
+        1,
+        &subscribe_all(1, &["t/5", "t/3", "t/1", "t/4", "t/2"], QoS::AtMostOnce),
+    );
+    let clients = |username: Option<&str>, limit| Query::Clients {
+        filter: ClientFilter {
+            username: username.map(str::to_string),
+            ..ClientFilter::default()
+        },
+        limit,
+    };
+
+    // A filter that matches nothing stops at the budget instead of walking every session.
+    let nobody = scanned(&mut node, clients(Some("nobody"), 10), 3);
+    assert!(nobody.entries.is_empty());
+    assert!(nobody.scan_limited && nobody.truncated);
+    let all = scanned(&mut node, clients(None, 10), 3);
+    assert_eq!(all.entries, ["b", "d", "e"], "only the first three slots");
+    assert!(all.scan_limited);
+    let whole = scanned(&mut node, clients(Some("nobody"), 10), 100);
+    assert!(!whole.scan_limited && !whole.truncated);
+
+    // Past the limit, the smallest identifiers, not the first slots.
+    let first = scanned(&mut node, clients(None, 2), 100);
+    assert_eq!(first.entries, ["a", "b"]);
+    assert!(first.truncated && !first.scan_limited);
+
+    let subscriptions = |filter_prefix: &str, limit| Query::Subscriptions {
+        client_id_prefix: None,
+        filter_prefix: Some(filter_prefix.to_string()),
+        limit,
+    };
+    // Session `d` and three of its five subscriptions fit a budget of four.
+    let cut = scanned(&mut node, subscriptions("t/", 10), 4);
+    assert_eq!(cut.entries.len(), 3, "{:?}", cut.entries);
+    assert!(cut.scan_limited && cut.truncated);
+    let none = scanned(&mut node, subscriptions("zzz", 10), 4);
+    assert!(none.entries.is_empty() && none.scan_limited);
+    let smallest = scanned(&mut node, subscriptions("t/", 2), 100);
+    assert_eq!(smallest.entries, ["d t/1", "d t/2"]);
+    assert!(smallest.truncated && !smallest.scan_limited);
+
+    for topic in ["r/1", "r/2", "r/3", "r/4", "s/1"] {
+        node.send(1, &retained_publish(topic, b"x"));
+    }
+    let retained = |filter: &str| Query::Retained {
+        topic_prefix: None,
+        filter: Some(filter.to_string()),
+        limit: 10,
+    };
+    let wildcard = scanned(&mut node, retained("+/9"), 3);
+    assert!(wildcard.entries.is_empty() && wildcard.scan_limited);
+    let under = scanned(&mut node, retained("r/#"), 100);
+    assert_eq!(under.entries, ["r/1", "r/2", "r/3", "r/4"]);
+    assert!(!under.scan_limited && !under.truncated);
+    let exact = scanned(&mut node, retained("s/1"), 1);
+    assert_eq!(exact.entries, ["s/1"]);
+    assert!(!exact.scan_limited);
 }
