@@ -241,8 +241,12 @@ impl Traces {
     pub fn start(settings: Settings) -> Result<Arc<Self>, String> {
         let (directory, private) = match &settings.directory {
             Some(directory) => {
-                own_directory(directory)
-                    .map_err(|e| format!("the trace directory {}: {e}", directory.display()))?;
+                own_directory(directory).map_err(|e| {
+                    format!(
+                        "data directory: cannot make or use its trace directory {}: {e}",
+                        directory.display()
+                    )
+                })?;
                 remove_old_files(directory);
                 (directory.clone(), None)
             }
