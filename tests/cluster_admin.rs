@@ -397,6 +397,39 @@ fn hostile_queries_from_a_peer_with_the_secret_get_error_answers() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A question relayed to a node whose control link then closes fails at once with that
+/// reason, rather than waiting out the gather timeout.
+#[test]
+fn a_question_whose_link_closes_fails_at_once() {
+    let cluster = TestCluster::start(1, 0);
+    let mut peer = Peer::login(cluster.node(1).cluster_address);
+    let admin = cluster.node(1).broker.admin_address();
+    let started = Instant::now();
+    let asking = std::thread::spawn(move || {
+        http_get(
+            admin,
+            &format!("/api/v1/nodes/{FAKE_NODE}"),
+            Some(ADMIN_TOKEN),
+        )
+    });
+    // The node asks the peer, which closes the link instead of answering.
+    peer.frames(Duration::from_secs(5), |bodies| {
+        matches!(bodies.last(), Some(Body::NodeQuery { .. }))
+    });
+    drop(peer);
+    let (status, body) = asking.join().expect("the call returns");
+    let took = started.elapsed();
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains(&format!("the control link to node {FAKE_NODE} closed")),
+        "{body}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "the call took {took:?}, not the 5 s gather timeout"
+    );
+}
+
 /// A client connected to node 3 of three cores is listed by node 1's API and by `ctl`
 /// against node 1, with its node, and kicked from node 1: it gets DISCONNECT 0x98 and is gone
 /// from every node's list.

@@ -50,6 +50,7 @@ use tracing::{debug, warn};
 pub use agent::{Agent, Status};
 pub use io::Io;
 pub use link::{Link, LinkSettings};
+pub use query::answer_len_max;
 
 pub use consensus::{RaftFileCall, RaftFileOp, RaftStoreFiles};
 
