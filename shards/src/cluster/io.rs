@@ -14,7 +14,7 @@ use shardmq_net::frame::{Body, NodeId, Purpose};
 use tracing::warn;
 
 use super::accept::Accepting;
-use super::link::LinkCounters;
+use super::stats::ClosedLinks;
 use super::{Agent, ClusterSettings, Link, NodeOutput, forward};
 use crate::message::ConnectionId;
 
@@ -25,9 +25,10 @@ pub struct Io {
     pub outputs: Vec<NodeOutput>,
     pub settings: ClusterSettings,
     pub now_ms: u64,
-    /// What the links that closed had carried, by peer node and purpose, so that the
-    /// counters of `GET /metrics` never go back when a link is replaced.
-    pub closed_links: BTreeMap<(NodeId, &'static str), LinkCounters>,
+    /// What the links that closed had carried, by peer node and purpose (bounded, see
+    /// [`ClosedLinks`]), so that the counters of `GET /metrics` never go back when a link
+    /// is replaced.
+    pub closed_links: ClosedLinks,
     /// The admin questions this node sent (`query.rs`, shard 0) and still waits for, by the
     /// link they went on and the glue's id: the node asked and when. Closing a link answers
     /// each of its questions at once with an error, so the asker does not wait out its
@@ -59,7 +60,7 @@ impl Io {
             outputs: Vec::new(),
             settings,
             now_ms,
-            closed_links: BTreeMap::new(),
+            closed_links: ClosedLinks::default(),
             asked: BTreeMap::new(),
         }
     }
@@ -90,10 +91,15 @@ impl Io {
             }
             // A link that never finished its handshake has no peer to count under.
             if let Some(peer) = link.up_peer() {
-                *self
-                    .closed_links
-                    .entry((peer.node, purpose_name(peer.purpose)))
-                    .or_default() += link.counters;
+                let links = &self.links;
+                let up = |key: &(NodeId, &'static str)| {
+                    links
+                        .values()
+                        .filter_map(Link::up_peer)
+                        .any(|peer| (peer.node, purpose_name(peer.purpose)) == *key)
+                };
+                self.closed_links
+                    .add(peer.node, purpose_name(peer.purpose), link.counters, up);
             }
             self.outputs.push(NodeOutput::Close { connection });
             self.fail_asked(connection);

@@ -39,6 +39,7 @@ mod data;
 mod io;
 mod query;
 mod stats;
+pub use stats::CLOSED_LINK_PEERS_MAX;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
