@@ -200,6 +200,10 @@ pub struct Settings {
     pub connections_max: usize,
     /// The node is in a cluster: ready also asks that it be a member.
     pub clustered: bool,
+    /// The most bytes of JSON this node's answer to another node's question may hold: what a
+    /// relay frame takes (`cluster::answer_len_max` of `cluster.frame_size_max`). A listing
+    /// is cut to it (`truncated`); a longer answer of another kind goes as an error.
+    pub relay_answer_len_max: usize,
 }
 
 #[derive(Clone)]

@@ -62,6 +62,18 @@ pub enum NodeQuery {
     },
 }
 
+impl NodeQuery {
+    /// The key of the list in this query's answer, for the queries that answer a listing
+    /// (cut to fit a relay frame rather than refused).
+    fn list_key(&self) -> Option<&'static str> {
+        match self {
+            Self::Clients { .. } => Some("clients"),
+            Self::Subscriptions { .. } => Some("subscriptions"),
+            Self::Summary | Self::Client { .. } | Self::Kick { .. } => None,
+        }
+    }
+}
+
 /// A query that takes no fields has none.
 fn no_fields<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<(), D::Error> {
     #[derive(Deserialize)]
@@ -252,7 +264,66 @@ pub async fn answer_peer(state: &AppState, node: u32, query: &[u8]) -> Result<Ve
         Ok(answer) => answer?,
         Err(_) => return Err(format!("no answer within {PEER_ANSWER_TIMEOUT:?}")),
     };
-    serde_json::to_vec(&value).map_err(|e| format!("the answer does not serialize: {e}"))
+    let bytes = to_json(&value)?;
+    let len_max = state.settings.relay_answer_len_max;
+    match query.list_key() {
+        Some(key) if bytes.len() > len_max => cut_to_fit(value, key, len_max),
+        // Too long an answer of another kind goes as "too large; ask for fewer".
+        _ => Ok(bytes),
+    }
+}
+
+fn to_json(value: &Value) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(value).map_err(|e| format!("the answer does not serialize: {e}"))
+}
+
+/// A listing's answer cut to its first entries that fit `len_max` bytes of JSON, with
+/// `truncated` set, so that the asker still sees this node's first entries. Exact: the
+/// length of each entry and comma is added to that of the answer with no entries.
+fn cut_to_fit(mut value: Value, key: &str, len_max: usize) -> Result<Vec<u8>, String> {
+    let Some(object) = value.as_object_mut() else {
+        return Err("a listing's answer that is not an object".into());
+    };
+    let entries = match object.get_mut(key).map(Value::take) {
+        Some(Value::Array(entries)) => entries,
+        _ => return Err(format!("a listing's answer without {key}")),
+    };
+    object.insert(key.into(), Value::Array(Vec::new()));
+    object.insert("truncated".into(), Value::Bool(true));
+    let mut len = to_json(&value)?.len();
+    if len > len_max {
+        return Err(format!(
+            "too large: this node's listing does not fit a relay frame ({len_max} bytes) even empty"
+        ));
+    }
+    let total = entries.len();
+    let mut kept = Vec::new();
+    for entry in entries {
+        let entry_len = to_json(&entry)?.len() + usize::from(!kept.is_empty());
+        if len.saturating_add(entry_len) > len_max {
+            break;
+        }
+        len += entry_len;
+        kept.push(entry);
+    }
+    if kept.len() == total {
+        // All fit only because `true` is shorter than the `false` the answer had: one entry
+        // goes, so that `truncated` is true.
+        kept.pop();
+    }
+    let kept_count = kept.len();
+    if let Some(object) = value.as_object_mut() {
+        object.insert(key.into(), Value::Array(kept));
+    }
+    let bytes = to_json(&value)?;
+    tracing::debug!(
+        key,
+        kept = kept_count,
+        len = bytes.len(),
+        len_max,
+        "a listing cut to fit a relay frame"
+    );
+    Ok(bytes)
 }
 
 /// Parses a query another node sent: what is not a [`NodeQuery`] (an unknown query, an
@@ -460,5 +531,37 @@ mod tests {
             parse_query(&[b'['; 10_000]).is_err(),
             "deep nesting is refused"
         );
+    }
+
+    #[test]
+    fn a_listing_too_long_for_a_frame_is_cut_to_its_first_entries_and_truncated() {
+        let clients: Vec<Value> = (0..100)
+            .map(|i| json!({ "client_id": format!("client-{i:03}"), "node": 2 }))
+            .collect();
+        let value =
+            json!({ "node": 2, "clients": clients, "truncated": false, "scan_limited": false });
+        let whole = to_json(&value).unwrap().len();
+        for len_max in [whole - 1, whole - 2, whole / 2, 200, 61] {
+            let bytes = cut_to_fit(value.clone(), "clients", len_max).unwrap();
+            assert!(bytes.len() <= len_max, "{} > {len_max}", bytes.len());
+            let cut: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(cut["truncated"], true);
+            assert_eq!(cut["scan_limited"], false);
+            assert_eq!(cut["node"], 2);
+            let kept = cut["clients"].as_array().unwrap();
+            assert_eq!(kept.as_slice(), &clients[..kept.len()], "the first entries");
+            if kept.len() == clients.len() - 1 {
+                // One short of all: the `truncated` that the cut sets costs what it saves.
+                continue;
+            }
+            // One more would not have fitted.
+            let mut more = cut.clone();
+            more["clients"] = clients[..kept.len() + 1].to_vec().into();
+            assert!(to_json(&more).unwrap().len() > len_max, "{len_max}");
+        }
+        assert!(cut_to_fit(value, "clients", 60).is_err(), "not even empty");
+        assert!(cut_to_fit(json!([1]), "clients", 100).is_err());
+        assert!(cut_to_fit(json!({ "clients": 1 }), "clients", 100).is_err());
+        assert_eq!(NodeQuery::Summary.list_key(), None);
     }
 }

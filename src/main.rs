@@ -937,6 +937,9 @@ fn admin_settings(config: &Config, clustered: bool) -> Result<Option<admin::Sett
         body_size_max: a.body_size_max,
         connections_max: a.connections_max,
         clustered,
+        relay_answer_len_max: shardmq_shards::cluster::answer_len_max(
+            config.cluster.frame_size_max,
+        ),
     }))
 }
 

@@ -373,7 +373,7 @@ fn link_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
     for (index, metrics) in shards {
         let shard = index.to_string();
         for link in &metrics.links {
-            let peer = link.peer.to_string();
+            let peer = link.peer.map_or("others".into(), |peer| peer.to_string());
             let pairs = [
                 ("peer", peer.as_str()),
                 ("purpose", link.purpose),

@@ -4,7 +4,9 @@
 //! an error; a stopped or killed node is listed with an error within the gather timeout, and
 //! the call does not hang; a client on node 3 is listed and kicked from core 1. A hostile peer that has the cluster secret gets error answers to
 //! queries that do not parse or are too long, past the per-link cap, and the node stays up.
-//! A client on node 3 is listed and kicked from node 1, through the API and `ctl`.
+//! A client on node 3 is listed and kicked from node 1, through the API and `ctl`. A question
+//! whose control link closes fails at once with that reason; a node whose client list does
+//! not fit a relay frame answers its first clients with `truncated`.
 
 mod support;
 
@@ -395,6 +397,110 @@ fn hostile_queries_from_a_peer_with_the_secret_get_error_answers() {
         Some(ADMIN_TOKEN),
     );
     assert_eq!(status, 200, "{body}");
+}
+
+/// A question relayed to a node whose control link then closes fails at once with that
+/// reason, rather than waiting out the gather timeout.
+#[test]
+fn a_question_whose_link_closes_fails_at_once() {
+    let cluster = TestCluster::start(1, 0);
+    let mut peer = Peer::login(cluster.node(1).cluster_address);
+    let admin = cluster.node(1).broker.admin_address();
+    let started = Instant::now();
+    let asking = std::thread::spawn(move || {
+        http_get(
+            admin,
+            &format!("/api/v1/nodes/{FAKE_NODE}"),
+            Some(ADMIN_TOKEN),
+        )
+    });
+    // The node asks the peer, which closes the link instead of answering.
+    peer.frames(Duration::from_secs(5), |bodies| {
+        matches!(bodies.last(), Some(Body::NodeQuery { .. }))
+    });
+    drop(peer);
+    let (status, body) = asking.join().expect("the call returns");
+    let took = started.elapsed();
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains(&format!("the control link to node {FAKE_NODE} closed")),
+        "{body}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "the call took {took:?}, not the 5 s gather timeout"
+    );
+}
+
+/// An MQTT 3.1.1 client `client_id` connected (clean, no keep-alive) to `port` on loopback.
+fn raw_client(port: u16, client_id: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let id = client_id.as_bytes();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id);
+    assert!(body.len() < 128, "one length byte");
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    stream.write_all(&packet).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "{client_id} accepted");
+    stream
+}
+
+/// A node whose client list does not fit a relay frame answers its first clients with
+/// `truncated`, rather than an error.
+#[test]
+fn a_listing_longer_than_a_relay_frame_is_cut_and_truncated() {
+    // Frames of 133,120 bytes (the least these packets allow): an answer takes about
+    // 66,500; 250 clients of 100-byte identifiers take some 100,000.
+    let cluster = TestCluster::start_with(1, 1, |_| {
+        "frame_size_max = 133120\n[limits]\npacket_size_max = 1024\nconnect_packet_size_max = 1024"
+            .into()
+    });
+    let port = cluster.node(2).broker.port;
+    let clients: Vec<TcpStream> = (0..250)
+        .map(|i| raw_client(port, &format!("{i:03}{}", "x".repeat(97))))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let (status, body) = http_get(
+            cluster.node(1).broker.admin_address(),
+            "/api/v1/clients?limit=1000",
+            Some(ADMIN_TOKEN),
+        );
+        assert_eq!(status, 200, "{body}");
+        let value: Value = serde_json::from_str(&body).unwrap();
+        let from_node_2 = value["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["node"] == 2)
+            .count();
+        if from_node_2 > 0 || Instant::now() > deadline {
+            break value;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(listed["errors"], serde_json::json!([]), "{listed:#}");
+    assert_eq!(listed["truncated"], true, "{listed:#}");
+    let ids: Vec<&str> = listed["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["node"] == 2)
+        .map(|c| c["client_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.len() >= 100 && ids.len() < 250, "{} clients", ids.len());
+    // The first ones, in order.
+    for (i, id) in ids.iter().enumerate() {
+        assert!(id.starts_with(&format!("{i:03}")), "{i}: {id}");
+    }
+    drop(clients);
 }
 
 /// A client connected to node 3 of three cores is listed by node 1's API and by `ctl`

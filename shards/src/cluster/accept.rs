@@ -194,29 +194,11 @@ impl NodeShard {
 
 #[cfg(test)]
 mod tests {
-    use shardmq_net::frame::{Member, NodeId, Role};
-
-    use super::super::{ClusterSettings, LinkSettings, NodeInput};
+    use super::super::NodeInput;
+    use super::super::io::tests::{link_settings, settings};
     use super::*;
     use crate::limits::Limits;
     use crate::shard::{Shard, ShardConfig, SharedStrategy};
-
-    fn link_settings(node: NodeId) -> LinkSettings {
-        LinkSettings {
-            member: Member {
-                node,
-                role: Role::Core,
-                cluster_address: format!("10.0.0.{node}:7000"),
-                mqtt_address: String::new(),
-                epoch: 0,
-            },
-            cluster_name: "test".into(),
-            cluster_secret: "a long and random test secret".into(),
-            body_len_max: 1 << 20,
-            epoch: 0,
-            tls: None,
-        }
-    }
 
     /// Shard `index` of a node with two shards.
     fn node_shard(index: ShardIndex) -> NodeShard {
@@ -228,18 +210,7 @@ mod tests {
             limits: Limits::default(),
             shared_strategy: SharedStrategy::RoundRobin,
         });
-        let settings = ClusterSettings {
-            link: link_settings(1),
-            seeds: Vec::new(),
-            seed_names: Vec::new(),
-            heartbeat_ms: 100,
-            link_timeout_ms: 600,
-            reconnect_ms: 100,
-            down_grace_ms: 1_000,
-            log_entries_max: 100,
-            forward_queue_max: 100,
-            start_ms: 1,
-        };
+        let settings = settings(1);
         NodeShard::clustered(shard, index, 2, settings, 7, 0)
     }
 

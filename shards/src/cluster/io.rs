@@ -14,7 +14,7 @@ use shardmq_net::frame::{Body, NodeId, Purpose};
 use tracing::warn;
 
 use super::accept::Accepting;
-use super::link::LinkCounters;
+use super::stats::ClosedLinks;
 use super::{Agent, ClusterSettings, Link, NodeOutput, forward};
 use crate::message::ConnectionId;
 
@@ -25,9 +25,23 @@ pub struct Io {
     pub outputs: Vec<NodeOutput>,
     pub settings: ClusterSettings,
     pub now_ms: u64,
-    /// What the links that closed had carried, by peer node and purpose, so that the
-    /// counters of `GET /metrics` never go back when a link is replaced.
-    pub closed_links: BTreeMap<(NodeId, &'static str), LinkCounters>,
+    /// What the links that closed had carried, by peer node and purpose (bounded, see
+    /// [`ClosedLinks`]), so that the counters of `GET /metrics` never go back when a link
+    /// is replaced.
+    pub closed_links: ClosedLinks,
+    /// The admin questions this node sent (`query.rs`, shard 0) and still waits for, by the
+    /// link they went on and the glue's id: the node asked and when. Closing a link answers
+    /// each of its questions at once with an error, so the asker does not wait out its
+    /// timeout for an answer that cannot come.
+    pub asked: BTreeMap<(ConnectionId, u64), Asked>,
+}
+
+/// An admin question sent on a link and not answered yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    /// The node at the link's other end, which was asked.
+    pub node: NodeId,
+    pub at_ms: u64,
 }
 
 /// A link's purpose as the metrics label it.
@@ -46,7 +60,8 @@ impl Io {
             outputs: Vec::new(),
             settings,
             now_ms,
-            closed_links: BTreeMap::new(),
+            closed_links: ClosedLinks::default(),
+            asked: BTreeMap::new(),
         }
     }
 
@@ -76,12 +91,37 @@ impl Io {
             }
             // A link that never finished its handshake has no peer to count under.
             if let Some(peer) = link.up_peer() {
-                *self
-                    .closed_links
-                    .entry((peer.node, purpose_name(peer.purpose)))
-                    .or_default() += link.counters;
+                let links = &self.links;
+                let up = |key: &(NodeId, &'static str)| {
+                    links
+                        .values()
+                        .filter_map(Link::up_peer)
+                        .any(|peer| (peer.node, purpose_name(peer.purpose)) == *key)
+                };
+                self.closed_links
+                    .add(peer.node, purpose_name(peer.purpose), link.counters, up);
             }
             self.outputs.push(NodeOutput::Close { connection });
+            self.fail_asked(connection);
+        }
+    }
+
+    /// Answers the questions waiting on `connection`, which closed, with that error.
+    fn fail_asked(&mut self, connection: ConnectionId) {
+        let waiting: Vec<(u64, Asked)> = self
+            .asked
+            .range((connection, 0)..=(connection, u64::MAX))
+            .map(|(&(_, id), &asked)| (id, asked))
+            .collect();
+        for (id, Asked { node, .. }) in waiting {
+            self.asked.remove(&(connection, id));
+            self.outputs.push(NodeOutput::NodeAnswer {
+                id,
+                node,
+                answer: Err(format!(
+                    "the control link to node {node} closed before it answered"
+                )),
+            });
         }
     }
 
@@ -164,4 +204,89 @@ pub(super) fn splitmix(state: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use shardmq_net::frame::{Member, Role};
+
+    use super::super::LinkSettings;
+    use super::*;
+
+    /// The link settings of core `node` of a test cluster.
+    pub(in crate::cluster) fn link_settings(node: NodeId) -> LinkSettings {
+        LinkSettings {
+            member: Member {
+                node,
+                role: Role::Core,
+                cluster_address: format!("10.0.0.{node}:7000"),
+                mqtt_address: String::new(),
+                epoch: 0,
+            },
+            cluster_name: "test".into(),
+            cluster_secret: "a long and random test secret".into(),
+            body_len_max: 1 << 20,
+            epoch: 0,
+            tls: None,
+        }
+    }
+
+    /// The cluster settings of core `node` of a test cluster, without seeds.
+    pub(in crate::cluster) fn settings(node: NodeId) -> ClusterSettings {
+        ClusterSettings {
+            link: link_settings(node),
+            seeds: Vec::new(),
+            seed_names: Vec::new(),
+            heartbeat_ms: 100,
+            link_timeout_ms: 600,
+            reconnect_ms: 100,
+            down_grace_ms: 1_000,
+            log_entries_max: 100,
+            forward_queue_max: 100,
+            start_ms: 1,
+        }
+    }
+
+    fn io_with_links(connections: &[ConnectionId]) -> Io {
+        let mut io = Io::new(settings(1), 0);
+        for &connection in connections {
+            let link = Link::connecting(
+                connection,
+                &io.settings.link,
+                Purpose::Control,
+                0,
+                5,
+                [3; 16],
+                0,
+            );
+            io.links.insert(connection, link);
+        }
+        io
+    }
+
+    #[test]
+    fn closing_a_link_answers_the_questions_waiting_on_it_at_once() {
+        let mut io = io_with_links(&[40, 41]);
+        let asked = |node| Asked { node, at_ms: 0 };
+        io.asked.insert((40, 7), asked(2));
+        io.asked.insert((40, 9), asked(2));
+        io.asked.insert((41, 8), asked(3));
+        io.close(40);
+        let answers: Vec<_> = io
+            .outputs
+            .iter()
+            .filter_map(|output| match output {
+                NodeOutput::NodeAnswer { id, node, answer } => Some((*id, *node, answer.clone())),
+                _ => None,
+            })
+            .collect();
+        let closed = Err("the control link to node 2 closed before it answered".to_string());
+        assert_eq!(answers, [(7, 2, closed.clone()), (9, 2, closed)]);
+        // The other link's question still waits for its answer.
+        assert_eq!(io.asked.keys().copied().collect::<Vec<_>>(), [(41, 8)]);
+        // A link closed twice answers nothing twice.
+        io.outputs.clear();
+        io.close(40);
+        assert!(io.outputs.is_empty(), "{:?}", io.outputs);
+    }
 }

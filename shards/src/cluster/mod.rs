@@ -39,6 +39,7 @@ mod data;
 mod io;
 mod query;
 mod stats;
+pub use stats::CLOSED_LINK_PEERS_MAX;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -50,6 +51,7 @@ use tracing::{debug, warn};
 pub use agent::{Agent, Status};
 pub use io::Io;
 pub use link::{Link, LinkSettings};
+pub use query::answer_len_max;
 
 pub use consensus::{RaftFileCall, RaftFileOp, RaftStoreFiles};
 

@@ -4,22 +4,27 @@
 //!
 //! Owns: the answers this node owes its peers ([`Cluster::owed`]): at most
 //! [`QUERIES_PER_LINK_MAX`] per link, each forgotten with its link or after
-//! [`QUERY_ANSWER_TIMEOUT_MS`]; the checks of what a question and an answer may hold
-//! ([`NODE_QUERY_LEN_MAX`], the frame budget, [`NODE_ERROR_LEN_MAX`]); and which peers may be
-//! sent the frames at all (protocol version [`NODE_QUERY_VERSION`] on).
+//! [`QUERY_ANSWER_TIMEOUT_MS`]; which link each question this node asked went on
+//! (`Io::asked`, at most [`ASKED_MAX`], forgotten when answered or after
+//! [`QUERY_ANSWER_TIMEOUT_MS`], answered with an error when its link closes); the checks of
+//! what a question and an answer may hold ([`NODE_QUERY_LEN_MAX`], the frame budget
+//! [`answer_len_max`], [`NODE_ERROR_LEN_MAX`]); and which peers may be sent the frames at all
+//! (protocol version [`NODE_QUERY_VERSION`] on).
 //! Never: parses a question or an answer (they are the admin API's JSON, which the glue's
-//! admin thread parses strictly), waits, or keeps a question this node asked: the glue keeps
-//! those (bounded) and matches answers to them by id and node.
+//! admin thread parses strictly), waits, or keeps where a question's answer goes: the glue
+//! keeps that (bounded) and matches answers to it by id and node.
 //! Invariants: every question a peer asked is answered once (by the admin thread's answer, or
 //! at once with an error at a limit), unless its link went or it expired first; no link owes
-//! more than [`QUERIES_PER_LINK_MAX`] answers.
+//! more than [`QUERIES_PER_LINK_MAX`] answers; every question this node waits for is on a link
+//! that is open, and is answered once (by the peer, or with an error when the link closes),
+//! unless it expired first.
 
 use shardmq_net::frame::{
     self, Body, NODE_ERROR_LEN_MAX, NODE_QUERY_LEN_MAX, NODE_QUERY_VERSION, NodeId,
 };
 use tracing::{debug, warn};
 
-use super::io::Cluster;
+use super::io::{Asked, Cluster};
 use super::{NodeOutput, NodeShard};
 use crate::message::ConnectionId;
 
@@ -29,6 +34,20 @@ pub const QUERIES_PER_LINK_MAX: usize = 16;
 /// How long an answer owed is kept: the asker has stopped waiting long before (the admin
 /// API waits 5 s), so one the admin thread never gave back frees its place.
 pub const QUERY_ANSWER_TIMEOUT_MS: u64 = 30_000;
+
+/// Questions this node may wait for at once on all its links; one past it is answered at
+/// once with an error. The glue keeps at most 256 waiting, so only questions whose asker
+/// stopped waiting (and that are forgotten after [`QUERY_ANSWER_TIMEOUT_MS`]) fill the rest.
+pub const ASKED_MAX: usize = 1024;
+
+/// The most bytes of JSON an answer may hold on a link whose frames take `body_len_max`
+/// bytes of body (`cluster.frame_size_max`): the frame budget (a share of the frame, see
+/// [`frame::FRAME_BUDGET_DIVISOR`]) less the frame's own fields. The admin thread cuts a
+/// listing to it before it answers; a longer answer is sent as an error.
+pub fn answer_len_max(body_len_max: usize) -> usize {
+    (body_len_max / frame::FRAME_BUDGET_DIVISOR)
+        .saturating_sub(frame::node_answer_len_bound(&Ok(Vec::new())))
+}
 
 /// `text` cut to at most `max` bytes, at a character boundary.
 fn bounded(mut text: String, max: usize) -> String {
@@ -57,11 +76,24 @@ pub(super) fn link_gone(cluster: &mut Cluster, connection: ConnectionId) {
     cluster.owed.retain(|&(c, _), _| c != connection);
 }
 
-/// Panics if a link owes more answers than allowed, or a shard other than the agent's owes
-/// any.
+/// Panics if a link owes more answers than allowed, a shard other than the agent's owes or
+/// waits for any, or a question waits on a link that is gone.
 pub(super) fn check_invariants(cluster: &Cluster) {
     if cluster.agent.is_none() {
         assert!(cluster.owed.is_empty(), "answers owed off shard 0");
+    }
+    if cluster.agent.is_none() {
+        assert!(cluster.io.asked.is_empty(), "questions asked off shard 0");
+    }
+    assert!(
+        cluster.io.asked.len() <= ASKED_MAX,
+        "too many questions wait"
+    );
+    for &(connection, id) in cluster.io.asked.keys() {
+        assert!(
+            cluster.io.links.contains_key(&connection),
+            "question {id} waits on link {connection}, which is gone"
+        );
     }
     let mut per_link = std::collections::BTreeMap::<ConnectionId, usize>::new();
     for &(connection, _) in cluster.owed.keys() {
@@ -115,8 +147,25 @@ impl NodeShard {
             .and_then(|link| link.peer_version());
         match version {
             Some(version) if version >= NODE_QUERY_VERSION => {
-                cluster.io.now_ms = now_ms;
-                cluster.io.send(connection, &Body::NodeQuery { id, query });
+                let io = &mut cluster.io;
+                // Questions whose asker has long stopped waiting free their place.
+                io.asked.retain(|_, asked| {
+                    now_ms.saturating_sub(asked.at_ms) < QUERY_ANSWER_TIMEOUT_MS
+                });
+                if io.asked.len() >= ASKED_MAX {
+                    return self.push_output(refused(format!(
+                        "{ASKED_MAX} questions to nodes wait for answers already: ask again later"
+                    )));
+                }
+                io.asked.insert(
+                    (connection, id),
+                    Asked {
+                        node,
+                        at_ms: now_ms,
+                    },
+                );
+                io.now_ms = now_ms;
+                io.send(connection, &Body::NodeQuery { id, query });
             }
             version => {
                 let version = version.map_or("unknown".into(), |v| v.to_string());
@@ -201,10 +250,10 @@ impl NodeShard {
             );
             return;
         }
-        let budget = cluster.io.settings.link.body_len_max / frame::FRAME_BUDGET_DIVISOR;
+        let budget = answer_len_max(cluster.io.settings.link.body_len_max);
         let answer = answer.map_err(|error| bounded(error, NODE_ERROR_LEN_MAX));
         let answer = match answer {
-            Ok(bytes) if frame::node_answer_len_bound(&Ok(Vec::new())) + bytes.len() > budget => {
+            Ok(bytes) if bytes.len() > budget => {
                 warn!(
                     connection,
                     id,
@@ -238,6 +287,13 @@ impl NodeShard {
         let Some(node) = up_peer_node(cluster, connection) else {
             return;
         };
+        if cluster.io.asked.remove(&(connection, id)).is_none() {
+            debug!(
+                connection,
+                node, id, "an admin answer to no question waiting on this link: dropped"
+            );
+            return;
+        }
         let answer = answer.map_err(|error| bounded(error, NODE_ERROR_LEN_MAX));
         cluster
             .io

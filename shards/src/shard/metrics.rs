@@ -96,7 +96,9 @@ pub struct ShardMetrics {
 /// since the shard started (links that closed included), and how many are up now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkMetrics {
-    pub peer: u32,
+    /// The peer node; None for the closed links of the peers folded together past
+    /// `cluster::CLOSED_LINK_PEERS_MAX` (labelled `others`).
+    pub peer: Option<u32>,
     /// "control" or "data".
     pub purpose: &'static str,
     pub up: u64,
