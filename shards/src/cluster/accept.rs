@@ -238,6 +238,7 @@ mod tests {
             down_grace_ms: 1_000,
             log_entries_max: 100,
             forward_queue_max: 100,
+            session_replicas: 1,
             start_ms: 1,
         };
         NodeShard::clustered(shard, index, 2, settings, 7, 0)
