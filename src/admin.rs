@@ -593,11 +593,28 @@ async fn status(State(state): State<AppState>) -> Response {
                 let (links, queues) = links_json(&shards);
                 object.insert("links".into(), links);
                 object.insert("forward_queues".into(), queues);
+                object.insert("sessions".into(), sessions_json(&shards));
             }
             Json(value).into_response()
         }
         Err(e) => error_response(e),
     }
+}
+
+/// The node's persistent sessions and session replicas, summed over its shards: `home`
+/// (persistent sessions held here), `replica` (replicas of other nodes' sessions),
+/// `replication_unacknowledged` (replication items the replicas have not acknowledged: 0
+/// when they are up to date), and the refusals and installs since the start.
+fn sessions_json(shards: &[(u16, ShardMetrics)]) -> Value {
+    let sum = |f: &dyn Fn(&ShardMetrics) -> u64| shards.iter().map(|(_, m)| f(m)).sum::<u64>();
+    json!({
+        "home": sum(&|m| m.persistent_sessions),
+        "replica": sum(&|m| m.replica_sessions),
+        "replication_unacknowledged": sum(&|m| m.replication_unacknowledged),
+        "replicas_refused": sum(&|m| m.replicas_refused),
+        "replicas_promoted": sum(&|m| m.replicas_promoted),
+        "replication_dropped": sum(&|m| m.replication_dropped),
+    })
 }
 
 /// Every shard's cluster links and forward queues as JSON, in shard order.

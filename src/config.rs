@@ -561,6 +561,10 @@ fn parse_seeds(entries: &[String]) -> Result<(Vec<SocketAddr>, Vec<SeedName>), S
     Ok((addresses, names))
 }
 
+/// Replicas of each persistent session a node may ask for: each costs a copy of the
+/// session's records on another node and a send of every record.
+const SESSION_REPLICAS_MAX: usize = 4;
+
 /// Seed names one node may list (each may stand for several addresses).
 const SEED_NAMES_MAX: usize = 64;
 
@@ -598,6 +602,7 @@ pub struct ClusterConfig {
     pub forward_queue_max: usize,
     pub frame_size_max: usize,
     pub takeover_timeout_ms: u64,
+    pub session_replicas: usize,
     pub tls: String,
     pub tls_cert_file: String,
     pub tls_key_file: String,
@@ -1057,6 +1062,10 @@ impl Config {
             (1..=600_000).contains(&c.takeover_timeout_ms),
             "`cluster.takeover_timeout_ms` must be from 1 to 600000",
         )?;
+        check(
+            c.session_replicas <= SESSION_REPLICAS_MAX,
+            "`cluster.session_replicas` must be from 0 to 4",
+        )?;
         let tls = self.cluster_tls()?;
         let mqtt_address = self
             .listeners()?
@@ -1088,6 +1097,7 @@ impl Config {
             down_grace_ms: c.down_grace_seconds * 1000,
             log_entries_max: c.log_entries_max,
             forward_queue_max: c.forward_queue_max,
+            session_replicas: c.session_replicas,
             start_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_millis() as u64),

@@ -105,6 +105,7 @@ pub fn render(scrape: &Scrape) -> String {
     let mut registry = Registry::with_prefix("shardmq");
     shard_metrics(&mut registry, scrape.shards);
     link_metrics(&mut registry, scrape.shards);
+    replication_metrics(&mut registry, scrape.shards);
     let missing = gauges(
         &mut registry,
         "scrape_shards_missing",
@@ -392,6 +393,45 @@ fn link_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
             set(&queue_bytes, &pairs, queue.bytes);
             add(&queue_dropped, &pairs, queue.dropped);
         }
+    }
+}
+
+/// Session replication, per shard (all zero on a node on its own or with
+/// `cluster.session_replicas = 0`).
+fn replication_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) {
+    let held = gauges(
+        registry,
+        "replica_sessions",
+        "Replicas of other nodes' persistent sessions held here, per shard",
+    );
+    let unacknowledged = gauges(
+        registry,
+        "replication_unacknowledged",
+        "Session replication items sent to replicas and not acknowledged yet, per shard",
+    );
+    let refused = counters(
+        registry,
+        "replicas_refused",
+        "Replica sessions refused at limits.persistent_sessions_per_shard_max",
+    );
+    let promoted = counters(
+        registry,
+        "replicas_promoted",
+        "Replicas installed as sessions of this node after their home node went down",
+    );
+    let dropped = counters(
+        registry,
+        "replication_dropped",
+        "Replication items not sent (a peer of an older protocol) or received batches that did not decode",
+    );
+    for (index, metrics) in shards {
+        let shard = index.to_string();
+        let pairs = [("shard", shard.as_str())];
+        set(&held, &pairs, metrics.replica_sessions);
+        set(&unacknowledged, &pairs, metrics.replication_unacknowledged);
+        add(&refused, &pairs, metrics.replicas_refused);
+        add(&promoted, &pairs, metrics.replicas_promoted);
+        add(&dropped, &pairs, metrics.replication_dropped);
     }
 }
 

@@ -118,6 +118,15 @@ pub enum ShardMessage {
     /// Answers to receipts: (id, whether the records were written) for the shard that holds
     /// those publishes' acknowledgements.
     Durable { receipts: Vec<(u64, bool)> },
+    /// Replication records from shard `home_shard` of node `home` about sessions whose
+    /// client identifiers this shard owns (`reset`: forget that shard's replicas first).
+    /// From the node layer, which split a `SessionTransfer::Replicate` by owner shard.
+    Replicas {
+        home: NodeId,
+        home_shard: ShardIndex,
+        reset: bool,
+        records: Vec<crate::storage::Record>,
+    },
 }
 
 /// A session moving from one node to another (takeover across nodes). Both travel on the data
@@ -144,6 +153,19 @@ pub enum SessionTransfer {
         /// The sender's own claim for this client that had completed when it answered (see
         /// `frame::Item::Handover`).
         completed: Option<u64>,
+    },
+    /// Records of the sending shard about the sessions it is home to and the receiver keeps
+    /// replicas of, framed as in the durable log (see `frame::Item::Replicate`).
+    Replicate { reset: bool, records: Bytes },
+    /// Before a `Handover` without a session: the sender keeps a replica of the client's
+    /// session from node `home` (a snapshot record), for the claim to take if `home` does
+    /// not answer it.
+    ReplicaOffer {
+        client_id: ByteString,
+        shard: ShardIndex,
+        claim: u64,
+        home: NodeId,
+        session: Bytes,
     },
 }
 

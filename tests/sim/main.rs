@@ -375,6 +375,7 @@ fn settings(id: NodeId, role: Role, address: SocketAddr, seeds: &[SocketAddr]) -
         // Small, so that followers that fall behind go through snapshots.
         log_entries_max: 64,
         forward_queue_max: 100_000,
+        session_replicas: 1,
         start_ms: 0,
     }
 }

@@ -391,6 +391,17 @@ pub struct V4 {
 }
 
 pub fn v4(port: u16, id: &str, configure: impl FnOnce(&mut rumqttc::MqttOptions)) -> V4 {
+    v4_connected(port, id, configure, Duration::from_secs(5)).0
+}
+
+/// [`v4`] that waits up to `timeout` for the CONNACK and returns it too (its session present
+/// flag, say).
+pub fn v4_connected(
+    port: u16,
+    id: &str,
+    configure: impl FnOnce(&mut rumqttc::MqttOptions),
+    timeout: Duration,
+) -> (V4, rumqttc::ConnAck) {
     let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
     configure(&mut options);
@@ -417,12 +428,14 @@ pub fn v4(port: u16, id: &str, configure: impl FnOnce(&mut rumqttc::MqttOptions)
         events,
         ended,
     };
-    client
-        .wait_for(Duration::from_secs(5), |event| {
+    let Some(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(connack))) = client
+        .wait_for(timeout, |event| {
             matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))
         })
-        .expect("CONNACK");
-    client
+    else {
+        panic!("no CONNACK for {id} within {timeout:?}");
+    };
+    (client, connack)
 }
 
 impl V4 {
@@ -692,6 +705,23 @@ pub fn raw_v5_subscribed(
     let read = stream.read(&mut buffer).unwrap();
     assert_eq!(buffer[0], 0x90, "SUBACK: {:02x?}", &buffer[..read]);
     stream
+}
+
+/// Appends `value` to `out` as an MQTT Variable Byte Integer (a remaining length, a
+/// property length), for raw packets.
+pub fn variable_byte_integer(value: usize, out: &mut Vec<u8>) {
+    let mut value = value;
+    loop {
+        let mut byte = (value % 128) as u8;
+        value /= 128;
+        if value > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if value == 0 {
+            return;
+        }
+    }
 }
 
 pub fn write_all(stream: &mut TcpStream, bytes: &[u8]) {

@@ -147,6 +147,23 @@ pub enum Item {
         /// from the receiver's new connection), so the receiver drops it.
         completed: Option<u64>,
     },
+    /// Session replication (protocol version [`REPLICATION_VERSION`] on): records of the
+    /// sending shard (the data link's) about the persistent sessions it is home to and this
+    /// node keeps a replica of, each framed as in the durable log
+    /// (`[length][CRC32C][kind][body]`), in the order they were made. `reset`: forget every
+    /// replica of that shard first.
+    Replicate { reset: bool, records: Vec<u8> },
+    /// Sent before a `Handover` without a session, for the claimant's shard `shard`: this
+    /// node keeps a replica of the client's session, whose home was node `home`. The claimant
+    /// takes it only if that home did not answer the claim (it is down), so that a session
+    /// outlives its home node.
+    ReplicaOffer {
+        client_id: String,
+        shard: u16,
+        claim: u64,
+        home: NodeId,
+        session: Vec<u8>,
+    },
 }
 
 /// The first frame of the connecting side: who it is, what the link is for, and its nonce.
@@ -262,6 +279,10 @@ pub const NODE_ERROR_LEN_MAX: usize = 1024;
 /// The first protocol version that has `NodeQuery` and `NodeAnswer`: a peer of an older
 /// version would refuse their kinds (and close the link), so they are never sent to one.
 pub const NODE_QUERY_VERSION: u16 = 2;
+
+/// The first protocol version that has the `Replicate` and `ReplicaOffer` items: a peer of
+/// an older version would refuse them (and close the link), so they are never sent to one.
+pub const REPLICATION_VERSION: u16 = 3;
 
 impl Body {
     /// The kind byte of the header.

@@ -122,6 +122,10 @@ impl Forwarded {
                         + session.as_ref().map_or(0, Vec::len)
                         + 4 * FIELD_LEN_BOUND
                 }
+                Item::Replicate { records, .. } => records.len() + 3 * FIELD_LEN_BOUND,
+                Item::ReplicaOffer {
+                    client_id, session, ..
+                } => string_bound(client_id) + session.len() + 5 * FIELD_LEN_BOUND,
             }
     }
 }

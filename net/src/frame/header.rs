@@ -22,8 +22,10 @@ use super::FrameError;
 /// The frame protocol this build speaks. A node accepts a peer whose version is within one of
 /// its own, so that a rolling upgrade can run a cluster of two adjacent versions; the link then
 /// speaks the lower of the two: frame kinds newer than the peer's version are not sent to it
-/// (version 2 added `NodeQuery` and `NodeAnswer`, see [`NODE_QUERY_VERSION`](super::NODE_QUERY_VERSION)).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// (version 2 added `NodeQuery` and `NodeAnswer`, see [`NODE_QUERY_VERSION`](super::NODE_QUERY_VERSION);
+/// version 3 the data-link items `Replicate` and `ReplicaOffer`, see
+/// [`REPLICATION_VERSION`](super::REPLICATION_VERSION)).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 pub const MAGIC: [u8; 4] = *b"SMQC";
 pub const HEADER_LEN: usize = 32;

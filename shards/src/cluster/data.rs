@@ -132,6 +132,10 @@ impl NodeShard {
                         Ok(forward::Received::Publish(forwarded)) => {
                             self.shard.handle(now_ms, Input::FromNode(forwarded));
                         }
+                        Ok(forward::Received::Session(SessionTransfer::Replicate {
+                            reset,
+                            records,
+                        })) => self.replicas_from_node(peer.node, peer.shard, reset, &records),
                         Ok(forward::Received::Session(transfer)) => {
                             if let Err(error) = self.session_from_node(peer.node, transfer) {
                                 result = Err(error);
@@ -160,7 +164,11 @@ impl NodeShard {
     fn session_from_node(&mut self, node: NodeId, transfer: SessionTransfer) -> Result<(), String> {
         let shard = match &transfer {
             SessionTransfer::Claim { client_id, .. } => owner_shard(client_id, self.shard_count),
-            SessionTransfer::Handover { shard, .. } => *shard,
+            SessionTransfer::Handover { shard, .. }
+            | SessionTransfer::ReplicaOffer { shard, .. } => *shard,
+            SessionTransfer::Replicate { .. } => {
+                return Err("a replication batch outside a data link's frame".into());
+            }
         };
         let message = ShardMessage::Session { node, transfer };
         if shard == self.index {
@@ -177,6 +185,69 @@ impl NodeShard {
             ));
         }
         Ok(())
+    }
+
+    /// Replication records from shard `home_shard` of `node`: decoded (checked like every
+    /// peer byte), split by the shard that owns each client identifier here, and posted to
+    /// those shards in order (a reset goes to every shard). A batch that does not decode is
+    /// dropped whole, counted and logged: the link stays up (the same batch would come again
+    /// on a new one), and the replicas of that shard are then incomplete until it sends them
+    /// whole again.
+    fn replicas_from_node(&mut self, node: NodeId, home_shard: u16, reset: bool, mut bytes: &[u8]) {
+        let shard_count = self.shard_count;
+        let mut per_shard: Vec<Vec<crate::storage::Record>> =
+            (0..shard_count).map(|_| Vec::new()).collect();
+        while !bytes.is_empty() {
+            let decoded =
+                crate::storage::record::read_frame(bytes).and_then(|(kind, body, len)| {
+                    crate::storage::Record::decode(kind, body).map(|record| (record, len))
+                });
+            let (record, len) = match decoded {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    warn!(node, shard = home_shard, %error, "a replication batch from the node does not decode: dropped");
+                    let cluster = self.cluster.as_mut().expect("a cluster");
+                    cluster.replication_dropped += 1;
+                    return;
+                }
+            };
+            bytes = bytes.get(len..).unwrap_or_default();
+            let Some(client_id) = record.session_client_id() else {
+                warn!(
+                    node,
+                    shard = home_shard,
+                    "a replication batch holds a record that is not about a session: dropped"
+                );
+                let cluster = self.cluster.as_mut().expect("a cluster");
+                cluster.replication_dropped += 1;
+                return;
+            };
+            let owner = owner_shard(client_id, shard_count);
+            if let Some(records) = per_shard.get_mut(owner as usize) {
+                records.push(record);
+            }
+        }
+        for (shard, records) in per_shard.into_iter().enumerate() {
+            if records.is_empty() && !reset {
+                continue;
+            }
+            let message = ShardMessage::Replicas {
+                home: node,
+                home_shard,
+                reset,
+                records,
+            };
+            let shard = shard as u16;
+            if shard == self.index {
+                self.shard.handle(self.now_ms, Input::Shard(message));
+            } else {
+                let cluster = self.cluster.as_mut().expect("a cluster");
+                cluster
+                    .io
+                    .outputs
+                    .push(super::NodeOutput::Post { shard, message });
+            }
+        }
     }
 
     /// A message of this shard for `node`: queued for its data link.
@@ -200,6 +271,24 @@ impl NodeShard {
             return;
         };
         let queue_max = cluster.io.settings.forward_queue_max;
+        if matches!(
+            transfer,
+            SessionTransfer::Replicate { .. } | SessionTransfer::ReplicaOffer { .. }
+        ) {
+            // A peer of an older protocol version would refuse the item and close the link:
+            // it keeps no replicas (its link's version is known once a link is up).
+            let old = cluster
+                .peers
+                .get(&node)
+                .and_then(|peer| peer.connection)
+                .and_then(|connection| cluster.io.links.get(&connection))
+                .and_then(|link| link.peer_version())
+                .is_some_and(|version| version < shardmq_net::frame::REPLICATION_VERSION);
+            if old {
+                cluster.replication_dropped += 1;
+                return;
+            }
+        }
         let peer = cluster.peer(node);
         if peer.push_transfer(transfer, queue_max) {
             forward::report_dropped(node, peer);

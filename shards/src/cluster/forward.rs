@@ -88,6 +88,23 @@ pub fn transfer_to_wire(transfer: &SessionTransfer, sequence: u64) -> frame::For
             session: session.as_ref().map(|s| s.to_vec()),
             completed: *completed,
         },
+        SessionTransfer::Replicate { reset, records } => frame::Item::Replicate {
+            reset: *reset,
+            records: records.to_vec(),
+        },
+        SessionTransfer::ReplicaOffer {
+            client_id,
+            shard,
+            claim,
+            home,
+            session,
+        } => frame::Item::ReplicaOffer {
+            client_id: client_id.to_string(),
+            shard: *shard,
+            claim: *claim,
+            home: *home,
+            session: session.to_vec(),
+        },
     };
     frame::Forwarded { sequence, item }
 }
@@ -166,8 +183,9 @@ pub enum Received {
 /// The item a wire item carries, or why it is not one (a peer's bytes are checked like a
 /// client's: a bad QoS ends the link, not the node).
 pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String> {
-    if let frame::Item::Claim { client_id, .. } | frame::Item::Handover { client_id, .. } =
-        &wire.item
+    if let frame::Item::Claim { client_id, .. }
+    | frame::Item::Handover { client_id, .. }
+    | frame::Item::ReplicaOffer { client_id, .. } = &wire.item
         && (client_id.len() > FIELD_LENGTH_MAX || client_id.contains('\0'))
     {
         return Err("a forwarded client identifier is not a valid MQTT string".into());
@@ -203,6 +221,25 @@ pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String
             claim,
             session: session.map(Bytes::from),
             completed,
+        })),
+        frame::Item::Replicate { reset, records } => {
+            Ok(Received::Session(SessionTransfer::Replicate {
+                reset,
+                records: Bytes::from(records),
+            }))
+        }
+        frame::Item::ReplicaOffer {
+            client_id,
+            shard,
+            claim,
+            home,
+            session,
+        } => Ok(Received::Session(SessionTransfer::ReplicaOffer {
+            client_id: ByteString::from(client_id),
+            shard,
+            claim,
+            home,
+            session: Bytes::from(session),
         })),
     }
 }
@@ -345,6 +382,16 @@ impl Peer {
         }
         self.unsent.push(wire);
         dropped
+    }
+
+    /// Replication items sent or to send that the node has not acknowledged (0: its
+    /// replicas of this shard's sessions are up to date).
+    pub fn replication_unacknowledged(&self) -> u64 {
+        // Every item but a QoS 0 message is in `unacked` from the moment it is queued.
+        self.unacked
+            .iter()
+            .filter(|f| matches!(f.item, frame::Item::Replicate { .. }))
+            .count() as u64
     }
 
     /// The body of everything not yet written, if any: the link cuts it into frames that

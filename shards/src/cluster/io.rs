@@ -170,6 +170,9 @@ pub(super) struct Cluster {
     /// Answers this node owes its peers' admin questions (`query.rs`), by link and the
     /// peer's id: when each question came.
     pub(super) owed: BTreeMap<(ConnectionId, u64), u64>,
+    /// Session replication items not sent (the peer speaks an older protocol version) or
+    /// received batches that did not decode.
+    pub(super) replication_dropped: u64,
 }
 
 impl Cluster {
@@ -243,6 +246,7 @@ pub(super) mod tests {
             down_grace_ms: 1_000,
             log_entries_max: 100,
             forward_queue_max: 100,
+            session_replicas: 1,
             start_ms: 1,
         }
     }

@@ -88,6 +88,8 @@ pub struct ClusterSettings {
     /// When this run started (wall clock, ms): the high bits of its epoch, so that a later
     /// run's epoch is larger and a peer can tell news of a restart from stale news.
     pub start_ms: u64,
+    /// Other nodes that keep a replica of each persistent session (0: none).
+    pub session_replicas: usize,
 }
 
 /// Addresses one seed name may stand for: a name that resolves to more (or SRV records with
@@ -328,7 +330,7 @@ impl NodeShard {
     /// A shard of a cluster member. `seed` makes this start's epoch and nonces (the glue
     /// passes real randomness, the simulation its seeded generator).
     pub fn clustered(
-        shard: Shard,
+        mut shard: Shard,
         index: ShardIndex,
         shard_count: u16,
         mut settings: ClusterSettings,
@@ -344,6 +346,11 @@ impl NodeShard {
         settings.link.epoch = epoch;
         settings.link.member.epoch = epoch;
         let agent = (index == 0).then(|| Agent::new(&settings, epoch, now_ms));
+        // Records carry wall-clock times: the shard clock's zero is `now_ms` before the start.
+        shard.attach_replication(
+            settings.session_replicas,
+            settings.start_ms.saturating_sub(now_ms),
+        );
         Self {
             shard,
             index,
@@ -359,6 +366,7 @@ impl NodeShard {
                 delivered: forward::Delivered::default(),
                 refused_pending: 0,
                 owed: BTreeMap::new(),
+                replication_dropped: 0,
             }),
             now_ms,
             scratch: Vec::new(),

@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 
 use shardmq_net::frame::NodeId;
 
-use super::NodeShard;
 use super::io::purpose_name;
 use super::link::LinkCounters;
+use super::{NodeShard, forward};
 use crate::shard::{ForwardQueueMetrics, LinkMetrics, ShardMetrics};
 
 impl NodeShard {
@@ -66,6 +66,12 @@ impl NodeShard {
                 }
             })
             .collect();
+        metrics.replication_unacknowledged = cluster
+            .peers
+            .values()
+            .map(forward::Peer::replication_unacknowledged)
+            .sum();
+        metrics.replication_dropped = cluster.replication_dropped;
         metrics
     }
 }

@@ -91,6 +91,9 @@ pub(super) struct Durable {
     /// While a client's PUBLISH is routed: its held acknowledgement's id, and the receipts
     /// handed to other shards so far.
     collecting: Option<(u64, u32)>,
+    /// Session replication (`replicate.rs`), in a cluster with `session_replicas` above 0:
+    /// the session records go to the replicas too.
+    pub(super) replication: Option<Box<super::replicate::Replication>>,
 }
 
 impl Durable {
@@ -112,8 +115,44 @@ impl Durable {
         self.log.as_ref().map_or(0, Log::durable_lsn)
     }
 
-    /// Appends one record; once the log failed, marks the operation refused.
+    /// Records for the replicas only: no data directory, so nothing is held for a sync.
+    pub(super) fn without_log(
+        wall_clock_at_zero_ms: u64,
+        held_acks_max: usize,
+        replication: super::replicate::Replication,
+    ) -> Self {
+        Self {
+            log: None,
+            settings: LogSettings {
+                hold_acks: false,
+                wall_clock_at_zero_ms,
+                held_acks_max,
+            },
+            failed: false,
+            refused: false,
+            held: VecDeque::new(),
+            next_held: 0,
+            replies: VecDeque::new(),
+            collecting: None,
+            replication: Some(Box::new(replication)),
+        }
+    }
+
+    /// Whether records go to a log on disk (or would, had it not failed).
+    pub(super) fn has_log(&self) -> bool {
+        self.log.is_some() || self.failed
+    }
+
+    /// Appends one record (and queues it for the replicas); once the log failed, marks the
+    /// operation refused.
     pub(super) fn append(&mut self, record: &Record) {
+        if let Some(replication) = &mut self.replication {
+            replication.record(record);
+        }
+        if self.log.is_none() && !self.failed {
+            // No data directory: the record was for the replicas only.
+            return;
+        }
         match &mut self.log {
             Some(log) => {
                 if let Err(error) = log.append(record) {
@@ -159,6 +198,85 @@ impl Durable {
     }
 }
 
+impl Durable {
+    /// The records that rebuild `session` whole (created, subscriptions, in flight, queue,
+    /// inbound identifiers, a pending will), in wall-clock time: for the log, and for a
+    /// replica that is new to the session.
+    pub(super) fn session_records(&self, session: &Session) -> Vec<Record> {
+        let durable = self;
+        let client_id = &session.client_id;
+        let pending = session.will_timer.is_some();
+        let mut records = vec![Record::SessionCreated {
+            client_id: client_id.clone(),
+            version: session.version,
+            expiry_seconds: session.expiry_seconds,
+            will: session
+                .will
+                .as_deref()
+                .filter(|_| !pending)
+                .map(|will| durable.wall_will(will)),
+        }];
+        for (filter, &(options, identifier)) in &session.subscriptions {
+            records.push(Record::SubscriptionAdded {
+                client_id: client_id.clone(),
+                filter: filter.clone(),
+                options,
+                identifier,
+            });
+        }
+        for entry in &session.inflight {
+            records.push(Record::MessageQueued {
+                client_id: client_id.clone(),
+                delivery: storage::record::SavedDelivery {
+                    message: durable.wall(&entry.message),
+                    subscription_identifiers: entry.subscription_identifiers.clone(),
+                },
+            });
+            records.push(Record::MessageSent {
+                client_id: client_id.clone(),
+                packet_id: entry.packet_id,
+            });
+            if entry.state == InflightState::Released {
+                records.push(Record::MessageReleased {
+                    client_id: client_id.clone(),
+                    packet_id: entry.packet_id,
+                });
+            }
+        }
+        for queued in session
+            .queue
+            .iter()
+            .filter(|q| q.message.qos != QoS::AtMostOnce)
+        {
+            records.push(Record::MessageQueued {
+                client_id: client_id.clone(),
+                delivery: storage::record::SavedDelivery {
+                    message: durable.wall(&queued.message),
+                    subscription_identifiers: queued.subscription_identifiers.clone(),
+                },
+            });
+        }
+        let mut awaiting: Vec<u16> = session.awaiting_release.iter().copied().collect();
+        awaiting.sort_unstable();
+        for packet_id in awaiting {
+            records.push(Record::InboundAwaitingRelease {
+                client_id: client_id.clone(),
+                packet_id,
+            });
+        }
+        if let (Some(will), Some(key)) = (session.will.as_deref(), session.will_timer) {
+            records.push(Record::WillPending {
+                client_id: client_id.clone(),
+                will: durable.wall_will(will),
+                publish_at_ms: key
+                    .deadline_ms()
+                    .saturating_add(durable.settings.wall_clock_at_zero_ms),
+            });
+        }
+        records
+    }
+}
+
 use crate::storage;
 
 /// Appends the record `make` builds, if a log is attached. For the places that hold other
@@ -191,6 +309,7 @@ impl Shard {
             next_held: 0,
             replies: VecDeque::new(),
             collecting: None,
+            replication: self.durable.take().and_then(|durable| durable.replication),
         }));
     }
 
@@ -559,75 +678,7 @@ impl Shard {
         let session = self.sessions[index as usize]
             .as_ref()
             .expect("a live session index");
-        let client_id = &session.client_id;
-        let pending = session.will_timer.is_some();
-        let mut records = vec![Record::SessionCreated {
-            client_id: client_id.clone(),
-            version: session.version,
-            expiry_seconds: session.expiry_seconds,
-            will: session
-                .will
-                .as_deref()
-                .filter(|_| !pending)
-                .map(|will| durable.wall_will(will)),
-        }];
-        for (filter, &(options, identifier)) in &session.subscriptions {
-            records.push(Record::SubscriptionAdded {
-                client_id: client_id.clone(),
-                filter: filter.clone(),
-                options,
-                identifier,
-            });
-        }
-        for entry in &session.inflight {
-            records.push(Record::MessageQueued {
-                client_id: client_id.clone(),
-                delivery: storage::record::SavedDelivery {
-                    message: durable.wall(&entry.message),
-                    subscription_identifiers: entry.subscription_identifiers.clone(),
-                },
-            });
-            records.push(Record::MessageSent {
-                client_id: client_id.clone(),
-                packet_id: entry.packet_id,
-            });
-            if entry.state == InflightState::Released {
-                records.push(Record::MessageReleased {
-                    client_id: client_id.clone(),
-                    packet_id: entry.packet_id,
-                });
-            }
-        }
-        for queued in session
-            .queue
-            .iter()
-            .filter(|q| q.message.qos != QoS::AtMostOnce)
-        {
-            records.push(Record::MessageQueued {
-                client_id: client_id.clone(),
-                delivery: storage::record::SavedDelivery {
-                    message: durable.wall(&queued.message),
-                    subscription_identifiers: queued.subscription_identifiers.clone(),
-                },
-            });
-        }
-        let mut awaiting: Vec<u16> = session.awaiting_release.iter().copied().collect();
-        awaiting.sort_unstable();
-        for packet_id in awaiting {
-            records.push(Record::InboundAwaitingRelease {
-                client_id: client_id.clone(),
-                packet_id,
-            });
-        }
-        if let (Some(will), Some(key)) = (session.will.as_deref(), session.will_timer) {
-            records.push(Record::WillPending {
-                client_id: client_id.clone(),
-                will: durable.wall_will(will),
-                publish_at_ms: key
-                    .deadline_ms()
-                    .saturating_add(durable.settings.wall_clock_at_zero_ms),
-            });
-        }
+        let records = durable.session_records(session);
         for record in &records {
             durable.append(record);
         }
@@ -637,7 +688,10 @@ impl Shard {
     /// only, so that each topic's changes are in one log, in the order that shard applied
     /// them.
     pub(super) fn log_retained(&mut self, message: &Message, stored: bool) {
-        if self.durable.is_none()
+        if !self
+            .durable
+            .as_ref()
+            .is_some_and(|durable| durable.has_log())
             || owner_shard(&message.topic, self.config.shard_count) != self.config.index
             || sys::is_sys_topic(&message.topic)
         {
@@ -762,30 +816,11 @@ impl Shard {
                 );
                 continue;
             }
-            let delivery = |d: &storage::record::SavedDelivery| crate::snapshot::SavedDelivery {
-                message: shard_time(&d.message),
-                subscription_identifiers: d.subscription_identifiers.clone(),
-            };
-            self.restore_session(crate::snapshot::SavedSession {
-                client_id: client_id.clone(),
-                version: saved.version,
-                expiry_seconds: saved.expiry_seconds,
-                subscriptions: saved
-                    .subscriptions
-                    .iter()
-                    .map(|(filter, &(options, identifier))| (filter.clone(), options, identifier))
-                    .collect(),
-                inflight: saved
-                    .inflight
-                    .iter()
-                    .map(|entry| crate::snapshot::SavedInflight {
-                        packet_id: entry.packet_id,
-                        released: entry.released,
-                        delivery: delivery(&entry.delivery),
-                    })
-                    .collect(),
-                queue: saved.queue.iter().map(delivery).collect(),
-            });
+            self.restore_session(super::replicate::saved_from_state(
+                client_id,
+                saved,
+                wall_clock_at_zero_ms,
+            ));
             sessions += 1;
             let Some(&index) = self.client_ids.get(client_id) else {
                 continue;

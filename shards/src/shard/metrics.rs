@@ -90,6 +90,15 @@ pub struct ShardMetrics {
     pub links: Vec<LinkMetrics>,
     /// This shard's forward queue to each peer node.
     pub forward_queues: Vec<ForwardQueueMetrics>,
+    /// Session replication: replica sessions held here for other nodes, replica sessions
+    /// refused at the limit, replicas installed after their home went down, replication
+    /// items sent and not yet acknowledged (filled in by the node layer), and items not
+    /// sent or received batches dropped (likewise).
+    pub replica_sessions: u64,
+    pub replicas_refused: u64,
+    pub replicas_promoted: u64,
+    pub replication_unacknowledged: u64,
+    pub replication_dropped: u64,
 }
 
 /// What the cluster links of one shard to one peer node, of one purpose, have carried
@@ -141,6 +150,9 @@ impl Shard {
                 .durable
                 .as_ref()
                 .is_some_and(|durable| durable.has_failed()),
+            replica_sessions: self.replica_session_count() as u64,
+            replicas_refused: self.replication().map_or(0, |r| r.refused),
+            replicas_promoted: self.replication().map_or(0, |r| r.promoted),
             ..ShardMetrics::default()
         };
         for session in self.sessions.iter().flatten() {

@@ -63,6 +63,7 @@ mod durable;
 pub mod inspect;
 mod invariants;
 mod metrics;
+mod replicate;
 mod route;
 mod session;
 mod snapshot;
@@ -421,6 +422,7 @@ impl Shard {
     /// The outputs of everything handled since the last call; each connection's packets come
     /// as one `Send`, before its `Close`.
     pub fn take_outputs(&mut self, outputs: &mut Vec<Output>) {
+        self.flush_replication();
         self.release_durable();
         self.flush_sends(outputs);
         // Closes go after the sends of the same batch, and closed connections are forgotten.

@@ -33,7 +33,10 @@ pub(super) fn pick_member(
 impl Shard {
     /// Stores a retained message in this shard's store (a full store drops and counts it).
     pub(super) fn store_retained(&mut self, message: Message) {
-        let logs = self.durable.is_some();
+        let logs = self
+            .durable
+            .as_ref()
+            .is_some_and(|durable| durable.has_log());
         let copy = logs.then(|| message.clone());
         let stored = self.retained.store(message);
         if let Some(message) = copy {
@@ -129,7 +132,14 @@ impl Shard {
                 self.cluster_nodes_up = nodes.iter().filter(|n| n.up).map(|n| n.node).collect();
                 debug!(nodes = ?self.cluster_nodes, up = ?self.cluster_nodes_up, "cluster member list");
                 self.stop_waiting_for_gone_nodes();
+                self.replication_members_changed(&nodes);
             }
+            ShardMessage::Replicas {
+                home,
+                home_shard,
+                reset,
+                records,
+            } => self.replicas_received(home, home_shard, reset, records),
             ShardMessage::Session { node, transfer } => self.session_transfer(node, transfer),
             ShardMessage::Deliver {
                 message,

@@ -54,6 +54,10 @@ pub(super) struct PendingClaim {
     deferred: Vec<(NodeId, ShardIndex, u64, bool)>,
     /// The armed timeout of the claim, until it fires.
     timer: Option<TimerKey>,
+    /// Nodes that answered (a replica is taken only if its home is not among them).
+    answered: Vec<NodeId>,
+    /// Replicas offered by nodes that keep one: (their home node, the session).
+    offers: Vec<(NodeId, SavedSession)>,
 }
 
 impl PendingClaim {
@@ -135,6 +139,8 @@ impl Shard {
                 session: None,
                 deferred: Vec::new(),
                 timer: Some(timer),
+                answered: Vec::new(),
+                offers: Vec::new(),
             },
         );
         self.mark_claiming(connection_id, version);
@@ -206,6 +212,71 @@ impl Shard {
                 completed,
                 ..
             } => self.handed_over(from, client_id, claim, session, completed),
+            SessionTransfer::ReplicaOffer {
+                client_id,
+                claim,
+                home,
+                session,
+                ..
+            } => self.replica_offered(from, client_id, claim, home, session),
+            SessionTransfer::Replicate { .. } => {
+                // The node layer turns these into `ShardMessage::Replicas`.
+                debug!(
+                    node = from,
+                    "a replication batch reached the shard as a transfer: ignored"
+                );
+            }
+        }
+    }
+
+    /// A node keeps a replica of the client's session from `home`: kept with the claim, to
+    /// be taken if `home` does not answer it.
+    fn replica_offered(
+        &mut self,
+        from: NodeId,
+        client_id: ByteString,
+        claim: u64,
+        home: NodeId,
+        session: Bytes,
+    ) {
+        let saved = match snapshot::decode(&session, self.now_ms) {
+            Ok((records, _)) => records.into_iter().find_map(|record| match record {
+                Record::Session(saved) if saved.client_id == client_id => Some(saved),
+                _ => None,
+            }),
+            Err(error) => {
+                client_log!(WARN, self.who_client(&client_id), peer_node = from, %error, "an offered replica does not decode: dropped");
+                None
+            }
+        };
+        let Some(saved) = saved else {
+            return;
+        };
+        match self
+            .claims
+            .get_mut(&client_id)
+            .filter(|pending| pending.claim == claim)
+        {
+            Some(pending) if pending.offers.len() < super::replicate::OFFERS_PER_CLAIM_MAX => {
+                client_log!(
+                    DEBUG,
+                    Who::client(self.config.node, &client_id),
+                    peer_node = from,
+                    home,
+                    "a replica of the session offered"
+                );
+                pending.offers.push((home, saved));
+            }
+            Some(_) => {}
+            None => {
+                client_log!(
+                    DEBUG,
+                    self.who_client(&client_id),
+                    peer_node = from,
+                    home,
+                    "a replica offered after its claim completed: dropped"
+                );
+            }
         }
     }
 
@@ -252,6 +323,35 @@ impl Shard {
             self.end_session(index);
             moved
         });
+        if session.is_none() {
+            // No session here, but perhaps a replica of one whose home is down: offered
+            // first (the claimant takes it only if the home does not answer), and given up
+            // here either way, since the claim ends the session wherever it was.
+            if let Some((home, saved)) = self.take_replica(&client_id)
+                && !clean_start
+            {
+                client_log!(
+                    INFO,
+                    self.who_client(&client_id),
+                    peer_node = to,
+                    home,
+                    "a replica of the session offered to a connection on another node"
+                );
+                self.outputs.push(Output::SessionToNode {
+                    node: to,
+                    transfer: SessionTransfer::ReplicaOffer {
+                        client_id: client_id.clone(),
+                        shard,
+                        claim,
+                        home,
+                        session: Bytes::from(snapshot::encode(
+                            &[Record::Session(saved)],
+                            self.now_ms,
+                        )),
+                    },
+                });
+            }
+        }
         let recent_ms = self.now_ms.saturating_sub(self.config.takeover_timeout_ms);
         let completed = self
             .completed_claims
@@ -314,6 +414,7 @@ impl Shard {
             return;
         };
         pending.waiting.retain(|&node| node != from);
+        pending.answered.push(from);
         if let Some(completed) = completed {
             // The sender's own claim completed without waiting for this shard's answer (it
             // saw this node down, or timed out) and it has now given its connection up to
@@ -428,7 +529,29 @@ impl Shard {
         self.claim_clients.remove(&pending.claim);
         self.timers.cancel(pending.timer);
         self.remember_completed(client_id, pending.claim);
-        if let Some(saved) = pending.session {
+        // No node handed the session over: a replica whose home did not answer (it is down)
+        // stands in for it, offered by another node or held here.
+        let local_replica = self.take_replica(client_id);
+        let clean_start = pending.connect.clean_start;
+        let session = pending.session.or_else(|| {
+            if clean_start {
+                return None;
+            }
+            let unanswered = |home: &NodeId| !pending.answered.contains(home);
+            let replica = pending
+                .offers
+                .into_iter()
+                .chain(local_replica)
+                .find(|(home, _)| unanswered(home))?;
+            client_log!(
+                INFO,
+                self.who_client(client_id),
+                home = replica.0,
+                "the session's home node did not answer: resumed from its replica"
+            );
+            Some(replica.1)
+        });
+        if let Some(saved) = session {
             if self.client_ids.contains_key(client_id) {
                 client_log!(
                     WARN,

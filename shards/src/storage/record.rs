@@ -296,6 +296,30 @@ fn options_fields(options: &SubscriptionOptions) -> [u8; 4] {
 }
 
 impl Record {
+    /// The client identifier of a record about a session (created, changed, ended, its
+    /// subscriptions, messages and inbound identifiers); `None` for retained messages and
+    /// wills pending after their session ended.
+    pub fn session_client_id(&self) -> Option<&ByteString> {
+        match self {
+            Self::SessionCreated { client_id, .. }
+            | Self::SessionChanged { client_id, .. }
+            | Self::SessionEnded { client_id }
+            | Self::SubscriptionAdded { client_id, .. }
+            | Self::SubscriptionRemoved { client_id, .. }
+            | Self::MessageQueued { client_id, .. }
+            | Self::QueuedDropped { client_id }
+            | Self::MessageSent { client_id, .. }
+            | Self::MessageReleased { client_id, .. }
+            | Self::MessageAcknowledged { client_id, .. }
+            | Self::InboundAwaitingRelease { client_id, .. }
+            | Self::InboundReleased { client_id, .. } => Some(client_id),
+            Self::RetainedSet { .. }
+            | Self::RetainedCleared { .. }
+            | Self::WillPending { .. }
+            | Self::WillCancelled { .. } => None,
+        }
+    }
+
     /// The kind byte that precedes this record's body in its frame.
     pub fn kind(&self) -> u8 {
         match self {

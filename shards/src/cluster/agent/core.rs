@@ -505,6 +505,7 @@ pub(super) mod tests {
             down_grace_ms: 4_000,
             log_entries_max: 10_000,
             forward_queue_max: 1_000,
+            session_replicas: 1,
             start_ms: 0,
         }
     }
