@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{Broker, raw, raw_v5_subscribed, read_until_closed};
+use support::{Broker, raw, raw_v5_subscribed, read_until_closed, variable_byte_integer};
 
 const MIB: u64 = 1024 * 1024;
 /// The flood: 3200 QoS 0 messages of 64 KiB, 200 MiB in all.
@@ -51,20 +51,6 @@ fn connected_v311(port: u16, client_id: &str) -> TcpStream {
     stream.read_exact(&mut connack).unwrap();
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "CONNACK");
     stream
-}
-
-fn variable_byte_integer(mut value: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (value % 128) as u8;
-        value /= 128;
-        if value > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if value == 0 {
-            return;
-        }
-    }
 }
 
 /// A 3.1.1 QoS 0 PUBLISH.

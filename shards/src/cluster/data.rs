@@ -211,7 +211,11 @@ impl NodeShard {
                     return;
                 }
             };
-            bytes = bytes.get(len..).unwrap_or_default();
+            // `read_frame` never returns an empty frame; a zero length would loop forever.
+            bytes = match bytes.get(len..) {
+                Some(rest) if len > 0 => rest,
+                _ => &[],
+            };
             let Some(client_id) = record.session_client_id() else {
                 warn!(
                     node,

@@ -786,15 +786,8 @@ impl Shard {
     /// wills, and every retained message. Call before the first input and before
     /// `attach_log`. Returns the sessions and retained messages loaded.
     pub fn restore_state(&mut self, state: &State, wall_clock_at_zero_ms: u64) -> (usize, usize) {
-        let shard_time = |message: &Message| {
-            let mut message = message.clone();
-            // A deadline already past (or before this run's zero) expires at once.
-            message.expires_at_ms = message
-                .expires_at_ms
-                .map(|at| at.saturating_sub(wall_clock_at_zero_ms));
-            crate::retained::own_buffers(&mut message);
-            message
-        };
+        let shard_time =
+            |message: &Message| super::replicate::shard_time(message, wall_clock_at_zero_ms);
         let mut retained = 0;
         for message in state.retained.values() {
             self.retained.store(shard_time(message));

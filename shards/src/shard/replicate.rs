@@ -62,7 +62,7 @@ pub(super) struct Replication {
     /// Records of this batch, for the replicas of their sessions.
     pending: Vec<Record>,
     /// Records for one node only (a session sent whole to a new replica, or ended on one it
-    /// left), in order, after `pending`.
+    /// left), in order, before `pending` (the change flushed what came before it).
     direct: Vec<(NodeId, Record)>,
     /// The up members (this node excluded) the replicas were last chosen from, sorted.
     up: Vec<NodeId>,
@@ -122,6 +122,17 @@ impl Replication {
     }
 }
 
+/// A recorded message (wall-clock deadlines) in shard time, with buffers of its own: a
+/// deadline already past (or before this run's zero) expires at once.
+pub(super) fn shard_time(message: &Message, wall_clock_at_zero_ms: u64) -> Message {
+    let mut message = message.clone();
+    message.expires_at_ms = message
+        .expires_at_ms
+        .map(|at| at.saturating_sub(wall_clock_at_zero_ms));
+    crate::retained::own_buffers(&mut message);
+    message
+}
+
 /// A session of a `storage::State` (a held replica, or the recovered log) as a saved session
 /// in shard time, for `restore_session` or a handover.
 pub(super) fn saved_from_state(
@@ -129,14 +140,7 @@ pub(super) fn saved_from_state(
     saved: &SessionState,
     wall_clock_at_zero_ms: u64,
 ) -> crate::snapshot::SavedSession {
-    let shard_time = |message: &Message| {
-        let mut message = message.clone();
-        message.expires_at_ms = message
-            .expires_at_ms
-            .map(|at| at.saturating_sub(wall_clock_at_zero_ms));
-        crate::retained::own_buffers(&mut message);
-        message
-    };
+    let shard_time = |message: &Message| shard_time(message, wall_clock_at_zero_ms);
     let delivery = |d: &storage::record::SavedDelivery| crate::snapshot::SavedDelivery {
         message: shard_time(&d.message),
         subscription_identifiers: d.subscription_identifiers.clone(),
@@ -237,6 +241,12 @@ impl Shard {
                 );
             }
         };
+        // A session sent whole to a new replica (at a membership change) goes before what
+        // was recorded after the change: those records build on the whole copy, and would
+        // not apply without it.
+        for (node, record) in std::mem::take(&mut replication.direct) {
+            add(node, &record);
+        }
         let pending = std::mem::take(&mut replication.pending);
         for record in &pending {
             if let Some(client_id) = record.session_client_id() {
@@ -244,9 +254,6 @@ impl Shard {
                     add(node, record);
                 }
             }
-        }
-        for (node, record) in std::mem::take(&mut replication.direct) {
-            add(node, &record);
         }
         for (node, items) in items {
             for item in items.into_iter().filter(|item| !item.is_empty()) {

@@ -414,7 +414,10 @@ impl Shard {
             return;
         };
         pending.waiting.retain(|&node| node != from);
-        pending.answered.push(from);
+        if !pending.answered.contains(&from) {
+            // Once per node: a peer repeating its answer does not grow the list.
+            pending.answered.push(from);
+        }
         if let Some(completed) = completed {
             // The sender's own claim completed without waiting for this shard's answer (it
             // saw this node down, or timed out) and it has now given its connection up to
