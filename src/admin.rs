@@ -613,6 +613,7 @@ fn sessions_json(shards: &[(u16, ShardMetrics)]) -> Value {
         "replication_unacknowledged": sum(&|m| m.replication_unacknowledged),
         "replicas_refused": sum(&|m| m.replicas_refused),
         "replicas_promoted": sum(&|m| m.replicas_promoted),
+        "sessions_fenced": sum(&|m| m.sessions_fenced),
         "replication_dropped": sum(&|m| m.replication_dropped),
     })
 }

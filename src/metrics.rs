@@ -419,6 +419,11 @@ fn replication_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) 
         "replicas_promoted",
         "Replicas installed as sessions of this node after their home node went down",
     );
+    let fenced = counters(
+        registry,
+        "sessions_fenced",
+        "Sessions recovered here that ended because another node served them while this node was down",
+    );
     let dropped = counters(
         registry,
         "replication_dropped",
@@ -431,6 +436,7 @@ fn replication_metrics(registry: &mut Registry, shards: &[(u16, ShardMetrics)]) 
         set(&unacknowledged, &pairs, metrics.replication_unacknowledged);
         add(&refused, &pairs, metrics.replicas_refused);
         add(&promoted, &pairs, metrics.replicas_promoted);
+        add(&fenced, &pairs, metrics.sessions_fenced);
         add(&dropped, &pairs, metrics.replication_dropped);
     }
 }

@@ -963,3 +963,257 @@ fn the_delivery_check_finds_gaps_reorderings_and_repeats() {
         "an unexpected payload"
     );
 }
+
+// ---- one owner: the old home comes back; two clients reconnect at once ----
+
+/// The sum of `"home"` (persistent sessions) over `nodes`.
+fn homes(cluster: &TestCluster, nodes: &[u32]) -> u64 {
+    nodes
+        .iter()
+        .map(|&node| sessions_field(&cluster.status(node), "home").unwrap_or(0))
+        .sum()
+}
+
+/// A persistent subscriber `PREFIX-sub` of `PREFIX/#` on node 1 goes offline; `PREFIX-pub` on
+/// node 2 gets PUBACKs for `count` messages on `PREFIX/a`; once node 1 holds and has
+/// replicated them, node 1 is killed. Returns the publisher and the payloads.
+fn queue_then_kill_home(
+    cluster: &mut TestCluster,
+    findings: &mut Findings,
+    prefix: &str,
+    count: usize,
+) -> (V5, Vec<String>) {
+    let subscriber = persistent(cluster.node(1).broker.port, &format!("{prefix}-sub"));
+    subscriber.subscribe(&format!("{prefix}/#"), QoS::AtLeastOnce);
+    cluster.wait_routes(2, 1, 1);
+    cluster.wait_routes(3, 1, 1);
+    subscriber.client.disconnect().unwrap();
+    assert!(
+        subscriber.ended_within(Duration::from_secs(5)),
+        "disconnected"
+    );
+    drop(subscriber);
+    let publisher = v5(
+        cluster.node(2).broker.port,
+        &format!("{prefix}-pub"),
+        |_| {},
+    );
+    let before = tags("before", count);
+    publish_acknowledged(
+        &publisher,
+        &format!("{prefix}/a"),
+        QoS::AtLeastOnce,
+        &before,
+    );
+    wait_held(cluster, 1, before.len() as u64);
+    if let Err(report) = wait_replicated(cluster, 1) {
+        findings.0.push(report);
+    }
+    cluster.node_mut(1).broker.kill();
+    (publisher, before)
+}
+
+/// The home node (with a data directory) dies with 20 queued messages; the client resumes on
+/// node 3 and takes them; 10 more queue for it there while it is offline; the old home
+/// restarts and recovers its stale copy from disk. That copy must end (fenced: node 3 serves
+/// the session), so that the client, back on the old home, gets exactly the 10 messages it
+/// is owed, and what is published afterwards arrives once.
+#[test]
+fn the_old_home_restarting_does_not_make_a_second_owner() {
+    let root = std::env::temp_dir().join(format!("shardmq-fence-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut cluster = TestCluster::start_persistent(3, 0, &root);
+    let mut findings = Findings::default();
+    let (publisher, before) = queue_then_kill_home(&mut cluster, &mut findings, "fr", 20);
+    // Resumed once the others see node 1 down: the claim then does not wait in node 3's
+    // queue for node 1 (which, delivered to its next run, would end the recovered copy as a
+    // takeover, not as the fencing this test is about).
+    for node in [2, 3] {
+        cluster.wait_status(
+            node,
+            Duration::from_secs(10),
+            "node 1 is not up",
+            |status| {
+                status["members"].as_array().is_some_and(|members| {
+                    !members.iter().any(|m| m["node"] == 1 && m["state"] == "up")
+                })
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+
+    let resumed = persistent(cluster.node(3).broker.port, "fr-sub");
+    findings.check(resumed.connack.session_present, || {
+        "resume on node 3: session present is false".into()
+    });
+    let received = receive(&resumed, before.len());
+    check_delivery(
+        &mut findings,
+        "queued before the kill",
+        &before,
+        &with_dup(&received),
+        true,
+    );
+    resumed.client.disconnect().unwrap();
+    assert!(resumed.ended_within(Duration::from_secs(5)), "disconnected");
+    drop(resumed);
+    let during = tags("during", 10);
+    publish_acknowledged(&publisher, "fr/b", QoS::AtLeastOnce, &during);
+    wait_held(&cluster, 3, during.len() as u64);
+
+    cluster.restart(1);
+    cluster.wait_all_members(Duration::from_secs(20));
+    // The recovered copy ends once node 1 hears that node 3 (or the node that installed the
+    // replica) serves the session; until then node 1 may count it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while homes(&cluster, &[1]) != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    findings.check(homes(&cluster, &[1, 2, 3]) == 1, || {
+        format!(
+            "one owner after the old home's restart; status sessions: {}",
+            sessions_of(&cluster, &[1, 2, 3])
+        )
+    });
+    findings.check(
+        sessions_field(&cluster.status(1), "sessions_fenced") == Some(1),
+        || {
+            let log = cluster.node(1).broker.log_text();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains("fr-sub")).collect();
+            format!(
+                "node 1 ends the copy it recovered; status sessions: {}; node 1's log of the client:\n{}",
+                sessions_of(&cluster, &[1]),
+                lines.join("\n")
+            )
+        },
+    );
+
+    // Back on the old home: exactly what node 3 held, not the stale copy's 20.
+    let back = persistent(cluster.node(1).broker.port, "fr-sub");
+    findings.check(back.connack.session_present, || {
+        "back on node 1: session present is false".into()
+    });
+    let received = receive(&back, during.len());
+    check_delivery(
+        &mut findings,
+        "queued on node 3 while offline",
+        &during,
+        &with_dup(&received),
+        true,
+    );
+    // The session moved to node 1 by the claim: its route spreads to the publisher's node
+    // (as after any takeover) before what follows is published.
+    findings.check(routes_known(&cluster, 2, 1, Duration::from_secs(5)), || {
+        "node 2 knows no route of node 1 after the client came back".into()
+    });
+    let after = tags("after", 10);
+    publish_acknowledged(&publisher, "fr/c", QoS::AtLeastOnce, &after);
+    let received = receive(&back, after.len());
+    check_delivery(
+        &mut findings,
+        "published after the old home's return",
+        &after,
+        &with_dup(&received),
+        false,
+    );
+    findings.check(homes(&cluster, &[1, 2, 3]) == 1, || {
+        format!(
+            "one owner at the end; status sessions: {}",
+            sessions_of(&cluster, &[1, 2, 3])
+        )
+    });
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&root);
+    findings.assert_none("the old home restarts after a failover");
+}
+
+/// After the home's death the client connects to nodes 2 and 3 at the same moment: the
+/// claims line up, one connection is taken over (0x8E), and one session remains, owning
+/// every acknowledged message (each first arrives on one of the two connections) and
+/// receiving what is published next exactly once.
+#[test]
+fn two_simultaneous_reconnects_after_a_failover_leave_one_owner() {
+    let mut cluster = TestCluster::start(3, 0);
+    let mut findings = Findings::default();
+    let (publisher, before) = queue_then_kill_home(&mut cluster, &mut findings, "fs", 30);
+
+    let ports = [cluster.node(2).broker.port, cluster.node(3).broker.port];
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let clients: Vec<V5> = ports
+        .iter()
+        .map(|&port| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                persistent(port, "fs-sub")
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|handle| handle.join().expect("a connecting thread"))
+        .collect();
+    // Everything either connection received until the dust settles.
+    let mut received: Vec<Vec<Publish>> = vec![Vec::new(), Vec::new()];
+    let settle = Instant::now() + Duration::from_secs(5);
+    let mut ended = [false, false];
+    while Instant::now() < settle {
+        for (i, client) in clients.iter().enumerate() {
+            while let Ok(event) = client.events.try_recv() {
+                if let rumqttc::v5::Event::Incoming(Packet::Publish(publish)) = event {
+                    received[i].push(publish);
+                }
+            }
+            ended[i] |= client.ended.try_recv().is_ok();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    findings.check(ended.iter().filter(|&&e| e).count() == 1, || {
+        format!("exactly one of the two connections is taken over (ended: {ended:?})")
+    });
+    findings.check(clients.iter().any(|c| c.connack.session_present), || {
+        "neither connection found the session".into()
+    });
+    // Every acknowledged message reached the client, on one connection or the other.
+    let union: Vec<(String, bool)> = received.iter().flat_map(|r| with_dup(r)).collect();
+    let mut first = HashSet::new();
+    let union_firsts: Vec<(String, bool)> = union
+        .into_iter()
+        .filter(|(payload, _)| first.insert(payload.clone()))
+        .collect();
+    let mut sorted = union_firsts.clone();
+    sorted.sort();
+    check_delivery(
+        &mut findings,
+        "queued before the kill (both connections)",
+        &before,
+        &sorted,
+        true,
+    );
+    findings.check(homes(&cluster, &[2, 3]) == 1, || {
+        format!(
+            "one owner after the two reconnects; status sessions: {}",
+            sessions_of(&cluster, &[2, 3])
+        )
+    });
+    if let Some(live) = ended.iter().position(|&e| !e) {
+        let after = tags("after", 10);
+        publish_acknowledged(&publisher, "fs/b", QoS::AtLeastOnce, &after);
+        let got = receive(&clients[live], after.len());
+        check_delivery(
+            &mut findings,
+            "published after the reconnects (the connection that stayed)",
+            &after,
+            &with_dup(&got),
+            false,
+        );
+        let other = &clients[1 - live];
+        findings.check(
+            other
+                .events
+                .try_iter()
+                .all(|e| !matches!(e, rumqttc::v5::Event::Incoming(Packet::Publish(_)))),
+            || "the connection that was taken over received later messages".into(),
+        );
+    }
+    findings.assert_none("two simultaneous reconnects after a failover");
+}

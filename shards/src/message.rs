@@ -167,6 +167,9 @@ pub enum SessionTransfer {
         home: NodeId,
         session: Bytes,
     },
+    /// The sender serves the client's session whose home was `home` (it installed a replica
+    /// of it, or gave one to a claim, while `home` was down): see `frame::Item::Disown`.
+    Disown { client_id: ByteString, home: NodeId },
 }
 
 /// Another member of the cluster, as the agent's view has it.

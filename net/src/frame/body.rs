@@ -164,6 +164,13 @@ pub enum Item {
         home: NodeId,
         session: Vec<u8>,
     },
+    /// Fencing (protocol version [`FENCE_VERSION`] on): the client's session whose home was
+    /// node `home` is now served by the sender, which installed that node's replica of it or
+    /// gave it to a claim while `home` was down. A node that keeps a replica of it from `home`
+    /// drops that replica; `home` itself, back after a restart, ends the copy it recovered
+    /// from its data directory if the client has not connected to it since, so that the
+    /// session keeps one owner.
+    Disown { client_id: String, home: NodeId },
 }
 
 /// The first frame of the connecting side: who it is, what the link is for, and its nonce.
@@ -283,6 +290,9 @@ pub const NODE_QUERY_VERSION: u16 = 2;
 /// The first protocol version that has the `Replicate` and `ReplicaOffer` items: a peer of
 /// an older version would refuse them (and close the link), so they are never sent to one.
 pub const REPLICATION_VERSION: u16 = 3;
+
+/// The first protocol version that has the `Disown` item: never sent to an older peer.
+pub const FENCE_VERSION: u16 = 4;
 
 impl Body {
     /// The kind byte of the header.

@@ -126,6 +126,7 @@ impl Forwarded {
                 Item::ReplicaOffer {
                     client_id, session, ..
                 } => string_bound(client_id) + session.len() + 5 * FIELD_LEN_BOUND,
+                Item::Disown { client_id, .. } => string_bound(client_id) + 2 * FIELD_LEN_BOUND,
             }
     }
 }

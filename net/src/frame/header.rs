@@ -24,8 +24,9 @@ use super::FrameError;
 /// speaks the lower of the two: frame kinds newer than the peer's version are not sent to it
 /// (version 2 added `NodeQuery` and `NodeAnswer`, see [`NODE_QUERY_VERSION`](super::NODE_QUERY_VERSION);
 /// version 3 the data-link items `Replicate` and `ReplicaOffer`, see
-/// [`REPLICATION_VERSION`](super::REPLICATION_VERSION)).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// [`REPLICATION_VERSION`](super::REPLICATION_VERSION); version 4 the item `Disown`, see
+/// [`FENCE_VERSION`](super::FENCE_VERSION)).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 pub const MAGIC: [u8; 4] = *b"SMQC";
 pub const HEADER_LEN: usize = 32;

@@ -439,13 +439,13 @@ fn hostile_node_query_frames_are_refused_not_panicked_on() {
     assert!(matches!(refused(&lying), Err(FrameError::Body(_))));
 }
 
-/// Version 2 added kinds 17 and 18, version 3 the replication items; a version 2 peer stays
-/// in the window (rolling upgrade), and the node layer sends what is new only to peers of the
-/// version that has it.
+/// Version 2 added kinds 17 and 18, version 3 the replication items, version 4 `Disown`; a
+/// version 3 peer stays in the window (rolling upgrade), and the node layer sends what is new
+/// only to peers of the version that has it.
 #[test]
 fn the_previous_version_stays_compatible() {
-    assert_eq!(REPLICATION_VERSION, PROTOCOL_VERSION);
-    assert_eq!(NODE_QUERY_VERSION, PROTOCOL_VERSION - 1);
+    assert_eq!(FENCE_VERSION, PROTOCOL_VERSION);
+    assert_eq!(REPLICATION_VERSION, PROTOCOL_VERSION - 1);
     assert!(version_compatible(PROTOCOL_VERSION - 1));
     assert!(!version_compatible(PROTOCOL_VERSION - 2));
 }

@@ -163,7 +163,8 @@ impl NodeShard {
     /// shard that claimed.
     fn session_from_node(&mut self, node: NodeId, transfer: SessionTransfer) -> Result<(), String> {
         let shard = match &transfer {
-            SessionTransfer::Claim { client_id, .. } => owner_shard(client_id, self.shard_count),
+            SessionTransfer::Claim { client_id, .. }
+            | SessionTransfer::Disown { client_id, .. } => owner_shard(client_id, self.shard_count),
             SessionTransfer::Handover { shard, .. }
             | SessionTransfer::ReplicaOffer { shard, .. } => *shard,
             SessionTransfer::Replicate { .. } => {
@@ -292,6 +293,20 @@ impl NodeShard {
                 cluster.replication_dropped += 1;
                 return;
             }
+        }
+        if matches!(transfer, SessionTransfer::Disown { .. })
+            && cluster
+                .peers
+                .get(&node)
+                .and_then(|peer| peer.connection)
+                .and_then(|connection| cluster.io.links.get(&connection))
+                .and_then(|link| link.peer_version())
+                .is_some_and(|version| version < shardmq_net::frame::FENCE_VERSION)
+        {
+            // A version 3 peer would refuse the item: it is not fenced (said in
+            // ARCHITECTURE.md), and nothing else of the link is lost.
+            cluster.replication_dropped += 1;
+            return;
         }
         let peer = cluster.peer(node);
         if peer.push_transfer(transfer, queue_max) {

@@ -105,6 +105,10 @@ pub fn transfer_to_wire(transfer: &SessionTransfer, sequence: u64) -> frame::For
             home: *home,
             session: session.to_vec(),
         },
+        SessionTransfer::Disown { client_id, home } => frame::Item::Disown {
+            client_id: client_id.to_string(),
+            home: *home,
+        },
     };
     frame::Forwarded { sequence, item }
 }
@@ -185,7 +189,8 @@ pub enum Received {
 pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String> {
     if let frame::Item::Claim { client_id, .. }
     | frame::Item::Handover { client_id, .. }
-    | frame::Item::ReplicaOffer { client_id, .. } = &wire.item
+    | frame::Item::ReplicaOffer { client_id, .. }
+    | frame::Item::Disown { client_id, .. } = &wire.item
         && (client_id.len() > FIELD_LENGTH_MAX || client_id.contains('\0'))
     {
         return Err("a forwarded client identifier is not a valid MQTT string".into());
@@ -240,6 +245,10 @@ pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String
             claim,
             home,
             session: Bytes::from(session),
+        })),
+        frame::Item::Disown { client_id, home } => Ok(Received::Session(SessionTransfer::Disown {
+            client_id: ByteString::from(client_id),
+            home,
         })),
     }
 }

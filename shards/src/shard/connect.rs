@@ -291,6 +291,7 @@ impl Shard {
             .and_then(|connection| connection.principal.clone());
         let session = self.session_mut(index);
         session.principal = principal;
+        session.recovered = false;
         // Back online: the timers of its time offline no longer apply.
         let offline_timers = [session.will_timer.take(), session.expiry_timer.take()];
         session.connection = Some(connection_id);

@@ -820,6 +820,7 @@ impl Shard {
             };
             let receive_maximum = usize::from(self.config.limits.receive_maximum);
             let session = self.session_mut(index);
+            session.recovered = true;
             session.awaiting_release = saved
                 .awaiting_release
                 .iter()

@@ -97,6 +97,9 @@ pub struct ShardMetrics {
     pub replica_sessions: u64,
     pub replicas_refused: u64,
     pub replicas_promoted: u64,
+    /// Sessions recovered here that ended because another node served them while this node
+    /// was down (fencing).
+    pub sessions_fenced: u64,
     pub replication_unacknowledged: u64,
     pub replication_dropped: u64,
 }
@@ -153,6 +156,7 @@ impl Shard {
             replica_sessions: self.replica_session_count() as u64,
             replicas_refused: self.replication().map_or(0, |r| r.refused),
             replicas_promoted: self.replication().map_or(0, |r| r.promoted),
+            sessions_fenced: self.sessions_fenced,
             ..ShardMetrics::default()
         };
         for session in self.sessions.iter().flatten() {

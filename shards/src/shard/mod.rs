@@ -280,6 +280,9 @@ pub struct Shard {
     retained: Retained,
     /// Sessions here with a session expiry above 0 (`session::set_session_expiry` keeps it).
     persistent_sessions: usize,
+    /// Sessions recovered here that ended because another node served them while this node
+    /// was down (`replicate.rs`, fencing).
+    sessions_fenced: u64,
     timers: Timers,
     outputs: Vec<Output>,
     /// The connections with bytes for this batch's flush, and what the writer refused.
@@ -345,6 +348,7 @@ impl Shard {
             completed_prune_at: 1024,
             retained: Retained::new(retained_messages_max, retained_bytes_max),
             persistent_sessions: 0,
+            sessions_fenced: 0,
             timers: Timers::default(),
             outputs: Vec::new(),
             outbox,

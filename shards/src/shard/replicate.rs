@@ -77,6 +77,16 @@ pub(super) struct Replication {
     pub(super) unapplied: u64,
     /// Replicas installed as sessions of this node after their home went down.
     pub(super) promoted: u64,
+    /// Sessions of each home that this shard took over from their replica while the home
+    /// was down (installed here, or given to a claim): the home is told when it is back up
+    /// (`Disown`), so that it ends the copy it may have recovered. At most
+    /// [`Replication::surrendered_max`] in all.
+    surrendered: BTreeMap<NodeId, BTreeSet<ByteString>>,
+    surrendered_count: usize,
+    /// Replicas offered to a claim lately, and when: not installed here while the claimant
+    /// may take them (it says so with `Disown`), or two nodes would serve the session.
+    offered: BTreeMap<ByteString, u64>,
+    offered_prune_at: usize,
 }
 
 /// The score of `node` for `client_id` in the rendezvous ranking: FNV-1a of the identifier
@@ -119,6 +129,43 @@ impl Replication {
 
     fn recount(&mut self) {
         self.held_sessions = self.held.values().map(|s| s.sessions.len()).sum();
+    }
+
+    /// Tombstones kept for homes that are down: one per replica session this shard may
+    /// hold, so the replica limit bounds them.
+    fn surrendered_max(&self, persistent_sessions_max: usize) -> usize {
+        persistent_sessions_max.max(1)
+    }
+
+    /// Notes that `client_id`'s session of `home` (down) is served from here now; false if
+    /// the tombstones are full (counted by the caller).
+    fn surrender(&mut self, home: NodeId, client_id: &ByteString, max: usize) -> bool {
+        if self.surrendered_count >= self.surrendered_max(max) {
+            return false;
+        }
+        if self
+            .surrendered
+            .entry(home)
+            .or_default()
+            .insert(client_id.clone())
+        {
+            self.surrendered_count += 1;
+        }
+        true
+    }
+
+    /// Drops the replica of `client_id` kept from any home but `except`.
+    fn forget_other_copies(&mut self, client_id: &ByteString, except: NodeId) {
+        let mut changed = false;
+        for ((home, _), state) in self.held.iter_mut() {
+            if *home != except && state.sessions.remove(client_id).is_some() {
+                changed = true;
+            }
+        }
+        if changed {
+            self.held.retain(|_, state| !state.sessions.is_empty());
+            self.recount();
+        }
     }
 }
 
@@ -187,6 +234,10 @@ impl Shard {
             refused: 0,
             unapplied: 0,
             promoted: 0,
+            surrendered: BTreeMap::new(),
+            surrendered_count: 0,
+            offered: BTreeMap::new(),
+            offered_prune_at: 1024,
         };
         match &mut self.durable {
             Some(durable) => durable.replication = Some(Box::new(replication)),
@@ -203,7 +254,7 @@ impl Shard {
         }
     }
 
-    fn replication_mut(&mut self) -> Option<&mut Replication> {
+    pub(super) fn replication_mut(&mut self) -> Option<&mut Replication> {
         self.durable.as_mut()?.replication.as_deref_mut()
     }
 
@@ -298,6 +349,20 @@ impl Shard {
             }
         }
         let old_up = std::mem::replace(&mut replication.up, up.clone());
+        // Homes back up (after a restart, or a partition): told which of their sessions are
+        // served elsewhere now, before anything else of this batch reaches them.
+        let mut disowned = Vec::new();
+        for node in up
+            .iter()
+            .filter(|n| !old_up.contains(n) || restarted.contains(n))
+        {
+            if let Some(client_ids) = replication.surrendered.remove(node) {
+                replication.surrendered_count = replication
+                    .surrendered_count
+                    .saturating_sub(client_ids.len());
+                disowned.extend(client_ids.into_iter().map(|id| (*node, id)));
+            }
+        }
         // Replicas of a home that restarted: it lost or reloaded its sessions and sends them
         // whole again; what is here is of its previous run.
         let before = replication.held.len();
@@ -306,6 +371,18 @@ impl Shard {
             .retain(|(home, _), _| !restarted.contains(home));
         if replication.held.len() != before {
             replication.recount();
+        }
+        for (home, client_id) in disowned {
+            client_log!(
+                INFO,
+                self.who_client(&client_id),
+                home,
+                "the session's old home is back: told that the session is served elsewhere now"
+            );
+            self.outputs.push(Output::SessionToNode {
+                node: home,
+                transfer: SessionTransfer::Disown { client_id, home },
+            });
         }
         if old_up != up || !restarted.is_empty() {
             self.resend_moved_sessions(&old_up, &up, &restarted);
@@ -378,67 +455,145 @@ impl Shard {
         }
     }
 
-    /// Replicas whose home is not up: installed here where this node ranks first among the
-    /// up nodes (the home excluded) for the client identifier, dropped where it does not
-    /// (the node that does installs its own), kept while the home is up.
+    /// Replicas whose home was a member and is not up now: installed here where this node
+    /// ranks first among the up nodes (the home excluded) for the client identifier, and
+    /// kept where it does not (a claim can still take the copy, which matters when the
+    /// first-ranked node holds none: refused at its limit, or of another view) until the
+    /// installed session's owner says so (`Disown`) or the home comes back. A replica whose
+    /// client is connecting here (a claim waits) is left for that claim to take.
     fn promote_replicas_of_gone_homes(&mut self, up: &BTreeSet<NodeId>) {
         let own = self.config.node;
-        let Some(replication) = self.replication_mut() else {
+        let Some(replication) = self.replication() else {
             return;
         };
+        // A home never listed (a node joining, whose records came first) is not gone.
         let gone: Vec<(NodeId, ShardIndex)> = replication
             .held
             .keys()
-            .filter(|(home, _)| !up.contains(home))
+            .filter(|(home, _)| !up.contains(home) && replication.epochs.contains_key(home))
             .copied()
             .collect();
         if gone.is_empty() {
             return;
         }
-        let mut states = Vec::new();
-        for key in gone {
-            if let Some(state) = replication.held.remove(&key) {
-                states.push((key.0, state));
-            }
-        }
-        replication.recount();
         let mut candidates: Vec<NodeId> = up.iter().copied().collect();
         candidates.push(own);
+        let recent_ms = self
+            .now_ms
+            .saturating_sub(2 * self.config.takeover_timeout_ms);
+        let offered_lately = |client_id: &ByteString| {
+            replication
+                .offered
+                .get(client_id)
+                .is_some_and(|&at| at >= recent_ms)
+        };
+        let mut install = Vec::new();
+        for key in &gone {
+            let Some(state) = replication.held.get(key) else {
+                continue;
+            };
+            for client_id in state.sessions.keys() {
+                if ranked(client_id.as_bytes(), &candidates, 1) == [own]
+                    && !self.client_ids.contains_key(client_id)
+                    && !self.claims.contains_key(client_id)
+                    && !offered_lately(client_id)
+                {
+                    install.push((*key, client_id.clone()));
+                }
+            }
+        }
         let wall = self
             .durable
             .as_deref()
             .map_or(0, |durable| durable.wall_offset_ms());
-        for (home, state) in states {
-            for (client_id, saved) in &state.sessions {
-                let first = ranked(client_id.as_bytes(), &candidates, 1);
-                if first != [own] {
-                    continue;
+        for (key, client_id) in install {
+            let home = key.0;
+            let Some(saved) = self.replication_mut().and_then(|replication| {
+                let saved = replication
+                    .held
+                    .get_mut(&key)?
+                    .sessions
+                    .remove(&client_id)?;
+                if replication
+                    .held
+                    .get(&key)
+                    .is_some_and(|s| s.sessions.is_empty())
+                {
+                    replication.held.remove(&key);
                 }
-                if self.client_ids.contains_key(client_id) || self.claims.contains_key(client_id) {
-                    // The client is here already (its connection came first): that session
-                    // is newer than the replica.
-                    continue;
-                }
-                if self.persistent_quota_refuses(client_id, saved.expiry_seconds) {
-                    client_log!(
-                        WARN,
-                        self.who_client(client_id),
-                        home,
-                        "a replica is not installed: the shard holds its maximum of persistent sessions"
-                    );
-                    continue;
-                }
+                replication.recount();
+                Some(saved)
+            }) else {
+                continue;
+            };
+            if self.persistent_quota_refuses(&client_id, saved.expiry_seconds) {
+                client_log!(
+                    WARN,
+                    self.who_client(&client_id),
+                    home,
+                    "a replica is not installed: the shard holds its maximum of persistent sessions"
+                );
+                continue;
+            }
+            client_log!(
+                INFO,
+                self.who_client(&client_id),
+                home,
+                "the session's home node is down: its replica here is now the session"
+            );
+            self.restore_session(saved_from_state(&client_id, &saved, wall));
+            self.serve_replica(home, &client_id);
+            if let Some(replication) = self.replication_mut() {
+                replication.promoted += 1;
+            }
+        }
+    }
+
+    /// Notes that the replica of `client_id` from `home` is served from here now (installed
+    /// or given to a claim) while `home` is down, so that `home` hears of it when it is back.
+    pub(super) fn surrender_replica(&mut self, home: NodeId, client_id: &ByteString, max: usize) {
+        if self.cluster_nodes_up.contains(&home) || home == self.config.node {
+            // Its home is up (and answered a claim, or will): nothing to fence.
+            return;
+        }
+        let Some(replication) = self.replication_mut() else {
+            return;
+        };
+        if !replication.surrender(home, client_id, max) {
+            client_log!(
+                WARN,
+                self.who_client(client_id),
+                home,
+                "too many sessions taken over from down nodes to remember: this one's old home will not be told"
+            );
+        }
+    }
+
+    /// Node `from` serves `client_id`'s session whose home was `home`: a replica of it from
+    /// `home` is dropped here, and if this node is `home`, the copy it recovered at its start
+    /// ends (unless its client connected here since, which made this copy the newest).
+    pub(super) fn disowned(&mut self, from: NodeId, client_id: ByteString, home: NodeId) {
+        if home == self.config.node {
+            let recovered = self.client_ids.get(&client_id).copied().filter(|&index| {
+                let session = self.session(index);
+                session.recovered && session.connection.is_none()
+            });
+            if let Some(index) = recovered {
                 client_log!(
                     INFO,
-                    self.who_client(client_id),
-                    home,
-                    "the session's home node is down: its replica here is now the session"
+                    self.who_client(&client_id),
+                    peer_node = from,
+                    "another node took this session over while this node was down: the copy recovered here ends"
                 );
-                self.restore_session(saved_from_state(client_id, saved, wall));
-                if let Some(replication) = self.replication_mut() {
-                    replication.promoted += 1;
-                }
+                // Its will is not due: the session goes on elsewhere.
+                self.session_mut(index).will = None;
+                self.end_session(index);
+                self.sessions_fenced += 1;
             }
+            return;
+        }
+        if let Some(replication) = self.replication_mut() {
+            replication.forget_other_copies(&client_id, from);
         }
     }
 
@@ -452,6 +607,20 @@ impl Shard {
     ) {
         let limit = self.config.limits.persistent_sessions_per_shard_max;
         let node = self.config.node;
+        if !self.cluster_nodes.contains(&home) {
+            // Only members replicate here: a node not listed (yet, or any more) could
+            // otherwise plant sessions that a membership change would install.
+            debug!(
+                node,
+                home,
+                records = records.len(),
+                "replication records from a node that is not a member: dropped"
+            );
+            if let Some(replication) = self.replication_mut() {
+                replication.unapplied += records.len() as u64;
+            }
+            return;
+        }
         let Some(replication) = self.replication_mut() else {
             // This node keeps no replicas (`session_replicas = 0` here): the home's choice
             // does not bind it.
@@ -468,6 +637,7 @@ impl Shard {
             .entry(key)
             .or_insert_with(|| State::new(limits));
         let (mut refused, mut unapplied) = (0u64, 0u64);
+        let mut created = Vec::new();
         for record in &records {
             if let Record::SessionCreated { client_id, .. } = record
                 && !state.sessions.contains_key(client_id)
@@ -485,6 +655,9 @@ impl Shard {
                 }
                 continue;
             }
+            if let Record::SessionCreated { client_id, .. } = record {
+                created.push(client_id.clone());
+            }
             let had = state.sessions.len();
             if !state.apply(record) {
                 // A record for a replica refused at the limit, or ended meanwhile.
@@ -498,31 +671,93 @@ impl Shard {
         replication.held_sessions = held;
         replication.refused += refused;
         replication.unapplied += unapplied;
+        // A session this home (re)created is its own: a copy kept from another home (one
+        // that was down when this node took it over) is older.
+        for client_id in &created {
+            replication.forget_other_copies(client_id, home);
+        }
     }
 
-    /// Takes the replica of `client_id` held here (any home's), for a claim or a connect.
-    pub(super) fn take_replica(
-        &mut self,
+    /// The home of the replica of `client_id` held here, if one is.
+    pub(super) fn replica_home(&self, client_id: &ByteString) -> Option<NodeId> {
+        let replication = self.replication()?;
+        replication
+            .held
+            .iter()
+            .find(|(_, state)| state.sessions.contains_key(client_id))
+            .map(|((home, _), _)| *home)
+    }
+
+    /// Notes that the replica of `client_id` was offered to a claim now; old notes go when
+    /// the map has doubled since the last pruning (amortized O(1) per offer).
+    pub(super) fn note_offered(&mut self, client_id: &ByteString) {
+        let now_ms = self.now_ms;
+        let recent_ms = now_ms.saturating_sub(2 * self.config.takeover_timeout_ms);
+        let Some(replication) = self.replication_mut() else {
+            return;
+        };
+        if replication.offered.len() >= replication.offered_prune_at {
+            replication.offered.retain(|_, &mut at| at >= recent_ms);
+            replication.offered_prune_at = (2 * replication.offered.len()).max(1024);
+        }
+        replication.offered.insert(client_id.clone(), now_ms);
+    }
+
+    /// A copy of the replica of `client_id` held here (the first home's that has one).
+    pub(super) fn replica_copy(
+        &self,
         client_id: &ByteString,
     ) -> Option<(NodeId, crate::snapshot::SavedSession)> {
         let wall = self
             .durable
             .as_deref()
             .map_or(0, |durable| durable.wall_offset_ms());
+        let replication = self.replication()?;
+        replication.held.iter().find_map(|((home, _), state)| {
+            let saved = state.sessions.get(client_id)?;
+            Some((*home, saved_from_state(client_id, saved, wall)))
+        })
+    }
+
+    /// Takes the replica of `client_id` held here (the first home's that has one; copies
+    /// from other homes go too), for a claim.
+    pub(super) fn take_replica(
+        &mut self,
+        client_id: &ByteString,
+    ) -> Option<(NodeId, crate::snapshot::SavedSession)> {
+        let found = self.replica_copy(client_id);
         let replication = self.replication_mut()?;
-        let mut found = None;
-        for ((home, _), state) in replication.held.iter_mut() {
-            if let Some(saved) = state.sessions.remove(client_id)
-                && found.is_none()
-            {
-                found = Some((*home, saved_from_state(client_id, &saved, wall)));
-            }
+        let mut changed = false;
+        for state in replication.held.values_mut() {
+            changed |= state.sessions.remove(client_id).is_some();
         }
-        replication
-            .held
-            .retain(|_, state| !state.sessions.is_empty());
-        replication.recount();
+        if changed {
+            replication
+                .held
+                .retain(|_, state| !state.sessions.is_empty());
+            replication.recount();
+        }
         found
+    }
+
+    /// This shard serves `client_id`'s session from a replica of `home` (down): `home` will
+    /// hear of it when it is back, and every up node drops the copy it keeps.
+    pub(super) fn serve_replica(&mut self, home: NodeId, client_id: &ByteString) {
+        let max = self.config.limits.persistent_sessions_per_shard_max;
+        self.surrender_replica(home, client_id, max);
+        let own = self.config.node;
+        for node in self.cluster_nodes_up.clone() {
+            if node == own {
+                continue;
+            }
+            self.outputs.push(Output::SessionToNode {
+                node,
+                transfer: SessionTransfer::Disown {
+                    client_id: client_id.clone(),
+                    home,
+                },
+            });
+        }
     }
 }
 

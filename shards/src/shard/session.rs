@@ -70,6 +70,10 @@ pub(super) struct Session {
     /// as this principal. None for a session restored from the log whose client has not
     /// connected since the start (its deliveries are not checked until it does).
     pub(super) principal: Option<std::sync::Arc<Principal>>,
+    /// Recovered from this node's data directory at the start, and its client has not
+    /// connected here since: a copy another node may have taken over while this node was
+    /// down (`replicate.rs`, fencing), so a session from elsewhere wins over it.
+    pub(super) recovered: bool,
 }
 
 impl Session {
@@ -98,6 +102,7 @@ impl Session {
             will: None,
             dropped_messages: 0,
             logged: false,
+            recovered: false,
             principal: None,
         }
     }

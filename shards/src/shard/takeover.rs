@@ -219,6 +219,7 @@ impl Shard {
                 session,
                 ..
             } => self.replica_offered(from, client_id, claim, home, session),
+            SessionTransfer::Disown { client_id, home } => self.disowned(from, client_id, home),
             SessionTransfer::Replicate { .. } => {
                 // The node layer turns these into `ShardMessage::Replicas`.
                 debug!(
@@ -325,10 +326,13 @@ impl Shard {
         });
         if session.is_none() {
             // No session here, but perhaps a replica of one whose home is down: offered
-            // first (the claimant takes it only if the home does not answer), and given up
-            // here either way, since the claim ends the session wherever it was.
-            if let Some((home, saved)) = self.take_replica(&client_id)
-                && !clean_start
+            // first, and kept here (the claimant takes it only if the home does not answer
+            // and is down in its view, and then tells every node that it serves it). A clean
+            // start ends the session wherever it was, the replica here too.
+            if clean_start {
+                self.take_replica(&client_id);
+            } else if let Some((home, saved)) = self.replica_copy(&client_id)
+                && home != to
             {
                 client_log!(
                     INFO,
@@ -337,6 +341,7 @@ impl Shard {
                     home,
                     "a replica of the session offered to a connection on another node"
                 );
+                self.note_offered(&client_id);
                 self.outputs.push(Output::SessionToNode {
                     node: to,
                     transfer: SessionTransfer::ReplicaOffer {
@@ -534,26 +539,61 @@ impl Shard {
         self.remember_completed(client_id, pending.claim);
         // No node handed the session over: a replica whose home did not answer (it is down)
         // stands in for it, offered by another node or held here.
-        let local_replica = self.take_replica(client_id);
+        let local_replica = self
+            .replica_home(client_id)
+            .filter(|home| {
+                pending.session.is_none()
+                    && !pending.answered.contains(home)
+                    && !self.cluster_nodes_up.contains(home)
+            })
+            .and_then(|_| self.take_replica(client_id));
         let clean_start = pending.connect.clean_start;
+        let mut from_replica = None;
         let session = pending.session.or_else(|| {
             if clean_start {
                 return None;
             }
-            let unanswered = |home: &NodeId| !pending.answered.contains(home);
+            // Only while the home is down: a live home that did not answer in time (slow, or
+            // still handing over) may hand its session over late (`keep_late_session`).
+            let own = self.config.node;
+            let usable = |home: &NodeId| {
+                *home != own
+                    && !pending.answered.contains(home)
+                    && !self.cluster_nodes_up.contains(home)
+            };
             let replica = pending
                 .offers
                 .into_iter()
                 .chain(local_replica)
-                .find(|(home, _)| unanswered(home))?;
+                .find(|(home, _)| usable(home))?;
             client_log!(
                 INFO,
                 self.who_client(client_id),
                 home = replica.0,
-                "the session's home node did not answer: resumed from its replica"
+                "the session's home node is down: resumed from its replica"
             );
+            from_replica = Some(replica.0);
             Some(replica.1)
         });
+        if let Some(home) = from_replica {
+            self.serve_replica(home, client_id);
+        }
+        if session.is_some()
+            && let Some(&index) = self.client_ids.get(client_id)
+            && self.session(index).recovered
+            && self.session(index).connection.is_none()
+        {
+            // The copy here was recovered from the data directory and its client has not
+            // been back since: the one from elsewhere was served while this node was down.
+            client_log!(
+                INFO,
+                self.who_client(client_id),
+                "the session recovered here is older than the one handed over: replaced"
+            );
+            self.session_mut(index).will = None;
+            self.end_session(index);
+            self.sessions_fenced += 1;
+        }
         if let Some(saved) = session {
             if self.client_ids.contains_key(client_id) {
                 client_log!(
