@@ -284,6 +284,17 @@ pub const NODE_QUERY_VERSION: u16 = 2;
 /// an older version would refuse them (and close the link), so they are never sent to one.
 pub const REPLICATION_VERSION: u16 = 3;
 
+impl Item {
+    /// The lowest protocol version whose peers know this item: a peer of an older version
+    /// refuses the whole frame that holds it (and closes the link).
+    pub fn version_min(&self) -> u16 {
+        match self {
+            Item::Publish { .. } | Item::Claim { .. } | Item::Handover { .. } => 1,
+            Item::Replicate { .. } | Item::ReplicaOffer { .. } => REPLICATION_VERSION,
+        }
+    }
+}
+
 impl Body {
     /// The kind byte of the header.
     pub fn kind(&self) -> u8 {
