@@ -22,9 +22,9 @@ mod header;
 mod tests;
 
 pub use body::{
-    Body, Forwarded, Hello, Item, LogEntry, Member, NODE_ERROR_LEN_MAX, NODE_QUERY_LEN_MAX,
-    NODE_QUERY_VERSION, NodeId, Purpose, REPLICATION_VERSION, Role, Route, RouteDelta, Welcome,
-    WireMessage, decode_entries, encode_entries,
+    Body, BytesAsVec, Forwarded, Hello, Item, LogEntry, Member, NODE_ERROR_LEN_MAX,
+    NODE_QUERY_LEN_MAX, NODE_QUERY_VERSION, NodeId, Purpose, REPLICATION_VERSION, Role, Route,
+    RouteDelta, Welcome, WireMessage, decode_entries, encode_entries,
 };
 pub use decoder::{Decoder, decode_body};
 pub use encode::{FRAME_BUDGET_DIVISOR, cut_by_len, encode, node_answer_len_bound};

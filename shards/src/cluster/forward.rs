@@ -88,9 +88,10 @@ pub fn transfer_to_wire(transfer: &SessionTransfer, sequence: u64) -> frame::For
             session: session.as_ref().map(|s| s.to_vec()),
             completed: *completed,
         },
+        // The records' bytes are shared, not copied: the queues clone the item.
         SessionTransfer::Replicate { reset, records } => frame::Item::Replicate {
             reset: *reset,
-            records: records.to_vec(),
+            records: records.clone(),
         },
         SessionTransfer::ReplicaOffer {
             client_id,
@@ -225,7 +226,7 @@ pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String
         frame::Item::Replicate { reset, records } => {
             Ok(Received::Session(SessionTransfer::Replicate {
                 reset,
-                records: Bytes::from(records),
+                records,
             }))
         }
         frame::Item::ReplicaOffer {
