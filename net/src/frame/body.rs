@@ -5,9 +5,13 @@
 //! Never: checks a header or cuts a body to fit a frame (`header.rs`, `encode.rs`). Bodies are
 //! owned values: a peer's body is validated once where it enters, then deserialized into these.
 
-use rkyv::rancor;
+use bytes::Bytes;
+use rkyv::rancor::{self, Fallible};
+use rkyv::ser::{Allocator, Writer};
 use rkyv::util::AlignedVec;
-use rkyv::{Archive, Deserialize, Serialize};
+use rkyv::vec::{ArchivedVec, VecResolver};
+use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
+use rkyv::{Archive, Deserialize, Place, Serialize};
 
 /// A node's identifier within its cluster, from its configuration.
 pub type NodeId = u32;
@@ -152,7 +156,15 @@ pub enum Item {
     /// node keeps a replica of, each framed as in the durable log
     /// (`[length][CRC32C][kind][body]`), in the order they were made. `reset`: forget every
     /// replica of that shard first.
-    Replicate { reset: bool, records: Vec<u8> },
+    ///
+    /// `records` is `Bytes` so that one encoding is shared by every queue that holds the
+    /// item (unacknowledged and unsent, resent on a new link) without a copy; it is archived
+    /// exactly as a `Vec<u8>` ([`BytesAsVec`]), so the wire format is that of version 3.
+    Replicate {
+        reset: bool,
+        #[rkyv(with = BytesAsVec)]
+        records: Bytes,
+    },
     /// Sent before a `Handover` without a session, for the claimant's shard `shard`: this
     /// node keeps a replica of the client's session, whose home was node `home`. The claimant
     /// takes it only if that home did not answer the claim (it is down), so that a session
@@ -171,6 +183,33 @@ pub enum Item {
     /// from its data directory if the client has not connected to it since, so that the
     /// session keeps one owner.
     Disown { client_id: String, home: NodeId },
+}
+
+/// Archives `Bytes` exactly as rkyv archives a `Vec<u8>` (an `ArchivedVec<u8>`), so a field
+/// can change from one to the other without changing the wire format. Deserializing copies
+/// the bytes out of the (aligned) receive buffer, as for a `Vec<u8>`.
+#[derive(Debug)]
+pub struct BytesAsVec;
+
+impl ArchiveWith<Bytes> for BytesAsVec {
+    type Archived = ArchivedVec<u8>;
+    type Resolver = VecResolver;
+
+    fn resolve_with(field: &Bytes, resolver: VecResolver, out: Place<Self::Archived>) {
+        ArchivedVec::resolve_from_slice(field.as_ref(), resolver, out);
+    }
+}
+
+impl<S: Fallible + Allocator + Writer + ?Sized> SerializeWith<Bytes, S> for BytesAsVec {
+    fn serialize_with(field: &Bytes, serializer: &mut S) -> Result<VecResolver, S::Error> {
+        ArchivedVec::<u8>::serialize_from_slice(field.as_ref(), serializer)
+    }
+}
+
+impl<D: Fallible + ?Sized> DeserializeWith<ArchivedVec<u8>, Bytes, D> for BytesAsVec {
+    fn deserialize_with(field: &ArchivedVec<u8>, _: &mut D) -> Result<Bytes, D::Error> {
+        Ok(Bytes::copy_from_slice(field.as_slice()))
+    }
 }
 
 /// The first frame of the connecting side: who it is, what the link is for, and its nonce.
@@ -293,6 +332,18 @@ pub const REPLICATION_VERSION: u16 = 3;
 
 /// The first protocol version that has the `Disown` item: never sent to an older peer.
 pub const FENCE_VERSION: u16 = 4;
+
+impl Item {
+    /// The lowest protocol version whose peers know this item: a peer of an older version
+    /// refuses the whole frame that holds it (and closes the link).
+    pub fn version_min(&self) -> u16 {
+        match self {
+            Item::Publish { .. } | Item::Claim { .. } | Item::Handover { .. } => 1,
+            Item::Replicate { .. } | Item::ReplicaOffer { .. } => REPLICATION_VERSION,
+            Item::Disown { .. } => FENCE_VERSION,
+        }
+    }
+}
 
 impl Body {
     /// The kind byte of the header.

@@ -22,7 +22,7 @@ mod header;
 mod tests;
 
 pub use body::{
-    Body, FENCE_VERSION, Forwarded, Hello, Item, LogEntry, Member, NODE_ERROR_LEN_MAX,
+    Body, BytesAsVec, FENCE_VERSION, Forwarded, Hello, Item, LogEntry, Member, NODE_ERROR_LEN_MAX,
     NODE_QUERY_LEN_MAX, NODE_QUERY_VERSION, NodeId, Purpose, REPLICATION_VERSION, Role, Route,
     RouteDelta, Welcome, WireMessage, decode_entries, encode_entries,
 };

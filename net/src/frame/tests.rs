@@ -450,6 +450,50 @@ fn the_previous_version_stays_compatible() {
     assert!(!version_compatible(PROTOCOL_VERSION - 2));
 }
 
+/// The replication records travel as `Bytes` (shared by the forward queues, not copied)
+/// but are archived exactly as the `Vec<u8>` of version 3 was, so the wire is unchanged; a
+/// `Replicate` item and the version it needs survive a frame round trip.
+#[test]
+fn replication_records_as_bytes_keep_the_wire_format_of_a_vec() {
+    #[derive(rkyv::Archive, rkyv::Serialize)]
+    struct AsVec {
+        reset: bool,
+        records: Vec<u8>,
+    }
+    #[derive(rkyv::Archive, rkyv::Serialize)]
+    struct AsBytes {
+        reset: bool,
+        #[rkyv(with = BytesAsVec)]
+        records: bytes::Bytes,
+    }
+    let records = b"framed records, as in the durable log".to_vec();
+    let old = rkyv::to_bytes::<rancor::Error>(&AsVec {
+        reset: true,
+        records: records.clone(),
+    })
+    .unwrap();
+    let new = rkyv::to_bytes::<rancor::Error>(&AsBytes {
+        reset: true,
+        records: bytes::Bytes::from(records.clone()),
+    })
+    .unwrap();
+    assert_eq!(old.as_slice(), new.as_slice());
+
+    let item = Item::Replicate {
+        reset: false,
+        records: bytes::Bytes::from(records),
+    };
+    assert_eq!(item.version_min(), REPLICATION_VERSION);
+    let body = Body::Forward {
+        messages: vec![Forwarded { sequence: 7, item }],
+    };
+    let mut out = BytesMut::new();
+    encode(&body, 9, 1 << 20, &mut out).unwrap();
+    let mut decoder = Decoder::new(9, 1 << 20);
+    decoder.extend(&out);
+    assert_eq!(decoder.next_frame().unwrap(), Some(body));
+}
+
 #[test]
 fn cutting_by_length_keeps_order_and_fits_the_budget() {
     let runs = cut_by_len([3usize, 4, 2, 9, 1, 1, 5], |&n| n, 6);

@@ -76,6 +76,12 @@ impl NodeShard {
             self.link_closed(connection, "wrong node");
             return false;
         }
+        // The handshake is over, so the peer has sent frames: its version is known.
+        let version = cluster
+            .io
+            .links
+            .get(&connection)
+            .and_then(|link| link.peer_version());
         if let Some(p) = cluster.peers.get_mut(&dialled) {
             let stale = p.relink(peer.remote_epoch);
             if stale > 0 {
@@ -83,6 +89,19 @@ impl NodeShard {
                     node = dialled,
                     dropped = stale,
                     "the node restarted: forwarded messages queued for its previous run are dropped"
+                );
+            }
+            // Items the peer's version does not know (queued while no link was up, or in
+            // this one's handshake) would close the link on every reconnect: dropped, never
+            // resent.
+            let unsupported = version.map_or(0, |version| p.drop_unsupported(version));
+            if unsupported > 0 {
+                cluster.replication_dropped += unsupported as u64;
+                warn!(
+                    node = dialled,
+                    version = version.unwrap_or(0),
+                    dropped = unsupported,
+                    "the node speaks an older protocol version: session replication items for it are dropped"
                 );
             }
         }

@@ -88,9 +88,10 @@ pub fn transfer_to_wire(transfer: &SessionTransfer, sequence: u64) -> frame::For
             session: session.as_ref().map(|s| s.to_vec()),
             completed: *completed,
         },
+        // The records' bytes are shared, not copied: the queues clone the item.
         SessionTransfer::Replicate { reset, records } => frame::Item::Replicate {
             reset: *reset,
-            records: records.to_vec(),
+            records: records.clone(),
         },
         SessionTransfer::ReplicaOffer {
             client_id,
@@ -230,7 +231,7 @@ pub fn from_wire(wire: frame::Forwarded, now_ms: u64) -> Result<Received, String
         frame::Item::Replicate { reset, records } => {
             Ok(Received::Session(SessionTransfer::Replicate {
                 reset,
-                records: Bytes::from(records),
+                records,
             }))
         }
         frame::Item::ReplicaOffer {
@@ -475,6 +476,29 @@ impl Peer {
         0
     }
 
+    /// The link now up speaks protocol `version`: items newer than that (session
+    /// replication to a version 2 peer) are dropped from the queue, sent or not, and never
+    /// resent; the peer would refuse the frame holding one and close the link, on every new
+    /// link. They may have been queued while no link was up, or while this one was in its
+    /// handshake (the version is known only once the peer has sent a frame). Returns how
+    /// many were dropped.
+    pub fn drop_unsupported(&mut self, version: u16) -> usize {
+        let unknown = |f: &frame::Forwarded| f.item.version_min() > version;
+        // A reliable item not yet written is in both queues: each is counted once.
+        let dropped: BTreeSet<u64> = self
+            .unacked
+            .iter()
+            .chain(&self.unsent)
+            .filter(|f| unknown(f))
+            .map(|f| f.sequence)
+            .collect();
+        if !dropped.is_empty() {
+            self.unacked.retain(|f| !unknown(f));
+            self.unsent.retain(|f| !unknown(f));
+        }
+        dropped.len()
+    }
+
     pub fn acknowledged(&mut self, through: u64) {
         while self.unacked.front().is_some_and(|f| f.sequence <= through) {
             self.unacked.pop_front();
@@ -689,6 +713,52 @@ mod tests {
         }
         assert_eq!(peer.unacked_count(), 3);
         assert_eq!(peer.dropped, 2);
+    }
+
+    /// A replication item queued while no link was up: a version 2 peer never gets it (it
+    /// would refuse the frame and close the link, on every reconnect), a version 3 peer does.
+    #[test]
+    fn replication_items_queued_without_a_link_never_reach_an_older_peer() {
+        let replicate = SessionTransfer::Replicate {
+            reset: false,
+            records: Bytes::from_static(b"records"),
+        };
+        let kinds = |body: Option<Body>| -> Vec<(u64, bool)> {
+            let Some(Body::Forward { messages }) = body else {
+                return Vec::new();
+            };
+            messages
+                .iter()
+                .map(|m| (m.sequence, matches!(m.item, frame::Item::Replicate { .. })))
+                .collect()
+        };
+        for version in [2, 3] {
+            let mut peer = Peer::default();
+            peer.push(&forwarded(QoS::AtLeastOnce, 1), 0, 100);
+            peer.push_transfer(&replicate, 100);
+            // Written to a link that closed before the acknowledgement: both wait in
+            // `unacked` for the next link.
+            assert_eq!(kinds(peer.take_frame()), [(1, false), (2, true)]);
+            peer.push_transfer(&replicate, 100);
+            assert_eq!(peer.replication_unacknowledged(), 2);
+            // The next link is up.
+            assert_eq!(peer.relink(None), 0);
+            let dropped = peer.drop_unsupported(version);
+            let sent = kinds(peer.take_frame());
+            if version == 2 {
+                assert_eq!(dropped, 2, "each replication item counted once");
+                assert_eq!(sent, [(1, false)], "only the message goes");
+                assert_eq!(peer.replication_unacknowledged(), 0);
+                // And never again, on any later link.
+                assert_eq!(peer.relink(None), 0);
+                assert_eq!(peer.drop_unsupported(version), 0);
+                assert_eq!(kinds(peer.take_frame()), [(1, false)]);
+            } else {
+                assert_eq!(dropped, 0);
+                assert_eq!(sent, [(1, false), (2, true), (3, true)]);
+                assert_eq!(peer.replication_unacknowledged(), 2);
+            }
+        }
     }
 
     #[test]

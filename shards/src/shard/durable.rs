@@ -143,16 +143,19 @@ impl Durable {
         self.log.is_some() || self.failed
     }
 
-    /// Appends one record (and queues it for the replicas); once the log failed, marks the
-    /// operation refused.
-    pub(super) fn append(&mut self, record: &Record) {
+    /// Appends one record (and queues it for the replicas, which take it over: no copy);
+    /// once the log failed, marks the operation refused.
+    pub(super) fn append(&mut self, record: Record) {
+        if self.log.is_some() || self.failed {
+            self.append_to_log(&record);
+        }
+        // Without a data directory the record is for the replicas only.
         if let Some(replication) = &mut self.replication {
             replication.record(record);
         }
-        if self.log.is_none() && !self.failed {
-            // No data directory: the record was for the replicas only.
-            return;
-        }
+    }
+
+    fn append_to_log(&mut self, record: &Record) {
         match &mut self.log {
             Some(log) => {
                 if let Err(error) = log.append(record) {
@@ -284,7 +287,7 @@ use crate::storage;
 pub(super) fn record(durable: &mut Option<Box<Durable>>, make: impl FnOnce(&Durable) -> Record) {
     if let Some(durable) = durable {
         let record = make(durable);
-        durable.append(&record);
+        durable.append(record);
     }
 }
 
@@ -665,7 +668,7 @@ impl Shard {
             will: will.map(|will| durable.wall_will(will)),
         });
         if let (Some(durable), Some(record)) = (self.durable.as_mut(), record) {
-            durable.append(&record);
+            durable.append(record);
         }
     }
 
@@ -678,8 +681,7 @@ impl Shard {
         let session = self.sessions[index as usize]
             .as_ref()
             .expect("a live session index");
-        let records = durable.session_records(session);
-        for record in &records {
+        for record in durable.session_records(session) {
             durable.append(record);
         }
     }

@@ -112,9 +112,10 @@ pub(super) fn ranked(client_id: &[u8], nodes: &[NodeId], count: usize) -> Vec<No
 
 impl Replication {
     /// Queues a record the shard made (only session records are replicated).
-    pub(super) fn record(&mut self, record: &Record) {
+    /// Taken over from the caller, which no longer needs it: no copy of its message.
+    pub(super) fn record(&mut self, record: Record) {
         if self.replicas > 0 && record.session_client_id().is_some() {
-            self.pending.push(record.clone());
+            self.pending.push(record);
         }
     }
 
@@ -269,53 +270,127 @@ impl Shard {
 
     /// Sends this batch's records to the replicas: one `Replicate` item (or more, past
     /// [`ITEM_BYTES`]) per node, in node order, each holding its records in the order made.
+    /// Each record is encoded once, into one buffer for the batch: a node's item is a slice
+    /// of it where the node's records follow one another there (every record of the batch
+    /// is for it), else a copy of its records' frames (a copy, not another encoding).
     pub(super) fn flush_replication(&mut self) {
+        use bytes::Bytes;
+
+        /// A node's item being built: a run of the batch while its frames follow one another
+        /// there, else its own copy of them.
+        enum Part {
+            Shared(std::ops::Range<usize>),
+            Owned(BytesMut),
+        }
+        impl Part {
+            fn len(&self) -> usize {
+                match self {
+                    Part::Shared(run) => run.len(),
+                    Part::Owned(bytes) => bytes.len(),
+                }
+            }
+            fn add(&mut self, frame: std::ops::Range<usize>, batch: &Bytes) {
+                match self {
+                    Part::Shared(run) if run.start == run.end => *run = frame,
+                    Part::Shared(run) if run.end == frame.start => run.end = frame.end,
+                    Part::Shared(run) => {
+                        let mut owned = BytesMut::with_capacity(run.len() + frame.len());
+                        owned.extend_from_slice(&batch[run.clone()]);
+                        owned.extend_from_slice(&batch[frame]);
+                        *self = Part::Owned(owned);
+                    }
+                    Part::Owned(bytes) => bytes.extend_from_slice(&batch[frame]),
+                }
+            }
+            /// The item's bytes. A run shorter than half the batch is copied, so that a small
+            /// item does not keep the whole batch alive in a forward queue.
+            fn finish(self, batch: &Bytes) -> Bytes {
+                match self {
+                    Part::Shared(run) if run.len() * 2 >= batch.len() => batch.slice(run),
+                    Part::Shared(run) => Bytes::copy_from_slice(&batch[run]),
+                    Part::Owned(bytes) => bytes.freeze(),
+                }
+            }
+        }
+
         let Some(replication) = self.replication_mut() else {
             return;
         };
         if replication.pending.is_empty() && replication.direct.is_empty() {
             return;
         }
-        let mut items: BTreeMap<NodeId, Vec<BytesMut>> = BTreeMap::new();
-        let mut add = |node: NodeId, record: &Record| {
-            let items = items.entry(node).or_default();
-            if items.last().is_none_or(|last| last.len() >= ITEM_BYTES) {
-                items.push(BytesMut::new());
-            }
-            if let Some(last) = items.last_mut()
-                && let Err(error) = storage::record::encode_frame(record, last)
-            {
+        let mut batch = BytesMut::new();
+        // Where each record's frame ends in `batch`, and the nodes it is for.
+        let mut framed: Vec<(usize, Vec<NodeId>)> = Vec::new();
+        let mut encode = |record: &Record, nodes: Vec<NodeId>| {
+            match storage::record::encode_frame(record, &mut batch) {
+                Ok(_) => framed.push((batch.len(), nodes)),
                 // The shard's records come from bounded packets, as for the log.
-                warn!(
+                Err(error) => warn!(
                     ?error,
-                    node, "a replication record could not be encoded: the replica misses it"
-                );
+                    ?nodes,
+                    "a replication record could not be encoded: the replicas miss it"
+                ),
             }
         };
         // A session sent whole to a new replica (at a membership change) goes before what
         // was recorded after the change: those records build on the whole copy, and would
         // not apply without it.
         for (node, record) in std::mem::take(&mut replication.direct) {
-            add(node, &record);
+            encode(&record, vec![node]);
         }
         let pending = std::mem::take(&mut replication.pending);
+        // A delivery makes several records of one session in a row: ranked once.
+        let mut last: Option<(&ByteString, Vec<NodeId>)> = None;
         for record in &pending {
-            if let Some(client_id) = record.session_client_id() {
-                for node in replication.targets(client_id.as_bytes(), &replication.up) {
-                    add(node, record);
+            let Some(client_id) = record.session_client_id() else {
+                continue;
+            };
+            let nodes = match &last {
+                Some((id, nodes)) if *id == client_id => nodes.clone(),
+                _ => {
+                    let nodes = replication.targets(client_id.as_bytes(), &replication.up);
+                    last = Some((client_id, nodes.clone()));
+                    nodes
                 }
+            };
+            encode(record, nodes);
+        }
+        let batch = batch.freeze();
+        let mut nodes: Vec<NodeId> = framed
+            .iter()
+            .flat_map(|(_, nodes)| nodes.iter().copied())
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut items: Vec<(NodeId, Bytes)> = Vec::new();
+        for node in nodes {
+            let mut part = Part::Shared(0..0);
+            let mut start = 0;
+            for (end, targets) in &framed {
+                let frame = start..*end;
+                start = *end;
+                if !targets.contains(&node) {
+                    continue;
+                }
+                if part.len() >= ITEM_BYTES {
+                    let full = std::mem::replace(&mut part, Part::Shared(0..0));
+                    items.push((node, full.finish(&batch)));
+                }
+                part.add(frame, &batch);
+            }
+            if part.len() > 0 {
+                items.push((node, part.finish(&batch)));
             }
         }
-        for (node, items) in items {
-            for item in items.into_iter().filter(|item| !item.is_empty()) {
-                self.outputs.push(Output::SessionToNode {
-                    node,
-                    transfer: SessionTransfer::Replicate {
-                        reset: false,
-                        records: item.freeze(),
-                    },
-                });
-            }
+        for (node, records) in items {
+            self.outputs.push(Output::SessionToNode {
+                node,
+                transfer: SessionTransfer::Replicate {
+                    reset: false,
+                    records,
+                },
+            });
         }
     }
 
