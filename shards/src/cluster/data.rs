@@ -105,6 +105,7 @@ impl NodeShard {
                 );
             }
         }
+        self.shard.data_link_restored(dialled);
         true
     }
 

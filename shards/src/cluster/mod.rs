@@ -647,11 +647,14 @@ impl NodeShard {
         if let Some(agent) = &mut cluster.agent {
             agent.link_closed(connection, io);
         }
-        if let Some(node) = cluster.data_out.remove(&connection)
-            && let Some(peer) = cluster.peers.get_mut(&node)
-        {
-            peer.connection = None;
-            peer.retry_at_ms = now_ms + cluster.io.settings.reconnect_ms;
+        if let Some(node) = cluster.data_out.remove(&connection) {
+            if let Some(peer) = cluster.peers.get_mut(&node) {
+                peer.connection = None;
+                peer.retry_at_ms = now_ms + cluster.io.settings.reconnect_ms;
+            }
+            // Claims waiting for that node may resume from a replica at once rather than
+            // when the cluster decides the node is down (seconds when it led the cores).
+            self.shard.data_link_lost(node);
         }
     }
 

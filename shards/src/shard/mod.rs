@@ -266,6 +266,9 @@ pub struct Shard {
     /// CONNECTs waiting for other nodes to hand over their session, by client identifier,
     /// and the client identifier of each claim number.
     claims: HashMap<ByteString, takeover::PendingClaim>,
+    /// Nodes this shard's data link to is closed (since it closed, until one is up again):
+    /// a claim may take a replica of their sessions without waiting for the member list.
+    unreachable: Vec<NodeId>,
     claim_clients: HashMap<u64, ByteString>,
     next_claim: u64,
     /// Other nodes' claims this shard answered with no claim of its own pending, by client:
@@ -340,6 +343,7 @@ impl Shard {
             cluster_nodes: Vec::new(),
             cluster_nodes_up: Vec::new(),
             claims: HashMap::new(),
+            unreachable: Vec::new(),
             claim_clients: HashMap::new(),
             next_claim: 0,
             answered: HashMap::new(),

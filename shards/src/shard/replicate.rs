@@ -119,6 +119,13 @@ impl Replication {
         }
     }
 
+    /// Whether a replica of `client_id` from `home` is held here.
+    pub(super) fn holds(&self, home: NodeId, client_id: &ByteString) -> bool {
+        self.held
+            .iter()
+            .any(|((h, _), state)| *h == home && state.sessions.contains_key(client_id))
+    }
+
     /// Replica sessions held on this shard.
     pub(super) fn held_count(&self) -> usize {
         self.held_sessions
@@ -627,7 +634,8 @@ impl Shard {
     /// Notes that the replica of `client_id` from `home` is served from here now (installed
     /// or given to a claim) while `home` is down, so that `home` hears of it when it is back.
     pub(super) fn surrender_replica(&mut self, home: NodeId, client_id: &ByteString, max: usize) {
-        if self.cluster_nodes_up.contains(&home) || home == self.config.node {
+        let home_up = self.cluster_nodes_up.contains(&home) && !self.unreachable.contains(&home);
+        if home_up || home == self.config.node {
             // Its home is up (and answered a claim, or will): nothing to fence.
             return;
         }

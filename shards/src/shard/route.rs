@@ -131,6 +131,8 @@ impl Shard {
                 self.cluster_nodes = nodes.iter().map(|n| n.node).collect();
                 self.cluster_nodes_up = nodes.iter().filter(|n| n.up).map(|n| n.node).collect();
                 debug!(nodes = ?self.cluster_nodes, up = ?self.cluster_nodes_up, "cluster member list");
+                let listed = &self.cluster_nodes;
+                self.unreachable.retain(|node| listed.contains(node));
                 self.stop_waiting_for_gone_nodes();
                 self.replication_members_changed(&nodes);
             }

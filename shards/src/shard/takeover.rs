@@ -267,6 +267,9 @@ impl Shard {
                     "a replica of the session offered"
                 );
                 pending.offers.push((home, saved));
+                if self.unreachable.contains(&home) {
+                    self.stop_waiting_for_unreachable(home);
+                }
             }
             Some(_) => {}
             None => {
@@ -511,6 +514,45 @@ impl Shard {
         self.complete_claim(&client_id);
     }
 
+    /// This shard's data link to `node` closed (its process died, or the network between
+    /// broke): claims that hold a replica of `node`'s session (offered, or kept here) stop
+    /// waiting for it and resume from the replica. A claim with no replica still waits (the
+    /// link may come back and `node` answer; or the member list says it is down).
+    pub fn data_link_lost(&mut self, node: NodeId) {
+        if !self.unreachable.contains(&node) {
+            self.unreachable.push(node);
+        }
+        self.stop_waiting_for_unreachable(node);
+    }
+
+    /// A data link to `node` is up again.
+    pub fn data_link_restored(&mut self, node: NodeId) {
+        self.unreachable.retain(|&n| n != node);
+    }
+
+    fn stop_waiting_for_unreachable(&mut self, node: NodeId) {
+        let mut complete = Vec::new();
+        for (client_id, pending) in &mut self.claims {
+            let has_replica = !pending.answered.contains(&node)
+                && (pending.offers.iter().any(|(home, _)| *home == node)
+                    || self
+                        .durable
+                        .as_deref()
+                        .and_then(|d| d.replication.as_deref())
+                        .is_some_and(|r| r.holds(node, client_id)));
+            if has_replica && pending.waiting.contains(&node) {
+                pending.waiting.retain(|&n| n != node);
+                if pending.waiting.is_empty() {
+                    complete.push((pending.claim, client_id.clone()));
+                }
+            }
+        }
+        complete.sort_unstable();
+        for (_, client_id) in complete {
+            self.complete_claim(&client_id);
+        }
+    }
+
     /// Nodes that went down or left are not waited for.
     pub(super) fn stop_waiting_for_gone_nodes(&mut self) {
         let up = &self.cluster_nodes_up;
@@ -544,7 +586,7 @@ impl Shard {
             .filter(|home| {
                 pending.session.is_none()
                     && !pending.answered.contains(home)
-                    && !self.cluster_nodes_up.contains(home)
+                    && (!self.cluster_nodes_up.contains(home) || self.unreachable.contains(home))
             })
             .and_then(|_| self.take_replica(client_id));
         let clean_start = pending.connect.clean_start;
@@ -559,7 +601,7 @@ impl Shard {
             let usable = |home: &NodeId| {
                 *home != own
                     && !pending.answered.contains(home)
-                    && !self.cluster_nodes_up.contains(home)
+                    && (!self.cluster_nodes_up.contains(home) || self.unreachable.contains(home))
             };
             let replica = pending
                 .offers
